@@ -1,0 +1,40 @@
+# Every target bootstraps its own virtual environment; nothing needs installing by hand.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test check soak bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+## run: the main job, the sample catalog against the built-in emulator; images land in out/catalog/images
+run: $(STAMP)
+	$(VENV)/bin/batcher run samples/catalog.yaml --emulate --out out/catalog
+
+## test: the whole suite (unit, integration, acceptance); exit 5 (no tests collected) is a failure
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow" -q tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
+
+## check: formatting, lint and strict typing
+check: $(STAMP)
+	$(VENV)/bin/ruff format --check batcher jobs tests bench
+	$(VENV)/bin/ruff check batcher jobs tests bench
+	$(VENV)/bin/mypy
+
+## soak: the slow seeded fault soak with random kills
+soak: $(STAMP)
+	$(PY) -m pytest -m slow -q -s tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
+
+## bench: every benchmark, ratios against baselines measured in the same run
+bench: $(STAMP)
+	$(PY) -m bench.run_all
+
+clean:
+	rm -rf $(VENV) out build *.egg-info

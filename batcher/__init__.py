@@ -1,0 +1,1 @@
+"""batcher: a manifest of prompts in, a folder of images out."""

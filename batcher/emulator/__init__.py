@@ -1,0 +1,1 @@
+"""batcher's built-in DashScope emulator."""

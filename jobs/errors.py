@@ -1,0 +1,77 @@
+"""Exceptions of the job store.
+
+The tree::
+
+    JobStoreError                 anything the durable job table refuses or fails at
+    ├── ManifestError             one located problem in a manifest (path, line, field)
+    ├── ManifestInvalid           a manifest with one or more ManifestErrors; nothing was imported
+    ├── LeaseLost                 a write carried a claim token that no longer owns the job
+    ├── IllegalTransition         a state change the transition table does not allow
+    ├── SchemaMismatch            the run folder's database was written by an unknown schema
+    └── StoreUnavailable          SQLite could not be opened or written (locked, disk full, ...)
+
+Each class's docstring is its default message.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "IllegalTransition",
+    "JobStoreError",
+    "LeaseLost",
+    "ManifestError",
+    "ManifestInvalid",
+    "SchemaMismatch",
+    "StoreUnavailable",
+]
+
+
+class JobStoreError(Exception):
+    """The job store failed."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (type(self).__doc__ or "").strip())
+
+
+class ManifestError(JobStoreError):
+    """The manifest has a problem."""
+
+    def __init__(self, path: str, line: int | None, field: str | None, message: str) -> None:
+        self.path = path
+        self.line = line
+        self.field = field
+        self.message = message
+        super().__init__(self.format())
+
+    def format(self) -> str:
+        """One line: ``path:line: field: message`` (line and field only where known)."""
+        where = self.path if self.line is None else f"{self.path}:{self.line}"
+        return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+
+
+class ManifestInvalid(JobStoreError):
+    """The manifest is invalid; nothing was imported."""
+
+    def __init__(self, errors: list[ManifestError], *, truncated: bool = False) -> None:
+        self.errors = errors
+        self.truncated = truncated
+        lines = [e.format() for e in errors]
+        if truncated:
+            lines.append("... (more problems not shown)")
+        super().__init__("\n".join(lines) or "The manifest is invalid; nothing was imported.")
+
+
+class LeaseLost(JobStoreError):
+    """The job's lease was lost to another worker; this write was not applied."""
+
+
+class IllegalTransition(JobStoreError):
+    """That state change is not allowed."""
+
+
+class SchemaMismatch(JobStoreError):
+    """The run folder's database has a schema this version of batcher does not know."""
+
+
+class StoreUnavailable(JobStoreError):
+    """The job database could not be read or written."""
