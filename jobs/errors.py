@@ -46,7 +46,9 @@ class ManifestError(JobStoreError):
     def format(self) -> str:
         """One line: ``path:line: field: message`` (line and field only where known)."""
         where = self.path if self.line is None else f"{self.path}:{self.line}"
-        return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+        return (
+            f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+        )
 
 
 class ManifestInvalid(JobStoreError):

@@ -1,0 +1,133 @@
+"""The SQLite schema of a run folder's ``batcher.db``: tables, indexes and pragmas.
+
+One row per job in ``jobs``; the previous record of a job replaced by ``--replace`` in
+``job_history``; ``meta`` holds the schema version so a later release can upgrade an old run
+folder (or refuse it clearly).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    Column,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    text,
+)
+
+__all__ = ["PRAGMAS", "SCHEMA_VERSION", "history", "jobs", "meta", "metadata"]
+
+SCHEMA_VERSION = 1
+
+PRAGMAS = (
+    "PRAGMA journal_mode=WAL",
+    # FULL: a committed "generated" row must survive power loss, or the image is paid twice.
+    "PRAGMA synchronous=FULL",
+    "PRAGMA busy_timeout=15000",
+    "PRAGMA foreign_keys=ON",
+)
+
+metadata = MetaData()
+
+meta = Table(
+    "meta",
+    metadata,
+    Column("key", String, primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("line", Integer, nullable=False),
+    # what the job is
+    Column("model", Text, nullable=False),
+    Column("prompt", Text, nullable=False),
+    Column("size", Text, nullable=False),
+    Column("seed", Integer, nullable=False),
+    Column("prompt_extend", Integer, nullable=False),
+    Column("output", Text, nullable=False),
+    Column("output_key", Text, nullable=False, unique=True),
+    Column("fingerprint", Text, nullable=False),
+    # where it is
+    Column("state", Text, nullable=False, server_default=text("'pending'")),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("download_attempts", Integer, nullable=False, server_default=text("0")),
+    Column("next_attempt_at", Float, nullable=False, server_default=text("0")),
+    Column("lease_expires_at", Float),
+    Column("claim_token", Text),
+    Column("worker", Text),
+    # what the API said
+    Column("request_id", Text),
+    Column("width", Integer),
+    Column("height", Integer),
+    Column("image_count", Integer),
+    Column("input_tokens", Integer),
+    Column("output_tokens", Integer),
+    Column("total_tokens", Integer),
+    Column("reasoning_tokens", Integer),
+    Column("actual_prompt", Text),
+    Column("image_url", Text),
+    Column("url_expires_at", Float),
+    Column("latency_ms", Float),
+    Column("error_code", Text),
+    Column("error_message", Text),
+    # what it cost and what came of it
+    Column("billed", Integer, nullable=False, server_default=text("0")),
+    Column("cost_micros", Integer, nullable=False, server_default=text("0")),  # 1e-6 currency units
+    Column("currency", Text),
+    Column("throttled", Integer, nullable=False, server_default=text("0")),
+    Column("ambiguous", Integer, nullable=False, server_default=text("0")),
+    Column("regenerated", Integer, nullable=False, server_default=text("0")),
+    Column("sha256", Text),
+    Column("bytes", Integer),
+    # when
+    Column("created_at", Float, nullable=False),
+    Column("started_at", Float),
+    Column("generated_at", Float),
+    Column("finished_at", Float),
+    sqlite_autoincrement=False,
+)
+
+# Claiming reads only active rows: a partial index keeps it small when 99% are done.
+Index(
+    "ix_jobs_active",
+    jobs.c.state,
+    jobs.c.next_attempt_at,
+    sqlite_where=text("state IN ('pending', 'running', 'generated')"),
+)
+Index("ix_jobs_failed_code", jobs.c.error_code, sqlite_where=text("state = 'failed'"))
+
+history = Table(
+    "job_history",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("job_id", Text, nullable=False, index=True),
+    Column("replaced_at", Float, nullable=False),
+    Column("record", Text, nullable=False),  # the old row as JSON
+)
+
+STAGING_DDL = """
+CREATE TEMP TABLE IF NOT EXISTS staging (
+    id TEXT NOT NULL, line INTEGER NOT NULL, model TEXT NOT NULL, prompt TEXT NOT NULL,
+    size TEXT NOT NULL, seed INTEGER NOT NULL, prompt_extend INTEGER NOT NULL,
+    output TEXT NOT NULL, output_key TEXT NOT NULL, fingerprint TEXT NOT NULL
+)
+"""
+STAGING_COLUMNS = (
+    "id",
+    "line",
+    "model",
+    "prompt",
+    "size",
+    "seed",
+    "prompt_extend",
+    "output",
+    "output_key",
+    "fingerprint",
+)

@@ -1,0 +1,75 @@
+"""The job state machine: one pure transition table.
+
+Theory of operation
+-------------------
+A job is born ``pending``. A worker *claims* it: the store moves it to ``running`` under a
+lease (an expiry time) and a fresh claim token. Every later write for that attempt carries
+the token; the store applies it only while the token still owns the job (fencing), so a
+worker that stalled past its lease cannot overwrite the result of the worker that took over.
+
+``running`` ends in one of four ways:
+
+* the API answered with an image: ``generated``. The request_id, usage, cost and the signed
+  image URL are written *before* any download starts, so a crash after this point never pays
+  for the image again while the URL is valid;
+* a transient error: back to ``pending`` with a later ``next_attempt_at`` (the delay is stored,
+  so a restart respects it);
+* a permanent error, or attempts exhausted: ``failed`` with the code, message and request_id;
+* a run-level stop or a crash: back to ``pending`` with no attempt charged (``release``), or,
+  after a crash, when the lease expires (``reclaim``).
+
+``generated`` is also leased while its image downloads. It ends ``done`` once the file is
+verified and renamed into place, stays ``generated`` (lease dropped, a later
+``next_attempt_at``) when a download fails transiently, and goes back to ``pending`` only when
+its URL has expired: that is the one case in which an image is generated and paid for twice.
+
+``failed`` goes back to ``pending`` only when the user asks (``batcher retry``). ``done`` and
+``failed`` are terminal for a run; re-importing a changed row with ``--replace`` resets any
+state to ``pending`` and keeps the old record in the history table.
+
+What survives a crash: everything committed. SQLite runs in WAL mode with
+``synchronous=FULL``, so a committed transition is on disk before the call returns.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from .errors import IllegalTransition
+
+__all__ = ["TERMINAL", "TRANSITIONS", "State", "check_transition", "sources_of"]
+
+
+class State(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    GENERATED = "generated"
+    DONE = "done"
+    FAILED = "failed"
+
+
+TRANSITIONS: dict[State, frozenset[State]] = {
+    State.PENDING: frozenset({State.RUNNING}),
+    State.RUNNING: frozenset({State.PENDING, State.GENERATED, State.FAILED}),
+    State.GENERATED: frozenset({State.GENERATED, State.DONE, State.PENDING, State.FAILED}),
+    State.DONE: frozenset(),
+    State.FAILED: frozenset({State.PENDING}),
+}
+"""Allowed moves. ``generated -> generated`` is a download retry or a new download lease;
+``generated -> failed`` is a download that can never succeed (attempts exhausted)."""
+
+TERMINAL: frozenset[State] = frozenset({State.DONE, State.FAILED})
+
+
+def check_transition(src: State, dst: State) -> None:
+    """Raise :class:`IllegalTransition` unless ``src -> dst`` is in the table.
+
+    >>> check_transition(State.PENDING, State.RUNNING)
+    """
+    if dst not in TRANSITIONS[src]:
+        raise IllegalTransition(f"a job cannot go from {src} to {dst}")
+
+
+def sources_of(dst: State) -> frozenset[State]:
+    """Every state from which ``dst`` may be reached (the store's ``WHERE state IN``)."""
+    return frozenset(s for s, targets in TRANSITIONS.items() if dst in targets)

@@ -1,0 +1,887 @@
+"""JobStore: every read and write of a run folder's job table goes through here.
+
+Theory of operation
+-------------------
+The table is the run's memory. A row is written when a manifest is imported and then only
+moved through the transitions of :mod:`jobs.states`, each one an ``UPDATE ... WHERE id = ?
+AND state IN (...) AND claim_token = ?``: the pure table says what may happen, the SQL says it
+again, and a write that matches no row (the lease was lost to someone else, or the row moved
+on) changes nothing and raises :class:`LeaseLost`.
+
+Writes are short ``BEGIN IMMEDIATE`` transactions serialised by one in-process lock, so a
+writer never upgrades a read lock into a deadlock, and ``busy_timeout`` covers other processes.
+No network call ever runs inside a transaction: callers do their HTTP between writes.
+
+Leases: ``claim`` hands out rows with a fresh token and ``lease_expires_at``; ``heartbeat``
+extends them. A process that dies leaves ``running`` rows whose lease runs out; ``reclaim``
+puts them back to ``pending`` (no attempt charged: whether the call went out is unknown, and
+the lost answer is the service's to count). A run that holds the run folder's lock may reclaim
+every ``running`` row at start, since no live process can own them.
+
+Import is one transaction: rows go into a temporary staging table, conflicts are found with set
+queries, and new rows are copied in. A manifest error anywhere rolls the whole import back.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Self
+
+import anyio
+from sqlalchemy import event, func, literal_column, select, update
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
+
+from . import schema
+from .errors import LeaseLost, ManifestError, ManifestInvalid, SchemaMismatch, StoreUnavailable
+from .schema import history, jobs, meta
+from .spec import JobSpec
+from .states import State, sources_of
+
+__all__ = ["Claim", "Generated", "ImportReport", "JobStore", "Stats", "StoredFile"]
+
+Clock = Callable[[], float]
+MICROS = Decimal(1_000_000)
+IMPORT_CHUNK = 20_000
+_RESULT_RESET: dict[str, Any] = {
+    "request_id": None,
+    "width": None,
+    "height": None,
+    "image_count": None,
+    "input_tokens": None,
+    "output_tokens": None,
+    "total_tokens": None,
+    "reasoning_tokens": None,
+    "actual_prompt": None,
+    "image_url": None,
+    "url_expires_at": None,
+    "latency_ms": None,
+    "sha256": None,
+    "bytes": None,
+    "generated_at": None,
+    "finished_at": None,
+}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ImportReport:
+    """What an import did: rows read, rows new, rows already there, rows replaced."""
+
+    total: int
+    added: int
+    unchanged: int
+    replaced: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Claim:
+    """A job handed to a worker, with the token every later write must carry."""
+
+    id: str
+    token: str
+    state: State  # RUNNING: generate it; GENERATED: download it
+    model: str
+    prompt: str
+    size: str
+    seed: int
+    prompt_extend: bool
+    output: str
+    attempts: int
+    download_attempts: int
+    request_id: str | None
+    image_url: str | None
+    url_expires_at: float | None
+    width: int | None
+    height: int | None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Generated:
+    """What a successful generation call returned, recorded before any download."""
+
+    request_id: str | None
+    width: int | None
+    height: int | None
+    image_count: int | None
+    input_tokens: int | None
+    output_tokens: int | None
+    total_tokens: int | None
+    reasoning_tokens: int | None
+    actual_prompt: str | None
+    image_url: str
+    url_expires_at: float | None
+    latency_ms: float
+    cost: Decimal
+    currency: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StoredFile:
+    """A verified image in its final place."""
+
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Stats:
+    """Counts over the whole table."""
+
+    by_state: dict[str, int]
+    errors_by_code: dict[str, int]
+    images_billed: int
+    cost: Decimal
+    currency: str | None
+    attempts: int
+    throttled: int
+    ambiguous: int
+    regenerated: int
+    due_pending: int = 0
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_state.values())
+
+    def count(self, state: State) -> int:
+        return self.by_state.get(state.value, 0)
+
+
+@contextmanager
+def _translated() -> Iterator[None]:
+    """The one place SQLite / SQLAlchemy errors become JobStoreErrors."""
+    try:
+        yield
+    except DBAPIError as exc:
+        orig = exc.orig
+        text = str(orig) if orig is not None else type(exc).__name__
+        low = text.lower()
+        if "locked" in low or "busy" in low:
+            msg = "the job database is locked by another process; is another batcher running here?"
+        elif "full" in low:
+            msg = "the disk is full: the job database could not be written"
+        elif "readonly" in low or "read-only" in low:
+            msg = "the job database is read-only"
+        elif "not a database" in low or "malformed" in low:
+            msg = "the job database is damaged or not a batcher database"
+        else:
+            msg = f"the job database failed: {text}"
+        raise StoreUnavailable(msg) from exc
+    except SQLAlchemyError as exc:
+        raise StoreUnavailable(f"the job database failed: {type(exc).__name__}") from exc
+
+
+def _claim_from_row(row: Any, token: str) -> Claim:
+    return Claim(
+        id=row.id,
+        token=token,
+        state=State(row.state),
+        model=row.model,
+        prompt=row.prompt,
+        size=row.size,
+        seed=row.seed,
+        prompt_extend=bool(row.prompt_extend),
+        output=row.output,
+        attempts=row.attempts,
+        download_attempts=row.download_attempts,
+        request_id=row.request_id,
+        image_url=row.image_url,
+        url_expires_at=row.url_expires_at,
+        width=row.width,
+        height=row.height,
+    )
+
+
+class JobStore:
+    """The durable job table of one run folder.
+
+    >>> async with await JobStore.open("out/catalog/batcher.db") as store:  # doctest: +SKIP
+    ...     report = await store.import_specs(open_manifest("catalog.yaml"), source="catalog.yaml")
+    ...     claims = await store.claim(limit=4, lease_seconds=60)
+    """
+
+    def __init__(self, engine: AsyncEngine, path: Path, clock: Clock) -> None:
+        self._engine = engine
+        self._path = path
+        self.clock = clock
+        self._lock = anyio.Lock()
+
+    # ----------------------------------------------------------------- lifecycle
+
+    @classmethod
+    async def open(cls, path: str | Path, *, create: bool = True, clock: Clock = time.time) -> Self:
+        """Open (and with ``create``, make) the database at ``path``."""
+        db = Path(path)
+        if not create and not db.exists():  # noqa: ASYNC240 (a stat, once per open)
+            raise StoreUnavailable(f"no job database at {db}")
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot create {db.parent}: {exc.strerror}") from exc
+        # NullPool: one aiosqlite thread per transaction is cheap, and nothing lingers open
+        # when the store closes (the suite treats a leaked connection as an error).
+        engine = create_async_engine(f"sqlite+aiosqlite:///{db}", poolclass=NullPool)
+        _install_sqlite_hooks(engine)
+        store = cls(engine, db, clock)
+        try:
+            await store._ensure_schema()
+        except BaseException:
+            await engine.dispose()
+            raise
+        return store
+
+    async def close(self) -> None:
+        await self._engine.dispose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    async def _ensure_schema(self) -> None:
+        async with self._write() as conn:
+            await conn.run_sync(schema.metadata.create_all)
+            found = (
+                await conn.execute(select(meta.c.value).where(meta.c.key == "schema_version"))
+            ).scalar()
+            if found is None:
+                await conn.execute(
+                    meta.insert().values(key="schema_version", value=str(schema.SCHEMA_VERSION))
+                )
+            elif int(found) != schema.SCHEMA_VERSION:
+                raise SchemaMismatch(
+                    f"{self._path} has schema version {found}; this batcher knows "
+                    f"{schema.SCHEMA_VERSION}"
+                )
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncConnection]:
+        async with self._lock:
+            with _translated():
+                async with self._engine.begin() as conn:  # emits BEGIN IMMEDIATE
+                    yield conn
+
+    @asynccontextmanager
+    async def _read(self) -> AsyncIterator[AsyncConnection]:
+        with _translated():
+            async with self._engine.connect() as conn:
+                conn = await conn.execution_options(batcher_read=True)
+                yield conn
+
+    # -------------------------------------------------------------------- import
+
+    async def import_specs(
+        self, specs: Iterable[JobSpec], *, source: str, replace: bool = False, max_errors: int = 20
+    ) -> ImportReport:
+        """Import every spec in one transaction; nothing is written if anything is wrong.
+
+        Rows already present with the same content are left alone. A row whose id exists with
+        different content is an error naming the id, unless ``replace`` is set: then the job
+        goes back to ``pending`` and its old record is kept in ``job_history``.
+        """
+        now = self.clock()
+        async with self._write() as conn:
+            await conn.exec_driver_sql(schema.STAGING_DDL)
+            await conn.exec_driver_sql("DELETE FROM staging")
+            cols = ",".join(schema.STAGING_COLUMNS)
+            marks = ",".join("?" * len(schema.STAGING_COLUMNS))
+            sql = f"INSERT INTO staging ({cols}) VALUES ({marks})"
+            total = 0
+            chunk: list[tuple[Any, ...]] = []
+            # A ManifestInvalid raised by the iterator propagates and rolls everything back.
+            for spec in specs:
+                chunk.append(
+                    (
+                        spec.id,
+                        spec.line,
+                        spec.model,
+                        spec.prompt,
+                        spec.size,
+                        spec.seed,
+                        int(spec.prompt_extend),
+                        spec.output,
+                        spec.output_key,
+                        spec.fingerprint(),
+                    )
+                )
+                if len(chunk) >= IMPORT_CHUNK:
+                    await conn.exec_driver_sql(sql, chunk)
+                    total += len(chunk)
+                    chunk = []
+            if chunk:
+                await conn.exec_driver_sql(sql, chunk)
+                total += len(chunk)
+            report = await self._merge_staging(conn, source, replace, max_errors, total, now)
+            await conn.exec_driver_sql("DELETE FROM staging")
+            return report
+
+    async def _merge_staging(
+        self,
+        conn: AsyncConnection,
+        source: str,
+        replace: bool,
+        max_errors: int,
+        total: int,
+        now: float,
+    ) -> ImportReport:
+        errors: list[ManifestError] = []
+        changed: list[Any] = list(
+            await conn.exec_driver_sql(
+                "SELECT s.line, s.id FROM staging s JOIN jobs j ON j.id = s.id "
+                "WHERE j.fingerprint != s.fingerprint ORDER BY s.line LIMIT ?",
+                (max_errors + 1,),
+            )
+        )
+        if changed and not replace:
+            errors += [
+                ManifestError(
+                    source,
+                    line,
+                    "id",
+                    f"job {job_id!r} already exists with different content "
+                    "(pass --replace to regenerate it)",
+                )
+                for line, job_id in changed
+            ]
+        collisions: list[Any] = list(
+            await conn.exec_driver_sql(
+                "SELECT s.line, s.output, j.id FROM staging s JOIN jobs j "
+                "ON j.output_key = s.output_key AND j.id != s.id "
+                "ORDER BY s.line LIMIT ?",
+                (max_errors + 1,),
+            )
+        )
+        errors += [
+            ManifestError(
+                source, line, "output", f"{output} is already the output of job {other!r}"
+            )
+            for line, output, other in collisions
+        ]
+        if errors:
+            errors.sort(key=lambda e: e.line or 0)
+            raise ManifestInvalid(errors[:max_errors], truncated=len(errors) > max_errors)
+
+        replaced = 0
+        if changed:
+            replaced = await self._replace_changed(conn, now)
+        added = (
+            await conn.exec_driver_sql(
+                "INSERT INTO jobs (id, line, model, prompt, size, seed, prompt_extend, output, "
+                "output_key, fingerprint, state, created_at) "
+                "SELECT s.id, s.line, s.model, s.prompt, s.size, s.seed, s.prompt_extend, "
+                "s.output, s.output_key, s.fingerprint, 'pending', ? FROM staging s "
+                "WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = s.id) ORDER BY s.rowid",
+                (now,),
+            )
+        ).rowcount
+        return ImportReport(
+            total=total, added=added, unchanged=total - added - replaced, replaced=replaced
+        )
+
+    async def _replace_changed(self, conn: AsyncConnection, now: float) -> int:
+        old_rows = (
+            await conn.exec_driver_sql(
+                "SELECT j.* FROM jobs j JOIN staging s ON s.id = j.id "
+                "WHERE j.fingerprint != s.fingerprint"
+            )
+        ).mappings()
+        old = [dict(r) for r in old_rows]
+        for rec in old:
+            await conn.execute(
+                history.insert().values(
+                    job_id=rec["id"],
+                    replaced_at=now,
+                    record=json.dumps(rec, ensure_ascii=False, default=str),
+                )
+            )
+        ids = [rec["id"] for rec in old]
+        # Free the old output keys first so a swap of outputs between jobs is not a collision.
+        await conn.execute(
+            update(jobs).where(jobs.c.id.in_(ids)).values(output_key=jobs.c.output_key + "\0old")
+        )
+        await conn.exec_driver_sql(
+            "UPDATE jobs SET (line, model, prompt, size, seed, prompt_extend, output, output_key, "
+            "fingerprint) = (SELECT s.line, s.model, s.prompt, s.size, s.seed, s.prompt_extend, "
+            "s.output, s.output_key, s.fingerprint FROM staging s WHERE s.id = jobs.id) "
+            "WHERE id IN (SELECT j.id FROM jobs j JOIN staging s ON s.id = j.id "
+            "WHERE j.fingerprint != s.fingerprint)"
+        )
+        await conn.execute(
+            update(jobs)
+            .where(jobs.c.id.in_(ids))
+            .values(
+                state=State.PENDING.value,
+                attempts=0,
+                download_attempts=0,
+                next_attempt_at=0,
+                lease_expires_at=None,
+                claim_token=None,
+                worker=None,
+                error_code=None,
+                error_message=None,
+                **_RESULT_RESET,
+            )
+        )
+        return len(ids)
+
+    # --------------------------------------------------------------------- claims
+
+    async def claim(self, *, limit: int, lease_seconds: float, worker: str = "") -> list[Claim]:
+        """Lease up to ``limit`` due jobs: generated ones (download only) first, then pending.
+
+        Pending jobs move to ``running``; generated ones stay ``generated`` under the lease.
+        """
+        if limit <= 0:
+            return []
+        now = self.clock()
+        token = uuid.uuid4().hex
+        lease = now + lease_seconds
+        async with self._write() as conn:
+            ready = jobs.c.next_attempt_at <= now
+            free = (jobs.c.lease_expires_at.is_(None)) | (jobs.c.lease_expires_at < now)
+            gen_ids = (
+                (
+                    await conn.execute(
+                        select(jobs.c.id)
+                        .where(jobs.c.state == State.GENERATED.value, ready, free)
+                        .order_by(jobs.c.next_attempt_at)
+                        .limit(limit)
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            pend_ids: list[str] = []
+            if len(gen_ids) < limit:
+                pend_ids = list(
+                    (
+                        await conn.execute(
+                            select(jobs.c.id)
+                            .where(jobs.c.state == State.PENDING.value, ready)
+                            .order_by(jobs.c.next_attempt_at)
+                            .limit(limit - len(gen_ids))
+                        )
+                    )
+                    .scalars()
+                    .all()
+                )
+            claims: list[Claim] = []
+            if gen_ids:
+                rows = await conn.execute(
+                    update(jobs)
+                    .where(jobs.c.id.in_(gen_ids))
+                    .values(claim_token=token, lease_expires_at=lease, worker=worker)
+                    .returning(*jobs.c)
+                )
+                claims += [_claim_from_row(r, token) for r in rows]
+            if pend_ids:
+                rows = await conn.execute(
+                    update(jobs)
+                    .where(jobs.c.id.in_(pend_ids), jobs.c.state == State.PENDING.value)
+                    .values(
+                        state=State.RUNNING.value,
+                        claim_token=token,
+                        lease_expires_at=lease,
+                        worker=worker,
+                        started_at=func.coalesce(jobs.c.started_at, now),
+                    )
+                    .returning(*jobs.c)
+                )
+                claims += [_claim_from_row(r, token) for r in rows]
+            return claims
+
+    async def heartbeat(self, token: str, ids: Iterable[str], *, lease_seconds: float) -> set[str]:
+        """Extend the lease of ``ids`` held under ``token``; return the ids no longer held."""
+        wanted = set(ids)
+        if not wanted:
+            return set()
+        lease = self.clock() + lease_seconds
+        async with self._write() as conn:
+            held = (
+                await conn.execute(
+                    update(jobs)
+                    .where(
+                        jobs.c.id.in_(wanted),
+                        jobs.c.claim_token == token,
+                        jobs.c.state.in_([State.RUNNING.value, State.GENERATED.value]),
+                    )
+                    .values(lease_expires_at=lease)
+                    .returning(jobs.c.id)
+                )
+            ).scalars()
+            return wanted - set(held)
+
+    async def _transition(
+        self, job_id: str, token: str, dst: State, values: dict[str, Any], *, src: set[State]
+    ) -> None:
+        allowed = sources_of(dst) & src
+        async with self._write() as conn:
+            result = await conn.execute(
+                update(jobs)
+                .where(
+                    jobs.c.id == job_id,
+                    jobs.c.claim_token == token,
+                    jobs.c.state.in_([s.value for s in allowed]),
+                )
+                .values(state=dst.value, **values)
+            )
+            if result.rowcount != 1:
+                raise LeaseLost(f"job {job_id!r}: lease lost, the write to {dst} was not applied")
+
+    # ------------------------------------------------------------------ outcomes
+
+    async def record_generated(
+        self, job_id: str, token: str, gen: Generated, *, lease_seconds: float
+    ) -> None:
+        """``running -> generated``: the API answered; the download may start."""
+        now = self.clock()
+        await self._transition(
+            job_id,
+            token,
+            State.GENERATED,
+            {
+                "request_id": gen.request_id,
+                "width": gen.width,
+                "height": gen.height,
+                "image_count": gen.image_count,
+                "input_tokens": gen.input_tokens,
+                "output_tokens": gen.output_tokens,
+                "total_tokens": gen.total_tokens,
+                "reasoning_tokens": gen.reasoning_tokens,
+                "actual_prompt": gen.actual_prompt,
+                "image_url": gen.image_url,
+                "url_expires_at": gen.url_expires_at,
+                "latency_ms": gen.latency_ms,
+                "attempts": jobs.c.attempts + 1,
+                "billed": jobs.c.billed + 1,
+                "cost_micros": jobs.c.cost_micros + int(gen.cost * MICROS),
+                "currency": gen.currency,
+                "generated_at": now,
+                "lease_expires_at": now + lease_seconds,
+                "download_attempts": 0,
+                "error_code": None,
+                "error_message": None,
+            },
+            src={State.RUNNING},
+        )
+
+    async def complete(self, job_id: str, token: str, stored: StoredFile) -> None:
+        """``generated -> done``: the file is verified and in place."""
+        await self._transition(
+            job_id,
+            token,
+            State.DONE,
+            {
+                "sha256": stored.sha256,
+                "bytes": stored.bytes,
+                "finished_at": self.clock(),
+                "lease_expires_at": None,
+                "claim_token": None,
+                "error_code": None,
+                "error_message": None,
+            },
+            src={State.GENERATED},
+        )
+
+    async def retry_later(
+        self,
+        job_id: str,
+        token: str,
+        *,
+        delay: float,
+        code: str | None,
+        message: str | None,
+        request_id: str | None = None,
+        charge_attempt: bool = True,
+        throttled: bool = False,
+        ambiguous: bool = False,
+    ) -> None:
+        """``running -> pending`` after a transient error, due again in ``delay`` seconds."""
+        await self._transition(
+            job_id,
+            token,
+            State.PENDING,
+            {
+                "next_attempt_at": self.clock() + max(0.0, delay),
+                "attempts": jobs.c.attempts + int(charge_attempt),
+                "throttled": jobs.c.throttled + int(throttled),
+                "ambiguous": jobs.c.ambiguous + int(ambiguous),
+                "error_code": code,
+                "error_message": message,
+                "request_id": request_id,
+                "lease_expires_at": None,
+                "claim_token": None,
+            },
+            src={State.RUNNING},
+        )
+
+    async def retry_download_later(
+        self, job_id: str, token: str, *, delay: float, code: str, message: str
+    ) -> None:
+        """``generated -> generated``: the download failed; only the download is retried."""
+        await self._transition(
+            job_id,
+            token,
+            State.GENERATED,
+            {
+                "next_attempt_at": self.clock() + max(0.0, delay),
+                "download_attempts": jobs.c.download_attempts + 1,
+                "error_code": code,
+                "error_message": message,
+                "lease_expires_at": None,
+                "claim_token": None,
+            },
+            src={State.GENERATED},
+        )
+
+    async def regenerate(self, job_id: str, token: str, *, code: str, message: str) -> None:
+        """``generated -> pending``: the image URL expired before the file was saved."""
+        await self._transition(
+            job_id,
+            token,
+            State.PENDING,
+            {
+                **_RESULT_RESET,
+                "regenerated": jobs.c.regenerated + 1,
+                "download_attempts": 0,
+                "next_attempt_at": self.clock(),
+                "error_code": code,
+                "error_message": message,
+                "lease_expires_at": None,
+                "claim_token": None,
+            },
+            src={State.GENERATED},
+        )
+
+    async def fail(
+        self,
+        job_id: str,
+        token: str,
+        *,
+        code: str,
+        message: str,
+        request_id: str | None = None,
+        charge_attempt: bool = True,
+    ) -> None:
+        """``running|generated -> failed``: permanent error or attempts exhausted."""
+        values: dict[str, Any] = {
+            "error_code": code,
+            "error_message": message,
+            "finished_at": self.clock(),
+            "attempts": jobs.c.attempts + int(charge_attempt),
+            "lease_expires_at": None,
+            "claim_token": None,
+        }
+        if request_id is not None:
+            values["request_id"] = request_id
+        await self._transition(
+            job_id, token, State.FAILED, values, src={State.RUNNING, State.GENERATED}
+        )
+
+    async def release(self, job_id: str, token: str) -> None:
+        """Give a job back without charging an attempt (a run-level stop or shutdown)."""
+        async with self._write() as conn:
+            result = await conn.execute(
+                update(jobs)
+                .where(
+                    jobs.c.id == job_id,
+                    jobs.c.claim_token == token,
+                    jobs.c.state.in_([State.RUNNING.value, State.GENERATED.value]),
+                )
+                .values(
+                    state=func.iif(
+                        jobs.c.state == State.RUNNING.value, State.PENDING.value, jobs.c.state
+                    ),
+                    lease_expires_at=None,
+                    claim_token=None,
+                )
+            )
+            if result.rowcount != 1:
+                raise LeaseLost(f"job {job_id!r}: lease lost, the release was not applied")
+
+    async def reclaim(self, *, all_running: bool = False) -> int:
+        """Put ``running`` jobs whose lease has expired (or all, with ``all_running``) back to
+        ``pending`` and drop expired leases on ``generated`` jobs. Returns jobs reclaimed."""
+        now = self.clock()
+        expired = (jobs.c.lease_expires_at.is_(None)) | (jobs.c.lease_expires_at < now)
+        async with self._write() as conn:
+            cond = jobs.c.state == State.RUNNING.value
+            if not all_running:
+                cond = cond & expired
+            n = (
+                await conn.execute(
+                    update(jobs)
+                    .where(cond)
+                    .values(state=State.PENDING.value, lease_expires_at=None, claim_token=None)
+                )
+            ).rowcount
+            gen = jobs.c.state == State.GENERATED.value
+            await conn.execute(
+                update(jobs)
+                .where(gen if all_running else gen & expired)
+                .where(jobs.c.claim_token.is_not(None))
+                .values(lease_expires_at=None, claim_token=None)
+            )
+            return int(n)
+
+    async def retry_failed(self, *, code: str | None = None) -> int:
+        """``failed -> pending`` for every failed job (or those with error ``code``)."""
+        cond = jobs.c.state == State.FAILED.value
+        if code is not None:
+            cond = cond & (jobs.c.error_code == code)
+        async with self._write() as conn:
+            n = (
+                await conn.execute(
+                    update(jobs)
+                    .where(cond)
+                    .values(
+                        state=func.iif(
+                            jobs.c.image_url.is_not(None) & (jobs.c.url_expires_at > self.clock()),
+                            State.GENERATED.value,
+                            State.PENDING.value,
+                        ),
+                        attempts=0,
+                        download_attempts=0,
+                        next_attempt_at=0,
+                        finished_at=None,
+                    )
+                )
+            ).rowcount
+            return int(n)
+
+    # --------------------------------------------------------------------- reads
+
+    async def stats(self) -> Stats:
+        """Counts per state, failures by code, images billed, cost and retry counters."""
+        now = self.clock()
+        async with self._read() as conn:
+            by_state = {
+                s: int(n)
+                for s, n in (
+                    await conn.execute(select(jobs.c.state, func.count()).group_by(jobs.c.state))
+                ).all()
+            }
+            errors = {
+                (c or "unknown"): int(n)
+                for c, n in (
+                    await conn.execute(
+                        select(jobs.c.error_code, func.count())
+                        .where(jobs.c.state == State.FAILED.value)
+                        .group_by(jobs.c.error_code)
+                    )
+                ).all()
+            }
+            sums = (
+                await conn.execute(
+                    select(
+                        func.coalesce(func.sum(jobs.c.billed), 0),
+                        func.coalesce(func.sum(jobs.c.cost_micros), 0),
+                        func.max(jobs.c.currency),
+                        func.coalesce(func.sum(jobs.c.attempts), 0),
+                        func.coalesce(func.sum(jobs.c.throttled), 0),
+                        func.coalesce(func.sum(jobs.c.ambiguous), 0),
+                        func.coalesce(func.sum(jobs.c.regenerated), 0),
+                    )
+                )
+            ).one()
+            due = (
+                await conn.execute(
+                    select(func.count()).where(
+                        jobs.c.state == State.PENDING.value, jobs.c.next_attempt_at <= now
+                    )
+                )
+            ).scalar_one()
+        for s in State:
+            by_state.setdefault(s.value, 0)
+        return Stats(
+            by_state=by_state,
+            errors_by_code=errors,
+            images_billed=int(sums[0]),
+            cost=Decimal(int(sums[1])) / MICROS,
+            currency=sums[2],
+            attempts=int(sums[3]),
+            throttled=int(sums[4]),
+            ambiguous=int(sums[5]),
+            regenerated=int(sums[6]),
+            due_pending=int(due),
+        )
+
+    async def next_due_at(self) -> float | None:
+        """When the earliest waiting job becomes due (None when no job waits)."""
+        async with self._read() as conn:
+            value = (
+                await conn.execute(
+                    select(func.min(jobs.c.next_attempt_at)).where(
+                        jobs.c.state.in_([State.PENDING.value, State.GENERATED.value])
+                    )
+                )
+            ).scalar()
+            return None if value is None else float(value)
+
+    async def get(self, job_id: str) -> dict[str, Any] | None:
+        """One job's full record (claim token and worker omitted)."""
+        async with self._read() as conn:
+            row = (await conn.execute(select(jobs).where(jobs.c.id == job_id))).mappings().first()
+            return None if row is None else _public(dict(row))
+
+    async def iter_records(
+        self, *, batch: int = 2000, state: State | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Every job in manifest order, streamed in batches (claim token and worker omitted)."""
+        last = 0
+        while True:
+            rowid: Any = literal_column("jobs.rowid")
+            query = select(rowid.label("rowid"), jobs).where(rowid > last).order_by(rowid)
+            query = query.limit(batch)
+            if state is not None:
+                query = query.where(jobs.c.state == state.value)
+            async with self._read() as conn:
+                rows = (await conn.execute(query)).all()
+            if not rows:
+                return
+            for row in rows:
+                rec = dict(row._mapping)
+                last = rec.pop("rowid")
+                yield _public(rec)
+
+
+def _public(rec: dict[str, Any]) -> dict[str, Any]:
+    rec.pop("claim_token", None)
+    rec.pop("worker", None)
+    rec.pop("fingerprint", None)
+    rec.pop("output_key", None)
+    rec["prompt_extend"] = bool(rec["prompt_extend"])
+    rec["cost"] = str(Decimal(int(rec.pop("cost_micros") or 0)) / MICROS)
+    return rec
+
+
+def _install_sqlite_hooks(engine: AsyncEngine) -> None:
+    """Pragmas on every connection; BEGIN IMMEDIATE for writes, plain BEGIN for reads."""
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we emit BEGIN ourselves
+        cur = dbapi_conn.cursor()
+        for pragma in schema.PRAGMAS:
+            cur.execute(pragma)
+        cur.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        if conn.get_execution_options().get("batcher_read"):
+            conn.exec_driver_sql("BEGIN")
+        else:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
