@@ -1,1 +1,41 @@
-"""The durable job table."""
+"""The durable job table: manifests in, a SQLite state machine of jobs out.
+
+Knows nothing about HTTP or images. ``batcher`` builds on it.
+"""
+
+from __future__ import annotations
+
+from .errors import (
+    IllegalTransition,
+    JobStoreError,
+    LeaseLost,
+    ManifestError,
+    ManifestInvalid,
+    SchemaMismatch,
+    StoreUnavailable,
+)
+from .spec import DEFAULT_MODEL, JobSpec
+from .states import TERMINAL, TRANSITIONS, State, check_transition
+from .store import Claim, Generated, ImportReport, JobStore, Stats, StoredFile
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "TERMINAL",
+    "TRANSITIONS",
+    "Claim",
+    "Generated",
+    "IllegalTransition",
+    "ImportReport",
+    "JobSpec",
+    "JobStore",
+    "JobStoreError",
+    "LeaseLost",
+    "ManifestError",
+    "ManifestInvalid",
+    "SchemaMismatch",
+    "State",
+    "Stats",
+    "StoreUnavailable",
+    "StoredFile",
+    "check_transition",
+]

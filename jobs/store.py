@@ -102,6 +102,8 @@ class Claim:
     url_expires_at: float | None
     width: int | None
     height: int | None
+    sha256: str | None = None  # set once a verified file was written (see record_file)
+    bytes: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -197,6 +199,8 @@ def _claim_from_row(row: Any, token: str) -> Claim:
         url_expires_at=row.url_expires_at,
         width=row.width,
         height=row.height,
+        sha256=row.sha256,
+        bytes=row.bytes,
     )
 
 
@@ -576,6 +580,21 @@ class JobStore:
                 "error_message": None,
             },
             src={State.RUNNING},
+        )
+
+    async def record_file(self, job_id: str, token: str, stored: StoredFile) -> None:
+        """Note the verified file's hash *before* it is renamed into place.
+
+        If the process dies between the rename and :meth:`complete`, the next run finds the
+        file with this hash at the output path and completes the job without downloading it
+        again.
+        """
+        await self._transition(
+            job_id,
+            token,
+            State.GENERATED,
+            {"sha256": stored.sha256, "bytes": stored.bytes},
+            src={State.GENERATED},
         )
 
     async def complete(self, job_id: str, token: str, stored: StoredFile) -> None:
