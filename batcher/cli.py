@@ -1,0 +1,187 @@
+"""``batcher``: the command line.
+
+    batcher plan MANIFEST [--out DIR]            validate and import; no API call
+    batcher run MANIFEST [--out DIR] [...]       generate every image (see --help)
+    batcher status DIR [--json]                  counts per state, failures by code
+    batcher export DIR [--format jsonl|csv] [-o FILE]
+    batcher retry DIR [--code CODE]              failed jobs back to pending
+    batcher emulate [--port 0] [...]             the built-in DashScope emulator
+
+User mistakes end as one line on stderr and exit code 2; a bug shows a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from jobs import JobStoreError, ManifestInvalid, StoreUnavailable
+
+from .commands import (
+    EXIT,
+    PlanOptions,
+    RunCommand,
+    budget,
+    cmd_export,
+    cmd_plan,
+    cmd_retry,
+    cmd_run,
+    cmd_status,
+)
+from .errors import BatcherError
+from .pool import RunOptions
+
+__all__ = ["build_parser", "main"]
+
+
+def _positive(kind: Callable[[str], float]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="batcher",
+        description="Turn a manifest of prompts into a folder of images (DashScope z-image-turbo).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    plan = sub.add_parser("plan", help="validate and import a manifest; no API call")
+    plan.add_argument("manifest", type=Path)
+    plan.add_argument("--out", type=Path, help="run folder (default out/<manifest name>)")
+    plan.add_argument("--replace", action="store_true", help="reset jobs whose content changed")
+    plan.add_argument("--region", choices=["intl", "cn"], default="intl")
+    plan.add_argument("--json", action="store_true", help="print a JSON object")
+
+    run = sub.add_parser("run", help="generate every image of a manifest")
+    run.add_argument("manifest", type=Path)
+    run.add_argument("--out", type=Path, help="run folder (default out/<manifest name>)")
+    run.add_argument("--concurrency", type=_positive(int), help="calls in flight (default: auto)")
+    run.add_argument("--rps", type=_positive(float), default=2.0, help="quota, requests/s")
+    run.add_argument("--max-attempts", type=_positive(int), default=5)
+    run.add_argument("--request-timeout", type=_positive(float), default=120.0, metavar="S")
+    run.add_argument("--region", choices=["intl", "cn"], default="intl")
+    run.add_argument("--base-url", help="API base URL ending in /api/v1 (overrides --region)")
+    run.add_argument(
+        "--emulate", action="store_true", help="run against the built-in emulator (no key needed)"
+    )
+    run.add_argument("--emulate-latency", default="lognormal:2000:0.4", help=argparse.SUPPRESS)
+    run.add_argument("--emulate-faults", default="", help=argparse.SUPPRESS)
+    run.add_argument("--emulate-rps", type=_positive(float), default=2.0, help=argparse.SUPPRESS)
+    run.add_argument("--limit", type=_positive(int), help="generate at most N images (a trial)")
+    run.add_argument("--budget", help="stop before the estimated spend passes AMOUNT")
+    run.add_argument("--replace", action="store_true", help="reset jobs whose content changed")
+    run.add_argument(
+        "--grace", type=float, default=10.0, help="seconds to let calls finish on Ctrl-C"
+    )
+    run.add_argument("--lease", type=_positive(float), default=60.0, help=argparse.SUPPRESS)
+    run.add_argument("--backoff-base", type=_positive(float), default=1.0, help=argparse.SUPPRESS)
+    run.add_argument("--seed", type=int, help=argparse.SUPPRESS)
+    run.add_argument("--no-progress", action="store_true", help="no progress display")
+    run.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+
+    status = sub.add_parser("status", help="counts per state and failures by code")
+    status.add_argument("folder", type=Path)
+    status.add_argument("--json", action="store_true")
+
+    export = sub.add_parser("export", help="one record per job, as JSONL or CSV")
+    export.add_argument("folder", type=Path)
+    export.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+    export.add_argument("-o", "--output", type=Path, help="file to write (default stdout)")
+
+    retry = sub.add_parser("retry", help="put failed jobs back to pending")
+    retry.add_argument("folder", type=Path)
+    retry.add_argument("--code", help="only jobs that failed with this error code")
+
+    emulate = sub.add_parser("emulate", help="serve the built-in DashScope emulator")
+    from .emulator.cli import configure_parser
+
+    configure_parser(emulate)
+    return parser
+
+
+async def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "plan":
+        return await cmd_plan(
+            PlanOptions(
+                manifest=args.manifest,
+                out=args.out,
+                replace=args.replace,
+                region=args.region,
+                as_json=args.json,
+            )
+        )
+    if args.command == "run":
+        options = RunOptions(
+            rps=args.rps,
+            concurrency=args.concurrency,
+            max_attempts=args.max_attempts,
+            request_timeout=args.request_timeout,
+            download_timeout=args.request_timeout,
+            region=args.region,
+            limit=args.limit,
+            budget=budget(args.budget),
+            lease_seconds=args.lease,
+            backoff_base=args.backoff_base,
+            seed=args.seed,
+        )
+        return await cmd_run(
+            RunCommand(
+                manifest=args.manifest,
+                out=args.out,
+                options=options,
+                base_url=args.base_url,
+                emulate=args.emulate,
+                emulate_latency=args.emulate_latency,
+                emulate_faults=args.emulate_faults,
+                emulate_rps=args.emulate_rps,
+                replace=args.replace,
+                progress=not args.no_progress,
+                as_json=args.json,
+                grace=args.grace,
+            )
+        )
+    if args.command == "status":
+        return await cmd_status(args.folder, as_json=args.json)
+    if args.command == "export":
+        return await cmd_export(args.folder, fmt=args.format, output=args.output)
+    if args.command == "retry":
+        return await cmd_retry(args.folder, code=args.code)
+    raise AssertionError(args.command)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "emulate":
+        from .emulator.cli import run as run_emulator
+
+        return int(run_emulator(args))
+    try:
+        return anyio.run(_dispatch, args)
+    except ManifestInvalid as exc:
+        for line in str(exc).splitlines():
+            print(line, file=sys.stderr)
+        return EXIT["usage"]
+    except (StoreUnavailable, JobStoreError, BatcherError) as exc:
+        print(f"batcher: error: {exc}", file=sys.stderr)
+        return EXIT["usage"]
+    except KeyboardInterrupt:
+        return EXIT["interrupted"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

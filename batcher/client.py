@@ -1,0 +1,229 @@
+"""The DashScope image API client: one request shape out, tolerant parsing in.
+
+This is the one place where aiohttp's exceptions become batcher's: every failure leaves here
+as an :class:`~batcher.errors.ApiError` (the service answered with an error) or a
+:class:`~batcher.errors.TransportError` (no usable answer), raised ``from`` the original.
+Nothing here logs, and no exception text carries the request headers (the API key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import aiohttp
+
+from .classify import TransportFault
+from .errors import ApiError, ConfigError, TransportError
+
+__all__ = ["REGIONS", "DashScopeClient", "ImageResult", "base_url_for", "translate_exception"]
+
+REGIONS = {
+    "intl": "https://dashscope-intl.aliyuncs.com/api/v1",  # Singapore
+    "cn": "https://dashscope.aliyuncs.com/api/v1",  # Beijing
+}
+GENERATION_PATH = "/services/aigc/multimodal-generation/generation"
+USER_AGENT = "batcher/0.1"
+MAX_ERROR_BODY = 64 * 1024
+
+
+def base_url_for(region: str, override: str | None = None) -> str:
+    """The API base URL: ``override`` when given (it must end in ``/api/v1``), else the region's."""
+    if override:
+        url = override.rstrip("/")
+        if not url.startswith(("http://", "https://")) or not url.endswith("/api/v1"):
+            raise ConfigError(f"--base-url must be an http(s) URL ending in /api/v1, got {url!r}")
+        return url
+    try:
+        return REGIONS[region]
+    except KeyError:
+        raise ConfigError(f"unknown region {region!r} (use intl or cn)") from None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ImageResult:
+    """What a successful generation returned."""
+
+    request_id: str | None
+    image_url: str
+    url_expires_at: float | None
+    actual_prompt: str | None
+    width: int | None
+    height: int | None
+    image_count: int | None
+    input_tokens: int | None
+    output_tokens: int | None
+    total_tokens: int | None
+    reasoning_tokens: int | None
+    latency_ms: float
+
+
+def translate_exception(exc: BaseException) -> TransportError:
+    """Map an aiohttp / asyncio / OS error raised during a call to a TransportError."""
+    fault: TransportFault
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        fault = TransportFault.CONNECT
+    elif isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+        fault = TransportFault.TIMEOUT
+    elif isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
+        fault = TransportFault.RESET
+    elif isinstance(
+        exc, (aiohttp.ClientPayloadError | aiohttp.ContentTypeError, aiohttp.ClientResponseError)
+    ):
+        fault = TransportFault.BAD_RESPONSE
+    elif isinstance(exc, aiohttp.ClientError | OSError):
+        fault = TransportFault.RESET
+    else:
+        raise TypeError(f"not a transport error: {type(exc).__name__}") from exc
+    return TransportError(fault, type(exc).__name__)
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def url_expiry(url: str) -> float | None:
+    """The ``Expires`` unix time of a signed storage URL, when it carries one."""
+    try:
+        values = parse_qs(urlsplit(url).query).get("Expires")
+        return float(values[0]) if values else None
+    except (ValueError, IndexError):
+        return None
+
+
+def parse_success(body: Any, latency_ms: float) -> ImageResult:
+    """Read a 200 body liberally: unknown fields ignored, optional ones may be missing."""
+    if not isinstance(body, dict):
+        raise TransportError(TransportFault.BAD_RESPONSE, "the answer is not a JSON object")
+    output = _dict(body.get("output"))
+    choices = _list(output.get("choices"))
+    image_url: str | None = None
+    text: str | None = None
+    for choice in choices:
+        message = _dict(_dict(choice).get("message"))
+        for item in _list(message.get("content")):
+            if not isinstance(item, dict):
+                continue
+            if image_url is None and isinstance(item.get("image"), str):
+                image_url = item["image"]
+            if text is None and isinstance(item.get("text"), str):
+                text = item["text"]
+    if image_url is None:
+        # An async-style body (results[].url) is accepted too: be liberal in what we accept.
+        for result in _list(output.get("results")):
+            if isinstance(result, dict) and isinstance(result.get("url"), str):
+                image_url = result["url"]
+                text = text or result.get("actual_prompt")
+                break
+    if image_url is None:
+        raise TransportError(TransportFault.BAD_RESPONSE, "the answer carries no image URL")
+    usage = _dict(body.get("usage"))
+    reasoning = _int(_dict(usage.get("output_tokens_details")).get("reasoning_tokens"))
+    request_id = body.get("request_id")
+    return ImageResult(
+        request_id=request_id if isinstance(request_id, str) else None,
+        image_url=image_url,
+        url_expires_at=url_expiry(image_url),
+        actual_prompt=text,
+        width=_int(usage.get("width")),
+        height=_int(usage.get("height")),
+        image_count=_int(usage.get("image_count")),
+        input_tokens=_int(usage.get("input_tokens")),
+        output_tokens=_int(usage.get("output_tokens")),
+        total_tokens=_int(usage.get("total_tokens")),
+        reasoning_tokens=reasoning,
+        latency_ms=latency_ms,
+    )
+
+
+def parse_error(status: int, raw: bytes, retry_after: str | None) -> ApiError:
+    """An error answer: the JSON envelope when there is one, plain text otherwise."""
+    code = message = request_id = None
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        code = body.get("code") if isinstance(body.get("code"), str) else None
+        msg = body.get("message", body.get("msg"))
+        message = msg if isinstance(msg, str) else None
+        rid = body.get("request_id")
+        request_id = rid if isinstance(rid, str) else None
+    else:
+        text = raw[:300].decode("utf-8", "replace").strip()
+        message = text or None
+    return ApiError(
+        status=status, code=code, message=message, request_id=request_id, retry_after=retry_after
+    )
+
+
+class DashScopeClient:
+    """Calls the synchronous multimodal-generation endpoint (z-image-turbo).
+
+    >>> client = DashScopeClient(session, base_url=REGIONS["intl"], api_key=key)  # doctest: +SKIP
+    >>> result = await client.generate(model="z-image-turbo", prompt="a red chair",
+    ...                                size="1024*1536", seed=7, prompt_extend=False)
+    """
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        base_url: str,
+        api_key: str,
+        request_timeout: float = 120.0,
+    ) -> None:
+        self._session = session
+        self._url = base_url.rstrip("/") + GENERATION_PATH
+        self._headers = {
+            "Authorization": f"Bearer {api_key}",
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            "User-Agent": USER_AGENT,
+        }
+        self._timeout = aiohttp.ClientTimeout(total=request_timeout)
+
+    def __repr__(self) -> str:  # never show the headers
+        return f"DashScopeClient({self._url!r})"
+
+    async def generate(
+        self, *, model: str, prompt: str, size: str, seed: int | None, prompt_extend: bool
+    ) -> ImageResult:
+        """One text-to-image call. Raises ApiError or TransportError."""
+        parameters: dict[str, Any] = {"size": size, "prompt_extend": prompt_extend}
+        if seed is not None:
+            parameters["seed"] = seed
+        payload = {
+            "model": model,
+            "input": {"messages": [{"role": "user", "content": [{"text": prompt}]}]},
+            "parameters": parameters,
+        }
+        started = time.perf_counter()
+        try:
+            async with self._session.post(
+                self._url, json=payload, headers=self._headers, timeout=self._timeout
+            ) as resp:
+                if resp.status != 200:
+                    raw = await resp.content.read(MAX_ERROR_BODY)
+                    raise parse_error(resp.status, raw, resp.headers.get("Retry-After"))
+                raw = await resp.read()
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise translate_exception(exc) from exc
+        latency_ms = (time.perf_counter() - started) * 1000.0
+        try:
+            body = json.loads(raw)
+        except ValueError as exc:
+            raise TransportError(TransportFault.BAD_RESPONSE, "the answer is not JSON") from exc
+        return parse_success(body, latency_ms)

@@ -1,0 +1,197 @@
+"""Download one generated image: streamed, verified, hashed, fsynced, renamed into place.
+
+The file appears at its final path only complete and checked: bytes stream into a hidden
+temporary file in the same folder, every byte passes the PNG checker and sha256, the size is
+compared with Content-Length and the dimensions with the API's ``usage``; then fsync, rename,
+fsync of the folder. Any failure removes the temporary file. A disk that fills up, or a folder
+that turns read-only, stops the run (:class:`DiskProblem`) instead of failing job after job.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import anyio
+
+from .errors import DownloadError, RunAborted
+from .png import PngError, PngVerifier
+
+__all__ = ["MAX_IMAGE_BYTES", "DiskProblem", "Downloaded", "download_image", "hash_file"]
+
+# A 2048*2048 RGBA PNG stored uncompressed is about 16.8 MB: nothing valid is larger.
+MAX_IMAGE_BYTES = 32 * 1024 * 1024
+CHUNK = 256 * 1024
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+class DiskProblem(RunAborted):
+    """The images could not be written to disk."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Downloaded:
+    """A verified image waiting at ``temp`` to be renamed to ``dest``."""
+
+    temp: Path
+    dest: Path
+    sha256: str
+    bytes: int
+    width: int
+    height: int
+
+
+def _disk_problem(exc: OSError, where: Path) -> DiskProblem:
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    return DiskProblem(
+        f"cannot write images to {where.parent}: {reason}",
+        advice="free disk space or fix the folder's permissions, then run the same command again",
+    )
+
+
+async def download_image(
+    session: aiohttp.ClientSession,
+    url: str,
+    dest: Path,
+    *,
+    expect_width: int | None,
+    expect_height: int | None,
+    timeout: float = 120.0,  # noqa: ASYNC109 (aiohttp's per-request timeout)
+    max_bytes: int = MAX_IMAGE_BYTES,
+) -> Downloaded:
+    """Fetch ``url`` into a temporary file beside ``dest`` and verify it.
+
+    Call :func:`commit` with the result to put it in place. Raises DownloadError (retry the
+    download, or regenerate when the URL is dead) or DiskProblem (stop the run).
+    """
+    temp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
+    try:
+        async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            if resp.status != 200:
+                body = await resp.content.read(4096)
+                expired = resp.status == 403 and b"expired" in body.lower()
+                raise DownloadError(
+                    "expired" if expired else f"http_{resp.status}", status=resp.status
+                )
+            declared = resp.content_length
+            if declared is not None and declared > max_bytes:
+                raise DownloadError(
+                    "too_large", detail=f"{declared} bytes declared, limit {max_bytes}"
+                )
+            verifier = PngVerifier()
+            digest = hashlib.sha256()
+            size = 0
+            try:
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except OSError as exc:
+                raise _disk_problem(exc, dest) from exc
+            try:
+                async for block in resp.content.iter_chunked(CHUNK):
+                    size += len(block)
+                    if size > max_bytes:
+                        raise DownloadError("too_large", detail=f"more than {max_bytes} bytes")
+                    verifier.feed(block)
+                    digest.update(block)
+                    try:
+                        os.write(fd, block)
+                    except OSError as exc:
+                        raise _disk_problem(exc, dest) from exc
+            finally:
+                os.close(fd)
+            if declared is not None and size != declared:
+                raise DownloadError("truncated", detail=f"{size} of {declared} bytes")
+            width, height = verifier.finish()
+    except PngError as exc:
+        _unlink(temp)
+        reason = "truncated" if "truncated" in str(exc) else "corrupt"
+        raise DownloadError(reason, detail=str(exc)) from exc
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        _unlink(temp)
+        reason = "truncated" if isinstance(exc, aiohttp.ClientPayloadError) else "connection"
+        raise DownloadError(reason, detail=type(exc).__name__) from exc
+    except BaseException:
+        _unlink(temp)
+        raise
+    if (expect_width, expect_height) != (None, None) and (width, height) != (
+        expect_width,
+        expect_height,
+    ):
+        _unlink(temp)
+        raise DownloadError(
+            "size_mismatch",
+            detail=f"image is {width}*{height}, the API said {expect_width}*{expect_height}",
+        )
+    return Downloaded(
+        temp=temp, dest=dest, sha256=digest.hexdigest(), bytes=size, width=width, height=height
+    )
+
+
+def _commit_sync(item: Downloaded) -> None:
+    try:
+        fd = os.open(item.temp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(item.temp, item.dest)
+        dfd = os.open(item.dest.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as exc:
+        _unlink(item.temp)
+        if exc.errno in _DISK_ERRNOS:
+            raise _disk_problem(exc, item.dest) from exc
+        raise
+
+
+async def commit(item: Downloaded) -> None:
+    """fsync the temporary file, rename it into place, fsync the folder (in a worker thread)."""
+    await anyio.to_thread.run_sync(_commit_sync, item)
+
+
+def discard(item: Downloaded) -> None:
+    """Drop a verified download that will not be committed."""
+    _unlink(item.temp)
+
+
+def hash_file(path: Path) -> tuple[str, int] | None:
+    """sha256 and size of an existing file, or None when it is missing or unreadable."""
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with path.open("rb") as fh:
+            while block := fh.read(CHUNK):
+                digest.update(block)
+                size += len(block)
+    except OSError:
+        return None
+    return digest.hexdigest(), size
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError:
+        pass  # best effort; the sweep at start removes leftovers
+
+
+def sweep_partials(root: Path) -> int:
+    """Remove temporary ``.*.part`` files left by a crash. Returns how many."""
+    n = 0
+    if not root.is_dir():
+        return 0
+    for dirpath, _dirs, files in os.walk(root, followlinks=False):
+        for name in files:
+            if name.startswith(".") and name.endswith(".part"):
+                _unlink(Path(dirpath) / name)
+                n += 1
+    return n

@@ -1,0 +1,138 @@
+"""The run folder: where the database, the log, the lock and the images live.
+
+::
+
+    DIR/
+      batcher.db          the job table (plus -wal/-shm while open)
+      batcher.log         one line per notable event; never the API key
+      .lock               held by the running process (a second run refuses clearly)
+      images/             the images, following the manifest's output template
+        metadata.jsonl    one line per done image (Hugging Face ``imagefolder`` layout)
+
+Paths from a manifest never leave ``images/``: the manifest checker refuses absolute paths
+and ``..``, and :meth:`RunLayout.image_path` checks again against symlinks planted in the
+folder, creating each missing directory itself rather than letting ``mkdir -p`` follow links.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from .errors import ConfigError, PermanentJobError
+
+__all__ = ["RunLayout", "RunLock", "UnsafeOutputPath"]
+
+
+class UnsafeOutputPath(PermanentJobError):
+    """The output path would leave the run folder's images/ directory."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunLayout:
+    """Paths of one run folder."""
+
+    root: Path
+
+    @property
+    def db(self) -> Path:
+        return self.root / "batcher.db"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "batcher.log"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
+
+    @property
+    def images(self) -> Path:
+        return self.root / "images"
+
+    @property
+    def metadata(self) -> Path:
+        return self.images / "metadata.jsonl"
+
+    def relative(self, output: str) -> str:
+        """The image's path relative to the run folder (what exports show)."""
+        return str(PurePosixPath("images") / output)
+
+    def image_path(self, output: str, *, create_parents: bool = True) -> Path:
+        """The absolute path for ``output``, with its parent folders made safely.
+
+        Raises :class:`UnsafeOutputPath` if ``output`` is absolute, has ``..``, or runs
+        through a symlink (or a non-directory) inside the images folder.
+        """
+        rel = PurePosixPath(output)
+        if rel.is_absolute() or not rel.parts or any(p in ("", ".", "..") for p in rel.parts):
+            raise UnsafeOutputPath(f"output path {output!r} leaves the images folder")
+        base = self.images
+        if create_parents:
+            base.mkdir(parents=True, exist_ok=True)
+        current = base
+        for part in rel.parts[:-1]:
+            current = current / part
+            if current.is_symlink():
+                raise UnsafeOutputPath(f"{current} is a symlink; refusing to write through it")
+            if not current.exists():
+                if not create_parents:
+                    continue
+                with contextlib.suppress(FileExistsError):
+                    current.mkdir()
+            if not current.is_dir() or current.is_symlink():
+                raise UnsafeOutputPath(f"{current} is not a folder")
+        final = base / Path(*rel.parts)
+        if final.is_symlink() or (final.exists() and not final.is_file()):
+            raise UnsafeOutputPath(f"{final} exists and is not a regular file")
+        return final
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``DIR/.lock``: one ``batcher run`` per folder at a time.
+
+    The kernel drops it when the process dies, even by ``kill -9``, so a crash never leaves
+    a stale lock behind.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                other = ""
+                with contextlib.suppress(OSError):
+                    other = self._path.read_text().strip()
+                who = f" (pid {other})" if other.isdigit() else ""
+                raise ConfigError(
+                    f"another batcher run is using {self._path.parent}{who}; wait for it to "
+                    "finish or stop it first"
+                ) from None
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

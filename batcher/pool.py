@@ -1,0 +1,608 @@
+"""The run: claim -> pace -> generate -> record -> download -> complete, under bounded concurrency.
+
+One dispatcher loop takes capacity first (a free in-flight slot), then a claimed job from a
+small local buffer (refilled from the store in batches), waits for its pacing slot when the job
+needs a generation call, and starts a worker task. Downloads of already generated images do not
+wait for pacing: they cost no quota.
+
+Every worker ends its attempt with exactly one final store write, run under a shielded cancel
+scope so an interrupt cannot leave a job half-recorded; if it is cancelled before it could
+decide, it releases the job (back to pending, no attempt charged).
+
+Stopping: :meth:`Runner.request_stop` stops claiming (within a second: every wait in the
+dispatcher watches the stop event) and lets in-flight calls finish; :meth:`Runner.cancel_in_flight`
+cuts them short. A run-level API error (bad key, arrears, ...) does the former by itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+from decimal import Decimal
+from enum import StrEnum
+
+import aiohttp
+import anyio
+from anyio.abc import TaskGroup
+
+from jobs import Claim, Generated, JobStore, LeaseLost, State, StoredFile
+
+from .backoff import next_delay, parse_retry_after
+from .classify import DownloadVerdict, Verdict
+from .client import DashScopeClient, ImageResult
+from .download import commit, discard, download_image, hash_file
+from .errors import ApiError, DownloadError, RunAborted, TransportError
+from .layout import RunLayout, UnsafeOutputPath
+from .pacing import LatencyTracker, Pacer, auto_concurrency
+from .pricing import Money, price_per_image
+
+__all__ = ["RunCounters", "RunOptions", "RunResult", "Runner", "StopReason"]
+
+log = logging.getLogger("batcher.run")
+
+
+class StopReason(StrEnum):
+    FINISHED = "finished"  # nothing left to do
+    ABORTED = "aborted"  # a run-level API error or a disk problem
+    INTERRUPTED = "interrupted"  # Ctrl-C / SIGTERM
+    BUDGET = "budget"  # --budget reached
+    LIMIT = "limit"  # --limit reached
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RunOptions:
+    """How a run behaves (the ``batcher run`` flags)."""
+
+    rps: float = 2.0
+    concurrency: int | None = None  # None: derived from rate x latency
+    max_attempts: int = 5
+    request_timeout: float = 120.0
+    download_timeout: float = 120.0
+    region: str = "intl"
+    limit: int | None = None
+    budget: Decimal | None = None
+    lease_seconds: float = 60.0
+    backoff_base: float = 1.0
+    backoff_cap: float = 60.0
+    adaptive: bool = True
+    seed: int | None = None  # for the retry jitter, so tests can reproduce a run
+
+
+@dataclass(kw_only=True, slots=True)
+class RunCounters:
+    """What happened in this run (the database holds the totals over all runs)."""
+
+    calls: int = 0
+    generated: int = 0
+    done: int = 0
+    failed: int = 0
+    retries: int = 0
+    throttled: int = 0
+    ambiguous: int = 0
+    regenerated: int = 0
+    download_retries: int = 0
+    downloads_skipped: int = 0
+    lease_lost: int = 0
+    released: int = 0
+    failures: dict[str, int] = field(default_factory=dict)
+    cost: Decimal = Decimal(0)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RunResult:
+    reason: StopReason
+    counters: RunCounters
+    abort_message: str | None
+    elapsed: float
+    first_call_at: float | None
+    last_call_at: float | None
+
+
+class Runner:
+    """Drives one run over an open store. See the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        store: JobStore,
+        client: DashScopeClient,
+        session: aiohttp.ClientSession,
+        layout: RunLayout,
+        options: RunOptions,
+    ) -> None:
+        self.store = store
+        self.client = client
+        self.session = session
+        self.layout = layout
+        self.opt = options
+        self.counters = RunCounters()
+        self.pacer = Pacer(options.rps, adaptive=options.adaptive)
+        self.latency = LatencyTracker(initial=2.0)
+        self._rng = random.Random(options.seed)
+        self._buffer: deque[Claim] = deque()
+        self._held: dict[str, Claim] = {}
+        self._in_flight = 0
+        self._generating = 0
+        self._started_generations = 0
+        self._stop = anyio.Event()
+        self._wake = anyio.Event()
+        self._reason = StopReason.FINISHED
+        self._abort_message: str | None = None
+        self._work_scope: anyio.CancelScope | None = None
+        self._prices: dict[tuple[str, bool], Money] = {}
+        self._t0 = time.monotonic()
+        self.first_call_at: float | None = None
+        self.last_call_at: float | None = None
+
+    # ------------------------------------------------------------------ control
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def concurrency(self) -> int:
+        if self.opt.concurrency is not None:
+            return self.opt.concurrency
+        return auto_concurrency(self.pacer.rate, self.latency)
+
+    def request_stop(self, reason: StopReason, message: str | None = None) -> None:
+        """Stop claiming; in-flight work goes on. The first reason given is kept."""
+        if not self._stop.is_set():
+            self._reason = reason
+            self._abort_message = message
+            self._stop.set()
+            self._notify()
+            log.info("stopping: %s%s", reason.value, f" ({message})" if message else "")
+
+    def cancel_in_flight(self) -> None:
+        """Cut in-flight calls short; their jobs are released to pending."""
+        self.request_stop(StopReason.INTERRUPTED)
+        if self._work_scope is not None:
+            self._work_scope.cancel()
+
+    def _notify(self) -> None:
+        self._wake.set()
+        self._wake = anyio.Event()
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, but wake early when stopping or when a worker finishes."""
+        wake = self._wake
+        with anyio.move_on_after(max(0.0, seconds)):
+            async with anyio.create_task_group() as tg:
+
+                async def _watch_stop() -> None:
+                    await self._stop.wait()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(_watch_stop)
+                await wake.wait()
+                tg.cancel_scope.cancel()
+
+    def price(self, model: str, prompt_extend: bool) -> Money:
+        key = (model, prompt_extend)
+        if key not in self._prices:
+            self._prices[key] = price_per_image(model, self.opt.region, prompt_extend)
+        return self._prices[key]
+
+    # ---------------------------------------------------------------------- run
+
+    async def run(self) -> RunResult:
+        """Work until nothing is left or a stop; release whatever is still held."""
+        try:
+            async with anyio.create_task_group() as outer:
+                outer.start_soon(self._heartbeat_loop)
+                with anyio.CancelScope() as self._work_scope:
+                    async with anyio.create_task_group() as tg:
+                        await self._dispatch(tg)
+                outer.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._release_buffer()
+        return RunResult(
+            reason=self._reason,
+            counters=self.counters,
+            abort_message=self._abort_message,
+            elapsed=time.monotonic() - self._t0,
+            first_call_at=self.first_call_at,
+            last_call_at=self.last_call_at,
+        )
+
+    async def _dispatch(self, tg: TaskGroup) -> None:
+        while not self.stopping:
+            if self._in_flight >= self.concurrency:
+                await self._sleep(1.0)
+                continue
+            claim = await self._next_claim()
+            if claim is None:
+                if self._in_flight == 0:
+                    due = await self.store.next_due_at()
+                    if due is None:
+                        return  # every job is done or failed
+                    await self._sleep(min(1.0, max(0.01, due - self.store.clock())))
+                else:
+                    await self._sleep(1.0)
+                continue
+            if claim.state is State.GENERATED:
+                self._start(tg, self._download_only, claim)
+                continue
+            if not self._within_limits(claim):
+                self._buffer.appendleft(claim)
+                return
+            slot = self.pacer.control.reserve(now=anyio.current_time())
+            await self._sleep_until(slot)
+            if self.stopping:
+                self._buffer.appendleft(claim)
+                return
+            self._started_generations += 1
+            self._start(tg, self._generate, claim)
+
+    async def _sleep_until(self, when: float) -> None:
+        while not self.stopping:
+            left = when - anyio.current_time()
+            if left <= 0:
+                return
+            with anyio.move_on_after(left):
+                await self._stop.wait()
+
+    def _within_limits(self, claim: Claim) -> bool:
+        if self.opt.limit is not None and self._started_generations >= self.opt.limit:
+            self.request_stop(StopReason.LIMIT, f"--limit {self.opt.limit} reached")
+            return False
+        if self.opt.budget is not None:
+            price = self.price(claim.model, claim.prompt_extend).amount
+            committed = self.counters.cost + price * self._generating
+            if committed + price > self.opt.budget:
+                self.request_stop(StopReason.BUDGET, f"--budget {self.opt.budget} reached")
+                return False
+        return True
+
+    def _start(self, tg: TaskGroup, fn: object, claim: Claim) -> None:
+        self._in_flight += 1
+        tg.start_soon(fn, claim)  # type: ignore[arg-type]
+
+    async def _next_claim(self) -> Claim | None:
+        if not self._buffer:
+            batch = max(1, min(64, self.concurrency - self._in_flight))
+            claims = await self.store.claim(limit=batch, lease_seconds=self.opt.lease_seconds)
+            for c in claims:
+                self._held[c.id] = c
+            self._buffer.extend(claims)
+        return self._buffer.popleft() if self._buffer else None
+
+    async def _release_buffer(self) -> None:
+        while self._buffer:
+            claim = self._buffer.popleft()
+            await self._release(claim)
+
+    async def _release(self, claim: Claim) -> None:
+        self._held.pop(claim.id, None)
+        try:
+            await self.store.release(claim.id, claim.token)
+            self.counters.released += 1
+        except LeaseLost:
+            self.counters.lease_lost += 1
+
+    async def _heartbeat_loop(self) -> None:
+        period = max(0.5, self.opt.lease_seconds / 3)
+        while True:
+            await anyio.sleep(period)
+            by_token: dict[str, list[str]] = {}
+            for claim in list(self._held.values()):
+                by_token.setdefault(claim.token, []).append(claim.id)
+            for token, ids in by_token.items():
+                lost = await self.store.heartbeat(token, ids, lease_seconds=self.opt.lease_seconds)
+                for job_id in lost:
+                    log.warning("job %s: lease lost to another worker", job_id)
+
+    # ------------------------------------------------------------------ workers
+
+    async def _generate(self, claim: Claim) -> None:
+        settled = False
+        try:
+            generated = await self._call_and_record(claim)
+            if generated is None:
+                settled = True
+                return
+            if generated is claim:  # a run-level stop: give the job back untouched
+                return
+            claim = generated
+            settled = await self._download(claim)
+        except LeaseLost as exc:
+            settled = True
+            self.counters.lease_lost += 1
+            log.warning("%s", exc)
+        finally:
+            with anyio.CancelScope(shield=True):
+                if not settled:
+                    await self._release(claim)
+            self._finish(claim)
+
+    async def _call_and_record(self, claim: Claim) -> Claim | None:
+        """Call the API and write the outcome. Returns the generated claim, None when the
+        outcome was recorded (retry or failure), or ``claim`` itself when it must be released."""
+        self._generating += 1
+        try:
+            sent = anyio.current_time()
+            self.counters.calls += 1
+            now = time.time()
+            self.first_call_at = self.first_call_at or now
+            self.last_call_at = now
+            try:
+                result = await self.client.generate(
+                    model=claim.model,
+                    prompt=claim.prompt,
+                    size=claim.size,
+                    seed=claim.seed,
+                    prompt_extend=claim.prompt_extend,
+                )
+            except ApiError as err:
+                with anyio.CancelScope(shield=True):
+                    recorded = await self._on_api_error(claim, err, sent)
+                return None if recorded else claim
+            except TransportError as err:
+                with anyio.CancelScope(shield=True):
+                    await self._on_retryable(
+                        claim,
+                        code=f"transport.{err.fault.value}",
+                        message=str(err),
+                        ambiguous=err.classification.ambiguous,
+                        retry_after=None,
+                    )
+                return None
+            self.latency.add(result.latency_ms / 1000.0)
+            with anyio.CancelScope(shield=True):
+                generated = await self._record(claim, result)
+            return generated
+        finally:
+            self._generating -= 1
+
+    async def _download_only(self, claim: Claim) -> None:
+        settled = False
+        try:
+            settled = await self._download(claim)
+        except LeaseLost as exc:
+            settled = True
+            self.counters.lease_lost += 1
+            log.warning("%s", exc)
+        finally:
+            with anyio.CancelScope(shield=True):
+                if not settled:
+                    await self._release(claim)
+            self._finish(claim)
+
+    def _finish(self, claim: Claim) -> None:
+        self._held.pop(claim.id, None)
+        self._in_flight -= 1
+        self._notify()
+
+    async def _record(self, claim: Claim, result: ImageResult) -> Claim:
+        price = self.price(claim.model, claim.prompt_extend)
+        await self.store.record_generated(
+            claim.id,
+            claim.token,
+            Generated(
+                request_id=result.request_id,
+                width=result.width,
+                height=result.height,
+                image_count=result.image_count,
+                input_tokens=result.input_tokens,
+                output_tokens=result.output_tokens,
+                total_tokens=result.total_tokens,
+                reasoning_tokens=result.reasoning_tokens,
+                actual_prompt=result.actual_prompt if claim.prompt_extend else None,
+                image_url=result.image_url,
+                url_expires_at=result.url_expires_at,
+                latency_ms=result.latency_ms,
+                cost=price.amount,
+                currency=price.currency,
+            ),
+            lease_seconds=self.opt.lease_seconds,
+        )
+        self.counters.generated += 1
+        self.counters.cost += price.amount
+        return replace(
+            claim,
+            state=State.GENERATED,
+            request_id=result.request_id,
+            image_url=result.image_url,
+            url_expires_at=result.url_expires_at,
+            width=result.width,
+            height=result.height,
+            attempts=claim.attempts + 1,
+            download_attempts=0,
+            sha256=None,
+            bytes=None,
+        )
+
+    async def _on_api_error(self, claim: Claim, err: ApiError, sent: float) -> bool:
+        verdict = err.classification.verdict
+        code = err.code or f"HTTP{err.status}"
+        if verdict is Verdict.THROTTLED:
+            self.pacer.throttled(sent)
+            self.counters.throttled += 1
+            retry_after = parse_retry_after(err.retry_after, now=time.time())
+            delay = retry_after if retry_after is not None else self._rng.uniform(0.0, 1.0)
+            await self.store.retry_later(
+                claim.id,
+                claim.token,
+                delay=delay,
+                code=code,
+                message=err.message,
+                request_id=err.request_id,
+                charge_attempt=False,
+                throttled=True,
+            )
+            return True
+        if verdict is Verdict.ABORT_RUN:
+            advice = err.classification.advice
+            self.request_stop(StopReason.ABORTED, f"{code}: {err.message or ''} -- {advice}")
+            return False  # released by the caller, no attempt charged
+        if verdict is Verdict.FAIL_JOB:
+            await self.store.fail(
+                claim.id,
+                claim.token,
+                code=code,
+                message=err.message or "",
+                request_id=err.request_id,
+            )
+            self._count_failure(code)
+            return True
+        return await self._on_retryable(
+            claim,
+            code=code,
+            message=err.message or "",
+            ambiguous=err.classification.ambiguous,
+            retry_after=parse_retry_after(err.retry_after, now=time.time()),
+            request_id=err.request_id,
+        )
+
+    async def _on_retryable(
+        self,
+        claim: Claim,
+        *,
+        code: str,
+        message: str,
+        ambiguous: bool,
+        retry_after: float | None,
+        request_id: str | None = None,
+    ) -> bool:
+        attempt = claim.attempts + 1
+        if ambiguous:
+            self.counters.ambiguous += 1
+        if attempt >= self.opt.max_attempts:
+            await self.store.fail(
+                claim.id,
+                claim.token,
+                code=code,
+                message=f"{message} (gave up after {attempt} attempts)",
+                request_id=request_id,
+            )
+            self._count_failure(code)
+            return True
+        delay = next_delay(
+            attempt,
+            retry_after=retry_after,
+            rng=self._rng,
+            base=self.opt.backoff_base,
+            cap=self.opt.backoff_cap,
+        )
+        await self.store.retry_later(
+            claim.id,
+            claim.token,
+            delay=delay,
+            code=code,
+            message=message,
+            request_id=request_id,
+            charge_attempt=True,
+            ambiguous=ambiguous,
+        )
+        self.counters.retries += 1
+        log.info("job %s: %s, retry %d in %.1fs", claim.id, code, attempt, delay)
+        return True
+
+    def _count_failure(self, code: str) -> None:
+        self.counters.failed += 1
+        self.counters.failures[code] = self.counters.failures.get(code, 0) + 1
+        log.info("job failed: %s", code)
+
+    async def _download(self, claim: Claim) -> bool:
+        """Download a generated image and complete the job. True once the job is settled."""
+        assert claim.image_url is not None
+        try:
+            dest = self.layout.image_path(claim.output)
+        except UnsafeOutputPath as exc:
+            with anyio.CancelScope(shield=True):
+                await self.store.fail(
+                    claim.id,
+                    claim.token,
+                    code="UnsafeOutputPath",
+                    message=str(exc),
+                    charge_attempt=False,
+                )
+            self._count_failure("UnsafeOutputPath")
+            return True
+        if claim.sha256 is not None:
+            found = await anyio.to_thread.run_sync(hash_file, dest)
+            if found == (claim.sha256, claim.bytes):
+                with anyio.CancelScope(shield=True):
+                    await self.store.complete(
+                        claim.id, claim.token, StoredFile(sha256=found[0], bytes=found[1])
+                    )
+                self.counters.done += 1
+                self.counters.downloads_skipped += 1
+                return True
+        if claim.url_expires_at is not None and claim.url_expires_at <= time.time() + 5:
+            return await self._regenerate(claim, "URLExpired", "the image URL expired")
+        try:
+            item = await download_image(
+                self.session,
+                claim.image_url,
+                dest,
+                expect_width=claim.width,
+                expect_height=claim.height,
+                timeout=self.opt.download_timeout,
+            )
+        except RunAborted as exc:
+            self.request_stop(StopReason.ABORTED, str(exc))
+            return False
+        except DownloadError as exc:
+            with anyio.CancelScope(shield=True):
+                if exc.verdict is DownloadVerdict.REGENERATE:
+                    return await self._regenerate(claim, f"Download.{exc.reason}", str(exc))
+                attempt = claim.download_attempts + 1
+                if attempt >= self.opt.max_attempts:
+                    await self.store.fail(
+                        claim.id,
+                        claim.token,
+                        code=f"Download.{exc.reason}",
+                        message=str(exc),
+                        charge_attempt=False,
+                    )
+                    self._count_failure(f"Download.{exc.reason}")
+                    return True
+                delay = next_delay(
+                    attempt,
+                    retry_after=None,
+                    rng=self._rng,
+                    base=self.opt.backoff_base,
+                    cap=self.opt.backoff_cap,
+                )
+                await self.store.retry_download_later(
+                    claim.id,
+                    claim.token,
+                    delay=delay,
+                    code=f"Download.{exc.reason}",
+                    message=str(exc),
+                )
+                self.counters.download_retries += 1
+                return True
+        stored = StoredFile(sha256=item.sha256, bytes=item.bytes)
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.store.record_file(claim.id, claim.token, stored)
+            except BaseException:
+                discard(item)
+                raise
+            try:
+                await commit(item)
+            except RunAborted as exc:
+                self.request_stop(StopReason.ABORTED, str(exc))
+                return False
+            await self.store.complete(claim.id, claim.token, stored)
+        self.counters.done += 1
+        return True
+
+    async def _regenerate(self, claim: Claim, code: str, message: str) -> bool:
+        with anyio.CancelScope(shield=True):
+            await self.store.regenerate(claim.id, claim.token, code=code, message=message)
+        self.counters.regenerated += 1
+        log.info("job %s: %s; it will be generated again", claim.id, code)
+        return True

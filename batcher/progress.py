@@ -1,0 +1,140 @@
+"""What a person watching a run sees on stderr: a live panel on a terminal, plain lines elsewhere.
+
+The runner knows nothing of this module; the run command samples a :class:`Snapshot` from it
+twice a second and hands it to a view.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import Protocol, TextIO
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+__all__ = [
+    "PlainProgress",
+    "ProgressView",
+    "RichProgress",
+    "Snapshot",
+    "format_duration",
+    "make_view",
+]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Snapshot:
+    total: int  # jobs in the table
+    done: int
+    failed: int
+    remaining: int  # not yet done or failed
+    in_flight: int
+    retries: int
+    throttled: int
+    per_minute: float  # images generated per minute, recent
+    quota_per_minute: float  # what the pacer aims at
+    eta_seconds: float | None
+    spent: str  # e.g. "US$1.23"
+    elapsed: float
+    stopping: str | None = None
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "--"
+    seconds = int(max(0, seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def _line(s: Snapshot) -> str:
+    pct = 100.0 * (s.done + s.failed) / s.total if s.total else 100.0
+    tail = f" | stopping: {s.stopping}" if s.stopping else ""
+    return (
+        f"{s.done + s.failed}/{s.total} ({pct:.0f}%) done={s.done} failed={s.failed} "
+        f"retrying={s.retries} in-flight={s.in_flight} throttled={s.throttled} "
+        f"rate={s.per_minute:.1f}/min of {s.quota_per_minute:.0f}/min "
+        f"eta={format_duration(s.eta_seconds)} spent={s.spent}{tail}"
+    )
+
+
+class ProgressView(Protocol):
+    def update(self, snap: Snapshot) -> None: ...
+    def close(self, snap: Snapshot | None = None) -> None: ...
+
+
+class PlainProgress:
+    """One line every ``every`` seconds (for logs, CI, pipes)."""
+
+    def __init__(self, stream: TextIO | None = None, every: float = 5.0) -> None:
+        self._stream = stream or sys.stderr
+        self._every = every
+        self._last = 0.0
+
+    def update(self, snap: Snapshot) -> None:
+        now = time.monotonic()
+        if now - self._last >= self._every:
+            self._last = now
+            print("batcher: " + _line(snap), file=self._stream, flush=True)
+
+    def close(self, snap: Snapshot | None = None) -> None:
+        if snap is not None:
+            print("batcher: " + _line(snap), file=self._stream, flush=True)
+
+
+class RichProgress:
+    """A live panel on a terminal."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self._console = console or Console(stderr=True)
+        self._live = Live(console=self._console, refresh_per_second=4, transient=False)
+        self._live.start()
+
+    def _render(self, s: Snapshot) -> Table:
+        table = Table.grid(padding=(0, 2))
+        table.add_column(justify="right", style="bold")
+        table.add_column()
+        finished = s.done + s.failed
+        pct = 100.0 * finished / s.total if s.total else 100.0
+        width = 30
+        filled = int(width * pct / 100)
+        bar = "[green]" + "█" * filled + "[/green]" + "░" * (width - filled)
+        table.add_row("progress", f"{bar} {finished}/{s.total} ({pct:.0f}%)")
+        table.add_row(
+            "jobs",
+            f"[green]done {s.done}[/green]  [red]failed {s.failed}[/red]  "
+            f"[yellow]retrying {s.retries}[/yellow]  in flight {s.in_flight}",
+        )
+        table.add_row(
+            "rate",
+            f"{s.per_minute:.1f} images/min of {s.quota_per_minute:.0f}/min quota  "
+            f"(throttled {s.throttled})",
+        )
+        table.add_row(
+            "time", f"elapsed {format_duration(s.elapsed)}  ETA {format_duration(s.eta_seconds)}"
+        )
+        table.add_row("spent", s.spent)
+        if s.stopping:
+            table.add_row("stopping", f"[yellow]{s.stopping}[/yellow]")
+        return table
+
+    def update(self, snap: Snapshot) -> None:
+        self._live.update(self._render(snap))
+
+    def close(self, snap: Snapshot | None = None) -> None:
+        if snap is not None:
+            self._live.update(self._render(snap))
+        self._live.stop()
+
+
+def make_view(enabled: bool = True) -> ProgressView | None:
+    """A rich panel when stderr is a terminal, plain lines otherwise; None when disabled."""
+    if not enabled:
+        return None
+    if sys.stderr.isatty():
+        return RichProgress()
+    return PlainProgress()
