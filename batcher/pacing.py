@@ -5,11 +5,11 @@ sliding second, so the run decides its own speed rather than discovering it by 4
 
 :class:`RateController` is pure arithmetic on a clock you pass in: a smooth limiter with no
 burst at start (one slot every ``1/rate`` seconds), a small safety margin under the stated
-rate, and an adaptive part: a throttled call cuts the rate (once per round trip: a 429 for a
-request sent before the last cut says nothing new), then the rate recovers quickly to just
-under the level where throttling began and probes above it slowly, never above the rate the
+rate, and an adaptive part: a throttled call (once per cut: a 429 for a request sent before
+the last cut says nothing new) sets the rate just under the quota estimated from the last
+second's accepted sends, and rare, backing-off probes look for more, never above the rate the
 user stated. A user who states twice the real quota converges near it with few 429s; one who
-states it right never sees the cut.
+states it right never sees a cut.
 
 :class:`Pacer` turns those slots into ``await``\\ s. :func:`auto_concurrency` sizes the pool
 from the rate and the observed latency (Little's law with head room), so the quota stays busy
@@ -19,25 +19,36 @@ when latency varies.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable
 
 import anyio
 
 __all__ = ["LatencyTracker", "Pacer", "RateController", "auto_concurrency"]
 
-MARGIN = 0.99  # send at 99% of the stated rate: ~10 ms of slack per second for jitter
-CUT = 0.85  # multiplicative decrease on throttling
-FAST_RECOVERY = 0.10  # per second, as a share of the ceiling, while well under it
-SLOW_PROBE = 0.006  # per second, as a share of the ceiling, near and above it
-RECOVER_TO = 0.97  # fast recovery ends at this share of the throttling ceiling
+MARGIN = 0.99  # send at 99% of the rate: ~10 ms of slack per second for arrival jitter
+STEP_DOWN = 0.95  # the least cut on throttling, when the window count says nothing better
+FLOOR_STEP = 0.7  # the largest cut one throttle can make
+PROBE_UP = 1.02  # each probe raises the rate by 2%
+PROBE_FIRST = 5.0  # seconds without throttling before the first probe
+PROBE_MAX = 120.0  # probing slows down (doubling) each time it meets the same ceiling
+WINDOW = 1.0  # the service counts requests over a sliding second
 
 
 class RateController:
     """Decides when the next request may go out.
 
+    A throttled call tells more than "too fast": the service counts *accepted* requests per
+    sliding second, and 429s come back at once, so the sends in the second before the
+    throttled one, less those throttled, estimate the quota (our share of it, when another
+    process shares the account). The rate drops to just under that estimate in one step.
+    Above the estimate lies a cliff: a sliding-window limiter rejects one call in ``Q + 1``
+    as soon as the rate passes ``Q`` at all, so probing is rare, 2% at a time, and backs off
+    (5 s, 10 s, ... 120 s) each time it finds the same ceiling again.
+
     >>> rc = RateController(2.0, now=0.0)
-    >>> rc.reserve(now=0.0), rc.reserve(now=0.0)  # doctest: +ELLIPSIS
-    (0.0, 0.50...)
+    >>> rc.reserve(now=0.0), round(rc.reserve(now=0.0), 3)
+    (0.0, 0.505)
     """
 
     def __init__(self, stated_rate: float, *, now: float, adaptive: bool = True) -> None:
@@ -47,42 +58,64 @@ class RateController:
         self.max_rate = stated_rate * MARGIN
         self.rate = self.max_rate
         self.adaptive = adaptive
-        self.ceiling: float | None = None  # the rate at which throttling last began
+        self.ceiling: float | None = None  # the last quota estimate
         self.min_rate = min(self.max_rate, 0.05)
         self._next_slot = now
         self._last_cut = -math.inf
-        self._last_update = now
+        self._probe_at = math.inf
+        self._probe_every = PROBE_FIRST
+        self._sends: deque[float] = deque()
+        self._throttled: deque[float] = deque()
         self.cuts = 0
 
-    def _grow(self, now: float) -> None:
-        dt = max(0.0, now - self._last_update)
-        self._last_update = now
-        if not self.adaptive or self.rate >= self.max_rate or dt == 0.0:
-            return
-        ceiling = self.ceiling or self.max_rate
-        if self.rate < RECOVER_TO * ceiling:
-            self.rate = min(RECOVER_TO * ceiling, self.rate + FAST_RECOVERY * ceiling * dt)
-        else:
-            self.rate += SLOW_PROBE * ceiling * dt
-        self.rate = min(self.rate, self.max_rate)
+    def _trim(self, now: float) -> None:
+        horizon = now - 4 * WINDOW
+        while self._sends and self._sends[0] < horizon:
+            self._sends.popleft()
+        while self._throttled and self._throttled[0] < horizon:
+            self._throttled.popleft()
 
     def reserve(self, *, now: float) -> float:
         """Reserve the next send slot; return the time it starts (``>= now``)."""
-        self._grow(now)
+        if self.adaptive and now >= self._probe_at and self.rate < self.max_rate:
+            self.rate = min(self.max_rate, self.rate * PROBE_UP)
+            self._probe_at = now + self._probe_every
         slot = max(now, self._next_slot)
         self._next_slot = slot + 1.0 / self.rate
+        if self.adaptive:
+            self._sends.append(slot)
+            self._trim(slot)
         return slot
 
     def on_throttled(self, *, sent_at: float, now: float) -> bool:
         """A call sent at ``sent_at`` was throttled. Returns True when the rate was cut."""
-        if not self.adaptive or sent_at < self._last_cut:
+        if not self.adaptive:
             return False
-        self._grow(now)
-        self.ceiling = self.rate
-        self.rate = max(self.min_rate, self.rate * CUT)
+        self._throttled.append(sent_at)
+        if sent_at < self._last_cut:
+            return False  # sent at the old rate: already acted on
+        # A quarter of a spacing of slack: a send right at the window's edge arrived inside
+        # it as far as the service could tell (arrival jitter), so count it.
+        lo = sent_at - WINDOW - 0.25 / self.rate
+        refused = {t for t in self._throttled if lo < t <= sent_at}
+        accepted = [t for t in self._sends if lo < t <= sent_at and t not in refused]
+        estimate = float(max(1, len(accepted)))
+        if accepted:
+            # The window is full until its oldest accepted call ages out: wait for that
+            # instead of sending into it (each such send would be one more 429).
+            self._next_slot = max(self._next_slot, accepted[0] + WINDOW * (2 - MARGIN))
+        if self.ceiling is not None and abs(estimate - self.ceiling) < 0.5:
+            self._probe_every = min(PROBE_MAX, self._probe_every * 2)  # same ceiling again
+        else:
+            self._probe_every = PROBE_FIRST
+        self.ceiling = estimate
+        # One throttle lowers the rate by a bounded step: a thin count (a quiet second, a
+        # boundary case) must not halve a run's speed.
+        target = min(self.rate * STEP_DOWN, max(estimate * MARGIN, self.rate * FLOOR_STEP))
+        self.rate = max(self.min_rate, target)
         self._last_cut = now
-        self.cuts += 1
-        # Requests already spaced for the old rate keep their slots; later ones use the new one.
+        self._probe_at = now + self._probe_every
+        self.cuts += 1  # a slot reserved before this cut is void: see Pacer.wait_turn
         return True
 
 
@@ -100,12 +133,18 @@ class Pacer:
         return self.control.rate
 
     async def wait_turn(self) -> float:
-        """Wait for the next send slot; return the send time (for :meth:`throttled`)."""
-        now = self._clock()
-        slot = self.control.reserve(now=now)
-        if slot > now:
-            await anyio.sleep(slot - now)
-        return self._clock()
+        """Wait for the next send slot; return the send time (for :meth:`throttled`).
+
+        A cut while waiting voids the slot (it was spaced for the old rate): reserve again.
+        """
+        while True:
+            cuts = self.control.cuts
+            now = self._clock()
+            slot = self.control.reserve(now=now)
+            if slot > now:
+                await anyio.sleep(slot - now)
+            if self.control.cuts == cuts:
+                return self._clock()
 
     def throttled(self, sent_at: float) -> None:
         self.control.on_throttled(sent_at=sent_at, now=self._clock())
