@@ -1,10 +1,13 @@
 """Download one generated image: streamed, verified, hashed, fsynced, renamed into place.
 
-The file appears at its final path only complete and checked: bytes stream into a hidden
-temporary file in the same folder, every byte passes the PNG checker and sha256, the size is
-compared with Content-Length and the dimensions with the API's ``usage``; then fsync, rename,
-fsync of the folder. Any failure removes the temporary file. A disk that fills up, or a folder
-that turns read-only, stops the run (:class:`DiskProblem`) instead of failing job after job.
+The file appears at its final path only complete and checked: every byte passes the PNG
+checker and sha256 as it streams in (held in memory up to ``SPILL``, beyond that in a hidden
+temporary file in the same folder), the size is compared with Content-Length and the
+dimensions with the API's ``usage``; then, in a worker thread (creating files is slow on some
+file systems and must not stall the event loop), the temporary file is written, fsynced,
+renamed into place, and the folder fsynced. Any failure removes the temporary file. A disk
+that fills up, or a folder that turns read-only, stops the run (:class:`DiskProblem`)
+instead of failing job after job.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ __all__ = ["MAX_IMAGE_BYTES", "DiskProblem", "Downloaded", "download_image", "ha
 # A 2048*2048 RGBA PNG stored uncompressed is about 16.8 MB: nothing valid is larger.
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
 CHUNK = 256 * 1024
+SPILL = 4 * 1024 * 1024  # images up to this size are held in memory until committed
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
@@ -36,10 +40,11 @@ class DiskProblem(RunAborted):
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Downloaded:
-    """A verified image waiting at ``temp`` to be renamed to ``dest``."""
+    """A verified image, held in ``data`` (small ones) or at ``temp``, to be put at ``dest``."""
 
     temp: Path
     dest: Path
+    data: bytes | None
     sha256: str
     bytes: int
     width: int
@@ -86,10 +91,8 @@ async def download_image(
             verifier = PngVerifier()
             digest = hashlib.sha256()
             size = 0
-            try:
-                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except OSError as exc:
-                raise _disk_problem(exc, dest) from exc
+            buffer = bytearray()
+            fd: int | None = None
             try:
                 async for block in resp.content.iter_chunked(CHUNK):
                     size += len(block)
@@ -97,12 +100,20 @@ async def download_image(
                         raise DownloadError("too_large", detail=f"more than {max_bytes} bytes")
                     verifier.feed(block)
                     digest.update(block)
+                    if fd is None:
+                        buffer += block
+                        if len(buffer) <= SPILL:
+                            continue
+                        # A large image: spill to the temporary file instead of holding it.
+                        fd = await anyio.to_thread.run_sync(_create, temp, dest)
+                        block, buffer = bytes(buffer), bytearray()
                     try:
                         os.write(fd, block)
                     except OSError as exc:
                         raise _disk_problem(exc, dest) from exc
             finally:
-                os.close(fd)
+                if fd is not None:
+                    os.close(fd)
             if declared is not None and size != declared:
                 raise DownloadError("truncated", detail=f"{size} of {declared} bytes")
             width, height = verifier.finish()
@@ -127,17 +138,40 @@ async def download_image(
             detail=f"image is {width}*{height}, the API said {expect_width}*{expect_height}",
         )
     return Downloaded(
-        temp=temp, dest=dest, sha256=digest.hexdigest(), bytes=size, width=width, height=height
+        temp=temp,
+        dest=dest,
+        data=None if fd is not None else bytes(buffer),
+        sha256=digest.hexdigest(),
+        bytes=size,
+        width=width,
+        height=height,
     )
+
+
+def _create(temp: Path, dest: Path) -> int:
+    try:
+        return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except OSError as exc:
+        raise _disk_problem(exc, dest) from exc
 
 
 def _commit_sync(item: Downloaded) -> None:
     try:
-        fd = os.open(item.temp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if item.data is not None:  # small image held in memory: write it now
+            fd = _create(item.temp, item.dest)
+            try:
+                view = memoryview(item.data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        else:
+            fd = os.open(item.temp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.replace(item.temp, item.dest)
         dfd = os.open(item.dest.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -148,6 +182,9 @@ def _commit_sync(item: Downloaded) -> None:
         _unlink(item.temp)
         if exc.errno in _DISK_ERRNOS:
             raise _disk_problem(exc, item.dest) from exc
+        raise
+    except BaseException:
+        _unlink(item.temp)
         raise
 
 

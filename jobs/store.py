@@ -24,25 +24,33 @@ queries, and new rows are copied in. A manifest error anywhere rolls the whole i
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import anyio
 from sqlalchemy import event, func, literal_column, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
-from sqlalchemy.pool import NullPool
+from sqlalchemy.pool import AsyncAdaptedQueuePool
 
 from . import schema
-from .errors import LeaseLost, ManifestError, ManifestInvalid, SchemaMismatch, StoreUnavailable
+from .errors import (
+    JobStoreError,
+    LeaseLost,
+    ManifestError,
+    ManifestInvalid,
+    SchemaMismatch,
+    StoreUnavailable,
+)
 from .schema import history, jobs, meta
 from .spec import JobSpec
 from .states import State, sources_of
@@ -50,6 +58,7 @@ from .states import State, sources_of
 __all__ = ["Claim", "Generated", "ImportReport", "JobStore", "Stats", "StoredFile"]
 
 Clock = Callable[[], float]
+_T = TypeVar("_T")
 MICROS = Decimal(1_000_000)
 IMPORT_CHUNK = 20_000
 _RESULT_RESET: dict[str, Any] = {
@@ -157,6 +166,37 @@ class Stats:
         return self.by_state.get(state.value, 0)
 
 
+class _Add(int):
+    """In a transition's values: add this to the column rather than set it."""
+
+
+@functools.lru_cache(maxsize=64)
+def _fenced_update(dst: str, allowed: tuple[str, ...], shape: tuple[tuple[str, bool], ...]) -> str:
+    """``UPDATE jobs SET ... WHERE id = ? AND claim_token = ? AND state IN (...)``, by name."""
+    valid = set(jobs.c.keys())
+    sets = [f"state = '{dst}'"]
+    for col, add in shape:
+        if col not in valid:
+            raise ValueError(f"no column {col!r}")
+        sets.append(f"{col} = {col} + :v_{col}" if add else f"{col} = :v_{col}")
+    states = ", ".join(f"'{s}'" for s in allowed)
+    return (
+        f"UPDATE jobs SET {', '.join(sets)} "
+        f"WHERE id = :job_id AND claim_token = :token AND state IN ({states})"
+    )
+
+
+@dataclass(eq=False, slots=True)
+class _Op:
+    """One queued write of a group commit."""
+
+    fn: Callable[[AsyncConnection], Awaitable[Any]]
+    taken: bool = False
+    done: bool = False
+    result: Any = None
+    error: BaseException | None = None
+
+
 @contextmanager
 def _translated() -> Iterator[None]:
     """The one place SQLite / SQLAlchemy errors become JobStoreErrors."""
@@ -217,6 +257,7 @@ class JobStore:
         self._path = path
         self.clock = clock
         self._lock = anyio.Lock()
+        self._queue: list[_Op] = []
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -230,9 +271,15 @@ class JobStore:
             db.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreUnavailable(f"cannot create {db.parent}: {exc.strerror}") from exc
-        # NullPool: one aiosqlite thread per transaction is cheap, and nothing lingers open
-        # when the store closes (the suite treats a leaked connection as an error).
-        engine = create_async_engine(f"sqlite+aiosqlite:///{db}", poolclass=NullPool)
+        # Two pooled connections (a writer and a reader; writes are serialised by our lock):
+        # opening one costs a thread and the pragmas, far too much per transaction.
+        # close() disposes the pool, so nothing lingers open.
+        engine = create_async_engine(
+            f"sqlite+aiosqlite:///{db}",
+            poolclass=AsyncAdaptedQueuePool,
+            pool_size=2,
+            max_overflow=0,
+        )
         _install_sqlite_hooks(engine)
         store = cls(engine, db, clock)
         try:
@@ -277,6 +324,49 @@ class JobStore:
             with _translated():
                 async with self._engine.begin() as conn:  # emits BEGIN IMMEDIATE
                     yield conn
+
+    async def _batched(self, fn: Callable[[AsyncConnection], Awaitable[_T]]) -> _T:
+        """Run ``fn`` in a write transaction shared with whatever else is queued (group commit).
+
+        Whoever holds the lock runs every queued operation in one ``BEGIN IMMEDIATE`` ...
+        ``COMMIT``, so concurrent workers share one fsync. An operation that raises
+        :class:`JobStoreError` (a lost lease: its UPDATE matched nothing) fails alone; a
+        database error fails the whole batch. The batch runs shielded: a cancelled leader
+        must not take the other callers' writes down with it.
+        """
+        op: _Op = _Op(fn)
+        self._queue.append(op)
+        try:
+            async with self._lock:
+                if not op.done:
+                    batch, self._queue = self._queue, []
+                    for o in batch:
+                        o.taken = True
+                    with anyio.CancelScope(shield=True):
+                        await self._run_batch(batch)
+        except BaseException:
+            if not op.taken:
+                self._queue.remove(op)
+            raise
+        if op.error is not None:
+            raise op.error
+        return op.result  # type: ignore[no-any-return]
+
+    async def _run_batch(self, batch: list[_Op]) -> None:
+        try:
+            with _translated():
+                async with self._engine.begin() as conn:  # emits BEGIN IMMEDIATE
+                    for o in batch:
+                        try:
+                            o.result = await o.fn(conn)
+                        except JobStoreError as exc:  # wrote nothing: the others go on
+                            o.error = exc
+        except Exception as exc:
+            for o in batch:
+                o.error = o.error or exc
+        finally:
+            for o in batch:
+                o.done = True
 
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[AsyncConnection]:
@@ -364,6 +454,9 @@ class JobStore:
             await conn.exec_driver_sql(
                 "SELECT s.line, s.output, j.id FROM staging s JOIN jobs j "
                 "ON j.output_key = s.output_key AND j.id != s.id "
+                # j keeps the path only if this import does not move j elsewhere (a swap)
+                "WHERE NOT EXISTS (SELECT 1 FROM staging s2 "
+                "WHERE s2.id = j.id AND s2.output_key != j.output_key) "
                 "ORDER BY s.line LIMIT ?",
                 (max_errors + 1,),
             )
@@ -453,15 +546,18 @@ class JobStore:
         now = self.clock()
         token = uuid.uuid4().hex
         lease = now + lease_seconds
-        async with self._write() as conn:
+
+        async def op(conn: AsyncConnection) -> list[Claim]:
             ready = jobs.c.next_attempt_at <= now
+            # schema.ACTIVE lets SQLite read the partial index; rowid keeps manifest order.
+            due_order = (jobs.c.next_attempt_at, literal_column("jobs.rowid"))
             free = (jobs.c.lease_expires_at.is_(None)) | (jobs.c.lease_expires_at < now)
             gen_ids = (
                 (
                     await conn.execute(
                         select(jobs.c.id)
-                        .where(jobs.c.state == State.GENERATED.value, ready, free)
-                        .order_by(jobs.c.next_attempt_at)
+                        .where(jobs.c.state == State.GENERATED.value, schema.ACTIVE, ready, free)
+                        .order_by(*due_order)
                         .limit(limit)
                     )
                 )
@@ -474,8 +570,8 @@ class JobStore:
                     (
                         await conn.execute(
                             select(jobs.c.id)
-                            .where(jobs.c.state == State.PENDING.value, ready)
-                            .order_by(jobs.c.next_attempt_at)
+                            .where(jobs.c.state == State.PENDING.value, schema.ACTIVE, ready)
+                            .order_by(*due_order)
                             .limit(limit - len(gen_ids))
                         )
                     )
@@ -505,7 +601,12 @@ class JobStore:
                     .returning(*jobs.c)
                 )
                 claims += [_claim_from_row(r, token) for r in rows]
+            # RETURNING emits rows in no promised order: hand them out in the order chosen.
+            rank = {job_id: n for n, job_id in enumerate([*gen_ids, *pend_ids])}
+            claims.sort(key=lambda c: rank[c.id])
             return claims
+
+        return await self._batched(op)
 
     async def heartbeat(self, token: str, ids: Iterable[str], *, lease_seconds: float) -> set[str]:
         """Extend the lease of ``ids`` held under ``token``; return the ids no longer held."""
@@ -513,7 +614,8 @@ class JobStore:
         if not wanted:
             return set()
         lease = self.clock() + lease_seconds
-        async with self._write() as conn:
+
+        async def op(conn: AsyncConnection) -> set[str]:
             held = (
                 await conn.execute(
                     update(jobs)
@@ -528,22 +630,29 @@ class JobStore:
             ).scalars()
             return wanted - set(held)
 
+        return await self._batched(op)
+
     async def _transition(
         self, job_id: str, token: str, dst: State, values: dict[str, Any], *, src: set[State]
     ) -> None:
-        allowed = sources_of(dst) & src
-        async with self._write() as conn:
-            result = await conn.execute(
-                update(jobs)
-                .where(
-                    jobs.c.id == job_id,
-                    jobs.c.claim_token == token,
-                    jobs.c.state.in_([s.value for s in allowed]),
-                )
-                .values(state=dst.value, **values)
-            )
+        """One fenced move: applied only if ``token`` still holds the job in an allowed state.
+
+        ``values`` maps columns to new values; an :class:`_Add` adds to the column instead.
+        The statement is plain SQL cached per shape: on the hot path, building and caching
+        a Core statement per call cost more than the write itself.
+        """
+        allowed = tuple(sorted(s.value for s in sources_of(dst) & src))
+        shape = tuple((col, isinstance(v, _Add)) for col, v in values.items())
+        sql = _fenced_update(dst.value, allowed, shape)
+        params = {f"v_{col}": (int(v) if isinstance(v, _Add) else v) for col, v in values.items()}
+        params.update(job_id=job_id, token=token)
+
+        async def op(conn: AsyncConnection) -> None:
+            result = await conn.exec_driver_sql(sql, params)
             if result.rowcount != 1:
                 raise LeaseLost(f"job {job_id!r}: lease lost, the write to {dst} was not applied")
+
+        return await self._batched(op)
 
     # ------------------------------------------------------------------ outcomes
 
@@ -569,9 +678,9 @@ class JobStore:
                 "image_url": gen.image_url,
                 "url_expires_at": gen.url_expires_at,
                 "latency_ms": gen.latency_ms,
-                "attempts": jobs.c.attempts + 1,
-                "billed": jobs.c.billed + 1,
-                "cost_micros": jobs.c.cost_micros + int(gen.cost * MICROS),
+                "attempts": _Add(1),
+                "billed": _Add(1),
+                "cost_micros": _Add(int(gen.cost * MICROS)),
                 "currency": gen.currency,
                 "generated_at": now,
                 "lease_expires_at": now + lease_seconds,
@@ -635,9 +744,9 @@ class JobStore:
             State.PENDING,
             {
                 "next_attempt_at": self.clock() + max(0.0, delay),
-                "attempts": jobs.c.attempts + int(charge_attempt),
-                "throttled": jobs.c.throttled + int(throttled),
-                "ambiguous": jobs.c.ambiguous + int(ambiguous),
+                "attempts": _Add(int(charge_attempt)),
+                "throttled": _Add(int(throttled)),
+                "ambiguous": _Add(int(ambiguous)),
                 "error_code": code,
                 "error_message": message,
                 "request_id": request_id,
@@ -657,7 +766,7 @@ class JobStore:
             State.GENERATED,
             {
                 "next_attempt_at": self.clock() + max(0.0, delay),
-                "download_attempts": jobs.c.download_attempts + 1,
+                "download_attempts": _Add(1),
                 "error_code": code,
                 "error_message": message,
                 "lease_expires_at": None,
@@ -674,7 +783,7 @@ class JobStore:
             State.PENDING,
             {
                 **_RESULT_RESET,
-                "regenerated": jobs.c.regenerated + 1,
+                "regenerated": _Add(1),
                 "download_attempts": 0,
                 "next_attempt_at": self.clock(),
                 "error_code": code,
@@ -700,7 +809,7 @@ class JobStore:
             "error_code": code,
             "error_message": message,
             "finished_at": self.clock(),
-            "attempts": jobs.c.attempts + int(charge_attempt),
+            "attempts": _Add(int(charge_attempt)),
             "lease_expires_at": None,
             "claim_token": None,
         }
@@ -712,7 +821,8 @@ class JobStore:
 
     async def release(self, job_id: str, token: str) -> None:
         """Give a job back without charging an attempt (a run-level stop or shutdown)."""
-        async with self._write() as conn:
+
+        async def op(conn: AsyncConnection) -> None:
             result = await conn.execute(
                 update(jobs)
                 .where(
@@ -730,6 +840,8 @@ class JobStore:
             )
             if result.rowcount != 1:
                 raise LeaseLost(f"job {job_id!r}: lease lost, the release was not applied")
+
+        return await self._batched(op)
 
     async def reclaim(self, *, all_running: bool = False) -> int:
         """Put ``running`` jobs whose lease has expired (or all, with ``all_running``) back to
