@@ -87,13 +87,27 @@ class RateController:
             self._trim(slot)
         return slot
 
-    def on_throttled(self, *, sent_at: float, now: float) -> bool:
-        """A call sent at ``sent_at`` was throttled. Returns True when the rate was cut."""
+    def on_throttled(self, *, sent_at: float, now: float, quota: bool = True) -> bool:
+        """A call sent at ``sent_at`` was throttled. Returns True when the rate was cut.
+
+        ``quota`` says the 429 named the request-rate quota (``Throttling.RateQuota``): the
+        window count then estimates it. Other throttling (generic ``Throttling``, burst or
+        capacity) says less: a mild cut, at most one per window, so a storm of them slows
+        the run without collapsing it.
+        """
         if not self.adaptive:
             return False
         self._throttled.append(sent_at)
         if sent_at < self._last_cut:
             return False  # sent at the old rate: already acted on
+        if not quota:
+            if now - self._last_cut < WINDOW:
+                return False
+            self.rate = max(self.min_rate, self.rate * STEP_DOWN)
+            self._last_cut = now
+            self._probe_at = now + self._probe_every
+            self.cuts += 1
+            return True
         # A quarter of a spacing of slack: a send right at the window's edge arrived inside
         # it as far as the service could tell (arrival jitter), so count it.
         lo = sent_at - WINDOW - 0.25 / self.rate
@@ -146,8 +160,8 @@ class Pacer:
             if self.control.cuts == cuts:
                 return self._clock()
 
-    def throttled(self, sent_at: float) -> None:
-        self.control.on_throttled(sent_at=sent_at, now=self._clock())
+    def throttled(self, sent_at: float, *, quota: bool = True) -> None:
+        self.control.on_throttled(sent_at=sent_at, now=self._clock(), quota=quota)
 
 
 class LatencyTracker:

@@ -43,6 +43,9 @@ __all__ = ["RunCounters", "RunOptions", "RunResult", "Runner", "StopReason"]
 
 log = logging.getLogger("batcher.run")
 
+# 429 codes that name the request-rate quota itself (the pacer may estimate it from them).
+QUOTA_CODES = frozenset({"throttling.ratequota", "limitrequests", "limit_requests"})
+
 
 class StopReason(StrEnum):
     FINISHED = "finished"  # nothing left to do
@@ -426,7 +429,7 @@ class Runner:
         verdict = err.classification.verdict
         code = err.code or f"HTTP{err.status}"
         if verdict is Verdict.THROTTLED:
-            self.pacer.throttled(sent)
+            self.pacer.throttled(sent, quota=(err.code or "").casefold() in QUOTA_CODES)
             self.counters.throttled += 1
             retry_after = parse_retry_after(err.retry_after, now=time.time())
             delay = retry_after if retry_after is not None else self._rng.uniform(0.0, 1.0)

@@ -115,3 +115,16 @@ def test_auto_concurrency_follows_rate_times_latency():
     assert 4 <= low < high <= 512
     assert high >= 2.0 * 4.0  # enough to keep 2/s busy at 4 s each
     assert auto_concurrency(10_000.0, lat) == 512
+
+
+def test_generic_throttling_cuts_mildly_and_at_most_once_a_second():
+    rc = RateController(100.0, now=0.0)
+    for _ in range(200):
+        rc.reserve(now=0.0)
+    before = rc.rate
+    assert rc.on_throttled(sent_at=0.5, now=0.5, quota=False)
+    assert rc.rate == pytest.approx(before * 0.95)
+    assert not rc.on_throttled(sent_at=0.9, now=0.9, quota=False)  # within the same second
+    for t in range(2, 12):  # a storm: one cut per second at most
+        rc.on_throttled(sent_at=float(t), now=float(t), quota=False)
+    assert rc.rate >= before * 0.95**11
