@@ -17,7 +17,7 @@ import aiohttp
 from batcher.client import DashScopeClient
 from batcher.layout import RunLayout
 from batcher.png import PngVerifier
-from batcher.pool import RunOptions, Runner, RunResult
+from batcher.pool import Runner, RunOptions, RunResult
 from jobs import JobSpec, JobStore
 
 REPO = Path(__file__).resolve().parent.parent

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from decimal import Decimal
 import sqlite3
 import time
+from decimal import Decimal
 
 import aiohttp
+import anyio
 import pytest
 
 from batcher.client import DashScopeClient
@@ -36,7 +37,7 @@ async def prepared(tmp_path, n, **spec_kw):
 async def test_clean_run_every_image_verified_and_billed_once(tmp_path):
     layout, store = await prepared(tmp_path, 40)
     async with store, running_emulator(emu()) as e:
-        runner, result = await run_once(store, layout, e.base_url)
+        _runner, result = await run_once(store, layout, e.base_url)
         stats = await store.stats()
         assert result.reason is StopReason.FINISHED
         assert stats.count(State.DONE) == 40
@@ -48,7 +49,7 @@ async def test_clean_run_every_image_verified_and_billed_once(tmp_path):
         assert rec["request_id"] and rec["width"] == 512 and rec["latency_ms"] > 0
         assert rec["attempts"] == 1 and rec["finished_at"] >= rec["generated_at"]
         # a second run calls nothing
-        runner2, result2 = await run_once(store, layout, e.base_url)
+        runner2, _result2 = await run_once(store, layout, e.base_url)
         assert runner2.counters.calls == 0
         assert e.stats()["generate_requests"] == 40
     assert check_invariants(layout.root) == {"done": 40}
@@ -57,7 +58,7 @@ async def test_clean_run_every_image_verified_and_billed_once(tmp_path):
 async def test_transient_errors_are_retried_and_counted(tmp_path):
     layout, store = await prepared(tmp_path, 60)
     async with store, running_emulator(emu(faults="500=0.2,503=0.1", seed=11)) as e:
-        runner, result = await run_once(
+        runner, _result = await run_once(
             store, layout, e.base_url, options=dataclasses.replace(FAST, max_attempts=10)
         )
         stats = await store.stats()
@@ -72,7 +73,7 @@ async def test_throttling_does_not_use_up_attempts(tmp_path):
     layout, store = await prepared(tmp_path, 30)
     async with store, running_emulator(emu(faults="429=0.5", seed=5)) as e:
         opts = dataclasses.replace(FAST, max_attempts=1)  # a single real failure would fail a job
-        runner, result = await run_once(store, layout, e.base_url, options=opts)
+        runner, _result = await run_once(store, layout, e.base_url, options=opts)
         stats = await store.stats()
     assert stats.count(State.DONE) == 30
     assert runner.counters.throttled > 0 and stats.throttled == runner.counters.throttled
@@ -82,7 +83,7 @@ async def test_throttling_does_not_use_up_attempts(tmp_path):
 async def test_permanent_errors_fail_the_job_at_once(tmp_path):
     layout, store = await prepared(tmp_path, 10)
     async with store, running_emulator(emu(moderate=("number 3 ",))) as e:
-        runner, result = await run_once(store, layout, e.base_url)
+        _runner, result = await run_once(store, layout, e.base_url)
         stats = await store.stats()
         failed = await store.get("job-00003")
     assert stats.count(State.DONE) == 9 and stats.count(State.FAILED) == 1
@@ -96,7 +97,7 @@ async def test_permanent_errors_fail_the_job_at_once(tmp_path):
 async def test_run_level_error_stops_the_run_and_fails_nothing(tmp_path):
     layout, store = await prepared(tmp_path, 30)
     async with store, running_emulator(emu(faults="Arrearage=1")) as e:
-        runner, result = await run_once(store, layout, e.base_url)
+        _runner, result = await run_once(store, layout, e.base_url)
         stats = await store.stats()
     assert result.reason is StopReason.ABORTED
     assert "Arrearage" in (result.abort_message or "")
@@ -109,7 +110,7 @@ async def test_run_level_error_stops_the_run_and_fails_nothing(tmp_path):
 async def test_wrong_key_stops_the_run(tmp_path):
     layout, store = await prepared(tmp_path, 5)
     async with store, running_emulator(emu(api_key="sk-the-right-one")) as e:
-        runner, result = await run_once(store, layout, e.base_url, api_key="sk-wrong")
+        _runner, result = await run_once(store, layout, e.base_url, api_key="sk-wrong")
         stats = await store.stats()
     assert result.reason is StopReason.ABORTED and "InvalidApiKey" in result.abort_message
     assert stats.count(State.PENDING) == 5
@@ -119,7 +120,7 @@ async def test_broken_downloads_are_retried_without_paying_again(tmp_path):
     layout, store = await prepared(tmp_path, 40)
     async with store, running_emulator(emu(faults="truncate=0.25,corrupt=0.25", seed=9)) as e:
         opts = dataclasses.replace(FAST, max_attempts=12)
-        runner, result = await run_once(store, layout, e.base_url, options=opts)
+        runner, _result = await run_once(store, layout, e.base_url, options=opts)
         stats = await store.stats()
         s = e.stats()
     assert stats.count(State.DONE) == 40
@@ -166,7 +167,7 @@ async def test_generated_but_not_downloaded_is_downloaded_without_a_new_call(tmp
     async with store, running_emulator(emu()) as e:
         await _generate_only(store, e.base_url, 6)
         assert (await store.stats()).count(State.GENERATED) == 6
-        runner, result = await run_once(store, layout, e.base_url)
+        runner, _result = await run_once(store, layout, e.base_url)
         assert runner.counters.calls == 0 and runner.counters.done == 6
         assert e.stats()["images_billed"] == 6
     check_invariants(layout.root)
@@ -176,9 +177,9 @@ async def test_expired_urls_are_generated_again_and_counted(tmp_path):
     layout, store = await prepared(tmp_path, 5)
     async with store, running_emulator(emu(url_ttl=0.5)) as e:
         await _generate_only(store, e.base_url, 5)
-        time.sleep(0.6)
+        await anyio.sleep(0.6)
         e.reconfigure(url_ttl=86400.0)
-        runner, result = await run_once(store, layout, e.base_url)
+        runner, _result = await run_once(store, layout, e.base_url)
         stats = await store.stats()
     assert stats.count(State.DONE) == 5
     assert runner.counters.regenerated == 5 and stats.regenerated == 5
@@ -195,9 +196,9 @@ async def test_storage_403_before_the_recorded_expiry_regenerates(tmp_path):
         con.execute("UPDATE jobs SET url_expires_at = ?", (time.time() + 3600,))
         con.commit()
         con.close()
-        time.sleep(0.4)
+        await anyio.sleep(0.4)
         e.reconfigure(url_ttl=86400.0)
-        runner, result = await run_once(store, layout, e.base_url)
+        _runner, _result = await run_once(store, layout, e.base_url)
         stats = await store.stats()
     assert stats.count(State.DONE) == 3 and stats.regenerated == 3
     check_invariants(layout.root)
@@ -225,7 +226,7 @@ async def test_lost_answers_are_counted_as_ambiguous(tmp_path):
     layout, store = await prepared(tmp_path, 40)
     async with store, running_emulator(emu(faults="lost=0.2,reset=0.1", seed=21)) as e:
         opts = dataclasses.replace(FAST, max_attempts=12)
-        runner, result = await run_once(store, layout, e.base_url, options=opts)
+        runner, _result = await run_once(store, layout, e.base_url, options=opts)
         stats = await store.stats()
         s = e.stats()
     assert stats.count(State.DONE) == 40
