@@ -1,1 +1,31 @@
-"""batcher's built-in DashScope emulator."""
+"""batcher's built-in DashScope emulator: a faithful local ``z-image-turbo`` server.
+
+It serves the synchronous generation API of the contract (``/work/shared/dashscope-api.md``,
+sections 1 to 4 and 8) on loopback, with seeded fault injection, a per-key rate quota, signed
+image URLs and ``GET /_emulator/stats``. Modules:
+
+    config    EmulatorConfig and the --latency / --faults specs (pure)
+    codes     the documented error codes and the error envelope (pure)
+    validate  request validation (pure)
+    faults    seeded per-request draws and the sliding-window quota (pure)
+    urls      OSS-style signed URLs and XML errors (pure)
+    images    cheap PNG drawing
+    state     counters, quota windows and issued images of one emulator
+    app       the generation and control routes
+    downloads the image download route
+    responses JSON answers and dropped connections
+    server    running_emulator (in the current loop) and EmulatorThread (in a thread)
+    cli       the ``emulate`` subcommand
+
+Example::
+
+    async with running_emulator(EmulatorConfig(latency="0", faults="500=0.1", seed=1)) as emu:
+        ...  # point a DashScope client at emu.base_url
+"""
+
+from __future__ import annotations
+
+from batcher.emulator.config import EmulatorConfig, FaultKind
+from batcher.emulator.server import Emulator, EmulatorThread, running_emulator
+
+__all__ = ["Emulator", "EmulatorConfig", "EmulatorThread", "FaultKind", "running_emulator"]

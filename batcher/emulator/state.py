@@ -1,0 +1,139 @@
+"""What a running emulator remembers: settings, counters, the quota and the issued images.
+
+One :class:`EmulatorState` belongs to one aiohttp application and is only touched from its event
+loop (the thread-safe wrappers in :mod:`batcher.emulator.server` hop onto that loop).
+
+Memory stays bounded by design: images are kept as their request parameters only (the PNG is
+drawn at download time) and at most ``max_images`` of them, oldest forgotten first (their URLs
+then answer 404 ``NoSuchKey``, as a deleted OSS object would). The one thing that grows with the
+number of billed images is the set of 64-bit billing keys behind ``duplicate_billed``: about
+70 bytes an image, 70 MB after a million images.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from batcher.emulator.config import EmulatorConfig, FaultPlan, Latency
+from batcher.emulator.faults import SlidingWindowQuota
+from batcher.emulator.urls import UrlSigner
+from batcher.emulator.validate import GenerationRequest
+
+__all__ = ["EmulatorState", "StoredImage"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StoredImage:
+    """What it takes to draw an issued image again."""
+
+    text: str
+    seed: int
+    width: int
+    height: int
+
+
+class EmulatorState:
+    """Settings, counters, quota windows and issued images of one emulator."""
+
+    def __init__(self, config: EmulatorConfig) -> None:
+        self.base_seed = config.seed if config.seed is not None else secrets.randbits(62)
+        self.signer = UrlSigner(
+            secret=secrets.token_bytes(32),
+            access_key_id="LTAI5tEmu" + secrets.token_hex(8).upper()[:15],
+        )
+        self.quota = SlidingWindowQuota(config.rps)
+        self.closing = asyncio.Event()
+        self._apply(config)
+        self._images: OrderedDict[str, StoredImage] = OrderedDict()
+        self._billed: set[int] = set()
+        self._generation_count = 0
+        self._download_count = 0
+        self.images_billed = 0
+        self.images_billed_prompt_extend = 0
+        self.duplicate_billed = 0
+        self.throttled = 0
+        self.connections_dropped = 0
+        self.latency_seconds_total = 0.0
+        self.by_status: Counter[str] = Counter()
+        self.download_by_status: Counter[str] = Counter()
+        self.faults_injected: Counter[str] = Counter()
+
+    def _apply(self, config: EmulatorConfig) -> None:
+        self.config = config
+        self.plan: FaultPlan = config.fault_plan
+        self.latency: Latency = config.latency_model
+        self.quota.set_rate(config.rps)
+
+    def reconfigure(self, **changes: Any) -> EmulatorConfig:
+        """Change the run-time settings (see ``EmulatorConfig.with_changes``); returns the new."""
+        self._apply(self.config.with_changes(**changes))
+        return self.config
+
+    def next_generation(self) -> int:
+        """Count a generation request; its number (from 0) keys its seeded draws."""
+        number = self._generation_count
+        self._generation_count += 1
+        return number
+
+    def next_download(self) -> int:
+        """Count an image download; its number (from 0) keys its seeded draws."""
+        number = self._download_count
+        self._download_count += 1
+        return number
+
+    def bill(self, request: GenerationRequest, seed: int | None) -> None:
+        """Count one billed image; note a duplicate of one billed before.
+
+        A duplicate has the same model, prompt, size and seed as sent (an omitted seed counts
+        as its own value, so a retried seedless request is caught too).
+        """
+        self.images_billed += 1
+        if request.prompt_extend:
+            self.images_billed_prompt_extend += 1
+        key = hash((request.model, request.prompt, request.width, request.height, seed))
+        if key in self._billed:
+            self.duplicate_billed += 1
+        else:
+            self._billed.add(key)
+
+    def store_image(self, image_id: str, image: StoredImage) -> None:
+        """Remember an issued image, forgetting the oldest beyond ``max_images``."""
+        self._images[image_id] = image
+        while len(self._images) > self.config.max_images:
+            self._images.popitem(last=False)
+
+    def image(self, image_id: str) -> StoredImage | None:
+        """The issued image ``image_id``, or None if unknown or forgotten."""
+        return self._images.get(image_id)
+
+    def stats(self) -> dict[str, Any]:
+        """The counters, as ``GET /_emulator/stats`` returns them.
+
+        ``generate_requests`` every generation POST; ``images_billed`` successful generations
+        (``lost`` ones included; ``images_billed_prompt_extend`` of them at the double price);
+        ``duplicate_billed`` billed images whose model, prompt, size and seed were billed before;
+        ``downloads`` image GETs; ``by_status`` / ``download_by_status`` HTTP statuses sent (a
+        dropped connection sends none); ``throttled`` quota refusals; ``faults_injected`` by kind;
+        ``connections_dropped``; ``latency_seconds_total`` the generation latencies drawn;
+        ``images_stored`` downloadable images; ``seed`` the base seed of
+        the draws (pass it as ``seed`` to replay a run).
+        """
+        return {
+            "generate_requests": self._generation_count,
+            "images_billed": self.images_billed,
+            "images_billed_prompt_extend": self.images_billed_prompt_extend,
+            "duplicate_billed": self.duplicate_billed,
+            "downloads": self._download_count,
+            "by_status": dict(self.by_status),
+            "download_by_status": dict(self.download_by_status),
+            "throttled": self.throttled,
+            "faults_injected": dict(self.faults_injected),
+            "connections_dropped": self.connections_dropped,
+            "latency_seconds_total": self.latency_seconds_total,
+            "images_stored": len(self._images),
+            "seed": self.base_seed,
+        }
