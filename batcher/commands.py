@@ -22,9 +22,8 @@ from typing import Any
 
 import aiohttp
 import anyio
-from jobs.manifest import open_manifest
 
-from jobs import JobStore, State, Stats
+from jobs import JobStore, State, Stats, open_manifest
 
 from .client import DashScopeClient, base_url_for
 from .download import sweep_partials

@@ -4,7 +4,7 @@ It sees every byte once as it streams to disk, so a truncated or corrupted image
 before it is renamed into place, at a cost of one CRC32 pass.
 
 >>> v = PngVerifier()
->>> v.feed(open("cat.png", "rb").read())  # doctest: +SKIP
+>>> v.feed(png_bytes)  # doctest: +SKIP
 >>> v.finish()  # (width, height)  # doctest: +SKIP
 """
 

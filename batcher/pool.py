@@ -48,6 +48,8 @@ QUOTA_CODES = frozenset({"throttling.ratequota", "limitrequests", "limit_request
 
 
 class StopReason(StrEnum):
+    """Why a run ended."""
+
     FINISHED = "finished"  # nothing left to do
     ABORTED = "aborted"  # a run-level API error or a disk problem
     INTERRUPTED = "interrupted"  # Ctrl-C / SIGTERM
@@ -96,6 +98,8 @@ class RunCounters:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class RunResult:
+    """How a run ended, what it did, and when its first and last API calls went out."""
+
     reason: StopReason
     counters: RunCounters
     abort_message: str | None
