@@ -26,7 +26,7 @@ import anyio
 
 __all__ = ["LatencyTracker", "Pacer", "RateController", "auto_concurrency"]
 
-MARGIN = 0.99  # send at 99% of the rate: ~10 ms of slack per second for arrival jitter
+MARGIN = 0.98  # send at 98% of the rate: ~20 ms of slack per window for arrival jitter
 STEP_DOWN = 0.95  # the least cut on throttling, when the window count says nothing better
 FLOOR_STEP = 0.7  # the largest cut one throttle can make
 PROBE_UP = 1.02  # each probe raises the rate by 2%
@@ -86,6 +86,16 @@ class RateController:
             self._sends.append(slot)
             self._trim(slot)
         return slot
+
+    def wait_needed(self, *, now: float) -> float:
+        """Seconds until the next slot is free (0 when a send may go now)."""
+        return max(0.0, self._next_slot - now)
+
+    def sent(self, *, at: float) -> None:
+        """A request actually went out at ``at``. A send that left late (a busy event loop)
+        pushes the next slot back, so late sends never bunch up with the ones after them:
+        the gap between two sends is never shorter than ``1/rate``."""
+        self._next_slot = max(self._next_slot, at + 1.0 / self.rate)
 
     def on_throttled(self, *, sent_at: float, now: float, quota: bool = True) -> bool:
         """A call sent at ``sent_at`` was throttled. Returns True when the rate was cut.

@@ -133,7 +133,7 @@ class Runner:
         self._held: dict[str, Claim] = {}
         self._in_flight = 0
         self._generating = 0
-        self._started_generations = 0
+        self._started: set[str] = set()  # jobs this run has called the API for (--limit)
         self._stop = anyio.Event()
         self._wake = anyio.Event()
         self._reason = StopReason.FINISHED
@@ -243,13 +243,28 @@ class Runner:
             if not self._within_limits(claim):
                 self._buffer.appendleft(claim)
                 return
-            slot = self.pacer.control.reserve(now=anyio.current_time())
-            await self._sleep_until(slot)
-            if self.stopping:
+            if not await self._wait_for_slot():
                 self._buffer.appendleft(claim)
                 return
-            self._started_generations += 1
+            self._started.add(claim.id)
             self._start(tg, self._generate, claim)
+
+    async def _wait_for_slot(self) -> bool:
+        """Wait for the pacer's next send slot and take it; False when stopping meanwhile.
+
+        The slot is checked again after every sleep: a throttling cut, or a send that went
+        out late (see :meth:`RateController.sent`), may have moved it.
+        """
+        control = self.pacer.control
+        while not self.stopping:
+            now = anyio.current_time()
+            wait = control.wait_needed(now=now)
+            if wait > 0:
+                await self._sleep_until(now + wait)
+                continue
+            control.reserve(now=now)
+            return True
+        return False
 
     async def _sleep_until(self, when: float) -> None:
         while not self.stopping:
@@ -260,7 +275,8 @@ class Runner:
                 await self._stop.wait()
 
     def _within_limits(self, claim: Claim) -> bool:
-        if self.opt.limit is not None and self._started_generations >= self.opt.limit:
+        limit = self.opt.limit
+        if limit is not None and claim.id not in self._started and len(self._started) >= limit:
             self.request_stop(StopReason.LIMIT, f"--limit {self.opt.limit} reached")
             return False
         if self.opt.budget is not None:
@@ -338,6 +354,7 @@ class Runner:
         self._generating += 1
         try:
             sent = anyio.current_time()
+            self.pacer.control.sent(at=sent)
             self.counters.calls += 1
             now = time.time()
             self.first_call_at = self.first_call_at or now

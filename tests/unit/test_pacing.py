@@ -9,7 +9,7 @@ from collections import deque
 
 import pytest
 
-from batcher.pacing import LatencyTracker, RateController, auto_concurrency
+from batcher.pacing import MARGIN, LatencyTracker, RateController, auto_concurrency
 
 
 def simulate(quota: int, stated: float, jobs: int = 600, jitter: float = 0.002, seed: int = 1):
@@ -51,7 +51,7 @@ def test_no_burst_at_start():
     slots = [rc.reserve(now=100.0) for _ in range(4)]
     gaps = [b - a for a, b in itertools.pairwise(slots)]
     assert slots[0] == 100.0
-    assert all(g == pytest.approx(1 / (4 * 0.99)) for g in gaps)
+    assert all(g == pytest.approx(1 / (4 * MARGIN)) for g in gaps)
 
 
 @pytest.mark.parametrize("quota", [2, 10, 50])
@@ -91,14 +91,14 @@ def test_rate_never_exceeds_the_stated_rate_after_probing():
     rc.on_throttled(sent_at=39.0, now=39.0)
     for i in range(40, 2000):
         rc.reserve(now=float(i))
-    assert rc.rate <= 3.0 * 0.99 + 1e-9
+    assert rc.rate <= 3.0 * MARGIN + 1e-9
 
 
 def test_non_adaptive_ignores_throttling():
     rc = RateController(5.0, now=0.0, adaptive=False)
     rc.reserve(now=0.0)
     assert not rc.on_throttled(sent_at=0.0, now=0.1)
-    assert rc.rate == pytest.approx(5 * 0.99)
+    assert rc.rate == pytest.approx(5 * MARGIN)
 
 
 def test_rejects_a_non_positive_rate():
@@ -128,3 +128,11 @@ def test_generic_throttling_cuts_mildly_and_at_most_once_a_second():
     for t in range(2, 12):  # a storm: one cut per second at most
         rc.on_throttled(sent_at=float(t), now=float(t), quota=False)
     assert rc.rate >= before * 0.95**11
+
+
+def test_a_late_send_pushes_the_next_slot_back():
+    rc = RateController(2.0, now=0.0)
+    assert rc.reserve(now=0.0) == 0.0
+    rc.sent(at=0.2)  # the event loop was busy: it left 200 ms late
+    assert rc.wait_needed(now=0.2) == pytest.approx(1 / (2 * MARGIN))
+    assert rc.reserve(now=0.2 + 1 / (2 * MARGIN)) == pytest.approx(0.2 + 1 / (2 * MARGIN))
