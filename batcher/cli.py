@@ -171,16 +171,32 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return int(run_emulator(args))
     try:
-        return anyio.run(_dispatch, args)
+        try:
+            return anyio.run(_dispatch, args)
+        except BaseExceptionGroup as group:
+            raise _leaf(group) from group
     except ManifestInvalid as exc:
         for line in str(exc).splitlines():
             print(line, file=sys.stderr)
         return EXIT["usage"]
-    except (StoreUnavailable, JobStoreError, BatcherError) as exc:
+    except StoreUnavailable as exc:  # the database could not be written: stop, say why
+        print(f"batcher: error: {exc}", file=sys.stderr)
+        return EXIT["aborted"]
+    except (JobStoreError, BatcherError) as exc:
         print(f"batcher: error: {exc}", file=sys.stderr)
         return EXIT["usage"]
     except KeyboardInterrupt:
         return EXIT["interrupted"]
+
+
+def _leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error to report from a task group's failure: the first known one, else the group."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            exc = _leaf(exc)
+        if isinstance(exc, JobStoreError | BatcherError | KeyboardInterrupt):
+            return exc
+    return group
 
 
 if __name__ == "__main__":

@@ -343,6 +343,19 @@ async def _run_locked(cmd: RunCommand, layout: RunLayout) -> int:
             swept,
         )
         start = await store.stats()
+        o = cmd.options
+        log.info(
+            "options: rps=%g concurrency=%s max_attempts=%d request_timeout=%gs region=%s "
+            "endpoint=%s limit=%s budget=%s",
+            o.rps,
+            o.concurrency or "auto",
+            o.max_attempts,
+            o.request_timeout,
+            o.region,
+            "emulator" if cmd.emulate else (cmd.base_url or o.region),
+            o.limit,
+            o.budget,
+        )
         if not cmd.as_json:
             _warn(
                 f"{cmd.manifest}: {added} new jobs, {unchanged} already imported; "
