@@ -161,17 +161,18 @@ def render_png(*, prompt: str, seed: int, width: int, height: int) -> bytes:
 
     short = min(width, height)
     face = _face(max(8, min(96, short // 16)))
+    small = _face(max(8, min(48, short // 32)))  # the footer must fit on one line
     margin = max(1, short // 24)
     left = _PAD + margin
     bar_height = max(2, height // 64)
-    footer_top = height - bar_height - margin - face.line_height
+    footer_top = height - bar_height - margin - small.line_height
     draw = ImageDraw.Draw(canvas).draw
     max_lines = max(0, (footer_top - margin) // face.line_height)
     y = margin
     for line in _wrap(face, prompt, width - 2 * margin, max_lines):
         _draw_line(draw, face, line, left, y, 1)
         y += face.line_height
-    _draw_line(draw, face, f"seed {seed} · {width}×{height}", left, max(0, footer_top), 2)
+    _draw_line(draw, small, f"seed {seed} · {width}×{height}", left, max(0, footer_top), 2)
 
     digest = hashlib.sha256(f"{prompt}\0{seed}\0{width}*{height}".encode("utf-8", "replace"))
     bits = int.from_bytes(digest.digest()[:8], "big")
