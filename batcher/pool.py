@@ -470,14 +470,7 @@ class Runner:
             self.request_stop(StopReason.ABORTED, f"{code}: {err.message or ''} -- {advice}")
             return False  # released by the caller, no attempt charged
         if verdict is Verdict.FAIL_JOB:
-            await self.store.fail(
-                claim.id,
-                claim.token,
-                code=code,
-                message=err.message or "",
-                request_id=err.request_id,
-            )
-            self._count_failure(code)
+            await self._fail(claim, code, err.message or "", request_id=err.request_id)
             return True
         return await self._on_retryable(
             claim,
@@ -502,22 +495,14 @@ class Runner:
         if ambiguous:
             self.counters.ambiguous += 1
         if attempt >= self.opt.max_attempts:
-            await self.store.fail(
-                claim.id,
-                claim.token,
-                code=code,
-                message=f"{message} (gave up after {attempt} attempts)",
+            await self._fail(
+                claim,
+                code,
+                f"{message} (gave up after {attempt} attempts)",
                 request_id=request_id,
             )
-            self._count_failure(code)
             return True
-        delay = next_delay(
-            attempt,
-            retry_after=retry_after,
-            rng=self._rng,
-            base=self.opt.backoff_base,
-            cap=self.opt.backoff_cap,
-        )
+        delay = self._delay(attempt, retry_after)
         await self.store.retry_later(
             claim.id,
             claim.token,
@@ -532,6 +517,34 @@ class Runner:
         log.info("job %s: %s, retry %d in %.1fs", claim.id, code, attempt, delay)
         return True
 
+    def _delay(self, attempt: int, retry_after: float | None) -> float:
+        return next_delay(
+            attempt,
+            retry_after=retry_after,
+            rng=self._rng,
+            base=self.opt.backoff_base,
+            cap=self.opt.backoff_cap,
+        )
+
+    async def _fail(
+        self,
+        claim: Claim,
+        code: str,
+        message: str,
+        *,
+        request_id: str | None = None,
+        charge: bool = True,
+    ) -> None:
+        await self.store.fail(
+            claim.id,
+            claim.token,
+            code=code,
+            message=message,
+            request_id=request_id,
+            charge_attempt=charge,
+        )
+        self._count_failure(code)
+
     def _count_failure(self, code: str) -> None:
         self.counters.failed += 1
         self.counters.failures[code] = self.counters.failures.get(code, 0) + 1
@@ -544,14 +557,7 @@ class Runner:
             dest = self.layout.image_path(claim.output)
         except UnsafeOutputPath as exc:
             with anyio.CancelScope(shield=True):
-                await self.store.fail(
-                    claim.id,
-                    claim.token,
-                    code="UnsafeOutputPath",
-                    message=str(exc),
-                    charge_attempt=False,
-                )
-            self._count_failure("UnsafeOutputPath")
+                await self._fail(claim, "UnsafeOutputPath", str(exc), charge=False)
             return True
         if claim.sha256 is not None:
             found = await anyio.to_thread.run_sync(hash_file, dest)
@@ -583,26 +589,12 @@ class Runner:
                     return await self._regenerate(claim, f"Download.{exc.reason}", str(exc))
                 attempt = claim.download_attempts + 1
                 if attempt >= self.opt.max_attempts:
-                    await self.store.fail(
-                        claim.id,
-                        claim.token,
-                        code=f"Download.{exc.reason}",
-                        message=str(exc),
-                        charge_attempt=False,
-                    )
-                    self._count_failure(f"Download.{exc.reason}")
+                    await self._fail(claim, f"Download.{exc.reason}", str(exc), charge=False)
                     return True
-                delay = next_delay(
-                    attempt,
-                    retry_after=None,
-                    rng=self._rng,
-                    base=self.opt.backoff_base,
-                    cap=self.opt.backoff_cap,
-                )
                 await self.store.retry_download_later(
                     claim.id,
                     claim.token,
-                    delay=delay,
+                    delay=self._delay(attempt, None),
                     code=f"Download.{exc.reason}",
                     message=str(exc),
                 )
