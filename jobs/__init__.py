@@ -14,6 +14,7 @@ from .errors import (
     SchemaMismatch,
     StoreUnavailable,
 )
+from .manifest import Manifest, open_manifest
 from .spec import DEFAULT_MODEL, JobSpec
 from .states import TERMINAL, TRANSITIONS, State, check_transition
 from .store import Claim, Generated, ImportReport, JobStore, Stats, StoredFile
@@ -30,6 +31,7 @@ __all__ = [
     "JobStore",
     "JobStoreError",
     "LeaseLost",
+    "Manifest",
     "ManifestError",
     "ManifestInvalid",
     "SchemaMismatch",
@@ -38,4 +40,5 @@ __all__ = [
     "StoreUnavailable",
     "StoredFile",
     "check_transition",
+    "open_manifest",
 ]

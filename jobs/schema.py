@@ -19,7 +19,7 @@ from sqlalchemy import (
     text,
 )
 
-__all__ = ["PRAGMAS", "SCHEMA_VERSION", "history", "jobs", "meta", "metadata"]
+__all__ = ["ACTIVE", "PRAGMAS", "SCHEMA_VERSION", "history", "jobs", "meta", "metadata"]
 
 SCHEMA_VERSION = 1
 
@@ -95,12 +95,10 @@ jobs = Table(
 )
 
 # Claiming reads only active rows: a partial index keeps it small when 99% are done.
-Index(
-    "ix_jobs_active",
-    jobs.c.state,
-    jobs.c.next_attempt_at,
-    sqlite_where=text("state IN ('pending', 'running', 'generated')"),
-)
+# SQLite uses a partial index only when the query's WHERE repeats the index's WHERE term
+# (``state = 'pending'`` alone does not imply it), so the claim queries add ``ACTIVE``.
+ACTIVE = text("state IN ('pending', 'running', 'generated')")
+Index("ix_jobs_active", jobs.c.state, jobs.c.next_attempt_at, sqlite_where=ACTIVE)
 Index("ix_jobs_failed_code", jobs.c.error_code, sqlite_where=text("state = 'failed'"))
 
 history = Table(

@@ -23,7 +23,8 @@ verified and renamed into place, stays ``generated`` (lease dropped, a later
 ``next_attempt_at``) when a download fails transiently, and goes back to ``pending`` only when
 its URL has expired: that is the one case in which an image is generated and paid for twice.
 
-``failed`` goes back to ``pending`` only when the user asks (``batcher retry``). ``done`` and
+``failed`` goes back only when the user asks (``batcher retry``): to ``pending``, or to
+``generated`` when the image was paid for and its URL is still valid. ``done`` and
 ``failed`` are terminal for a run; re-importing a changed row with ``--replace`` resets any
 state to ``pending`` and keeps the old record in the history table.
 
@@ -41,6 +42,8 @@ __all__ = ["TERMINAL", "TRANSITIONS", "State", "check_transition", "sources_of"]
 
 
 class State(StrEnum):
+    """Where a job is in its life (see the module docstring)."""
+
     PENDING = "pending"
     RUNNING = "running"
     GENERATED = "generated"
@@ -53,10 +56,11 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     State.RUNNING: frozenset({State.PENDING, State.GENERATED, State.FAILED}),
     State.GENERATED: frozenset({State.GENERATED, State.DONE, State.PENDING, State.FAILED}),
     State.DONE: frozenset(),
-    State.FAILED: frozenset({State.PENDING}),
+    State.FAILED: frozenset({State.PENDING, State.GENERATED}),
 }
 """Allowed moves. ``generated -> generated`` is a download retry or a new download lease;
-``generated -> failed`` is a download that can never succeed (attempts exhausted)."""
+``generated -> failed`` is a download that can never succeed (attempts exhausted);
+``failed -> generated`` is a retried download whose image URL is still valid."""
 
 TERMINAL: frozenset[State] = frozenset({State.DONE, State.FAILED})
 

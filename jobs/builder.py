@@ -1,0 +1,275 @@
+"""One job's fields, already typed by a format reader, checked and turned into a ``JobSpec``.
+
+The readers (CSV, JSONL, YAML) only know their syntax: they hand ``JobBuilder.build`` plain
+values (``None`` where a field is absent) and it applies the rules every format shares:
+
+- ``id``: stripped, NFC, no control characters, at most 512 characters; without one, a stable
+  id is derived from the content (model, prompt, size, seed as given, prompt_extend, output
+  as given, template variables), so the same row always gets the same id.
+- ``seed``: 0..2147483647; without one, derived from the id so every job is reproducible.
+- ``size``: see ``jobs.sizes``; default ``1024*1536``, stored explicitly.
+- ``prompt``: non-empty after stripping; over 800 characters is a warning (the service cuts it).
+- templates: ``{name}`` in prompt and output, from id, seed, size, width, height, index and
+  the job's variables (vars, extra columns, matrix values).
+
+Errors are appended to the caller's list (a row may have several); ``build`` returns ``None``
+for a row with errors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import unicodedata
+from collections.abc import Mapping
+
+from jobs.errors import ManifestError
+from jobs.fields import MAX_ID_CHARS, MAX_SEED, PROMPT_LIMIT, one_line
+from jobs.naming import OutputTemplate, compile_output
+from jobs.sizes import DEFAULT_SIZE, parse_size
+from jobs.spec import JobSpec
+from jobs.templates import Scalar, compile_template
+
+__all__ = ["JobBuilder", "derive_id", "derive_seed"]
+
+_LINE_BREAKS = frozenset({"Cc", "Zl", "Zp"})
+_SEED_HASH = hashlib.blake2b(digest_size=8, person=b"batcher-seed")
+
+
+def derive_seed(job_id: str) -> int:
+    """A stable seed in 0..MAX_SEED from a job id."""
+    hasher = _SEED_HASH.copy()  # a third cheaper than a new keyed hasher per job
+    hasher.update(job_id.encode())
+    return int.from_bytes(hasher.digest(), "big") & MAX_SEED
+
+
+def derive_id(
+    model: str,
+    prompt: str,
+    size: str,
+    seed: int | None,
+    prompt_extend: bool,
+    output: str | None,
+    variables: Mapping[str, Scalar],
+) -> str:
+    """A stable 16-hex-digit id from a job's content (the seed and output as given)."""
+    blob = json.dumps(
+        [model, prompt, size, seed, prompt_extend, output, sorted(variables.items())],
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+    return hashlib.blake2b(blob.encode(), digest_size=8, person=b"batcher-id").hexdigest()
+
+
+def _at(lines: Mapping[str, int] | None, line: int, field: str) -> int:
+    """The line of ``field``: its own where the reader knows it, else the job's."""
+    return line if lines is None else lines.get(field, line)
+
+
+class JobBuilder:
+    """Checks one job's fields and builds its ``JobSpec``; shared by all formats.
+
+    ``warnings`` receives non-fatal problems (at most ``max_warnings``; ``warning_count``
+    counts them all).
+    """
+
+    def __init__(
+        self,
+        *,
+        path: str,
+        model: str,
+        output: OutputTemplate,
+        warnings: list[ManifestError],
+        max_warnings: int = 100,
+        output_given: bool = False,
+    ) -> None:
+        self.path = path
+        self.model = model
+        self.output = output
+        self.output_given = output_given
+        self.warnings = warnings
+        self.max_warnings = max_warnings
+        self.warning_count = 0
+        # Set by a reader when every output is a function of the id alone (CSV without an
+        # output column and an id-only template): then equal ids mean equal output keys.
+        self.outputs_from_id = False
+        self._sizes: dict[str, tuple[str, int, int] | str] = {}
+
+    def error(self, errors: list[ManifestError], line: int, field: str | None, msg: str) -> None:
+        """Record one located problem."""
+        field = one_line(field) if field else field
+        errors.append(ManifestError(self.path, line, field, one_line(msg)))
+
+    def build(
+        self,
+        errors: list[ManifestError],
+        line: int,
+        index: int,
+        job_id: str | None,
+        prompt: str | None,
+        size: str | None,
+        seed: int | None,
+        prompt_extend: bool | None,
+        output: str | None,
+        variables: Mapping[str, Scalar],
+        lines: Mapping[str, int] | None = None,
+        id_suffix: str = "",
+    ) -> JobSpec | None:
+        """The job's ``JobSpec``, or ``None`` after appending its errors to ``errors``.
+
+        ``lines`` maps a field to its own line where it differs from ``line`` (YAML);
+        ``id_suffix`` is appended to the id (the matrix values of a fanned-out job); templates
+        see ``{id}`` without it.
+        """
+        failed = len(errors)
+        size_text, width, height = DEFAULT_SIZE, 1024, 1536
+        if size is not None:
+            parsed = self._sizes.get(size)
+            if parsed is None:
+                parsed = self._parse_size(size)
+            if isinstance(parsed, str):
+                self.error(errors, _at(lines, line, "size"), "size", parsed)
+            else:
+                size_text, width, height = parsed
+        if prompt is None:
+            self.error(errors, line, "prompt", "missing; every job needs a prompt")
+        else:
+            prompt = prompt.strip()
+            if not prompt:
+                self.error(errors, _at(lines, line, "prompt"), "prompt", "empty")
+        extend = prompt_extend is True
+        if job_id is None:
+            job_id = derive_id(self.model, prompt or "", size_text, seed, extend, output, variables)
+        elif not (
+            job_id.isascii()
+            and job_id.isprintable()
+            and 0 < len(job_id) <= MAX_ID_CHARS
+            and job_id[0] != " "
+            and job_id[-1] != " "
+        ):
+            job_id = self._check_id(errors, _at(lines, line, "id"), job_id)
+        full_id = job_id
+        if id_suffix and job_id is not None:
+            full_id = job_id + id_suffix
+            if len(full_id) > MAX_ID_CHARS:
+                message = f"{full_id[:40]!r}... is over {MAX_ID_CHARS} characters"
+                self.error(errors, _at(lines, line, "id"), "id", message)
+                full_id = None
+        if seed is None:
+            if full_id is not None:
+                seed = derive_seed(full_id)
+        elif not 0 <= seed <= MAX_SEED:
+            self.error(errors, _at(lines, line, "seed"), "seed", f"{seed} is outside 0..{MAX_SEED}")
+        if len(errors) > failed or prompt is None or not job_id or not full_id or seed is None:
+            return None
+        template = (
+            self.output
+            if output is None
+            else self._compile_output(errors, _at(lines, line, "output"), output)
+        )
+        if template is None:
+            return None
+        values: dict[str, Scalar] | None = None
+        if "{" in prompt or "}" in prompt:
+            values = self._values(variables, job_id, seed, size_text, width, height, index)
+            try:
+                prompt = compile_template(prompt).render(values).strip()
+            except ValueError as exc:
+                self.error(errors, _at(lines, line, "prompt"), "prompt", str(exc))
+                return None
+            if not prompt:
+                self.error(errors, _at(lines, line, "prompt"), "prompt", "empty once filled in")
+                return None
+        if "\x00" in prompt:
+            self.error(errors, _at(lines, line, "prompt"), "prompt", "contains a NUL character")
+            return None
+        try:
+            if template.id_suffix is not None:
+                # The implicit default names the file after the full id (matrix values too);
+                # a template the manifest wrote sees {id} as the job wrote it.
+                implicit = output is None and not self.output_given
+                path, key = template.render_id(full_id if implicit else job_id)
+            else:
+                if values is None:
+                    values = self._values(variables, job_id, seed, size_text, width, height, index)
+                path, key = template.render(values)
+        except ValueError as exc:
+            self.error(errors, _at(lines, line, "output"), "output", str(exc))
+            return None
+        if len(prompt) > PROMPT_LIMIT:
+            self._warn(_at(lines, line, "prompt"), len(prompt))
+        return JobSpec(
+            id=full_id,
+            model=self.model,
+            prompt=prompt,
+            size=size_text,
+            seed=seed,
+            prompt_extend=extend,
+            output=path,
+            output_key=key,
+            line=line,
+        )
+
+    @staticmethod
+    def _values(
+        variables: Mapping[str, Scalar],
+        job_id: str,
+        seed: int,
+        size: str,
+        width: int,
+        height: int,
+        index: int,
+    ) -> dict[str, Scalar]:
+        values = dict(variables)
+        values.update(id=job_id, seed=seed, size=size, width=width, height=height, index=index)
+        return values
+
+    def _parse_size(self, size: str) -> tuple[str, int, int] | str:
+        try:
+            text = parse_size(size)
+        except ValueError as exc:
+            parsed: tuple[str, int, int] | str = str(exc)
+        else:
+            width, height = text.split("*")
+            parsed = (text, int(width), int(height))
+        if len(self._sizes) < 10_000:
+            self._sizes[size] = parsed
+        return parsed
+
+    def _check_id(self, errors: list[ManifestError], line: int, raw: str) -> str | None:
+        job_id = raw.strip()
+        if not job_id:
+            self.error(errors, line, "id", "empty; leave it out to derive one from the content")
+            return None
+        if not job_id.isascii():
+            job_id = unicodedata.normalize("NFC", job_id)
+        if not job_id.isprintable() and any(
+            unicodedata.category(c) in _LINE_BREAKS for c in job_id
+        ):
+            self.error(errors, line, "id", f"{job_id[:60]!r} contains a control character")
+            return None
+        if len(job_id) > MAX_ID_CHARS:
+            self.error(errors, line, "id", f"{len(job_id)} characters; at most {MAX_ID_CHARS}")
+            return None
+        return job_id
+
+    def _compile_output(
+        self, errors: list[ManifestError], line: int, text: str
+    ) -> OutputTemplate | None:
+        try:
+            return compile_output(text.strip())  # a stray space would name a folder " x"
+        except ValueError as exc:
+            self.error(errors, line, "output", str(exc))
+            return None
+
+    def _warn(self, line: int, length: int) -> None:
+        self.warning_count += 1
+        if len(self.warnings) < self.max_warnings:
+            self.warnings.append(
+                ManifestError(
+                    self.path,
+                    line,
+                    "prompt",
+                    f"{length} characters; the service uses only the first {PROMPT_LIMIT}",
+                )
+            )

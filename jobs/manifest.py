@@ -1,0 +1,235 @@
+"""Manifests: a YAML, CSV or JSONL file of prompts, read as a stream of validated ``JobSpec``.
+
+    >>> manifest = open_manifest("samples/catalog.yaml")   # file-level problems raise here
+    >>> report = await store.import_specs(manifest, source="samples/catalog.yaml")
+
+The format comes from the extension (``.yaml``/``.yml``, ``.csv``, ``.jsonl``, any case). File
+problems (unknown extension, missing or empty file, wrong encoding, YAML syntax) raise
+``ManifestInvalid`` on open or on the first ``next``. Row problems do not stop the stream: each
+valid job is yielded as soon as it is checked, every problem is collected as a one-line
+``ManifestError`` (``file:line: field: message``), and exhausting the stream raises
+``ManifestInvalid`` if there were any -- early, with ``truncated=True``, once more than
+``max_errors`` are known. The caller imports in one transaction and rolls back on it.
+
+Duplicate ids and colliding output paths are found without holding the manifest: only sets of
+60-bit hashes are kept (about 64 bytes a job per set; one set when every output follows from
+the id alone, as in a CSV without an output column). A repeated hash withholds that job; before
+``ManifestInvalid`` is raised, a second read of the file finds the earlier job, so the message
+names both lines, and a hash that merely collided releases the withheld job after all.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, NoReturn
+
+from jobs.builder import JobBuilder
+from jobs.csvfile import iter_csv
+from jobs.errors import ManifestError, ManifestInvalid
+from jobs.jsonlfile import iter_jsonl
+from jobs.naming import DEFAULT_OUTPUT, compile_output
+from jobs.spec import DEFAULT_MODEL, JobSpec
+from jobs.yamlfile import YamlManifest, iter_yaml, load_yaml
+
+__all__ = ["Format", "Manifest", "open_manifest"]
+
+Format = Literal["yaml", "csv", "jsonl"]
+_FORMATS: dict[str, Format] = {".yaml": "yaml", ".yml": "yaml", ".csv": "csv", ".jsonl": "jsonl"}
+MAX_WARNINGS = 100
+_MASK = (1 << 60) - 1  # 60-bit ints take 32 bytes, full 64-bit ones 48
+
+
+def open_manifest(path: str | os.PathLike[str], *, max_errors: int = 20) -> Manifest:
+    """Open a manifest for reading; raises ``ManifestInvalid`` for a file-level problem.
+
+    ``path`` is shown in messages as given. A YAML manifest is read and its top level
+    (model, defaults, output, matrix) checked here; CSV and JSONL are only streamed later.
+    """
+    shown = os.fspath(path)
+    location = Path(shown)
+    suffix = location.suffix
+    fmt = _FORMATS.get(suffix.lower())
+    if fmt is None:
+        what = f"unknown extension {suffix!r}" if suffix else "no extension"
+        _fail(shown, f"{what}; a manifest is .yaml, .yml, .csv or .jsonl")
+    try:
+        size = location.stat().st_size
+        if not location.is_file():
+            _fail(shown, "not a file")
+    except FileNotFoundError:
+        _fail(shown, "no such file")
+    except OSError as exc:
+        _fail(shown, f"cannot read: {exc.strerror or exc}")
+    if size == 0:
+        _fail(shown, "empty file: no jobs")
+    doc = load_yaml(location, shown, max_errors=max_errors) if fmt == "yaml" else None
+    return Manifest(path=location, shown=shown, fmt=fmt, doc=doc, max_errors=max_errors)
+
+
+def _fail(shown: str, message: str) -> NoReturn:
+    raise ManifestInvalid([ManifestError(shown, None, None, message)])
+
+
+@dataclass(slots=True)
+class _Withheld:
+    """A job whose id or output key hash was seen before, held until that is settled."""
+
+    seq: int
+    spec: JobSpec
+    id_seen: bool
+    key_seen: bool
+
+
+class Manifest:
+    """An opened manifest; iterate it for its jobs (each iteration reads the file again).
+
+    ``warnings`` fills while iterating (e.g. a prompt over 800 characters, which the service
+    cuts); it keeps the first 100, and ``warning_count`` counts them all.
+    """
+
+    path: Path
+    format: Format
+    model: str
+    warnings: list[ManifestError]
+    warning_count: int
+
+    def __init__(
+        self, *, path: Path, shown: str, fmt: Format, doc: YamlManifest | None, max_errors: int
+    ) -> None:
+        self.path = path
+        self.format = fmt
+        self.model = doc.model if doc is not None else DEFAULT_MODEL
+        self.warnings = []
+        self.warning_count = 0
+        self._shown = shown
+        self._doc = doc
+        self._max_errors = max(1, max_errors)
+
+    def __repr__(self) -> str:
+        return f"Manifest({self._shown!r}, format={self.format!r})"
+
+    def __iter__(self) -> Iterator[JobSpec]:
+        return self._stream()
+
+    def _builder(self, warnings: list[ManifestError]) -> JobBuilder:
+        output = self._doc.output if self._doc is not None else compile_output(DEFAULT_OUTPUT)
+        return JobBuilder(
+            path=self._shown,
+            model=self.model,
+            output=output,
+            warnings=warnings,
+            max_warnings=MAX_WARNINGS,
+            output_given=self._doc is not None and self._doc.output_given,
+        )
+
+    def _rows(self, builder: JobBuilder, errors: list[ManifestError]) -> Iterator[JobSpec | None]:
+        if self._doc is not None:
+            return iter_yaml(self._doc, self._shown, builder, errors)
+        if self.format == "csv":
+            return iter_csv(self.path, self._shown, builder, errors)
+        return iter_jsonl(self.path, self._shown, builder, errors)
+
+    def _stream(self) -> Iterator[JobSpec]:
+        self.warnings = []
+        builder = self._builder(self.warnings)
+        errors: list[ManifestError] = []
+        withheld: list[_Withheld] = []
+        ids: set[int] = set()
+        keys: set[int] = set()
+        limit = self._max_errors
+        seq = 0
+        outputs_from_id = False
+        mask = _MASK
+        try:
+            for spec in self._rows(builder, errors):
+                seq += 1
+                if seq == 1:  # the reader decides this before its first job
+                    outputs_from_id = builder.outputs_from_id
+                if spec is not None:
+                    # Equal ids imply equal output keys when outputs are a function of the id,
+                    # so one set of hashes then finds both kinds of duplicate.
+                    id_seen = False
+                    if not outputs_from_id:
+                        id_hash = hash(spec.id) & mask
+                        id_seen = id_hash in ids
+                        ids.add(id_hash)
+                    key_hash = hash(spec.output_key) & mask
+                    key_seen = key_hash in keys
+                    keys.add(key_hash)
+                    if not (id_seen or key_seen):
+                        yield spec
+                        continue
+                    withheld.append(_Withheld(seq, spec, id_seen or outputs_from_id, key_seen))
+                if len(errors) + len(withheld) > limit:
+                    yield from self._settle(withheld, errors)
+                    if len(errors) > limit:
+                        raise self._invalid(errors)
+        except ManifestError as exc:
+            errors.append(exc)
+        except OSError as exc:
+            errors.append(ManifestError(self._shown, None, None, f"cannot read: {exc}"))
+        finally:
+            self.warning_count = builder.warning_count
+        yield from self._settle(withheld, errors)
+        if not errors and seq == 0:
+            errors.append(ManifestError(self._shown, None, None, "empty manifest: no jobs"))
+        if errors:
+            raise self._invalid(errors)
+
+    def _invalid(self, errors: list[ManifestError]) -> ManifestInvalid:
+        ordered = sorted(errors, key=lambda e: e.line or 0)
+        return ManifestInvalid(
+            ordered[: self._max_errors], truncated=len(errors) > self._max_errors
+        )
+
+    def _settle(self, withheld: list[_Withheld], errors: list[ManifestError]) -> Iterator[JobSpec]:
+        """Read the file again up to the last withheld job to find what each one repeats."""
+        if not withheld:
+            return
+        last = withheld[-1].seq
+        want_ids = {w.spec.id for w in withheld if w.id_seen}
+        want_keys = {w.spec.output_key for w in withheld if w.key_seen}
+        first_id: dict[str, tuple[int, JobSpec]] = {}
+        first_key: dict[str, tuple[int, JobSpec]] = {}
+        seq = 0
+        try:
+            for spec in self._rows(self._builder([]), []):
+                seq += 1
+                if seq >= last:
+                    break
+                if spec is None:
+                    continue
+                if spec.id in want_ids and spec.id not in first_id:
+                    first_id[spec.id] = (seq, spec)
+                if spec.output_key in want_keys and spec.output_key not in first_key:
+                    first_key[spec.output_key] = (seq, spec)
+        except (ManifestError, OSError):
+            pass  # the file changed under us; what was found so far still stands
+        for held in withheld:
+            spec = held.spec
+            earlier = first_id.get(spec.id) if held.id_seen else None
+            if earlier is not None and earlier[0] < held.seq:
+                message = f"duplicate id {_show(spec.id)}; also on line {earlier[1].line}"
+                errors.append(ManifestError(self._shown, spec.line, "id", message))
+                continue
+            earlier = first_key.get(spec.output_key) if held.key_seen else None
+            if earlier is not None and earlier[0] < held.seq:
+                other = earlier[1]
+                if other.output != spec.output:
+                    how = f" ({_show(other.output)}; only the case differs)"
+                elif other.line == spec.line:
+                    how = " (another combination of the matrix: use its variables in output)"
+                else:
+                    how = ""
+                message = f"{_show(spec.output)} collides with line {other.line}{how}"
+                errors.append(ManifestError(self._shown, spec.line, "output", message))
+                continue
+            yield spec  # the hash matched a different value
+        withheld.clear()
+
+
+def _show(text: str) -> str:
+    return repr(text if len(text) <= 80 else text[:77] + "...")
