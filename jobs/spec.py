@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 
 __all__ = ["DEFAULT_MODEL", "JobSpec"]
@@ -39,10 +38,10 @@ class JobSpec:
         return int(self.size.split("*", 1)[1])
 
     def fingerprint(self) -> str:
-        """A digest of everything that decides the image and where it goes."""
-        blob = json.dumps(
-            [self.model, self.prompt, self.size, self.seed, self.prompt_extend, self.output],
-            ensure_ascii=False,
-            separators=(",", ":"),
-        )
+        """A digest of everything that decides the image and where it goes.
+
+        Each part is length-prefixed, so no two different jobs share the hashed text.
+        """
+        parts = (self.model, self.prompt, self.size, str(self.seed), self.output)
+        blob = f"{int(self.prompt_extend)}|" + "|".join(f"{len(p)}:{p}" for p in parts)
         return hashlib.blake2b(blob.encode("utf-8"), digest_size=12).hexdigest()

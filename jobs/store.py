@@ -61,6 +61,10 @@ Clock = Callable[[], float]
 _T = TypeVar("_T")
 MICROS = Decimal(1_000_000)
 IMPORT_CHUNK = 20_000
+_COLS = ", ".join(schema.STAGING_COLUMNS)
+_MARKS = ", ".join("?" * len(schema.STAGING_COLUMNS))
+_STAGING_INSERT = f"INSERT INTO staging ({_COLS}) VALUES ({_MARKS})"
+_DIRECT_INSERT = f"INSERT INTO jobs ({_COLS}, state, created_at) VALUES ({_MARKS}, 'pending', ?)"
 _RESULT_RESET: dict[str, Any] = {
     "request_id": None,
     "width": None,
@@ -388,39 +392,65 @@ class JobStore:
         """
         now = self.clock()
         async with self._write() as conn:
+            first = (await conn.exec_driver_sql("SELECT NOT EXISTS (SELECT 1 FROM jobs)")).scalar()
+            if first:
+                # The first import goes straight into the table: the manifest has already
+                # refused duplicate ids and outputs, and the constraints would catch any.
+                total = await self._stream_rows(conn, specs, _DIRECT_INSERT, now)
+                return ImportReport(total=total, added=total, unchanged=0, replaced=0)
             await conn.exec_driver_sql(schema.STAGING_DDL)
             await conn.exec_driver_sql("DELETE FROM staging")
-            cols = ",".join(schema.STAGING_COLUMNS)
-            marks = ",".join("?" * len(schema.STAGING_COLUMNS))
-            sql = f"INSERT INTO staging ({cols}) VALUES ({marks})"
-            total = 0
-            chunk: list[tuple[Any, ...]] = []
-            # A ManifestInvalid raised by the iterator propagates and rolls everything back.
-            for spec in specs:
-                chunk.append(
-                    (
-                        spec.id,
-                        spec.line,
-                        spec.model,
-                        spec.prompt,
-                        spec.size,
-                        spec.seed,
-                        int(spec.prompt_extend),
-                        spec.output,
-                        spec.output_key,
-                        spec.fingerprint(),
-                    )
-                )
-                if len(chunk) >= IMPORT_CHUNK:
-                    await conn.exec_driver_sql(sql, chunk)
-                    total += len(chunk)
-                    chunk = []
-            if chunk:
-                await conn.exec_driver_sql(sql, chunk)
-                total += len(chunk)
+            total = await self._stream_rows(conn, specs, _STAGING_INSERT, None)
             report = await self._merge_staging(conn, source, replace, max_errors, total, now)
             await conn.exec_driver_sql("DELETE FROM staging")
             return report
+
+    async def _stream_rows(
+        self, conn: AsyncConnection, specs: Iterable[JobSpec], sql: str, now: float | None
+    ) -> int:
+        """Insert every spec in chunks; the next chunk is built while the last one is written.
+
+        A ManifestInvalid raised by the iterator propagates and rolls everything back.
+        """
+        send, receive = anyio.create_memory_object_stream[list[tuple[Any, ...]]](1)
+        total = 0
+
+        async def writer() -> None:
+            async with receive:
+                async for chunk in receive:
+                    await conn.exec_driver_sql(sql, chunk)
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(writer)
+                async with send:
+                    chunk: list[tuple[Any, ...]] = []
+                    for spec in specs:
+                        row: tuple[Any, ...] = (
+                            spec.id,
+                            spec.line,
+                            spec.model,
+                            spec.prompt,
+                            spec.size,
+                            spec.seed,
+                            int(spec.prompt_extend),
+                            spec.output,
+                            spec.output_key,
+                            spec.fingerprint(),
+                        )
+                        chunk.append(row if now is None else (*row, now))
+                        if len(chunk) >= IMPORT_CHUNK:
+                            total += len(chunk)
+                            await send.send(chunk)
+                            chunk = []
+                    if chunk:
+                        total += len(chunk)
+                        await send.send(chunk)
+        except BaseExceptionGroup as group:  # the task group's wrapper: raise what happened
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+        return total
 
     async def _merge_staging(
         self,
@@ -550,7 +580,7 @@ class JobStore:
         async def op(conn: AsyncConnection) -> list[Claim]:
             ready = jobs.c.next_attempt_at <= now
             # schema.ACTIVE lets SQLite read the partial index; rowid keeps manifest order.
-            due_order = (jobs.c.next_attempt_at, literal_column("jobs.rowid"))
+            due_order: tuple[Any, ...] = (jobs.c.next_attempt_at, literal_column("jobs.rowid"))
             free = (jobs.c.lease_expires_at.is_(None)) | (jobs.c.lease_expires_at < now)
             gen_ids = (
                 (
