@@ -398,8 +398,16 @@ async def _run_locked(cmd: RunCommand, layout: RunLayout) -> int:
             if view is not None:
                 view.close()
             with anyio.CancelScope(shield=True):
-                lines = await write_metadata(store, layout)
-                log.info("metadata.jsonl: %d images", lines)
+                try:
+                    lines = await write_metadata(store, layout)
+                    log.info("metadata.jsonl: %d images", lines)
+                except OSError as exc:  # a full or read-only disk: the run's own stop says why
+                    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+                    log.warning("could not update metadata.jsonl: %s", reason)
+                    _warn(
+                        f"could not update {layout.metadata}: {reason}; "
+                        "it is rewritten by the next run"
+                    )
         assert result is not None
         stats = await store.stats()
     return _finish(cmd, layout, result, stats)

@@ -134,6 +134,7 @@ class Runner:
         self._in_flight = 0
         self._generating = 0
         self._started: set[str] = set()  # jobs this run has called the API for (--limit)
+        self._abandoned: set[str] = set()  # jobs whose call was cut short after it was sent
         self._stop = anyio.Event()
         self._wake = anyio.Event()
         self._reason = StopReason.FINISHED
@@ -307,9 +308,11 @@ class Runner:
 
     async def _release(self, claim: Claim) -> None:
         self._held.pop(claim.id, None)
+        abandoned = claim.id in self._abandoned
         try:
-            await self.store.release(claim.id, claim.token)
+            await self.store.release(claim.id, claim.token, ambiguous=abandoned)
             self.counters.released += 1
+            self.counters.ambiguous += int(abandoned)
         except LeaseLost:
             self.counters.lease_lost += 1
 
@@ -337,7 +340,7 @@ class Runner:
             if generated is claim:  # a run-level stop: give the job back untouched
                 return
             claim = generated
-            settled = await self._download(claim)
+            settled = await self._download(claim, fresh=True)
         except LeaseLost as exc:
             settled = True
             self.counters.lease_lost += 1
@@ -367,6 +370,10 @@ class Runner:
                     seed=claim.seed,
                     prompt_extend=claim.prompt_extend,
                 )
+            except anyio.get_cancelled_exc_class():
+                # Hung up on a call that was sent: the service may still bill it.
+                self._abandoned.add(claim.id)
+                raise
             except ApiError as err:
                 with anyio.CancelScope(shield=True):
                     recorded = await self._on_api_error(claim, err, sent)
@@ -500,6 +507,7 @@ class Runner:
                 code,
                 f"{message} (gave up after {attempt} attempts)",
                 request_id=request_id,
+                ambiguous=ambiguous,
             )
             return True
         delay = self._delay(attempt, retry_after)
@@ -534,6 +542,7 @@ class Runner:
         *,
         request_id: str | None = None,
         charge: bool = True,
+        ambiguous: bool = False,
     ) -> None:
         await self.store.fail(
             claim.id,
@@ -542,6 +551,7 @@ class Runner:
             message=message,
             request_id=request_id,
             charge_attempt=charge,
+            ambiguous=ambiguous,
         )
         self._count_failure(code)
 
@@ -550,7 +560,7 @@ class Runner:
         self.counters.failures[code] = self.counters.failures.get(code, 0) + 1
         log.info("job failed: %s", code)
 
-    async def _download(self, claim: Claim) -> bool:
+    async def _download(self, claim: Claim, *, fresh: bool = False) -> bool:
         """Download a generated image and complete the job. True once the job is settled."""
         assert claim.image_url is not None
         try:
@@ -569,7 +579,13 @@ class Runner:
                 self.counters.done += 1
                 self.counters.downloads_skipped += 1
                 return True
-        if claim.url_expires_at is not None and claim.url_expires_at <= time.time() + 5:
+        if (
+            not fresh
+            and claim.url_expires_at is not None
+            and claim.url_expires_at <= time.time() + 5
+        ):
+            # Only for URLs from an earlier run: a fresh one is tried whatever our clock says
+            # (a skewed clock must not throw paid images away); storage has the last word.
             return await self._regenerate(claim, "URLExpired", "the image URL expired")
         try:
             item = await download_image(
@@ -617,6 +633,21 @@ class Runner:
         return True
 
     async def _regenerate(self, claim: Claim, code: str, message: str) -> bool:
+        """The image URL is dead: generate again (paid again), at most ``max_attempts`` times.
+
+        A storage that refuses every URL (or URLs that arrive already expired) must not turn
+        into an endless loop of paid generations: past the cap the job fails with the code.
+        """
+        if claim.regenerated + 1 >= self.opt.max_attempts:
+            with anyio.CancelScope(shield=True):
+                await self._fail(
+                    claim,
+                    code,
+                    f"{message} (the image was generated {claim.regenerated + 1} times and its "
+                    "URL was dead each time)",
+                    charge=False,
+                )
+            return True
         with anyio.CancelScope(shield=True):
             await self.store.regenerate(claim.id, claim.token, code=code, message=message)
         self.counters.regenerated += 1

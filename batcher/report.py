@@ -8,7 +8,6 @@ import json
 import os
 from collections.abc import AsyncIterator
 from decimal import Decimal
-from pathlib import Path
 from typing import Any, TextIO
 
 from jobs import JobStore, State, Stats
@@ -101,13 +100,17 @@ async def write_metadata(store: JobStore, layout: RunLayout) -> int:
     layout.images.mkdir(parents=True, exist_ok=True)
     temp = layout.metadata.with_name(".metadata.jsonl.part")
     n = 0
-    with temp.open("w", encoding="utf-8") as fh:
-        async for line in _done_lines(store):
-            fh.write(line)
-            n += 1
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(temp, layout.metadata)
+    try:
+        with temp.open("w", encoding="utf-8") as fh:
+            async for line in _done_lines(store):
+                fh.write(line)
+                n += 1
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(temp, layout.metadata)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
     return n
 
 
@@ -179,7 +182,3 @@ def status_json(stats: Stats) -> dict[str, Any]:
         regenerated=stats.regenerated,
     )
     return out
-
-
-def read_only_path(path: Path) -> bool:
-    return not os.access(path, os.W_OK)

@@ -117,6 +117,7 @@ class Claim:
     height: int | None
     sha256: str | None = None  # set once a verified file was written (see record_file)
     bytes: int | None = None
+    regenerated: int = 0  # times its image was generated again after the URL died
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -245,6 +246,7 @@ def _claim_from_row(row: Any, token: str) -> Claim:
         height=row.height,
         sha256=row.sha256,
         bytes=row.bytes,
+        regenerated=row.regenerated,
     )
 
 
@@ -833,13 +835,18 @@ class JobStore:
         message: str,
         request_id: str | None = None,
         charge_attempt: bool = True,
+        ambiguous: bool = False,
     ) -> None:
-        """``running|generated -> failed``: permanent error or attempts exhausted."""
+        """``running|generated -> failed``: permanent error or attempts exhausted.
+
+        ``ambiguous`` counts a last attempt whose answer was lost (it may have been billed).
+        """
         values: dict[str, Any] = {
             "error_code": code,
             "error_message": message,
             "finished_at": self.clock(),
             "attempts": _Add(int(charge_attempt)),
+            "ambiguous": _Add(int(ambiguous)),
             "lease_expires_at": None,
             "claim_token": None,
         }
@@ -849,8 +856,11 @@ class JobStore:
             job_id, token, State.FAILED, values, src={State.RUNNING, State.GENERATED}
         )
 
-    async def release(self, job_id: str, token: str) -> None:
-        """Give a job back without charging an attempt (a run-level stop or shutdown)."""
+    async def release(self, job_id: str, token: str, *, ambiguous: bool = False) -> None:
+        """Give a job back without charging an attempt (a run-level stop or shutdown).
+
+        ``ambiguous``: a call was cut short after it was sent, so it may have been billed.
+        """
 
         async def op(conn: AsyncConnection) -> None:
             result = await conn.execute(
@@ -864,6 +874,7 @@ class JobStore:
                     state=func.iif(
                         jobs.c.state == State.RUNNING.value, State.PENDING.value, jobs.c.state
                     ),
+                    ambiguous=jobs.c.ambiguous + int(ambiguous),
                     lease_expires_at=None,
                     claim_token=None,
                 )
