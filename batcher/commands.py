@@ -7,6 +7,7 @@ CLI turns into one line (:mod:`batcher.cli`).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ import anyio
 
 from jobs import JobStore, State, Stats, open_manifest
 
+from . import __version__
 from .client import DashScopeClient, base_url_for
 from .download import sweep_partials
 from .errors import ConfigError
@@ -87,19 +89,36 @@ def _warn(msg: str) -> None:
     print(f"batcher: {msg}", file=sys.stderr)
 
 
+def _manifest_identity(path: Path) -> tuple[str, str]:
+    """(meta key, digest): which manifest, and what decides its rows (its bytes and this
+    batcher's version)."""
+    digest = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return f"manifest:{os.path.abspath(path)}", f"{__version__}:{digest.hexdigest()}"
+
+
 async def _import(store: JobStore, manifest_path: Path, *, replace: bool) -> tuple[int, int, int]:
+    """Import new rows. A manifest unchanged since its last import is not read again: with a
+    million rows that would be most of the time a resumed run takes to its first call."""
+    key = digest = None
+    with contextlib.suppress(OSError):  # open_manifest reports the problem, located
+        key, digest = await anyio.to_thread.run_sync(_manifest_identity, manifest_path)
+    if key is not None and not replace and await store.get_meta(key) == digest:
+        total = (await store.stats()).total
+        log.info("%s unchanged since its last import: not read again", manifest_path)
+        return 0, total, 0
     manifest = open_manifest(manifest_path)
     report = await store.import_specs(manifest, source=str(manifest_path), replace=replace)
+    if key is not None and digest is not None:
+        await store.set_meta(key, digest)
     shown = manifest.warnings[:5]
     for w in shown:
         _warn(f"warning: {w.format()}")
     if len(manifest.warnings) > len(shown):
         _warn(f"warning: ... and {len(manifest.warnings) - len(shown)} more warnings")
     return report.added, report.unchanged, report.replaced
-
-
-def _estimate(stats_pending: int, model_prices: Money) -> Money:
-    return model_prices * stats_pending
 
 
 # --------------------------------------------------------------------------- plan
@@ -115,11 +134,11 @@ class PlanOptions:
 
 
 async def _pending_cost(store: JobStore, region: str) -> Money:
-    total: Money | None = None
-    async for rec in store.iter_records(state=State.PENDING):
-        price = price_per_image(rec["model"], region, rec["prompt_extend"])
-        total = price if total is None else total + price
-    return total or Money.zero(price_per_image("z-image-turbo", region, False).currency)
+    """What generating every job still to do would cost, at the region's prices."""
+    total = Money.zero(price_per_image("z-image-turbo", region, False).currency)
+    for (model, extend), count in (await store.pending_by_kind()).items():
+        total = total + price_per_image(model, region, extend) * count
+    return total
 
 
 async def cmd_plan(opt: PlanOptions) -> int:

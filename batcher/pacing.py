@@ -26,7 +26,8 @@ import anyio
 
 __all__ = ["LatencyTracker", "Pacer", "RateController", "auto_concurrency"]
 
-MARGIN = 0.98  # send at 98% of the rate: ~20 ms of slack per window for arrival jitter
+MARGIN = 0.985  # send at 98.5% of the rate: ~15 ms of slack per window for arrival jitter
+LATE = 0.005  # a send this late re-anchors the schedule (see RateController.sent)
 STEP_DOWN = 0.95  # the least cut on throttling, when the window count says nothing better
 FLOOR_STEP = 0.7  # the largest cut one throttle can make
 PROBE_UP = 1.02  # each probe raises the rate by 2%
@@ -61,6 +62,7 @@ class RateController:
         self.ceiling: float | None = None  # the last quota estimate
         self.min_rate = min(self.max_rate, 0.05)
         self._next_slot = now
+        self._last_slot = now
         self._last_cut = -math.inf
         self._probe_at = math.inf
         self._probe_every = PROBE_FIRST
@@ -82,6 +84,7 @@ class RateController:
             self._probe_at = now + self._probe_every
         slot = max(now, self._next_slot)
         self._next_slot = slot + 1.0 / self.rate
+        self._last_slot = slot
         if self.adaptive:
             self._sends.append(slot)
             self._trim(slot)
@@ -92,10 +95,15 @@ class RateController:
         return max(0.0, self._next_slot - now)
 
     def sent(self, *, at: float) -> None:
-        """A request actually went out at ``at``. A send that left late (a busy event loop)
-        pushes the next slot back, so late sends never bunch up with the ones after them:
-        the gap between two sends is never shorter than ``1/rate``."""
-        self._next_slot = max(self._next_slot, at + 1.0 / self.rate)
+        """A request actually went out at ``at``.
+
+        Sends keep to a fixed grid: a send a little late (the usual wake-up lag, well under
+        the margin's slack) changes nothing, or the lag would be lost on every interval. A
+        send late by more than ``LATE`` (a busy event loop) re-anchors the grid on it, so it
+        cannot bunch up with the sends after it and overfill the service's window.
+        """
+        if at - self._last_slot > LATE:
+            self._next_slot = max(self._next_slot, at + 1.0 / self.rate)
 
     def on_throttled(self, *, sent_at: float, now: float, quota: bool = True) -> bool:
         """A call sent at ``sent_at`` was throttled. Returns True when the rate was cut.

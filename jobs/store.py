@@ -991,6 +991,38 @@ class JobStore:
             due_pending=int(due),
         )
 
+    async def pending_by_kind(self) -> dict[tuple[str, bool], int]:
+        """Jobs still to generate (pending or running), counted by (model, prompt_extend)."""
+        async with self._read() as conn:
+            rows = (
+                await conn.execute(
+                    select(jobs.c.model, jobs.c.prompt_extend, func.count())
+                    .where(
+                        schema.ACTIVE,
+                        jobs.c.state.in_([State.PENDING.value, State.RUNNING.value]),
+                    )
+                    .group_by(jobs.c.model, jobs.c.prompt_extend)
+                )
+            ).all()
+        return {(model, bool(extend)): int(n) for model, extend, n in rows}
+
+    async def get_meta(self, key: str) -> str | None:
+        """A value of the run folder's ``meta`` table (None when unset)."""
+        async with self._read() as conn:
+            value = (await conn.execute(select(meta.c.value).where(meta.c.key == key))).scalar()
+            return None if value is None else str(value)
+
+    async def set_meta(self, key: str, value: str) -> None:
+        """Set a value of the ``meta`` table (``schema_version`` is not writable)."""
+        if key == "schema_version":
+            raise ValueError("schema_version is managed by the store")
+        async with self._write() as conn:
+            await conn.exec_driver_sql(
+                "INSERT INTO meta (key, value) VALUES (?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
     async def next_due_at(self) -> float | None:
         """When the earliest waiting job becomes due (None when no job waits)."""
         async with self._read() as conn:

@@ -299,3 +299,23 @@ def test_second_interrupt_stops_at_once(tmp_path):
     states = dict(con.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall())
     con.close()
     assert states == {"pending": 10}
+
+
+def test_reimport_adds_only_new_rows_and_refuses_changed_ones(tmp_path):
+    m = manifest(tmp_path, 5)
+    out = tmp_path / "o"
+    first = run_cli("plan", m, "--out", out, "--json")
+    assert json.loads(first.stdout)["new"] == 5
+    again = run_cli("plan", m, "--out", out, "--json")  # unchanged file: not read again
+    assert json.loads(again.stdout) | {"new": 0} == json.loads(again.stdout)
+    assert json.loads(again.stdout)["total"] == 5
+    with m.open("a", encoding="utf-8") as fh:
+        fh.write("p999,A new row,512*512,9,lamps\n")
+    added = run_cli("plan", m, "--out", out, "--json")
+    assert json.loads(added.stdout)["new"] == 1 and json.loads(added.stdout)["total"] == 6
+    m.write_text(m.read_text(encoding="utf-8").replace("item 2,", "item two,"), encoding="utf-8")
+    changed = run_cli("plan", m, "--out", out)
+    assert changed.returncode == 2
+    assert "p002" in changed.stderr and "--replace" in changed.stderr
+    replaced = run_cli("plan", m, "--out", out, "--replace", "--json")
+    assert replaced.returncode == 0 and json.loads(replaced.stdout)["replaced"] == 1
