@@ -717,6 +717,8 @@ class JobStore:
                 "generated_at": now,
                 "lease_expires_at": now + lease_seconds,
                 "download_attempts": 0,
+                "sha256": None,  # a new image: no file of it yet
+                "bytes": None,
                 "error_code": None,
                 "error_message": None,
             },
