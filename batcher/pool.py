@@ -247,7 +247,8 @@ class Runner:
             if not await self._wait_for_slot():
                 self._buffer.appendleft(claim)
                 return
-            self._started.add(claim.id)
+            if self.opt.limit is not None:
+                self._started.add(claim.id)
             self._start(tg, self._generate, claim)
 
     async def _wait_for_slot(self) -> bool:
@@ -294,7 +295,9 @@ class Runner:
 
     async def _next_claim(self) -> Claim | None:
         if not self._buffer:
-            batch = max(1, min(64, self.concurrency - self._in_flight))
+            # At least a small batch even when few slots are free: each claim is a write
+            # transaction, and the buffer is released on any stop.
+            batch = min(64, max(16, self.concurrency - self._in_flight))
             claims = await self.store.claim(limit=batch, lease_seconds=self.opt.lease_seconds)
             for c in claims:
                 self._held[c.id] = c

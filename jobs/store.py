@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
@@ -60,7 +61,7 @@ __all__ = ["Claim", "Generated", "ImportReport", "JobStore", "Stats", "StoredFil
 Clock = Callable[[], float]
 _T = TypeVar("_T")
 MICROS = Decimal(1_000_000)
-IMPORT_CHUNK = 20_000
+IMPORT_CHUNK = 2_000  # rows per executemany: flat cost above ~1k, and memory stays flat
 _COLS = ", ".join(schema.STAGING_COLUMNS)
 _MARKS = ", ".join("?" * len(schema.STAGING_COLUMNS))
 _STAGING_INSERT = f"INSERT INTO staging ({_COLS}) VALUES ({_MARKS})"
@@ -175,6 +176,34 @@ class _Add(int):
     """In a transition's values: add this to the column rather than set it."""
 
 
+async def _run_updates(conn: AsyncConnection, ops: list[_Op]) -> None:
+    """Run fenced UPDATEs in one trip to the database thread, inside ``conn``'s transaction.
+
+    Each statement through SQLAlchemy and aiosqlite costs several thread hand-overs; the hot
+    path's updates are plain SQL, so the whole run of them goes to the driver's thread at once.
+    """
+    if not ops:
+        return
+    driver = (await conn.get_raw_connection()).driver_connection
+    assert driver is not None
+
+    def work(db: sqlite3.Connection) -> list[int]:
+        return [db.execute(o.sql, o.params or {}).rowcount for o in ops]
+
+    run_in_thread = getattr(driver, "_execute", None)  # aiosqlite: run fn on its own thread
+    if run_in_thread is not None:
+        counts = await run_in_thread(work, driver._conn)
+    else:  # pragma: no cover - another driver: one statement at a time
+        counts = []
+        for o in ops:
+            cursor = await driver.execute(o.sql, o.params or {})
+            counts.append(cursor.rowcount)
+            await cursor.close()
+    for o, count in zip(ops, counts, strict=True):
+        if count != 1:
+            o.error = LeaseLost(o.lost)
+
+
 @functools.lru_cache(maxsize=64)
 def _fenced_update(dst: str, allowed: tuple[str, ...], shape: tuple[tuple[str, bool], ...]) -> str:
     """``UPDATE jobs SET ... WHERE id = ? AND claim_token = ? AND state IN (...)``, by name."""
@@ -193,9 +222,13 @@ def _fenced_update(dst: str, allowed: tuple[str, ...], shape: tuple[tuple[str, b
 
 @dataclass(eq=False, slots=True)
 class _Op:
-    """One queued write of a group commit."""
+    """One queued write of a group commit: a function, or a fenced UPDATE (``sql``) that must
+    change exactly one row (else ``lost`` is raised)."""
 
-    fn: Callable[[AsyncConnection], Awaitable[Any]]
+    fn: Callable[[AsyncConnection], Awaitable[Any]] | None
+    sql: str = ""
+    params: dict[str, Any] | None = None
+    lost: str = ""
     taken: bool = False
     done: bool = False
     result: Any = None
@@ -207,8 +240,9 @@ def _translated() -> Iterator[None]:
     """The one place SQLite / SQLAlchemy errors become JobStoreErrors."""
     try:
         yield
-    except DBAPIError as exc:
-        orig = exc.orig
+    except (DBAPIError, sqlite3.Error) as exc:
+        # sqlite3.Error itself: the hot path's updates go to the driver directly
+        orig = exc.orig if isinstance(exc, DBAPIError) else exc
         text = str(orig) if orig is not None else type(exc).__name__
         low = text.lower()
         if "locked" in low or "busy" in low:
@@ -332,6 +366,11 @@ class JobStore:
                     yield conn
 
     async def _batched(self, fn: Callable[[AsyncConnection], Awaitable[_T]]) -> _T:
+        """Run ``fn`` in the next group commit (see :meth:`_submit`)."""
+        result: _T = await self._submit(_Op(fn))
+        return result
+
+    async def _submit(self, op: _Op) -> Any:
         """Run ``fn`` in a write transaction shared with whatever else is queued (group commit).
 
         Whoever holds the lock runs every queued operation in one ``BEGIN IMMEDIATE`` ...
@@ -340,7 +379,6 @@ class JobStore:
         database error fails the whole batch. The batch runs shielded: a cancelled leader
         must not take the other callers' writes down with it.
         """
-        op: _Op = _Op(fn)
         self._queue.append(op)
         try:
             async with self._lock:
@@ -356,17 +394,24 @@ class JobStore:
             raise
         if op.error is not None:
             raise op.error
-        return op.result  # type: ignore[no-any-return]
+        return op.result
 
     async def _run_batch(self, batch: list[_Op]) -> None:
         try:
             with _translated():
                 async with self._engine.begin() as conn:  # emits BEGIN IMMEDIATE
+                    plain: list[_Op] = []
                     for o in batch:
+                        if o.fn is None:
+                            plain.append(o)
+                            continue
+                        await _run_updates(conn, plain)
+                        plain = []
                         try:
                             o.result = await o.fn(conn)
                         except JobStoreError as exc:  # wrote nothing: the others go on
                             o.error = exc
+                    await _run_updates(conn, plain)
         except Exception as exc:
             for o in batch:
                 o.error = o.error or exc
@@ -678,13 +723,8 @@ class JobStore:
         sql = _fenced_update(dst.value, allowed, shape)
         params = {f"v_{col}": (int(v) if isinstance(v, _Add) else v) for col, v in values.items()}
         params.update(job_id=job_id, token=token)
-
-        async def op(conn: AsyncConnection) -> None:
-            result = await conn.exec_driver_sql(sql, params)
-            if result.rowcount != 1:
-                raise LeaseLost(f"job {job_id!r}: lease lost, the write to {dst} was not applied")
-
-        return await self._batched(op)
+        lost = f"job {job_id!r}: lease lost, the write to {dst} was not applied"
+        await self._submit(_Op(None, sql=sql, params=params, lost=lost))
 
     # ------------------------------------------------------------------ outcomes
 
