@@ -194,6 +194,12 @@ class DashScopeClient:
             "User-Agent": USER_AGENT,
         }
         self._timeout = aiohttp.ClientTimeout(total=request_timeout)
+        # A server (or a proxy) may echo the key back in an error; errors.py masks what looks
+        # like a key, this catches the exact key whatever its shape, in every field.
+        self._secret = api_key.strip().encode() if len(api_key.strip()) >= 8 else b""
+
+    def _scrub(self, data: bytes) -> bytes:
+        return data.replace(self._secret, b"***") if self._secret else data
 
     def __repr__(self) -> str:  # never show the headers
         return f"DashScopeClient({self._url!r})"
@@ -217,7 +223,10 @@ class DashScopeClient:
             ) as resp:
                 if resp.status != 200:
                     raw = await resp.content.read(MAX_ERROR_BODY)
-                    raise parse_error(resp.status, raw, resp.headers.get("Retry-After"))
+                    retry_after = resp.headers.get("Retry-After")
+                    if retry_after is not None:
+                        retry_after = self._scrub(retry_after.encode()).decode()
+                    raise parse_error(resp.status, self._scrub(raw), retry_after)
                 raw = await resp.read()
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise translate_exception(exc) from exc

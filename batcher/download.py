@@ -31,7 +31,16 @@ __all__ = ["MAX_IMAGE_BYTES", "DiskProblem", "Downloaded", "download_image", "ha
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
 CHUNK = 256 * 1024
 SPILL = 4 * 1024 * 1024  # images up to this size are held in memory until committed
-_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+NAME_MAX = 255  # bytes in one file name on every common file system
+_DISK_ERRNOS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EFBIG,  # a file size limit (RLIMIT_FSIZE, or the file system's)
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EIO,
+}
 
 
 class DiskProblem(RunAborted):
@@ -74,7 +83,7 @@ async def download_image(
     Call :func:`commit` with the result to put it in place. Raises DownloadError (retry the
     download, or regenerate when the URL is dead) or DiskProblem (stop the run).
     """
-    temp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
+    temp = _temp_path(dest)
     try:
         async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
             if resp.status != 200:
@@ -108,7 +117,7 @@ async def download_image(
                         fd = await anyio.to_thread.run_sync(_create, temp, dest)
                         block, buffer = bytes(buffer), bytearray()
                     try:
-                        os.write(fd, block)
+                        _write_all(fd, block)
                     except OSError as exc:
                         raise _disk_problem(exc, dest) from exc
             finally:
@@ -148,11 +157,37 @@ async def download_image(
     )
 
 
+def _temp_path(dest: Path) -> Path:
+    """A hidden, unique ``.NAME.XXXXXXXX.part`` beside ``dest``, within the 255-byte name limit
+    (a manifest may give ``dest`` a name of 255 bytes already)."""
+    suffix = f".{secrets.token_hex(4)}.part"
+    name = dest.name.encode("utf-8")
+    room = NAME_MAX - 1 - len(suffix)
+    stem = name[:room].decode("utf-8", "ignore") if len(name) > room else dest.name
+    return dest.with_name(f".{stem}{suffix}")
+
+
 def _create(temp: Path, dest: Path) -> int:
     try:
         return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileNotFoundError as exc:
+        # The folder is missing: the layout could not make it (a read-only or full disk).
+        # Making it here surfaces the real cause for the message, or lets the write go on.
+        try:
+            os.makedirs(temp.parent, exist_ok=True)
+            return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as why:
+            raise _disk_problem(why, dest) from exc
     except OSError as exc:
         raise _disk_problem(exc, dest) from exc
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write every byte: a write to a file may be short (the disk filling up, a size limit),
+    and the bytes it leaves out would otherwise be missing from a file already verified."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _commit_sync(item: Downloaded) -> None:
@@ -160,9 +195,7 @@ def _commit_sync(item: Downloaded) -> None:
         if item.data is not None:  # small image held in memory: write it now
             fd = _create(item.temp, item.dest)
             try:
-                view = memoryview(item.data)
-                while view:
-                    view = view[os.write(fd, view) :]
+                _write_all(fd, item.data)
                 os.fsync(fd)
             finally:
                 os.close(fd)

@@ -82,8 +82,14 @@ class RunLayout:
             if not current.exists():
                 if not create_parents:
                     continue
-                with contextlib.suppress(FileExistsError):
+                try:
                     current.mkdir()
+                except FileExistsError:
+                    pass
+                except OSError:
+                    # A read-only or full disk: nothing below exists, so nothing to check.
+                    # Writing the image fails the same way and stops the run (DiskProblem).
+                    break
             if not current.is_dir() or current.is_symlink():
                 raise UnsafeOutputPath(f"{current} is not a folder")
         final = base / Path(*rel.parts)
@@ -105,7 +111,16 @@ class RunLock:
 
     def acquire(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            # O_NOFOLLOW: the lock is truncated and written below; a symlink planted in its
+            # place must not carry that to a file outside the run folder.
+            fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise ConfigError(
+                f"{self._path} is a symlink; remove it (batcher makes its own lock file there)"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

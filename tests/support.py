@@ -3,12 +3,13 @@ emulator and a real SQLite file, and the invariants every fault test ends on."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,8 +82,11 @@ def png_size(path: Path) -> tuple[int, int]:
     return v.finish()
 
 
-def check_invariants(root: Path) -> dict[str, int]:
-    """The promises of issue 5, checked on a run folder. Returns counts per state."""
+def check_invariants(root: Path, *, after_kill: bool = False) -> dict[str, int]:
+    """The promises of issue 5, checked on a run folder. Returns counts per state.
+
+    ``after_kill``: the folder of a process just killed, before any run cleaned up after it; a
+    temporary file may be left beside its final path then (the next run sweeps it away)."""
     layout = RunLayout(root)
     con = sqlite3.connect(layout.db)
     try:
@@ -111,7 +115,7 @@ def check_invariants(root: Path) -> dict[str, int]:
         for f in files
         if f.endswith(".part")
     ]
-    assert not leftovers, f"temporary files left: {leftovers[:3]}"
+    assert after_kill or not leftovers, f"temporary files left: {leftovers[:3]}"
     return counts
 
 
@@ -146,3 +150,250 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# Additions for the fault tests (issue 5): a loopback server of a test's own, a large valid PNG,
+# a look at a run folder from outside.
+
+
+def noise_png(width: int, height: int, *, seed: int = 0) -> bytes:
+    """A valid RGB PNG of random pixels stored uncompressed: about ``3 * width * height`` bytes,
+    so a 2048*2048 one (12.6 MB) takes the downloader's spill-to-disk path."""
+    import random
+    import struct
+    import zlib
+
+    rng = random.Random(seed)
+    row = 1 + 3 * width
+    raw = bytearray(rng.randbytes(row * height))
+    raw[::row] = bytes(height)  # filter byte 0 at the start of every row
+    data = zlib.compress(bytes(raw), 0)
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body)
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
+class ServerThread:
+    """An aiohttp application of a test's own on ``127.0.0.1:0``, served from a thread of its own
+    (for synchronous acceptance tests). ``url`` is ``http://127.0.0.1:PORT``; ``closing`` is set
+    when it stops, so handlers that stall on purpose can poll it and end."""
+
+    def __init__(self, app: Any) -> None:
+        import threading
+
+        self._app = app
+        self._thread = threading.Thread(target=self._run, name="test-server", daemon=True)
+        self._ready = threading.Event()
+        self.closing = threading.Event()
+        self.url = ""
+        self._loop: Any = None
+        self._stop: Any = None
+
+    def _run(self) -> None:
+        import asyncio
+
+        async def serve() -> None:
+            from aiohttp import web
+
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            runner = web.AppRunner(self._app, access_log=None, shutdown_timeout=0.5)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            host, port = runner.addresses[0][:2]
+            self.url = f"http://{host}:{port}"
+            self._ready.set()
+            try:
+                await self._stop.wait()
+            finally:
+                self.closing.set()
+                await runner.cleanup()
+
+        asyncio.run(serve())
+
+    def __enter__(self) -> ServerThread:
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("the test server did not start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.closing.set()
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+
+def db_states(db: Path) -> dict[str, int]:
+    """Jobs per state, read from outside the process that owns the run folder."""
+    con = sqlite3.connect(db, timeout=10)
+    try:
+        return dict(con.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall())
+    finally:
+        con.close()
+
+
+def files_under(root: Path) -> set[str]:
+    """Every file and link below ``root`` (relative, as strings), to see what a run wrote."""
+    found = set()
+    for dirpath, dirs, files in os.walk(root):
+        for name in [*files, *dirs]:
+            path = Path(dirpath) / name
+            if path.is_file() or path.is_symlink():
+                found.add(str(path.relative_to(root)))
+    return found
+
+
+async def generate_only(
+    store: JobStore, base_url: str, n: int, *, lease_seconds: float = 30
+) -> list[str]:
+    """Claim ``n`` jobs and record a real generation for each without downloading it, then give
+    them back: the state a crash right after "generated" leaves. Returns their ids."""
+    from decimal import Decimal
+
+    from jobs import Generated
+
+    claims = await store.claim(limit=n, lease_seconds=lease_seconds)
+    async with aiohttp.ClientSession() as session:
+        client = DashScopeClient(session, base_url=base_url, api_key="sk-test-key")
+        for c in claims:
+            r = await client.generate(
+                model=c.model, prompt=c.prompt, size=c.size, seed=c.seed, prompt_extend=False
+            )
+            gen = Generated(
+                request_id=r.request_id,
+                width=r.width,
+                height=r.height,
+                image_count=1,
+                input_tokens=0,
+                output_tokens=0,
+                total_tokens=0,
+                reasoning_tokens=None,
+                actual_prompt=None,
+                image_url=r.image_url,
+                url_expires_at=r.url_expires_at,
+                latency_ms=r.latency_ms,
+                cost=Decimal("0.015"),
+                currency="USD",
+            )
+            await store.record_generated(c.id, c.token, gen, lease_seconds=lease_seconds)
+            await store.release(c.id, c.token)
+    return [c.id for c in claims]
+
+
+class ImageRelay:
+    """A relay in front of the emulator that controls how images download.
+
+    Generation calls (``POST /api/v1/...``) go through to the emulator at ``upstream`` unchanged
+    (so it still bills them), but the image URLs in its answers are rewritten to this relay's
+    own host, whose ``GET /1d/...`` answers as ``mode`` says (it may be changed at any time,
+    from any thread):
+
+    - ``"pass"``: the emulator's image;
+    - ``"stall"``: nothing at all until the mode changes;
+    - ``"403"``: storage's 403 AccessDenied (not an expiry);
+    - ``"body"``: ``body`` at once;
+    - ``"slow"``: the first ``first`` bytes of ``body`` at once (Content-Length of all of it),
+      then nothing more while the mode stays ``"slow"``, then the rest.
+
+    ``app()`` builds the aiohttp application: serve it with :class:`ServerThread`, or in the
+    running loop with :func:`serving`. ``downloads`` counts image GETs; ``stalled`` those now
+    waiting.
+    """
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.mode = "pass"
+        self.body = b""
+        self.first = 0
+        self.downloads = 0
+        self.stalled = 0
+        self.closing = False
+
+    def app(self) -> Any:
+        from aiohttp import web
+
+        session_key = web.AppKey("session", aiohttp.ClientSession)
+
+        async def session_ctx(app: web.Application) -> Any:
+            async with aiohttp.ClientSession() as session:
+                app[session_key] = session
+                yield
+            self.closing = True
+
+        async def api(request: web.Request) -> web.StreamResponse:
+            session = request.app[session_key]
+            body = await request.read()
+            headers = {k: v for k, v in request.headers.items() if k.lower() != "host"}
+            async with session.post(
+                self.upstream + request.path_qs, data=body, headers=headers
+            ) as up:
+                text = (await up.read()).decode("utf-8")
+                out = {k: v for k, v in up.headers.items() if k.lower() == "retry-after"}
+            text = text.replace(self.upstream + "/1d/", f"http://{request.host}/1d/")
+            return web.Response(
+                status=up.status, text=text, content_type="application/json", headers=out
+            )
+
+        async def wait_while(mode: str) -> None:
+            import asyncio
+
+            self.stalled += 1
+            try:
+                # polled: the mode is changed from other threads, where an Event cannot be set
+                while self.mode == mode and not self.closing:  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+            finally:
+                self.stalled -= 1
+
+        async def image(request: web.Request) -> web.StreamResponse:
+            self.downloads += 1
+            if self.mode == "stall":
+                await wait_while("stall")
+            mode = self.mode
+            if mode == "403":
+                xml = "<Error><Code>AccessDenied</Code><Message>Access denied.</Message></Error>"
+                return web.Response(status=403, text=xml, content_type="application/xml")
+            if mode == "body":
+                return web.Response(body=self.body, content_type="image/png")
+            if mode == "slow":
+                resp = web.StreamResponse()
+                resp.content_type = "image/png"
+                resp.content_length = len(self.body)
+                await resp.prepare(request)
+                await resp.write(self.body[: self.first])
+                await wait_while("slow")
+                await resp.write(self.body[self.first :])
+                await resp.write_eof()
+                return resp
+            session = request.app[session_key]
+            async with session.get(self.upstream + request.path_qs) as up:
+                data = await up.read()
+                return web.Response(status=up.status, body=data, content_type=up.content_type)
+
+        app = web.Application()
+        app.cleanup_ctx.append(session_ctx)
+        app.router.add_post("/api/v1/{tail:.*}", api)
+        app.router.add_get("/1d/{tail:.*}", image)
+        return app
+
+
+@contextlib.asynccontextmanager
+async def serving(app: Any) -> AsyncIterator[str]:
+    """Serve an aiohttp application on ``127.0.0.1:0`` in the running loop; yields its root URL."""
+    from aiohttp import web
+
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        yield f"http://{host}:{port}"
+    finally:
+        await runner.cleanup()
