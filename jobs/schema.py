@@ -53,7 +53,6 @@ jobs = Table(
     Column("prompt_extend", Integer, nullable=False),
     Column("output", Text, nullable=False),
     Column("output_key", Text, nullable=False, unique=True),
-    Column("fingerprint", Text, nullable=False),
     # where it is
     Column("state", Text, nullable=False, server_default=text("'pending'")),
     Column("attempts", Integer, nullable=False, server_default=text("0")),
@@ -114,7 +113,7 @@ STAGING_DDL = """
 CREATE TEMP TABLE IF NOT EXISTS staging (
     id TEXT NOT NULL, line INTEGER NOT NULL, model TEXT NOT NULL, prompt TEXT NOT NULL,
     size TEXT NOT NULL, seed INTEGER NOT NULL, prompt_extend INTEGER NOT NULL,
-    output TEXT NOT NULL, output_key TEXT NOT NULL, fingerprint TEXT NOT NULL
+    output TEXT NOT NULL, output_key TEXT NOT NULL
 )
 """
 STAGING_COLUMNS = (
@@ -127,5 +126,4 @@ STAGING_COLUMNS = (
     "prompt_extend",
     "output",
     "output_key",
-    "fingerprint",
 )

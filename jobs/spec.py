@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 __all__ = ["DEFAULT_MODEL", "JobSpec"]
@@ -36,12 +35,3 @@ class JobSpec:
     @property
     def height(self) -> int:
         return int(self.size.split("*", 1)[1])
-
-    def fingerprint(self) -> str:
-        """A digest of everything that decides the image and where it goes.
-
-        Each part is length-prefixed, so no two different jobs share the hashed text.
-        """
-        parts = (self.model, self.prompt, self.size, str(self.seed), self.output)
-        blob = f"{int(self.prompt_extend)}|" + "|".join(f"{len(p)}:{p}" for p in parts)
-        return hashlib.blake2b(blob.encode("utf-8"), digest_size=12).hexdigest()

@@ -65,6 +65,11 @@ IMPORT_CHUNK = 2_000  # rows per executemany: flat cost above ~1k, and memory st
 _COLS = ", ".join(schema.STAGING_COLUMNS)
 _MARKS = ", ".join("?" * len(schema.STAGING_COLUMNS))
 _STAGING_INSERT = f"INSERT INTO staging ({_COLS}) VALUES ({_MARKS})"
+# A row whose id exists with other content (everything that decides the image or its path).
+_CHANGED = (
+    "NOT (j.model = s.model AND j.prompt = s.prompt AND j.size = s.size AND j.seed = s.seed "
+    "AND j.prompt_extend = s.prompt_extend AND j.output = s.output)"
+)
 _DEFERRED_INDEXES = tuple(
     i for i in jobs.indexes if i.name in ("ix_jobs_active", "ix_jobs_failed_code")
 )
@@ -491,7 +496,6 @@ class JobStore:
                             int(spec.prompt_extend),
                             spec.output,
                             spec.output_key,
-                            spec.fingerprint(),
                         )
                         chunk.append(row if now is None else (*row, now))
                         if len(chunk) >= IMPORT_CHUNK:
@@ -520,7 +524,7 @@ class JobStore:
         changed: list[Any] = list(
             await conn.exec_driver_sql(
                 "SELECT s.line, s.id FROM staging s JOIN jobs j ON j.id = s.id "
-                "WHERE j.fingerprint != s.fingerprint ORDER BY s.line LIMIT ?",
+                f"WHERE {_CHANGED} ORDER BY s.line LIMIT ?",
                 (max_errors + 1,),
             )
         )
@@ -562,9 +566,9 @@ class JobStore:
         added = (
             await conn.exec_driver_sql(
                 "INSERT INTO jobs (id, line, model, prompt, size, seed, prompt_extend, output, "
-                "output_key, fingerprint, state, created_at) "
+                "output_key, state, created_at) "
                 "SELECT s.id, s.line, s.model, s.prompt, s.size, s.seed, s.prompt_extend, "
-                "s.output, s.output_key, s.fingerprint, 'pending', ? FROM staging s "
+                "s.output, s.output_key, 'pending', ? FROM staging s "
                 "WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = s.id) ORDER BY s.rowid",
                 (now,),
             )
@@ -576,8 +580,7 @@ class JobStore:
     async def _replace_changed(self, conn: AsyncConnection, now: float) -> int:
         old_rows = (
             await conn.exec_driver_sql(
-                "SELECT j.* FROM jobs j JOIN staging s ON s.id = j.id "
-                "WHERE j.fingerprint != s.fingerprint"
+                f"SELECT j.* FROM jobs j JOIN staging s ON s.id = j.id WHERE {_CHANGED}"
             )
         ).mappings()
         old = [dict(r) for r in old_rows]
@@ -595,11 +598,11 @@ class JobStore:
             update(jobs).where(jobs.c.id.in_(ids)).values(output_key=jobs.c.output_key + "\0old")
         )
         await conn.exec_driver_sql(
-            "UPDATE jobs SET (line, model, prompt, size, seed, prompt_extend, output, output_key, "
-            "fingerprint) = (SELECT s.line, s.model, s.prompt, s.size, s.seed, s.prompt_extend, "
-            "s.output, s.output_key, s.fingerprint FROM staging s WHERE s.id = jobs.id) "
+            "UPDATE jobs SET (line, model, prompt, size, seed, prompt_extend, output, output_key"
+            ") = (SELECT s.line, s.model, s.prompt, s.size, s.seed, s.prompt_extend, "
+            "s.output, s.output_key FROM staging s WHERE s.id = jobs.id) "
             "WHERE id IN (SELECT j.id FROM jobs j JOIN staging s ON s.id = j.id "
-            "WHERE j.fingerprint != s.fingerprint)"
+            f"WHERE {_CHANGED})"
         )
         await conn.execute(
             update(jobs)
@@ -1115,7 +1118,6 @@ class JobStore:
 def _public(rec: dict[str, Any]) -> dict[str, Any]:
     rec.pop("claim_token", None)
     rec.pop("worker", None)
-    rec.pop("fingerprint", None)
     rec.pop("output_key", None)
     rec["prompt_extend"] = bool(rec["prompt_extend"])
     rec["cost"] = str(Decimal(int(rec.pop("cost_micros") or 0)) / MICROS)

@@ -1,7 +1,7 @@
 """Shared helpers for the JobStore tests (no tests here): a fake clock, specs, raw reads.
 
 Raw reads go through the plain ``sqlite3`` module on the same file, so a test sees what is on
-disk, including the columns the store keeps to itself (claim token, worker, fingerprint).
+disk, including the columns the store keeps to itself (claim token, worker, output key).
 """
 
 from __future__ import annotations
