@@ -351,7 +351,12 @@ async def _run_locked(cmd: RunCommand, layout: RunLayout) -> int:
     async with await JobStore.open(layout.db) as store:
         added, unchanged, replaced = await _import(store, cmd.manifest, replace=cmd.replace)
         reclaimed = await store.reclaim(all_running=True)
-        swept = sweep_partials(layout.images)
+        # Temporary files are left only by a run that did not end cleanly: walking a
+        # million images to look for them on every start would dominate a resume.
+        swept = 0
+        if await store.get_meta("last_run") != "clean":
+            swept = await anyio.to_thread.run_sync(sweep_partials, layout.images)
+        await store.set_meta("last_run", "running")
         log.info(
             "run start: %d new jobs, %d already imported, %d replaced, %d reclaimed, "
             "%d partial files removed",
@@ -428,6 +433,7 @@ async def _run_locked(cmd: RunCommand, layout: RunLayout) -> int:
                         "it is rewritten by the next run"
                     )
         assert result is not None
+        await store.set_meta("last_run", "clean")
         stats = await store.stats()
     return _finish(cmd, layout, result, stats)
 

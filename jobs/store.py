@@ -943,7 +943,9 @@ class JobStore:
         now = self.clock()
         expired = (jobs.c.lease_expires_at.is_(None)) | (jobs.c.lease_expires_at < now)
         async with self._write() as conn:
-            cond = jobs.c.state == State.RUNNING.value
+            # ACTIVE repeats the partial index's condition, so SQLite reads the index
+            # (a few rows) rather than the whole table (a million, when resuming).
+            cond = schema.ACTIVE & (jobs.c.state == State.RUNNING.value)
             if not all_running:
                 cond = cond & expired
             n = (
@@ -956,7 +958,7 @@ class JobStore:
             gen = jobs.c.state == State.GENERATED.value
             await conn.execute(
                 update(jobs)
-                .where(gen if all_running else gen & expired)
+                .where(schema.ACTIVE, gen if all_running else gen & expired)
                 .where(jobs.c.claim_token.is_not(None))
                 .values(lease_expires_at=None, claim_token=None)
             )
