@@ -366,7 +366,7 @@ async def _run_locked(cmd: RunCommand, layout: RunLayout) -> int:
             reclaimed,
             swept,
         )
-        start = await store.stats()
+        start = await store.stats(totals=False)  # counts only: no scan of every row's sums
         o = cmd.options
         log.info(
             "options: rps=%g concurrency=%s max_attempts=%d request_timeout=%gs region=%s "

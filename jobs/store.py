@@ -1025,8 +1025,12 @@ class JobStore:
 
     # --------------------------------------------------------------------- reads
 
-    async def stats(self) -> Stats:
-        """Counts per state, failures by code, images billed, cost and retry counters."""
+    async def stats(self, *, totals: bool = True) -> Stats:
+        """Counts per state, failures by code, images billed, cost and retry counters.
+
+        ``totals=False`` skips the sums over every row (billed, cost, retry counters: left 0),
+        for a resuming run that only needs the counts before its first call.
+        """
         now = self.clock()
         async with self._read() as conn:
             by_state = {
@@ -1045,23 +1049,27 @@ class JobStore:
                     )
                 ).all()
             }
-            sums = (
-                await conn.execute(
-                    select(
-                        func.coalesce(func.sum(jobs.c.billed), 0),
-                        func.coalesce(func.sum(jobs.c.cost_micros), 0),
-                        func.max(jobs.c.currency),
-                        func.coalesce(func.sum(jobs.c.attempts), 0),
-                        func.coalesce(func.sum(jobs.c.throttled), 0),
-                        func.coalesce(func.sum(jobs.c.ambiguous), 0),
-                        func.coalesce(func.sum(jobs.c.regenerated), 0),
+            sums: Any = (0, 0, None, 0, 0, 0, 0)
+            if totals:
+                sums = (
+                    await conn.execute(
+                        select(
+                            func.coalesce(func.sum(jobs.c.billed), 0),
+                            func.coalesce(func.sum(jobs.c.cost_micros), 0),
+                            func.max(jobs.c.currency),
+                            func.coalesce(func.sum(jobs.c.attempts), 0),
+                            func.coalesce(func.sum(jobs.c.throttled), 0),
+                            func.coalesce(func.sum(jobs.c.ambiguous), 0),
+                            func.coalesce(func.sum(jobs.c.regenerated), 0),
+                        )
                     )
-                )
-            ).one()
+                ).one()
             due = (
                 await conn.execute(
                     select(func.count()).where(
-                        jobs.c.state == State.PENDING.value, jobs.c.next_attempt_at <= now
+                        schema.ACTIVE,
+                        jobs.c.state == State.PENDING.value,
+                        jobs.c.next_attempt_at <= now,
                     )
                 )
             ).scalar_one()
