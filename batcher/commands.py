@@ -106,7 +106,7 @@ async def _import(store: JobStore, manifest_path: Path, *, replace: bool) -> tup
     with contextlib.suppress(OSError):  # open_manifest reports the problem, located
         key, digest = await anyio.to_thread.run_sync(_manifest_identity, manifest_path)
     if key is not None and not replace and await store.get_meta(key) == digest:
-        total = (await store.stats()).total
+        total = await store.count()
         log.info("%s unchanged since its last import: not read again", manifest_path)
         return 0, total, 0
     manifest = open_manifest(manifest_path)

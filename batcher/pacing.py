@@ -82,7 +82,10 @@ class RateController:
         if self.adaptive and now >= self._probe_at and self.rate < self.max_rate:
             self.rate = min(self.max_rate, self.rate * PROBE_UP)
             self._probe_at = now + self._probe_every
-        slot = max(now, self._next_slot)
+        # A caller a little late for its slot keeps to the grid (the lag is within the
+        # margin's slack); one late by more than LATE starts the grid again from now.
+        slot = self._next_slot if now - self._next_slot <= LATE else now
+        slot = max(slot, self._next_slot)
         self._next_slot = slot + 1.0 / self.rate
         self._last_slot = slot
         if self.adaptive:

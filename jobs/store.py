@@ -1088,6 +1088,11 @@ class JobStore:
             due_pending=int(due),
         )
 
+    async def count(self) -> int:
+        """How many jobs the table holds."""
+        async with self._read() as conn:
+            return int((await conn.execute(select(func.count()).select_from(jobs))).scalar_one())
+
     async def pending_by_kind(self) -> dict[tuple[str, bool], int]:
         """Jobs still to generate (pending or running), counted by (model, prompt_extend)."""
         async with self._read() as conn:

@@ -143,3 +143,11 @@ def test_a_slightly_late_send_keeps_the_grid():
     rc.reserve(now=0.0)
     rc.sent(at=0.001)  # 1 ms of wake-up lag is not lost
     assert rc.wait_needed(now=0.001) == pytest.approx(1 / (10 * MARGIN) - 0.001)
+
+
+def test_a_caller_slightly_late_for_its_slot_keeps_the_grid():
+    rc = RateController(10.0, now=0.0)
+    gap = 1 / (10 * MARGIN)
+    assert rc.reserve(now=0.0) == 0.0
+    assert rc.reserve(now=gap + 0.001) == pytest.approx(gap)  # 1 ms late: the grid stands
+    assert rc.reserve(now=2 * gap + 0.05) == pytest.approx(2 * gap + 0.05)  # 50 ms: re-anchored
