@@ -19,49 +19,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import re
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import aiohttp
+
+from .common import EmulatorProcess, cpu_seconds, pin_self, split_cores
 
 GENERATION = "/services/aigc/multimodal-generation/generation"
 PROMPT = "a watercolour fox in a snowy forest at dawn with soft light and long shadows"
 WORDS = tuple(PROMPT.split())
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User plus system CPU seconds of a process, from /proc/PID/stat."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _start_emulator(core: int | None) -> tuple[subprocess.Popen[str], str]:
-    command = [
-        sys.executable,
-        "-m",
-        "batcher.emulator",
-        "--port",
-        "0",
-        "--latency",
-        "0",
-        "--rps",
-        "inf",
-    ]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    if core is not None:
-        # Right after exec, before the server starts any thread: they all inherit this.
-        os.sched_setaffinity(process.pid, {core})
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    match = re.search(r"http://127\.0\.0\.1:\d+", line)
-    if match is None:
-        process.kill()
-        raise SystemExit(f"the emulator did not print its URL: {line!r}")
-    return process, match.group(0)
 
 
 async def _drive(
@@ -101,10 +68,10 @@ async def _drive(
             done += 1
             if done == warmup:
                 marks["start"] = time.perf_counter()
-                marks["cpu_start"] = _cpu_seconds(pid)
+                marks["cpu_start"] = cpu_seconds(pid)
             if done == total:
                 marks["end"] = time.perf_counter()
-                marks["cpu_end"] = _cpu_seconds(pid)
+                marks["cpu_end"] = cpu_seconds(pid)
 
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector) as session:
@@ -131,27 +98,24 @@ def main() -> int:
     parser.add_argument("--prompt-words", type=int, default=20, help="words per prompt (about)")
     args = parser.parse_args()
 
-    cores = sorted(os.sched_getaffinity(0))
-    server_core = cores[-1] if len(cores) > 1 else None
-    if server_core is not None:
-        os.sched_setaffinity(0, set(cores[:-1]))
-    process, root = _start_emulator(server_core)
+    client_cores, server_core = split_cores()
+    emulator = EmulatorProcess(latency="0", rps="inf", core=server_core).start()
+    pin_self(client_cores)
     where = f"core {server_core}" if server_core is not None else "a shared core"
-    print(f"emulator pid {process.pid} pinned to {where}; client on cores {cores[:-1] or cores}")
+    print(f"emulator pid {emulator.pid} pinned to {where}; client on cores {sorted(client_cores)}")
     try:
         asyncio.run(
             _drive(
-                root + "/api/v1",
+                emulator.base_url,
                 args.warmup,
                 args.pairs,
                 args.concurrency,
                 max(5, args.prompt_words),
-                process.pid,
+                emulator.pid,
             )
         )
     finally:
-        process.terminate()
-        process.wait(timeout=10)
+        emulator.stop()
     return 0
 
 
