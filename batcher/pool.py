@@ -20,6 +20,7 @@ import logging
 import random
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from enum import StrEnum
@@ -334,16 +335,20 @@ class Runner:
     # ------------------------------------------------------------------ workers
 
     async def _generate(self, claim: Claim) -> None:
+        await self._guarded(claim, self._generate_and_download)
+
+    async def _download_only(self, claim: Claim) -> None:
+        await self._guarded(claim, self._download)
+
+    async def _guarded(self, claim: Claim, work: Callable[[Claim], Awaitable[bool]]) -> None:
+        """Run one attempt; whatever happens, the job ends recorded or released, never held.
+
+        ``work`` returns True once it recorded the job's outcome. A lost lease means another
+        worker owns the job now: nothing to release.
+        """
         settled = False
         try:
-            generated = await self._call_and_record(claim)
-            if generated is None:
-                settled = True
-                return
-            if generated is claim:  # a run-level stop: give the job back untouched
-                return
-            claim = generated
-            settled = await self._download(claim, fresh=True)
+            settled = await work(claim)
         except LeaseLost as exc:
             settled = True
             self.counters.lease_lost += 1
@@ -351,8 +356,16 @@ class Runner:
         finally:
             with anyio.CancelScope(shield=True):
                 if not settled:
-                    await self._release(claim)
+                    await self._release(claim)  # same id and token as any claim derived from it
             self._finish(claim)
+
+    async def _generate_and_download(self, claim: Claim) -> bool:
+        generated = await self._call_and_record(claim)
+        if generated is None:
+            return True  # the outcome (retry, failure) is recorded
+        if generated is claim:
+            return False  # a run-level stop: give the job back untouched
+        return await self._download(generated, fresh=True)
 
     async def _call_and_record(self, claim: Claim) -> Claim | None:
         """Call the API and write the outcome. Returns the generated claim, None when the
@@ -397,20 +410,6 @@ class Runner:
             return generated
         finally:
             self._generating -= 1
-
-    async def _download_only(self, claim: Claim) -> None:
-        settled = False
-        try:
-            settled = await self._download(claim)
-        except LeaseLost as exc:
-            settled = True
-            self.counters.lease_lost += 1
-            log.warning("%s", exc)
-        finally:
-            with anyio.CancelScope(shield=True):
-                if not settled:
-                    await self._release(claim)
-            self._finish(claim)
 
     def _finish(self, claim: Claim) -> None:
         self._held.pop(claim.id, None)

@@ -7,16 +7,14 @@ import sqlite3
 import time
 from decimal import Decimal
 
-import aiohttp
 import anyio
 import pytest
 
-from batcher.client import DashScopeClient
 from batcher.emulator import EmulatorConfig, running_emulator
 from batcher.layout import RunLayout
 from batcher.pool import StopReason
-from jobs import Generated, JobStore, State
-from tests.support import FAST, check_invariants, make_specs, run_once
+from jobs import JobStore, State
+from tests.support import FAST, check_invariants, generate_only, make_specs, run_once
 
 pytestmark = pytest.mark.anyio
 
@@ -129,43 +127,10 @@ async def test_broken_downloads_are_retried_without_paying_again(tmp_path):
     check_invariants(layout.root)
 
 
-async def _generate_only(store, base_url, n):
-    """Claim and generate without downloading: the state a crash after "generated" leaves."""
-    claims = await store.claim(limit=n, lease_seconds=30)
-    async with aiohttp.ClientSession() as session:
-        client = DashScopeClient(session, base_url=base_url, api_key="sk-x")
-        for c in claims:
-            r = await client.generate(
-                model=c.model, prompt=c.prompt, size=c.size, seed=c.seed, prompt_extend=False
-            )
-            await store.record_generated(
-                c.id,
-                c.token,
-                Generated(
-                    request_id=r.request_id,
-                    width=r.width,
-                    height=r.height,
-                    image_count=1,
-                    input_tokens=0,
-                    output_tokens=0,
-                    total_tokens=0,
-                    reasoning_tokens=None,
-                    actual_prompt=None,
-                    image_url=r.image_url,
-                    url_expires_at=r.url_expires_at,
-                    latency_ms=r.latency_ms,
-                    cost=__import__("decimal").Decimal("0.015"),
-                    currency="USD",
-                ),
-                lease_seconds=0.01,
-            )
-    await store.reclaim(all_running=True)
-
-
 async def test_generated_but_not_downloaded_is_downloaded_without_a_new_call(tmp_path):
     layout, store = await prepared(tmp_path, 6)
     async with store, running_emulator(emu()) as e:
-        await _generate_only(store, e.base_url, 6)
+        await generate_only(store, e.base_url, 6)
         assert (await store.stats()).count(State.GENERATED) == 6
         runner, _result = await run_once(store, layout, e.base_url)
         assert runner.counters.calls == 0 and runner.counters.done == 6
@@ -176,7 +141,7 @@ async def test_generated_but_not_downloaded_is_downloaded_without_a_new_call(tmp
 async def test_expired_urls_are_generated_again_and_counted(tmp_path):
     layout, store = await prepared(tmp_path, 5)
     async with store, running_emulator(emu(url_ttl=0.5)) as e:
-        await _generate_only(store, e.base_url, 5)
+        await generate_only(store, e.base_url, 5)
         await anyio.sleep(0.6)
         e.reconfigure(url_ttl=86400.0)
         runner, _result = await run_once(store, layout, e.base_url)
@@ -190,7 +155,7 @@ async def test_expired_urls_are_generated_again_and_counted(tmp_path):
 async def test_storage_403_before_the_recorded_expiry_regenerates(tmp_path):
     layout, store = await prepared(tmp_path, 3)
     async with store, running_emulator(emu(url_ttl=0.3)) as e:
-        await _generate_only(store, e.base_url, 3)
+        await generate_only(store, e.base_url, 3)
         # pretend the URLs were still valid by our clock: only storage says otherwise
         con = sqlite3.connect(layout.db)
         con.execute("UPDATE jobs SET url_expires_at = ?", (time.time() + 3600,))
