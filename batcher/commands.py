@@ -366,6 +366,7 @@ async def _run_locked(cmd: RunCommand, layout: RunLayout) -> int:
             reclaimed,
             swept,
         )
+        run_started = store.clock()
         start = await store.stats(totals=False)  # counts only: no scan of every row's sums
         o = cmd.options
         log.info(
@@ -423,7 +424,12 @@ async def _run_locked(cmd: RunCommand, layout: RunLayout) -> int:
                 view.close()
             with anyio.CancelScope(shield=True):
                 try:
-                    lines = await write_metadata(store, layout)
+                    lines = await write_metadata(
+                        store,
+                        layout,
+                        done_at_start=start.count(State.DONE),
+                        since=None if replaced else run_started,
+                    )
                     log.info("metadata.jsonl: %d images", lines)
                 except OSError as exc:  # a full or read-only disk: the run's own stop says why
                     reason = os.strerror(exc.errno) if exc.errno else str(exc)

@@ -77,8 +77,8 @@ async def export_records(
     return n
 
 
-async def _done_lines(store: JobStore) -> AsyncIterator[str]:
-    async for rec in store.iter_records(state=State.DONE):
+async def _done_lines(store: JobStore, since: float | None = None) -> AsyncIterator[str]:
+    async for rec in store.iter_records(state=State.DONE, finished_since=since):
         line = {
             "file_name": rec["output"],
             "id": rec["id"],
@@ -95,9 +95,32 @@ async def _done_lines(store: JobStore) -> AsyncIterator[str]:
         yield json.dumps(line, ensure_ascii=False) + "\n"
 
 
-async def write_metadata(store: JobStore, layout: RunLayout) -> int:
-    """Rewrite ``images/metadata.jsonl`` from the table, atomically. Returns lines written."""
+METADATA_LINES = "metadata_lines"  # meta key: lines in metadata.jsonl when last written whole
+
+
+async def write_metadata(
+    store: JobStore, layout: RunLayout, *, done_at_start: int, since: float | None
+) -> int:
+    """Bring ``images/metadata.jsonl`` up to date; returns the lines it holds.
+
+    When the file is known to list exactly the ``done_at_start`` jobs that were done before
+    this run (and ``since`` is given: no job was replaced), only the jobs finished since are
+    appended: a million-line rewrite would make every stop of a big run slow. Otherwise the
+    file is rewritten from the table, atomically.
+    """
     layout.images.mkdir(parents=True, exist_ok=True)
+    known = await store.get_meta(METADATA_LINES)
+    if since is not None and layout.metadata.is_file() and known == str(done_at_start):
+        n = done_at_start
+        with layout.metadata.open("a", encoding="utf-8") as fh:
+            async for line in _done_lines(store, since):
+                fh.write(line)
+                n += 1
+            fh.flush()
+            os.fsync(fh.fileno())
+        await store.set_meta(METADATA_LINES, str(n))
+        return n
+    await store.set_meta(METADATA_LINES, "")  # the file is being replaced: not to be trusted
     temp = layout.metadata.with_name(".metadata.jsonl.part")
     n = 0
     try:
@@ -111,6 +134,7 @@ async def write_metadata(store: JobStore, layout: RunLayout) -> int:
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+    await store.set_meta(METADATA_LINES, str(n))
     return n
 
 

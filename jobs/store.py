@@ -1144,9 +1144,14 @@ class JobStore:
             return None if row is None else _public(dict(row))
 
     async def iter_records(
-        self, *, batch: int = 2000, state: State | None = None
+        self,
+        *,
+        batch: int = 2000,
+        state: State | None = None,
+        finished_since: float | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
-        """Every job in manifest order, streamed in batches (claim token and worker omitted)."""
+        """Every job in manifest order, streamed in batches (claim token and worker omitted);
+        only those in ``state``, or finished at or after ``finished_since``, when given."""
         last = 0
         while True:
             rowid: Any = literal_column("jobs.rowid")
@@ -1154,6 +1159,8 @@ class JobStore:
             query = query.limit(batch)
             if state is not None:
                 query = query.where(jobs.c.state == state.value)
+            if finished_since is not None:
+                query = query.where(jobs.c.finished_at >= finished_since)
             async with self._read() as conn:
                 rows = (await conn.execute(query)).all()
             if not rows:

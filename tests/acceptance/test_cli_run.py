@@ -185,6 +185,10 @@ def test_budget_stop_exits_4_and_rerun_goes_on(tmp_path, emulator):
     r2 = run_cli(*run_args(m, out, emulator.base_url), env=env())
     assert r2.returncode == 0
     assert check_invariants(out) == {"done": 10}
+    # the second run appended its 7 images to the first run's 3: each listed once
+    lines = (out / "images" / "metadata.jsonl").read_text(encoding="utf-8").splitlines()
+    names = [json.loads(line)["file_name"] for line in lines]
+    assert len(names) == 10 and len(set(names)) == 10
 
 
 def test_a_second_run_on_the_same_folder_refuses(tmp_path):
