@@ -119,6 +119,19 @@ def check_invariants(root: Path, *, after_kill: bool = False) -> dict[str, int]:
     return counts
 
 
+def run_args(
+    manifest: str | os.PathLike[str], out: str | os.PathLike[str], base_url: str, *extra: str
+) -> list[str]:
+    """``batcher run`` against a loopback emulator, made quick: a high --rps (the emulator in
+    these tests has no quota unless a test sets one), a 10 s request timeout, a short backoff,
+    no progress display.
+    A test may pass its own flags after: the last one given wins."""
+    return [
+        "run", str(manifest), "--out", str(out), "--base-url", base_url, "--no-progress",
+        "--rps", "1000", "--request-timeout", "10", "--backoff-base", "0.01", *extra,
+    ]  # fmt: skip
+
+
 def batcher_cmd(*args: str | os.PathLike[str]) -> list[str]:
     return [sys.executable, "-m", "batcher", *map(str, args)]
 

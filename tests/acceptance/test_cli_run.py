@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from batcher.emulator import EmulatorConfig, EmulatorThread
-from tests.support import REPO, batcher_cmd, check_invariants, run_cli
+from tests.support import REPO, batcher_cmd, check_invariants, run_args, run_cli
 
 KEY = "sk-acceptance-7f3b9c2e1d"
 
@@ -34,22 +34,6 @@ def emulator():
     cfg = EmulatorConfig(latency="0", rps=100_000.0, seed=1, api_key=KEY)
     with EmulatorThread(cfg) as emu:
         yield emu
-
-
-def run_args(m: Path, out: Path, url: str, *extra: str) -> list[str]:
-    # a high --rps by default (the emulator has no quota here); a test may pass its own after
-    return [
-        "run",
-        str(m),
-        "--out",
-        str(out),
-        "--base-url",
-        url,
-        "--no-progress",
-        "--rps",
-        "1000",
-        *extra,
-    ]
 
 
 def env() -> dict[str, str]:

@@ -30,6 +30,7 @@ from tests.support import (
     db_states,
     files_under,
     noise_png,
+    run_args,
     run_cli,
 )
 
@@ -130,23 +131,6 @@ def hooked(tmp_path: Path, images: Path, mode: str, left: int = 0) -> dict[str, 
         "BATCHER_TEST_FS_MODE": mode,
         "BATCHER_TEST_FS_BYTES": str(left),
     }
-
-
-def run_args(manifest: Path, out: Path, base_url: str, *extra: str) -> list[str]:
-    return [
-        "run",
-        str(manifest),
-        "--out",
-        str(out),
-        "--base-url",
-        base_url,
-        "--no-progress",
-        "--rps",
-        "1000",
-        "--backoff-base",
-        "0.01",
-        *extra,
-    ]
 
 
 def csv_manifest(path: Path, n: int, *, size: str = "512*512", folder: bool = False) -> Path:

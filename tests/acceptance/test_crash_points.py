@@ -36,30 +36,12 @@ from tests.support import (
     db_states,
     files_under,
     noise_png,
+    run_args,
     run_cli,
 )
 
 KEY = "sk-crash-points-5b0e"
 ENV = {"DASHSCOPE_API_KEY": KEY}
-
-
-def run_args(manifest: Path, out: Path, base_url: str, *extra: str) -> list[str]:
-    return [
-        "run",
-        str(manifest),
-        "--out",
-        str(out),
-        "--base-url",
-        base_url,
-        "--no-progress",
-        "--rps",
-        "1000",
-        "--request-timeout",
-        "10",
-        "--backoff-base",
-        "0.01",
-        *extra,
-    ]
 
 
 def start(*args: str) -> subprocess.Popen[str]:

@@ -16,27 +16,10 @@ from pathlib import Path
 from aiohttp import web
 
 from batcher.emulator import EmulatorConfig, EmulatorThread
-from tests.support import ServerThread, check_invariants, run_cli
+from tests.support import ServerThread, check_invariants, run_args, run_cli
 
 KEY = "sk-f00dfacecafe4242beefdeadc0de7777"
 DISTINCT = KEY.removeprefix("sk-")
-
-
-def run_args(manifest: Path, out: Path, base_url: str, *extra: str) -> list[str]:
-    return [
-        "run",
-        str(manifest),
-        "--out",
-        str(out),
-        "--base-url",
-        base_url,
-        "--no-progress",
-        "--rps",
-        "1000",
-        "--backoff-base",
-        "0.01",
-        *extra,
-    ]
 
 
 def echoing_app() -> web.Application:
