@@ -70,6 +70,18 @@ def batcher_command(*args: str) -> list[str]:
     return [*head, *args]
 
 
+def batcher_run(
+    manifest: Path, out: Path, base_url: str, *, rps: str = "1000", json_out: bool = True
+) -> list[str]:
+    """``batcher run`` of ``manifest`` into ``out`` against ``base_url``, no progress display,
+    the JSON summary on stdout unless ``json_out`` is false."""
+    extra = ["--json"] if json_out else []
+    return batcher_command(
+        "run", str(manifest), "--out", str(out), "--base-url", base_url, "--rps", rps,
+        *extra, "--no-progress",
+    )  # fmt: skip
+
+
 # ------------------------------------------------------------------------------- cores
 
 

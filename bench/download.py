@@ -49,6 +49,7 @@ from .common import (
     EmulatorProcess,
     Measured,
     batcher_command,
+    batcher_run,
     child_env,
     cpu_seconds,
     pin_self,
@@ -121,18 +122,7 @@ def folder_bytes(folder: Path) -> int:
 
 
 def batcher_download(manifest: Path, folder: Path, base_url: str, work: Path, label: str) -> Any:
-    command = batcher_command(
-        "run",
-        str(manifest),
-        "--out",
-        str(folder),
-        "--base-url",
-        base_url,
-        "--rps",
-        "1000",
-        "--json",
-        "--no-progress",
-    )
+    command = batcher_run(manifest, folder, base_url)
     measured = run_measured(command, cwd=work, timeout=TIMEOUT, logs=work / label).check()
     summary = measured.json()
     if summary["this_run"]["calls"] != 0:

@@ -31,7 +31,7 @@ from .common import (
     Child,
     EmulatorProcess,
     Measured,
-    batcher_command,
+    batcher_run,
     pin_self,
     shown,
     split_cores,
@@ -80,18 +80,7 @@ def _log_times(log: Path) -> tuple[float | None, float | None]:
 def _run(n: int, base_url: str, label: str) -> Sampled:
     """A fresh run of ``n`` jobs, its RSS sampled every 20 ms from /proc."""
     work = work_dir(f"memory/{label}")
-    command = batcher_command(
-        "run",
-        str(cached_manifest(n)),
-        "--out",
-        str(work / "run"),
-        "--base-url",
-        base_url,
-        "--rps",
-        "1000",
-        "--json",
-        "--no-progress",
-    )
+    command = batcher_run(cached_manifest(n), work / "run", base_url)
     started_wall = time.time()
     child = Child(command, cwd=work, stdout=work / "run.out", stderr=work / "run.err")
     samples: list[tuple[float, float]] = []

@@ -34,7 +34,7 @@ from .common import (
     BenchError,
     EmulatorProcess,
     Measured,
-    batcher_command,
+    batcher_run,
     pin_self,
     run_measured,
     shown,
@@ -90,18 +90,7 @@ def measure(quick: bool, args: argparse.Namespace) -> Result:
         pin_self(client_cores)
 
         def b_command(out: str) -> list[str]:
-            return batcher_command(
-                "run",
-                str(manifest),
-                "--out",
-                str(work / out),
-                "--base-url",
-                emu.base_url,
-                "--rps",
-                BATCHER_RPS,
-                "--json",
-                "--no-progress",
-            )
+            return batcher_run(manifest, work / out, emu.base_url, rps=BATCHER_RPS)
 
         def s_command(out: str) -> list[str]:
             return [

@@ -45,7 +45,7 @@ from .common import (
     BenchError,
     Child,
     EmulatorProcess,
-    batcher_command,
+    batcher_run,
     pin_self,
     shown,
     split_cores,
@@ -69,18 +69,7 @@ class Client:
 
 
 def _batcher(manifest: Path, out: Path, base_url: str, told: float) -> list[str]:
-    return batcher_command(
-        "run",
-        str(manifest),
-        "--out",
-        str(out),
-        "--base-url",
-        base_url,
-        "--rps",
-        f"{told:g}",
-        "--json",
-        "--no-progress",
-    )
+    return batcher_run(manifest, out, base_url, rps=f"{told:g}")
 
 
 def _baseline(manifest: Path, out: Path, base_url: str, told: float) -> list[str]:

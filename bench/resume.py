@@ -36,6 +36,7 @@ from .common import (
     EmulatorProcess,
     Measured,
     batcher_command,
+    batcher_run,
     pin_self,
     shown,
     split_cores,
@@ -96,17 +97,7 @@ def time_to_first_call(
 
 
 def run_command(manifest: Path, out: Path, base_url: str) -> list[str]:
-    return batcher_command(
-        "run",
-        str(manifest),
-        "--out",
-        str(out),
-        "--base-url",
-        base_url,
-        "--rps",
-        "1000",
-        "--no-progress",
-    )
+    return batcher_run(manifest, out, base_url, json_out=False)
 
 
 def measure(quick: bool, args: argparse.Namespace) -> Result:
