@@ -69,7 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="generate every image of a manifest")
     run.add_argument("manifest", type=Path)
     run.add_argument("--out", type=Path, help="run folder (default out/<manifest name>)")
-    run.add_argument("--concurrency", type=_positive(int), help="calls in flight (default: auto)")
+    run.add_argument(
+        "--concurrency",
+        type=_positive(int),
+        help="jobs in flight: calls, downloads, writes (default: from the rate)",
+    )
     run.add_argument("--rps", type=_positive(float), default=2.0, help="quota, requests/s")
     run.add_argument("--max-attempts", type=_positive(int), default=5)
     run.add_argument("--request-timeout", type=_positive(float), default=120.0, metavar="S")

@@ -16,6 +16,7 @@ import errno
 import hashlib
 import os
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,7 +191,9 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _commit_sync(item: Downloaded) -> None:
+def _place(item: Downloaded) -> None:
+    """Write (or fsync) the temporary file and rename it over ``dest``; the folder is not
+    synced here (see :func:`_commit_sync`)."""
     try:
         if item.data is not None:  # small image held in memory: write it now
             fd = _create(item.temp, item.dest)
@@ -206,11 +209,6 @@ def _commit_sync(item: Downloaded) -> None:
             finally:
                 os.close(fd)
         os.replace(item.temp, item.dest)
-        dfd = os.open(item.dest.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
     except OSError as exc:
         _unlink(item.temp)
         if exc.errno in _DISK_ERRNOS:
@@ -221,9 +219,53 @@ def _commit_sync(item: Downloaded) -> None:
         raise
 
 
+def _sync_dir(folder: Path) -> None:
+    dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _commit_sync(items: Sequence[Downloaded]) -> list[BaseException | None]:
+    """Put every item in place, then fsync each folder once: one folder fsync makes all the
+    renames into it durable, so a batch of images pays for one, not one each."""
+    outcomes: list[BaseException | None] = []
+    for item in items:
+        try:
+            _place(item)
+            outcomes.append(None)
+        except Exception as exc:  # this image's problem: the others go on
+            outcomes.append(exc)
+    folders: dict[Path, list[int]] = {}
+    for i, (item, outcome) in enumerate(zip(items, outcomes, strict=True)):
+        if outcome is None:
+            folders.setdefault(item.dest.parent, []).append(i)
+    for folder, members in folders.items():
+        try:
+            _sync_dir(folder)
+        except OSError as exc:
+            # Renamed but not known durable: not complete. The hash recorded beforehand lets
+            # the next run finish these without downloading again.
+            err: BaseException = (
+                _disk_problem(exc, items[members[0]].dest) if exc.errno in _DISK_ERRNOS else exc
+            )
+            for i in members:
+                outcomes[i] = err
+    return outcomes
+
+
 async def commit(item: Downloaded) -> None:
     """fsync the temporary file, rename it into place, fsync the folder (in a worker thread)."""
-    await anyio.to_thread.run_sync(_commit_sync, item)
+    (outcome,) = await commit_all([item])
+    if outcome is not None:
+        raise outcome
+
+
+async def commit_all(items: Sequence[Downloaded]) -> list[BaseException | None]:
+    """:func:`commit` for several images in one trip to a worker thread; each one's error
+    (a :class:`DiskProblem`, or another OSError) or None, in order."""
+    return await anyio.to_thread.run_sync(_commit_sync, items)
 
 
 def discard(item: Downloaded) -> None:

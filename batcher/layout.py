@@ -20,7 +20,8 @@ import contextlib
 import errno
 import fcntl
 import os
-from dataclasses import dataclass
+import stat
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from .errors import ConfigError, PermanentJobError
@@ -37,6 +38,9 @@ class RunLayout:
     """Paths of one run folder."""
 
     root: Path
+    # Folders under images/ already made and checked by image_path in this process: a catalog
+    # of a million images in a few folders checks each folder once, not once per image.
+    _checked: set[Path] = field(default_factory=set, compare=False, repr=False)
 
     @property
     def db(self) -> Path:
@@ -72,9 +76,24 @@ class RunLayout:
         if rel.is_absolute() or not rel.parts or any(p in ("", ".", "..") for p in rel.parts):
             raise UnsafeOutputPath(f"output path {output!r} leaves the images folder")
         base = self.images
+        final = base / Path(*rel.parts)
+        if final.parent not in self._checked:
+            self._check_folders(base, rel, create_parents)
+        try:
+            found = os.lstat(final)
+        except (FileNotFoundError, NotADirectoryError):
+            return final  # nothing there yet (or no folder for it: writing it will say so)
+        if not stat.S_ISREG(found.st_mode):
+            raise UnsafeOutputPath(f"{final} exists and is not a regular file")
+        return final
+
+    def _check_folders(self, base: Path, rel: PurePosixPath, create_parents: bool) -> None:
+        """Make (with ``create_parents``) and check every folder from images/ down to the
+        image's; remember the ones that passed."""
         if create_parents:
             base.mkdir(parents=True, exist_ok=True)
         current = base
+        complete = True
         for part in rel.parts[:-1]:
             current = current / part
             if current.is_symlink():
@@ -89,13 +108,12 @@ class RunLayout:
                 except OSError:
                     # A read-only or full disk: nothing below exists, so nothing to check.
                     # Writing the image fails the same way and stops the run (DiskProblem).
+                    complete = False
                     break
             if not current.is_dir() or current.is_symlink():
                 raise UnsafeOutputPath(f"{current} is not a folder")
-        final = base / Path(*rel.parts)
-        if final.is_symlink() or (final.exists() and not final.is_file()):
-            raise UnsafeOutputPath(f"{final} exists and is not a regular file")
-        return final
+        if complete and create_parents:
+            self._checked.add(current)
 
 
 class RunLock:

@@ -34,7 +34,8 @@ from jobs import Claim, Generated, JobStore, LeaseLost, State, StoredFile
 from .backoff import next_delay, parse_retry_after
 from .classify import DownloadVerdict, Verdict
 from .client import DashScopeClient, ImageResult
-from .download import commit, discard, download_image, hash_file
+from .committer import ImageCommitter
+from .download import download_image, hash_file
 from .errors import ApiError, DownloadError, RunAborted, TransportError
 from .layout import RunLayout, UnsafeOutputPath
 from .pacing import LatencyTracker, Pacer, auto_concurrency
@@ -63,7 +64,7 @@ class RunOptions:
     """How a run behaves (the ``batcher run`` flags)."""
 
     rps: float = 2.0
-    concurrency: int | None = None  # None: derived from rate x latency
+    concurrency: int | None = None  # None: derived from rate x the time a job is in flight
     max_attempts: int = 5
     request_timeout: float = 120.0
     download_timeout: float = 120.0
@@ -127,8 +128,11 @@ class Runner:
         self.layout = layout
         self.opt = options
         self.counters = RunCounters()
+        self.committer = ImageCommitter(store)
         self.pacer = Pacer(options.rps, adaptive=options.adaptive)
-        self.latency = LatencyTracker(initial=2.0)
+        # How long a job holds its slot, call to completed file: the pool needs rate x this
+        # in flight (the call's latency alone leaves out the download and the commits).
+        self.job_time = LatencyTracker(initial=2.0)
         self._rng = random.Random(options.seed)
         self._buffer: deque[Claim] = deque()
         self._held: dict[str, Claim] = {}
@@ -160,7 +164,7 @@ class Runner:
     def concurrency(self) -> int:
         if self.opt.concurrency is not None:
             return self.opt.concurrency
-        return auto_concurrency(self.pacer.rate, self.latency)
+        return auto_concurrency(self.pacer.rate, self.job_time)
 
     def request_stop(self, reason: StopReason, message: str | None = None) -> None:
         """Stop claiming; in-flight work goes on. The first reason given is kept."""
@@ -347,6 +351,7 @@ class Runner:
         worker owns the job now: nothing to release.
         """
         settled = False
+        began = anyio.current_time()
         try:
             settled = await work(claim)
         except LeaseLost as exc:
@@ -357,6 +362,7 @@ class Runner:
             with anyio.CancelScope(shield=True):
                 if not settled:
                     await self._release(claim)  # same id and token as any claim derived from it
+            self.job_time.add(anyio.current_time() - began)
             self._finish(claim)
 
     async def _generate_and_download(self, claim: Claim) -> bool:
@@ -404,7 +410,6 @@ class Runner:
                         retry_after=None,
                     )
                 return None
-            self.latency.add(result.latency_ms / 1000.0)
             with anyio.CancelScope(shield=True):
                 generated = await self._record(claim, result)
             return generated
@@ -618,19 +623,12 @@ class Runner:
                 )
                 self.counters.download_retries += 1
                 return True
-        stored = StoredFile(sha256=item.sha256, bytes=item.bytes)
         with anyio.CancelScope(shield=True):
             try:
-                await self.store.record_file(claim.id, claim.token, stored)
-            except BaseException:
-                discard(item)
-                raise
-            try:
-                await commit(item)
+                await self.committer.commit(claim.id, claim.token, item)
             except RunAborted as exc:
                 self.request_stop(StopReason.ABORTED, str(exc))
                 return False
-            await self.store.complete(claim.id, claim.token, stored)
         self.counters.done += 1
         return True
 

@@ -29,7 +29,7 @@ import json
 import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from decimal import Decimal
@@ -184,32 +184,33 @@ class _Add(int):
     """In a transition's values: add this to the column rather than set it."""
 
 
+def _apply(db: sqlite3.Connection, ops: list[_Op]) -> None:
+    """Run ``ops`` on the database thread, in the caller's transaction: a fenced UPDATE must
+    change exactly one row (else :class:`LeaseLost`); a ``sync`` function may raise a
+    :class:`JobStoreError` that fails it alone. Any other error propagates (the batch fails)."""
+    for o in ops:
+        if o.sync is not None:
+            try:
+                o.result = o.sync(db)
+            except JobStoreError as exc:
+                o.error = exc
+        elif db.execute(o.sql, o.params or {}).rowcount != 1:
+            o.error = LeaseLost(o.lost)
+
+
 async def _run_updates(conn: AsyncConnection, ops: list[_Op]) -> None:
-    """Run fenced UPDATEs in one trip to the database thread, inside ``conn``'s transaction.
+    """Run driver-thread ops in one trip to the database thread, inside ``conn``'s transaction.
 
     Each statement through SQLAlchemy and aiosqlite costs several thread hand-overs; the hot
-    path's updates are plain SQL, so the whole run of them goes to the driver's thread at once.
+    path's writes are plain SQL, so the whole run of them goes to the driver's thread at once.
     """
     if not ops:
         return
     driver = (await conn.get_raw_connection()).driver_connection
     assert driver is not None
-
-    def work(db: sqlite3.Connection) -> list[int]:
-        return [db.execute(o.sql, o.params or {}).rowcount for o in ops]
-
-    run_in_thread = getattr(driver, "_execute", None)  # aiosqlite: run fn on its own thread
-    if run_in_thread is not None:
-        counts = await run_in_thread(work, driver._conn)
-    else:  # pragma: no cover - another driver: one statement at a time
-        counts = []
-        for o in ops:
-            cursor = await driver.execute(o.sql, o.params or {})
-            counts.append(cursor.rowcount)
-            await cursor.close()
-    for o, count in zip(ops, counts, strict=True):
-        if count != 1:
-            o.error = LeaseLost(o.lost)
+    # aiosqlite's Connection._execute runs a function on its own thread (private, but the
+    # only way to run several statements in one hand-over; tests cover it on every upgrade).
+    await driver._execute(_apply, driver._conn, ops)
 
 
 @functools.lru_cache(maxsize=64)
@@ -228,12 +229,60 @@ def _fenced_update(dst: str, allowed: tuple[str, ...], shape: tuple[tuple[str, b
     )
 
 
+def _fenced_op(
+    job_id: str, token: str, dst: State, values: dict[str, Any], *, src: set[State]
+) -> _Op:
+    """One fenced move: applied only if ``token`` still holds the job in an allowed state.
+
+    ``values`` maps columns to new values; an :class:`_Add` adds to the column instead.
+    The statement is plain SQL cached per shape: on the hot path, building and caching
+    a Core statement per call cost more than the write itself.
+    """
+    allowed = tuple(sorted(s.value for s in sources_of(dst) & src))
+    shape = tuple((col, isinstance(v, _Add)) for col, v in values.items())
+    sql = _fenced_update(dst.value, allowed, shape)
+    params = {f"v_{col}": (int(v) if isinstance(v, _Add) else v) for col, v in values.items()}
+    params.update(job_id=job_id, token=token)
+    lost = f"job {job_id!r}: lease lost, the write to {dst} was not applied"
+    return _Op(None, sql=sql, params=params, lost=lost)
+
+
+def _record_file_op(job_id: str, token: str, stored: StoredFile) -> _Op:
+    return _fenced_op(
+        job_id,
+        token,
+        State.GENERATED,
+        {"sha256": stored.sha256, "bytes": stored.bytes},
+        src={State.GENERATED},
+    )
+
+
+def _complete_op(job_id: str, token: str, stored: StoredFile, now: float) -> _Op:
+    return _fenced_op(
+        job_id,
+        token,
+        State.DONE,
+        {
+            "sha256": stored.sha256,
+            "bytes": stored.bytes,
+            "finished_at": now,
+            "lease_expires_at": None,
+            "claim_token": None,
+            "error_code": None,
+            "error_message": None,
+        },
+        src={State.GENERATED},
+    )
+
+
 @dataclass(eq=False, slots=True)
 class _Op:
-    """One queued write of a group commit: a function, or a fenced UPDATE (``sql``) that must
-    change exactly one row (else ``lost`` is raised)."""
+    """One queued write of a group commit: an async function of a SQLAlchemy connection
+    (``fn``), a function run on the database thread (``sync``), or a fenced UPDATE (``sql``)
+    that must change exactly one row (else ``lost`` is raised)."""
 
     fn: Callable[[AsyncConnection], Awaitable[Any]] | None
+    sync: Callable[[sqlite3.Connection], Any] | None = None  # runs on the database thread
     sql: str = ""
     params: dict[str, Any] | None = None
     lost: str = ""
@@ -268,27 +317,89 @@ def _translated() -> Iterator[None]:
         raise StoreUnavailable(f"the job database failed: {type(exc).__name__}") from exc
 
 
-def _claim_from_row(row: Any, token: str) -> Claim:
+_CLAIM_COLUMNS = (
+    "id",
+    "state",
+    "model",
+    "prompt",
+    "size",
+    "seed",
+    "prompt_extend",
+    "output",
+    "attempts",
+    "download_attempts",
+    "request_id",
+    "image_url",
+    "url_expires_at",
+    "width",
+    "height",
+    "sha256",
+    "bytes",
+    "regenerated",
+)
+# The claim's statements, plain SQL run on the database thread in one hand-over. The ACTIVE
+# condition lets SQLite use the partial index; rowid keeps the manifest's order among equals.
+_DUE = f"{schema.ACTIVE.text} AND next_attempt_at <= ? ORDER BY next_attempt_at, rowid LIMIT ?"
+_CLAIM_GENERATED = (
+    "SELECT id FROM jobs WHERE state = 'generated' AND "
+    f"(lease_expires_at IS NULL OR lease_expires_at < ?) AND {_DUE}"
+)
+_CLAIM_PENDING = f"SELECT id FROM jobs WHERE state = 'pending' AND {_DUE}"
+_RETURNING = f"RETURNING {', '.join(_CLAIM_COLUMNS)}"
+_TAKE_GENERATED = (
+    "UPDATE jobs SET claim_token = ?, lease_expires_at = ?, worker = ? "
+    f"WHERE id IN ({{marks}}) {_RETURNING}"
+)
+_TAKE_PENDING = (
+    "UPDATE jobs SET state = 'running', claim_token = ?, lease_expires_at = ?, worker = ?, "
+    "started_at = coalesce(started_at, ?) "
+    f"WHERE state = 'pending' AND id IN ({{marks}}) {_RETURNING}"
+)
+_IN_MAX = 500  # ids per IN (...): well under SQLite's limit on bound parameters
+
+
+def _claim_from_row(row: tuple[Any, ...], token: str) -> Claim:
+    """A Claim from a row of ``_CLAIM_COLUMNS``."""
+    (
+        job_id,
+        state,
+        model,
+        prompt,
+        size,
+        seed,
+        prompt_extend,
+        output,
+        attempts,
+        download_attempts,
+        request_id,
+        image_url,
+        url_expires_at,
+        width,
+        height,
+        sha256,
+        size_bytes,
+        regenerated,
+    ) = row
     return Claim(
-        id=row.id,
+        id=job_id,
         token=token,
-        state=State(row.state),
-        model=row.model,
-        prompt=row.prompt,
-        size=row.size,
-        seed=row.seed,
-        prompt_extend=bool(row.prompt_extend),
-        output=row.output,
-        attempts=row.attempts,
-        download_attempts=row.download_attempts,
-        request_id=row.request_id,
-        image_url=row.image_url,
-        url_expires_at=row.url_expires_at,
-        width=row.width,
-        height=row.height,
-        sha256=row.sha256,
-        bytes=row.bytes,
-        regenerated=row.regenerated,
+        state=State(state),
+        model=model,
+        prompt=prompt,
+        size=size,
+        seed=seed,
+        prompt_extend=bool(prompt_extend),
+        output=output,
+        attempts=attempts,
+        download_attempts=download_attempts,
+        request_id=request_id,
+        image_url=image_url,
+        url_expires_at=url_expires_at,
+        width=width,
+        height=height,
+        sha256=sha256,
+        bytes=size_bytes,
+        regenerated=regenerated,
     )
 
 
@@ -384,30 +495,39 @@ class JobStore:
         return result
 
     async def _submit(self, op: _Op) -> Any:
-        """Run ``fn`` in a write transaction shared with whatever else is queued (group commit).
+        """Run one operation in the next group commit; raise its error, or return its result."""
+        await self._submit_all([op])
+        if op.error is not None:
+            raise op.error
+        return op.result
+
+    async def _submit_all(self, ops: list[_Op]) -> None:
+        """Run ``ops`` in a write transaction shared with whatever else is queued (group commit).
 
         Whoever holds the lock runs every queued operation in one ``BEGIN IMMEDIATE`` ...
         ``COMMIT``, so concurrent workers share one fsync. An operation that raises
         :class:`JobStoreError` (a lost lease: its UPDATE matched nothing) fails alone; a
-        database error fails the whole batch. The batch runs shielded: a cancelled leader
-        must not take the other callers' writes down with it.
+        database error fails the whole batch. Each op's outcome is left in its ``error`` and
+        ``result``. The batch runs shielded: a cancelled leader must not take the other
+        callers' writes down with it.
         """
-        self._queue.append(op)
+        self._queue.extend(ops)
         try:
             async with self._lock:
-                if not op.done:
+                if not all(o.done for o in ops):
+                    # One turn of the event loop first: workers woken by the same network
+                    # read get to queue their writes too, and share this transaction.
+                    await anyio.lowlevel.checkpoint()
                     batch, self._queue = self._queue, []
                     for o in batch:
                         o.taken = True
                     with anyio.CancelScope(shield=True):
                         await self._run_batch(batch)
         except BaseException:
-            if not op.taken:
-                self._queue.remove(op)
+            for o in ops:
+                if not o.taken:
+                    self._queue.remove(o)
             raise
-        if op.error is not None:
-            raise op.error
-        return op.result
 
     async def _run_batch(self, batch: list[_Op]) -> None:
         try:
@@ -436,7 +556,7 @@ class JobStore:
                 o.done = True
 
     async def _run_plain_batch(self, batch: list[_Op]) -> None:
-        """A batch of fenced UPDATEs only (the hot path): BEGIN IMMEDIATE, the updates and
+        """A batch of driver-thread ops only (the hot path): BEGIN IMMEDIATE, the ops and
         COMMIT in one trip to the database thread, on a connection kept for it."""
         if self._writer is None:
             self._writer = await self._engine.connect()
@@ -445,21 +565,17 @@ class JobStore:
         driver = self._writer_driver
         assert driver is not None
 
-        def work(db: sqlite3.Connection) -> list[int]:
+        def work(db: sqlite3.Connection) -> None:
             db.execute("BEGIN IMMEDIATE")
             try:
-                counts = [db.execute(o.sql, o.params or {}).rowcount for o in batch]
+                _apply(db, batch)
                 db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 raise
-            return counts
 
-        counts = await driver._execute(work, driver._conn)
-        for o, count in zip(batch, counts, strict=True):
-            if count != 1:
-                o.error = LeaseLost(o.lost)
+        await driver._execute(work, driver._conn)
 
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[AsyncConnection]:
@@ -669,66 +785,28 @@ class JobStore:
         token = uuid.uuid4().hex
         lease = now + lease_seconds
 
-        async def op(conn: AsyncConnection) -> list[Claim]:
-            ready = jobs.c.next_attempt_at <= now
-            # schema.ACTIVE lets SQLite read the partial index; rowid keeps manifest order.
-            due_order: tuple[Any, ...] = (jobs.c.next_attempt_at, literal_column("jobs.rowid"))
-            free = (jobs.c.lease_expires_at.is_(None)) | (jobs.c.lease_expires_at < now)
-            gen_ids = (
-                (
-                    await conn.execute(
-                        select(jobs.c.id)
-                        .where(jobs.c.state == State.GENERATED.value, schema.ACTIVE, ready, free)
-                        .order_by(*due_order)
-                        .limit(limit)
-                    )
-                )
-                .scalars()
-                .all()
-            )
+        def op(db: sqlite3.Connection) -> list[Claim]:
+            gen_ids = [r[0] for r in db.execute(_CLAIM_GENERATED, (now, now, limit))]
             pend_ids: list[str] = []
             if len(gen_ids) < limit:
-                pend_ids = list(
-                    (
-                        await conn.execute(
-                            select(jobs.c.id)
-                            .where(jobs.c.state == State.PENDING.value, schema.ACTIVE, ready)
-                            .order_by(*due_order)
-                            .limit(limit - len(gen_ids))
-                        )
-                    )
-                    .scalars()
-                    .all()
-                )
+                pend_ids = [r[0] for r in db.execute(_CLAIM_PENDING, (now, limit - len(gen_ids)))]
             claims: list[Claim] = []
-            if gen_ids:
-                rows = await conn.execute(
-                    update(jobs)
-                    .where(jobs.c.id.in_(gen_ids))
-                    .values(claim_token=token, lease_expires_at=lease, worker=worker)
-                    .returning(*jobs.c)
-                )
-                claims += [_claim_from_row(r, token) for r in rows]
-            if pend_ids:
-                rows = await conn.execute(
-                    update(jobs)
-                    .where(jobs.c.id.in_(pend_ids), jobs.c.state == State.PENDING.value)
-                    .values(
-                        state=State.RUNNING.value,
-                        claim_token=token,
-                        lease_expires_at=lease,
-                        worker=worker,
-                        started_at=func.coalesce(jobs.c.started_at, now),
+            taken = ((gen_ids, _TAKE_GENERATED, ()), (pend_ids, _TAKE_PENDING, (now,)))
+            for ids, sql, extra in taken:
+                for at in range(0, len(ids), _IN_MAX):
+                    part = ids[at : at + _IN_MAX]
+                    rows = db.execute(
+                        sql.format(marks=", ".join("?" * len(part))),
+                        (token, lease, worker, *extra, *part),
                     )
-                    .returning(*jobs.c)
-                )
-                claims += [_claim_from_row(r, token) for r in rows]
+                    claims += [_claim_from_row(r, token) for r in rows]
             # RETURNING emits rows in no promised order: hand them out in the order chosen.
             rank = {job_id: n for n, job_id in enumerate([*gen_ids, *pend_ids])}
             claims.sort(key=lambda c: rank[c.id])
             return claims
 
-        return await self._batched(op)
+        result: list[Claim] = await self._submit(_Op(None, sync=op))
+        return result
 
     async def heartbeat(self, token: str, ids: Iterable[str], *, lease_seconds: float) -> set[str]:
         """Extend the lease of ``ids`` held under ``token``; return the ids no longer held."""
@@ -757,19 +835,21 @@ class JobStore:
     async def _transition(
         self, job_id: str, token: str, dst: State, values: dict[str, Any], *, src: set[State]
     ) -> None:
-        """One fenced move: applied only if ``token`` still holds the job in an allowed state.
+        """One fenced move: applied only if ``token`` still holds the job in an allowed state."""
+        await self._submit(_fenced_op(job_id, token, dst, values, src=src))
 
-        ``values`` maps columns to new values; an :class:`_Add` adds to the column instead.
-        The statement is plain SQL cached per shape: on the hot path, building and caching
-        a Core statement per call cost more than the write itself.
+    async def _transitions(self, ops: list[_Op]) -> list[JobStoreError | None]:
+        """Several fenced moves in one group commit; each one's error (or None) in order.
+
+        A database error (:class:`StoreUnavailable`) is raised: it fails them all alike.
         """
-        allowed = tuple(sorted(s.value for s in sources_of(dst) & src))
-        shape = tuple((col, isinstance(v, _Add)) for col, v in values.items())
-        sql = _fenced_update(dst.value, allowed, shape)
-        params = {f"v_{col}": (int(v) if isinstance(v, _Add) else v) for col, v in values.items()}
-        params.update(job_id=job_id, token=token)
-        lost = f"job {job_id!r}: lease lost, the write to {dst} was not applied"
-        await self._submit(_Op(None, sql=sql, params=params, lost=lost))
+        await self._submit_all(ops)
+        for o in ops:
+            if isinstance(o.error, StoreUnavailable) or not isinstance(
+                o.error, JobStoreError | None
+            ):
+                raise o.error
+        return [o.error if isinstance(o.error, JobStoreError) else None for o in ops]
 
     # ------------------------------------------------------------------ outcomes
 
@@ -817,31 +897,29 @@ class JobStore:
         file with this hash at the output path and completes the job without downloading it
         again.
         """
-        await self._transition(
-            job_id,
-            token,
-            State.GENERATED,
-            {"sha256": stored.sha256, "bytes": stored.bytes},
-            src={State.GENERATED},
-        )
+        await self._submit(_record_file_op(job_id, token, stored))
+
+    async def record_files(
+        self, files: Sequence[tuple[str, str, StoredFile]]
+    ) -> list[JobStoreError | None]:
+        """:meth:`record_file` for several ``(job_id, token, stored)`` in one group commit.
+
+        Returns each one's error (:class:`LeaseLost`) or None, in order; a database error is
+        raised for all.
+        """
+        return await self._transitions([_record_file_op(*f) for f in files])
 
     async def complete(self, job_id: str, token: str, stored: StoredFile) -> None:
         """``generated -> done``: the file is verified and in place."""
-        await self._transition(
-            job_id,
-            token,
-            State.DONE,
-            {
-                "sha256": stored.sha256,
-                "bytes": stored.bytes,
-                "finished_at": self.clock(),
-                "lease_expires_at": None,
-                "claim_token": None,
-                "error_code": None,
-                "error_message": None,
-            },
-            src={State.GENERATED},
-        )
+        await self._submit(_complete_op(job_id, token, stored, self.clock()))
+
+    async def complete_all(
+        self, files: Sequence[tuple[str, str, StoredFile]]
+    ) -> list[JobStoreError | None]:
+        """:meth:`complete` for several ``(job_id, token, stored)`` in one group commit; each
+        one's error or None, as :meth:`record_files`."""
+        now = self.clock()
+        return await self._transitions([_complete_op(*f, now) for f in files])
 
     async def retry_later(
         self,

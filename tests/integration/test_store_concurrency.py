@@ -182,7 +182,7 @@ async def test_a_write_lock_held_past_busy_timeout_is_a_clear_error(
             message = str(info.value)
             assert "locked" in message
             assert "\n" not in message and "UPDATE" not in message and "SELECT" not in message
-            assert isinstance(info.value.__cause__, DBAPIError)
+            assert isinstance(info.value.__cause__, DBAPIError | sqlite3.Error)
             with pytest.raises(StoreUnavailable, match="locked"):
                 await store.import_specs(specs(["a", "b"]), source="m.csv")
         # once the other writer is gone, the same store works again, and nothing was written
