@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
+import yarl
 
 from .classify import TransportFault
 from .errors import ApiError, ConfigError, TransportError
@@ -186,7 +187,7 @@ class DashScopeClient:
         request_timeout: float = 120.0,
     ) -> None:
         self._session = session
-        self._url = base_url.rstrip("/") + GENERATION_PATH
+        self._url = yarl.URL(base_url.rstrip("/") + GENERATION_PATH)  # parsed once, not per call
         self._headers = {
             "Authorization": f"Bearer {api_key}",
             "Content-Type": "application/json",
@@ -202,7 +203,7 @@ class DashScopeClient:
         return data.replace(self._secret, b"***") if self._secret else data
 
     def __repr__(self) -> str:  # never show the headers
-        return f"DashScopeClient({self._url!r})"
+        return f"DashScopeClient({str(self._url)!r})"
 
     async def generate(
         self, *, model: str, prompt: str, size: str, seed: int | None, prompt_extend: bool

@@ -391,7 +391,11 @@ async def _run_locked(cmd: RunCommand, layout: RunLayout) -> int:
         try:
             async with _api_endpoint(cmd) as (base_url, key):
                 connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
-                async with aiohttp.ClientSession(connector=connector) as session:
+                # No cookie jar: neither the API nor image storage uses cookies, and a jar
+                # costs a lookup per request and a parse per response.
+                async with aiohttp.ClientSession(
+                    connector=connector, cookie_jar=aiohttp.DummyCookieJar()
+                ) as session:
                     client = DashScopeClient(
                         session,
                         base_url=base_url,
