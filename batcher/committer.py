@@ -11,7 +11,7 @@ Each step is a trip to another thread (the database's, or a file worker) and the
 is a disk flush: at hundreds of images a second, doing them image by image costs more CPU than
 the downloads themselves. So a worker hands its image to :class:`ImageCommitter` and waits;
 whoever finds no batch running becomes the leader and runs the three steps for every image
-queued so far (leader and followers, as in :class:`jobs.JobStore`'s group commit): three trips
+queued so far (:class:`jobs.group.GroupCommit`, as the job table's own writes): three trips
 and one fsync per folder per batch, whatever its size. Each image still goes through the steps
 in order, and a lost lease or a disk error fails that image alone. The batch runs shielded: a
 cancelled leader must not leave the others' images half-committed.
@@ -22,9 +22,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import anyio
-
 from jobs import JobStore, StoredFile
+from jobs.group import GroupCommit
 
 from .download import Downloaded, commit_all, discard
 
@@ -50,8 +49,7 @@ class ImageCommitter:
 
     def __init__(self, store: JobStore) -> None:
         self._store = store
-        self._lock = anyio.Lock()
-        self._queue: list[_Pending] = []
+        self._group = GroupCommit(self._run)
         self.batches = 0  # how many batches ran (how well they group shows in images / batches)
 
     async def commit(self, job_id: str, token: str, item: Downloaded) -> None:
@@ -62,19 +60,10 @@ class ImageCommitter:
         :class:`jobs.StoreUnavailable`, or another OSError from the file system.
         """
         mine = _Pending(job_id, token, item)
-        self._queue.append(mine)
         try:
-            async with self._lock:
-                if not mine.done:
-                    await anyio.lowlevel.checkpoint()  # let images finishing now join in
-                    batch, self._queue = self._queue, []
-                    for p in batch:
-                        p.taken = True
-                    with anyio.CancelScope(shield=True):
-                        await self._run(batch)
+            await self._group.submit([mine])
         except BaseException:
             if not mine.taken:
-                self._queue.remove(mine)
                 discard(item)
             raise
         if mine.error is not None:

@@ -52,6 +52,7 @@ from .errors import (
     SchemaMismatch,
     StoreUnavailable,
 )
+from .group import GroupCommit
 from .schema import history, jobs, meta
 from .spec import JobSpec
 from .states import State, sources_of
@@ -415,8 +416,8 @@ class JobStore:
         self._engine = engine
         self._path = path
         self.clock = clock
-        self._lock = anyio.Lock()
-        self._queue: list[_Op] = []
+        self._lock = anyio.Lock()  # every write transaction, grouped or not, holds it
+        self._group = GroupCommit(self._run_batch, lock=self._lock)
         self._writer: AsyncConnection | None = None  # held for the hot path's batches
         self._writer_driver: Any = None
 
@@ -504,30 +505,13 @@ class JobStore:
     async def _submit_all(self, ops: list[_Op]) -> None:
         """Run ``ops`` in a write transaction shared with whatever else is queued (group commit).
 
-        Whoever holds the lock runs every queued operation in one ``BEGIN IMMEDIATE`` ...
-        ``COMMIT``, so concurrent workers share one fsync. An operation that raises
-        :class:`JobStoreError` (a lost lease: its UPDATE matched nothing) fails alone; a
+        The leader (see :mod:`jobs.group`) runs every queued operation in one ``BEGIN
+        IMMEDIATE`` ... ``COMMIT``, so concurrent workers share one fsync. An operation that
+        raises :class:`JobStoreError` (a lost lease: its UPDATE matched nothing) fails alone; a
         database error fails the whole batch. Each op's outcome is left in its ``error`` and
-        ``result``. The batch runs shielded: a cancelled leader must not take the other
-        callers' writes down with it.
+        ``result``.
         """
-        self._queue.extend(ops)
-        try:
-            async with self._lock:
-                if not all(o.done for o in ops):
-                    # One turn of the event loop first: workers woken by the same network
-                    # read get to queue their writes too, and share this transaction.
-                    await anyio.lowlevel.checkpoint()
-                    batch, self._queue = self._queue, []
-                    for o in batch:
-                        o.taken = True
-                    with anyio.CancelScope(shield=True):
-                        await self._run_batch(batch)
-        except BaseException:
-            for o in ops:
-                if not o.taken:
-                    self._queue.remove(o)
-            raise
+        await self._group.submit(ops)
 
     async def _run_batch(self, batch: list[_Op]) -> None:
         try:

@@ -60,6 +60,21 @@ def rows(db: Path) -> dict[str, tuple[str, str | None]]:
         return {r["id"]: (r["state"], r["sha256"]) for r in con.execute("SELECT * FROM jobs")}
 
 
+def body(job_id: str) -> bytes:
+    return f"png of {job_id}".encode()
+
+
+async def ready(
+    store: JobStore, tmp_path: Path, n: int
+) -> tuple[list[Claim], Path, ImageCommitter, dict[str, Downloaded]]:
+    """``n`` generated jobs, an images folder, a committer, and each job's verified image."""
+    claims = await generated_claims(store, n)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    items = {c.id: image(folder / f"{c.id}.png", body(c.id)) for c in claims}
+    return claims, folder, ImageCommitter(store), items
+
+
 def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.endswith(".part"))
 
@@ -67,18 +82,14 @@ def leftovers(folder: Path) -> list[str]:
 async def test_concurrent_images_share_batches_and_all_end_done(
     store: JobStore, tmp_path: Path
 ) -> None:
-    claims = await generated_claims(store, 40)
-    folder = tmp_path / "images"
-    folder.mkdir()
-    committer = ImageCommitter(store)
-    items = {c.id: image(folder / f"{c.id}.png", f"png of {c.id}".encode()) for c in claims}
+    claims, folder, committer, items = await ready(store, tmp_path, 40)
     async with anyio.create_task_group() as tg:
         for c in claims:
             tg.start_soon(committer.commit, c.id, c.token, items[c.id])
     on_disk = rows(store.path)
     for c in claims:
         item = items[c.id]
-        assert item.dest.read_bytes() == f"png of {c.id}".encode()
+        assert item.dest.read_bytes() == body(c.id)
         assert on_disk[c.id] == ("done", item.sha256)
     assert leftovers(folder) == []
     # 40 images arriving together: far fewer batches than images (each batch is 3 trips)
@@ -146,11 +157,7 @@ async def test_a_file_that_cannot_be_placed_fails_alone_and_keeps_its_hash(
 async def test_a_cancelled_waiter_does_not_undo_a_batch_in_progress(
     store: JobStore, tmp_path: Path
 ) -> None:
-    claims = await generated_claims(store, 8)
-    folder = tmp_path / "images"
-    folder.mkdir()
-    committer = ImageCommitter(store)
-    items = {c.id: image(folder / f"{c.id}.png", c.id.encode()) for c in claims}
+    claims, folder, committer, items = await ready(store, tmp_path, 8)
     async with anyio.create_task_group() as tg:
         for c in claims:
             tg.start_soon(committer.commit, c.id, c.token, items[c.id])
@@ -162,7 +169,7 @@ async def test_a_cancelled_waiter_does_not_undo_a_batch_in_progress(
     for c in claims:
         state, sha = on_disk[c.id]
         if state == State.DONE.value:
-            assert items[c.id].dest.read_bytes() == c.id.encode()
+            assert items[c.id].dest.read_bytes() == body(c.id)
         else:
             assert (state, sha) == ("generated", None)
             assert not items[c.id].dest.exists()
