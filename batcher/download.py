@@ -5,7 +5,8 @@ checker and sha256 as it streams in (held in memory up to ``SPILL``, beyond that
 temporary file in the same folder), the size is compared with Content-Length and the
 dimensions with the API's ``usage``; then, in a worker thread (creating files is slow on some
 file systems and must not stall the event loop), the temporary file is written, fsynced,
-renamed into place, and the folder fsynced. Any failure removes the temporary file. A disk
+renamed into place, and the folder fsynced (:func:`commit_all` does a batch of images in one
+trip to the thread and one fsync per folder). Any failure removes the temporary file. A disk
 that fills up, or a folder that turns read-only, stops the run (:class:`DiskProblem`)
 instead of failing job after job.
 """
