@@ -27,12 +27,14 @@ from __future__ import annotations
 import functools
 import json
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from decimal import Decimal
+from itertools import islice
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
@@ -61,7 +63,7 @@ __all__ = ["Claim", "Generated", "ImportReport", "JobStore", "Stats", "StoredFil
 Clock = Callable[[], float]
 _T = TypeVar("_T")
 MICROS = Decimal(1_000_000)
-IMPORT_CHUNK = 2_000  # rows per executemany: flat cost above ~1k, and memory stays flat
+IMPORT_CHUNK = 2_000  # rows taken at a time between checks for a cancelled import
 _COLS = ", ".join(schema.STAGING_COLUMNS)
 _MARKS = ", ".join("?" * len(schema.STAGING_COLUMNS))
 _STAGING_INSERT = f"INSERT INTO staging ({_COLS}) VALUES ({_MARKS})"
@@ -178,6 +180,10 @@ class Stats:
 
     def count(self, state: State) -> int:
         return self.by_state.get(state.value, 0)
+
+
+class _ImportCancelled(Exception):
+    """Raised on the database thread to end an import whose caller was cancelled."""
 
 
 class _Add(int):
@@ -502,24 +508,29 @@ class JobStore:
     async def _stream_rows(
         self, conn: AsyncConnection, specs: Iterable[JobSpec], sql: str, now: float | None
     ) -> int:
-        """Insert every spec in chunks; the next chunk is built while the last one is written.
+        """Insert every spec with one ``executemany`` on the database thread; returns the count.
 
-        A ManifestInvalid raised by the iterator propagates and rolls everything back.
+        SQLite pulls the rows from the iterator as it inserts them, so the manifest is read and
+        checked on the database thread too: one hand-over for the whole import instead of one
+        per chunk. A second thread would not overlap them anyway: the ``sqlite3`` module binds
+        parameters holding the GIL. A ManifestInvalid raised by the iterator propagates out of
+        ``executemany`` and rolls everything back. When this task is cancelled (Ctrl-C), the
+        iterator stops at its next chunk, so the rollback does not wait for the whole manifest.
         """
-        send, receive = anyio.create_memory_object_stream[list[tuple[Any, ...]]](1)
+        driver = (await conn.get_raw_connection()).driver_connection
+        assert driver is not None
+        stop = threading.Event()
         total = 0
 
-        async def writer() -> None:
-            async with receive:
-                async for chunk in receive:
-                    await conn.exec_driver_sql(sql, chunk)
-
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(writer)
-                async with send:
-                    chunk: list[tuple[Any, ...]] = []
-                    for spec in specs:
+        def params() -> Iterator[tuple[Any, ...]]:
+            nonlocal total
+            source = iter(specs)
+            try:
+                while chunk := list(islice(source, IMPORT_CHUNK)):
+                    if stop.is_set():
+                        raise _ImportCancelled
+                    total += len(chunk)
+                    for spec in chunk:
                         row: tuple[Any, ...] = (
                             spec.id,
                             spec.line,
@@ -531,18 +542,19 @@ class JobStore:
                             spec.output,
                             spec.output_key,
                         )
-                        chunk.append(row if now is None else (*row, now))
-                        if len(chunk) >= IMPORT_CHUNK:
-                            total += len(chunk)
-                            await send.send(chunk)
-                            chunk = []
-                    if chunk:
-                        total += len(chunk)
-                        await send.send(chunk)
-        except BaseExceptionGroup as group:  # the task group's wrapper: raise what happened
-            if len(group.exceptions) == 1:
-                raise group.exceptions[0] from None
+                        yield row if now is None else (*row, now)
+            finally:
+                close = getattr(source, "close", None)
+                if close is not None:  # a generator: stop it now, not when it is collected
+                    close()
+
+        try:
+            # aiosqlite runs executemany on its own thread and hands it the iterator as it is.
+            cursor = await driver.executemany(sql, params())
+        except BaseException:
+            stop.set()
             raise
+        await cursor.close()
         return total
 
     async def _merge_staging(

@@ -8,8 +8,10 @@ hypothesis state machine in test_store_stateful.py.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -427,6 +429,40 @@ async def test_a_first_import_failing_halfway_imports_nothing(db: Path, store: J
     assert table(db) == []
     report = await store.import_specs(specs(["a", "b"]), source=SOURCE)
     assert report == ImportReport(total=2, added=2, unchanged=0, replaced=0)
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["first_import", "later_import"])
+async def test_a_cancelled_import_stops_pulling_rows_and_writes_nothing(
+    db: Path, store: JobStore, first: bool
+) -> None:
+    """SQLite pulls the rows on its own thread; a cancelled import (Ctrl-C) must stop it there
+    too. The manifest never ends: if the import did not stop, this test would hang."""
+    if not first:
+        await store.import_specs(specs(["keep"]), source=SOURCE)
+    before = table(db)
+    pulled = 0
+    under_way = threading.Event()
+    closed = threading.Event()
+
+    def endless() -> Iterator[JobSpec]:
+        nonlocal pulled
+        try:
+            while True:
+                yield spec(f"job{pulled:09d}", line=pulled + 2)
+                pulled += 1
+                if pulled == 10_000:
+                    under_way.set()
+        finally:
+            closed.set()  # stopped and closed, not left suspended
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(partial(store.import_specs, endless(), source=SOURCE))
+        await anyio.to_thread.run_sync(under_way.wait)
+        tg.cancel_scope.cancel()
+    await anyio.to_thread.run_sync(closed.wait)  # the database thread stopped pulling rows
+    assert table(db) == before
+    report = await store.import_specs(specs(["keep", "new"]), source=SOURCE)
+    assert (report.total, report.added) == (2, 2 if first else 1)
 
 
 @pytest.mark.parametrize("first", [True, False], ids=["first_import", "later_import"])
