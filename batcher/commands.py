@@ -110,7 +110,7 @@ async def _import(store: JobStore, manifest_path: Path, *, replace: bool) -> tup
         log.info("%s unchanged since its last import: not read again", manifest_path)
         return 0, total, 0
     manifest = open_manifest(manifest_path)
-    report = await store.import_specs(manifest, source=str(manifest_path), replace=replace)
+    report = await store.import_rows(manifest.rows(), source=str(manifest_path), replace=replace)
     if key is not None and digest is not None:
         await store.set_meta(key, digest)
     shown = manifest.warnings[:5]

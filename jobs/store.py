@@ -55,7 +55,7 @@ from .errors import (
     StoreUnavailable,
 )
 from .schema import history, jobs, meta
-from .spec import JobSpec
+from .spec import JobRow, JobSpec
 from .states import State, sources_of
 
 __all__ = ["Claim", "Generated", "ImportReport", "JobStore", "Stats", "StoredFile"]
@@ -63,7 +63,7 @@ __all__ = ["Claim", "Generated", "ImportReport", "JobStore", "Stats", "StoredFil
 Clock = Callable[[], float]
 _T = TypeVar("_T")
 MICROS = Decimal(1_000_000)
-IMPORT_CHUNK = 2_000  # rows taken at a time between checks for a cancelled import
+IMPORT_CHUNK = 2_000  # rows read ahead between checks for a cancelled import
 _COLS = ", ".join(schema.STAGING_COLUMNS)
 _MARKS = ", ".join("?" * len(schema.STAGING_COLUMNS))
 _STAGING_INSERT = f"INSERT INTO staging ({_COLS}) VALUES ({_MARKS})"
@@ -302,7 +302,8 @@ class JobStore:
     """The durable job table of one run folder.
 
     >>> async with await JobStore.open("out/catalog/batcher.db") as store:  # doctest: +SKIP
-    ...     report = await store.import_specs(open_manifest("catalog.yaml"), source="catalog.yaml")
+    ...     manifest = open_manifest("catalog.yaml")
+    ...     report = await store.import_rows(manifest.rows(), source="catalog.yaml")
     ...     claims = await store.claim(limit=4, lease_seconds=60)
     """
 
@@ -485,6 +486,15 @@ class JobStore:
         different content is an error naming the id, unless ``replace`` is set: then the job
         goes back to ``pending`` and its old record is kept in ``job_history``.
         """
+        return await self.import_rows(
+            (spec.row() for spec in specs), source=source, replace=replace, max_errors=max_errors
+        )
+
+    async def import_rows(
+        self, rows: Iterable[JobRow], *, source: str, replace: bool = False, max_errors: int = 20
+    ) -> ImportReport:
+        """:meth:`import_specs` for jobs as ``JobRow`` tuples, the cheaper form a big
+        manifest streams (``Manifest.rows()``)."""
         now = self.clock()
         async with self._write() as conn:
             first = (await conn.exec_driver_sql("SELECT NOT EXISTS (SELECT 1 FROM jobs)")).scalar()
@@ -494,21 +504,21 @@ class JobStore:
                 # partial indexes are built once at the end (a sort), not row by row.
                 for index in _DEFERRED_INDEXES:
                     await conn.exec_driver_sql(f"DROP INDEX IF EXISTS {index.name}")
-                total = await self._stream_rows(conn, specs, _DIRECT_INSERT, now)
+                total = await self._stream_rows(conn, rows, _DIRECT_INSERT, now)
                 for index in _DEFERRED_INDEXES:
                     await conn.run_sync(index.create)
                 return ImportReport(total=total, added=total, unchanged=0, replaced=0)
             await conn.exec_driver_sql(schema.STAGING_DDL)
             await conn.exec_driver_sql("DELETE FROM staging")
-            total = await self._stream_rows(conn, specs, _STAGING_INSERT, None)
+            total = await self._stream_rows(conn, rows, _STAGING_INSERT, None)
             report = await self._merge_staging(conn, source, replace, max_errors, total, now)
             await conn.exec_driver_sql("DELETE FROM staging")
             return report
 
     async def _stream_rows(
-        self, conn: AsyncConnection, specs: Iterable[JobSpec], sql: str, now: float | None
+        self, conn: AsyncConnection, rows: Iterable[JobRow], sql: str, now: float | None
     ) -> int:
-        """Insert every spec with one ``executemany`` on the database thread; returns the count.
+        """Insert every row with one ``executemany`` on the database thread; returns the count.
 
         SQLite pulls the rows from the iterator as it inserts them, so the manifest is read and
         checked on the database thread too: one hand-over for the whole import instead of one
@@ -524,25 +534,17 @@ class JobStore:
 
         def params() -> Iterator[tuple[Any, ...]]:
             nonlocal total
-            source = iter(specs)
+            source = iter(rows)
             try:
                 while chunk := list(islice(source, IMPORT_CHUNK)):
                     if stop.is_set():
                         raise _ImportCancelled
                     total += len(chunk)
-                    for spec in chunk:
-                        row: tuple[Any, ...] = (
-                            spec.id,
-                            spec.line,
-                            spec.model,
-                            spec.prompt,
-                            spec.size,
-                            spec.seed,
-                            int(spec.prompt_extend),
-                            spec.output,
-                            spec.output_key,
-                        )
-                        yield row if now is None else (*row, now)
+                    if now is None:
+                        yield from chunk
+                    else:
+                        for row in chunk:
+                            yield (*row, now)
             finally:
                 close = getattr(source, "close", None)
                 if close is not None:  # a generator: stop it now, not when it is collected

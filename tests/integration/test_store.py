@@ -203,6 +203,25 @@ async def test_import_counts_and_rows(db: Path, store: JobStore, clock: FakeCloc
         assert r["created_at"] == clock.now
 
 
+@pytest.mark.parametrize("first", [True, False], ids=["first_import", "later_import"])
+async def test_rows_import_as_their_specs_do(tmp_path: Path, clock: FakeClock, first: bool) -> None:
+    batch = [spec("a", line=2), spec("b", line=3, prompt_extend=True), spec("c", line=4)]
+    tables = []
+    for name, rows in (("specs", None), ("rows", [s.row() for s in batch])):
+        db = tmp_path / name / "batcher.db"
+        async with await JobStore.open(db, clock=clock) as store:
+            if not first:
+                await store.import_specs([spec("keep", line=1)], source=SOURCE)
+            if rows is None:
+                report = await store.import_specs(batch, source=SOURCE)
+            else:
+                report = await store.import_rows(rows, source=SOURCE)
+        assert report == ImportReport(total=3, added=3, unchanged=0, replaced=0)
+        tables.append(table(db))
+    assert tables[0] == tables[1]
+    assert [r["prompt_extend"] for r in tables[1][-3:]] == [0, 1, 0]
+
+
 async def test_empty_import(store: JobStore) -> None:
     assert await store.import_specs([], source=SOURCE) == ImportReport(
         total=0, added=0, unchanged=0, replaced=0
