@@ -547,7 +547,7 @@ class JobStore:
                             yield (*row, now)
             finally:
                 close = getattr(source, "close", None)
-                if close is not None:  # a generator: stop it now, not when it is collected
+                if close is not None:  # a generator: stop it now (a helper process with it)
                     close()
 
         try:
