@@ -37,14 +37,20 @@ __all__ = ["CHUNK", "helper_rows"]
 
 CHUNK = 1024  # rows per message, ~180 KB: five fit in the widened pipe (see _widen)
 _PIPE_BYTES = 1 << 20  # the most Linux gives an unprivileged process by default
-_ROOT = str(Path(__file__).resolve().parent.parent)  # the folder holding the jobs package
+_PACKAGE = str(Path(__file__).resolve().parent)  # this very jobs package, wherever it is
 # The helper's entry point. Default SIGINT and SIGPIPE actions: an interrupted or orphaned
-# helper ends quietly, like any Unix filter. sys.path: the helper runs this very jobs package.
+# helper ends quietly, like any Unix filter. The package is registered without running its
+# __init__, which imports the store and SQLAlchemy: the helper needs neither, and the importer
+# waits for its first rows meanwhile (0.27 s to start instead of 0.06 s).
 _BOOT = (
     "import signal, sys\n"
     "signal.signal(signal.SIGINT, signal.SIG_DFL)\n"
     "if hasattr(signal, 'SIGPIPE'): signal.signal(signal.SIGPIPE, signal.SIG_DFL)\n"
-    "sys.path.insert(0, sys.argv[1])\n"
+    "from importlib.util import module_from_spec, spec_from_file_location\n"
+    "where = sys.argv[1]\n"
+    "spec = spec_from_file_location('jobs', where + '/__init__.py', "
+    "submodule_search_locations=[where])\n"
+    "sys.modules['jobs'] = module_from_spec(spec)\n"
     "from jobs.readahead import _helper_main\n"
     "sys.exit(_helper_main(sys.argv[2:]))\n"
 )
@@ -59,7 +65,7 @@ def helper_rows(shown: str, max_errors: int, done: Done) -> Iterator[JobRow]:
     called when every row was read; a ``ManifestInvalid`` is raised as the in-process
     iteration raises it.
     """
-    command = [sys.executable, "-c", _BOOT, _ROOT, shown, str(max_errors)]
+    command = [sys.executable, "-c", _BOOT, _PACKAGE, shown, str(max_errors)]
     try:
         proc = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, bufsize=1 << 16
