@@ -72,9 +72,10 @@ _CHANGED = (
     "NOT (j.model = s.model AND j.prompt = s.prompt AND j.size = s.size AND j.seed = s.seed "
     "AND j.prompt_extend = s.prompt_extend AND j.output = s.output)"
 )
-_DEFERRED_INDEXES = tuple(
-    i for i in jobs.indexes if i.name in ("ix_jobs_active", "ix_jobs_failed_code")
-)
+# Built after a first import rather than row by row (1M rows: 0.6-0.8 s at the end, 1.9 s
+# more in the inserts). ix_jobs_failed_code stays: no new row is failed, so it costs the
+# inserts nothing, while building it again would read the whole table (0.1 s at 1M).
+_DEFERRED_INDEXES = tuple(i for i in jobs.indexes if i.name == "ix_jobs_active")
 _DIRECT_INSERT = f"INSERT INTO jobs ({_COLS}, state, created_at) VALUES ({_MARKS}, 'pending', ?)"
 _RESULT_RESET: dict[str, Any] = {
     "request_id": None,
@@ -501,7 +502,7 @@ class JobStore:
             if first:
                 # The first import goes straight into the table: the manifest has already
                 # refused duplicate ids and outputs, and the constraints would catch any. The
-                # partial indexes are built once at the end (a sort), not row by row.
+                # active-jobs index is built once at the end (a sort), not row by row.
                 for index in _DEFERRED_INDEXES:
                     await conn.exec_driver_sql(f"DROP INDEX IF EXISTS {index.name}")
                 total = await self._stream_rows(conn, rows, _DIRECT_INSERT, now)

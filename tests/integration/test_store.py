@@ -450,6 +450,35 @@ async def test_a_first_import_failing_halfway_imports_nothing(db: Path, store: J
     assert report == ImportReport(total=2, added=2, unchanged=0, replaced=0)
 
 
+async def test_a_first_import_leaves_the_indexes_a_new_database_has(
+    db: Path, store: JobStore
+) -> None:
+    """It drops an index to build it at the end: the same index, and a failed one too."""
+
+    def indexes() -> list[tuple[str, str]]:
+        with raw(db) as con:
+            return con.execute(
+                "SELECT name, sql FROM sqlite_master WHERE type = 'index' ORDER BY name"
+            ).fetchall()
+
+    fresh = indexes()
+    await store.import_specs(numbered(3_000), source=SOURCE)
+    assert indexes() == fresh
+    problem = ManifestInvalid([ManifestError(SOURCE, 9, "seed", "not a number")])
+
+    def failing() -> Iterator[JobSpec]:
+        yield from numbered(3_000, prefix="other")
+        raise problem
+
+    with raw(db) as con:
+        con.execute("DELETE FROM jobs")
+    with pytest.raises(ManifestInvalid):
+        await store.import_specs(failing(), source=SOURCE)
+    assert indexes() == fresh
+    with raw(db) as con:
+        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
 @pytest.mark.parametrize("first", [True, False], ids=["first_import", "later_import"])
 async def test_a_cancelled_import_stops_pulling_rows_and_writes_nothing(
     db: Path, store: JobStore, first: bool
