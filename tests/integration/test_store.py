@@ -222,6 +222,29 @@ async def test_rows_import_as_their_specs_do(tmp_path: Path, clock: FakeClock, f
     assert [r["prompt_extend"] for r in tables[1][-3:]] == [0, 1, 0]
 
 
+@pytest.mark.parametrize("first", [True, False], ids=["first_import", "later_import"])
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 2_047, 2_048, 2_049, 4_161])
+async def test_every_row_lands_in_order_whatever_the_count(
+    db: Path, store: JobStore, clock: FakeClock, first: bool, n: int
+) -> None:
+    """Rows go in by statements of many rows (ROWS_PER_INSERT) in chunks: no row is lost or
+    moved at the edges, and each gets its own values."""
+    if not first:
+        await store.import_specs([spec("keep", line=1)], source=SOURCE)
+    batch = [
+        spec(f"job{i:06d}", line=i + 2, seed=i, prompt_extend=i % 3 == 0, prompt=f"p{i}")
+        for i in range(n)
+    ]
+    report = await store.import_specs(batch, source=SOURCE)
+    assert (report.total, report.added) == (n, n)
+    rows = table(db)[0 if first else 1 :]
+    assert [(r["id"], r["line"], r["seed"], r["prompt"]) for r in rows] == [
+        (s.id, s.line, s.seed, s.prompt) for s in batch
+    ]
+    assert [r["prompt_extend"] for r in rows] == [int(s.prompt_extend) for s in batch]
+    assert {(r["state"], r["created_at"]) for r in rows} == {("pending", clock.now)}
+
+
 async def test_empty_import(store: JobStore) -> None:
     assert await store.import_specs([], source=SOURCE) == ImportReport(
         total=0, added=0, unchanged=0, replaced=0
