@@ -48,17 +48,18 @@ _PACKAGE = str(Path(__file__).resolve().parent)  # this very jobs package, where
 # helper ends quietly, like any Unix filter. The package is registered without running its
 # __init__, which imports the store and SQLAlchemy: the helper needs neither, and the importer
 # waits for its first rows meanwhile (0.27 s to start instead of 0.06 s).
-_BOOT = (
-    "import signal, sys\n"
-    "signal.signal(signal.SIGINT, signal.SIG_DFL)\n"
-    "if hasattr(signal, 'SIGPIPE'): signal.signal(signal.SIGPIPE, signal.SIG_DFL)\n"
-    "from importlib.util import module_from_spec, spec_from_file_location\n"
-    "where = sys.argv[1]\n"
-    "spec = spec_from_file_location('jobs', where + '/__init__.py', "
-    "submodule_search_locations=[where])\n"
-    "sys.modules['jobs'] = module_from_spec(spec)\n"
-    "from jobs.readahead import _helper_main\n"
-    "sys.exit(_helper_main(sys.argv[2:]))\n"
+_BOOT = "; ".join(  # one line: it is the helper's command line in ps and py-spy
+    [
+        "import signal, sys",
+        "signal.signal(signal.SIGINT, signal.SIG_DFL)",
+        "hasattr(signal, 'SIGPIPE') and signal.signal(signal.SIGPIPE, signal.SIG_DFL)",
+        "from importlib.util import module_from_spec, spec_from_file_location",
+        "spec = spec_from_file_location('jobs', sys.argv[1] + '/__init__.py', "
+        "submodule_search_locations=[sys.argv[1]])",
+        "sys.modules['jobs'] = module_from_spec(spec)",
+        "from jobs.readahead import _helper_main",
+        "sys.exit(_helper_main(sys.argv[2:]))",
+    ]
 )
 
 Done = Callable[[list[ManifestError], int], None]
