@@ -27,15 +27,16 @@ pytestmark = pytest.mark.skipif(
 PROMPT = "a studio photo of a hand-thrown ceramic teapot on a linen cloth in soft light: item"
 
 
-def big_csv(path: Path, *, last: str | None = None) -> int:
-    """Just over HELPER_MIN_BYTES of ``id,prompt,seed`` rows; returns the number of rows."""
-    row = len(f"job-0000000,{PROMPT} 0000000,0\n")
-    n = HELPER_MIN_BYTES // row + 1_000
+def big_csv(path: Path, *, last: str | None = None, helper: bool = True) -> int:
+    """``id,prompt,seed`` rows, just over HELPER_MIN_BYTES (or with ``helper=False``, just
+    under: read in process); returns the number of rows."""
+    shortest, longest = (len(f"job-0000000,{PROMPT} 0000000,{s}\n") for s in (0, 9_999_999))
+    n = HELPER_MIN_BYTES // shortest + 1_000 if helper else HELPER_MIN_BYTES // longest - 1_000
     lines = ["id,prompt,seed"] + [f"job-{i:07d},{PROMPT} {i:07d},{i}" for i in range(n)]
     if last is not None:
         lines[-1] = last
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    assert path.stat().st_size >= HELPER_MIN_BYTES
+    assert (path.stat().st_size >= HELPER_MIN_BYTES) == helper
     return n
 
 
@@ -81,14 +82,15 @@ def start_plan(manifest: Path, out: Path) -> subprocess.Popen[str]:
     )
 
 
-def helper_under_way(proc: subprocess.Popen[str], wal: Path) -> int:
-    """Wait until the import is well under way (pages spill to the WAL) with its helper."""
+def helper_under_way(proc: subprocess.Popen[str], wal: Path, *, helper: bool = True) -> int:
+    """Wait until the import is well under way (pages spill to the WAL) with its helper (or
+    with ``helper=False``, without one); returns the helper's pid (or 0)."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         helpers = children_of(proc.pid)
-        if helpers and wal.exists() and wal.stat().st_size > 2_000_000:
-            [helper] = helpers
-            return helper
+        if bool(helpers) == helper and wal.exists() and wal.stat().st_size > 1_000_000:
+            [pid] = helpers if helper else [0]
+            return pid
         if proc.poll() is not None:
             raise AssertionError(f"plan ended (exit {proc.returncode}): {proc.communicate()}")
         time.sleep(0.003)
@@ -107,15 +109,19 @@ def test_an_error_on_the_last_row_exits_2_and_imports_nothing(tmp_path: Path) ->
     assert job_count(out / "batcher.db") == 0
 
 
-@pytest.mark.parametrize("to_group", [False, True], ids=["to_batcher", "ctrl_c_to_the_group"])
+@pytest.mark.parametrize(
+    ("to_group", "helper"),
+    [(False, True), (True, True), (True, False)],
+    ids=["to_batcher", "ctrl_c_to_the_group", "ctrl_c_without_a_helper"],
+)
 def test_ctrl_c_mid_import_exits_130_and_leaves_the_database_as_it_was(
-    tmp_path: Path, to_group: bool
+    tmp_path: Path, to_group: bool, helper: bool
 ) -> None:
     manifest = tmp_path / "big.csv"
-    big_csv(manifest)
+    big_csv(manifest, helper=helper)
     out = tmp_path / "out"
     proc = start_plan(manifest, out)
-    helper = helper_under_way(proc, out / "batcher.db-wal")
+    pid = helper_under_way(proc, out / "batcher.db-wal", helper=helper)
     if to_group:
         os.killpg(proc.pid, signal.SIGINT)
     else:
@@ -123,7 +129,7 @@ def test_ctrl_c_mid_import_exits_130_and_leaves_the_database_as_it_was(
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
     assert "Traceback" not in err
-    assert gone(helper)
+    assert not helper or gone(pid)
     assert job_count(out / "batcher.db") == 0
     again = run_cli("plan", manifest, "--out", out, "--json")
     assert again.returncode == 0, again.stderr
