@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from jobs.manifest import HELPER_MIN_BYTES
+
 from . import profiling
 from .common import (
     PYTHON,
@@ -168,6 +170,10 @@ def measure(quick: bool, args: argparse.Namespace) -> Result:
     small_claim = claim_latency(work / "small" / "batcher.db", work)
 
     ratio = first.wall / reference.wall
+    # A manifest this big is read by a helper process (jobs.readahead). ru_maxrss is the larger
+    # process's peak, so the two together stay under twice it.
+    processes = 2 if manifest.stat().st_size >= HELPER_MIN_BYTES else 1
+    together = f" a process, < {2 * first.maxrss_mb:.0f} MB together" if processes == 2 else ""
     headers = ["step", "wall s", "vs sqlite3", "rows/s", "peak RSS MB", "CPU s"]
     rows: list[list[Any]] = [
         [
@@ -215,8 +221,8 @@ def measure(quick: bool, args: argparse.Namespace) -> Result:
         ),
         Goal(
             text="import peak RSS < 300 MB",
-            met=first.maxrss_mb < 300,
-            measured=f"{first.maxrss_mb:.0f} MB (re-import {again.maxrss_mb:.0f} MB)",
+            met=first.maxrss_mb * processes < 300,
+            measured=f"{first.maxrss_mb:.0f} MB{together} (re-import {again.maxrss_mb:.0f} MB)",
         ),
         Goal(
             text="a re-import adds nothing",
@@ -280,9 +286,17 @@ def _profile_import(result: Result, work: Path, quick: bool, *, first_missed: bo
         run_measured(command, cwd=work, timeout=300, logs=work / "profiled-first.log").check()
         label = "re-import"
     raw = profiling.record(
-        command, out=work / f"profile-{label}.txt", cwd=work, timeout=300, mode="wall"
+        command,
+        out=work / f"profile-{label}.txt",
+        cwd=work,
+        timeout=300,
+        mode="wall",
+        subprocesses=True,  # a manifest this big is read by another process (jobs.readahead)
     )
-    for thread, what in (("main", "main thread"), ("other", "helper threads (SQLite)")):
+    views = [("main", "main thread"), ("other", "helper threads (SQLite)")]
+    if label == "import" and manifest.stat().st_size >= HELPER_MIN_BYTES:
+        views.append(("readahead", "the process reading the manifest"))
+    for thread, what in views:
         prof = profiling.summarise(
             raw, command=shown(command), rate=200, mode="wall", thread=thread
         )

@@ -12,6 +12,8 @@ Three ways to sample (``mode``):
 * ``wall``: every thread, idle ones included; pair it with ``thread="main"`` (stacks rooted in
   the script's ``<module>``) to see where the main thread's wall-clock time goes, waits
   included, or ``thread="other"`` for the helper threads (aiosqlite's, anyio's workers);
+  with ``subprocesses`` (py-spy follows child processes), ``thread="readahead"`` keeps the
+  process that reads a big manifest (``jobs.readahead``), which the other two then leave out;
 * ``active``: every thread's non-idle samples.
 """
 
@@ -56,9 +58,11 @@ class Profile:
     raw_path: Path
 
     def markdown(self, title: str, *, top: int = 12) -> str:
-        which = {"main": ", main thread only", "other": ", helper threads only"}.get(
-            self.thread, ""
-        )
+        which = {
+            "main": ", main thread only",
+            "other": ", helper threads only",
+            "readahead": ", the manifest-reading process only",
+        }.get(self.thread, "")
         seconds = self.samples / self.rate
         lines = [
             f"**Profile: {title}** (py-spy {self.rate} Hz, {self.samples} samples = "
@@ -136,11 +140,18 @@ def summarise(raw: Path, *, command: str, rate: int, mode: str, thread: str = "a
         stack, _, count_text = line.rpartition(" ")
         if not stack or not count_text.isdigit():
             continue
+        while stack.startswith("process "):  # the process, then its parent's child, ...
+            # py-spy names a process by its command line, which may hold ";" (python -c code)
+            stack = stack[stack.find('";') + 2 :] if '";' in stack else ""
         parts = [f for f in stack.split(";") if f and not f.startswith(("thread (", "process "))]
         if not parts:
             continue
         is_main = parts[0].startswith("<module> (")
-        if (thread == "main" and not is_main) or (thread == "other" and is_main):
+        is_reader = any("_helper_main (" in f for f in parts)
+        if thread == "readahead":
+            if not is_reader:
+                continue
+        elif is_reader or (thread == "main" and not is_main) or (thread == "other" and is_main):
             continue
         count = int(count_text)
         frames = [_frame_name(f) for f in parts]
@@ -175,8 +186,11 @@ def start(
     rate: int = 200,
     mode: str = "gil",
     env: dict[str, str] | None = None,
+    subprocesses: bool = False,
 ) -> subprocess.Popen[bytes]:
-    """Start ``command`` under ``py-spy record`` (its own process group); see :func:`record`."""
+    """Start ``command`` under ``py-spy record`` (its own process group); see :func:`record`.
+
+    ``subprocesses``: sample the command's child processes too."""
     binary = pyspy_binary()
     if binary is None:
         raise BenchError("py-spy is not installed in this environment")
@@ -187,6 +201,8 @@ def start(
         spy.append("--gil")
     elif mode == "wall":
         spy += ["--idle", "--threads"]
+    if subprocesses:
+        spy.append("--subprocesses")
     spy += ["--", *command]
     return subprocess.Popen(
         spy,
@@ -235,9 +251,10 @@ def record(
     rate: int = 200,
     mode: str = "gil",
     env: dict[str, str] | None = None,
+    subprocesses: bool = False,
 ) -> Path:
     """Run ``command`` under ``py-spy record``; the raw folded stacks (see :func:`summarise`)."""
-    spy = start(command, out=out, cwd=cwd, rate=rate, mode=mode, env=env)
+    spy = start(command, out=out, cwd=cwd, rate=rate, mode=mode, env=env, subprocesses=subprocesses)
     return finish(spy, out, command, timeout)
 
 

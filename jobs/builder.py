@@ -1,4 +1,4 @@
-"""One job's fields, already typed by a format reader, checked and turned into a ``JobSpec``.
+"""One job's fields, already typed by a format reader, checked and turned into a ``JobRow``.
 
 The readers (CSV, JSONL, YAML) only know their syntax: they hand ``JobBuilder.build`` plain
 values (``None`` where a field is absent) and it applies the rules every format shares:
@@ -13,7 +13,8 @@ values (``None`` where a field is absent) and it applies the rules every format 
   the job's variables (vars, extra columns, matrix values).
 
 Errors are appended to the caller's list (a row may have several); ``build`` returns ``None``
-for a row with errors.
+for a row with errors. A valid job comes back as a ``JobRow`` (a ``JobSpec``'s fields as a
+tuple, see ``jobs.spec``), the form it is imported in.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from jobs.errors import ManifestError
 from jobs.fields import MAX_ID_CHARS, MAX_SEED, PROMPT_LIMIT, one_line
 from jobs.naming import OutputTemplate, compile_output
 from jobs.sizes import DEFAULT_SIZE, parse_size
-from jobs.spec import JobSpec
+from jobs.spec import JobRow
 from jobs.templates import Scalar, compile_template
 
 __all__ = ["JobBuilder", "derive_id", "derive_seed"]
@@ -67,7 +68,7 @@ def _at(lines: Mapping[str, int] | None, line: int, field: str) -> int:
 
 
 class JobBuilder:
-    """Checks one job's fields and builds its ``JobSpec``; shared by all formats.
+    """Checks one job's fields and builds its ``JobRow``; shared by all formats.
 
     ``warnings`` receives non-fatal problems (at most ``max_warnings``; ``warning_count``
     counts them all).
@@ -114,8 +115,8 @@ class JobBuilder:
         variables: Mapping[str, Scalar],
         lines: Mapping[str, int] | None = None,
         id_suffix: str = "",
-    ) -> JobSpec | None:
-        """The job's ``JobSpec``, or ``None`` after appending its errors to ``errors``.
+    ) -> JobRow | None:
+        """The job's ``JobRow``, or ``None`` after appending its errors to ``errors``.
 
         ``lines`` maps a field to its own line where it differs from ``line`` (YAML);
         ``id_suffix`` is appended to the id (the matrix values of a fanned-out job); templates
@@ -198,17 +199,7 @@ class JobBuilder:
             return None
         if len(prompt) > PROMPT_LIMIT:
             self._warn(_at(lines, line, "prompt"), len(prompt))
-        return JobSpec(
-            id=full_id,
-            model=self.model,
-            prompt=prompt,
-            size=size_text,
-            seed=seed,
-            prompt_extend=extend,
-            output=path,
-            output_key=key,
-            line=line,
-        )
+        return (full_id, line, self.model, prompt, size_text, seed, extend, path, key)
 
     @staticmethod
     def _values(

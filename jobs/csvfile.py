@@ -8,7 +8,7 @@ located) and go to ``csv.reader`` in strict mode: quoted fields may span lines a
 reported at its first line; an unclosed quote is an error, not the rest of the file in one
 field. Blank records (a spreadsheet's trailing ``,,,``) are skipped.
 
-``iter_csv`` yields one item per record: the ``JobSpec``, or ``None`` after its problems were
+``iter_csv`` yields one item per record: the ``JobRow``, or ``None`` after its problems were
 appended to ``errors``. A problem that makes the rest of the file unreadable is raised as a
 ``ManifestError``. This is the hot path of a million-row import.
 """
@@ -32,7 +32,7 @@ from jobs.fields import (
     one_line,
     parse_bool_text,
 )
-from jobs.spec import JobSpec
+from jobs.spec import JobRow
 from jobs.templates import Scalar
 from jobs.textfile import open_text
 
@@ -44,7 +44,7 @@ _TRUE_FALSE = {"true": True, "false": False, "1": True, "0": False}
 
 def iter_csv(
     path: Path, shown: str, builder: JobBuilder, errors: list[ManifestError]
-) -> Iterator[JobSpec | None]:
+) -> Iterator[JobRow | None]:
     """The jobs of a CSV manifest (header row first; ``prompt`` is the only required column)."""
     with open_text(path, shown) as (text, checked):
         # strict: an unclosed quote is an error, not the rest of the file in one field
@@ -68,7 +68,7 @@ def _csv_rows(
     columns: list[str],
     builder: JobBuilder,
     errors: list[ManifestError],
-) -> Iterator[JobSpec | None]:
+) -> Iterator[JobRow | None]:
     # The hot path of a million-row import: plain locals, no per-row regex or dict building
     # beyond the variables, and the builder's fast paths for the rest.
     width = len(columns)

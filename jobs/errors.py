@@ -32,6 +32,11 @@ class JobStoreError(Exception):
     def __init__(self, message: str | None = None) -> None:
         super().__init__(message or (type(self).__doc__ or "").strip())
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Subclasses take other arguments (path, line, ...), so rebuild without calling
+        # __init__: a manifest read in a helper process sends its errors back pickled.
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
 
 class ManifestError(JobStoreError):
     """The manifest has a problem."""
@@ -77,3 +82,12 @@ class SchemaMismatch(JobStoreError):
 
 class StoreUnavailable(JobStoreError):
     """The job database could not be read or written."""
+
+
+def _rebuild(
+    cls: type[JobStoreError], args: tuple[object, ...], state: dict[str, object]
+) -> JobStoreError:
+    error = cls.__new__(cls, *args)
+    error.args = args
+    error.__dict__.update(state)
+    return error

@@ -6,7 +6,7 @@ scalars only. Duplicate keys, ``NaN``/``Infinity``, escaped NUL characters in a 
 unpaired surrogates are refused. Lines come from ``jobs.textfile`` (UTF-8 with or without BOM,
 encoding problems located).
 
-``iter_jsonl`` yields one item per object: the ``JobSpec``, or ``None`` after its problems
+``iter_jsonl`` yields one item per object: the ``JobRow``, or ``None`` after its problems
 were appended to ``errors``.
 """
 
@@ -26,7 +26,7 @@ from jobs.fields import (
     parse_bool_text,
     text_problem,
 )
-from jobs.spec import JobSpec
+from jobs.spec import JobRow
 from jobs.templates import Scalar
 from jobs.textfile import open_text
 
@@ -50,7 +50,7 @@ def _no_constant(name: str) -> object:
 
 def iter_jsonl(
     path: Path, shown: str, builder: JobBuilder, errors: list[ManifestError]
-) -> Iterator[JobSpec | None]:
+) -> Iterator[JobRow | None]:
     """The jobs of a JSONL manifest: one object per line; keys not a field are variables."""
     with open_text(path, shown) as (text, checked):
         index = 0
@@ -82,7 +82,7 @@ def iter_jsonl(
 
 def _jsonl_job(
     obj: dict[str, object], line: int, index: int, builder: JobBuilder, errors: list[ManifestError]
-) -> JobSpec | None:
+) -> JobRow | None:
     before = len(errors)
     texts: dict[str, str] = {}  # id, prompt, size, output
     seed: int | None = None

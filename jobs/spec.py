@@ -1,12 +1,22 @@
-"""The value a manifest row becomes: one job's full, validated description."""
+"""The value a manifest row becomes: one job's full, validated description.
+
+A manifest streams each job into the store as a ``JobRow``, a plain tuple in the order of the
+job table's import columns (``schema.STAGING_COLUMNS``): a million frozen dataclasses cost
+more than checking the million rows. ``JobSpec`` is the same job as a value, for everything
+that is not a bulk import.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_MODEL", "JobSpec"]
+__all__ = ["DEFAULT_MODEL", "JobRow", "JobSpec"]
 
 DEFAULT_MODEL = "z-image-turbo"
+
+JobRow = tuple[str, int, str, str, str, int, bool, str, str]
+"""(id, line, model, prompt, size, seed, prompt_extend, output, output_key): a ``JobSpec``'s
+fields in the job table's column order."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -27,6 +37,36 @@ class JobSpec:
     output: str
     output_key: str
     line: int
+
+    @classmethod
+    def from_row(cls, row: JobRow) -> JobSpec:
+        """The spec of a ``JobRow``."""
+        job_id, line, model, prompt, size, seed, prompt_extend, output, output_key = row
+        return cls(
+            id=job_id,
+            model=model,
+            prompt=prompt,
+            size=size,
+            seed=seed,
+            prompt_extend=prompt_extend,
+            output=output,
+            output_key=output_key,
+            line=line,
+        )
+
+    def row(self) -> JobRow:
+        """This spec as a ``JobRow`` (``JobSpec.from_row(spec.row()) == spec``)."""
+        return (
+            self.id,
+            self.line,
+            self.model,
+            self.prompt,
+            self.size,
+            self.seed,
+            self.prompt_extend,
+            self.output,
+            self.output_key,
+        )
 
     @property
     def width(self) -> int:

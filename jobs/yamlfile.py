@@ -27,7 +27,7 @@ from jobs.errors import ManifestError, ManifestInvalid
 from jobs.fields import BUILTIN_VARS, FIELDS, MAX_SEED, suggest
 from jobs.naming import DEFAULT_OUTPUT, OutputTemplate, compile_output
 from jobs.sizes import parse_size
-from jobs.spec import DEFAULT_MODEL, JobSpec
+from jobs.spec import DEFAULT_MODEL, JobRow
 from jobs.templates import Scalar
 from jobs.yamlnodes import SEQ, FieldValue, Nodes, as_var, compose, decode, kind_of, line_of
 
@@ -224,7 +224,7 @@ def _matrix_value(name: str, item: Node, nodes: Nodes, field: str) -> Entry | No
 
 def iter_yaml(
     doc: YamlManifest, path: str, builder: JobBuilder, errors: list[ManifestError]
-) -> Iterator[JobSpec | None]:
+) -> Iterator[JobRow | None]:
     """The jobs of a checked YAML manifest, each fanned out over the matrix."""
     nodes = Nodes(path, errors)
     names = [name for name, _ in doc.matrix]

@@ -8,8 +8,10 @@ hypothesis state machine in test_store_stateful.py.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +201,48 @@ async def test_import_counts_and_rows(db: Path, store: JobStore, clock: FakeCloc
         assert r["next_attempt_at"] == 0
         assert r["claim_token"] is None and r["lease_expires_at"] is None
         assert r["created_at"] == clock.now
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["first_import", "later_import"])
+async def test_rows_import_as_their_specs_do(tmp_path: Path, clock: FakeClock, first: bool) -> None:
+    batch = [spec("a", line=2), spec("b", line=3, prompt_extend=True), spec("c", line=4)]
+    tables = []
+    for name, rows in (("specs", None), ("rows", [s.row() for s in batch])):
+        db = tmp_path / name / "batcher.db"
+        async with await JobStore.open(db, clock=clock) as store:
+            if not first:
+                await store.import_specs([spec("keep", line=1)], source=SOURCE)
+            if rows is None:
+                report = await store.import_specs(batch, source=SOURCE)
+            else:
+                report = await store.import_rows(rows, source=SOURCE)
+        assert report == ImportReport(total=3, added=3, unchanged=0, replaced=0)
+        tables.append(table(db))
+    assert tables[0] == tables[1]
+    assert [r["prompt_extend"] for r in tables[1][-3:]] == [0, 1, 0]
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["first_import", "later_import"])
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 2_047, 2_048, 2_049, 4_161])
+async def test_every_row_lands_in_order_whatever_the_count(
+    db: Path, store: JobStore, clock: FakeClock, first: bool, n: int
+) -> None:
+    """Rows go in by statements of many rows (ROWS_PER_INSERT) in chunks: no row is lost or
+    moved at the edges, and each gets its own values."""
+    if not first:
+        await store.import_specs([spec("keep", line=1)], source=SOURCE)
+    batch = [
+        spec(f"job{i:06d}", line=i + 2, seed=i, prompt_extend=i % 3 == 0, prompt=f"p{i}")
+        for i in range(n)
+    ]
+    report = await store.import_specs(batch, source=SOURCE)
+    assert (report.total, report.added) == (n, n)
+    rows = table(db)[0 if first else 1 :]
+    assert [(r["id"], r["line"], r["seed"], r["prompt"]) for r in rows] == [
+        (s.id, s.line, s.seed, s.prompt) for s in batch
+    ]
+    assert [r["prompt_extend"] for r in rows] == [int(s.prompt_extend) for s in batch]
+    assert {(r["state"], r["created_at"]) for r in rows} == {("pending", clock.now)}
 
 
 async def test_empty_import(store: JobStore) -> None:
@@ -427,6 +471,69 @@ async def test_a_first_import_failing_halfway_imports_nothing(db: Path, store: J
     assert table(db) == []
     report = await store.import_specs(specs(["a", "b"]), source=SOURCE)
     assert report == ImportReport(total=2, added=2, unchanged=0, replaced=0)
+
+
+async def test_a_first_import_leaves_the_indexes_a_new_database_has(
+    db: Path, store: JobStore
+) -> None:
+    """It drops an index to build it at the end: the same index, and a failed one too."""
+
+    def indexes() -> list[tuple[str, str]]:
+        with raw(db) as con:
+            return con.execute(
+                "SELECT name, sql FROM sqlite_master WHERE type = 'index' ORDER BY name"
+            ).fetchall()
+
+    fresh = indexes()
+    await store.import_specs(numbered(3_000), source=SOURCE)
+    assert indexes() == fresh
+    problem = ManifestInvalid([ManifestError(SOURCE, 9, "seed", "not a number")])
+
+    def failing() -> Iterator[JobSpec]:
+        yield from numbered(3_000, prefix="other")
+        raise problem
+
+    with raw(db) as con:
+        con.execute("DELETE FROM jobs")
+    with pytest.raises(ManifestInvalid):
+        await store.import_specs(failing(), source=SOURCE)
+    assert indexes() == fresh
+    with raw(db) as con:
+        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["first_import", "later_import"])
+async def test_a_cancelled_import_stops_pulling_rows_and_writes_nothing(
+    db: Path, store: JobStore, first: bool
+) -> None:
+    """SQLite pulls the rows on its own thread; a cancelled import (Ctrl-C) must stop it there
+    too. The manifest never ends: if the import did not stop, this test would hang."""
+    if not first:
+        await store.import_specs(specs(["keep"]), source=SOURCE)
+    before = table(db)
+    pulled = 0
+    under_way = threading.Event()
+    closed = threading.Event()
+
+    def endless() -> Iterator[JobSpec]:
+        nonlocal pulled
+        try:
+            while True:
+                yield spec(f"job{pulled:09d}", line=pulled + 2)
+                pulled += 1
+                if pulled == 10_000:
+                    under_way.set()
+        finally:
+            closed.set()  # stopped and closed, not left suspended
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(partial(store.import_specs, endless(), source=SOURCE))
+        await anyio.to_thread.run_sync(under_way.wait)
+        tg.cancel_scope.cancel()
+    await anyio.to_thread.run_sync(closed.wait)  # the database thread stopped pulling rows
+    assert table(db) == before
+    report = await store.import_specs(specs(["keep", "new"]), source=SOURCE)
+    assert (report.total, report.added) == (2, 2 if first else 1)
 
 
 @pytest.mark.parametrize("first", [True, False], ids=["first_import", "later_import"])

@@ -261,9 +261,10 @@ def test_any_id_in_a_manifest_gets_a_safe_output(job_id: str) -> None:
     builder = JobBuilder(
         path="m.csv", model="z-image-turbo", output=compile_output("{id}.png"), warnings=[]
     )
-    spec = builder.build(found, 2, 1, job_id, "a prompt", None, None, None, None, {})
-    if spec is None:
+    row = builder.build(found, 2, 1, job_id, "a prompt", None, None, None, None, {})
+    if row is None:
         assert found and all("\n" not in e.format() for e in found)
         return
+    spec = JobSpec.from_row(row)
     _check_path(spec.output)
     assert unicodedata.is_normalized("NFC", spec.id)

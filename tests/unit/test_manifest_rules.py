@@ -117,6 +117,30 @@ def test_iterating_twice_reads_the_same_jobs(tmp_path: Path) -> None:
     assert list(manifest) == list(manifest)
 
 
+@pytest.mark.parametrize("name", ["catalog.yaml", "dataset.csv", "small.jsonl"])
+def test_rows_are_the_jobs_as_tuples(name: str) -> None:
+    manifest = open_manifest(SAMPLES / name)
+    jobs = list(manifest)
+    rows = list(manifest.rows())
+    assert rows == [spec.row() for spec in jobs]
+    assert [JobSpec.from_row(row) for row in rows] == jobs
+    assert all(type(row) is tuple and len(row) == 9 for row in rows)
+
+
+def test_rows_check_like_iteration(tmp_path: Path) -> None:
+    text = "id,prompt,seed\na,p,1\nb,p,x\nc,,3\na,p,2\nd," + "x" * 900 + ",4\n"
+    path = write(tmp_path, "m.csv", text)
+    found = []
+    for read in (list, lambda m: list(m.rows())):
+        manifest = open_manifest(path)
+        with pytest.raises(ManifestInvalid) as info:
+            read(manifest)
+        found.append([e.format() for e in info.value.errors])
+        assert manifest.warning_count == 1
+    assert found[0] == found[1]
+    assert [line.split(": ")[1] for line in found[0]] == ["seed", "prompt", "id"]
+
+
 # ---- ids ----------------------------------------------------------------------------------
 
 

@@ -1,0 +1,174 @@
+"""A manifest read by a helper process (jobs.readahead): the same rows, warnings and errors as
+in process, imported by a real store into a real SQLite file, and no helper left behind.
+
+The helper is seen as a child of this process in /proc (Linux); tests that need that skip
+elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from jobs import manifest as manifest_module
+from jobs.errors import JobStoreError, ManifestError, ManifestInvalid
+from jobs.manifest import open_manifest
+from jobs.spec import JobRow
+from jobs.store import JobStore
+
+from .store_support import FakeClock, specs, table
+
+SAMPLES = Path(__file__).resolve().parents[2] / "samples"
+HAVE_CHILDREN = any(Path("/proc/self/task").glob("*/children"))
+needs_proc = pytest.mark.skipif(not HAVE_CHILDREN, reason="needs /proc/<pid>/task/*/children")
+
+
+def children() -> set[int]:
+    """This process's child processes (every thread's)."""
+    found: set[int] = set()
+    for listing in Path("/proc/self/task").glob("*/children"):
+        found |= {int(pid) for pid in listing.read_text().split()}
+    return found
+
+
+def big_csv(path: Path, n: int, last: str | None = None) -> Path:
+    """``n`` rows (``id,prompt,seed``), the last one replaced by ``last`` when given."""
+    lines = ["id,prompt,seed"] + [f"job-{i:07d},a photo of item {i},{i}" for i in range(n)]
+    if last is not None:
+        lines[-1] = last
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def read(path: Path, *, helper: bool) -> tuple[list[object], list[str], int]:
+    """Rows, warnings and warning count, or the errors (as lines) in place of the rows."""
+    manifest = open_manifest(path)
+    rows: list[object]
+    try:
+        rows = list(manifest.rows(helper=helper))
+    except ManifestInvalid as exc:
+        rows = [*(e.format() for e in exc.errors), f"truncated={exc.truncated}"]
+    return rows, [w.format() for w in manifest.warnings], manifest.warning_count
+
+
+CASES = {
+    "catalog.yaml": None,
+    "dataset.csv": None,
+    "small.jsonl": None,
+    "warnings.csv": "id,prompt\n" + "".join(f"w{i},{'x' * 900}\n" for i in range(120)),
+    "errors.csv": "id,prompt,seed\na,p,1\nb,p,x\na,p,2\nc,,3\nd,p,4\nA,p,5\n",
+    "many_errors.jsonl": "".join(f'{{"id": "j{i}", "prompt": ""}}\n' for i in range(40)),
+    "bad_encoding.csv": b"id,prompt\na,caf\xe9\n",
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_a_helper_reads_what_the_process_reads(tmp_path: Path, name: str) -> None:
+    data = CASES[name]
+    if data is None:
+        path = SAMPLES / name
+    else:
+        path = tmp_path / name
+        path.write_bytes(data if isinstance(data, bytes) else data.encode())
+    in_process = read(path, helper=False)
+    assert read(path, helper=True) == in_process
+    assert in_process[0]  # rows or errors: something was compared
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("first", [True, False], ids=["first_import", "later_import"])
+@pytest.mark.parametrize(
+    ("last", "field"),
+    [("job-bad,a photo,seven", "seed"), ("job-0000003,a photo again,3", "id")],
+    ids=["bad_seed", "duplicate_id"],
+)
+async def test_an_error_on_the_last_row_imports_nothing(
+    tmp_path: Path, first: bool, last: str, field: str
+) -> None:
+    n = 60_000
+    path = big_csv(tmp_path / "m.csv", n, last)
+    db = tmp_path / "run" / "batcher.db"
+    async with await JobStore.open(db, clock=FakeClock()) as store:
+        if not first:
+            await store.import_specs(specs(["keep"]), source=str(path))
+        before = table(db)
+        with pytest.raises(ManifestInvalid) as info:
+            await store.import_rows(open_manifest(path).rows(helper=True), source=str(path))
+        assert [(e.path, e.line, e.field) for e in info.value.errors] == [(str(path), n + 1, field)]
+        assert table(db) == before
+        # and the same file without the bad row imports in full
+        big_csv(path, n - 1)
+        report = await store.import_rows(open_manifest(path).rows(helper=True), source=str(path))
+        assert report.added == n - 1
+
+
+@needs_proc
+def test_closing_the_rows_early_stops_the_helper(tmp_path: Path) -> None:
+    path = big_csv(tmp_path / "m.csv", 60_000)
+    before = children()
+    rows = open_manifest(path).rows(helper=True)
+    assert children() == before  # nothing starts until a row is asked for
+    assert len([next(rows) for _ in range(10)]) == 10
+    assert len(children() - before) == 1
+    rows.close()  # type: ignore[attr-defined]
+    assert children() == before
+
+
+@needs_proc
+@pytest.mark.anyio
+async def test_a_helper_that_dies_fails_the_import_and_imports_nothing(tmp_path: Path) -> None:
+    path = big_csv(tmp_path / "m.csv", 200_000)
+    db = tmp_path / "run" / "batcher.db"
+    before = children()
+
+    def killed_midway() -> Iterator[JobRow]:
+        for n, row in enumerate(open_manifest(path).rows(helper=True)):
+            if n == 5_000:
+                for pid in children() - before:
+                    os.kill(pid, signal.SIGKILL)
+            yield row
+
+    async with await JobStore.open(db, clock=FakeClock()) as store:
+        with pytest.raises(JobStoreError, match=r"helper process reading .* stopped") as info:
+            await store.import_rows(killed_midway(), source=str(path))
+        assert not isinstance(info.value, ManifestInvalid)
+        assert table(db) == []
+    assert children() == before
+
+
+@needs_proc
+@pytest.mark.parametrize(
+    ("name", "data", "helper"),
+    [
+        ("m.csv", "id,prompt\n" + "".join(f"j{i},p\n" for i in range(500)), True),
+        ("m.jsonl", "".join(f'{{"id": "j{i}", "prompt": "p"}}\n' for i in range(500)), True),
+        ("m.yaml", "jobs:\n" + "".join(f"  - prompt: p{i}\n" for i in range(500)), False),
+    ],
+)
+def test_big_streamed_files_get_a_helper_by_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, data: str, helper: bool
+) -> None:
+    path = tmp_path / name
+    path.write_text(data, encoding="utf-8")
+    before = children()
+    rows = open_manifest(path).rows()
+    next(rows)
+    assert children() == before  # a small file is read in process
+    monkeypatch.setattr(manifest_module, "HELPER_MIN_BYTES", 1_000)
+    rows = open_manifest(path).rows()
+    next(rows)
+    assert len(children() - before) == (1 if helper else 0)
+    assert len(list(rows)) == 499
+
+
+def test_manifest_errors_survive_pickling() -> None:
+    error = ManifestInvalid([ManifestError("m.csv", 3, "seed", "'x' is not a whole number")])
+    clone = pickle.loads(pickle.dumps(error))
+    assert type(clone) is ManifestInvalid and str(clone) == str(error)
+    assert [vars(e) for e in clone.errors] == [vars(e) for e in error.errors]
+    assert clone.truncated is False
