@@ -32,6 +32,7 @@ from batcher.classify import (
     classify_download,
     classify_transport,
 )
+from jobs.errors import rebuild_error
 
 __all__ = [
     "ApiError",
@@ -70,7 +71,7 @@ class BatcherError(Exception):
 
     def __reduce__(self) -> tuple[object, ...]:
         # Subclasses take keyword or typed arguments, so rebuild without calling __init__.
-        return (_rebuild, (type(self), self.args, self.__dict__))
+        return (rebuild_error, (type(self), self.args, self.__dict__))
 
 
 class TransientError(BatcherError):
@@ -140,12 +141,3 @@ class DownloadError(BatcherError):
 
 class ConfigError(BatcherError):
     """The configuration is invalid."""
-
-
-def _rebuild(
-    cls: type[BatcherError], args: tuple[object, ...], state: dict[str, object]
-) -> BatcherError:
-    error = cls.__new__(cls, *args)
-    error.args = args
-    error.__dict__.update(state)
-    return error

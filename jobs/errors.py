@@ -15,6 +15,10 @@ Each class's docstring is its default message.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
+_E = TypeVar("_E", bound=BaseException)
+
 __all__ = [
     "IllegalTransition",
     "JobStoreError",
@@ -35,7 +39,7 @@ class JobStoreError(Exception):
     def __reduce__(self) -> tuple[object, ...]:
         # Subclasses take other arguments (path, line, ...), so rebuild without calling
         # __init__: a manifest read in a helper process sends its errors back pickled.
-        return (_rebuild, (type(self), self.args, self.__dict__))
+        return (rebuild_error, (type(self), self.args, self.__dict__))
 
 
 class ManifestError(JobStoreError):
@@ -84,9 +88,9 @@ class StoreUnavailable(JobStoreError):
     """The job database could not be read or written."""
 
 
-def _rebuild(
-    cls: type[JobStoreError], args: tuple[object, ...], state: dict[str, object]
-) -> JobStoreError:
+def rebuild_error(cls: type[_E], args: tuple[object, ...], state: dict[str, object]) -> _E:
+    """Unpickle an error without calling its ``__init__`` (subclasses take other arguments):
+    the ``__reduce__`` of JobStoreError here and of BatcherError in ``batcher.errors``."""
     error = cls.__new__(cls, *args)
     error.args = args
     error.__dict__.update(state)
