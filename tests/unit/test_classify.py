@@ -294,6 +294,7 @@ ALLOWED_IMPORTS = {
     "re",
     "types",
     "batcher.classify",
+    "jobs.errors",  # pure too (typing only): its rebuild_error unpickles both packages' errors
 }
 
 
