@@ -1,8 +1,9 @@
 """The SQLite schema of a run folder's ``batcher.db``: tables, indexes and pragmas.
 
-One row per job in ``jobs``; the previous record of a job replaced by ``--replace`` in
-``job_history``; ``meta`` holds the schema version so a later release can upgrade an old run
-folder (or refuse it clearly).
+One row per job in ``jobs``; the previous record of a job replaced by ``--replace`` (or
+redone) in ``job_history``; ``meta`` holds the schema version. A run folder made by an older
+release is upgraded in place on first open by the numbered steps of :mod:`jobs.migrations`;
+``SCHEMA_VERSION`` is the version those steps end at, and the tables below are that version.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from sqlalchemy import (
 
 __all__ = ["ACTIVE", "PRAGMAS", "SCHEMA_VERSION", "history", "jobs", "meta", "metadata"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 PRAGMAS = (
     "PRAGMA journal_mode=WAL",
@@ -90,6 +91,14 @@ jobs = Table(
     Column("started_at", Float),
     Column("generated_at", Float),
     Column("finished_at", Float),
+    # where the image came from: "emulator", or the API base URL (never the key)  [v2]
+    Column("endpoint", Text),
+    # the manifest row's own variables (extra columns), as a JSON object  [v2]
+    Column("vars", Text),
+    # a person's judgement of the image: "approved" | "rejected" | NULL, and a note  [v2]
+    Column("review", Text),
+    Column("review_note", Text),
+    Column("reviewed_at", Float),
     sqlite_autoincrement=False,
 )
 
@@ -107,6 +116,9 @@ history = Table(
     Column("job_id", Text, nullable=False, index=True),
     Column("replaced_at", Float, nullable=False),
     Column("record", Text, nullable=False),  # the old row as JSON
+    # why the record was set aside ("replace", "redo", ...) and where its image went  [v2]
+    Column("reason", Text),
+    Column("file", Text),
 )
 
 STAGING_DDL = """

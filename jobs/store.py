@@ -42,13 +42,13 @@ from pathlib import Path
 from typing import Any, Self, TypeVar
 
 import anyio
-from sqlalchemy import event, func, literal_column, select, update
+from sqlalchemy import event, func, inspect, literal_column, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool
 
-from . import schema
+from . import migrations, schema
 from .errors import (
     JobStoreError,
     LeaseLost,
@@ -494,20 +494,37 @@ class JobStore:
         return self._path
 
     async def _ensure_schema(self) -> None:
+        """Create the tables, or bring an older run folder's database up to this schema
+        (copied aside first, then every step in one transaction; see :mod:`jobs.migrations`)."""
+        found = await self._schema_version()
+        if found is not None and found < schema.SCHEMA_VERSION:
+            await anyio.to_thread.run_sync(migrations.backup_before_migrating, self._path, found)
         async with self._write() as conn:
+            found = await _read_version(conn)  # again, under the write lock
+            if found is not None and found > schema.SCHEMA_VERSION:
+                raise SchemaMismatch(
+                    f"{self._path} has schema version {found}, made by a newer batcher; this "
+                    f"one knows versions up to {schema.SCHEMA_VERSION}: upgrade batcher"
+                )
+            if found is not None:
+                for _number, statements in migrations.steps_after(found, schema.SCHEMA_VERSION):
+                    for statement in statements:
+                        await conn.exec_driver_sql(statement)
             await conn.run_sync(schema.metadata.create_all)
-            found = (
-                await conn.execute(select(meta.c.value).where(meta.c.key == "schema_version"))
-            ).scalar()
             if found is None:
                 await conn.execute(
                     meta.insert().values(key="schema_version", value=str(schema.SCHEMA_VERSION))
                 )
-            elif int(found) != schema.SCHEMA_VERSION:
-                raise SchemaMismatch(
-                    f"{self._path} has schema version {found}; this batcher knows "
-                    f"{schema.SCHEMA_VERSION}"
+            elif found != schema.SCHEMA_VERSION:
+                await conn.execute(
+                    update(meta)
+                    .where(meta.c.key == "schema_version")
+                    .values(value=str(schema.SCHEMA_VERSION))
                 )
+
+    async def _schema_version(self) -> int | None:
+        async with self._read() as conn:
+            return await _read_version(conn)
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncConnection]:
@@ -1273,6 +1290,16 @@ class JobStore:
                 rec = dict(row._mapping)
                 last = rec.pop("rowid")
                 yield _public(rec)
+
+
+async def _read_version(conn: AsyncConnection) -> int | None:
+    """The database's schema version, or None for a new (empty) database."""
+    if not await conn.run_sync(lambda c: inspect(c).has_table("meta")):
+        return None
+    found = (
+        await conn.execute(select(meta.c.value).where(meta.c.key == "schema_version"))
+    ).scalar()
+    return None if found is None else int(found)
 
 
 def _public(rec: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,120 @@
+"""A run folder made by an older batcher opens with this one: migrated in place, copied aside
+first, in one transaction. ``tests/data/v1_run`` is a real version-1 run folder, made by the
+release before schema versioning moved on (5 done, 1 failed, 1 pending)."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from jobs import migrations, schema
+from jobs.errors import SchemaMismatch
+from jobs.states import State
+from jobs.store import JobStore
+
+from ..support import REPO
+
+pytestmark = pytest.mark.anyio
+
+FIXTURE = REPO / "tests" / "data" / "v1_run"
+
+
+@pytest.fixture
+def v1(tmp_path: Path) -> Path:
+    """A copy of the version-1 run folder (the fixture itself is never written)."""
+    dest = tmp_path / "v1"
+    shutil.copytree(FIXTURE, dest)
+    return dest
+
+
+def columns(db: Path, table: str) -> list[str]:
+    with sqlite3.connect(db) as con:
+        return sorted(r[1] for r in con.execute(f"PRAGMA table_info({table})"))
+
+
+def version(db: Path) -> str:
+    with sqlite3.connect(db) as con:
+        return str(con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
+
+
+def test_the_fixture_is_version_1() -> None:
+    db = FIXTURE / "run" / "batcher.db"
+    assert version(db) == "1"
+    assert "endpoint" not in columns(db, "jobs")
+
+
+async def test_a_version_1_folder_migrates_in_place_and_keeps_every_job(v1: Path) -> None:
+    db = v1 / "run" / "batcher.db"
+    with sqlite3.connect(db) as con:
+        before = con.execute(
+            "SELECT id, state, sha256, cost_micros FROM jobs ORDER BY id"
+        ).fetchall()
+    async with await JobStore.open(db, create=False) as store:
+        stats = await store.stats()
+        assert stats.total == 7
+        assert stats.count(State.DONE) == 5
+        assert stats.count(State.FAILED) == 1
+        assert stats.count(State.PENDING) == 1
+    assert version(db) == str(schema.SCHEMA_VERSION)
+    with sqlite3.connect(db) as con:
+        after = con.execute(
+            "SELECT id, state, sha256, cost_micros FROM jobs ORDER BY id"
+        ).fetchall()
+    assert after == before
+    # the copy aside is the untouched version-1 database
+    backup = migrations.backup_path(db, 1)
+    assert backup.is_file()
+    assert version(backup) == "1"
+    with sqlite3.connect(backup) as con:
+        assert con.execute("SELECT count(*) FROM jobs").fetchone()[0] == 7
+
+
+async def test_a_migrated_database_has_the_columns_of_a_new_one(v1: Path, tmp_path: Path) -> None:
+    old = v1 / "run" / "batcher.db"
+    async with await JobStore.open(old, create=False):
+        pass
+    new = tmp_path / "new" / "batcher.db"
+    async with await JobStore.open(new):
+        pass
+    for table in ("jobs", "job_history", "meta"):
+        assert columns(old, table) == columns(new, table), table
+
+
+async def test_opening_again_does_not_migrate_or_back_up_again(v1: Path) -> None:
+    db = v1 / "run" / "batcher.db"
+    async with await JobStore.open(db, create=False):
+        pass
+    backup = migrations.backup_path(db, 1)
+    stamp = backup.stat().st_mtime_ns
+    async with await JobStore.open(db, create=False) as store:
+        assert (await store.stats()).total == 7
+    assert backup.stat().st_mtime_ns == stamp
+    assert [p.name for p in db.parent.glob("*.bak")] == [backup.name]
+
+
+async def test_a_failing_step_leaves_version_1_intact(
+    v1: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = v1 / "run" / "batcher.db"
+    broken = {2: (*migrations.STEPS[2], "ALTER TABLE no_such_table ADD COLUMN x TEXT")}
+    monkeypatch.setattr(migrations, "STEPS", broken)
+    with pytest.raises(Exception, match="no_such_table"):
+        await JobStore.open(db, create=False)
+    assert version(db) == "1"
+    assert "endpoint" not in columns(db, "jobs")  # the step's earlier statements rolled back
+    monkeypatch.undo()
+    async with await JobStore.open(db, create=False) as store:
+        assert (await store.stats()).total == 7
+    assert version(db) == str(schema.SCHEMA_VERSION)
+
+
+async def test_a_newer_database_is_refused_not_downgraded(v1: Path) -> None:
+    db = v1 / "run" / "batcher.db"
+    with sqlite3.connect(db) as con:
+        con.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    with pytest.raises(SchemaMismatch, match="newer batcher"):
+        await JobStore.open(db, create=False)
+    assert version(db) == "99"
