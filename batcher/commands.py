@@ -31,6 +31,7 @@ from .client import DashScopeClient, base_url_for
 from .download import sweep_partials
 from .errors import ConfigError
 from .layout import RunLayout, RunLock
+from .modelrules import RULES
 from .pool import Runner, RunOptions, RunResult, StopReason
 from .pricing import Money, price_per_image
 from .progress import ProgressView, Snapshot, make_view
@@ -109,7 +110,7 @@ async def _import(store: JobStore, manifest_path: Path, *, replace: bool) -> tup
         total = await store.count()
         log.info("%s unchanged since its last import: not read again", manifest_path)
         return 0, total, 0
-    manifest = open_manifest(manifest_path)
+    manifest = open_manifest(manifest_path, rules=RULES)
     report = await store.import_rows(manifest.rows(), source=str(manifest_path), replace=replace)
     if key is not None and digest is not None:
         await store.set_meta(key, digest)

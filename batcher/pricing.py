@@ -1,12 +1,13 @@
 """What images cost: a price table per model and region, in the region's currency.
 
 Billing is unit price x successfully generated images, whatever the resolution; failed calls
-are free (../shared/dashscope-api.md, section 7). ``z-image-turbo`` costs twice as much with
-``prompt_extend``; for the other models the switch does not change the price.
+are free. The prices are the model registry's (``batcher.models``): ``z-image-turbo`` costs
+twice as much with ``prompt_extend`` (its ``extend_factor``); for the other models the switch
+does not change the price.
 
 Region ``cn`` (Beijing) is priced in CNY as published. Region ``intl`` (Singapore) is priced in
-USD: the official page lists Singapore prices in CNY only, and the USD figures below are the
-reference's conversion (Singapore CNY / 7.3393), which a third-party price list corroborates for
+USD: the official page lists Singapore prices in CNY only, and the USD figures are that price
+converted (Singapore CNY / 7.3393), which a third-party price list corroborates for
 z-image-turbo. All amounts are ``Decimal``: money is never a float here.
 
 >>> str(price_per_image("z-image-turbo", "cn", prompt_extend=True))
@@ -20,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from decimal import Decimal
 from types import MappingProxyType
+
+from batcher.models import MODELS, Model
 
 __all__ = ["Money", "currency_of", "estimate", "known_models", "price_per_image"]
 
@@ -99,29 +102,9 @@ class Money:
         return f"{sign}{symbol}{abs(amount):,f}"
 
 
-_D = Decimal
-# (model, region) -> price of one image without prompt_extend, in the region's currency.
-# The "intl" figures are USD converted by the reference (Singapore CNY / 7.3393), not official.
-_PRICES: MappingProxyType[tuple[str, str], Decimal] = MappingProxyType(
-    {
-        ("z-image-turbo", "cn"): _D("0.10"),
-        ("z-image-turbo", "intl"): _D("0.015"),
-        ("qwen-image-plus", "cn"): _D("0.20"),
-        ("qwen-image-plus", "intl"): _D("0.030"),
-        ("qwen-image", "cn"): _D("0.25"),
-        ("qwen-image", "intl"): _D("0.035"),
-        ("qwen-image-max", "cn"): _D("0.50"),
-        ("qwen-image-max", "intl"): _D("0.075"),
-        ("wan2.5-t2i-preview", "cn"): _D("0.20"),
-        ("wan2.5-t2i-preview", "intl"): _D("0.030"),
-        ("wan2.2-t2i-flash", "cn"): _D("0.14"),
-        ("wan2.2-t2i-flash", "intl"): _D("0.025"),
-        ("wan2.2-t2i-plus", "cn"): _D("0.20"),
-        ("wan2.2-t2i-plus", "intl"): _D("0.050"),
-    }
-)
-# Price multiplier with prompt_extend on; models not listed are billed the same either way.
-_EXTEND_FACTOR: MappingProxyType[str, int] = MappingProxyType({"z-image-turbo": 2})
+def _unit(entry: Model, region: str) -> Decimal:
+    """One image's price without prompt_extend in ``region``'s currency."""
+    return entry.prices.cn if region == "cn" else entry.prices.intl_usd
 
 
 def currency_of(region: str) -> str:
@@ -139,7 +122,7 @@ def currency_of(region: str) -> str:
 
 def known_models() -> tuple[str, ...]:
     """The models with a known price, sorted."""
-    return tuple(sorted({model for model, _ in _PRICES}))
+    return tuple(sorted(MODELS))
 
 
 def price_per_image(model: str, region: str, prompt_extend: bool) -> Money:
@@ -151,11 +134,11 @@ def price_per_image(model: str, region: str, prompt_extend: bool) -> Money:
     Money(amount=Decimal('0.015'), currency='USD')
     """
     currency = currency_of(region)
-    unit = _PRICES.get((model, region))
-    if unit is None:
+    entry = MODELS.get(model)
+    if entry is None:
         raise ValueError(f"no price known for model {model!r} (known: {', '.join(known_models())})")
-    factor = _EXTEND_FACTOR.get(model, 1) if prompt_extend else 1
-    return Money(unit * factor, currency)
+    factor = entry.prices.extend_factor if prompt_extend else 1
+    return Money(_unit(entry, region) * factor, currency)
 
 
 def estimate(count: int, *, model: str, region: str, prompt_extend: bool) -> Money:

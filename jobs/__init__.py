@@ -15,12 +15,12 @@ from .errors import (
     StoreUnavailable,
 )
 from .manifest import Manifest, open_manifest
-from .spec import DEFAULT_MODEL, JobSpec
+from .params import ModelRules
+from .spec import JobSpec
 from .states import TERMINAL, TRANSITIONS, State, check_transition
 from .store import Claim, Generated, ImportReport, JobStore, Stats, StoredFile
 
 __all__ = [
-    "DEFAULT_MODEL",
     "TERMINAL",
     "TRANSITIONS",
     "Claim",
@@ -34,6 +34,7 @@ __all__ = [
     "Manifest",
     "ManifestError",
     "ManifestInvalid",
+    "ModelRules",
     "SchemaMismatch",
     "State",
     "Stats",

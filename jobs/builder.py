@@ -7,8 +7,15 @@ values (``None`` where a field is absent) and it applies the rules every format 
   id is derived from the content (model, prompt, size, seed as given, prompt_extend, output
   as given, template variables), so the same row always gets the same id.
 - ``seed``: 0..2147483647; without one, derived from the id so every job is reproducible.
-- ``size``: see ``jobs.sizes``; default ``1024*1536``, stored explicitly.
-- ``prompt``: non-empty after stripping; over 800 characters is a warning (the service cuts it).
+- ``model``: the job's own, else the manifest's default, else the rules' default model; it
+  must be one the caller's ``jobs.params.ModelRules`` knows.
+- ``size``: written as ``jobs.sizes`` reads it, resolved by the model's rules (its default
+  when absent), stored explicitly as ``W*H``.
+- ``n``, ``negative_prompt``, ``watermark``: checked by the model's rules; ``n`` defaults to
+  the model's, the other two are stored only when given (``jobs.params``).
+- ``prompt_extend``: the model's default when absent.
+- ``prompt``: non-empty after stripping; over the model's limit is a warning (the service
+  cuts it).
 - templates: ``{name}`` in prompt and output, from id, seed, size, width, height, index and
   the job's variables (vars, extra columns, matrix values).
 
@@ -25,9 +32,9 @@ import unicodedata
 from collections.abc import Mapping
 
 from jobs.errors import ManifestError
-from jobs.fields import MAX_ID_CHARS, MAX_SEED, PROMPT_LIMIT, one_line
+from jobs.fields import MAX_ID_CHARS, MAX_SEED, one_line
 from jobs.naming import OutputTemplate, compile_output
-from jobs.sizes import DEFAULT_SIZE, parse_size
+from jobs.params import ModelRules, dump_params
 from jobs.spec import JobRow
 from jobs.templates import Scalar, compile_template
 
@@ -52,13 +59,18 @@ def derive_id(
     prompt_extend: bool,
     output: str | None,
     variables: Mapping[str, Scalar],
+    given: tuple[int | None, str | None] = (None, None),
 ) -> str:
-    """A stable 16-hex-digit id from a job's content (the seed and output as given)."""
-    blob = json.dumps(
-        [model, prompt, size, seed, prompt_extend, output, sorted(variables.items())],
-        ensure_ascii=False,
-        separators=(",", ":"),
-    )
+    """A stable 16-hex-digit id from a job's content (the seed and output as given).
+
+    ``given`` is (n, params) as the manifest wrote them; only a job that gave one of them
+    hashes them, so the ids of jobs without them stay what they always were.
+    """
+    content: list[object] = [model, prompt, size, seed, prompt_extend, output]
+    content.append(sorted(variables.items()))
+    if given != (None, None):
+        content.append(list(given))
+    blob = json.dumps(content, ensure_ascii=False, separators=(",", ":"))
     return hashlib.blake2b(blob.encode(), digest_size=8, person=b"batcher-id").hexdigest()
 
 
@@ -79,6 +91,7 @@ class JobBuilder:
         *,
         path: str,
         model: str,
+        rules: ModelRules,
         output: OutputTemplate,
         warnings: list[ManifestError],
         max_warnings: int = 100,
@@ -86,6 +99,7 @@ class JobBuilder:
     ) -> None:
         self.path = path
         self.model = model
+        self.rules = rules
         self.output = output
         self.output_given = output_given
         self.warnings = warnings
@@ -94,7 +108,8 @@ class JobBuilder:
         # Set by a reader when every output is a function of the id alone (CSV without an
         # output column and an id-only template): then equal ids mean equal output keys.
         self.outputs_from_id = False
-        self._sizes: dict[str, tuple[str, int, int] | str] = {}
+        self._sizes: dict[tuple[str, str | None], tuple[str, int, int] | str] = {}
+        self._models: dict[str, str | None] = {}  # model -> its problem, or None
 
     def error(self, errors: list[ManifestError], line: int, field: str | None, msg: str) -> None:
         """Record one located problem."""
@@ -115,32 +130,57 @@ class JobBuilder:
         variables: Mapping[str, Scalar],
         lines: Mapping[str, int] | None = None,
         id_suffix: str = "",
+        *,
+        model: str | None = None,
+        n: int | None = None,
+        negative_prompt: str | None = None,
+        watermark: bool | None = None,
     ) -> JobRow | None:
         """The job's ``JobRow``, or ``None`` after appending its errors to ``errors``.
 
         ``lines`` maps a field to its own line where it differs from ``line`` (YAML);
         ``id_suffix`` is appended to the id (the matrix values of a fanned-out job); templates
-        see ``{id}`` without it.
+        see ``{id}`` without it. ``model`` is the job's own (else the manifest's).
         """
         failed = len(errors)
-        size_text, width, height = DEFAULT_SIZE, 1024, 1536
-        if size is not None:
-            parsed = self._sizes.get(size)
-            if parsed is None:
-                parsed = self._parse_size(size)
-            if isinstance(parsed, str):
-                self.error(errors, _at(lines, line, "size"), "size", parsed)
-            else:
-                size_text, width, height = parsed
+        model_given = model is not None
+        if model is None:
+            model = self.model
+        problem = self._models.get(model, "") if model is not None else None
+        if problem == "":
+            problem = self.rules.model_problem(model)
+            if len(self._models) < 1000:
+                self._models[model] = problem
+        if problem is not None:
+            where = _at(lines, line, "model") if model_given else line
+            self.error(errors, where, "model", problem)
+            return None
+        size_text, width, height = "", 0, 0
+        parsed = self._sizes.get((model, size))
+        if parsed is None:
+            parsed = self._parse_size(model, size)
+        if isinstance(parsed, str):
+            self.error(errors, _at(lines, line, "size"), "size", parsed)
+        else:
+            size_text, width, height = parsed
+        if n is not None or negative_prompt is not None or watermark is not None:
+            for field, message in self.rules.param_problems(
+                model, n=n, negative_prompt=negative_prompt, watermark=watermark
+            ):
+                self.error(errors, _at(lines, line, field), field, message)
+        params = dump_params(negative_prompt, watermark)
         if prompt is None:
             self.error(errors, line, "prompt", "missing; every job needs a prompt")
         else:
             prompt = prompt.strip()
             if not prompt:
                 self.error(errors, _at(lines, line, "prompt"), "prompt", "empty")
-        extend = prompt_extend is True
+        extend = self.rules.prompt_extend_default(model) if prompt_extend is None else prompt_extend
         if job_id is None:
-            job_id = derive_id(self.model, prompt or "", size_text, seed, extend, output, variables)
+            given = (n, params)
+            job_id = derive_id(
+                model, prompt or "", size_text, seed, extend, output, variables, given
+            )
         elif not (
             job_id.isascii()
             and job_id.isprintable()
@@ -172,7 +212,7 @@ class JobBuilder:
             return None
         values: dict[str, Scalar] | None = None
         if "{" in prompt or "}" in prompt:
-            values = self._values(variables, job_id, seed, size_text, width, height, index)
+            values = self._values(variables, job_id, model, seed, size_text, width, height, index)
             try:
                 prompt = compile_template(prompt).render(values).strip()
             except ValueError as exc:
@@ -192,19 +232,24 @@ class JobBuilder:
                 path, key = template.render_id(full_id if implicit else job_id)
             else:
                 if values is None:
-                    values = self._values(variables, job_id, seed, size_text, width, height, index)
+                    values = self._values(
+                        variables, job_id, model, seed, size_text, width, height, index
+                    )
                 path, key = template.render(values)
         except ValueError as exc:
             self.error(errors, _at(lines, line, "output"), "output", str(exc))
             return None
-        if len(prompt) > PROMPT_LIMIT:
-            self._warn(_at(lines, line, "prompt"), len(prompt))
-        return (full_id, line, self.model, prompt, size_text, seed, extend, path, key)
+        limit = self.rules.prompt_limit(model)
+        if len(prompt) > limit:
+            self._warn(_at(lines, line, "prompt"), len(prompt), model, limit)
+        count = self.rules.n_default(model) if n is None else n
+        return (full_id, line, model, prompt, size_text, seed, extend, path, key, count, params)
 
     @staticmethod
     def _values(
         variables: Mapping[str, Scalar],
         job_id: str,
+        model: str,
         seed: int,
         size: str,
         width: int,
@@ -212,19 +257,18 @@ class JobBuilder:
         index: int,
     ) -> dict[str, Scalar]:
         values = dict(variables)
-        values.update(id=job_id, seed=seed, size=size, width=width, height=height, index=index)
+        values.update(
+            id=job_id, model=model, seed=seed, size=size, width=width, height=height, index=index
+        )
         return values
 
-    def _parse_size(self, size: str) -> tuple[str, int, int] | str:
+    def _parse_size(self, model: str, size: str | None) -> tuple[str, int, int] | str:
         try:
-            text = parse_size(size)
+            parsed: tuple[str, int, int] | str = self.rules.size(model, size)
         except ValueError as exc:
-            parsed: tuple[str, int, int] | str = str(exc)
-        else:
-            width, height = text.split("*")
-            parsed = (text, int(width), int(height))
+            parsed = str(exc)
         if len(self._sizes) < 10_000:
-            self._sizes[size] = parsed
+            self._sizes[(model, size)] = parsed
         return parsed
 
     def _check_id(self, errors: list[ManifestError], line: int, raw: str) -> str | None:
@@ -253,14 +297,8 @@ class JobBuilder:
             self.error(errors, line, "output", str(exc))
             return None
 
-    def _warn(self, line: int, length: int) -> None:
+    def _warn(self, line: int, length: int, model: str, limit: int) -> None:
         self.warning_count += 1
         if len(self.warnings) < self.max_warnings:
-            self.warnings.append(
-                ManifestError(
-                    self.path,
-                    line,
-                    "prompt",
-                    f"{length} characters; the service uses only the first {PROMPT_LIMIT}",
-                )
-            )
+            message = f"{length} characters; {model} uses only the first {limit}"
+            self.warnings.append(ManifestError(self.path, line, "prompt", message))

@@ -1,7 +1,8 @@
 """CSV manifests, streamed: the file is never held in memory.
 
-A header row names the columns: ``prompt`` is required; ``id``, ``size``, ``seed``,
-``prompt_extend`` and ``output`` are optional; every other column is a template variable
+A header row names the columns: ``prompt`` is required; ``id``, ``model``,
+``negative_prompt``, ``size``, ``n``, ``seed``, ``prompt_extend``, ``watermark`` and ``output``
+are optional (an empty cell means absent); every other column is a template variable
 (unless it is a builtin variable's name or a near miss of an absent field, ``promt``, which
 are errors). Lines come from ``jobs.textfile`` (UTF-8 with or without BOM, encoding problems
 located) and go to ``csv.reader`` in strict mode: quoted fields may span lines and a record is
@@ -20,11 +21,13 @@ import csv
 import operator
 import re
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from jobs.builder import JobBuilder
 from jobs.errors import ManifestError
 from jobs.fields import (
+    MAX_N,
     MAX_SEED,
     ROW_FIELD_SET,
     ROW_FIELDS,
@@ -76,6 +79,10 @@ def _csv_rows(
     i_prompt = pos["prompt"]
     i_id, i_size, i_seed = pos.get("id"), pos.get("size"), pos.get("seed")
     i_extend, i_output = pos.get("prompt_extend"), pos.get("output")
+    i_model, i_negative = pos.get("model"), pos.get("negative_prompt")
+    i_n, i_watermark = pos.get("n"), pos.get("watermark")
+    params = i_model is not None or i_negative is not None or i_n is not None
+    params = params or i_watermark is not None
     extras = [(name, i) for i, name in enumerate(columns) if name not in ROW_FIELDS]
     variables = _variables_of(extras)
     builder.outputs_from_id = i_output is None and builder.output.id_suffix is not None
@@ -118,6 +125,12 @@ def _csv_rows(
                         message = f"{text[:40]!r}: write true/false, 1/0 or yes/no"
                         builder.error(errors, start, "prompt_extend", message)
                         bad = True
+            extra = _NO_MODEL_FIELDS
+            if params:
+                extra = _model_fields(row, i_model, i_negative, i_n, i_watermark)
+                for field, problem in extra.problems:
+                    builder.error(errors, start, field, problem)
+                    bad = True
             if bad:
                 yield None
             else:
@@ -132,10 +145,48 @@ def _csv_rows(
                     extend,
                     (row[i_output] or None) if i_output is not None else None,
                     variables(row),
+                    model=extra.model,
+                    n=extra.n,
+                    negative_prompt=extra.negative_prompt,
+                    watermark=extra.watermark,
                 )
             start = reader.line_num + 1
     except csv.Error as exc:
         raise ManifestError(builder.path, start, "csv", str(exc)) from None
+
+
+@dataclass(frozen=True, slots=True)
+class _ModelFields:
+    """A row's model, negative_prompt, n and watermark cells, and their syntax problems."""
+
+    model: str | None = None
+    negative_prompt: str | None = None
+    n: int | None = None
+    watermark: bool | None = None
+    problems: tuple[tuple[str, str], ...] = ()
+
+
+_NO_MODEL_FIELDS = _ModelFields()
+
+
+def _model_fields(
+    row: list[str], i_model: int | None, i_negative: int | None, i_n: int | None, i_mark: int | None
+) -> _ModelFields:
+    model = row[i_model].strip() or None if i_model is not None else None
+    negative = row[i_negative].strip() or None if i_negative is not None else None
+    count: int | None = None
+    watermark: bool | None = None
+    problems: list[tuple[str, str]] = []
+    if i_n is not None and (text := row[i_n].strip()):
+        if text.isdigit() and text.isascii() and len(text) <= len(str(MAX_N)):
+            count = int(text)
+        else:
+            problems.append(("n", f"{text[:40]!r} is not a whole number 1..{MAX_N}"))
+    if i_mark is not None and (text := row[i_mark].strip()):
+        watermark = parse_bool_text(text)
+        if watermark is None:
+            problems.append(("watermark", f"{text[:40]!r}: write true/false, 1/0 or yes/no"))
+    return _ModelFields(model, negative, count, watermark, tuple(problems))
 
 
 def _variables_of(extras: list[tuple[str, int]]) -> Callable[[list[str]], dict[str, Scalar]]:

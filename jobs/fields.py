@@ -15,8 +15,8 @@ __all__ = [
     "BUILTIN_VARS",
     "FIELDS",
     "MAX_ID_CHARS",
+    "MAX_N",
     "MAX_SEED",
-    "PROMPT_LIMIT",
     "ROW_FIELDS",
     "ROW_FIELD_SET",
     "extra_key_problem",
@@ -26,13 +26,25 @@ __all__ = [
     "text_problem",
 ]
 
-FIELDS = ("id", "prompt", "size", "seed", "prompt_extend", "output", "vars")
+FIELDS = (
+    "id",
+    "model",
+    "prompt",
+    "negative_prompt",
+    "size",
+    "n",
+    "seed",
+    "prompt_extend",
+    "watermark",
+    "output",
+    "vars",
+)
 ROW_FIELDS = FIELDS[:-1]  # "vars" is YAML's; in CSV/JSONL other columns/keys are the vars
 ROW_FIELD_SET = frozenset(ROW_FIELDS)
-BUILTIN_VARS = frozenset({"id", "seed", "size", "width", "height", "index"})
+BUILTIN_VARS = frozenset({"id", "model", "seed", "size", "width", "height", "index"})
 MAX_SEED = 2_147_483_647
 MAX_ID_CHARS = 512
-PROMPT_LIMIT = 800
+MAX_N = 100  # a syntax bound only; each model's own range is checked by the caller's rules
 _BOOLS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
 
 

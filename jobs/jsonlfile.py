@@ -1,10 +1,10 @@
 """JSONL manifests, streamed: one JSON object per line, blank lines skipped.
 
-Keys ``id``, ``prompt``, ``size``, ``seed``, ``prompt_extend`` and ``output`` are the job's
-fields (``null`` means absent); a ``vars`` object and every other key are template variables,
-scalars only. Duplicate keys, ``NaN``/``Infinity``, escaped NUL characters in a prompt and
-unpaired surrogates are refused. Lines come from ``jobs.textfile`` (UTF-8 with or without BOM,
-encoding problems located).
+Keys ``id``, ``model``, ``prompt``, ``negative_prompt``, ``size``, ``n``, ``seed``,
+``prompt_extend``, ``watermark`` and ``output`` are the job's fields (``null`` means absent);
+a ``vars`` object and every other key are template variables, scalars only. Duplicate keys,
+``NaN``/``Infinity``, escaped NUL characters in a prompt and unpaired surrogates are refused.
+Lines come from ``jobs.textfile`` (UTF-8 with or without BOM, encoding problems located).
 
 ``iter_jsonl`` yields one item per object: the ``JobRow``, or ``None`` after its problems
 were appended to ``errors``.
@@ -84,9 +84,11 @@ def _jsonl_job(
     obj: dict[str, object], line: int, index: int, builder: JobBuilder, errors: list[ManifestError]
 ) -> JobRow | None:
     before = len(errors)
-    texts: dict[str, str] = {}  # id, prompt, size, output
+    texts: dict[str, str] = {}  # id, model, prompt, negative_prompt, size, output
     seed: int | None = None
+    count: int | None = None
     extend: bool | None = None
+    watermark: bool | None = None
     variables: dict[str, Scalar] = {}
     present = frozenset(obj) & ROW_FIELD_SET
     for key, value in obj.items():
@@ -99,9 +101,18 @@ def _jsonl_job(
                     seed = value
                 else:
                     problem = "must be a whole number"
+            elif key == "n":
+                if _is_int(value):
+                    count = int(str(value))
+                else:
+                    problem = "must be a whole number"
             elif key == "prompt_extend":
                 extend = _flag(value)
                 if extend is None:
+                    problem = "write true/false, 1/0 or yes/no"
+            elif key == "watermark":
+                watermark = _flag(value)
+                if watermark is None:
                     problem = "write true/false, 1/0 or yes/no"
             elif key == "id" and _is_int(value):
                 texts[key] = str(value)
@@ -143,6 +154,10 @@ def _jsonl_job(
         extend,
         texts.get("output"),
         variables,
+        model=texts.get("model"),
+        n=count,
+        negative_prompt=texts.get("negative_prompt"),
+        watermark=watermark,
     )
 
 

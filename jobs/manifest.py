@@ -1,6 +1,6 @@
 """Manifests: a YAML, CSV or JSONL file of prompts, read as a stream of validated ``JobSpec``.
 
-    >>> manifest = open_manifest("samples/catalog.yaml")   # file-level problems raise here
+    >>> manifest = open_manifest("samples/catalog.yaml", rules=RULES)  # file problems raise here
     >>> report = await store.import_rows(manifest.rows(), source="samples/catalog.yaml")
 
 Iterating a manifest gives ``JobSpec`` values; ``rows()`` gives the same jobs as ``JobRow``
@@ -36,8 +36,9 @@ from jobs.csvfile import iter_csv
 from jobs.errors import ManifestError, ManifestInvalid
 from jobs.jsonlfile import iter_jsonl
 from jobs.naming import DEFAULT_OUTPUT, compile_output
+from jobs.params import ModelRules
 from jobs.readahead import helper_rows
-from jobs.spec import DEFAULT_MODEL, JobRow, JobSpec
+from jobs.spec import JobRow, JobSpec
 from jobs.yamlfile import YamlManifest, iter_yaml, load_yaml
 
 __all__ = ["Format", "Manifest", "open_manifest"]
@@ -52,11 +53,15 @@ HELPER_MIN_BYTES = 8 << 20
 _MASK = (1 << 60) - 1  # 60-bit ints take 32 bytes, full 64-bit ones 48
 
 
-def open_manifest(path: str | os.PathLike[str], *, max_errors: int = 20) -> Manifest:
+def open_manifest(
+    path: str | os.PathLike[str], *, rules: ModelRules, max_errors: int = 20
+) -> Manifest:
     """Open a manifest for reading; raises ``ManifestInvalid`` for a file-level problem.
 
-    ``path`` is shown in messages as given. A YAML manifest is read and its top level
-    (model, defaults, output, matrix) checked here; CSV and JSONL are only streamed later.
+    ``path`` is shown in messages as given. ``rules`` answer every per-model question (which
+    models exist, their sizes and parameters; see ``jobs.params``). A YAML manifest is read and
+    its top level (model, defaults, output, matrix) checked here; CSV and JSONL are only
+    streamed later.
     """
     shown = os.fspath(path)
     location = Path(shown)
@@ -75,8 +80,16 @@ def open_manifest(path: str | os.PathLike[str], *, max_errors: int = 20) -> Mani
         _fail(shown, f"cannot read: {exc.strerror or exc}")
     if size == 0:
         _fail(shown, "empty file: no jobs")
-    doc = load_yaml(location, shown, max_errors=max_errors) if fmt == "yaml" else None
-    return Manifest(path=location, shown=shown, fmt=fmt, doc=doc, max_errors=max_errors, size=size)
+    doc = load_yaml(location, shown, rules, max_errors=max_errors) if fmt == "yaml" else None
+    return Manifest(
+        path=location,
+        shown=shown,
+        fmt=fmt,
+        doc=doc,
+        rules=rules,
+        max_errors=max_errors,
+        size=size,
+    )
 
 
 def _fail(shown: str, message: str) -> NoReturn:
@@ -117,12 +130,14 @@ class Manifest:
         shown: str,
         fmt: Format,
         doc: YamlManifest | None,
+        rules: ModelRules,
         max_errors: int,
         size: int = 0,
     ) -> None:
         self.path = path
         self.format = fmt
-        self.model = doc.model if doc is not None else DEFAULT_MODEL
+        self.model = doc.model if doc is not None else rules.default_model
+        self.rules = rules
         self.warnings = []
         self.warning_count = 0
         self._shown = shown
@@ -145,9 +160,17 @@ class Manifest:
         """
         if helper is None:
             # (no sys.executable: an embedded interpreter, which cannot start one)
-            helper = self._doc is None and self._size >= HELPER_MIN_BYTES and bool(sys.executable)
+            helper = (
+                self._doc is None
+                and self._size >= HELPER_MIN_BYTES
+                and bool(sys.executable)
+                and self.rules.reference is not None
+            )
         if helper:
-            return helper_rows(self._shown, self._max_errors, self._took_warnings)
+            reference = self.rules.reference
+            if reference is None:
+                raise ValueError("these model rules cannot be loaded in a helper process")
+            return helper_rows(self._shown, self._max_errors, self._took_warnings, reference)
         return self._stream()
 
     def _took_warnings(self, warnings: list[ManifestError], count: int) -> None:
@@ -160,6 +183,7 @@ class Manifest:
         return JobBuilder(
             path=self._shown,
             model=self.model,
+            rules=self.rules,
             output=output,
             warnings=warnings,
             max_warnings=MAX_WARNINGS,

@@ -65,14 +65,17 @@ _BOOT = "; ".join(  # one line: it is the helper's command line in ps and py-spy
 Done = Callable[[list[ManifestError], int], None]
 
 
-def helper_rows(shown: str, max_errors: int, done: Done) -> Iterator[JobRow]:
+def helper_rows(
+    shown: str, max_errors: int, done: Done, rules: tuple[str, str, str]
+) -> Iterator[JobRow]:
     """The rows of the manifest at ``shown``, read and checked by a helper process.
 
     The process starts when the first row is asked for. ``done(warnings, warning_count)`` is
     called when every row was read; a ``ManifestInvalid`` is raised as the in-process
-    iteration raises it.
+    iteration raises it. ``rules`` is the model rules' ``reference``: the folder holding their
+    package, the module and the attribute the helper imports them from.
     """
-    command = [sys.executable, "-c", _BOOT, _PACKAGE, shown, str(max_errors)]
+    command = [sys.executable, "-c", _BOOT, _PACKAGE, shown, str(max_errors), *rules]
     try:
         proc = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, bufsize=1 << 16
@@ -126,11 +129,12 @@ def _helper_main(argv: list[str]) -> int:
     from jobs.manifest import open_manifest  # here: jobs.manifest imports this module
 
     shown, max_errors = argv[0], int(argv[1])
+    rules = _load_rules(*argv[2:5])
     out = sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing else may write to the data stream
     end: tuple[str, Any]
     try:
-        manifest = open_manifest(shown, max_errors=max_errors)
+        manifest = open_manifest(shown, rules=rules, max_errors=max_errors)
         rows = manifest.rows(helper=False)
         while chunk := list(islice(rows, CHUNK)):
             _send(out, _ROWS, marshal.dumps(chunk))
@@ -140,6 +144,24 @@ def _helper_main(argv: list[str]) -> int:
     _send(out, _END, pickle.dumps(end, protocol=pickle.HIGHEST_PROTOCOL))
     out.flush()
     return 0
+
+
+def _load_rules(folder: str, module: str, attribute: str) -> Any:
+    """The model rules, imported like ``jobs``: their package registered without running its
+    ``__init__`` (which may import the store, or a ``jobs`` that is registered bare here)."""
+    import importlib
+    from importlib.util import module_from_spec, spec_from_file_location
+
+    package = module.split(".", 1)[0]
+    if package not in sys.modules:
+        location = str(Path(folder) / package)
+        spec = spec_from_file_location(
+            package, location + "/__init__.py", submodule_search_locations=[location]
+        )
+        if spec is None:  # pragma: no cover - the folder was checked by the caller
+            raise ImportError(f"no package {package} in {folder}")
+        sys.modules[package] = module_from_spec(spec)
+    return getattr(importlib.import_module(module), attribute)
 
 
 def _send(out: IO[bytes], kind: bytes, payload: bytes) -> None:

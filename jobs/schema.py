@@ -22,7 +22,7 @@ from sqlalchemy import (
 
 __all__ = ["ACTIVE", "PRAGMAS", "SCHEMA_VERSION", "history", "jobs", "meta", "metadata"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 PRAGMAS = (
     "PRAGMA journal_mode=WAL",
@@ -99,6 +99,11 @@ jobs = Table(
     Column("review", Text),
     Column("review_note", Text),
     Column("reviewed_at", Float),
+    # images one call makes, and the optional model parameters given, as JSON  [v3]
+    Column("n", Integer, nullable=False, server_default=text("1")),
+    Column("params", Text),
+    # the service's task of an asynchronously generated job, once created  [v3]
+    Column("task_id", Text),
     sqlite_autoincrement=False,
 )
 
@@ -125,7 +130,7 @@ STAGING_DDL = """
 CREATE TEMP TABLE IF NOT EXISTS staging (
     id TEXT NOT NULL, line INTEGER NOT NULL, model TEXT NOT NULL, prompt TEXT NOT NULL,
     size TEXT NOT NULL, seed INTEGER NOT NULL, prompt_extend INTEGER NOT NULL,
-    output TEXT NOT NULL, output_key TEXT NOT NULL
+    output TEXT NOT NULL, output_key TEXT NOT NULL, n INTEGER NOT NULL, params TEXT
 )
 """
 STAGING_COLUMNS = (
@@ -138,4 +143,6 @@ STAGING_COLUMNS = (
     "prompt_extend",
     "output",
     "output_key",
+    "n",
+    "params",
 )

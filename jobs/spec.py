@@ -10,13 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_MODEL", "JobRow", "JobSpec"]
+__all__ = ["JobRow", "JobSpec"]
 
-DEFAULT_MODEL = "z-image-turbo"
-
-JobRow = tuple[str, int, str, str, str, int, bool, str, str]
-"""(id, line, model, prompt, size, seed, prompt_extend, output, output_key): a ``JobSpec``'s
-fields in the job table's column order."""
+JobRow = tuple[str, int, str, str, str, int, bool, str, str, int, str | None]
+"""(id, line, model, prompt, size, seed, prompt_extend, output, output_key, n, params): a
+``JobSpec``'s fields in the job table's column order."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -37,11 +35,13 @@ class JobSpec:
     output: str
     output_key: str
     line: int
+    n: int = 1  # images one call makes, each its own file (see batcher.layout)
+    params: str | None = None  # the optional model parameters given, as JSON (jobs.params)
 
     @classmethod
     def from_row(cls, row: JobRow) -> JobSpec:
         """The spec of a ``JobRow``."""
-        job_id, line, model, prompt, size, seed, prompt_extend, output, output_key = row
+        job_id, line, model, prompt, size, seed, prompt_extend, output, output_key, n, params = row
         return cls(
             id=job_id,
             model=model,
@@ -52,6 +52,8 @@ class JobSpec:
             output=output,
             output_key=output_key,
             line=line,
+            n=n,
+            params=params,
         )
 
     def row(self) -> JobRow:
@@ -66,6 +68,8 @@ class JobSpec:
             self.prompt_extend,
             self.output,
             self.output_key,
+            self.n,
+            self.params,
         )
 
     @property

@@ -68,14 +68,15 @@ Clock = Callable[[], float]
 _T = TypeVar("_T")
 MICROS = Decimal(1_000_000)
 # Rows an import INSERT statement takes: 1M rows go in about a third faster than one row per
-# statement, and 64 * 9 + 1 parameters stay under the 999 of SQLite builds before 3.32.
+# statement, and 64 * 11 + 1 parameters stay under the 999 of SQLite builds before 3.32.
 ROWS_PER_INSERT = 64
 IMPORT_CHUNK = 32 * ROWS_PER_INSERT  # rows taken between checks for a cancelled import
 _COLS = ", ".join(schema.STAGING_COLUMNS)
 # A row whose id exists with other content (everything that decides the image or its path).
 _CHANGED = (
     "NOT (j.model = s.model AND j.prompt = s.prompt AND j.size = s.size AND j.seed = s.seed "
-    "AND j.prompt_extend = s.prompt_extend AND j.output = s.output)"
+    "AND j.prompt_extend = s.prompt_extend AND j.output = s.output AND j.n = s.n "
+    "AND j.params IS s.params)"
 )
 # Built after a first import rather than row by row (1M rows: 0.6-0.8 s at the end, 1.9 s
 # more in the inserts). ix_jobs_failed_code stays: no new row is failed, so it costs the
@@ -134,6 +135,9 @@ class Claim:
     sha256: str | None = None  # set once a verified file was written (see record_file)
     bytes: int | None = None
     regenerated: int = 0  # times its image was generated again after the URL died
+    n: int = 1  # images the call makes
+    params: str | None = None  # optional model parameters as JSON (jobs.params)
+    task_id: str | None = None  # the service's task, once created (asynchronous models)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -362,6 +366,9 @@ _CLAIM_COLUMNS = (
     "sha256",
     "bytes",
     "regenerated",
+    "n",
+    "params",
+    "task_id",
 )
 # The claim's statements, plain SQL run on the database thread in one hand-over. The ACTIVE
 # condition lets SQLite use the partial index; rowid keeps the manifest's order among equals.
@@ -405,6 +412,9 @@ def _claim_from_row(row: tuple[Any, ...], token: str) -> Claim:
         sha256,
         size_bytes,
         regenerated,
+        n,
+        params,
+        task_id,
     ) = row
     return Claim(
         id=job_id,
@@ -426,6 +436,9 @@ def _claim_from_row(row: tuple[Any, ...], token: str) -> Claim:
         sha256=sha256,
         bytes=size_bytes,
         regenerated=regenerated,
+        n=n,
+        params=params,
+        task_id=task_id,
     )
 
 
@@ -433,7 +446,7 @@ class JobStore:
     """The durable job table of one run folder.
 
     >>> async with await JobStore.open("out/catalog/batcher.db") as store:  # doctest: +SKIP
-    ...     manifest = open_manifest("catalog.yaml")
+    ...     manifest = open_manifest("catalog.yaml", rules=RULES)
     ...     report = await store.import_rows(manifest.rows(), source="catalog.yaml")
     ...     claims = await store.claim(limit=4, lease_seconds=60)
     """
@@ -759,9 +772,9 @@ class JobStore:
         added = (
             await conn.exec_driver_sql(
                 "INSERT INTO jobs (id, line, model, prompt, size, seed, prompt_extend, output, "
-                "output_key, state, created_at) "
+                "output_key, n, params, state, created_at) "
                 "SELECT s.id, s.line, s.model, s.prompt, s.size, s.seed, s.prompt_extend, "
-                "s.output, s.output_key, 'pending', ? FROM staging s "
+                "s.output, s.output_key, s.n, s.params, 'pending', ? FROM staging s "
                 "WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = s.id) ORDER BY s.rowid",
                 (now,),
             )
@@ -792,8 +805,8 @@ class JobStore:
         )
         await conn.exec_driver_sql(
             "UPDATE jobs SET (line, model, prompt, size, seed, prompt_extend, output, output_key"
-            ") = (SELECT s.line, s.model, s.prompt, s.size, s.seed, s.prompt_extend, "
-            "s.output, s.output_key FROM staging s WHERE s.id = jobs.id) "
+            ", n, params) = (SELECT s.line, s.model, s.prompt, s.size, s.seed, s.prompt_extend, "
+            "s.output, s.output_key, s.n, s.params FROM staging s WHERE s.id = jobs.id) "
             "WHERE id IN (SELECT j.id FROM jobs j JOIN staging s ON s.id = j.id "
             f"WHERE {_CHANGED})"
         )
@@ -1215,11 +1228,12 @@ class JobStore:
             return int((await conn.execute(select(func.count()).select_from(jobs))).scalar_one())
 
     async def pending_by_kind(self) -> dict[tuple[str, bool], int]:
-        """Jobs still to generate (pending or running), counted by (model, prompt_extend)."""
+        """Images still to generate (of pending or running jobs, ``n`` each), counted by
+        (model, prompt_extend)."""
         async with self._read() as conn:
             rows = (
                 await conn.execute(
-                    select(jobs.c.model, jobs.c.prompt_extend, func.count())
+                    select(jobs.c.model, jobs.c.prompt_extend, func.sum(jobs.c.n))
                     .where(
                         schema.ACTIVE,
                         jobs.c.state.in_([State.PENDING.value, State.RUNNING.value]),

@@ -4,13 +4,15 @@ Read through ``yaml.SafeLoader`` only (see ``jobs.yamlnodes``), so every job and
 its line, duplicate keys are refused, no tag can construct an object, and ``16:9`` (a base-60
 integer to YAML 1.1) or ``007`` mean the text that was written where text is expected.
 
-Top level: ``model`` (only ``z-image-turbo``), ``defaults`` (any per-job field but ``id``),
+Top level: ``model`` (one the caller's ``jobs.params.ModelRules`` knows; a job or ``defaults``
+may name another), ``defaults`` (any per-job field but ``id``),
 ``output`` (the path template), ``matrix`` and ``jobs``. ``load_yaml`` checks everything but
 the jobs, so ``Manifest.model`` is known on open; ``iter_yaml`` checks each job as it reaches
 it and fans it out over the matrix: the product of the named value lists, in key order. A
-matrix key ``seed``, ``size`` or ``prompt_extend`` sets that field; every matrix value is a
-template variable; the job's id gets the values appended (``sku-001`` -> ``sku-001-studio``).
-Without an ``output`` template each file is named after that full id.
+matrix key ``model``, ``seed``, ``size``, ``n`` or ``prompt_extend`` sets that field; every
+matrix value is a template variable; the job's id gets the values appended
+(``sku-001`` -> ``sku-001-studio``). Without an ``output`` template each file is named
+after that full id.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from jobs.builder import JobBuilder
 from jobs.errors import ManifestError, ManifestInvalid
 from jobs.fields import BUILTIN_VARS, FIELDS, MAX_SEED, suggest
 from jobs.naming import DEFAULT_OUTPUT, OutputTemplate, compile_output
-from jobs.sizes import parse_size
-from jobs.spec import DEFAULT_MODEL, JobRow
+from jobs.params import ModelRules
+from jobs.sizes import read_size
+from jobs.spec import JobRow
 from jobs.templates import Scalar
 from jobs.yamlnodes import SEQ, FieldValue, Nodes, as_var, compose, decode, kind_of, line_of
 
@@ -36,7 +39,7 @@ __all__ = ["MAX_COMBINATIONS", "MAX_YAML_BYTES", "YamlManifest", "iter_yaml", "l
 MAX_YAML_BYTES = 50 << 20
 MAX_COMBINATIONS = 1_000_000
 TOP_KEYS = ("model", "defaults", "output", "matrix", "jobs")
-MATRIX_FIELDS = frozenset({"seed", "size", "prompt_extend"})
+MATRIX_FIELDS = frozenset({"model", "seed", "size", "n", "prompt_extend"})
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -46,7 +49,7 @@ class Entry:
     var: Scalar
     text: str
     line: int
-    sets: FieldValue  # for a seed, size or prompt_extend key; else None
+    sets: FieldValue  # for a key that is a field (MATRIX_FIELDS); else None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -63,7 +66,7 @@ class YamlManifest:
     jobs: tuple[Node, ...]
 
 
-def load_yaml(path: Path, shown: str, *, max_errors: int = 20) -> YamlManifest:
+def load_yaml(path: Path, shown: str, rules: ModelRules, *, max_errors: int = 20) -> YamlManifest:
     """Read and check a YAML manifest's top level; raises ``ManifestInvalid``."""
     errors: list[ManifestError] = []
     doc = None
@@ -75,7 +78,7 @@ def load_yaml(path: Path, shown: str, *, max_errors: int = 20) -> YamlManifest:
             raise ManifestError(shown, None, None, "empty manifest: no jobs")
         nodes = Nodes(shown, errors)
         nodes.prepare(root)
-        doc = _top_level(root, nodes)
+        doc = _top_level(root, nodes, rules)
     except ManifestError as exc:
         errors.append(exc)
     except OSError as exc:
@@ -86,7 +89,7 @@ def load_yaml(path: Path, shown: str, *, max_errors: int = 20) -> YamlManifest:
     return doc
 
 
-def _top_level(root: Node, nodes: Nodes) -> YamlManifest | None:
+def _top_level(root: Node, nodes: Nodes, rules: ModelRules) -> YamlManifest | None:
     top = nodes.mapping(root, None)
     if top is None:
         return None
@@ -97,11 +100,11 @@ def _top_level(root: Node, nodes: Nodes) -> YamlManifest | None:
             elif not (hint := suggest(key, TOP_KEYS)) and (hint := suggest(key, FIELDS)):
                 hint += " (per-job fields go in jobs: or defaults:)"
             nodes.error(line, key, f"unknown key{hint}")
-    model = DEFAULT_MODEL
+    model = rules.default_model
     if "model" in top and (value := nodes.scalar(top["model"][1], "model")) is not None:
         model = value.text
-        if model != DEFAULT_MODEL:
-            nodes.error(value.line, "model", f"{model!r} is not supported; use {DEFAULT_MODEL}")
+        if (problem := rules.model_problem(model)) is not None:
+            nodes.error(value.line, "model", problem)
     output = compile_output(DEFAULT_OUTPUT)
     if "output" in top:
         ok, text = nodes.field("output", top["output"][1])
@@ -165,7 +168,9 @@ def _matrix(node: Node, nodes: Nodes) -> tuple[tuple[str, tuple[Entry, ...]], ..
         field = f"matrix.{name}"
         variable = name.isidentifier() and name not in BUILTIN_VARS and name not in FIELDS
         if not variable and name not in MATRIX_FIELDS:
-            nodes.error(line, field, "a matrix varies seed, size, prompt_extend or a variable")
+            nodes.error(
+                line, field, "a matrix varies model, seed, size, n, prompt_extend or a variable"
+            )
             continue
         if not isinstance(list_node, SequenceNode) or list_node.tag != SEQ:
             nodes.error(line_of(list_node), field, f"expected a list, found {kind_of(list_node)}")
@@ -191,7 +196,7 @@ def _matrix(node: Node, nodes: Nodes) -> tuple[tuple[str, tuple[Entry, ...]], ..
 
 
 def _matrix_value(name: str, item: Node, nodes: Nodes, field: str) -> Entry | None:
-    """One matrix value, checked like the field it sets (seed, size, prompt_extend) if any."""
+    """One matrix value, checked like the field it sets (model, seed, size, n, prompt_extend)."""
     if name in MATRIX_FIELDS:
         ok, value = nodes.field(name, item, field)
         if not ok:
@@ -202,9 +207,9 @@ def _matrix_value(name: str, item: Node, nodes: Nodes, field: str) -> Entry | No
         if isinstance(value, int) and not 0 <= value <= MAX_SEED:
             nodes.error(line_of(item), field, f"{value} is outside 0..{MAX_SEED}")
             return None
-        if name == "size":
+        if name == "size":  # the job's model decides whether it takes the size
             try:
-                parse_size(str(value))
+                read_size(str(value))
             except ValueError as exc:
                 nodes.error(line_of(item), field, str(exc))
                 return None
@@ -247,6 +252,8 @@ def iter_yaml(
                     chosen[name] = entry.sets
             seed = chosen.get("seed")
             extend = chosen.get("prompt_extend")
+            count = chosen.get("n")
+            watermark = chosen.get("watermark")
             yield builder.build(
                 errors,
                 line,
@@ -260,6 +267,10 @@ def iter_yaml(
                 merged,
                 lines,
                 "".join("-" + entry.text for entry in combination),
+                model=_text(chosen, "model"),
+                n=count if isinstance(count, int) and not isinstance(count, bool) else None,
+                negative_prompt=_text(chosen, "negative_prompt"),
+                watermark=watermark if isinstance(watermark, bool) else None,
             )
 
 

@@ -41,12 +41,21 @@ _SCALAR_TAGS = frozenset(_STD + t for t in ("str", "int", "float", "bool", "null
 _SAFE = yaml.constructor.SafeConstructor()
 _FIELD_TYPES = {
     "id": "a string or an integer",
+    "model": "a model name",
     "prompt": "text",
+    "negative_prompt": "text",
+    "n": "a whole number",
+    "watermark": "true or false",
     "size": "text such as 1024*1536 or 16:9",
     "seed": "a whole number",
     "prompt_extend": "true or false",
     "output": "a path template",
 }
+
+_INT_FIELDS = frozenset({"seed", "n"})
+_BOOL_FIELDS = frozenset({"prompt_extend", "watermark"})
+_TEXT_FIELDS = frozenset({"id", "model", "prompt", "negative_prompt", "size", "output"})
+_WRITTEN_FIELDS = frozenset({"prompt", "negative_prompt", "size"})
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -139,7 +148,7 @@ class Nodes:
     def field(self, name: str, node: Node, label: str | None = None) -> tuple[bool, FieldValue]:
         """(ok, value) for one per-job field (errors name ``label``); null means absent.
 
-        ``seed`` is an int, ``prompt_extend`` a bool, the others text.
+        ``seed`` and ``n`` are ints, ``prompt_extend`` and ``watermark`` bools, the others text.
         """
         label = label or name
         scalar = self.scalar(node, label)
@@ -148,13 +157,13 @@ class Nodes:
         value = scalar.value
         if value is None:
             return True, None
-        if name == "seed" and isinstance(value, int) and not isinstance(value, bool):
+        if name in _INT_FIELDS and isinstance(value, int) and not isinstance(value, bool):
             return True, value
-        if name == "prompt_extend" and isinstance(value, bool):
+        if name in _BOOL_FIELDS and isinstance(value, bool):
             return True, value
-        if name in ("id", "prompt", "size", "output") and isinstance(value, str):
+        if name in _TEXT_FIELDS and isinstance(value, str):
             return True, value if not scalar.typed else scalar.text  # a date: as written
-        written = name in ("prompt", "size") or (name == "id" and isinstance(value, int))
+        written = name in _WRITTEN_FIELDS or (name == "id" and isinstance(value, int))
         if written and not isinstance(value, bool):
             return True, scalar.text  # 16:9 (base 60 to YAML 1.1) and 007 mean what was written
         self.error(scalar.line, label, f"must be {_FIELD_TYPES[name]}, not {scalar.text[:40]!r}")

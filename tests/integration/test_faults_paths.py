@@ -18,6 +18,7 @@ import pytest
 from batcher.emulator import EmulatorConfig, running_emulator
 from batcher.errors import ConfigError
 from batcher.layout import RunLayout, RunLock
+from batcher.modelrules import RULES
 from jobs import JobStore, ManifestInvalid, State
 from jobs.manifest import open_manifest
 from tests.support import check_invariants, files_under, run_once
@@ -90,7 +91,7 @@ async def test_hostile_ids_and_values_stay_inside_the_run_folder(tmp_path):
         await JobStore.open(layout.db) as store,
         running_emulator(emu()) as e,
     ):
-        await store.import_specs(open_manifest(manifest), source=str(manifest))
+        await store.import_specs(open_manifest(manifest, rules=RULES), source=str(manifest))
         await run_once(store, layout, e.base_url)
         stats = await store.stats()
         outputs = [rec["output"] async for rec in store.iter_records()]
@@ -127,7 +128,7 @@ async def test_files_that_would_collide_are_refused_up_front(tmp_path, first, se
     layout = RunLayout(tmp_path / "run")
     async with await JobStore.open(layout.db) as store:
         with pytest.raises(ManifestInvalid) as info:
-            await store.import_specs(open_manifest(manifest), source=str(manifest))
+            await store.import_specs(open_manifest(manifest, rules=RULES), source=str(manifest))
         assert (await store.stats()).total == 0  # nothing imported
     message = str(info.value)
     assert message.startswith(f"{manifest}:2: ")
@@ -141,9 +142,9 @@ async def test_a_collision_with_an_earlier_import_is_refused_up_front(tmp_path):
         tmp_path / "b.jsonl", [{"id": "lamp", "prompt": "a lamp"}, {"id": "CHAIR", "prompt": "x"}]
     )
     async with await JobStore.open(layout.db) as store:
-        await store.import_specs(open_manifest(first), source=str(first))
+        await store.import_specs(open_manifest(first, rules=RULES), source=str(first))
         with pytest.raises(ManifestInvalid, match=r"b\.jsonl:2: output: .*Chair"):
-            await store.import_specs(open_manifest(second), source=str(second))
+            await store.import_specs(open_manifest(second, rules=RULES), source=str(second))
         assert (await store.stats()).total == 1  # the lamp was not imported either
 
 
@@ -170,7 +171,7 @@ async def test_symlinks_planted_in_images_are_never_written_through(tmp_path):
         await JobStore.open(layout.db) as store,
         running_emulator(emu()) as e,
     ):
-        await store.import_specs(open_manifest(manifest), source=str(manifest))
+        await store.import_specs(open_manifest(manifest, rules=RULES), source=str(manifest))
         runner, _ = await run_once(store, layout, e.base_url)
         recs = {rec["id"]: rec async for rec in store.iter_records()}
     assert sorted(os.listdir(outside)) == ["victim.png"]
@@ -201,7 +202,7 @@ async def test_things_in_the_way_of_an_output_fail_that_job_only(tmp_path):
         await JobStore.open(layout.db) as store,
         running_emulator(emu()) as e,
     ):
-        await store.import_specs(open_manifest(manifest), source=str(manifest))
+        await store.import_specs(open_manifest(manifest, rules=RULES), source=str(manifest))
         await run_once(store, layout, e.base_url)
         recs = {rec["id"]: rec async for rec in store.iter_records()}
     assert recs["dir-in-the-way"]["error_code"] == "UnsafeOutputPath"

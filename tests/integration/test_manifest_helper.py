@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from batcher.modelrules import RULES
 from jobs import manifest as manifest_module
 from jobs.errors import JobStoreError, ManifestError, ManifestInvalid
 from jobs.manifest import open_manifest
@@ -47,7 +48,7 @@ def big_csv(path: Path, n: int, last: str | None = None) -> Path:
 
 def read(path: Path, *, helper: bool) -> tuple[list[object], list[str], int]:
     """Rows, warnings and warning count, or the errors (as lines) in place of the rows."""
-    manifest = open_manifest(path)
+    manifest = open_manifest(path, rules=RULES)
     rows: list[object]
     try:
         rows = list(manifest.rows(helper=helper))
@@ -98,12 +99,16 @@ async def test_an_error_on_the_last_row_imports_nothing(
             await store.import_specs(specs(["keep"]), source=str(path))
         before = table(db)
         with pytest.raises(ManifestInvalid) as info:
-            await store.import_rows(open_manifest(path).rows(helper=True), source=str(path))
+            await store.import_rows(
+                open_manifest(path, rules=RULES).rows(helper=True), source=str(path)
+            )
         assert [(e.path, e.line, e.field) for e in info.value.errors] == [(str(path), n + 1, field)]
         assert table(db) == before
         # and the same file without the bad row imports in full
         big_csv(path, n - 1)
-        report = await store.import_rows(open_manifest(path).rows(helper=True), source=str(path))
+        report = await store.import_rows(
+            open_manifest(path, rules=RULES).rows(helper=True), source=str(path)
+        )
         assert report.added == n - 1
 
 
@@ -111,7 +116,7 @@ async def test_an_error_on_the_last_row_imports_nothing(
 def test_closing_the_rows_early_stops_the_helper(tmp_path: Path) -> None:
     path = big_csv(tmp_path / "m.csv", 60_000)
     before = children()
-    rows = open_manifest(path).rows(helper=True)
+    rows = open_manifest(path, rules=RULES).rows(helper=True)
     assert children() == before  # nothing starts until a row is asked for
     assert len([next(rows) for _ in range(10)]) == 10
     assert len(children() - before) == 1
@@ -127,7 +132,7 @@ async def test_a_helper_that_dies_fails_the_import_and_imports_nothing(tmp_path:
     before = children()
 
     def killed_midway() -> Iterator[JobRow]:
-        for n, row in enumerate(open_manifest(path).rows(helper=True)):
+        for n, row in enumerate(open_manifest(path, rules=RULES).rows(helper=True)):
             if n == 5_000:
                 for pid in children() - before:
                     os.kill(pid, signal.SIGKILL)
@@ -156,11 +161,11 @@ def test_big_streamed_files_get_a_helper_by_default(
     path = tmp_path / name
     path.write_text(data, encoding="utf-8")
     before = children()
-    rows = open_manifest(path).rows()
+    rows = open_manifest(path, rules=RULES).rows()
     next(rows)
     assert children() == before  # a small file is read in process
     monkeypatch.setattr(manifest_module, "HELPER_MIN_BYTES", 1_000)
-    rows = open_manifest(path).rows()
+    rows = open_manifest(path, rules=RULES).rows()
     next(rows)
     assert len(children() - before) == (1 if helper else 0)
     assert len(list(rows)) == 499

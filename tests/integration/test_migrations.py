@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from batcher.modelrules import RULES
 from jobs import migrations, schema
 from jobs.errors import SchemaMismatch
+from jobs.manifest import open_manifest
 from jobs.states import State
 from jobs.store import JobStore
 
@@ -99,7 +101,10 @@ async def test_a_failing_step_leaves_version_1_intact(
     v1: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     db = v1 / "run" / "batcher.db"
-    broken = {2: (*migrations.STEPS[2], "ALTER TABLE no_such_table ADD COLUMN x TEXT")}
+    broken = {
+        **migrations.STEPS,
+        2: (*migrations.STEPS[2], "ALTER TABLE no_such_table ADD COLUMN x TEXT"),
+    }
     monkeypatch.setattr(migrations, "STEPS", broken)
     with pytest.raises(Exception, match="no_such_table"):
         await JobStore.open(db, create=False)
@@ -118,3 +123,24 @@ async def test_a_newer_database_is_refused_not_downgraded(v1: Path) -> None:
     with pytest.raises(SchemaMismatch, match="newer batcher"):
         await JobStore.open(db, create=False)
     assert version(db) == "99"
+
+
+async def test_step_3_gives_old_jobs_one_image_no_parameters_and_no_task(v1: Path) -> None:
+    db = v1 / "run" / "batcher.db"
+    async with await JobStore.open(db, create=False):
+        pass
+    with sqlite3.connect(db) as con:
+        rows = con.execute("SELECT DISTINCT n, params, task_id FROM jobs").fetchall()
+    assert rows == [(1, None, None)]
+
+
+async def test_the_old_manifest_imports_into_the_migrated_folder_unchanged(v1: Path) -> None:
+    # Same ids, same content: the manifest's jobs are all "unchanged", nothing is redone.
+    db = v1 / "run" / "batcher.db"
+    manifest = v1 / "manifest.jsonl"
+    async with await JobStore.open(db, create=False) as store:
+        report = await store.import_rows(
+            open_manifest(manifest, rules=RULES).rows(), source=str(manifest)
+        )
+        assert (report.added, report.replaced, report.unchanged) == (0, 0, 7)
+        assert (await store.stats()).count(State.DONE) == 5

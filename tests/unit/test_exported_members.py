@@ -36,7 +36,6 @@ def test_batcher_exports():
 def test_jobs_exports():
     assert sorted(jobs.__all__) == sorted(
         [
-            "DEFAULT_MODEL",
             "TERMINAL",
             "TRANSITIONS",
             "Claim",
@@ -50,6 +49,7 @@ def test_jobs_exports():
             "Manifest",
             "ManifestError",
             "ManifestInvalid",
+            "ModelRules",
             "SchemaMismatch",
             "State",
             "Stats",

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from batcher.modelrules import RULES
 from jobs.errors import ManifestInvalid
 from jobs.manifest import open_manifest
 
@@ -36,7 +37,7 @@ def test_each_broken_manifest_fails_with_a_located_one_line_error(name: str) -> 
     path = CORPUS / name
     produced = []
     with pytest.raises(ManifestInvalid) as info:
-        for spec in open_manifest(path):
+        for spec in open_manifest(path, rules=RULES):
             produced.append(spec)
     first = info.value.errors[0]
     assert (first.line, first.field) == (expected["line"], expected["field"]), first.format()

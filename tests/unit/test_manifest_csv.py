@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from batcher.modelrules import RULES
 from jobs.errors import ManifestError, ManifestInvalid
 from jobs.manifest import open_manifest
 from jobs.spec import JobSpec
@@ -18,12 +19,12 @@ def write(tmp_path: Path, data: str | bytes, name: str = "m.csv") -> Path:
 
 
 def specs(path: Path) -> list[JobSpec]:
-    return list(open_manifest(path))
+    return list(open_manifest(path, rules=RULES))
 
 
 def errors(path: Path) -> list[ManifestError]:
     with pytest.raises(ManifestInvalid) as info:
-        list(open_manifest(path))
+        list(open_manifest(path, rules=RULES))
     return info.value.errors
 
 
@@ -194,7 +195,7 @@ def test_valid_jobs_stream_before_a_bad_row_is_reached(tmp_path: Path) -> None:
     path = write(tmp_path, "id,prompt\na,one\nb,two\nc,\nd,four\n")
     seen: list[str] = []
     with pytest.raises(ManifestInvalid) as info:
-        for spec in open_manifest(path):
+        for spec in open_manifest(path, rules=RULES):
             seen.append(spec.id)
     assert seen == ["a", "b", "d"]
     assert [(e.line, e.field, e.message) for e in info.value.errors] == [(4, "prompt", "empty")]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from batcher.modelrules import RULES
 from jobs.errors import ManifestError, ManifestInvalid
 from jobs.manifest import open_manifest
 from jobs.spec import JobSpec
@@ -23,12 +24,12 @@ def lines(*objects: object) -> str:
 
 
 def specs(path: Path) -> list[JobSpec]:
-    return list(open_manifest(path))
+    return list(open_manifest(path, rules=RULES))
 
 
 def errors(path: Path) -> list[ManifestError]:
     with pytest.raises(ManifestInvalid) as info:
-        list(open_manifest(path))
+        list(open_manifest(path, rules=RULES))
     return info.value.errors
 
 

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from batcher.modelrules import RULES
 from jobs.errors import ManifestError, ManifestInvalid
 from jobs.manifest import open_manifest
 from jobs.naming import MAX_COMPONENT_BYTES, compile_output, safe_component
@@ -16,12 +17,12 @@ from jobs.spec import JobSpec
 
 
 def specs(path: Path) -> list[JobSpec]:
-    return list(open_manifest(path))
+    return list(open_manifest(path, rules=RULES))
 
 
 def errors(path: Path) -> list[ManifestError]:
     with pytest.raises(ManifestInvalid) as info:
-        list(open_manifest(path))
+        list(open_manifest(path, rules=RULES))
     return info.value.errors
 
 
@@ -259,7 +260,11 @@ def test_any_id_in_a_manifest_gets_a_safe_output(job_id: str) -> None:
 
     found: list[ManifestError] = []
     builder = JobBuilder(
-        path="m.csv", model="z-image-turbo", output=compile_output("{id}.png"), warnings=[]
+        path="m.csv",
+        model="z-image-turbo",
+        rules=RULES,
+        output=compile_output("{id}.png"),
+        warnings=[],
     )
     row = builder.build(found, 2, 1, job_id, "a prompt", None, None, None, None, {})
     if row is None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from batcher.modelrules import RULES
 from jobs import manifest as manifest_module
 from jobs.builder import derive_id, derive_seed
 from jobs.errors import ManifestError, ManifestInvalid
@@ -24,12 +25,12 @@ def write(tmp_path: Path, name: str, data: str | bytes) -> Path:
 
 
 def specs(path: Path) -> list[JobSpec]:
-    return list(open_manifest(path))
+    return list(open_manifest(path, rules=RULES))
 
 
 def errors(path: Path, **kwargs: int) -> ManifestInvalid:
     with pytest.raises(ManifestInvalid) as info:
-        list(open_manifest(path, **kwargs))
+        list(open_manifest(path, **kwargs, rules=RULES))
     return info.value
 
 
@@ -55,7 +56,7 @@ def test_the_format_comes_from_the_extension(tmp_path: Path, name: str, fmt: str
         "csv": "id,prompt\na,p\n",
         "jsonl": '{"id": "a", "prompt": "p"}\n',
     }[fmt]
-    manifest = open_manifest(write(tmp_path, name, text))
+    manifest = open_manifest(write(tmp_path, name, text), rules=RULES)
     assert manifest.format == fmt
     assert manifest.model == "z-image-turbo"
     assert manifest.path == tmp_path / name
@@ -66,7 +67,7 @@ def test_the_format_comes_from_the_extension(tmp_path: Path, name: str, fmt: str
 def test_an_unknown_extension_is_refused_on_open(tmp_path: Path, name: str) -> None:
     path = write(tmp_path, name, "id,prompt\na,p\n")
     with pytest.raises(ManifestInvalid) as info:
-        open_manifest(path)
+        open_manifest(path, rules=RULES)
     [error] = info.value.errors
     assert (error.path, error.line, error.field) == (str(path), None, None)
     assert "a manifest is .yaml, .yml, .csv or .jsonl" in error.message
@@ -77,13 +78,13 @@ def test_missing_empty_and_directory_manifests_are_refused_on_open(
     tmp_path: Path, name: str
 ) -> None:
     with pytest.raises(ManifestInvalid, match="no such file"):
-        open_manifest(tmp_path / name)
+        open_manifest(tmp_path / name, rules=RULES)
     with pytest.raises(ManifestInvalid, match="empty file"):
-        open_manifest(write(tmp_path, name, b""))
+        open_manifest(write(tmp_path, name, b""), rules=RULES)
     (tmp_path / "dir").mkdir()
     (tmp_path / "dir" / name).mkdir()
     with pytest.raises(ManifestInvalid, match="not a file"):
-        open_manifest(tmp_path / "dir" / name)
+        open_manifest(tmp_path / "dir" / name, rules=RULES)
 
 
 def test_the_path_is_shown_as_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -101,7 +102,7 @@ def test_the_path_is_shown_as_given(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 @pytest.mark.parametrize("name", ["catalog.yaml", "dataset.csv", "small.jsonl"])
 def test_the_samples_validate(name: str) -> None:
-    manifest = open_manifest(SAMPLES / name)
+    manifest = open_manifest(SAMPLES / name, rules=RULES)
     got = list(manifest)
     assert manifest.warnings == []
     assert len({s.id for s in got}) == len(got)
@@ -113,18 +114,18 @@ def test_the_samples_validate(name: str) -> None:
 
 
 def test_iterating_twice_reads_the_same_jobs(tmp_path: Path) -> None:
-    manifest = open_manifest(write(tmp_path, "m.csv", "id,prompt\na,one\nb,two\n"))
+    manifest = open_manifest(write(tmp_path, "m.csv", "id,prompt\na,one\nb,two\n"), rules=RULES)
     assert list(manifest) == list(manifest)
 
 
 @pytest.mark.parametrize("name", ["catalog.yaml", "dataset.csv", "small.jsonl"])
 def test_rows_are_the_jobs_as_tuples(name: str) -> None:
-    manifest = open_manifest(SAMPLES / name)
+    manifest = open_manifest(SAMPLES / name, rules=RULES)
     jobs = list(manifest)
     rows = list(manifest.rows())
     assert rows == [spec.row() for spec in jobs]
     assert [JobSpec.from_row(row) for row in rows] == jobs
-    assert all(type(row) is tuple and len(row) == 9 for row in rows)
+    assert all(type(row) is tuple and len(row) == 11 for row in rows)
 
 
 def test_rows_check_like_iteration(tmp_path: Path) -> None:
@@ -132,7 +133,7 @@ def test_rows_check_like_iteration(tmp_path: Path) -> None:
     path = write(tmp_path, "m.csv", text)
     found = []
     for read in (list, lambda m: list(m.rows())):
-        manifest = open_manifest(path)
+        manifest = open_manifest(path, rules=RULES)
         with pytest.raises(ManifestInvalid) as info:
             read(manifest)
         found.append([e.format() for e in info.value.errors])
@@ -258,17 +259,19 @@ def test_seed_bounds(tmp_path: Path, seed: int, ok: bool) -> None:
 def test_a_long_prompt_is_a_warning_counted_in_characters(
     tmp_path: Path, prompt: str, warned: bool
 ) -> None:
-    manifest = open_manifest(write(tmp_path, "m.csv", f"id,prompt\na,{prompt}\n"))
+    manifest = open_manifest(write(tmp_path, "m.csv", f"id,prompt\na,{prompt}\n"), rules=RULES)
     [spec] = list(manifest)
     assert spec.prompt == prompt
     assert [(w.line, w.field) for w in manifest.warnings] == ([(2, "prompt")] if warned else [])
     if warned:
-        assert manifest.warnings[0].message == "801 characters; the service uses only the first 800"
+        assert (
+            manifest.warnings[0].message == "801 characters; z-image-turbo uses only the first 800"
+        )
 
 
 def test_warnings_are_capped_but_counted_and_reset_per_read(tmp_path: Path) -> None:
     text = "id,prompt\n" + "".join(f"{n},{'x' * 900}\n" for n in range(150))
-    manifest = open_manifest(write(tmp_path, "m.csv", text))
+    manifest = open_manifest(write(tmp_path, "m.csv", text), rules=RULES)
     assert len(list(manifest)) == 150
     assert (len(manifest.warnings), manifest.warning_count) == (100, 150)
     list(manifest)
@@ -323,7 +326,7 @@ def test_the_stream_stops_early_once_past_max_errors(tmp_path: Path) -> None:
     )
     seen: list[str] = []
     with pytest.raises(ManifestInvalid) as info:
-        for spec in open_manifest(write(tmp_path, "m.csv", text), max_errors=3):
+        for spec in open_manifest(write(tmp_path, "m.csv", text), max_errors=3, rules=RULES):
             seen.append(spec.id)
     assert seen == []  # the valid rows after the bad ones were never reached
     assert info.value.truncated
@@ -344,7 +347,7 @@ def test_errors_are_manifest_errors_with_their_parts(tmp_path: Path) -> None:
     [error] = errors(write(tmp_path, "m.csv", "id,prompt,size\na,p,4096*4096\n")).errors
     assert isinstance(error, ManifestError)
     assert (error.path, error.line, error.field) == (str(tmp_path / "m.csv"), 2, "size")
-    assert error.message == "4096*4096 is outside 512*512..2048*2048 total pixels"
+    assert error.message == "4096*4096 is outside 512*512..2048*2048 total pixels for z-image-turbo"
 
 
 def test_hostile_column_and_key_names_stay_on_one_line(tmp_path: Path) -> None:

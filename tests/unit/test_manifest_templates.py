@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from batcher.modelrules import RULES
 from jobs.errors import ManifestError, ManifestInvalid
 from jobs.manifest import open_manifest
 from jobs.spec import JobSpec
@@ -14,12 +15,12 @@ from jobs.templates import TemplateError, compile_template
 
 
 def specs(path: Path) -> list[JobSpec]:
-    return list(open_manifest(path))
+    return list(open_manifest(path, rules=RULES))
 
 
 def errors(path: Path) -> list[ManifestError]:
     with pytest.raises(ManifestInvalid) as info:
-        list(open_manifest(path))
+        list(open_manifest(path, rules=RULES))
     return info.value.errors
 
 
@@ -102,7 +103,7 @@ def test_variables_come_from_columns_keys_vars_defaults_and_the_matrix(tmp_path:
     )
     assert specs(tmp_path / "m.csv")[0].prompt == "a red shoe"
     (tmp_path / "m.jsonl").write_text(
-        '{"id": "a", "prompt": "{n:03d} {flag} {w}", "n": 7, "flag": true, "vars": {"w": 1.5}}\n',
+        '{"id": "a", "prompt": "{k:03d} {flag} {w}", "k": 7, "flag": true, "vars": {"w": 1.5}}\n',
         encoding="utf-8",
     )
     assert specs(tmp_path / "m.jsonl")[0].prompt == "007 true 1.5"

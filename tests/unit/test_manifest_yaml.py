@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from batcher.modelrules import RULES
 from jobs import yamlfile
 from jobs.errors import ManifestError, ManifestInvalid
 from jobs.manifest import open_manifest
@@ -19,12 +20,12 @@ def write(tmp_path: Path, text: str, name: str = "m.yaml") -> Path:
 
 
 def specs(path: Path) -> list[JobSpec]:
-    return list(open_manifest(path))
+    return list(open_manifest(path, rules=RULES))
 
 
 def errors(path: Path) -> list[ManifestError]:
     with pytest.raises(ManifestInvalid) as info:
-        list(open_manifest(path))
+        list(open_manifest(path, rules=RULES))
     return info.value.errors
 
 
@@ -143,7 +144,7 @@ def test_matrix_mistakes_are_located(
 ) -> None:
     path = write(tmp_path, text)
     with pytest.raises(ManifestInvalid) as info:
-        list(open_manifest(path))
+        list(open_manifest(path, rules=RULES))
     error = info.value.errors[0]
     assert (error.line, error.field) == (line, field)
     assert message in error.message
@@ -153,7 +154,7 @@ def test_too_many_combinations_are_refused_on_open(tmp_path: Path) -> None:
     values = "[" + ", ".join(str(i) for i in range(101)) + "]"
     text = "matrix:\n" + "".join(f"  k{n}: {values}\n" for n in range(3)) + "jobs:\n  - prompt: p\n"
     with pytest.raises(ManifestInvalid) as info:
-        open_manifest(write(tmp_path, text))
+        open_manifest(write(tmp_path, text), rules=RULES)
     assert "1030301 combinations; at most 1000000" in info.value.errors[0].message
 
 
@@ -182,7 +183,7 @@ def test_defaults_apply_and_jobs_override_them(tmp_path: Path) -> None:
         ("promt: x\njobs:\n  - prompt: p\n", 1, "promt", "did you mean prompt? (per-job"),
         ("seed: 1\njobs:\n  - prompt: p\n", 1, "seed", "per-job fields go in jobs:"),
         ("jobz:\n  - prompt: p\n", 1, "jobz", "did you mean jobs?"),
-        ("model: qwen-image\njobs:\n  - prompt: p\n", 1, "model", "use z-image-turbo"),
+        ("model: dall-e-3\njobs:\n  - prompt: p\n", 1, "model", "unknown model 'dall-e-3'; known"),
         ("jobs: {a: 1}\n", 1, "jobs", "expected a list of jobs"),
         ("output: 5\njobs:\n  - prompt: p\n", 1, "output", "must be a path template"),
         ("jobs:\n  - just a string\n", 2, "job", "expected a mapping"),
@@ -241,7 +242,7 @@ def test_no_tag_constructs_anything(tmp_path: Path, tagged: str) -> None:
         f"model: {value}\njobs:\n  - prompt: p\n",
     ):
         with pytest.raises(ManifestInvalid) as info:
-            list(open_manifest(write(tmp_path, text)))
+            list(open_manifest(write(tmp_path, text), rules=RULES))
         error = info.value.errors[0]
         assert error.line is not None
         assert "tag" in error.message or "!!binary" in error.message or "expected" in error.message
@@ -285,7 +286,7 @@ def test_merge_keys_survive_reading_twice(tmp_path: Path) -> None:
         "  - {<<: *base, id: c}\n"
         "  - {<<: *base, id: b}\n",
     )
-    manifest = open_manifest(path)
+    manifest = open_manifest(path, rules=RULES)
     for _ in range(2):
         with pytest.raises(ManifestInvalid) as info:
             list(manifest)
@@ -300,14 +301,21 @@ def test_a_bad_merge_is_located(tmp_path: Path) -> None:
 
 
 def test_model_defaults_and_is_reported(tmp_path: Path) -> None:
-    assert open_manifest(write(tmp_path, "jobs:\n  - prompt: p\n")).model == "z-image-turbo"
-    manifest = open_manifest(write(tmp_path, "model: z-image-turbo\njobs:\n  - prompt: p\n"))
+    assert (
+        open_manifest(write(tmp_path, "jobs:\n  - prompt: p\n"), rules=RULES).model
+        == "z-image-turbo"
+    )
+    manifest = open_manifest(
+        write(tmp_path, "model: z-image-turbo\njobs:\n  - prompt: p\n"), rules=RULES
+    )
     assert (manifest.model, manifest.format) == ("z-image-turbo", "yaml")
 
 
 def test_top_level_problems_are_raised_on_open(tmp_path: Path) -> None:
     with pytest.raises(ManifestInvalid) as info:
-        open_manifest(write(tmp_path, "model: wan2.5\nextra: 1\njobs:\n  - prompt: p\n"))
+        open_manifest(
+            write(tmp_path, "model: wan2.5\nextra: 1\njobs:\n  - prompt: p\n"), rules=RULES
+        )
     assert [(e.line, e.field) for e in info.value.errors] == [(1, "model"), (2, "extra")]
 
 
@@ -316,7 +324,7 @@ def test_a_huge_yaml_file_is_refused_without_reading_it(
 ) -> None:
     monkeypatch.setattr(yamlfile, "MAX_YAML_BYTES", 100)
     with pytest.raises(ManifestInvalid, match="over 50 MiB"):
-        open_manifest(write(tmp_path, "jobs:\n" + "  - prompt: p\n" * 20))
+        open_manifest(write(tmp_path, "jobs:\n" + "  - prompt: p\n" * 20), rules=RULES)
 
 
 def test_job_lines_are_the_jobs_own(tmp_path: Path) -> None:

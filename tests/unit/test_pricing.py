@@ -8,6 +8,7 @@ from decimal import Decimal
 import pytest
 
 import batcher.pricing
+from batcher.models import MODELS
 from batcher.pricing import Money, currency_of, estimate, known_models, price_per_image
 
 D = Decimal
@@ -22,6 +23,16 @@ REFERENCE = [
     ("wan2.2-t2i-flash", D("0.14"), D("0.025")),
     ("wan2.2-t2i-plus", D("0.20"), D("0.050")),
 ]
+# Singapore in CNY as published, kept in the registry beside the converted USD figure.
+INTL_CNY = {
+    "z-image-turbo": D("0.110089"),
+    "qwen-image-plus": D("0.220177"),
+    "qwen-image": D("0.256873"),
+    "qwen-image-max": D("0.550443"),
+    "wan2.5-t2i-preview": D("0.220177"),
+    "wan2.2-t2i-flash": D("0.183481"),
+    "wan2.2-t2i-plus": D("0.366962"),
+}
 
 
 @pytest.mark.parametrize(("model", "cny", "usd"), REFERENCE)
@@ -43,8 +54,22 @@ def test_prompt_extend_does_not_change_other_models(model: str, cny: Decimal, us
     assert price_per_image(model, "intl", True) == Money(usd, "USD")
 
 
+@pytest.mark.parametrize(("model", "cny"), INTL_CNY.items())
+def test_the_registry_keeps_the_published_singapore_cny(model: str, cny: Decimal) -> None:
+    prices = MODELS[model].prices
+    assert prices.intl_cny == cny
+    assert not prices.estimated
+    # the USD figure is the CNY one converted at 7.3393, to the cent's tenth
+    assert abs(prices.intl_cny / D("7.3393") - prices.intl_usd) < D("0.0006")
+
+
+def test_a_model_without_a_published_price_is_marked_estimated() -> None:
+    assert set(MODELS) - {model for model, _, _ in REFERENCE} == {"wanx2.1-t2i-turbo"}
+    assert MODELS["wanx2.1-t2i-turbo"].prices.estimated
+
+
 def test_known_models_and_currencies() -> None:
-    assert set(known_models()) == {model for model, _, _ in REFERENCE}
+    assert set(known_models()) == set(MODELS)
     assert currency_of("cn") == "CNY"
     assert currency_of("intl") == "USD"
 
