@@ -142,6 +142,7 @@ class Model:
     quota: Quota
     seed: bool = True
     n_min: int = 1
+    answer_text: bool = False  # a sync answer also carries the prompt (and reasoning) as text
 
     @property
     def n_default(self) -> int:
@@ -293,6 +294,7 @@ MODELS: MappingProxyType[str, Model] = MappingProxyType(
                 cn=_D("0.10"), intl_cny=_D("0.110089"), intl_usd=_D("0.015"), extend_factor=2
             ),
             quota=Quota(rps=2.0),
+            answer_text=True,
         ),
         "qwen-image": _qwen(
             "qwen-image",

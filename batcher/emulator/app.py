@@ -2,7 +2,9 @@
 
 Routes::
 
-    POST /api/v1/services/aigc/multimodal-generation/generation   z-image-turbo, synchronous
+    POST /api/v1/services/aigc/multimodal-generation/generation   z-image-turbo, Qwen-Image
+    POST /api/v1/services/aigc/text2image/image-synthesis          Wan tasks (see taskroutes.py)
+    GET  /api/v1/tasks/{task_id}, POST /api/v1/tasks/{id}/cancel   task poll and cancel
     GET  /1d/{xx}/{yyyymmdd}/{xxxxxxxx}/{uuid}.png                 images (see downloads.py)
     GET  /_emulator/stats                                          counters (JSON)
     GET  /_emulator/config, POST /_emulator/config                 settings; POST changes them
@@ -31,6 +33,7 @@ from batcher.emulator.downloads import download_image
 from batcher.emulator.faults import draw
 from batcher.emulator.responses import STATE, drop_connection, json_response
 from batcher.emulator.state import EmulatorState, StoredImage
+from batcher.emulator.taskroutes import add_task_routes
 from batcher.emulator.urls import image_path
 from batcher.emulator.validate import (
     GenerationRequest,
@@ -39,6 +42,7 @@ from batcher.emulator.validate import (
     is_moderated,
     parse_body,
 )
+from batcher.models import MODELS
 
 __all__ = ["GENERATION_PATH", "STATE", "build_app"]
 
@@ -56,6 +60,7 @@ def build_app(state: EmulatorState) -> web.Application:
     app = web.Application()
     app[STATE] = state
     app.router.add_post(GENERATION_PATH, _generate)
+    add_task_routes(app)
     app.router.add_get("/1d/{shard}/{day}/{prefix}/{name}", download_image)
     app.router.add_get("/_emulator/stats", _stats)
     app.router.add_get("/_emulator/config", _get_config)
@@ -81,7 +86,7 @@ async def _generate(request: web.Request) -> web.StreamResponse:
     parsed = parse_body(raw)
     if isinstance(parsed, ApiError):
         return _error(state, parsed, request_id)
-    if not state.quota.try_acquire(key, time.monotonic()):
+    if not state.try_quota(key, parsed.model, time.monotonic()):
         state.throttled += 1
         return _error(state, api_error("Throttling.RateQuota"), request_id)
     if is_moderated(parsed.prompt, state.config.moderate):
@@ -177,19 +182,16 @@ def _success(
     state.store_image(
         image_id, StoredImage(text=text, seed=seed, width=parsed.width, height=parsed.height)
     )
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": [{"image": url}, {"text": text}],
+        "reasoning_content": reasoning,
+    }
+    if not MODELS[parsed.model].answer_text:  # Qwen-Image: the image alone
+        message = {"role": "assistant", "content": [{"image": url}]}
+        usage = {}
     body = {
-        "output": {
-            "choices": [
-                {
-                    "finish_reason": "stop",
-                    "message": {
-                        "role": "assistant",
-                        "content": [{"image": url}, {"text": text}],
-                        "reasoning_content": reasoning,
-                    },
-                }
-            ]
-        },
+        "output": {"choices": [{"finish_reason": "stop", "message": message}]},
         "usage": {"width": parsed.width, "height": parsed.height, "image_count": 1, **usage},
         "request_id": request_id,
     }

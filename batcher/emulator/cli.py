@@ -40,7 +40,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--rps",
         type=float,
         default=_DEFAULTS.rps,
-        help="accepted generation requests per second per key; inf for no quota (default: 2)",
+        help="z-image-turbo's accepted requests per second per key (other models keep their "
+        "own published quota); inf for no quota at all (default: 2)",
     )
     parser.add_argument(
         "--latency",
@@ -53,7 +54,21 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         default=_DEFAULTS.faults,
         metavar="SPEC",
         help="kind=fraction,... with kinds 500 503 429 reset lost hang truncate corrupt "
-        "free-quota or a documented error code (default: none)",
+        "free-quota poll-500 poll-reset task-failed task-partial or a documented error code "
+        "(default: none)",
+    )
+    parser.add_argument(
+        "--task-seconds",
+        default=_DEFAULTS.task_seconds,
+        metavar="SPEC",
+        help="how long an async task takes: S or lognormal:MEDIAN_S:SIGMA (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--task-ttl",
+        type=float,
+        default=_DEFAULTS.task_ttl,
+        metavar="SECONDS",
+        help="how long a task can be queried before it reads UNKNOWN (default: 86400)",
     )
     parser.add_argument(
         "--moderate",
@@ -101,6 +116,8 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         seed=args.seed,
         retry_after=args.retry_after,
         max_images=args.max_images,
+        task_seconds=args.task_seconds,
+        task_ttl=args.task_ttl,
     )
 
 

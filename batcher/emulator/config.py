@@ -21,9 +21,16 @@ Faults spec, a comma list of ``kind=fraction``::
     hang       no answer until the client gives up (or the emulator stops)
     truncate   an image download sends fewer bytes than its Content-Length
     corrupt    an image download sends the right number of bytes, but not a valid PNG
+    poll-500   a task poll (GET /tasks/{id}) answers 500 InternalError
+    poll-reset a task poll's connection is dropped
+    task-failed   a task ends FAILED (InternalError.Algo)
+    task-partial  a task of n > 1 images ends SUCCEEDED with its last image failed
 
-Generation kinds and download kinds are two separate draws; the fractions of each group must add
-up to at most 1.
+The generation kinds apply to synchronous calls and to task creations alike (``lost`` on a
+create: the task is created, its answer dropped). Generation, download, poll and task kinds are
+four separate draws; the fractions of each group must add up to at most 1.
+
+Task time spec (``task_seconds``): ``S`` fixed, or ``lognormal:MEDIAN_S:SIGMA``.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ __all__ = [
     "Latency",
     "parse_faults",
     "parse_latency",
+    "parse_task_seconds",
 ]
 
 
@@ -59,15 +67,25 @@ class FaultKind(StrEnum):
     HANG = "hang"
     TRUNCATE = "truncate"
     CORRUPT = "corrupt"
+    POLL_500 = "poll-500"
+    POLL_RESET = "poll-reset"
+    TASK_FAILED = "task-failed"
+    TASK_PARTIAL = "task-partial"
 
 
 _DOWNLOAD_KINDS = frozenset({FaultKind.TRUNCATE, FaultKind.CORRUPT})
+_POLL_KINDS = frozenset({FaultKind.POLL_500, FaultKind.POLL_RESET})
+_TASK_KINDS = frozenset({FaultKind.TASK_FAILED, FaultKind.TASK_PARTIAL})
 _CONNECTION_KINDS = frozenset({FaultKind.RESET, FaultKind.LOST, FaultKind.HANG})
+_OTHER_KINDS = _DOWNLOAD_KINDS | _POLL_KINDS | _TASK_KINDS
 _ERROR_KINDS: dict[str, ApiError] = {
     FaultKind.HTTP_500: api_error("InternalError"),
     FaultKind.HTTP_503: api_error("ModelUnavailable"),
     FaultKind.HTTP_429: api_error("Throttling"),
     FaultKind.FREE_QUOTA: api_error("Throttling.AllocationQuota", "Free allocated quota exceeded."),
+    FaultKind.POLL_500: api_error("InternalError"),
+    FaultKind.TASK_FAILED: api_error("InternalError.Algo", "Inference error."),
+    FaultKind.TASK_PARTIAL: api_error("InternalError.Algo", "Inference error."),
 }
 
 
@@ -130,6 +148,8 @@ class FaultPlan:
 
     generation: tuple[FaultRule, ...] = ()
     download: tuple[FaultRule, ...] = ()
+    poll: tuple[FaultRule, ...] = ()
+    task: tuple[FaultRule, ...] = ()
 
     def pick_generation(self, u: float) -> FaultRule | None:
         """The generation fault for the uniform draw ``u`` in [0, 1), or None."""
@@ -138,6 +158,14 @@ class FaultPlan:
     def pick_download(self, u: float) -> FaultRule | None:
         """The download fault for the uniform draw ``u`` in [0, 1), or None."""
         return _pick(self.download, u)
+
+    def pick_poll(self, u: float) -> FaultRule | None:
+        """The task-poll fault for the uniform draw ``u`` in [0, 1), or None."""
+        return _pick(self.poll, u)
+
+    def pick_task(self, u: float) -> FaultRule | None:
+        """The task outcome fault for the uniform draw ``u`` in [0, 1), or None."""
+        return _pick(self.task, u)
 
 
 def _pick(rules: tuple[FaultRule, ...], u: float) -> FaultRule | None:
@@ -173,12 +201,16 @@ def parse_faults(spec: str) -> FaultPlan:
         if kind in rules:
             raise ValueError(f"invalid faults {spec!r}: {kind!r} is given twice")
         rules[kind] = FaultRule(kind=kind, fraction=fraction, error=_error_for(kind))
-    generation = tuple(r for k, r in sorted(rules.items()) if k not in _DOWNLOAD_KINDS)
-    download = tuple(r for k, r in sorted(rules.items()) if k in _DOWNLOAD_KINDS)
-    for group, name in ((generation, "generation"), (download, "download")):
+    ordered = sorted(rules.items())
+    generation = tuple(r for k, r in ordered if k not in _OTHER_KINDS)
+    download = tuple(r for k, r in ordered if k in _DOWNLOAD_KINDS)
+    poll = tuple(r for k, r in ordered if k in _POLL_KINDS)
+    task = tuple(r for k, r in ordered if k in _TASK_KINDS)
+    groups = ((generation, "generation"), (download, "download"), (poll, "poll"), (task, "task"))
+    for group, name in groups:
         if sum(r.fraction for r in group) > 1.0 + 1e-9:
             raise ValueError(f"invalid faults {spec!r}: the {name} fractions add up to more than 1")
-    return FaultPlan(generation=generation, download=download)
+    return FaultPlan(generation=generation, download=download, poll=poll, task=task)
 
 
 def _number(name: str, value: Any) -> float:
@@ -193,7 +225,7 @@ def _number(name: str, value: Any) -> float:
 def _error_for(kind: str) -> ApiError | None:
     if kind in _ERROR_KINDS:
         return _ERROR_KINDS[kind]
-    if kind in _CONNECTION_KINDS or kind in _DOWNLOAD_KINDS:
+    if kind in _CONNECTION_KINDS or kind in _DOWNLOAD_KINDS or kind == FaultKind.POLL_RESET:
         return None
     if kind in ERROR_CODES:
         return api_error(kind)
@@ -205,7 +237,29 @@ def _error_for(kind: str) -> ApiError | None:
 
 
 #: The fields that ``reconfigure`` may change while the emulator runs.
-RECONFIGURABLE = frozenset({"faults", "rps", "latency", "moderate", "url_ttl", "retry_after"})
+RECONFIGURABLE = frozenset(
+    {"faults", "rps", "latency", "moderate", "url_ttl", "retry_after", "task_seconds", "task_ttl"}
+)
+
+
+def parse_task_seconds(spec: str) -> Latency:
+    """Parse ``"S"`` or ``"lognormal:MEDIAN_S:SIGMA"`` (seconds) as a ``Latency``.
+
+    >>> parse_task_seconds("lognormal:20:0.5")
+    Latency(median_ms=20000.0, sigma=0.5)
+    """
+    parts = spec.strip().split(":")
+    try:
+        if len(parts) == 1:
+            return parse_latency(str(float(parts[0]) * 1000))
+        if len(parts) == 3:
+            return parse_latency(f"{parts[0]}:{float(parts[1]) * 1000}:{parts[2]}")
+    except ValueError:
+        pass
+    raise ValueError(
+        f"invalid task_seconds {spec!r}: expected S (e.g. 3) "
+        "or lognormal:MEDIAN_S:SIGMA (e.g. lognormal:20:0.5)"
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -215,8 +269,12 @@ class EmulatorConfig:
     Arguments:
         host, port: where to listen; port 0 picks a free port.
         api_key: the one accepted key; None accepts any key that starts with ``sk-``.
-        rps: the per-key quota, accepted generation requests per second (``math.inf``: none).
+        rps: the per-key quota of z-image-turbo, accepted requests per second; every other
+            model has its own quota from the model registry (``math.inf``: no quota at all).
             A fractional rate allows ``max(1, floor(rps))`` requests per ``that / rps`` seconds.
+        task_seconds: how long an asynchronous task takes, ``S`` or
+            ``lognormal:MEDIAN_S:SIGMA``; it is PENDING for its first quarter, then RUNNING.
+        task_ttl: seconds a task can be queried; after that it is UNKNOWN.
         latency: ``MS`` or ``lognormal:MEDIAN_MS:SIGMA``.
         faults: ``kind=fraction,...`` (see the module docstring).
         moderate: words whose presence in a prompt (case-insensitive) gives 400
@@ -241,6 +299,8 @@ class EmulatorConfig:
     seed: int | None = None
     retry_after: str | None = None
     max_images: int = 100_000
+    task_seconds: str = "lognormal:20:0.5"
+    task_ttl: float = 86400.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -267,11 +327,19 @@ class EmulatorConfig:
             raise ValueError("invalid retry_after: must be a non-empty single-line header value")
         if self.max_images < 1:
             raise ValueError(f"invalid max_images {self.max_images}: must be >= 1")
+        parse_task_seconds(self.task_seconds)
+        if not (math.isfinite(self.task_ttl) and self.task_ttl > 0):
+            raise ValueError(f"invalid task_ttl {self.task_ttl}: must be a positive number")
 
     @property
     def latency_model(self) -> Latency:
         """The parsed ``latency``."""
         return parse_latency(self.latency)
+
+    @property
+    def task_time(self) -> Latency:
+        """The parsed ``task_seconds`` (as a ``Latency``)."""
+        return parse_task_seconds(self.task_seconds)
 
     @property
     def fault_plan(self) -> FaultPlan:
@@ -286,13 +354,13 @@ class EmulatorConfig:
                 f"cannot change {', '.join(unknown)} while running; "
                 f"changeable: {', '.join(sorted(RECONFIGURABLE))}"
             )
-        for name in ("rps", "url_ttl"):
+        for name in ("rps", "url_ttl", "task_ttl"):
             if name in changes:
                 changes[name] = _number(name, changes[name])
         if "moderate" in changes:
             moderate = changes["moderate"]
             changes["moderate"] = (moderate,) if isinstance(moderate, str) else tuple(moderate)
-        for name in ("faults", "latency"):
+        for name in ("faults", "latency", "task_seconds"):
             if name in changes and not isinstance(changes[name], str):
                 raise ValueError(f"invalid {name}: must be a string spec")
         return replace(self, **changes)

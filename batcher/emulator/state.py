@@ -13,15 +13,22 @@ number of billed images is the set of 64-bit billing keys behind ``duplicate_bil
 from __future__ import annotations
 
 import asyncio
+import math
 import secrets
+import time
+import uuid
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 from batcher.emulator.config import EmulatorConfig, FaultPlan, Latency
 from batcher.emulator.faults import SlidingWindowQuota
-from batcher.emulator.urls import UrlSigner
+from batcher.emulator.tasks import TaskBook
+from batcher.emulator.urls import UrlSigner, image_path
 from batcher.emulator.validate import GenerationRequest
+from batcher.models import MODELS
+
+TASK_POLL_RPS = 20.0  # the task query endpoint's documented default limit, per key
 
 __all__ = ["EmulatorState", "StoredImage"]
 
@@ -45,7 +52,14 @@ class EmulatorState:
             secret=secrets.token_bytes(32),
             access_key_id="LTAI5tEmu" + secrets.token_hex(8).upper()[:15],
         )
-        self.quota = SlidingWindowQuota(config.rps)
+        self.quota = SlidingWindowQuota(config.rps)  # z-image-turbo's
+        self.model_quotas = {name: SlidingWindowQuota(m.quota.rps) for name, m in MODELS.items()}
+        self.poll_quota = SlidingWindowQuota(TASK_POLL_RPS)
+        self.tasks = TaskBook(ttl=config.task_ttl)
+        self._task_count = 0
+        self._poll_count = 0
+        self.tasks_cancelled = 0
+        self.images_billed_by_model: Counter[str] = Counter()
         self.closing = asyncio.Event()
         self._apply(config)
         self._images: OrderedDict[str, StoredImage] = OrderedDict()
@@ -66,7 +80,14 @@ class EmulatorState:
         self.config = config
         self.plan: FaultPlan = config.fault_plan
         self.latency: Latency = config.latency_model
+        self.task_time: Latency = config.task_time
         self.quota.set_rate(config.rps)
+        for name, quota in self.model_quotas.items():
+            if quota is self.quota:
+                continue
+            quota.set_rate(math.inf if math.isinf(config.rps) else MODELS[name].quota.rps)
+        self.model_quotas["z-image-turbo"] = self.quota
+        self.tasks.ttl = config.task_ttl
 
     def reconfigure(self, **changes: Any) -> EmulatorConfig:
         """Change the run-time settings (see ``EmulatorConfig.with_changes``); returns the new."""
@@ -78,6 +99,22 @@ class EmulatorState:
         number = self._generation_count
         self._generation_count += 1
         return number
+
+    def next_task(self) -> int:
+        """Count a created task; its number (from 0) keys its seeded draws."""
+        number = self._task_count
+        self._task_count += 1
+        return number
+
+    def next_poll(self) -> int:
+        """Count a task poll; its number (from 0) keys its seeded draws."""
+        number = self._poll_count
+        self._poll_count += 1
+        return number
+
+    def try_quota(self, key: str, model: str, now: float) -> bool:
+        """Accept one request of ``key`` for ``model`` under that model's quota, or refuse."""
+        return self.model_quotas[model].try_acquire(key, now)
 
     def next_download(self) -> int:
         """Count an image download; its number (from 0) keys its seeded draws."""
@@ -92,6 +129,7 @@ class EmulatorState:
         as its own value, so a retried seedless request is caught too).
         """
         self.images_billed += 1
+        self.images_billed_by_model[request.model] += 1
         if request.prompt_extend:
             self.images_billed_prompt_extend += 1
         key = hash((request.model, request.prompt, request.width, request.height, seed))
@@ -99,6 +137,38 @@ class EmulatorState:
             self.duplicate_billed += 1
         else:
             self._billed.add(key)
+
+    def settle_tasks(self, now: float, wall: float) -> None:
+        """Finish the tasks that ended by monotonic time ``now``: issue their image URLs
+        (signed, valid ``url_ttl``) and bill their successful images, once each."""
+        for task in self.tasks.ended(now):
+            request = task.request
+            results: list[dict[str, Any]] = []
+            for slot in range(request.n):
+                if task.outcome.value == "partial" and slot == request.n - 1 and request.n > 1:
+                    results.append({"code": "InternalError.Algo", "message": "Inference error."})
+                    continue
+                if task.outcome.value == "failed":
+                    break
+                seed = task.seed + slot
+                image_id = str(uuid.uuid4())
+                path = image_path(image_id, wall)
+                expires = int(wall + self.config.url_ttl)
+                url = f"http://{task.host}{path}?{self.signer.query(path, expires)}"
+                result = {"orig_prompt": request.prompt, "url": url}
+                if request.prompt_extend:
+                    result["actual_prompt"] = request.prompt + ", highly detailed"
+                results.append(result)
+                self.store_image(
+                    image_id,
+                    StoredImage(
+                        text=request.prompt, seed=seed, width=request.width, height=request.height
+                    ),
+                )
+                self.bill(request, seed)
+                task.billed += 1
+            task.results = results
+            task.ended_at = wall
 
     def store_image(self, image_id: str, image: StoredImage) -> None:
         """Remember an issued image, forgetting the oldest beyond ``max_images``."""
@@ -120,8 +190,11 @@ class EmulatorState:
         dropped connection sends none); ``throttled`` quota refusals; ``faults_injected`` by kind;
         ``connections_dropped``; ``latency_seconds_total`` the generation latencies drawn;
         ``images_stored`` downloadable images; ``seed`` the base seed of
-        the draws (pass it as ``seed`` to replay a run).
+        the draws (pass it as ``seed`` to replay a run). Tasks: ``tasks_created`` creations
+        accepted (a ``lost`` one included), ``task_polls`` every ``GET /tasks/{id}``,
+        ``tasks_cancelled``, ``tasks_open`` not yet ended; ``images_billed_by_model``.
         """
+        self.settle_tasks(time.monotonic(), time.time())
         return {
             "generate_requests": self._generation_count,
             "images_billed": self.images_billed,
@@ -136,4 +209,11 @@ class EmulatorState:
             "latency_seconds_total": self.latency_seconds_total,
             "images_stored": len(self._images),
             "seed": self.base_seed,
+            "tasks_created": self._task_count,
+            "task_polls": self._poll_count,
+            "tasks_cancelled": self.tasks_cancelled,
+            "tasks_open": sum(
+                1 for t in self.tasks.tasks.values() if t.results is None and not t.canceled
+            ),
+            "images_billed_by_model": dict(self.images_billed_by_model),
         }

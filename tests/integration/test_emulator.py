@@ -239,7 +239,7 @@ async def test_moderated_words(session: aiohttp.ClientSession) -> None:
 async def test_unknown_api_path_is_a_json_404(
     emu: Emulator, session: aiohttp.ClientSession
 ) -> None:
-    async with session.get(emu.base_url + "/tasks/abc") as response:
+    async with session.get(emu.base_url + "/services/aigc/nothing/here") as response:
         assert response.status == 404
         assert (await response.json())["code"] == "NotFound"
 

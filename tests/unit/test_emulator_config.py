@@ -298,3 +298,21 @@ def test_quota_never_exceeds_the_rate_in_any_window(rps: float, gaps: list[float
     for start in accepted:
         inside = [t for t in accepted if start <= t < start + quota.window]
         assert len(inside) <= quota.capacity
+
+
+def test_task_seconds_and_the_new_fault_groups() -> None:
+    from batcher.emulator.config import parse_task_seconds
+
+    assert parse_task_seconds("3").median_ms == 3000.0
+    assert parse_task_seconds("lognormal:20:0.5").sigma == 0.5
+    with pytest.raises(ValueError, match="invalid task_seconds"):
+        parse_task_seconds("soon")
+    with pytest.raises(ValueError, match="task_ttl"):
+        EmulatorConfig(task_ttl=0)
+    plan = parse_faults("poll-500=0.5,poll-reset=0.5,task-failed=0.2,task-partial=0.1,500=0.1")
+    assert [r.kind for r in plan.poll] == ["poll-500", "poll-reset"]
+    assert [r.kind for r in plan.task] == ["task-failed", "task-partial"]
+    assert [r.kind for r in plan.generation] == ["500"]
+    with pytest.raises(ValueError, match="the poll fractions add up to more than 1"):
+        parse_faults("poll-500=0.6,poll-reset=0.6")
+    assert EmulatorConfig().with_changes(task_seconds="1", task_ttl="5").task_ttl == 5.0

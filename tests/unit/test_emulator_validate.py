@@ -84,7 +84,7 @@ def _mutate(change: str) -> Any:
     elif change == "empty model":
         payload["model"] = ""
     elif change == "other model":
-        payload["model"] = "qwen-image"
+        payload["model"] = "wan2.2-t2i-flash"  # an async task model, not on this endpoint
     elif change == "no input":
         del payload["input"]
     elif change == "no messages":
@@ -148,9 +148,9 @@ def test_structure_errors(change: str, code: str, fragment: str) -> None:
         ({"size": "512*512*1"}, "The size is not match"),
         ({"size": " 512*512"}, "The size is not match"),
         ({"size": 512}, "The size is not match"),
-        ({"size": "511*512"}, "The size is not match the valid range"),
-        ({"size": "2048*2049"}, "The size is not match the valid range"),
-        ({"size": "0*4096"}, "The size is not match the valid range"),
+        ({"size": "511*512"}, "The size is not match the valid sizes of z-image-turbo"),
+        ({"size": "2048*2049"}, "The size is not match the valid sizes of z-image-turbo"),
+        ({"size": "0*4096"}, "The size is not match the valid sizes of z-image-turbo"),
         ({"seed": -1}, "seed must be an integer"),
         ({"seed": 2_147_483_648}, "seed must be an integer"),
         ({"seed": "7"}, "seed must be an integer"),
@@ -320,3 +320,50 @@ def test_png_with_cjk_text() -> None:
         prompt="一只在雪林中的红狐狸，清晨，柔和的光线" * 30, seed=1, width=768, height=1024
     )
     assert _image(data).size == (768, 1024)
+
+
+def qwen(**parameters: Any) -> dict[str, Any]:
+    payload = body(**parameters)
+    payload["model"] = "qwen-image"
+    return payload
+
+
+def test_each_sync_model_has_its_own_sizes_and_defaults() -> None:
+    accepted = validate_payload(qwen(size="1664*928", negative_prompt="blurry", watermark=True))
+    assert isinstance(accepted, GenerationRequest)
+    assert (accepted.model, accepted.width, accepted.height) == ("qwen-image", 1664, 928)
+    assert (accepted.negative_prompt, accepted.watermark) == ("blurry", True)
+    default = validate_payload(qwen())
+    assert isinstance(default, GenerationRequest)
+    assert (default.width, default.height, default.prompt_extend) == (1328, 1328, True)
+    refused = validate_payload(qwen(size="1024*1536"))  # a z-image-turbo size
+    assert isinstance(refused, ApiError)
+    assert "valid sizes of qwen-image" in refused.message
+
+
+@pytest.mark.parametrize(
+    ("parameters", "fragment"),
+    [
+        ({"n": 2}, "num_images_per_prompt must be 1"),
+        ({"negative_prompt": "x" * 501}, "negative_prompt must be at most 500 characters"),
+        ({"negative_prompt": 5}, "negative_prompt must be a string"),
+        ({"watermark": "no"}, "watermark must be a boolean"),
+    ],
+)
+def test_qwen_parameter_errors(parameters: dict[str, Any], fragment: str) -> None:
+    error = validate_payload(qwen(**parameters))
+    assert isinstance(error, ApiError)
+    assert (error.status, error.code) == (400, "InvalidParameter")
+    assert fragment in error.message
+
+
+def test_z_image_ignores_the_parameters_it_does_not_document() -> None:
+    accepted = validate_payload(body(negative_prompt="x" * 900, watermark=True))
+    assert isinstance(accepted, GenerationRequest)
+    assert accepted.negative_prompt is None
+
+
+def test_the_prompt_is_cut_at_the_models_limit() -> None:
+    accepted = validate_payload(qwen() | {"input": body("p" * 900)["input"]})
+    assert isinstance(accepted, GenerationRequest)
+    assert len(accepted.prompt) == 800
