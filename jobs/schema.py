@@ -20,6 +20,9 @@ from sqlalchemy import (
     text,
 )
 
+from jobs.states import ACTIVE as ACTIVE_STATES
+from jobs.states import State
+
 __all__ = ["ACTIVE", "PRAGMAS", "SCHEMA_VERSION", "history", "jobs", "meta", "metadata"]
 
 SCHEMA_VERSION = 3
@@ -102,15 +105,19 @@ jobs = Table(
     # images one call makes, and the optional model parameters given, as JSON  [v3]
     Column("n", Integer, nullable=False, server_default=text("1")),
     Column("params", Text),
-    # the service's task of an asynchronously generated job, once created  [v3]
+    # the service's task of an asynchronously generated job ("" while its create is in
+    # flight), and when it was created  [v3]
     Column("task_id", Text),
+    Column("task_submitted_at", Float),
     sqlite_autoincrement=False,
 )
 
 # Claiming reads only active rows: a partial index keeps it small when 99% are done.
 # SQLite uses a partial index only when the query's WHERE repeats the index's WHERE term
 # (``state = 'pending'`` alone does not imply it), so the claim queries add ``ACTIVE``.
-ACTIVE = text("state IN ('pending', 'running', 'generated')")
+# The states come from the state table, in a fixed order (the text is the index's definition).
+ACTIVE_SQL = "state IN ({})".format(", ".join(f"'{s.value}'" for s in State if s in ACTIVE_STATES))
+ACTIVE = text(ACTIVE_SQL)
 Index("ix_jobs_active", jobs.c.state, jobs.c.next_attempt_at, sqlite_where=ACTIVE)
 Index("ix_jobs_failed_code", jobs.c.error_code, sqlite_where=text("state = 'failed'"))
 

@@ -23,6 +23,17 @@ verified and renamed into place, stays ``generated`` (lease dropped, a later
 ``next_attempt_at``) when a download fails transiently, and goes back to ``pending`` only when
 its URL has expired: that is the one case in which an image is generated and paid for twice.
 
+A job of an asynchronous model (a task the service runs for 10 s to a few minutes) has one
+more state. ``running`` first writes an empty ``task_id`` (a create is about to be sent), then
+creates the task and commits its id: ``running -> submitted`` before anything else happens.
+``submitted`` is leased like ``generated`` while a worker polls it, and keeps its ``task_id``
+through every release and reclaim, so the next run, after a crash, polls the same task instead
+of creating another. It ends ``generated`` when the task succeeded (its URLs recorded, then
+downloaded as above), ``pending`` when the task failed transiently or is unknown to the service
+(expired after 24 h: created again, counted as regenerated), or ``failed``. A ``running`` job
+reclaimed with an empty ``task_id`` had a create in flight whose answer was lost: it is counted
+as ambiguous (the service may run, and bill, that task).
+
 ``failed`` goes back only when the user asks (``batcher retry``): to ``pending``, or to
 ``generated`` when the image was paid for and its URL is still valid. ``done`` and
 ``failed`` are terminal for a run; re-importing a changed row with ``--replace`` resets any
@@ -38,7 +49,7 @@ from enum import StrEnum
 
 from .errors import IllegalTransition
 
-__all__ = ["TERMINAL", "TRANSITIONS", "State", "check_transition", "sources_of"]
+__all__ = ["ACTIVE", "LEASED", "TERMINAL", "TRANSITIONS", "State", "check_transition", "sources_of"]
 
 
 class State(StrEnum):
@@ -49,20 +60,28 @@ class State(StrEnum):
     GENERATED = "generated"
     DONE = "done"
     FAILED = "failed"
+    SUBMITTED = "submitted"
 
 
 TRANSITIONS: dict[State, frozenset[State]] = {
     State.PENDING: frozenset({State.RUNNING}),
-    State.RUNNING: frozenset({State.PENDING, State.GENERATED, State.FAILED}),
+    State.RUNNING: frozenset({State.PENDING, State.GENERATED, State.FAILED, State.SUBMITTED}),
+    State.SUBMITTED: frozenset({State.SUBMITTED, State.GENERATED, State.PENDING, State.FAILED}),
     State.GENERATED: frozenset({State.GENERATED, State.DONE, State.PENDING, State.FAILED}),
     State.DONE: frozenset(),
     State.FAILED: frozenset({State.PENDING, State.GENERATED}),
 }
 """Allowed moves. ``generated -> generated`` is a download retry or a new download lease;
 ``generated -> failed`` is a download that can never succeed (attempts exhausted);
-``failed -> generated`` is a retried download whose image URL is still valid."""
+``failed -> generated`` is a retried download whose image URL is still valid;
+``submitted -> submitted`` is a task polled again later."""
 
 TERMINAL: frozenset[State] = frozenset({State.DONE, State.FAILED})
+ACTIVE: frozenset[State] = frozenset(TRANSITIONS) - TERMINAL
+"""States a run still works on (the claim's partial index)."""
+LEASED: frozenset[State] = frozenset({State.GENERATED, State.SUBMITTED})
+"""States a worker holds under a lease without moving the job (download, task polls);
+a release or a reclaim only drops the lease."""
 
 
 def check_transition(src: State, dst: State) -> None:

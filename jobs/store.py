@@ -60,7 +60,7 @@ from .errors import (
 from .group import GroupCommit
 from .schema import history, jobs, meta
 from .spec import JobRow, JobSpec
-from .states import State, sources_of
+from .states import LEASED, State, check_transition, sources_of
 
 __all__ = ["Claim", "Generated", "ImportReport", "JobStore", "Stats", "StoredFile"]
 
@@ -138,6 +138,7 @@ class Claim:
     n: int = 1  # images the call makes
     params: str | None = None  # optional model parameters as JSON (jobs.params)
     task_id: str | None = None  # the service's task, once created (asynchronous models)
+    task_submitted_at: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -369,24 +370,26 @@ _CLAIM_COLUMNS = (
     "n",
     "params",
     "task_id",
+    "task_submitted_at",
 )
+_LEASED_IN = "state IN ({})".format(", ".join(f"'{s.value}'" for s in sorted(LEASED)))
 # The claim's statements, plain SQL run on the database thread in one hand-over. The ACTIVE
 # condition lets SQLite use the partial index; rowid keeps the manifest's order among equals.
 _DUE = f"{schema.ACTIVE.text} AND next_attempt_at <= ? ORDER BY next_attempt_at, rowid LIMIT ?"
 _CLAIM_GENERATED = (
-    "SELECT id FROM jobs WHERE state = 'generated' AND "
+    f"SELECT id FROM jobs WHERE {_LEASED_IN} AND "
     f"(lease_expires_at IS NULL OR lease_expires_at < ?) AND {_DUE}"
 )
-_CLAIM_PENDING = f"SELECT id FROM jobs WHERE state = 'pending' AND {_DUE}"
+_CLAIM_PENDING = f"SELECT id FROM jobs WHERE state = '{State.PENDING.value}' AND {_DUE}"
 _RETURNING = f"RETURNING {', '.join(_CLAIM_COLUMNS)}"
 _TAKE_GENERATED = (
     "UPDATE jobs SET claim_token = ?, lease_expires_at = ?, worker = ? "
     f"WHERE id IN ({{marks}}) {_RETURNING}"
 )
 _TAKE_PENDING = (
-    "UPDATE jobs SET state = 'running', claim_token = ?, lease_expires_at = ?, worker = ?, "
-    "started_at = coalesce(started_at, ?) "
-    f"WHERE state = 'pending' AND id IN ({{marks}}) {_RETURNING}"
+    f"UPDATE jobs SET state = '{State.RUNNING.value}', claim_token = ?, lease_expires_at = ?, "
+    "worker = ?, started_at = coalesce(started_at, ?) "
+    f"WHERE state = '{State.PENDING.value}' AND id IN ({{marks}}) {_RETURNING}"
 )
 _IN_MAX = 500  # ids per IN (...): well under SQLite's limit on bound parameters
 
@@ -415,6 +418,7 @@ def _claim_from_row(row: tuple[Any, ...], token: str) -> Claim:
         n,
         params,
         task_id,
+        task_submitted_at,
     ) = row
     return Claim(
         id=job_id,
@@ -439,6 +443,7 @@ def _claim_from_row(row: tuple[Any, ...], token: str) -> Claim:
         n=n,
         params=params,
         task_id=task_id,
+        task_submitted_at=task_submitted_at,
     )
 
 
@@ -831,9 +836,10 @@ class JobStore:
     # --------------------------------------------------------------------- claims
 
     async def claim(self, *, limit: int, lease_seconds: float, worker: str = "") -> list[Claim]:
-        """Lease up to ``limit`` due jobs: generated ones (download only) first, then pending.
+        """Lease up to ``limit`` due jobs: generated and submitted ones (download, or poll the
+        task) first, then pending.
 
-        Pending jobs move to ``running``; generated ones stay ``generated`` under the lease.
+        Pending jobs move to ``running``; the others stay as they are under the lease.
         """
         if limit <= 0:
             return []
@@ -878,7 +884,7 @@ class JobStore:
                     .where(
                         jobs.c.id.in_(wanted),
                         jobs.c.claim_token == token,
-                        jobs.c.state.in_([State.RUNNING.value, State.GENERATED.value]),
+                        jobs.c.state.in_([State.RUNNING.value, *(s.value for s in LEASED)]),
                     )
                     .values(lease_expires_at=lease)
                     .returning(jobs.c.id)
@@ -943,8 +949,102 @@ class JobStore:
                 "error_code": None,
                 "error_message": None,
             },
+            src={State.RUNNING, State.SUBMITTED},
+        )
+
+    async def mark_creating(self, job_id: str, token: str) -> None:
+        """Note that a task create is about to be sent (``task_id`` = ``""``), so a crash
+        before its answer is committed is counted as ambiguous by :meth:`reclaim`."""
+
+        async def op(conn: AsyncConnection) -> None:
+            result = await conn.execute(
+                update(jobs)
+                .where(
+                    jobs.c.id == job_id,
+                    jobs.c.claim_token == token,
+                    jobs.c.state == State.RUNNING.value,
+                )
+                .values(task_id="")
+            )
+            if result.rowcount != 1:
+                raise LeaseLost(f"job {job_id!r}: lease lost before its task was created")
+
+        await self._batched(op)
+
+    async def record_submitted(
+        self, job_id: str, token: str, *, task_id: str, request_id: str | None, lease_seconds: float
+    ) -> None:
+        """``running -> submitted``: the service created the task; its id is kept until the
+        task ends, whatever happens to this process."""
+        now = self.clock()
+        await self._transition(
+            job_id,
+            token,
+            State.SUBMITTED,
+            {
+                "task_id": task_id,
+                "task_submitted_at": now,
+                "request_id": request_id,
+                "lease_expires_at": now + lease_seconds,
+                "error_code": None,
+                "error_message": None,
+            },
             src={State.RUNNING},
         )
+
+    async def poll_later(
+        self, job_id: str, token: str, *, delay: float, code: str, message: str
+    ) -> None:
+        """``submitted -> submitted``: polls keep failing; the task is polled again later
+        (by this run or the next), its id kept."""
+        await self._transition(
+            job_id,
+            token,
+            State.SUBMITTED,
+            {
+                "next_attempt_at": self.clock() + max(0.0, delay),
+                "error_code": code,
+                "error_message": message,
+                "lease_expires_at": None,
+                "claim_token": None,
+            },
+            src={State.SUBMITTED},
+        )
+
+    async def submitted_tasks(self) -> list[tuple[str, str, str]]:
+        """(job id, task id, model) of every job whose task was created and has not ended."""
+        async with self._read() as conn:
+            rows = await conn.execute(
+                select(jobs.c.id, jobs.c.task_id, jobs.c.model).where(
+                    schema.ACTIVE,
+                    jobs.c.state == State.SUBMITTED.value,
+                    jobs.c.task_id.is_not(None),
+                    jobs.c.task_id != "",
+                )
+            )
+            return [(str(a), str(b), str(c)) for a, b, c in rows]
+
+    async def cancel_submitted(self, job_id: str, *, code: str, message: str) -> bool:
+        """``submitted -> failed`` for a task cancelled at the service (``batcher cancel``,
+        which holds the run folder's lock: no worker holds the job). Whether it applied."""
+        check_transition(State.SUBMITTED, State.FAILED)
+        async with self._write() as conn:
+            result = await conn.execute(
+                update(jobs)
+                .where(
+                    jobs.c.id == job_id,
+                    jobs.c.state == State.SUBMITTED.value,
+                )
+                .values(
+                    state=State.FAILED.value,
+                    error_code=code,
+                    error_message=message,
+                    finished_at=self.clock(),
+                    lease_expires_at=None,
+                    claim_token=None,
+                )
+            )
+            return bool(result.rowcount == 1)
 
     async def record_file(self, job_id: str, token: str, stored: StoredFile) -> None:
         """Note the verified file's hash *before* it is renamed into place.
@@ -1005,8 +1105,9 @@ class JobStore:
                 "request_id": request_id,
                 "lease_expires_at": None,
                 "claim_token": None,
+                "task_id": None,
             },
-            src={State.RUNNING},
+            src={State.RUNNING, State.SUBMITTED},
         )
 
     async def retry_download_later(
@@ -1029,7 +1130,9 @@ class JobStore:
         )
 
     async def regenerate(self, job_id: str, token: str, *, code: str, message: str) -> None:
-        """``generated -> pending``: the image URL expired before the file was saved."""
+        """``generated -> pending``: the image URL expired before the file was saved; or
+        ``submitted -> pending``: the service no longer knows the task (expired, UNKNOWN).
+        Either way the image is generated (and paid) again; counted in ``regenerated``."""
         await self._transition(
             job_id,
             token,
@@ -1043,8 +1146,9 @@ class JobStore:
                 "error_message": message,
                 "lease_expires_at": None,
                 "claim_token": None,
+                "task_id": None,
             },
-            src={State.GENERATED},
+            src={State.GENERATED, State.SUBMITTED},
         )
 
     async def fail(
@@ -1074,7 +1178,11 @@ class JobStore:
         if request_id is not None:
             values["request_id"] = request_id
         await self._transition(
-            job_id, token, State.FAILED, values, src={State.RUNNING, State.GENERATED}
+            job_id,
+            token,
+            State.FAILED,
+            values,
+            src={State.RUNNING, State.GENERATED, State.SUBMITTED},
         )
 
     async def release(self, job_id: str, token: str, *, ambiguous: bool = False) -> None:
@@ -1089,12 +1197,14 @@ class JobStore:
                 .where(
                     jobs.c.id == job_id,
                     jobs.c.claim_token == token,
-                    jobs.c.state.in_([State.RUNNING.value, State.GENERATED.value]),
+                    jobs.c.state.in_([State.RUNNING.value, *(s.value for s in LEASED)]),
                 )
                 .values(
                     state=func.iif(
                         jobs.c.state == State.RUNNING.value, State.PENDING.value, jobs.c.state
                     ),
+                    # a create cut short after it was sent is ambiguous like any other call
+                    task_id=func.iif(jobs.c.task_id == "", None, jobs.c.task_id),
                     ambiguous=jobs.c.ambiguous + int(ambiguous),
                     lease_expires_at=None,
                     claim_token=None,
@@ -1116,14 +1226,21 @@ class JobStore:
             cond = schema.ACTIVE & (jobs.c.state == State.RUNNING.value)
             if not all_running:
                 cond = cond & expired
+            creating = jobs.c.task_id == ""  # a task create whose answer was never recorded
             n = (
                 await conn.execute(
                     update(jobs)
                     .where(cond)
-                    .values(state=State.PENDING.value, lease_expires_at=None, claim_token=None)
+                    .values(
+                        state=State.PENDING.value,
+                        lease_expires_at=None,
+                        claim_token=None,
+                        ambiguous=jobs.c.ambiguous + func.iif(creating, 1, 0),
+                        task_id=func.iif(creating, None, jobs.c.task_id),
+                    )
                 )
             ).rowcount
-            gen = jobs.c.state == State.GENERATED.value
+            gen = jobs.c.state.in_([s.value for s in LEASED])
             await conn.execute(
                 update(jobs)
                 .where(schema.ACTIVE, gen if all_running else gen & expired)
@@ -1236,7 +1353,9 @@ class JobStore:
                     select(jobs.c.model, jobs.c.prompt_extend, func.sum(jobs.c.n))
                     .where(
                         schema.ACTIVE,
-                        jobs.c.state.in_([State.PENDING.value, State.RUNNING.value]),
+                        jobs.c.state.in_(
+                            [State.PENDING.value, State.RUNNING.value, State.SUBMITTED.value]
+                        ),
                     )
                     .group_by(jobs.c.model, jobs.c.prompt_extend)
                 )
@@ -1266,7 +1385,9 @@ class JobStore:
             value = (
                 await conn.execute(
                     select(func.min(jobs.c.next_attempt_at)).where(
-                        jobs.c.state.in_([State.PENDING.value, State.GENERATED.value])
+                        jobs.c.state.in_(
+                            [State.PENDING.value, State.GENERATED.value, State.SUBMITTED.value]
+                        )
                     )
                 )
             ).scalar()

@@ -85,7 +85,7 @@ async def test_open_creates_the_run_folder_and_the_schema(db: Path, store: JobSt
         ).fetchone()[0]
     assert {"jobs", "job_history", "meta", "ix_jobs_active", "ix_jobs_failed_code"} <= names
     assert [tuple(r) for r in version] == [("schema_version", str(schema.SCHEMA_VERSION))]
-    assert "WHERE state IN ('pending', 'running', 'generated')" in active
+    assert "WHERE state IN ('pending', 'running', 'generated', 'submitted')" in active
 
 
 async def test_every_connection_gets_the_pragmas(db: Path, clock: FakeClock) -> None:
@@ -656,6 +656,7 @@ async def test_stats_figures(store: JobStore, clock: FakeClock) -> None:
         "generated": 1,
         "done": 1,
         "failed": 3,
+        "submitted": 0,
     }
     assert stats.count(State.FAILED) == 3
     assert stats.total == 8

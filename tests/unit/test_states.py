@@ -10,9 +10,10 @@ import pytest
 
 import jobs.states
 from jobs.errors import IllegalTransition, JobStoreError
-from jobs.states import TERMINAL, TRANSITIONS, State, check_transition, sources_of
+from jobs.states import ACTIVE, LEASED, TERMINAL, TRANSITIONS, State, check_transition, sources_of
 
 P, R, G, D, F = State.PENDING, State.RUNNING, State.GENERATED, State.DONE, State.FAILED
+S = State.SUBMITTED
 
 # Written out by hand from the theory of operation, independently of TRANSITIONS, so that a
 # change to the table has to be made twice (here and there) on purpose.
@@ -27,13 +28,25 @@ ALLOWED = {
     (G, F),  # download can never succeed
     (F, P),  # `batcher retry`
     (F, G),  # `batcher retry` of a failed download whose image URL is still valid
+    (R, S),  # the service created the job's task; its id is committed
+    (S, S),  # the task is polled again later (or by the next run)
+    (S, G),  # the task succeeded: its URLs are recorded
+    (S, P),  # the task failed transiently, or the service forgot it: create again
+    (S, F),  # the task failed for good, or was cancelled
 }
 ALL_PAIRS = list(itertools.product(State, State))
 DISALLOWED = [pair for pair in ALL_PAIRS if pair not in ALLOWED]
 
 
 def test_states_are_the_five_of_the_issue() -> None:
-    assert [s.value for s in State] == ["pending", "running", "generated", "done", "failed"]
+    assert [s.value for s in State] == [
+        "pending",
+        "running",
+        "generated",
+        "done",
+        "failed",
+        "submitted",
+    ]
     assert State("generated") is G
     assert f"{P}" == "pending"  # StrEnum: formats as its value (used in SQL and messages)
 
@@ -61,7 +74,7 @@ def test_disallowed_pair_raises(src: State, dst: State) -> None:
 
 
 def test_every_pair_is_classified_once() -> None:
-    assert len(ALLOWED) + len(DISALLOWED) == len(State) ** 2 == 25
+    assert len(ALLOWED) + len(DISALLOWED) == len(State) ** 2 == 36
 
 
 def test_terminal_states() -> None:
@@ -104,9 +117,12 @@ def test_sources_of_inverts_the_table(dst: State) -> None:
 def test_sources_of_spot_values() -> None:
     assert sources_of(R) == {P}
     assert sources_of(D) == {G}
-    assert sources_of(P) == {R, G, F}
-    assert sources_of(G) == {R, G, F}
-    assert sources_of(F) == {R, G}
+    assert sources_of(P) == {R, G, F, S}
+    assert sources_of(G) == {R, G, F, S}
+    assert sources_of(F) == {R, G, S}
+    assert sources_of(S) == {R, S}
+    assert ACTIVE == {P, R, G, S}
+    assert LEASED == {G, S}
 
 
 def test_module_is_pure() -> None:
