@@ -121,8 +121,8 @@ def test_sources_of_spot_values() -> None:
     assert sources_of(G) == {R, G, F, S}
     assert sources_of(F) == {R, G, S}
     assert sources_of(S) == {R, S}
-    assert ACTIVE == {P, R, G, S}
-    assert LEASED == {G, S}
+    assert {P, R, G, S} == ACTIVE
+    assert {G, S} == LEASED
 
 
 def test_module_is_pure() -> None:
