@@ -5,6 +5,7 @@
     batcher status DIR [--json]                  counts per state, failures by code
     batcher export DIR [--format jsonl|csv] [-o FILE]
     batcher retry DIR [--code CODE]              failed jobs back to pending
+    batcher cancel DIR                           cancel the folder's tasks not yet started
     batcher emulate [--port 0] [...]             the built-in DashScope emulator
 
 User mistakes end as one line on stderr and exit code 2; a bug shows a traceback.
@@ -34,7 +35,7 @@ from .commands import (
 )
 from .errors import BatcherError
 from .exitcodes import ExitCode
-from .pool import RunOptions
+from .pool import RunOptions, model_rates
 
 __all__ = ["build_parser", "main"]
 
@@ -74,7 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive(int),
         help="jobs in flight: calls, downloads, writes (default: from the rate)",
     )
-    run.add_argument("--rps", type=_positive(float), default=2.0, help="quota, requests/s")
+    run.add_argument(
+        "--rps",
+        type=_positive(float),
+        default=2.0,
+        help="quota per model, requests/s (each model is also kept under its own published quota)",
+    )
     run.add_argument("--max-attempts", type=_positive(int), default=5)
     run.add_argument("--request-timeout", type=_positive(float), default=120.0, metavar="S")
     run.add_argument("--region", choices=["intl", "cn"], default="intl")
@@ -110,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("folder", type=Path)
     retry.add_argument("--code", help="only jobs that failed with this error code")
 
+    cancel = sub.add_parser(
+        "cancel", help="cancel the folder's asynchronous tasks the service has not started"
+    )
+    cancel.add_argument("folder", type=Path)
+    cancel.add_argument("--region", choices=["intl", "cn"], default="intl")
+    cancel.add_argument("--base-url", help="API base URL ending in /api/v1 (overrides --region)")
+
     emulate = sub.add_parser("emulate", help="serve the built-in DashScope emulator")
     from .emulator.cli import configure_parser
 
@@ -141,6 +154,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
             lease_seconds=args.lease,
             backoff_base=args.backoff_base,
             seed=args.seed,
+            model_rps=model_rates(args.rps),
         )
         return await cmd_run(
             RunCommand(
@@ -164,6 +178,15 @@ async def _dispatch(args: argparse.Namespace) -> int:
         return await cmd_export(args.folder, fmt=args.format, output=args.output)
     if args.command == "retry":
         return await cmd_retry(args.folder, code=args.code)
+    if args.command == "cancel":
+        from .cancelling import cancel_pending_tasks
+
+        report = await cancel_pending_tasks(args.folder, region=args.region, base_url=args.base_url)
+        print(
+            f"{report.cancelled} tasks cancelled; {report.running} already running (the next "
+            f"run collects their images); {report.errors} could not be reached"
+        )
+        return 0 if not report.errors else 1
     raise AssertionError(args.command)
 
 

@@ -1,6 +1,11 @@
 """The DashScope image API client: one request shape out, tolerant parsing in.
 
-This is the one place where aiohttp's exceptions become batcher's: every failure leaves here
+Two ways to get an image, after the model registry's ``protocol``: :meth:`DashScopeClient.generate`
+(one synchronous call, z-image-turbo and Qwen-Image) and the task calls
+(:meth:`~DashScopeClient.create_task`, :meth:`~DashScopeClient.poll_task`,
+:meth:`~DashScopeClient.cancel_task`; Wan), answering the ``SyncApi`` and ``TaskApi``
+protocols. Every request goes through one method, ``_send``, which is the one place where
+aiohttp's exceptions become batcher's: every failure leaves here
 as an :class:`~batcher.errors.ApiError` (the service answered with an error) or a
 :class:`~batcher.errors.TransportError` (no usable answer), raised ``from`` the original.
 Nothing here logs, and no exception text carries the request headers (the API key).
@@ -11,8 +16,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
@@ -21,13 +27,24 @@ import yarl
 from .classify import TransportFault
 from .errors import ApiError, ConfigError, TransportError
 
-__all__ = ["REGIONS", "DashScopeClient", "ImageResult", "base_url_for", "translate_exception"]
+__all__ = [
+    "REGIONS",
+    "DashScopeClient",
+    "ImageResult",
+    "SyncApi",
+    "TaskApi",
+    "TaskCreated",
+    "TaskReport",
+    "base_url_for",
+    "translate_exception",
+]
 
 REGIONS = {
     "intl": "https://dashscope-intl.aliyuncs.com/api/v1",  # Singapore
     "cn": "https://dashscope.aliyuncs.com/api/v1",  # Beijing
 }
 GENERATION_PATH = "/services/aigc/multimodal-generation/generation"
+TASK_PATH = "/services/aigc/text2image/image-synthesis"
 USER_AGENT = "batcher/0.1"
 MAX_ERROR_BODY = 64 * 1024
 
@@ -61,6 +78,74 @@ class ImageResult:
     total_tokens: int | None
     reasoning_tokens: int | None
     latency_ms: float
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TaskCreated:
+    """The service accepted a task."""
+
+    task_id: str
+    request_id: str | None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TaskReport:
+    """What a poll of a task said. ``status`` is the service's (``PENDING``, ``RUNNING``,
+    ``SUCCEEDED``, ``FAILED``, ``CANCELED``, ``UNKNOWN``, ...). A ``SUCCEEDED`` task has its
+    ``images``; the slots that failed in a partial success are in ``failed_slots`` as
+    (code, message); a ``FAILED`` task has ``code`` and ``message``."""
+
+    status: str
+    images: tuple[ImageResult, ...] = ()
+    failed_slots: tuple[tuple[str, str], ...] = ()
+    image_count: int | None = None
+    code: str | None = None
+    message: str | None = None
+    request_id: str | None = None
+
+    @property
+    def running(self) -> bool:
+        """Still queued or running at the service."""
+        return self.status in ("PENDING", "RUNNING", "SUSPENDED")
+
+
+class SyncApi(Protocol):
+    """A model called synchronously: one request, one image."""
+
+    async def generate(
+        self,
+        *,
+        model: str,
+        prompt: str,
+        size: str,
+        seed: int | None,
+        prompt_extend: bool,
+        params: Mapping[str, object] | None = None,
+    ) -> ImageResult:
+        """One call; raises ApiError or TransportError."""
+
+
+class TaskApi(Protocol):
+    """A model called as an asynchronous task: create, then poll."""
+
+    async def create_task(
+        self,
+        *,
+        model: str,
+        prompt: str,
+        size: str,
+        seed: int | None,
+        prompt_extend: bool,
+        n: int,
+        params: Mapping[str, object] | None = None,
+    ) -> TaskCreated:
+        """Create a task; raises ApiError or TransportError."""
+
+    async def poll_task(self, task_id: str) -> TaskReport:
+        """Read a task's status; raises ApiError or TransportError."""
+
+    async def cancel_task(self, task_id: str) -> None:
+        """Cancel a task still PENDING; raises ApiError or TransportError."""
 
 
 def translate_exception(exc: BaseException) -> TransportError:
@@ -149,6 +234,60 @@ def parse_success(body: Any, latency_ms: float) -> ImageResult:
     )
 
 
+def parse_task(body: Any, latency_ms: float) -> TaskReport:
+    """Read a poll's 200 body liberally (unknown fields ignored)."""
+    if not isinstance(body, dict):
+        raise TransportError(TransportFault.BAD_RESPONSE, "the answer is not a JSON object")
+    output = _dict(body.get("output"))
+    status = output.get("task_status")
+    if not isinstance(status, str):
+        raise TransportError(TransportFault.BAD_RESPONSE, "the answer carries no task_status")
+    rid = body.get("request_id")
+    request_id = rid if isinstance(rid, str) else None
+    usage = _dict(body.get("usage"))
+    images: list[ImageResult] = []
+    failed: list[tuple[str, str]] = []
+    for item in _list(output.get("results")):
+        result = _dict(item)
+        url = result.get("url")
+        if isinstance(url, str) and url:
+            actual = result.get("actual_prompt")
+            images.append(
+                ImageResult(
+                    request_id=request_id,
+                    image_url=url,
+                    url_expires_at=url_expiry(url),
+                    actual_prompt=actual if isinstance(actual, str) else None,
+                    width=None,
+                    height=None,
+                    image_count=1,
+                    input_tokens=None,
+                    output_tokens=None,
+                    total_tokens=None,
+                    reasoning_tokens=None,
+                    latency_ms=latency_ms,
+                )
+            )
+        else:
+            code, message = result.get("code"), result.get("message")
+            failed.append(
+                (
+                    code if isinstance(code, str) else "Unknown",
+                    message if isinstance(message, str) else "",
+                )
+            )
+    code, message = output.get("code"), output.get("message")
+    return TaskReport(
+        status=status.upper(),
+        images=tuple(images),
+        failed_slots=tuple(failed),
+        image_count=_int(usage.get("image_count")),
+        code=code if isinstance(code, str) else None,
+        message=message if isinstance(message, str) else None,
+        request_id=request_id,
+    )
+
+
 def parse_error(status: int, raw: bytes, retry_after: str | None) -> ApiError:
     """An error answer: the JSON envelope when there is one, plain text otherwise."""
     code = message = request_id = None
@@ -171,7 +310,7 @@ def parse_error(status: int, raw: bytes, retry_after: str | None) -> ApiError:
 
 
 class DashScopeClient:
-    """Calls the synchronous multimodal-generation endpoint (z-image-turbo).
+    """Calls the image API: ``SyncApi`` and ``TaskApi`` over one aiohttp session.
 
     >>> client = DashScopeClient(session, base_url=REGIONS["intl"], api_key=key)  # doctest: +SKIP
     >>> result = await client.generate(model="z-image-turbo", prompt="a red chair",
@@ -188,12 +327,15 @@ class DashScopeClient:
     ) -> None:
         self._session = session
         self._url = yarl.URL(base_url.rstrip("/") + GENERATION_PATH)  # parsed once, not per call
+        self._task_url = yarl.URL(base_url.rstrip("/") + TASK_PATH)
+        self._tasks_url = yarl.URL(base_url.rstrip("/") + "/tasks")
         self._headers = {
             "Authorization": f"Bearer {api_key}",
             "Content-Type": "application/json",
             "Accept": "application/json",
             "User-Agent": USER_AGENT,
         }
+        self._async_headers = {**self._headers, "X-DashScope-Async": "enable"}
         self._timeout = aiohttp.ClientTimeout(total=request_timeout)
         # A server (or a proxy) may echo the key back in an error; errors.py masks what looks
         # like a key, this catches the exact key whatever its shape, in every field.
@@ -206,21 +348,82 @@ class DashScopeClient:
         return f"DashScopeClient({str(self._url)!r})"
 
     async def generate(
-        self, *, model: str, prompt: str, size: str, seed: int | None, prompt_extend: bool
+        self,
+        *,
+        model: str,
+        prompt: str,
+        size: str,
+        seed: int | None,
+        prompt_extend: bool,
+        params: Mapping[str, object] | None = None,
     ) -> ImageResult:
-        """One text-to-image call. Raises ApiError or TransportError."""
+        """One synchronous text-to-image call. Raises ApiError or TransportError.
+
+        ``params`` are the job's optional model parameters (``negative_prompt``,
+        ``watermark``), sent in ``parameters``.
+        """
         parameters: dict[str, Any] = {"size": size, "prompt_extend": prompt_extend}
         if seed is not None:
             parameters["seed"] = seed
+        parameters.update(params or {})
         payload = {
             "model": model,
             "input": {"messages": [{"role": "user", "content": [{"text": prompt}]}]},
             "parameters": parameters,
         }
+        body, latency_ms = await self._send("POST", self._url, payload)
+        return parse_success(body, latency_ms)
+
+    async def create_task(
+        self,
+        *,
+        model: str,
+        prompt: str,
+        size: str,
+        seed: int | None,
+        prompt_extend: bool,
+        n: int,
+        params: Mapping[str, object] | None = None,
+    ) -> TaskCreated:
+        """Create an asynchronous task (``X-DashScope-Async: enable``); ``n`` is always sent
+        (the service's own default is 4). Raises ApiError or TransportError."""
+        extra = dict(params or {})
+        inputs: dict[str, Any] = {"prompt": prompt}
+        negative = extra.pop("negative_prompt", None)
+        if negative is not None:
+            inputs["negative_prompt"] = negative
+        parameters: dict[str, Any] = {"size": size, "n": n, "prompt_extend": prompt_extend}
+        if seed is not None:
+            parameters["seed"] = seed
+        parameters.update(extra)
+        payload = {"model": model, "input": inputs, "parameters": parameters}
+        body, _ = await self._send("POST", self._task_url, payload, asynchronous=True)
+        output = _dict(_dict(body).get("output"))
+        task_id = output.get("task_id")
+        if not isinstance(task_id, str) or not task_id:
+            raise TransportError(TransportFault.BAD_RESPONSE, "the answer carries no task_id")
+        rid = _dict(body).get("request_id")
+        return TaskCreated(task_id=task_id, request_id=rid if isinstance(rid, str) else None)
+
+    async def poll_task(self, task_id: str) -> TaskReport:
+        """``GET /tasks/{task_id}``. Raises ApiError or TransportError."""
+        body, latency_ms = await self._send("GET", self._tasks_url / task_id, None)
+        return parse_task(body, latency_ms)
+
+    async def cancel_task(self, task_id: str) -> None:
+        """``POST /tasks/{task_id}/cancel`` (a task still PENDING). Raises ApiError or
+        TransportError."""
+        await self._send("POST", self._tasks_url / task_id / "cancel", None)
+
+    async def _send(
+        self, method: str, url: yarl.URL, payload: Any, *, asynchronous: bool = False
+    ) -> tuple[Any, float]:
+        """One request; its JSON body and latency. Every aiohttp error is mapped here."""
+        headers = self._async_headers if asynchronous else self._headers
         started = time.perf_counter()
         try:
-            async with self._session.post(
-                self._url, json=payload, headers=self._headers, timeout=self._timeout
+            async with self._session.request(
+                method, url, json=payload, headers=headers, timeout=self._timeout
             ) as resp:
                 if resp.status != 200:
                     raw = await resp.content.read(MAX_ERROR_BODY)
@@ -233,7 +436,6 @@ class DashScopeClient:
             raise translate_exception(exc) from exc
         latency_ms = (time.perf_counter() - started) * 1000.0
         try:
-            body = json.loads(raw)
+            return json.loads(raw), latency_ms
         except ValueError as exc:
             raise TransportError(TransportFault.BAD_RESPONSE, "the answer is not JSON") from exc
-        return parse_success(body, latency_ms)

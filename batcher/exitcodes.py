@@ -15,6 +15,7 @@ from __future__ import annotations
 from enum import IntEnum
 
 from jobs import State, Stats
+from jobs.states import ACTIVE
 
 from .pool import RunResult, StopReason
 
@@ -38,7 +39,7 @@ def exit_code_for(result: RunResult, stats: Stats) -> ExitCode:
     A stop the user asked for (``--limit``, ``--budget``) with jobs left outranks failures;
     failures outrank jobs merely left waiting.
     """
-    left = stats.count(State.PENDING) + stats.count(State.RUNNING) + stats.count(State.GENERATED)
+    left = sum(stats.count(state) for state in ACTIVE)
     if result.reason is StopReason.ABORTED:
         return ExitCode.ABORTED
     if result.reason is StopReason.INTERRUPTED:

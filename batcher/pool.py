@@ -9,6 +9,14 @@ Every worker ends its attempt with exactly one final store write, run under a sh
 scope so an interrupt cannot leave a job half-recorded; if it is cancelled before it could
 decide, it releases the job (back to pending, no attempt charged).
 
+Every model has its own pacer (the service counts requests per account *and model*), so a mixed
+manifest keeps every model's quota busy: the dispatcher starts whichever buffered job's model
+has a free send slot. A model called as an asynchronous task (see ``batcher.models``) also has
+a limit of tasks at once; its worker creates the task, commits the ``task_id`` (state
+``submitted``) before anything else, then polls it (``batcher.taskpolls``) and downloads the
+result like any other image. A ``submitted`` job claimed by a later run is polled, never
+created again.
+
 Stopping: :meth:`Runner.request_stop` stops claiming (within a second: every wait in the
 dispatcher watches the stop event) and lets in-flight calls finish; :meth:`Runner.cancel_in_flight`
 cuts them short. A run-level API error (bad key, arrears, ...) does the former by itself.
@@ -20,7 +28,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from enum import StrEnum
@@ -30,23 +38,28 @@ import anyio
 from anyio.abc import TaskGroup
 
 from jobs import Claim, Generated, JobStore, LeaseLost, State, StoredFile
+from jobs.params import load_params
 
 from .backoff import next_delay, parse_retry_after
-from .classify import DownloadVerdict, Verdict
-from .client import DashScopeClient, ImageResult
+from .classify import DownloadVerdict, Verdict, classify_api_error
+from .client import DashScopeClient, ImageResult, TaskReport
 from .committer import ImageCommitter
 from .download import download_image, hash_file
 from .errors import ApiError, DownloadError, RunAborted, TransportError
 from .layout import RunLayout, UnsafeOutputPath
+from .models import MODELS, ApiProtocol
 from .pacing import LatencyTracker, Pacer, auto_concurrency
 from .pricing import Money, price_per_image
+from .taskpolls import PollGate, TaskClock, poll_delay
 
-__all__ = ["RunCounters", "RunOptions", "RunResult", "Runner", "StopReason"]
+__all__ = ["RunCounters", "RunOptions", "RunResult", "Runner", "StopReason", "model_rates"]
 
 log = logging.getLogger("batcher.run")
 
 # 429 codes that name the request-rate quota itself (the pacer may estimate it from them).
 QUOTA_CODES = frozenset({"throttling.ratequota", "limitrequests", "limit_requests"})
+BUFFER_MAX = 256  # claimed jobs held while their models wait for a send slot
+MAX_POLL_FAILURES = 8  # polls of one task failing in a row before it is left for later
 
 
 class StopReason(StrEnum):
@@ -57,6 +70,12 @@ class StopReason(StrEnum):
     INTERRUPTED = "interrupted"  # Ctrl-C / SIGTERM
     BUDGET = "budget"  # --budget reached
     LIMIT = "limit"  # --limit reached
+
+
+def model_rates(rps: float) -> dict[str, float]:
+    """Every registered model's send rate under ``--rps``: the lower of the two, since the
+    service counts each model's requests separately (per account)."""
+    return {name: min(rps, entry.quota.rps) for name, entry in MODELS.items()}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -76,6 +95,9 @@ class RunOptions:
     backoff_cap: float = 60.0
     adaptive: bool = True
     seed: int | None = None  # for the retry jitter, so tests can reproduce a run
+    # Each model's own send rate (requests/s); a model not listed is paced at ``rps``.
+    # ``model_rates(rps)`` gives every known model min(rps, its published quota).
+    model_rps: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -94,6 +116,9 @@ class RunCounters:
     downloads_skipped: int = 0
     lease_lost: int = 0
     released: int = 0
+    tasks_created: int = 0
+    task_polls: int = 0
+    tasks_reattached: int = 0
     failures: dict[str, int] = field(default_factory=dict)
     cost: Decimal = Decimal(0)
 
@@ -129,7 +154,10 @@ class Runner:
         self.opt = options
         self.counters = RunCounters()
         self.committer = ImageCommitter(store)
-        self.pacer = Pacer(options.rps, adaptive=options.adaptive)
+        self._pacers: dict[str, Pacer] = {}
+        self.pacer = self.pacer_for("z-image-turbo")  # the default model's; see pacer_for
+        self._tasks_open: dict[str, int] = {}  # tasks this run is creating or polling, by model
+        self._polls = PollGate()
         # How long a job holds its slot, call to completed file: the pool needs rate x this
         # in flight (the call's latency alone leaves out the download and the commits).
         self.job_time = LatencyTracker(initial=2.0)
@@ -174,7 +202,16 @@ class Runner:
     def concurrency(self) -> int:
         if self.opt.concurrency is not None:
             return self.opt.concurrency
-        return auto_concurrency(self.pacer.rate, self.job_time)
+        rate = sum(p.rate for p in self._pacers.values()) or self.pacer.rate
+        return auto_concurrency(rate, self.job_time)
+
+    def pacer_for(self, model: str) -> Pacer:
+        """The pacer of ``model``, at its rate in ``model_rps`` (else ``rps``)."""
+        pacer = self._pacers.get(model)
+        if pacer is None:
+            rate = self.opt.model_rps.get(model, self.opt.rps)
+            pacer = self._pacers[model] = Pacer(rate, adaptive=self.opt.adaptive)
+        return pacer
 
     def request_stop(self, reason: StopReason, message: str | None = None) -> None:
         """Stop claiming; in-flight work goes on. The first reason given is kept."""
@@ -243,45 +280,68 @@ class Runner:
             if self._in_flight >= self.concurrency:
                 await self._sleep(1.0)
                 continue
-            claim = await self._next_claim()
+            claim, wait = self._pick_ready()
             if claim is None:
-                if self._in_flight == 0:
-                    due = await self.store.next_due_at()
-                    if due is None:
-                        return  # every job is done or failed
-                    await self._sleep(min(1.0, max(0.01, due - self.store.clock())))
-                else:
-                    await self._sleep(1.0)
+                # Nothing buffered can start now: claim more (other models may be free),
+                # or wait for the earliest send slot, a finishing worker, or a due job.
+                if len(self._buffer) < BUFFER_MAX and await self._fill_buffer():
+                    continue
+                if not self._buffer:
+                    if self._in_flight == 0:
+                        due = await self.store.next_due_at()
+                        if due is None:
+                            return  # every job is done or failed
+                        await self._sleep(min(1.0, max(0.01, due - self.store.clock())))
+                    else:
+                        await self._sleep(1.0)
+                    continue
+                await self._sleep(min(1.0, wait if wait is not None else 1.0))
                 continue
             if claim.state is State.GENERATED:
                 self._start(tg, self._download_only, claim)
                 continue
+            task_model = self._is_task_model(claim.model)
+            if claim.state is State.SUBMITTED:
+                self._tasks_open[claim.model] = self._tasks_open.get(claim.model, 0) + 1
+                self.counters.tasks_reattached += 1
+                self._start(tg, self._task, claim)
+                continue
             if not self._within_limits(claim):
                 self._buffer.appendleft(claim)
                 return
-            if not await self._wait_for_slot():
-                self._buffer.appendleft(claim)
-                return
+            self.pacer_for(claim.model).control.reserve(now=anyio.current_time())
             if self.opt.limit is not None:
                 self._started.add(claim.id)
-            self._start(tg, self._generate, claim)
+            if task_model:
+                self._tasks_open[claim.model] = self._tasks_open.get(claim.model, 0) + 1
+                self._start(tg, self._task, claim)
+            else:
+                self._start(tg, self._generate, claim)
 
-    async def _wait_for_slot(self) -> bool:
-        """Wait for the pacer's next send slot and take it; False when stopping meanwhile.
+    def _is_task_model(self, model: str) -> bool:
+        entry = MODELS.get(model)
+        return entry is not None and entry.protocol is ApiProtocol.TASK
 
-        The slot is checked again after every sleep: a throttling cut, or a send that went
-        out late (see :meth:`RateController.sent`), may have moved it.
-        """
-        control = self.pacer.control
-        while not self.stopping:
-            now = anyio.current_time()
-            wait = control.wait_needed(now=now)
-            if wait > 0:
-                await self._sleep_until(now + wait)
-                continue
-            control.reserve(now=now)
-            return True
-        return False
+    def _pick_ready(self) -> tuple[Claim | None, float | None]:
+        """Take the first buffered job that can start now: a download or a task to poll, or a
+        generation whose model has a free send slot (and, for a task model, room for one
+        more task). Otherwise (None, seconds until the earliest send slot, or None)."""
+        now = anyio.current_time()
+        earliest: float | None = None
+        for index, claim in enumerate(self._buffer):
+            if claim.state is not State.RUNNING:
+                del self._buffer[index]
+                return claim, 0.0
+            entry = MODELS.get(claim.model)
+            limit = entry.quota.concurrent_tasks if entry is not None else None
+            if limit is not None and self._tasks_open.get(claim.model, 0) >= limit:
+                continue  # a worker's end wakes the dispatcher
+            wait = self.pacer_for(claim.model).control.wait_needed(now=now)
+            if wait <= 0:
+                del self._buffer[index]
+                return claim, 0.0
+            earliest = wait if earliest is None else min(earliest, wait)
+        return None, earliest
 
     async def _sleep_until(self, when: float) -> None:
         while not self.stopping:
@@ -308,16 +368,16 @@ class Runner:
         self._in_flight += 1
         tg.start_soon(fn, claim)  # type: ignore[arg-type]
 
-    async def _next_claim(self) -> Claim | None:
-        if not self._buffer:
-            # At least a small batch even when few slots are free: each claim is a write
-            # transaction, and the buffer is released on any stop.
-            batch = min(64, max(16, self.concurrency - self._in_flight))
-            claims = await self.store.claim(limit=batch, lease_seconds=self.opt.lease_seconds)
-            for c in claims:
-                self._held[c.id] = c
-            self._buffer.extend(claims)
-        return self._buffer.popleft() if self._buffer else None
+    async def _fill_buffer(self) -> int:
+        """Claim a batch into the buffer; how many were claimed."""
+        # At least a small batch even when few slots are free: each claim is a write
+        # transaction, and the buffer is released on any stop.
+        batch = min(64, max(16, self.concurrency - self._in_flight))
+        claims = await self.store.claim(limit=batch, lease_seconds=self.opt.lease_seconds)
+        for c in claims:
+            self._held[c.id] = c
+        self._buffer.extend(claims)
+        return len(claims)
 
     async def _release_buffer(self) -> None:
         while self._buffer:
@@ -350,6 +410,14 @@ class Runner:
 
     async def _generate(self, claim: Claim) -> None:
         await self._guarded(claim, self._generate_and_download)
+
+    async def _task(self, claim: Claim) -> None:
+        """A task model's job: create (unless submitted already), poll, download."""
+        try:
+            await self._guarded(claim, self._task_work)
+        finally:
+            self._tasks_open[claim.model] = self._tasks_open.get(claim.model, 1) - 1
+            self._notify()
 
     async def _download_only(self, claim: Claim) -> None:
         await self._guarded(claim, self._download)
@@ -389,7 +457,7 @@ class Runner:
         self._generating += 1
         try:
             sent = anyio.current_time()
-            self.pacer.control.sent(at=sent)
+            self.pacer_for(claim.model).control.sent(at=sent)
             self.counters.calls += 1
             now = time.time()
             self.first_call_at = self.first_call_at or now
@@ -401,6 +469,7 @@ class Runner:
                     size=claim.size,
                     seed=claim.seed,
                     prompt_extend=claim.prompt_extend,
+                    params=load_params(claim.params),
                 )
             except anyio.get_cancelled_exc_class():
                 # Hung up on a call that was sent: the service may still bill it.
@@ -474,7 +543,8 @@ class Runner:
         verdict = err.classification.verdict
         code = err.code or f"HTTP{err.status}"
         if verdict is Verdict.THROTTLED:
-            self.pacer.throttled(sent, quota=(err.code or "").casefold() in QUOTA_CODES)
+            quota = (err.code or "").casefold() in QUOTA_CODES
+            self.pacer_for(claim.model).throttled(sent, quota=quota)
             self.counters.throttled += 1
             retry_after = parse_retry_after(err.retry_after, now=time.time())
             delay = retry_after if retry_after is not None else self._rng.uniform(0.0, 1.0)
@@ -663,3 +733,180 @@ class Runner:
         self.counters.regenerated += 1
         log.info("job %s: %s; it will be generated again", claim.id, code)
         return True
+
+    # ------------------------------------------------------------------ tasks
+
+    async def _task_work(self, claim: Claim) -> bool:
+        """Create the job's task unless it has one, then poll it to its end."""
+        reattached = claim.state is State.SUBMITTED
+        if not reattached:
+            created = await self._create_task(claim)
+            if created is None:
+                return True  # the outcome (retry, failure) is recorded
+            if created is claim:
+                return False  # a run-level stop: give the job back untouched
+            claim = created
+        return await self._poll_to_end(claim, at_once=reattached)
+
+    async def _create_task(self, claim: Claim) -> Claim | None:
+        """Create the task and commit its id; the submitted claim, None when the outcome was
+        recorded, or ``claim`` itself when it must be released."""
+        self._generating += 1
+        try:
+            with anyio.CancelScope(shield=True):
+                await self.store.mark_creating(claim.id, claim.token)
+            sent = anyio.current_time()
+            self.pacer_for(claim.model).control.sent(at=sent)
+            self.counters.calls += 1
+            now = time.time()
+            self.first_call_at = self.first_call_at or now
+            self.last_call_at = now
+            try:
+                created = await self.client.create_task(
+                    model=claim.model,
+                    prompt=claim.prompt,
+                    size=claim.size,
+                    seed=claim.seed,
+                    prompt_extend=claim.prompt_extend,
+                    n=claim.n,
+                    params=load_params(claim.params),
+                )
+            except anyio.get_cancelled_exc_class():
+                self._abandoned.add(claim.id)  # the task may exist: ambiguous on release
+                raise
+            except ApiError as err:
+                with anyio.CancelScope(shield=True):
+                    recorded = await self._on_api_error(claim, err, sent)
+                return None if recorded else claim
+            except TransportError as err:
+                with anyio.CancelScope(shield=True):
+                    await self._on_retryable(
+                        claim,
+                        code=f"transport.{err.fault.value}",
+                        message=str(err),
+                        ambiguous=err.classification.ambiguous,
+                        retry_after=None,
+                    )
+                return None
+            with anyio.CancelScope(shield=True):
+                await self.store.record_submitted(
+                    claim.id,
+                    claim.token,
+                    task_id=created.task_id,
+                    request_id=created.request_id,
+                    lease_seconds=self.opt.lease_seconds,
+                )
+            self.counters.tasks_created += 1
+            return replace(
+                claim,
+                state=State.SUBMITTED,
+                task_id=created.task_id,
+                task_submitted_at=self.store.clock(),
+                request_id=created.request_id,
+            )
+        finally:
+            self._generating -= 1
+
+    async def _poll_to_end(self, claim: Claim, *, at_once: bool) -> bool:
+        """Poll the task until it ends and record the end; True once the job is settled.
+
+        Polls are spaced by ``poll_delay`` (suited to tasks of 10 s to minutes) and by one
+        gate for the whole run; they do not use the generation quota. A cancelled run leaves
+        the job ``submitted`` (released): the next run polls the same task.
+        """
+        assert claim.task_id
+        clock = TaskClock(submitted_at=claim.task_submitted_at or self.store.clock())
+        polls = failures = 0
+        while True:
+            if not (at_once and polls == 0):
+                delay = poll_delay(clock.elapsed(self.store.clock()), self._rng)
+                await anyio.sleep(delay)
+            await self._polls.wait_turn()
+            polls += 1
+            self.counters.task_polls += 1
+            try:
+                report = await self.client.poll_task(claim.task_id)
+            except ApiError as err:
+                verdict = err.classification.verdict
+                if verdict is Verdict.ABORT_RUN:
+                    advice = err.classification.advice
+                    code = err.code or f"HTTP{err.status}"
+                    self.request_stop(
+                        StopReason.ABORTED, f"{code}: {err.message or ''} -- {advice}"
+                    )
+                    return False  # released: still submitted
+                failures += verdict is not Verdict.THROTTLED
+                report = None
+            except TransportError:
+                failures += 1
+                report = None
+            if report is None:
+                if failures >= MAX_POLL_FAILURES:
+                    with anyio.CancelScope(shield=True):
+                        await self.store.poll_later(
+                            claim.id,
+                            claim.token,
+                            delay=self.opt.backoff_cap,
+                            code="TaskPollFailed",
+                            message=f"{failures} polls of task {claim.task_id} failed",
+                        )
+                    return True
+                continue
+            failures = 0
+            if report.running and not clock.expired(self.store.clock()):
+                continue
+            with anyio.CancelScope(shield=True):
+                generated = await self._task_ended(claim, report)
+            if generated is None:
+                return True  # the outcome is recorded
+            return await self._download(generated, fresh=True)
+
+    async def _task_ended(self, claim: Claim, report: TaskReport) -> Claim | None:
+        """Record how a task ended. Returns the generated claim when its image is recorded
+        and must be downloaded, else None (the outcome is recorded)."""
+        if report.running or report.status == "UNKNOWN":
+            # Expired (24 h) or forgotten by the service: create it again (paid again).
+            why = "the task expired" if report.running else "the service no longer knows it"
+            await self._regenerate(claim, "TaskUnknown", f"task {claim.task_id}: {why}")
+            return None
+        if report.status == "SUCCEEDED" and report.images:
+            image = report.images[0]
+            count = report.image_count if report.image_count is not None else len(report.images)
+            width, height = (int(v) for v in claim.size.split("*"))
+            image = replace(image, image_count=count, width=width, height=height)
+            if report.failed_slots:
+                code, message = report.failed_slots[0]
+                log.warning(
+                    "job %s: %d image(s) of the task failed: %s %s",
+                    claim.id,
+                    len(report.failed_slots),
+                    code,
+                    message,
+                )
+            return await self._record(claim, image)
+        if report.status == "CANCELED":
+            await self._fail(claim, "TaskCanceled", f"task {claim.task_id} was cancelled")
+            return None
+        slot = report.failed_slots[0] if report.failed_slots else (None, "")
+        code = report.code or slot[0] or f"Task{report.status.title()}"
+        message = report.message or slot[1]
+        # A task's failure comes in a 200 answer: classified by its code as a failed call is.
+        verdict = classify_api_error(500, code, message).verdict
+        if verdict is Verdict.FAIL_JOB:
+            await self._fail(claim, code, message, request_id=report.request_id)
+            return None
+        if verdict is Verdict.ABORT_RUN:
+            self.request_stop(StopReason.ABORTED, f"{code}: {message}")
+            await self.store.retry_later(
+                claim.id, claim.token, delay=0, code=code, message=message, charge_attempt=False
+            )
+            return None
+        await self._on_retryable(
+            claim,
+            code=code,
+            message=message,
+            ambiguous=False,
+            retry_after=None,
+            request_id=report.request_id,
+        )
+        return None

@@ -8,6 +8,7 @@ from decimal import Decimal
 from typing import Any
 
 from jobs import State, Stats
+from jobs.states import ACTIVE
 
 from .layout import RunLayout
 from .pool import RunCounters, RunResult
@@ -44,7 +45,7 @@ def summary_lines(
     lines = [
         f"run {reason} after {format_duration(elapsed)}: "
         f"{s.count(State.DONE)} done, {s.count(State.FAILED)} failed, "
-        f"{s.count(State.PENDING) + s.count(State.RUNNING) + s.count(State.GENERATED)} "
+        f"{sum(s.count(state) for state in ACTIVE)} "
         f"left, of {s.total}",
         f"this run: {counters.generated} images generated, {counters.done} saved, "
         f"{counters.failed} failed, {counters.calls} API calls, {counters.retries} retries, "

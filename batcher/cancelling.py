@@ -1,0 +1,72 @@
+"""``batcher cancel DIR``: cancel the run folder's tasks that the service has not started.
+
+A job of an asynchronous model whose task was created is ``submitted``, with its ``task_id``.
+Ctrl-C never cancels such a task (the next run polls it and keeps its image); this command
+does, for the tasks still ``PENDING`` at the service: each one is cancelled
+(``POST /tasks/{id}/cancel``) and its job recorded ``failed`` with code ``TaskCanceled``
+(``batcher retry DIR --code TaskCanceled`` puts them back). A task already running cannot be
+cancelled: it is left, and the next run collects its image.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from jobs import JobStore
+
+from .client import DashScopeClient, base_url_for
+from .errors import ApiError, ConfigError, TransportError
+from .layout import RunLayout, RunLock
+
+__all__ = ["CancelReport", "cancel_pending_tasks"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CancelReport:
+    """What ``batcher cancel`` did: tasks cancelled, already running, and unreachable."""
+
+    cancelled: int
+    running: int
+    errors: int
+
+
+async def cancel_pending_tasks(
+    folder: Path, *, region: str, base_url: str | None, request_timeout: float = 30.0
+) -> CancelReport:
+    """Cancel every submitted task of ``folder`` still PENDING at the service."""
+    layout = RunLayout(folder)
+    if not layout.db.is_file():
+        raise ConfigError(f"{folder} is not a batcher run folder (no batcher.db)")
+    url = base_url_for(region, base_url)
+    key = os.environ.get("DASHSCOPE_API_KEY", "").strip()
+    if not key:
+        raise ConfigError("DASHSCOPE_API_KEY is not set; export your Model Studio key")
+    cancelled = running = errors = 0
+    with RunLock(layout.lock):
+        async with await JobStore.open(layout.db, create=False) as store:
+            tasks = await store.submitted_tasks()
+            async with aiohttp.ClientSession() as session:
+                client = DashScopeClient(
+                    session, base_url=url, api_key=key, request_timeout=request_timeout
+                )
+                for job_id, task_id, _model in tasks:
+                    try:
+                        await client.cancel_task(task_id)
+                    except ApiError as err:
+                        # 400: not PENDING any more (running or ended); the next run collects it
+                        if err.status == 400:
+                            running += 1
+                        else:
+                            errors += 1
+                        continue
+                    except TransportError:
+                        errors += 1
+                        continue
+                    message = f"task {task_id} cancelled by batcher cancel"
+                    if await store.cancel_submitted(job_id, code="TaskCanceled", message=message):
+                        cancelled += 1
+    return CancelReport(cancelled=cancelled, running=running, errors=errors)
