@@ -137,7 +137,12 @@ def _report(cmd: RunCommand, outcome: RunOutcome, code: ExitCode) -> None:
         _warn(line)
     if result.reason is StopReason.ABORTED:
         _warn(f"stopped: {result.abort_message}")
-    elif result.reason in (StopReason.BUDGET, StopReason.LIMIT):
+    elif result.reason is StopReason.BUDGET:
+        _warn(
+            f"stopped early: {result.abort_message}; the budget counts all of this folder's "
+            "spend: raise it to go on"
+        )
+    elif result.reason is StopReason.LIMIT:
         _warn(f"stopped early: {result.abort_message}; run the same command again to go on")
     elif result.reason is StopReason.INTERRUPTED:
         _warn("interrupted; run the same command again to continue where it stopped")

@@ -84,7 +84,7 @@ async def import_manifest(store: JobStore, target: Target, *, replace: bool) -> 
         and new_manifest is None
         and await store.get_meta(key) == digest
     ):
-        total = await store.count()
+        total = await store.count(withdrawn=False)
         log.info("%s unchanged since its last import: not read again", manifest_path)
         moved = await apply_moves(store, layout)  # left by an import a crash cut short
         return ImportSummary(added=0, unchanged=total, replaced=0, moved=moved)
@@ -138,6 +138,17 @@ async def apply_moves(store: JobStore, layout: RunLayout) -> int:
     return len(by_job)
 
 
+def _prune_empty_folders(layout: RunLayout, old: str) -> None:
+    """Remove the folders under images/ an image was moved out of, while they are empty."""
+    folder = (layout.images / old).parent
+    while folder != layout.images and layout.images in folder.parents:
+        try:
+            folder.rmdir()  # only an empty folder; a symlink or a file is never removed
+        except OSError:
+            return
+        folder = folder.parent
+
+
 def _move_files(layout: RunLayout, by_job: dict[str, list[Moved]]) -> None:
     aside = layout.root / ".moving"
     temps: dict[str, Path] = {}
@@ -167,5 +178,7 @@ def _move_files(layout: RunLayout, by_job: dict[str, list[Moved]]) -> None:
             continue
         os.replace(temp, dest)
         log.info("job %s: image moved to %s", job_id, chain[-1].new)
+        for m in chain:
+            _prune_empty_folders(layout, m.old)
     with contextlib.suppress(OSError):
         aside.rmdir()  # only when empty

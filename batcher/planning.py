@@ -99,11 +99,19 @@ class Plan:
             f"{self.manifest}: {i.added} new, {i.unchanged} already imported, {i.replaced} "
             f"replaced{moved}; {s.total - withdrawn} jobs in {self.layout.root}",
             f"  done {s.count(State.DONE)}, pending {n}, awaiting download "
-            f"{s.count(State.GENERATED)}, failed {s.count(State.FAILED)}, {withdrawn} withdrawn"
-            + (" (no longer in the manifest; kept, never generated)" if withdrawn else ""),
-            f"  a run would generate {n} images for about {cost}; "
-            f"{n} images at {self.rps:g}/s: ~{format_duration(self.seconds_at_quota)} "
-            "(no API call was made)",
+            f"{s.count(State.GENERATED)}, failed {s.count(State.FAILED)}"
+            + (
+                f", {withdrawn} withdrawn (no longer in the manifest: kept, never generated)"
+                if withdrawn
+                else ""
+            ),
+            (
+                f"  a run would generate {n} images for about {cost}; "
+                f"{n} images at {self.rps:g}/s: ~{format_duration(self.seconds_at_quota)} "
+                "(no API call was made)"
+                if n
+                else "  nothing left to generate (no API call was made)"
+            ),
         ]
         spent, emulated = self._spent(False), self._spent(True)
         if spent or emulated:

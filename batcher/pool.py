@@ -312,11 +312,11 @@ class Runner:
             committed = spent + price.amount * self._generating
             if committed + price.amount > self.opt.budget:
                 budget = Money(self.opt.budget, price.currency)
-                total = Money(spent, price.currency)
+                total = Money(committed, price.currency)
                 self.request_stop(
                     StopReason.BUDGET,
-                    f"--budget {budget} reached: this run folder has spent {total}, and the "
-                    f"next image costs {price}",
+                    f"--budget {budget} reached: this run folder has spent (or has in flight) "
+                    f"{total}, and one more image costs {price}",
                 )
                 return False
         return True

@@ -184,8 +184,8 @@ async def _budget_spent(store: JobStore, cmd: RunCommand) -> Decimal:
         cheapest = min(price_per_image(m, cmd.options.region, e) for m, e in kinds)
         if budget < cheapest.amount:
             raise ConfigError(
-                f"--budget {budget} is less than one image costs ({cheapest}): "
-                "nothing could be generated"
+                f"--budget {Money(budget, currency)} is less than one image costs "
+                f"({cheapest}): nothing could be generated"
             )
     return sum(
         (
