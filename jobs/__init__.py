@@ -18,9 +18,20 @@ from .manifest import Manifest, open_manifest
 from .params import ModelRules
 from .spec import JobSpec
 from .states import TERMINAL, TRANSITIONS, State, check_transition
-from .store import Claim, Generated, ImportReport, JobStore, Stats, StoredFile
+from .store import (
+    EMULATOR_ENDPOINT,
+    Claim,
+    Generated,
+    ImportReport,
+    JobStore,
+    Moved,
+    Spend,
+    Stats,
+    StoredFile,
+)
 
 __all__ = [
+    "EMULATOR_ENDPOINT",
     "TERMINAL",
     "TRANSITIONS",
     "Claim",
@@ -35,7 +46,9 @@ __all__ = [
     "ManifestError",
     "ManifestInvalid",
     "ModelRules",
+    "Moved",
     "SchemaMismatch",
+    "Spend",
     "State",
     "Stats",
     "StoreUnavailable",

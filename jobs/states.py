@@ -34,6 +34,13 @@ downloaded as above), ``pending`` when the task failed transiently or is unknown
 reclaimed with an empty ``task_id`` had a create in flight whose answer was lost: it is counted
 as ambiguous (the service may run, and bill, that task).
 
+``withdrawn`` is a job whose row left the manifest (deleted, or an id-less row whose content,
+and so whose derived id, changed). An import moves every job not in the manifest there, except
+one that is ``running`` (a live run holds it; the next import withdraws it). A withdrawn job is
+never claimed, and keeps its record and its image if it had one. When its row comes back, it
+goes back where its record says it was: ``done`` (it has its file), ``failed``,
+``generated`` (paid for, not yet downloaded) or ``pending``.
+
 ``failed`` goes back only when the user asks (``batcher retry``): to ``pending``, or to
 ``generated`` when the image was paid for and its URL is still valid. ``done`` and
 ``failed`` are terminal for a run; re-importing a changed row with ``--replace`` resets any
@@ -61,23 +68,32 @@ class State(StrEnum):
     DONE = "done"
     FAILED = "failed"
     SUBMITTED = "submitted"
+    WITHDRAWN = "withdrawn"
 
 
 TRANSITIONS: dict[State, frozenset[State]] = {
-    State.PENDING: frozenset({State.RUNNING}),
+    State.PENDING: frozenset({State.RUNNING, State.WITHDRAWN}),
     State.RUNNING: frozenset({State.PENDING, State.GENERATED, State.FAILED, State.SUBMITTED}),
     State.SUBMITTED: frozenset({State.SUBMITTED, State.GENERATED, State.PENDING, State.FAILED}),
-    State.GENERATED: frozenset({State.GENERATED, State.DONE, State.PENDING, State.FAILED}),
-    State.DONE: frozenset(),
-    State.FAILED: frozenset({State.PENDING, State.GENERATED}),
+    State.GENERATED: frozenset(
+        {State.GENERATED, State.DONE, State.PENDING, State.FAILED, State.WITHDRAWN}
+    ),
+    State.DONE: frozenset({State.WITHDRAWN}),
+    State.FAILED: frozenset({State.PENDING, State.GENERATED, State.WITHDRAWN}),
+    State.WITHDRAWN: frozenset({State.PENDING, State.GENERATED, State.DONE, State.FAILED}),
 }
 """Allowed moves. ``generated -> generated`` is a download retry or a new download lease;
 ``generated -> failed`` is a download that can never succeed (attempts exhausted);
 ``failed -> generated`` is a retried download whose image URL is still valid;
-``submitted -> submitted`` is a task polled again later."""
+``submitted -> submitted`` is a task polled again later; ``-> withdrawn`` and back are the
+manifest losing a row and getting it back (a ``submitted`` job, like a ``running`` one, is
+not withdrawn: its task is on its way)."""
 
 TERMINAL: frozenset[State] = frozenset({State.DONE, State.FAILED})
-ACTIVE: frozenset[State] = frozenset(TRANSITIONS) - TERMINAL
+"""Where a run leaves a job for good (only an import or ``batcher retry`` moves it on)."""
+ACTIVE: frozenset[State] = frozenset(
+    {State.PENDING, State.RUNNING, State.GENERATED, State.SUBMITTED}
+)
 """States a run still works on (the claim's partial index)."""
 LEASED: frozenset[State] = frozenset({State.GENERATED, State.SUBMITTED})
 """States a worker holds under a lease without moving the job (download, task polls);

@@ -36,6 +36,7 @@ def test_batcher_exports():
 def test_jobs_exports():
     assert sorted(jobs.__all__) == sorted(
         [
+            "EMULATOR_ENDPOINT",
             "TERMINAL",
             "TRANSITIONS",
             "Claim",
@@ -50,7 +51,9 @@ def test_jobs_exports():
             "ManifestError",
             "ManifestInvalid",
             "ModelRules",
+            "Moved",
             "SchemaMismatch",
+            "Spend",
             "State",
             "Stats",
             "StoreUnavailable",
