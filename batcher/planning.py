@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ from jobs import JobStore, Spend, State, Stats
 
 from .importing import ImportSummary
 from .layout import RunLayout
+from .pool import model_rates
 from .pricing import Money, price_per_image
 from .progress import format_duration
 from .summary import amount_text, money_text
@@ -47,6 +48,8 @@ class Plan:
     spend: tuple[Spend, ...]
     rps: float
     emulate: bool = False
+    # model -> (images still to generate, their cost)
+    by_model: dict[str, tuple[int, Money]] = field(default_factory=dict)
 
     @property
     def to_generate(self) -> int:
@@ -54,8 +57,18 @@ class Plan:
 
     @property
     def seconds_at_quota(self) -> int:
-        """How long generating what is pending takes at ``rps`` calls a second, at best."""
-        return math.ceil(self.to_generate / self.rps)
+        """How long generating what is pending takes at ``rps`` calls a second, at best;
+        models are paced apart, each at the lower of ``rps`` and its own quota, so the
+        slowest model decides."""
+        if not self.by_model:
+            return math.ceil(self.to_generate / self.rps)
+        return max(
+            (
+                math.ceil(n / model_rates(self.rps).get(m, self.rps))
+                for m, (n, _) in self.by_model.items()
+            ),
+            default=0,
+        )
 
     def _spent(self, emulated: bool) -> dict[str, Decimal]:
         out: dict[str, Decimal] = {}
@@ -86,6 +99,10 @@ class Plan:
             "seconds_at_quota": self.seconds_at_quota,
             "spent": {c: amount_text(a) for c, a in sorted(self._spent(False).items())},
             "spent_emulated": {c: amount_text(a) for c, a in sorted(self._spent(True).items())},
+            "models": {
+                m: {"to_generate": n, "estimated_cost": str(c.amount), "currency": c.currency}
+                for m, (n, c) in sorted(self.by_model.items())
+            },
         }
 
     def text(self) -> str:
@@ -107,12 +124,20 @@ class Plan:
             ),
             (
                 f"  a run would generate {n} images for about {cost}; "
-                f"{n} images at {self.rps:g}/s: ~{format_duration(self.seconds_at_quota)} "
+                f"{n} images at {self.rps:g}/s{' per model' if len(self.by_model) > 1 else ''}: "
+                f"~{format_duration(self.seconds_at_quota)} "
                 "(no API call was made)"
                 if n
                 else "  nothing left to generate (no API call was made)"
             ),
         ]
+        if len(self.by_model) > 1:
+            for model, (count, money) in sorted(self.by_model.items()):
+                rate = model_rates(self.rps).get(model, self.rps)
+                lines.append(
+                    f"    {model:<20} {count} images, about {money}, "
+                    f"~{format_duration(math.ceil(count / rate))} at {rate:g}/s"
+                )
         spent, emulated = self._spent(False), self._spent(True)
         if spent or emulated:
             line = f"  this folder has spent {money_text(spent)}"
@@ -122,12 +147,17 @@ class Plan:
         return "\n".join(lines)
 
 
-async def _pending_cost(store: JobStore, region: str) -> Money:
-    """What generating every job still to do would cost, at the region's prices."""
+async def _pending_cost(store: JobStore, region: str) -> tuple[Money, dict[str, tuple[int, Money]]]:
+    """What generating every job still to do would cost, at the region's prices: in all,
+    and per model (images, cost)."""
     total = Money.zero(price_per_image("z-image-turbo", region, False).currency)
+    by_model: dict[str, tuple[int, Money]] = {}
     for (model, extend), count in (await store.pending_by_kind()).items():
-        total = total + price_per_image(model, region, extend) * count
-    return total
+        cost = price_per_image(model, region, extend) * count
+        total = total + cost
+        images, money = by_model.get(model, (0, Money.zero(total.currency)))
+        by_model[model] = (images + count, money + cost)
+    return total, by_model
 
 
 async def make_plan(
@@ -146,7 +176,7 @@ async def make_plan(
         found["stats"] = await store.stats(totals=False)
 
     async def pending() -> None:
-        found["cost"] = await _pending_cost(store, opt.region)
+        found["cost"], found["by_model"] = await _pending_cost(store, opt.region)
 
     async def spend() -> None:
         found["spend"] = await store.spend()
@@ -164,4 +194,5 @@ async def make_plan(
         spend=found["spend"],
         rps=opt.rps,
         emulate=opt.emulate,
+        by_model=found["by_model"],
     )

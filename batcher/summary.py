@@ -119,6 +119,13 @@ def summary_lines(
         f"all runs: {_folder_money(s)}; "
         f"{s.throttled} throttled, {s.ambiguous} ambiguous, {s.regenerated} regenerated"
     )
+    if counters.tasks_created or counters.tasks_reattached:
+        lines.append(
+            f"tasks: {counters.tasks_created} created, {counters.tasks_reattached} reattached "
+            f"after an earlier run, {counters.task_polls} polls"
+        )
+    if len(s.by_model) > 1:
+        lines += [f"  {line}" for line in model_lines(s)]
     if s.errors_by_code:
         parts = ", ".join(f"{code} x{n}" for code, n in sorted(s.errors_by_code.items()))
         lines.append(f"failures by code: {parts}")
@@ -144,11 +151,54 @@ def status_text(stats: Stats, layout: RunLayout) -> str:
             f"  rehearsal: {stats.images_emulated} images from the emulator, "
             f"{money_text(emulated)} emulated (not billed)\n"
         )
+    if len(stats.by_model) > 1 or any(m != "z-image-turbo" for m in stats.by_model):
+        buf.write("  by model:\n")
+        for line in model_lines(stats):
+            buf.write(f"    {line}\n")
     if stats.errors_by_code:
         buf.write("  failures by code:\n")
         for code, n in sorted(stats.errors_by_code.items()):
             buf.write(f"    {code:<28} {n}\n")
     return buf.getvalue()
+
+
+def _model_spend(stats: Stats, model: str, *, emulated: bool) -> tuple[int, dict[str, Decimal]]:
+    images, amounts = 0, dict[str, Decimal]()
+    for s in stats.spend:
+        if s.model == model and s.emulated == emulated:
+            images += s.images
+            amounts[s.currency] = amounts.get(s.currency, Decimal(0)) + s.amount
+    return images, amounts
+
+
+def model_lines(stats: Stats) -> list[str]:
+    """One line per model: its jobs by state and what its images cost."""
+    lines = []
+    for model, states in sorted(stats.by_model.items()):
+        counts = ", ".join(f"{state} {n}" for state, n in sorted(states.items()) if n)
+        images, amounts = _model_spend(stats, model, emulated=False)
+        fake, emulated = _model_spend(stats, model, emulated=True)
+        money = f"; spent {money_text(amounts)} ({images} images)" if images else ""
+        if fake:
+            money += f"; {money_text(emulated)} emulated ({fake} images)"
+        lines.append(f"{model:<20} {counts}{money}")
+    return lines
+
+
+def models_json(stats: Stats) -> dict[str, Any]:
+    """Per model: jobs by state, images billed and spent per currency (real and emulated)."""
+    out: dict[str, Any] = {}
+    for model, states in sorted(stats.by_model.items()):
+        images, amounts = _model_spend(stats, model, emulated=False)
+        fake, emulated = _model_spend(stats, model, emulated=True)
+        out[model] = {
+            "states": dict(sorted(states.items())),
+            "images_billed": images,
+            "spent": _amounts_json(amounts),
+            "images_emulated": fake,
+            "emulated": _amounts_json(emulated),
+        }
+    return out
 
 
 def status_json(stats: Stats) -> dict[str, Any]:
@@ -165,6 +215,7 @@ def status_json(stats: Stats) -> dict[str, Any]:
         throttled=stats.throttled,
         ambiguous=stats.ambiguous,
         regenerated=stats.regenerated,
+        models=models_json(stats),
     )
     return out
 

@@ -34,7 +34,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from itertools import chain, islice
 from pathlib import Path
@@ -153,6 +153,7 @@ class Spend:
     emulated: bool
     images: int
     amount: Decimal
+    model: str = ""  # the model the images came from
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -177,6 +178,8 @@ class Stats:
     ambiguous: int
     regenerated: int
     due_pending: int = 0
+    # jobs per model and state (only with totals: it reads the whole table)
+    by_model: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -1249,6 +1252,7 @@ class JobStore:
             }
             sums: Any = (0, 0, 0, 0)
             spend: list[Spend] = []
+            by_model: dict[str, dict[str, int]] = {}
             if totals:
                 sums = (
                     await conn.execute(
@@ -1261,6 +1265,14 @@ class JobStore:
                     )
                 ).one()
                 spend = await _spend(conn)
+                for model, state, n in (
+                    await conn.execute(
+                        select(jobs.c.model, jobs.c.state, func.count()).group_by(
+                            jobs.c.model, jobs.c.state
+                        )
+                    )
+                ).all():
+                    by_model.setdefault(str(model), {})[str(state)] = int(n)
             due = (
                 await conn.execute(
                     select(func.count()).where(
@@ -1281,6 +1293,7 @@ class JobStore:
             ambiguous=int(sums[2]),
             regenerated=int(sums[3]),
             due_pending=int(due),
+            by_model=by_model,
         )
 
     async def spend(self) -> tuple[Spend, ...]:
@@ -1436,9 +1449,10 @@ async def _spend(conn: AsyncConnection) -> list[Spend]:
                 emulated,
                 func.sum(jobs.c.billed),
                 func.sum(jobs.c.cost_micros),
+                jobs.c.model,
             )
             .where(jobs.c.billed > 0)
-            .group_by(func.coalesce(jobs.c.currency, "USD"), emulated)
+            .group_by(func.coalesce(jobs.c.currency, "USD"), emulated, jobs.c.model)
         )
     ).all()
     return [
@@ -1447,8 +1461,11 @@ async def _spend(conn: AsyncConnection) -> list[Spend]:
             emulated=bool(emu),
             images=int(n),
             amount=Decimal(int(micros)) / MICROS,
+            model=str(model),
         )
-        for cur, emu, n, micros in sorted(rows, key=lambda r: (str(r[0]), bool(r[1])))
+        for cur, emu, n, micros, model in sorted(
+            rows, key=lambda r: (str(r[0]), bool(r[1]), str(r[4]))
+        )
     ]
 
 
