@@ -109,6 +109,15 @@ class RegistryRules:
                 problems.append(
                     ("n", f"{n} is outside {entry.n_min}..{entry.n_max} for {entry.name}")
                 )
+        elif n is not None and n > 1:
+            # The model makes several images a call, but a job here is one output file.
+            problems.append(
+                (
+                    "n",
+                    f"{entry.name} can make {n} images a call, but batcher makes one image a "
+                    "job for now: write one job per image (each gets its own seed)",
+                )
+            )
         if negative_prompt is not None:
             limit = entry.negative_prompt_limit
             if limit is None:

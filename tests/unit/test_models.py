@@ -62,7 +62,7 @@ def test_yaml_chooses_the_model_at_the_top_in_defaults_and_per_job(tmp_path: Pat
         "defaults:\n  negative_prompt: blurry\n  model: wan2.2-t2i-plus\n"
         "jobs:\n"
         "  - {id: a, prompt: poster, model: qwen-image}\n"
-        "  - {id: b, prompt: shoe, model: wan2.2-t2i-flash, n: 3, watermark: true, size: 3:4}\n"
+        "  - {id: b, prompt: shoe, model: wan2.2-t2i-flash, n: 1, watermark: true, size: 3:4}\n"
         "  - {id: c, prompt: fast}\n",
     )
     manifest = open_manifest(path, rules=RULES)
@@ -70,7 +70,7 @@ def test_yaml_chooses_the_model_at_the_top_in_defaults_and_per_job(tmp_path: Pat
     a, b, c = list(manifest)
     assert (a.model, a.size, a.n, a.prompt_extend) == ("qwen-image", "1328*1328", 1, True)
     assert load_params(a.params) == {"negative_prompt": "blurry"}
-    assert (b.model, b.size, b.n) == ("wan2.2-t2i-flash", "864*1152", 3)
+    assert (b.model, b.size, b.n) == ("wan2.2-t2i-flash", "864*1152", 1)
     assert load_params(b.params) == {"negative_prompt": "blurry", "watermark": True}
     assert (c.model, c.size, c.n, c.prompt_extend) == ("wan2.2-t2i-plus", "1024*1024", 1, True)
     assert load_params(c.params) == {"negative_prompt": "blurry"}
@@ -82,11 +82,11 @@ def test_csv_and_jsonl_take_model_columns(tmp_path: Path) -> None:
         "m.csv",
         "id,prompt,model,n,negative_prompt,watermark\n"
         "a,one,,,,\n"
-        "b,two,wan2.5-t2i-preview,4,low quality,no\n",
+        "b,two,wan2.5-t2i-preview,1,low quality,no\n",
     )
     a, b = list(open_manifest(csv, rules=RULES))
     assert (a.model, a.n, a.params) == ("z-image-turbo", 1, None)
-    assert (b.model, b.n, b.size) == ("wan2.5-t2i-preview", 4, "1280*1280")
+    assert (b.model, b.n, b.size) == ("wan2.5-t2i-preview", 1, "1280*1280")
     assert load_params(b.params) == {"negative_prompt": "low quality", "watermark": False}
     jsonl = write(
         tmp_path,
@@ -122,6 +122,10 @@ def test_csv_and_jsonl_take_model_columns(tmp_path: Path) -> None:
             "m.csv:2: size: 1024*1536 is not a qwen-image size (one of 1664*928",
         ),
         ("id,prompt,n\na,x,two\n", "m.csv:2: n: 'two' is not a whole number"),
+        (
+            "id,prompt,model,n\na,x,wan2.2-t2i-flash,3\n",
+            "m.csv:2: n: wan2.2-t2i-flash can make 3 images a call, but batcher makes one image",
+        ),
     ],
 )
 def test_model_parameters_are_checked_per_model_and_located(
