@@ -59,6 +59,7 @@ log = logging.getLogger("batcher.run")
 # 429 codes that name the request-rate quota itself (the pacer may estimate it from them).
 QUOTA_CODES = frozenset({"throttling.ratequota", "limitrequests", "limit_requests"})
 BUFFER_MAX = 256  # claimed jobs held while their models wait for a send slot
+FILL_AHEAD = 0.25  # s: claim more only when no send slot is due sooner (a claim is a write)
 MAX_POLL_FAILURES = 8  # polls of one task failing in a row before it is left for later
 
 
@@ -165,6 +166,7 @@ class Runner:
         self.pacer = self.pacer_for("z-image-turbo")  # the default model's; see pacer_for
         self._tasks_open: dict[str, int] = {}  # tasks this run is creating or polling, by model
         self._polls = PollGate()
+        self._next_fill = 0.0
         # How long a job holds its slot, call to completed file: the pool needs rate x this
         # in flight (the call's latency alone leaves out the download and the commits).
         self.job_time = LatencyTracker(initial=2.0)
@@ -291,10 +293,18 @@ class Runner:
                 continue
             claim, wait = self._pick_ready()
             if claim is None:
-                # Nothing buffered can start now: claim more (other models may be free),
-                # or wait for the earliest send slot, a finishing worker, or a due job.
-                if len(self._buffer) < BUFFER_MAX and await self._fill_buffer():
-                    continue
+                # Nothing buffered can start now: claim more (other models may be free), unless
+                # a send slot is so near that the claim's write would make that send late; or
+                # wait for the earliest send slot, a finishing worker, or a due job.
+                now = anyio.current_time()
+                if (
+                    (wait is None or wait >= FILL_AHEAD)
+                    and len(self._buffer) < BUFFER_MAX
+                    and now >= self._next_fill
+                ):
+                    if await self._fill_buffer():
+                        continue
+                    self._next_fill = now + 1.0  # nothing due: do not ask again at once
                 if not self._buffer:
                     if self._in_flight == 0:
                         due = await self.store.next_due_at()

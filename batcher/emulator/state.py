@@ -60,6 +60,8 @@ class EmulatorState:
         self._poll_count = 0
         self.tasks_cancelled = 0
         self.images_billed_by_model: Counter[str] = Counter()
+        # model -> [first, last accepted request (monotonic s), requests accepted]
+        self.accepted_by_model: dict[str, list[float]] = {}
         self.closing = asyncio.Event()
         self._apply(config)
         self._images: OrderedDict[str, StoredImage] = OrderedDict()
@@ -114,7 +116,12 @@ class EmulatorState:
 
     def try_quota(self, key: str, model: str, now: float) -> bool:
         """Accept one request of ``key`` for ``model`` under that model's quota, or refuse."""
-        return self.model_quotas[model].try_acquire(key, now)
+        if not self.model_quotas[model].try_acquire(key, now):
+            return False
+        window = self.accepted_by_model.setdefault(model, [now, now, 0])
+        window[1] = now
+        window[2] += 1
+        return True
 
     def next_download(self) -> int:
         """Count an image download; its number (from 0) keys its seeded draws."""
@@ -192,7 +199,9 @@ class EmulatorState:
         ``images_stored`` downloadable images; ``seed`` the base seed of
         the draws (pass it as ``seed`` to replay a run). Tasks: ``tasks_created`` creations
         accepted (a ``lost`` one included), ``task_polls`` every ``GET /tasks/{id}``,
-        ``tasks_cancelled``, ``tasks_open`` not yet ended; ``images_billed_by_model``.
+        ``tasks_cancelled``, ``tasks_open`` not yet ended; ``images_billed_by_model``;
+        ``accepted_by_model``: requests (calls and task creates) each model's quota accepted,
+        with the monotonic times of the first and last.
         """
         self.settle_tasks(time.monotonic(), time.time())
         return {
@@ -216,4 +225,8 @@ class EmulatorState:
                 1 for t in self.tasks.tasks.values() if t.results is None and not t.canceled
             ),
             "images_billed_by_model": dict(self.images_billed_by_model),
+            "accepted_by_model": {
+                model: {"requests": int(n), "first": first, "last": last}
+                for model, (first, last, n) in sorted(self.accepted_by_model.items())
+            },
         }
