@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--replace", action="store_true", help="reset jobs whose content changed")
     plan.add_argument("--region", choices=["intl", "cn"], default="intl")
     plan.add_argument(
-        "--rps", type=_positive(float), default=2.0, help="quota the time is estimated at"
+        "--rps",
+        type=_positive(float),
+        help="quota per model the time is estimated at (default: each model's published one)",
     )
     plan.add_argument(
         "--emulate", action="store_true", help="plan the rehearsal (out/<name>.emulated)"
@@ -89,8 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--rps",
         type=_positive(float),
-        default=2.0,
-        help="quota per model, requests/s (each model is also kept under its own published quota)",
+        help="quota per model, requests/s (default: each model's published quota, 2 for most)",
     )
     run.add_argument("--max-attempts", type=_positive(int), default=5)
     run.add_argument("--request-timeout", type=_positive(float), default=120.0, metavar="S")
@@ -162,7 +163,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         budget, budget_currency = parse_budget(args.budget)
         options = RunOptions(
-            rps=args.rps,
+            rps=args.rps or 2.0,
             concurrency=args.concurrency,
             max_attempts=args.max_attempts,
             request_timeout=args.request_timeout,

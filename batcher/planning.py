@@ -30,7 +30,7 @@ class PlanOptions:
     out: Path | None
     replace: bool = False
     region: str = "intl"
-    rps: float = 2.0
+    rps: float | None = None  # None: each model at its published quota
     emulate: bool = False
     as_json: bool = False
 
@@ -46,7 +46,7 @@ class Plan:
     stats: Stats
     cost: Money
     spend: tuple[Spend, ...]
-    rps: float
+    rps: float | None
     emulate: bool = False
     # model -> (images still to generate, their cost)
     by_model: dict[str, tuple[int, Money]] = field(default_factory=dict)
@@ -57,18 +57,24 @@ class Plan:
 
     @property
     def seconds_at_quota(self) -> int:
-        """How long generating what is pending takes at ``rps`` calls a second, at best;
-        models are paced apart, each at the lower of ``rps`` and its own quota, so the
-        slowest model decides."""
+        """How long generating what is pending takes at the quota, at best: models are paced
+        apart, each at ``rps`` or (without one) its published quota, so the slowest decides."""
+        rates = model_rates(self.rps)
         if not self.by_model:
-            return math.ceil(self.to_generate / self.rps)
+            return math.ceil(self.to_generate / (self.rps or 2.0))
         return max(
-            (
-                math.ceil(n / model_rates(self.rps).get(m, self.rps))
-                for m, (n, _) in self.by_model.items()
-            ),
+            (math.ceil(n / rates.get(m, self.rps or 2.0)) for m, (n, _) in self.by_model.items()),
             default=0,
         )
+
+    def _rate_text(self) -> str:
+        if self.rps is not None:
+            return f"{self.rps:g}/s" + (" per model" if len(self.by_model) > 1 else "")
+        rates = model_rates(None)
+        found = sorted({rates.get(m, 2.0) for m in self.by_model} or {2.0})
+        if len(found) == 1:
+            return f"{found[0]:g}/s" + (" per model" if len(self.by_model) > 1 else "")
+        return "each model's quota"
 
     def _spent(self, emulated: bool) -> dict[str, Decimal]:
         out: dict[str, Decimal] = {}
@@ -124,7 +130,7 @@ class Plan:
             ),
             (
                 f"  a run would generate {n} images for about {cost}; "
-                f"{n} images at {self.rps:g}/s{' per model' if len(self.by_model) > 1 else ''}: "
+                f"{n} images at {self._rate_text()}: "
                 f"~{format_duration(self.seconds_at_quota)} "
                 "(no API call was made)"
                 if n
@@ -133,7 +139,7 @@ class Plan:
         ]
         if len(self.by_model) > 1:
             for model, (count, money) in sorted(self.by_model.items()):
-                rate = model_rates(self.rps).get(model, self.rps)
+                rate = model_rates(self.rps).get(model, self.rps or 2.0)
                 lines.append(
                     f"    {model:<20} {count} images, about {money}, "
                     f"~{format_duration(math.ceil(count / rate))} at {rate:g}/s"

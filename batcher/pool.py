@@ -73,10 +73,14 @@ class StopReason(StrEnum):
     LIMIT = "limit"  # --limit reached
 
 
-def model_rates(rps: float) -> dict[str, float]:
-    """Every registered model's send rate under ``--rps``: the lower of the two, since the
-    service counts each model's requests separately (per account)."""
-    return {name: min(rps, entry.quota.rps) for name, entry in MODELS.items()}
+def model_rates(rps: float | None) -> dict[str, float]:
+    """Every registered model's send rate: ``rps`` when the user gave one (``--rps``), else the
+    model's published quota (the service counts each model's requests apart, per account).
+
+    >>> model_rates(None)["qwen-image-max"], model_rates(5.0)["qwen-image-max"]
+    (0.03333333333333333, 5.0)
+    """
+    return {name: rps or entry.quota.rps for name, entry in MODELS.items()}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -97,7 +101,7 @@ class RunOptions:
     adaptive: bool = True
     seed: int | None = None  # for the retry jitter, so tests can reproduce a run
     # Each model's own send rate (requests/s); a model not listed is paced at ``rps``.
-    # ``model_rates(rps)`` gives every known model min(rps, its published quota).
+    # ``model_rates(None)`` gives every known model its published quota.
     model_rps: Mapping[str, float] = field(default_factory=dict)
 
 
@@ -163,7 +167,6 @@ class Runner:
         self.counters = RunCounters()
         self.committer = ImageCommitter(store)
         self._pacers: dict[str, Pacer] = {}
-        self.pacer = self.pacer_for("z-image-turbo")  # the default model's; see pacer_for
         self._tasks_open: dict[str, int] = {}  # tasks this run is creating or polling, by model
         self._polls = PollGate()
         self._next_fill = 0.0
@@ -213,8 +216,21 @@ class Runner:
     def concurrency(self) -> int:
         if self.opt.concurrency is not None:
             return self.opt.concurrency
-        rate = sum(p.rate for p in self._pacers.values()) or self.pacer.rate
-        return auto_concurrency(rate, self.job_time)
+        return auto_concurrency(self.rate, self.job_time)
+
+    @property
+    def rate(self) -> float:
+        """Calls a second the run is paced at: every model's pacer together (``rps`` before
+        the first call)."""
+        return sum(p.rate for p in self._pacers.values()) or self.opt.rps
+
+    @property
+    def pacer(self) -> Pacer:
+        """The pacer set up last (a single-model run's one pacer); see :meth:`pacer_for` and
+        :attr:`rate` for a mixed run."""
+        if not self._pacers:
+            return self.pacer_for("z-image-turbo")
+        return next(reversed(self._pacers.values()))
 
     def pacer_for(self, model: str) -> Pacer:
         """The pacer of ``model``, at its rate in ``model_rps`` (else ``rps``)."""

@@ -365,7 +365,7 @@ def _snapshot(
     withdrawn = start.count(State.WITHDRAWN)
     todo = start.total - withdrawn - start.count(State.DONE) - start.count(State.FAILED)
     remaining = max(0, todo - c.done - c.failed)
-    rate = runner.pacer.rate
+    rate = runner.rate
     eta = remaining / rate if rate > 0 and remaining else (0.0 if not remaining else None)
     reason = runner.stop_reason
     return Snapshot(

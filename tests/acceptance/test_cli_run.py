@@ -88,7 +88,7 @@ def test_clean_run_status_export_and_rerun(tmp_path, emulator):
     assert all((out / rec["file"]).is_file() for rec in recs)
     csv_path = tmp_path / "jobs.csv"
     assert run_cli("export", out, "--format", "csv", "-o", csv_path).returncode == 0
-    assert csv_path.read_text(encoding="utf-8").splitlines()[0].startswith("id,state,prompt")
+    assert csv_path.read_text(encoding="utf-8").splitlines()[0].startswith("id,state,model,prompt")
 
     again = run_cli(*run_args(m, out, emulator.base_url), env=env())
     assert again.returncode == 0
