@@ -71,7 +71,8 @@ async def import_manifest(store: JobStore, target: Target, *, replace: bool) -> 
     A manifest unchanged since its last import (and still the folder's) is not read again: with
     a million rows that would be most of the time a resumed run takes to its first call. The
     manifest's warnings (at most five, then a count) go to stderr. Raises ``ConfigError`` when
-    a default folder belongs to another manifest.
+    a default folder belongs to another manifest. Afterwards ``metadata.jsonl``, if there is
+    one, lists exactly the done jobs (a run may append to it).
     """
     manifest_path, layout = target.manifest, target.layout
     new_manifest = await check_manifest(store, target)
@@ -87,6 +88,8 @@ async def import_manifest(store: JobStore, target: Target, *, replace: bool) -> 
         total = await store.count(withdrawn=False)
         log.info("%s unchanged since its last import: not read again", manifest_path)
         moved = await apply_moves(store, layout)  # left by an import a crash cut short
+        if moved and layout.metadata.is_file():
+            await write_metadata(store, layout, done_at_start=0, since=None)
         return ImportSummary(added=0, unchanged=total, replaced=0, moved=moved)
     manifest = open_manifest(manifest_path)
     report = await store.import_rows(
@@ -95,7 +98,13 @@ async def import_manifest(store: JobStore, target: Target, *, replace: bool) -> 
     if key is not None and digest is not None:
         await store.set_meta(key, digest)
     if new_manifest is not None:
+        previous = await store.get_meta(MANIFEST_KEY)
         await store.set_meta(MANIFEST_KEY, new_manifest)
+        if previous is not None:
+            _warn(
+                f"warning: {layout.root} followed {previous}; it follows {manifest_path} "
+                f"from now on ({report.withdrawn} jobs of the other manifest withdrawn)"
+            )
     shown = manifest.warnings[:MAX_WARNINGS_SHOWN]
     for w in shown:
         _warn(f"warning: {w.format()}")

@@ -155,7 +155,7 @@ async def execute_run(cmd: RunCommand) -> RunOutcome:
                         store,
                         layout,
                         done_at_start=start.count(State.DONE),
-                        since=None if imported.done_set_changed else run_started,
+                        since=run_started,  # the import left it listing the done jobs
                     )
             await store.set_meta("last_run", "clean")
             stats = await store.stats()
