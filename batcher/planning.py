@@ -53,9 +53,11 @@ class Plan:
         return self.stats.count(State.PENDING)
 
     @property
-    def seconds_at_quota(self) -> int:
-        """How long generating what is pending takes at ``rps`` calls a second, at best."""
-        return math.ceil(self.to_generate / self.rps)
+    def seconds_at_quota(self) -> int | None:
+        """How long generating what is pending takes at ``rps`` calls a second, at best (None
+        when too long to say)."""
+        seconds = self.to_generate / self.rps
+        return math.ceil(seconds) if math.isfinite(seconds) else None
 
     def _spent(self, emulated: bool) -> dict[str, Decimal]:
         out: dict[str, Decimal] = {}

@@ -20,10 +20,10 @@ every ``running`` row at start, since no live process can own them.
 
 Import is one transaction: rows go into a temporary staging table, conflicts are found with set
 queries, and new rows are copied in (into an empty table, straight in); with ``withdraw``, the
-manifest is the whole truth and jobs that left it are withdrawn (:mod:`jobs.merge`). A manifest error
-anywhere rolls the whole import back. SQLite pulls the rows from the manifest's iterator on
-the database thread; a big manifest is read and checked meanwhile by a helper process
-(``jobs.readahead``), so the two use two cores.
+manifest is the whole truth and jobs that left it are withdrawn (:mod:`jobs.merge`). A
+manifest error anywhere rolls the whole import back. SQLite pulls the rows from the
+manifest's iterator on the database thread; a big manifest is read and checked meanwhile by a
+helper process (``jobs.readahead``), so the two use two cores.
 """
 
 from __future__ import annotations
