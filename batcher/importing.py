@@ -20,7 +20,7 @@ from pathlib import Path
 
 import anyio
 
-from jobs import JobStore, Moved, open_manifest
+from jobs import JobStore, Moved, State, Stats, open_manifest
 
 from . import __version__
 from .folder import MANIFEST_KEY, Target, check_manifest
@@ -44,6 +44,14 @@ class ImportSummary:
     withdrawn: int = 0
     restored: int = 0
     moved: int = 0
+    read: bool = True  # False: the manifest was unchanged, not read again
+
+    def unchanged_of(self, stats: Stats) -> int:
+        """Jobs already imported and still in the manifest. A manifest not read again
+        leaves them to be counted from the table's ``stats`` (a count that is there anyway)."""
+        if self.read:
+            return self.unchanged
+        return stats.total - stats.count(State.WITHDRAWN) - self.added
 
     @property
     def done_set_changed(self) -> bool:
@@ -85,12 +93,12 @@ async def import_manifest(store: JobStore, target: Target, *, replace: bool) -> 
         and new_manifest is None
         and await store.get_meta(key) == digest
     ):
-        total = await store.count(withdrawn=False)
+        total = await store.count()  # withdrawn ones included: see unchanged_of
         log.info("%s unchanged since its last import: not read again", manifest_path)
         moved = await apply_moves(store, layout)  # left by an import a crash cut short
         if moved and layout.metadata.is_file():
             await write_metadata(store, layout, done_at_start=0, since=None)
-        return ImportSummary(added=0, unchanged=total, replaced=0, moved=moved)
+        return ImportSummary(added=0, unchanged=total, replaced=0, moved=moved, read=False)
     manifest = open_manifest(manifest_path)
     report = await store.import_rows(
         manifest.rows(), source=str(manifest_path), replace=replace, withdraw=True

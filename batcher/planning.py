@@ -72,7 +72,7 @@ class Plan:
         return {
             "run_folder": str(self.layout.root),
             "new": self.imported.added,
-            "unchanged": self.imported.unchanged,
+            "unchanged": self.imported.unchanged_of(s),
             "replaced": self.imported.replaced,
             "total": s.total,
             "done": s.count(State.DONE),
@@ -98,7 +98,7 @@ class Plan:
         n = self.to_generate
         cost = f"{self.cost} emulated" if self.emulate else str(self.cost)
         lines = [
-            f"{self.manifest}: {i.added} new, {i.unchanged} already imported, {i.replaced} "
+            f"{self.manifest}: {i.added} new, {i.unchanged_of(s)} already imported, {i.replaced} "
             f"replaced{moved}; {s.total - withdrawn} jobs in {self.layout.root}",
             f"  done {s.count(State.DONE)}, pending {n}, awaiting download "
             f"{s.count(State.GENERATED)}, failed {s.count(State.FAILED)}"

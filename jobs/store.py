@@ -1196,13 +1196,10 @@ class JobStore:
                 update(history).where(history.c.seq.in_(list(seqs))).values(reason=MOVED)
             )
 
-    async def count(self, *, withdrawn: bool = True) -> int:
-        """How many jobs the table holds (without the withdrawn ones, unless ``withdrawn``)."""
-        query = select(func.count()).select_from(jobs)
-        if not withdrawn:
-            query = query.where(jobs.c.state != State.WITHDRAWN.value)
+    async def count(self) -> int:
+        """How many jobs the table holds (withdrawn ones included)."""
         async with self._read() as conn:
-            return int((await conn.execute(query)).scalar_one())
+            return int((await conn.execute(select(func.count()).select_from(jobs))).scalar_one())
 
     async def pending_by_kind(self) -> dict[tuple[str, bool], int]:
         """Jobs still to generate (pending or running), counted by (model, prompt_extend)."""

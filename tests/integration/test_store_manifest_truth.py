@@ -179,3 +179,27 @@ async def test_moves_left_half_done_by_a_crash_are_finished_by_the_next_import(t
     assert not (layout.images / "x" / "a.png").exists() and not aside.exists()
     assert await store.pending_moves() == []
     assert await apply_moves(store, layout) == 0
+
+
+async def test_the_folder_remembers_its_endpoints_and_refuses_another(tmp_path, db, store):
+    from batcher.errors import ConfigError
+    from batcher.folder import ENDPOINTS_KEY, check_folder_endpoint
+
+    root = tmp_path / "run"
+    await store.import_specs(specs(["a", "b", "c"]), source=SOURCE)
+    await check_folder_endpoint(store, "https://one/api/v1", root)
+    assert await store.get_meta(ENDPOINTS_KEY) == '["https://one/api/v1"]'
+    await finish(store, "a", endpoint="https://one/api/v1")
+    await check_folder_endpoint(store, "https://one/api/v1", root)  # the same: goes on
+    for other in (EMULATOR_ENDPOINT, "https://two/api/v1"):
+        with pytest.raises(ConfigError, match="--out"):
+            await check_folder_endpoint(store, other, root)
+    # images of a folder from before endpoints were recorded: paid, at an unknown endpoint
+    await finish(store, "b", endpoint=None)
+    await store.set_meta(ENDPOINTS_KEY, "[null]")
+    with raw(db) as con:
+        con.execute("UPDATE jobs SET endpoint = NULL")
+    with pytest.raises(ConfigError, match="paid"):
+        await check_folder_endpoint(store, EMULATOR_ENDPOINT, root)
+    await check_folder_endpoint(store, "https://two/api/v1", root)
+    assert await store.get_meta(ENDPOINTS_KEY) == '["https://two/api/v1", null]'
