@@ -13,6 +13,7 @@ User mistakes end as one line on stderr and exit code 2; a bug shows a traceback
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,14 +40,35 @@ from .pool import RunOptions
 __all__ = ["build_parser", "main"]
 
 
+def _number(kind: Callable[[str], float], text: str) -> float:
+    try:
+        value = kind(text)
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number: {text!r}")
+    return value
+
+
 def _positive(kind: Callable[[str], float]) -> Callable[[str], Any]:
+    """An argparse type: a finite number above zero (``inf``, ``nan``, 0 and -1 refused)."""
+
     def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        value = _number(kind, text)
         if not value > 0:
             raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+        return value
+
+    return parse
+
+
+def _non_negative(kind: Callable[[str], float]) -> Callable[[str], Any]:
+    """An argparse type: a finite number, zero or more."""
+
+    def parse(text: str) -> Any:
+        value = _number(kind, text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be zero or more: {text!r}")
         return value
 
     return parse
@@ -89,11 +111,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--budget", help="stop before the estimated spend passes AMOUNT")
     run.add_argument("--replace", action="store_true", help="reset jobs whose content changed")
     run.add_argument(
-        "--grace", type=float, default=10.0, help="seconds to let calls finish on Ctrl-C"
+        "--grace",
+        type=_non_negative(float),
+        default=10.0,
+        help="seconds to let calls finish on Ctrl-C",
     )
     run.add_argument("--lease", type=_positive(float), default=60.0, help=argparse.SUPPRESS)
     run.add_argument("--backoff-base", type=_positive(float), default=1.0, help=argparse.SUPPRESS)
     run.add_argument("--seed", type=int, help=argparse.SUPPRESS)
+    run.add_argument("--start-rps", type=_positive(float), default=2.0, help=argparse.SUPPRESS)
+    run.add_argument(
+        "--unreachable-timeout",
+        type=_non_negative(float),
+        default=180.0,
+        metavar="S",
+        help="stop (exit 3) when the service cannot be reached for this long (default 180)",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress display")
     run.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
 
@@ -141,6 +174,8 @@ async def _dispatch(args: argparse.Namespace) -> int:
             lease_seconds=args.lease,
             backoff_base=args.backoff_base,
             seed=args.seed,
+            start_rps=args.start_rps,
+            unreachable_timeout=args.unreachable_timeout,
         )
         return await cmd_run(
             RunCommand(

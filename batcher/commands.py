@@ -466,11 +466,8 @@ async def _run_locked(cmd: RunCommand, layout: RunLayout) -> int:
 
 
 def _finish(cmd: RunCommand, layout: RunLayout, result: RunResult, stats: Stats) -> int:
-    calls_per_second = None
     c = result.counters
-    if result.first_call_at and result.last_call_at and c.calls > 1:
-        span = result.last_call_at - result.first_call_at
-        calls_per_second = (c.calls - 1) / span if span > 0 else None
+    calls_per_second = result.accepted_per_second  # answered, not throttled
     lines = summary_lines(
         stats=stats,
         counters=c,
@@ -482,7 +479,7 @@ def _finish(cmd: RunCommand, layout: RunLayout, result: RunResult, stats: Stats)
     for line in lines:
         log.info("summary: %s", line)
     left = stats.count(State.PENDING) + stats.count(State.RUNNING) + stats.count(State.GENERATED)
-    if result.reason is StopReason.ABORTED:
+    if result.reason in (StopReason.ABORTED, StopReason.UNREACHABLE):
         code = EXIT["aborted"]
     elif result.reason is StopReason.INTERRUPTED:
         code = EXIT["interrupted"]
@@ -520,7 +517,7 @@ def _finish(cmd: RunCommand, layout: RunLayout, result: RunResult, stats: Stats)
         print(json.dumps(payload))
     for line in lines:
         _warn(line)
-    if result.reason is StopReason.ABORTED:
+    if result.reason in (StopReason.ABORTED, StopReason.UNREACHABLE):
         _warn(f"stopped: {result.abort_message}")
     elif result.reason in (StopReason.BUDGET, StopReason.LIMIT):
         _warn(f"stopped early: {result.abort_message}; run the same command again to go on")
