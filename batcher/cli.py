@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,6 +39,8 @@ from .errors import BatcherError
 from .pool import RunOptions
 
 __all__ = ["build_parser", "main"]
+
+EXIT_CLOSED_STDOUT = 141  # stdout was closed early by its reader: 128 + SIGPIPE, as a shell shows
 
 
 def _number(kind: Callable[[str], float], text: str) -> float:
@@ -106,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--emulate-latency", default="lognormal:2000:0.4", help=argparse.SUPPRESS)
     run.add_argument("--emulate-faults", default="", help=argparse.SUPPRESS)
-    run.add_argument("--emulate-rps", type=_positive(float), default=2.0, help=argparse.SUPPRESS)
+    # the emulated quota: --rps unless given (a rehearsal at --rps 5 meets a 5/s quota)
+    run.add_argument("--emulate-rps", type=_positive(float), default=None, help=argparse.SUPPRESS)
     run.add_argument("--limit", type=_positive(int), help="generate at most N images (a trial)")
     run.add_argument("--budget", help="stop before the estimated spend passes AMOUNT")
     run.add_argument("--replace", action="store_true", help="reset jobs whose content changed")
@@ -186,7 +190,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
                 emulate=args.emulate,
                 emulate_latency=args.emulate_latency,
                 emulate_faults=args.emulate_faults,
-                emulate_rps=args.emulate_rps,
+                emulate_rps=args.rps if args.emulate_rps is None else args.emulate_rps,
                 replace=args.replace,
                 progress=not args.no_progress,
                 as_json=args.json,
@@ -203,6 +207,26 @@ async def _dispatch(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; return its exit code (see the module docstring and the README)."""
+    try:
+        try:
+            code = _main(argv)
+        except SystemExit as exc:  # argparse: --help printed, or a usage error
+            sys.stdout.flush()
+            raise exc from None
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (``batcher export DIR | head -2``): not an error of ours, and
+        # nothing more can be said on stdout. Point it at /dev/null so the interpreter's own
+        # last flush stays quiet, and exit as a process killed by SIGPIPE would.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_CLOSED_STDOUT
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "emulate":
@@ -214,6 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return anyio.run(_dispatch, args)
         except BaseExceptionGroup as group:
             raise _leaf(group) from group
+    except BrokenPipeError:
+        raise
     except ManifestInvalid as exc:
         for line in str(exc).splitlines():
             print(line, file=sys.stderr)
@@ -226,6 +252,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT["usage"]
     except KeyboardInterrupt:
         return EXIT["interrupted"]
+    except OSError as exc:  # the environment refused (permissions, a full or read-only disk)
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"batcher: error:{where} {exc.strerror or exc}", file=sys.stderr)
+        return EXIT["usage"]
 
 
 def _leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -233,7 +263,7 @@ def _leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
     for exc in group.exceptions:
         if isinstance(exc, BaseExceptionGroup):
             exc = _leaf(exc)
-        if isinstance(exc, JobStoreError | BatcherError | KeyboardInterrupt):
+        if isinstance(exc, JobStoreError | BatcherError | KeyboardInterrupt | OSError):
             return exc
     return group
 

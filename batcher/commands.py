@@ -202,9 +202,20 @@ def _existing_layout(folder: Path) -> RunLayout:
     return layout
 
 
+def _writable(layout: RunLayout) -> bool:
+    """False for a run folder on read-only media (or one the user may not write)."""
+    return os.access(layout.root, os.W_OK) and os.access(layout.db, os.W_OK)
+
+
+async def _open_existing(layout: RunLayout) -> JobStore:
+    """The store of an existing run folder, opened read-only when the folder cannot be written
+    (a finished run on read-only media can still be looked at and exported)."""
+    return await JobStore.open(layout.db, create=False, read_only=not _writable(layout))
+
+
 async def cmd_status(folder: Path, *, as_json: bool) -> int:
     layout = _existing_layout(folder)
-    async with await JobStore.open(layout.db, create=False) as store:
+    async with await _open_existing(layout) as store:
         stats = await store.stats()
     if as_json:
         print(json.dumps(status_json(stats)))
@@ -215,7 +226,7 @@ async def cmd_status(folder: Path, *, as_json: bool) -> int:
 
 async def cmd_export(folder: Path, *, fmt: str, output: Path | None) -> int:
     layout = _existing_layout(folder)
-    async with await JobStore.open(layout.db, create=False) as store:
+    async with await _open_existing(layout) as store:
         if output is None:
             n = await export_records(store, layout, sys.stdout, fmt=fmt)
         else:
@@ -356,11 +367,18 @@ async def cmd_run(cmd: RunCommand) -> int:
             "or use --emulate to rehearse offline"
         )
     base_url_for(cmd.options.region, cmd.base_url)  # validates --region / --base-url
-    layout.root.mkdir(parents=True, exist_ok=True)
-    with RunLock(layout.lock):
-        secret = "" if cmd.emulate else os.environ.get("DASHSCOPE_API_KEY", "").strip()
-        with _file_logging(layout.log, secret):
-            return await _run_locked(cmd, layout)
+    secret = "" if cmd.emulate else os.environ.get("DASHSCOPE_API_KEY", "").strip()
+    with contextlib.ExitStack() as held:
+        try:
+            layout.root.mkdir(parents=True, exist_ok=True)
+            held.enter_context(RunLock(layout.lock))
+            held.enter_context(_file_logging(layout.log, secret))
+        except OSError as exc:  # a read-only folder or medium, a file in the way, ...
+            raise ConfigError(
+                f"cannot write the run folder {layout.root}: {exc.strerror or exc}; "
+                "choose a writable folder with --out"
+            ) from exc
+        return await _run_locked(cmd, layout)
 
 
 async def _run_locked(cmd: RunCommand, layout: RunLayout) -> int:
