@@ -25,22 +25,20 @@ import anyio
 from jobs import JobStoreError, ManifestInvalid, StoreUnavailable
 
 from .commands import (
-    EXIT,
     PlanOptions,
     RunCommand,
-    budget,
     cmd_export,
     cmd_plan,
     cmd_retry,
     cmd_run,
     cmd_status,
+    parse_budget,
 )
 from .errors import BatcherError
+from .exitcodes import ExitCode
 from .pool import RunOptions
 
 __all__ = ["build_parser", "main"]
-
-EXIT_CLOSED_STDOUT = 141  # stdout was closed early by its reader: 128 + SIGPIPE, as a shell shows
 
 
 def _number(kind: Callable[[str], float], text: str) -> float:
@@ -174,7 +172,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
             download_timeout=args.request_timeout,
             region=args.region,
             limit=args.limit,
-            budget=budget(args.budget),
+            budget=parse_budget(args.budget),
             lease_seconds=args.lease,
             backoff_base=args.backoff_base,
             seed=args.seed,
@@ -223,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
-        return EXIT_CLOSED_STDOUT
+        return ExitCode.CLOSED_STDOUT
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -243,19 +241,19 @@ def _main(argv: Sequence[str] | None) -> int:
     except ManifestInvalid as exc:
         for line in str(exc).splitlines():
             print(line, file=sys.stderr)
-        return EXIT["usage"]
+        return ExitCode.USAGE
     except StoreUnavailable as exc:  # the database could not be written: stop, say why
         print(f"batcher: error: {exc}", file=sys.stderr)
-        return EXIT["aborted"]
+        return ExitCode.ABORTED
     except (JobStoreError, BatcherError) as exc:
         print(f"batcher: error: {exc}", file=sys.stderr)
-        return EXIT["usage"]
+        return ExitCode.USAGE
     except KeyboardInterrupt:
-        return EXIT["interrupted"]
+        return ExitCode.INTERRUPTED
     except OSError as exc:  # the environment refused (permissions, a full or read-only disk)
         where = f" {exc.filename}" if exc.filename else ""
         print(f"batcher: error:{where} {exc.strerror or exc}", file=sys.stderr)
-        return EXIT["usage"]
+        return ExitCode.USAGE
 
 
 def _leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -190,18 +190,18 @@ class Runner:
         return self._stop.is_set()
 
     @property
+    def stop_reason(self) -> StopReason | None:
+        """Why the run is stopping, once it is (None while it goes on)."""
+        return self._reason if self._stop.is_set() else None
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since this runner was made."""
+        return time.monotonic() - self._t0
+
+    @property
     def in_flight(self) -> int:
         return self._in_flight
-
-    @property
-    def started_at(self) -> float:
-        """``time.monotonic()`` when the runner was made."""
-        return self._t0
-
-    @property
-    def stop_reason(self) -> StopReason | None:
-        """Why the run is stopping (None while it is not)."""
-        return self._reason if self.stopping else None
 
     @property
     def concurrency(self) -> int:
