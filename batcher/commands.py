@@ -25,6 +25,7 @@ from .planning import PlanOptions, make_plan
 from .pool import StopReason
 from .session import RunCommand, RunOutcome, default_out, execute_run
 from .summary import achieved_rate, run_json, status_json, status_text, summary_lines
+from .wording import plural
 
 __all__ = [
     "PlanOptions",
@@ -95,7 +96,7 @@ async def cmd_export(folder: Path, *, fmt: str, output: Path | None) -> ExitCode
             with temp.open("w", encoding="utf-8", newline="") as fh:
                 n = await export_records(store, layout, fh, fmt=fmt)
             os.replace(temp, output)
-    _warn(f"exported {n} records")
+    _warn(f"exported {plural(n, 'record')}")
     return ExitCode.OK
 
 
@@ -106,7 +107,10 @@ async def cmd_retry(folder: Path, *, code: str | None) -> ExitCode:
         async with await JobStore.open(layout.db, create=False) as store:
             n = await store.retry_failed(code=code)
     what = f" with error {code}" if code else ""
-    print(f"{n} failed jobs{what} put back to pending; run the same command again to retry them")
+    print(
+        f"{plural(n, 'failed job')}{what} put back to pending; "
+        "run the same command again to retry them"
+    )
     return ExitCode.OK
 
 

@@ -15,6 +15,7 @@ import anyio
 from jobs import JobStore, open_manifest
 
 from . import __version__
+from .wording import plural
 
 __all__ = ["ImportSummary", "import_manifest"]
 
@@ -67,5 +68,6 @@ async def import_manifest(store: JobStore, manifest_path: Path, *, replace: bool
     for w in shown:
         _warn(f"warning: {w.format()}")
     if len(manifest.warnings) > len(shown):
-        _warn(f"warning: ... and {len(manifest.warnings) - len(shown)} more warnings")
+        more = plural(len(manifest.warnings) - len(shown), "more warning")
+        _warn(f"warning: ... and {more}")
     return ImportSummary(added=report.added, unchanged=report.unchanged, replaced=report.replaced)

@@ -34,7 +34,8 @@ from .layout import RunLayout, RunLock
 from .metadata import write_metadata
 from .pool import Runner, RunOptions, RunResult, StopReason
 from .pricing import Money, price_per_image
-from .progress import ProgressView, Snapshot, make_view
+from .progress import ProgressView, Snapshot, Throughput, make_view
+from .wording import plural
 
 __all__ = ["EMULATOR_KEY", "RunCommand", "RunOutcome", "default_out", "execute_run"]
 
@@ -145,9 +146,9 @@ async def execute_run(cmd: RunCommand) -> RunOutcome:
             start = await store.stats(totals=False)  # counts only: no scan of every row's sums
             if not cmd.as_json:
                 _warn(
-                    f"{cmd.manifest}: {imported.added} new jobs, {imported.unchanged} already "
-                    f"imported; {start.count(State.DONE)} of {start.total} done; "
-                    f"run folder {layout.root}"
+                    f"{cmd.manifest}: {plural(imported.added, 'new job')}, "
+                    f"{imported.unchanged} already imported; "
+                    f"{start.count(State.DONE)} of {start.total} done; run folder {layout.root}"
                 )
             try:
                 result = await _drive(cmd, store, layout, start)
@@ -236,9 +237,10 @@ async def _drive(cmd: RunCommand, store: JobStore, layout: RunLayout, start: Sta
                     store=store, client=client, session=session, layout=layout, options=cmd.options
                 )
                 meter = _RateMeter()
+                pace = Throughput()
 
                 def snap() -> Snapshot:
-                    return _snapshot(runner, start, meter, currency)
+                    return _snapshot(runner, start, meter, pace, currency)
 
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(_watch_signals, runner, cmd.grace)
@@ -309,12 +311,14 @@ class _RateMeter:
         return 60.0 * (count - c0) / (now - t0) if now - t0 >= 1 else 0.0
 
 
-def _snapshot(runner: Runner, start: Stats, meter: _RateMeter, currency: str) -> Snapshot:
+def _snapshot(
+    runner: Runner, start: Stats, meter: _RateMeter, pace: Throughput, currency: str
+) -> Snapshot:
     c = runner.counters
     todo = start.total - start.count(State.DONE) - start.count(State.FAILED)
     remaining = max(0, todo - c.done - c.failed)
     rate = runner.pacer.rate
-    eta = remaining / rate if rate > 0 and remaining else (0.0 if not remaining else None)
+    pace.add(time.monotonic(), finished=c.done + c.failed)
     reason = runner.stop_reason
     return Snapshot(
         total=start.total,
@@ -326,10 +330,12 @@ def _snapshot(runner: Runner, start: Stats, meter: _RateMeter, currency: str) ->
         throttled=c.throttled,
         per_minute=meter.per_minute(c.generated),
         quota_per_minute=rate * 60,
-        eta_seconds=eta,
+        eta_seconds=pace.eta(remaining=remaining),
         spent=str(Money(c.cost, currency)),
         elapsed=runner.elapsed,
         stopping=reason.value if reason is not None else None,
+        run_done=c.done,
+        run_failed=c.failed,
     )
 
 

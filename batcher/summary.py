@@ -13,6 +13,7 @@ from .layout import RunLayout
 from .pool import RunCounters, RunResult
 from .pricing import Money
 from .progress import format_duration
+from .wording import plural
 
 __all__ = ["achieved_rate", "run_json", "status_json", "status_text", "summary_lines"]
 
@@ -43,19 +44,19 @@ def summary_lines(
         f"{s.count(State.DONE)} done, {s.count(State.FAILED)} failed, "
         f"{s.count(State.PENDING) + s.count(State.RUNNING) + s.count(State.GENERATED)} "
         f"left, of {s.total}",
-        f"this run: {counters.generated} images generated, {counters.done} saved, "
-        f"{counters.failed} failed, {counters.calls} API calls, {counters.retries} retries, "
-        f"{counters.throttled} throttled, {counters.ambiguous} ambiguous re-sends "
-        f"(may have been billed), {counters.regenerated} regenerated after URL expiry, "
-        f"{counters.download_retries} download retries, cost {_money(counters.cost, s.currency)}",
+        f"this run: {plural(counters.generated, 'image')} generated, {counters.done} saved, "
+        f"{counters.failed} failed, {plural(counters.calls, 'API call')}, "
+        f"{plural(counters.retries, 'retry', 'retries')}, {counters.throttled} throttled, "
+        f"{plural(counters.ambiguous, 'ambiguous re-send')} (may have been billed), "
+        + (f"{counters.abandoned} abandoned (may have been billed), " if counters.abandoned else "")
+        + f"{counters.regenerated} regenerated after URL expiry, "
+        f"{plural(counters.download_retries, 'download retry', 'download retries')}, "
+        f"cost {_money(counters.cost, s.currency)}",
     ]
     if calls_per_second is not None:
-        lines.append(
-            f"achieved {calls_per_second:.2f} calls/s against --rps {rps:g} "
-            f"({100 * calls_per_second / rps:.0f}%)"
-        )
+        lines.append(_achieved(calls_per_second, rps, counters.throttled))
     lines.append(
-        f"all runs: {s.images_billed} images billed, cost {_money(s.cost, s.currency)}, "
+        f"all runs: {plural(s.images_billed, 'image')} billed, cost {_money(s.cost, s.currency)}, "
         f"{s.throttled} throttled, {s.ambiguous} ambiguous, {s.regenerated} regenerated"
     )
     if s.errors_by_code:
@@ -64,10 +65,22 @@ def summary_lines(
     return lines
 
 
+def _achieved(rate: float, rps: float, throttled: int) -> str:
+    """The achieved-rate line: calls the service accepted per second. Against ``--rps`` as a
+    percentage only when the service took every call: a throttled run met the service's quota,
+    not the rate it was told, and a percentage of the latter would mislead."""
+    if not throttled:
+        return f"achieved {rate:.2f} calls/s against --rps {rps:g} ({100 * rate / rps:.0f}%)"
+    return (
+        f"achieved {rate:.2f} calls/s accepted by the service "
+        f"({plural(throttled, 'throttled call')} not counted; --rps {rps:g})"
+    )
+
+
 def status_text(stats: Stats, layout: RunLayout) -> str:
     """``batcher status``: jobs per state, what was billed, failures by code."""
     buf = io.StringIO()
-    buf.write(f"{layout.root}: {stats.total} jobs\n")
+    buf.write(f"{layout.root}: {plural(stats.total, 'job')}\n")
     for state in State:
         buf.write(f"  {state.value:<10} {stats.count(state)}\n")
     buf.write(f"  images billed {stats.images_billed}, cost {_money(stats.cost, stats.currency)}\n")
@@ -115,6 +128,7 @@ def run_json(
             "retries": c.retries,
             "throttled": c.throttled,
             "ambiguous": c.ambiguous,
+            "abandoned": c.abandoned,
             "regenerated": c.regenerated,
             "download_retries": c.download_retries,
             "cost": str(c.cost),

@@ -44,7 +44,7 @@ from typing import Any, Self, TypeVar
 from urllib.parse import quote
 
 import anyio
-from sqlalchemy import event, func, inspect, literal_column, select, update
+from sqlalchemy import and_, event, func, inspect, literal_column, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -1257,14 +1257,25 @@ class JobStore:
             return int((await conn.execute(select(func.count()).select_from(jobs))).scalar_one())
 
     async def pending_by_kind(self) -> dict[tuple[str, bool], int]:
-        """Jobs still to generate (pending or running), counted by (model, prompt_extend)."""
+        """Jobs still to generate, counted by (model, prompt_extend): pending ones, and running
+        ones whose lease expired (a dead run's). A job a live run holds is being generated."""
+        now = self.clock()
         async with self._read() as conn:
             rows = (
                 await conn.execute(
                     select(jobs.c.model, jobs.c.prompt_extend, func.count())
                     .where(
                         schema.ACTIVE,
-                        jobs.c.state.in_([State.PENDING.value, State.RUNNING.value]),
+                        or_(
+                            jobs.c.state == State.PENDING.value,
+                            and_(
+                                jobs.c.state == State.RUNNING.value,
+                                or_(
+                                    jobs.c.lease_expires_at.is_(None),
+                                    jobs.c.lease_expires_at < now,
+                                ),
+                            ),
+                        ),
                     )
                     .group_by(jobs.c.model, jobs.c.prompt_extend)
                 )

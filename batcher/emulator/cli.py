@@ -18,6 +18,7 @@ import sys
 
 from batcher.emulator.config import EmulatorConfig
 from batcher.emulator.server import running_emulator
+from batcher.wording import plural
 
 __all__ = ["config_from_args", "configure_parser", "run"]
 
@@ -141,8 +142,10 @@ async def _serve(config: EmulatorConfig) -> int:
         await stop.wait()
         stats = emulator.stats()
     print(
-        f"batcher emulate: stopped after {stats['generate_requests']} generation requests, "
-        f"{stats['images_billed']} images billed, {stats['downloads']} downloads",
+        f"batcher emulate: stopped after "
+        f"{plural(stats['generate_requests'], 'generation request')}, "
+        f"{plural(stats['images_billed'], 'image')} billed, "
+        f"{plural(stats['downloads'], 'download')}",
         file=sys.stderr,
     )
     return 0
