@@ -13,12 +13,13 @@ User mistakes end as one line on stderr and exit code 2; a bug shows a traceback
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -37,6 +38,9 @@ from .commands import (
 from .errors import BatcherError
 from .exitcodes import ExitCode
 from .pool import RunOptions
+
+if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
 
 __all__ = ["build_parser", "main"]
 
@@ -75,8 +79,17 @@ def _non_negative(kind: Callable[[str], float]) -> Callable[[str], Any]:
     return parse
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a closed stdout is not silently ignored while printing help:
+    the command then exits as any other whose reader went away (see :func:`main`)."""
+
+    def _print_message(self, message: str, file: SupportsWrite[str] | None = None) -> None:
+        if message:
+            (file or sys.stderr).write(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="batcher",
         description="Turn a manifest of prompts into a folder of images (DashScope z-image-turbo).",
     )
@@ -206,6 +219,11 @@ async def _dispatch(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; return its exit code (see the module docstring and the README)."""
+    # A file name that is not UTF-8 is printed as the bytes it is (stdout) or escaped
+    # (stderr), never an encoding error half-way through a line.
+    for stream, errors in ((sys.stdout, "surrogateescape"), (sys.stderr, "backslashreplace")):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors=errors)
     try:
         try:
             code = _main(argv)

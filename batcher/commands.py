@@ -63,9 +63,25 @@ async def _open_existing(layout: RunLayout) -> JobStore:
     return await JobStore.open(layout.db, create=False, read_only=not _writable(layout))
 
 
+def _need_writable(layout: RunLayout) -> None:
+    """Refuse, in one line, a run folder that cannot be written (a file in its place, a
+    read-only folder or medium) before anything is opened in it."""
+    root = layout.root
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"{root} is a file, not a run folder; choose another --out")
+    existing = root
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK) or (
+        layout.db.exists() and not os.access(layout.db, os.W_OK)
+    ):
+        raise ConfigError(f"cannot write the run folder {root}: {existing} is read-only")
+
+
 async def cmd_plan(opt: PlanOptions) -> ExitCode:
     """Validate and import; no API call. Prints what a run would do."""
     layout = RunLayout(opt.out or default_out(opt.manifest))
+    _need_writable(layout)
     async with await JobStore.open(layout.db) as store:
         imported = await import_manifest(store, opt.manifest, replace=opt.replace)
         plan = await make_plan(store, layout, opt.manifest, imported, opt.region)
@@ -103,6 +119,7 @@ async def cmd_export(folder: Path, *, fmt: str, output: Path | None) -> ExitCode
 async def cmd_retry(folder: Path, *, code: str | None) -> ExitCode:
     """Failed jobs (or those failed with ``code``) back to pending."""
     layout = _existing_layout(folder)
+    _need_writable(layout)
     with RunLock(layout.lock):
         async with await JobStore.open(layout.db, create=False) as store:
             n = await store.retry_failed(code=code)

@@ -17,7 +17,7 @@ from jobs import JobStore, open_manifest
 from . import __version__
 from .wording import plural
 
-__all__ = ["ImportSummary", "import_manifest"]
+__all__ = ["ImportSummary", "import_manifest", "path_text"]
 
 log = logging.getLogger("batcher")
 
@@ -33,6 +33,12 @@ class ImportSummary:
     replaced: int
 
 
+def path_text(path: Path | str) -> str:
+    """A path as text the database can hold: a file name that is not UTF-8 (bytes the
+    filesystem allows) keeps its odd bytes as ``\\xff`` escapes instead of failing to encode."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def _manifest_identity(path: Path) -> tuple[str, str]:
     """(meta key, digest): which manifest, and what decides its rows (its bytes and this
     batcher's version)."""
@@ -40,7 +46,8 @@ def _manifest_identity(path: Path) -> tuple[str, str]:
     with path.open("rb") as fh:
         while block := fh.read(1 << 20):
             digest.update(block)
-    return f"manifest:{os.path.abspath(path)}", f"{__version__}:{digest.hexdigest()}"
+    where = path_text(os.path.abspath(path))
+    return f"manifest:{where}", f"{__version__}:{digest.hexdigest()}"
 
 
 def _warn(msg: str) -> None:
@@ -61,7 +68,9 @@ async def import_manifest(store: JobStore, manifest_path: Path, *, replace: bool
         log.info("%s unchanged since its last import: not read again", manifest_path)
         return ImportSummary(added=0, unchanged=total, replaced=0)
     manifest = open_manifest(manifest_path)
-    report = await store.import_rows(manifest.rows(), source=str(manifest_path), replace=replace)
+    report = await store.import_rows(
+        manifest.rows(), source=path_text(manifest_path), replace=replace
+    )
     if key is not None and digest is not None:
         await store.set_meta(key, digest)
     shown = manifest.warnings[:MAX_WARNINGS_SHOWN]

@@ -130,12 +130,13 @@ class RunResult:
 
     @property
     def accepted_per_second(self) -> float | None:
-        """Calls the service accepted per second while sending (None below two of them)."""
+        """Calls the service accepted per second while sending; None when too few to say
+        (fewer than three, or sent within a second: a rate of a burst means nothing)."""
         n = self.counters.accepted
-        if self.first_accepted_at is None or self.last_accepted_at is None or n < 2:
+        if self.first_accepted_at is None or self.last_accepted_at is None or n < 3:
             return None
         span = self.last_accepted_at - self.first_accepted_at
-        return (n - 1) / span if span > 0 else None
+        return (n - 1) / span if span >= 1.0 else None
 
 
 class Runner:

@@ -109,7 +109,8 @@ class _RedactKey(logging.Filter):
 @contextlib.contextmanager
 def _file_logging(path: Path, secret: str) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")
+    # backslashreplace: a file name that is not UTF-8 is logged escaped, not an error
+    handler = logging.FileHandler(path, encoding="utf-8", errors="backslashreplace")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(_RedactKey(secret))
     root = logging.getLogger("batcher")

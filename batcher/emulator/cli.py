@@ -119,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
         )
     try:
         return asyncio.run(_serve(config))
+    except BrokenPipeError:
+        raise  # stdout closed by its reader: the command line's concern, not a listen error
     except OSError as exc:
         reason = exc.strerror or str(exc)
         print(
