@@ -14,7 +14,7 @@ from batcher.pool import RunCounters
 from batcher.progress import PlainProgress, Snapshot, Throughput, _line
 from batcher.summary import summary_lines
 from batcher.wording import plural
-from jobs import Stats
+from jobs import Spend, Stats
 
 
 def snapshot(**kw: object) -> Snapshot:
@@ -78,12 +78,11 @@ def test_plain_progress_prints_the_labelled_line(capsys):
 
 
 def stats(**by_state: int) -> Stats:
+    done = by_state.get("done", 0)
     return Stats(
         by_state=dict(by_state),
         errors_by_code={},
-        images_billed=by_state.get("done", 0),
-        cost=Decimal("0.015") * by_state.get("done", 0),
-        currency="USD",
+        spend=(Spend(currency="USD", emulated=False, images=done, amount=Decimal("0.015") * done),),
         attempts=0,
         throttled=0,
         ambiguous=0,
