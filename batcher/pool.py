@@ -17,6 +17,12 @@ a limit of tasks at once; its worker creates the task, commits the ``task_id`` (
 result like any other image. A ``submitted`` job claimed by a later run is polled, never
 created again.
 
+An unreachable service is one condition, not a failure per job (:mod:`batcher.reach`): a call
+that fails to connect is retried with no attempt charged (it never reached the service), and
+when such failures follow one another across the run the dispatcher stops starting calls and
+lets one probe at a time go, with backoff; past ``unreachable_timeout`` it stops the run
+(:attr:`StopReason.UNREACHABLE`) with every job left pending.
+
 Stopping: :meth:`Runner.request_stop` stops claiming (within a second: every wait in the
 dispatcher watches the stop event) and lets in-flight calls finish; :meth:`Runner.cancel_in_flight`
 cuts them short. A run-level API error (bad key, arrears, ...) does the former by itself.
@@ -41,18 +47,19 @@ from jobs import Claim, Generated, JobStore, LeaseLost, State, StoredFile
 from jobs.params import load_params
 
 from .backoff import next_delay, parse_retry_after
-from .classify import DownloadVerdict, Verdict, classify_api_error
+from .classify import DownloadVerdict, TransportFault, Verdict, classify_api_error
 from .client import DashScopeClient, ImageResult, TaskReport
 from .committer import ImageCommitter
 from .download import download_image, hash_file
 from .errors import ApiError, DownloadError, RunAborted, TransportError
 from .layout import RunLayout, UnsafeOutputPath
 from .models import MODELS, ApiProtocol
-from .pacing import LatencyTracker, Pacer, auto_concurrency
+from .pacing import DEFAULT_QUOTA, LatencyTracker, Pacer, auto_concurrency
 from .pricing import Money, price_per_image
+from .reach import Reachability
 from .taskpolls import PollGate, TaskClock, poll_delay
 
-__all__ = ["RunCounters", "RunOptions", "RunResult", "Runner", "StopReason", "model_rates"]
+__all__ = ["RunCounters", "RunOptions", "RunResult", "Runner", "StopReason"]
 
 log = logging.getLogger("batcher.run")
 
@@ -71,6 +78,7 @@ class StopReason(StrEnum):
     INTERRUPTED = "interrupted"  # Ctrl-C / SIGTERM
     BUDGET = "budget"  # --budget reached
     LIMIT = "limit"  # --limit reached
+    UNREACHABLE = "unreachable"  # the service could not be reached for --unreachable-timeout
 
 
 def model_rates(rps: float | None) -> dict[str, float]:
@@ -99,10 +107,12 @@ class RunOptions:
     backoff_base: float = 1.0
     backoff_cap: float = 60.0
     adaptive: bool = True
-    seed: int | None = None  # for the retry jitter, so tests can reproduce a run
+    start_rps: float | None = DEFAULT_QUOTA  # slow start begins here (None: at ``rps``)
     # Each model's own send rate (requests/s); a model not listed is paced at ``rps``.
     # ``model_rates(None)`` gives every known model its published quota.
     model_rps: Mapping[str, float] = field(default_factory=dict)
+    unreachable_timeout: float = 180.0  # seconds the service may stay unreachable
+    seed: int | None = None  # for the retry jitter, so tests can reproduce a run
 
 
 @dataclass(kw_only=True, slots=True)
@@ -110,12 +120,15 @@ class RunCounters:
     """What happened in this run (the database holds the totals over all runs)."""
 
     calls: int = 0
+    accepted: int = 0  # calls the service answered without throttling them
+    unreached: int = 0  # calls that never reached the service (connection failures)
     generated: int = 0
     done: int = 0
     failed: int = 0
     retries: int = 0
     throttled: int = 0
-    ambiguous: int = 0
+    ambiguous: int = 0  # calls retried after an answer was lost (may have been billed)
+    abandoned: int = 0  # calls cut short by a second Ctrl-C (may have been billed)
     regenerated: int = 0
     download_retries: int = 0
     downloads_skipped: int = 0
@@ -130,7 +143,11 @@ class RunCounters:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class RunResult:
-    """How a run ended, what it did, and when its first and last API calls went out."""
+    """How a run ended, what it did, and when its first and last API calls went out.
+
+    ``first_accepted_at`` / ``last_accepted_at``: send times of the first and last calls the
+    service answered without throttling; the achieved rate is measured between them.
+    """
 
     reason: StopReason
     counters: RunCounters
@@ -138,6 +155,18 @@ class RunResult:
     elapsed: float
     first_call_at: float | None
     last_call_at: float | None
+    first_accepted_at: float | None = None
+    last_accepted_at: float | None = None
+
+    @property
+    def accepted_per_second(self) -> float | None:
+        """Calls the service accepted per second while sending; None when too few to say
+        (fewer than three, or sent within a second: a rate of a burst means nothing)."""
+        n = self.counters.accepted
+        if self.first_accepted_at is None or self.last_accepted_at is None or n < 3:
+            return None
+        span = self.last_accepted_at - self.first_accepted_at
+        return (n - 1) / span if span >= 1.0 else None
 
 
 class Runner:
@@ -170,6 +199,8 @@ class Runner:
         self._tasks_open: dict[str, int] = {}  # tasks this run is creating or polling, by model
         self._polls = PollGate()
         self._next_fill = 0.0
+        self.reach = Reachability(window=options.unreachable_timeout)
+        self._probe: str | None = None  # the job whose call is probing an unreachable service
         # How long a job holds its slot, call to completed file: the pool needs rate x this
         # in flight (the call's latency alone leaves out the download and the commits).
         self.job_time = LatencyTracker(initial=2.0)
@@ -191,6 +222,9 @@ class Runner:
         self._t0 = time.monotonic()
         self.first_call_at: float | None = None
         self.last_call_at: float | None = None
+        self.first_accepted_at: float | None = None
+        self.last_accepted_at: float | None = None
+        self._unreached_detail = ""
 
     # ------------------------------------------------------------------ control
 
@@ -237,7 +271,8 @@ class Runner:
         pacer = self._pacers.get(model)
         if pacer is None:
             rate = self.opt.model_rps.get(model, self.opt.rps)
-            pacer = self._pacers[model] = Pacer(rate, adaptive=self.opt.adaptive)
+            pacer = Pacer(rate, adaptive=self.opt.adaptive, start_rate=self.opt.start_rps)
+            self._pacers[model] = pacer
         return pacer
 
     def request_stop(self, reason: StopReason, message: str | None = None) -> None:
@@ -300,6 +335,8 @@ class Runner:
             elapsed=time.monotonic() - self._t0,
             first_call_at=self.first_call_at,
             last_call_at=self.last_call_at,
+            first_accepted_at=self.first_accepted_at,
+            last_accepted_at=self.last_accepted_at,
         )
 
     async def _dispatch(self, tg: TaskGroup) -> None:
@@ -307,6 +344,11 @@ class Runner:
             if self._in_flight >= self.concurrency:
                 await self._sleep(1.0)
                 continue
+            probe = False
+            if self.reach.paused:
+                if not await self._may_probe():
+                    continue
+                probe = True
             claim, wait = self._pick_ready()
             if claim is None:
                 # Nothing buffered can start now: claim more (other models may be free), unless
@@ -335,7 +377,6 @@ class Runner:
             if claim.state is State.GENERATED:
                 self._start(tg, self._download_only, claim)
                 continue
-            task_model = self._is_task_model(claim.model)
             if claim.state is State.SUBMITTED:
                 self._tasks_open[claim.model] = self._tasks_open.get(claim.model, 0) + 1
                 self.counters.tasks_reattached += 1
@@ -347,8 +388,10 @@ class Runner:
             self.pacer_for(claim.model).control.reserve(now=anyio.current_time())
             if self.opt.limit is not None:
                 self._started.add(claim.id)
+            if probe:
+                self._probe = claim.id
             self._generating += 1  # until _call_and_record / _create_task has the answer
-            if task_model:
+            if self._is_task_model(claim.model):
                 self._tasks_open[claim.model] = self._tasks_open.get(claim.model, 0) + 1
                 self._start(tg, self._task, claim)
             else:
@@ -378,6 +421,30 @@ class Runner:
                 return claim, 0.0
             earliest = wait if earliest is None else min(earliest, wait)
         return None, earliest
+
+    async def _may_probe(self) -> bool:
+        """While the service is unreachable: True when one probing call may go now; else wait
+        a while (or stop the run, past the window) and return False for the caller to loop."""
+        if self._probe is not None or self._generating:
+            await self._sleep(1.0)  # a worker finishing wakes this early
+            return False
+        now = anyio.current_time()
+        if self.reach.gave_up(now=now):
+            down = self.reach.down_for(now=now)
+            self.request_stop(
+                StopReason.UNREACHABLE,
+                f"could not reach the service at {self.client.endpoint} for {down:.0f}s "
+                f"({self._unreached_detail or 'no connection'}); the jobs are left pending "
+                "with no attempt charged: check the network, --base-url and --region, then "
+                "run the same command again",
+            )
+            return False
+        wait = self.reach.probe_wait(now=now)
+        if wait > 0:
+            left = self.reach.window - self.reach.down_for(now=now) + 0.01
+            await self._sleep(max(0.01, min(wait, left)))
+            return False
+        return True
 
     async def _sleep_until(self, when: float) -> None:
         while not self.stopping:
@@ -433,7 +500,7 @@ class Runner:
         try:
             await self.store.release(claim.id, claim.token, ambiguous=abandoned)
             self.counters.released += 1
-            self.counters.ambiguous += int(abandoned)
+            self.counters.abandoned += int(abandoned)
         except LeaseLost:
             self.counters.lease_lost += 1
 
@@ -522,6 +589,11 @@ class Runner:
                     recorded = await self._on_api_error(claim, err, sent)
                 return None if recorded else claim
             except TransportError as err:
+                if err.fault is TransportFault.CONNECT:
+                    with anyio.CancelScope(shield=True):
+                        await self._on_unreached(claim, err)
+                    return None
+                self.reach.answered(now=anyio.current_time())  # it connected: reachable
                 with anyio.CancelScope(shield=True):
                     await self._on_retryable(
                         claim,
@@ -531,11 +603,49 @@ class Runner:
                         retry_after=None,
                     )
                 return None
+            self._on_answered(sent, accepted=True, model=claim.model)
             with anyio.CancelScope(shield=True):
                 generated = await self._record(claim, result)
             return generated
         finally:
             self._generating -= 1
+            if self._probe == claim.id:
+                self._probe = None
+
+    def _on_answered(self, sent: float, *, accepted: bool, model: str) -> None:
+        """The service answered a call sent at ``sent`` (monotonic): it is reachable, and
+        unless it throttled the call, the call counts towards the achieved rate."""
+        self.reach.answered(now=anyio.current_time())
+        if accepted:
+            self.pacer_for(model).accepted(sent)
+            self.counters.accepted += 1
+            wall = time.time() - (anyio.current_time() - sent)
+            self.first_accepted_at = self.first_accepted_at or wall
+            self.last_accepted_at = max(self.last_accepted_at or wall, wall)
+
+    async def _on_unreached(self, claim: Claim, err: TransportError) -> None:
+        """The call never reached the service: no attempt is charged. Across the run, such
+        failures pause the run (see :mod:`batcher.reach`)."""
+        now = anyio.current_time()
+        self.counters.unreached += 1
+        self._unreached_detail = (err.detail or err.fault.value).split(": ", 1)[-1]
+        if self._probe == claim.id:
+            self.reach.probe_failed(now=now)
+            log.info("probe: the service is still unreachable (%s)", err.detail)
+        elif self.reach.failed(now=now):
+            log.warning(
+                "the service is unreachable (%s): pausing, probing for up to %gs",
+                err.detail,
+                self.reach.window,
+            )
+        await self.store.retry_later(
+            claim.id,
+            claim.token,
+            delay=0.0 if self.reach.paused else self._delay(1, None),
+            code=f"transport.{err.fault.value}",
+            message=str(err),
+            charge_attempt=False,
+        )
 
     def _finish(self, claim: Claim) -> None:
         self._held.pop(claim.id, None)
@@ -585,6 +695,7 @@ class Runner:
     async def _on_api_error(self, claim: Claim, err: ApiError, sent: float) -> bool:
         verdict = err.classification.verdict
         code = err.code or f"HTTP{err.status}"
+        self._on_answered(sent, accepted=verdict is not Verdict.THROTTLED, model=claim.model)
         if verdict is Verdict.THROTTLED:
             quota = (err.code or "").casefold() in QUOTA_CODES
             self.pacer_for(claim.model).throttled(sent, quota=quota)
@@ -821,6 +932,11 @@ class Runner:
                     recorded = await self._on_api_error(claim, err, sent)
                 return None if recorded else claim
             except TransportError as err:
+                if err.fault is TransportFault.CONNECT:  # never reached the service
+                    with anyio.CancelScope(shield=True):
+                        await self._on_unreached(claim, err)
+                    return None
+                self.reach.answered(now=anyio.current_time())
                 with anyio.CancelScope(shield=True):
                     await self._on_retryable(
                         claim,
@@ -830,6 +946,7 @@ class Runner:
                         retry_after=None,
                     )
                 return None
+            self._on_answered(sent, accepted=True, model=claim.model)
             with anyio.CancelScope(shield=True):
                 await self.store.record_submitted(
                     claim.id,
@@ -848,6 +965,8 @@ class Runner:
             )
         finally:
             self._generating -= 1
+            if self._probe == claim.id:
+                self._probe = None
 
     async def _poll_to_end(self, claim: Claim, *, at_once: bool) -> bool:
         """Poll the task until it ends and record the end; True once the job is settled.
