@@ -408,12 +408,15 @@ _CLAIM_COLUMNS = (
     "task_id",
     "task_submitted_at",
 )
-_LEASED_IN = "state IN ({})".format(", ".join(f"'{s.value}'" for s in sorted(LEASED)))
+_LEASED_ORDER = (State.GENERATED, State.SUBMITTED)  # downloads first, then task polls
+assert set(_LEASED_ORDER) == LEASED
 # The claim's statements, plain SQL run on the database thread in one hand-over. The ACTIVE
 # condition lets SQLite use the partial index; rowid keeps the manifest's order among equals.
 _DUE = f"{schema.ACTIVE.text} AND next_attempt_at <= ? ORDER BY next_attempt_at, rowid LIMIT ?"
+# One statement per leased state: with ``state = ?`` the index gives the order (an IN list
+# would sort in a temporary B-tree).
 _CLAIM_GENERATED = (
-    f"SELECT id FROM jobs WHERE {_LEASED_IN} AND "
+    "SELECT id FROM jobs WHERE state = ? AND "
     f"(lease_expires_at IS NULL OR lease_expires_at < ?) AND {_DUE}"
 )
 _CLAIM_PENDING = f"SELECT id FROM jobs WHERE state = '{State.PENDING.value}' AND {_DUE}"
@@ -840,7 +843,11 @@ class JobStore:
         lease = now + lease_seconds
 
         def op(db: sqlite3.Connection) -> list[Claim]:
-            gen_ids = [r[0] for r in db.execute(_CLAIM_GENERATED, (now, now, limit))]
+            gen_ids: list[str] = []
+            for state in _LEASED_ORDER:
+                if len(gen_ids) < limit:
+                    args = (state.value, now, now, limit - len(gen_ids))
+                    gen_ids += [r[0] for r in db.execute(_CLAIM_GENERATED, args)]
             pend_ids: list[str] = []
             if len(gen_ids) < limit:
                 pend_ids = [r[0] for r in db.execute(_CLAIM_PENDING, (now, limit - len(gen_ids)))]

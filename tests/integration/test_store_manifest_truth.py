@@ -136,9 +136,15 @@ async def test_spend_is_per_currency_and_the_emulators_apart(db, store):
     await finish(store, "c", "c", cost=Decimal("0.015"), currency="USD", endpoint=EMULATOR_ENDPOINT)
     stats = await store.stats()
     assert stats.spend == (
-        Spend(currency="CNY", emulated=False, images=1, amount=Decimal("0.10")),
-        Spend(currency="USD", emulated=False, images=1, amount=Decimal("0.015")),
-        Spend(currency="USD", emulated=True, images=1, amount=Decimal("0.015")),
+        Spend(
+            currency="CNY", emulated=False, images=1, amount=Decimal("0.10"), model="z-image-turbo"
+        ),
+        Spend(
+            currency="USD", emulated=False, images=1, amount=Decimal("0.015"), model="z-image-turbo"
+        ),
+        Spend(
+            currency="USD", emulated=True, images=1, amount=Decimal("0.015"), model="z-image-turbo"
+        ),
     )
     assert stats.spent() == {"CNY": Decimal("0.10"), "USD": Decimal("0.015")}
     assert stats.spent(emulated=True) == {"USD": Decimal("0.015")}

@@ -70,4 +70,5 @@ async def test_claim_reads_the_partial_index(big: tuple[JobStore, Path]) -> None
         # the claim's two SELECTs, as store.claim sends them (plain SQL on the driver thread)
         now = time.time()
         assert_uses_active_index(db, store_module._CLAIM_PENDING, (now, 8))
-        assert_uses_active_index(db, store_module._CLAIM_GENERATED, (now, now, 8))
+        for state in ("generated", "submitted"):
+            assert_uses_active_index(db, store_module._CLAIM_GENERATED, (state, now, now, 8))
