@@ -5,6 +5,7 @@
     batcher status DIR [--json]                  counts per state, failures by code
     batcher export DIR [--format jsonl|csv] [-o FILE]
     batcher retry DIR [--code CODE]              failed jobs back to pending
+    batcher redo DIR [--rejected] [--id ID ...]  done jobs made again, old images kept
     batcher emulate [--port 0] [...]             the built-in DashScope emulator
 
 User mistakes end as one line on stderr and exit code 2; a bug shows a traceback.
@@ -35,6 +36,7 @@ from .commands import (
 )
 from .errors import BatcherError
 from .pool import RunOptions
+from .redo import RedoOptions, cmd_redo
 
 __all__ = ["build_parser", "main"]
 
@@ -110,6 +112,22 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("folder", type=Path)
     retry.add_argument("--code", help="only jobs that failed with this error code")
 
+    redo = sub.add_parser(
+        "redo", help="put done jobs back to pending with a new seed; their images are kept"
+    )
+    redo.add_argument("folder", type=Path)
+    redo.add_argument("--rejected", action="store_true", help="every job marked rejected")
+    redo.add_argument(
+        "--id", dest="ids", action="extend", nargs="+", default=[], metavar="ID", help="job ids"
+    )
+    seeds = redo.add_mutually_exclusive_group()
+    seeds.add_argument(
+        "--new-seed", action="store_true", help="a new random seed (the default without --prompt)"
+    )
+    seeds.add_argument("--seed", type=int, help="this seed for every job redone")
+    redo.add_argument("--prompt", help="a new prompt (keeps each seed unless --new-seed/--seed)")
+    redo.add_argument("--dry-run", action="store_true", help="print what would be done, do nothing")
+
     emulate = sub.add_parser("emulate", help="serve the built-in DashScope emulator")
     from .emulator.cli import configure_parser
 
@@ -164,6 +182,18 @@ async def _dispatch(args: argparse.Namespace) -> int:
         return await cmd_export(args.folder, fmt=args.format, output=args.output)
     if args.command == "retry":
         return await cmd_retry(args.folder, code=args.code)
+    if args.command == "redo":
+        return await cmd_redo(
+            args.folder,
+            RedoOptions(
+                ids=tuple(args.ids),
+                rejected=args.rejected,
+                seed=args.seed,
+                new_seed=args.new_seed,
+                prompt=args.prompt,
+                dry_run=args.dry_run,
+            ),
+        )
     raise AssertionError(args.command)
 
 

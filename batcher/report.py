@@ -49,6 +49,9 @@ EXPORT_FIELDS = (
     "started_at",
     "generated_at",
     "finished_at",
+    "review",
+    "review_note",
+    "reviewed_at",
 )
 
 
@@ -91,6 +94,7 @@ async def _done_lines(store: JobStore, since: float | None = None) -> AsyncItera
             "actual_prompt": rec["actual_prompt"] or rec["prompt"],
             "request_id": rec["request_id"] or "",
             "sha256": rec["sha256"],
+            "review": rec["review"],
         }
         yield json.dumps(line, ensure_ascii=False) + "\n"
 
@@ -185,6 +189,9 @@ def status_text(stats: Stats, layout: RunLayout) -> str:
     for state in State:
         buf.write(f"  {state.value:<10} {stats.count(state)}\n")
     buf.write(f"  images billed {stats.images_billed}, cost {_money(stats.cost, stats.currency)}\n")
+    if stats.reviews:
+        marks = ", ".join(f"{n} {mark}" for mark, n in sorted(stats.reviews.items()))
+        buf.write(f"  reviewed: {marks}\n")
     if stats.errors_by_code:
         buf.write("  failures by code:\n")
         for code, n in sorted(stats.errors_by_code.items()):
@@ -204,5 +211,6 @@ def status_json(stats: Stats) -> dict[str, Any]:
         throttled=stats.throttled,
         ambiguous=stats.ambiguous,
         regenerated=stats.regenerated,
+        reviews=stats.reviews,
     )
     return out

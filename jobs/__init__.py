@@ -13,14 +13,16 @@ from .errors import (
     ManifestInvalid,
     SchemaMismatch,
     StoreUnavailable,
+    UnknownJob,
 )
 from .manifest import Manifest, open_manifest
 from .spec import DEFAULT_MODEL, JobSpec
 from .states import TERMINAL, TRANSITIONS, State, check_transition
-from .store import Claim, Generated, ImportReport, JobStore, Stats, StoredFile
+from .store import REVIEW_MARKS, Claim, Generated, ImportReport, JobStore, Redo, Stats, StoredFile
 
 __all__ = [
     "DEFAULT_MODEL",
+    "REVIEW_MARKS",
     "TERMINAL",
     "TRANSITIONS",
     "Claim",
@@ -34,11 +36,13 @@ __all__ = [
     "Manifest",
     "ManifestError",
     "ManifestInvalid",
+    "Redo",
     "SchemaMismatch",
     "State",
     "Stats",
     "StoreUnavailable",
     "StoredFile",
+    "UnknownJob",
     "check_transition",
     "open_manifest",
 ]

@@ -22,7 +22,7 @@ from sqlalchemy import (
 
 __all__ = ["ACTIVE", "PRAGMAS", "SCHEMA_VERSION", "history", "jobs", "meta", "metadata"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 PRAGMAS = (
     "PRAGMA journal_mode=WAL",
@@ -99,6 +99,10 @@ jobs = Table(
     Column("review", Text),
     Column("review_note", Text),
     Column("reviewed_at", Float),
+    # the manifest's own seed and prompt, kept when a redo replaced them (NULL: unchanged), so
+    # re-importing the unchanged manifest row is not taken for a change  [v3]
+    Column("manifest_seed", Integer),
+    Column("manifest_prompt", Text),
     sqlite_autoincrement=False,
 )
 

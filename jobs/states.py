@@ -23,10 +23,19 @@ verified and renamed into place, stays ``generated`` (lease dropped, a later
 ``next_attempt_at``) when a download fails transiently, and goes back to ``pending`` only when
 its URL has expired: that is the one case in which an image is generated and paid for twice.
 
-``failed`` goes back only when the user asks (``batcher retry``): to ``pending``, or to
-``generated`` when the image was paid for and its URL is still valid. ``done`` and
-``failed`` are terminal for a run; re-importing a changed row with ``--replace`` resets any
-state to ``pending`` and keeps the old record in the history table.
+``done`` and ``failed`` are terminal for a run: they go back only when a person asks, and
+both ways are one mechanism in the store (the job's record is first copied to the history
+table with the reason, then the job moves):
+
+* ``batcher retry``: ``failed`` goes back to ``pending``, or to ``generated`` when the image
+  was paid for and its URL is still valid;
+* ``batcher redo``: ``done`` goes back to ``pending`` (with a new seed, or a given seed or
+  prompt). The previous image is kept: the caller moves it under the run folder's
+  ``history/`` and the history record names where it went. A ``running`` job, or one with no
+  image, cannot be redone.
+
+Re-importing a changed row with ``--replace`` resets any state to ``pending`` and keeps the
+old record in the history table as well.
 
 What survives a crash: everything committed. SQLite runs in WAL mode with
 ``synchronous=FULL``, so a committed transition is on disk before the call returns.
@@ -55,12 +64,13 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     State.PENDING: frozenset({State.RUNNING}),
     State.RUNNING: frozenset({State.PENDING, State.GENERATED, State.FAILED}),
     State.GENERATED: frozenset({State.GENERATED, State.DONE, State.PENDING, State.FAILED}),
-    State.DONE: frozenset(),
+    State.DONE: frozenset({State.PENDING}),
     State.FAILED: frozenset({State.PENDING, State.GENERATED}),
 }
 """Allowed moves. ``generated -> generated`` is a download retry or a new download lease;
 ``generated -> failed`` is a download that can never succeed (attempts exhausted);
-``failed -> generated`` is a retried download whose image URL is still valid."""
+``failed -> generated`` is a retried download whose image URL is still valid; ``done ->
+pending`` is a redo; ``failed -> pending`` a retry."""
 
 TERMINAL: frozenset[State] = frozenset({State.DONE, State.FAILED})
 

@@ -37,6 +37,7 @@ def test_jobs_exports():
     assert sorted(jobs.__all__) == sorted(
         [
             "DEFAULT_MODEL",
+            "REVIEW_MARKS",
             "TERMINAL",
             "TRANSITIONS",
             "Claim",
@@ -50,11 +51,13 @@ def test_jobs_exports():
             "Manifest",
             "ManifestError",
             "ManifestInvalid",
+            "Redo",
             "SchemaMismatch",
             "State",
             "Stats",
             "StoreUnavailable",
             "StoredFile",
+            "UnknownJob",
             "check_transition",
             "open_manifest",
         ]

@@ -27,6 +27,7 @@ ALLOWED = {
     (G, F),  # download can never succeed
     (F, P),  # `batcher retry`
     (F, G),  # `batcher retry` of a failed download whose image URL is still valid
+    (D, P),  # `batcher redo`: the image is kept under history/, the job made again
 }
 ALL_PAIRS = list(itertools.product(State, State))
 DISALLOWED = [pair for pair in ALL_PAIRS if pair not in ALLOWED]
@@ -66,7 +67,7 @@ def test_every_pair_is_classified_once() -> None:
 
 def test_terminal_states() -> None:
     assert frozenset({D, F}) == TERMINAL
-    assert TRANSITIONS[D] == frozenset()  # done is final for good
+    assert TRANSITIONS[D] == frozenset({P})  # done leaves only when the user asks for a redo
     # failed leaves only when the user asks for a retry
     assert TRANSITIONS[F] <= {P, G}
     for state in set(State) - TERMINAL:
@@ -104,7 +105,7 @@ def test_sources_of_inverts_the_table(dst: State) -> None:
 def test_sources_of_spot_values() -> None:
     assert sources_of(R) == {P}
     assert sources_of(D) == {G}
-    assert sources_of(P) == {R, G, F}
+    assert sources_of(P) == {R, G, F, D}
     assert sources_of(G) == {R, G, F}
     assert sources_of(F) == {R, G}
 
