@@ -6,6 +6,8 @@
     batcher export DIR [--format jsonl|csv] [-o FILE]
     batcher retry DIR [--code CODE]              failed jobs back to pending
     batcher redo DIR [--rejected] [--id ID ...]  done jobs made again, old images kept
+    batcher report DIR [-o PATH]                 a static report with a gallery (file://)
+    batcher review DIR [--port N] [--host H]     the report served locally, with review marks
     batcher emulate [--port 0] [...]             the built-in DashScope emulator
 
 User mistakes end as one line on stderr and exit code 2; a bug shows a traceback.
@@ -35,6 +37,8 @@ from .commands import (
     cmd_status,
 )
 from .errors import BatcherError
+from .gallery.server import cmd_review
+from .gallery.site import cmd_report
 from .pool import RunOptions
 from .redo import RedoOptions, cmd_redo
 
@@ -128,6 +132,17 @@ def build_parser() -> argparse.ArgumentParser:
     redo.add_argument("--prompt", help="a new prompt (keeps each seed unless --new-seed/--seed)")
     redo.add_argument("--dry-run", action="store_true", help="print what would be done, do nothing")
 
+    report = sub.add_parser("report", help="write a static report: figures, charts, a gallery")
+    report.add_argument("folder", type=Path)
+    report.add_argument("-o", "--output", type=Path, help="report folder (default DIR/report)")
+
+    review = sub.add_parser("review", help="serve the report locally with approve/reject/notes")
+    review.add_argument("folder", type=Path)
+    review.add_argument("--port", type=int, default=8642, help="port (0: any free one)")
+    review.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1 only)"
+    )
+
     emulate = sub.add_parser("emulate", help="serve the built-in DashScope emulator")
     from .emulator.cli import configure_parser
 
@@ -182,6 +197,10 @@ async def _dispatch(args: argparse.Namespace) -> int:
         return await cmd_export(args.folder, fmt=args.format, output=args.output)
     if args.command == "retry":
         return await cmd_retry(args.folder, code=args.code)
+    if args.command == "report":
+        return await cmd_report(args.folder, output=args.output)
+    if args.command == "review":
+        return await cmd_review(args.folder, host=args.host, port=args.port)
     if args.command == "redo":
         return await cmd_redo(
             args.folder,

@@ -30,6 +30,7 @@ from . import __version__
 from .client import DashScopeClient, base_url_for
 from .download import sweep_partials
 from .errors import ConfigError
+from .gallery.site import build_report, check_output
 from .layout import RunLayout, RunLock
 from .pool import Runner, RunOptions, RunResult, StopReason
 from .pricing import Money, price_per_image
@@ -374,6 +375,7 @@ async def _run_locked(cmd: RunCommand, layout: RunLayout) -> int:
         if await store.get_meta("last_run") != "clean":
             swept = await anyio.to_thread.run_sync(sweep_partials, layout.images)
         await store.set_meta("last_run", "running")
+        await store.set_meta("rps", repr(float(cmd.options.rps)))  # the report's quota line
         log.info(
             "run start: %d new jobs, %d already imported, %d replaced, %d reclaimed, "
             "%d partial files removed",
@@ -462,10 +464,30 @@ async def _run_locked(cmd: RunCommand, layout: RunLayout) -> int:
         assert result is not None
         await store.set_meta("last_run", "clean")
         stats = await store.stats()
-    return _finish(cmd, layout, result, stats)
+        report = await _write_report(store, layout, result)
+    return _finish(cmd, layout, result, stats, report)
 
 
-def _finish(cmd: RunCommand, layout: RunLayout, result: RunResult, stats: Stats) -> int:
+async def _write_report(store: JobStore, layout: RunLayout, result: RunResult) -> Path | None:
+    """Refresh the run folder's report (only new thumbnails are made, within a time budget;
+    the page shows the full image for the rest). A report that cannot be written is a warning,
+    never the run's failure."""
+    quick = result.reason in (StopReason.INTERRUPTED, StopReason.ABORTED)
+    try:
+        check_output(layout.report)
+        done = await build_report(store, layout, thumb_seconds=3.0 if quick else 60.0)
+    except (OSError, ConfigError) as exc:
+        reason = os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else str(exc)
+        log.warning("could not write the report: %s", reason)
+        _warn(f"could not write the report in {layout.report}: {reason}")
+        return None
+    log.info("report: %d jobs, %d new thumbnails, %.1fs", done.jobs, done.thumbs_made, done.seconds)
+    return done.index
+
+
+def _finish(
+    cmd: RunCommand, layout: RunLayout, result: RunResult, stats: Stats, report: Path | None
+) -> int:
     calls_per_second = None
     c = result.counters
     if result.first_call_at and result.last_call_at and c.calls > 1:
@@ -516,6 +538,7 @@ def _finish(cmd: RunCommand, layout: RunLayout, result: RunResult, stats: Stats)
                 "calls_per_second": calls_per_second,
             },
             stop_message=result.abort_message,
+            report=str(report) if report else None,
         )
         print(json.dumps(payload))
     for line in lines:
@@ -527,6 +550,8 @@ def _finish(cmd: RunCommand, layout: RunLayout, result: RunResult, stats: Stats)
     elif result.reason is StopReason.INTERRUPTED:
         _warn("interrupted; run the same command again to continue where it stopped")
     _warn(f"images are in {layout.images}")
+    if report is not None:
+        _warn(f"report: {report}")
     return code
 
 

@@ -1210,11 +1210,15 @@ class JobStore:
             redoable = sources_of(State.PENDING) & {State.DONE}
             marks = ", ".join(f"'{st.value}'" for st in sorted(redoable))
             wrong = (
-                await conn.exec_driver_sql(
-                    "SELECT r.id, j.state FROM requeue r LEFT JOIN jobs j ON j.id = r.id "
-                    f"WHERE j.state IS NULL OR j.state NOT IN ({marks or 'NULL'}) LIMIT 1"
+                (
+                    await conn.exec_driver_sql(
+                        "SELECT r.id, j.state FROM requeue r LEFT JOIN jobs j ON j.id = r.id "
+                        f"WHERE j.state IS NULL OR j.state NOT IN ({marks or 'NULL'}) LIMIT 1"
+                    )
                 )
-            ).mappings().first()
+                .mappings()
+                .first()
+            )
             if wrong is not None:
                 job_id, state = wrong["id"], wrong["state"]
                 what = "does not exist" if state is None else f"is {state}"
@@ -1535,13 +1539,18 @@ class JobStore:
         async with self._read() as conn:
             return [_public(dict(r)) for r in (await conn.execute(query)).mappings()]
 
-    async def iter_history(self, *, batch: int = 2000) -> AsyncIterator[dict[str, Any]]:
-        """Every record set aside (by a redo, a retry or ``--replace``), oldest first: ``seq``,
-        ``job_id``, ``replaced_at``, ``reason``, ``file`` (where its image was kept, relative
-        to the run folder, or None) and ``record``, the job's row as it was (a dict)."""
+    async def iter_history(
+        self, *, batch: int = 2000, job_ids: Sequence[str] | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Every record set aside (by a redo, a retry or ``--replace``), oldest first, or
+        those of ``job_ids``: ``seq``, ``job_id``, ``replaced_at``, ``reason``, ``file``
+        (where its image was kept, relative to the run folder, or None) and ``record``, the
+        job's row as it was (a dict)."""
         last = 0
         while True:
             query = select(history).where(history.c.seq > last).order_by(history.c.seq)
+            if job_ids is not None:
+                query = query.where(history.c.job_id.in_(list(job_ids)[:_IN_MAX]))
             async with self._read() as conn:
                 rows = (await conn.execute(query.limit(batch))).mappings().all()
             if not rows:
