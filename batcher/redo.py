@@ -32,8 +32,8 @@ from jobs.fields import MAX_SEED, PROMPT_LIMIT, text_problem
 
 from .errors import ConfigError
 from .layout import RunLayout, RunLock
+from .metadata import write_metadata
 from .pricing import Money, price_per_image
-from .report import write_metadata
 
 __all__ = ["RedoItem", "RedoOptions", "cmd_redo", "plan_redo", "redo"]
 

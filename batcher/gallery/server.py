@@ -35,7 +35,7 @@ from jobs import JobStore, JobStoreError, UnknownJob
 
 from ..errors import ConfigError
 from ..layout import RunLayout, RunLock
-from ..report import METADATA_LINES, write_metadata
+from ..metadata import METADATA_LINES, write_metadata
 from .data import Links, job_record
 from .site import build_report
 from .thumbs import ThumbJob, make_thumbs
