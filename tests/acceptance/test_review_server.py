@@ -1,0 +1,143 @@
+"""``batcher review`` over raw HTTP: writes need the token, only files under the run folder are
+served (no path escapes, no symlink escapes, no other Host), marks land in the job table and
+survive a restart, and metadata.jsonl carries them once the server stops."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from batcher.emulator import EmulatorConfig, EmulatorThread
+from tests.support import run_args, run_cli
+from tests.support_review import review_server
+
+KEY = "sk-review-server-tests-9d2"
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("review")
+    manifest = tmp / "m.csv"
+    rows = ["id,prompt,size,seed,output"]
+    rows += [f"p{i},A photo of lamp {i},512*512,{i},lamps/p{i}.png" for i in range(4)]
+    rows.append("茶壶,青花瓷茶壶,512*512,9,茶具/茶壶.png")
+    manifest.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    cfg = EmulatorConfig(latency="0", rps=100_000.0, seed=2, api_key=KEY)
+    with EmulatorThread(cfg) as emu:
+        r = run_cli(*run_args(manifest, tmp / "run", emu.base_url), env={"DASHSCOPE_API_KEY": KEY})
+    assert r.returncode == 0, r.stderr
+    return tmp / "run"
+
+
+@pytest.fixture
+def run(base_run: Path, tmp_path: Path) -> Path:
+    dest = tmp_path / "run"
+    shutil.copytree(base_run, dest)
+    return dest
+
+
+def review_of(db: Path, job_id: str) -> tuple[str | None, str | None]:
+    con = sqlite3.connect(db)
+    try:
+        return con.execute(
+            "SELECT review, review_note FROM jobs WHERE id = ?", (job_id,)
+        ).fetchone()
+    finally:
+        con.close()
+
+
+def test_writes_without_the_token_are_refused(run: Path) -> None:
+    with review_server(run) as server:
+        assert server.url.startswith("http://127.0.0.1:") and len(server.token) >= 20
+        body = {"id": "p1", "review": "approved"}
+        for token in (None, "", "wrong-token", server.token[:-1]):
+            status, text = server.request("POST", "/api/review", body, token=token)
+            assert status == 403, (token, text)
+            assert b"token" in text
+        status, _ = server.request("POST", "/api/note", {"id": "p1", "note": "x"})
+        assert status == 403
+        assert review_of(run / "batcher.db", "p1") == (None, None)
+        server.mark("p1", "approved")
+        status, _ = server.request(
+            "POST", "/api/note", {"id": "p1", "note": "<b>nice</b> 好"}, token=server.token
+        )
+        assert status == 200
+        assert review_of(run / "batcher.db", "p1") == ("approved", "<b>nice</b> 好")
+        # bad requests are refused with a reason, not a crash
+        status, text = server.request(
+            "POST", "/api/review", {"id": "p1", "review": "maybe"}, token=server.token
+        )
+        assert status == 400 and b"review must be" in text
+        status, text = server.request(
+            "POST", "/api/review", {"id": "nope", "review": "approved"}, token=server.token
+        )
+        assert status == 404 and b"nope" in text
+
+
+def test_only_files_under_the_run_folder_are_served(run: Path, tmp_path: Path) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the browser")
+    (run / "images" / "lamps" / "link.png").symlink_to(secret)
+    (run / "images" / "outside").symlink_to(tmp_path, target_is_directory=True)
+    with review_server(run) as server:
+        assert server.request("GET", "/")[0] == 200
+        assert server.request("GET", "/images/lamps/p1.png")[0] == 200
+        assert server.request("GET", "/images/%E8%8C%B6%E5%85%B7/%E8%8C%B6%E5%A3%B6.png")[0] == 200
+        assert server.request("GET", "/data/summary.js")[0] == 200
+        for path in (
+            "/batcher.db",
+            "/../batcher.db",
+            "/images/../batcher.db",
+            "/images/%2e%2e/batcher.db",
+            "/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+            "/images/..%2f..%2fbatcher.db",
+            "/history/../../secret.txt",
+            "/images/lamps/link.png",
+            "/images/outside/secret.txt",
+            "/..%5c..%5cbatcher.db",
+            "/.lock",
+            "/images/lamps/",
+        ):
+            status, body = server.request("GET", path)
+            assert status in (400, 403, 404), (path, status)
+            assert b"not for the browser" not in body and b"SQLite" not in body, path
+        # a page on another host name (DNS rebinding) is not answered
+        status, _ = server.request("GET", "/", host="attacker.example:80")
+        assert status == 403
+
+
+def test_marks_survive_a_restart_and_reach_status_export_and_metadata(run: Path) -> None:
+    with review_server(run) as server:
+        server.mark("p2", "rejected")
+        server.mark("茶壶", "approved")
+    status = run_cli("status", run)
+    assert "reviewed: 1 approved, 1 rejected" in status.stdout
+    lines = (run / "images" / "metadata.jsonl").read_text(encoding="utf-8").splitlines()
+    marks = {json.loads(x)["id"]: json.loads(x)["review"] for x in lines}
+    assert marks == {"p0": None, "p1": None, "p2": "rejected", "p3": None, "茶壶": "approved"}
+    with review_server(run) as server:
+        status_code, body = server.request("GET", "/api/changes?since=0")
+        assert status_code == 200
+        jobs = {j["id"]: j for j in json.loads(body)["jobs"]}
+        assert jobs["p2"]["review"] == "rejected" and jobs["茶壶"]["review"] == "approved"
+        server.mark("p2", None)
+    exported = run_cli("export", run, "--format", "csv")
+    assert exported.returncode == 0
+    records = {r["id"]: r for r in csv.DictReader(io.StringIO(exported.stdout))}
+    assert (records["p2"]["review"], records["茶壶"]["review"]) == ("", "approved")
+    assert review_of(run / "batcher.db", "p2") == (None, None)
+
+
+def test_a_run_folder_that_is_not_one_is_refused_in_one_line(tmp_path: Path) -> None:
+    r = run_cli("review", tmp_path, "--port", "0")
+    assert r.returncode == 2
+    assert (
+        r.stderr.strip()
+        == f"batcher: error: {tmp_path} is not a batcher run folder (no batcher.db)"
+    )
