@@ -178,6 +178,7 @@ def _page(layout: RunLayout, data: ReportData, summary: dict[str, Any], chunks: 
     <div class="detail-head">
       <h2 id="d-title"></h2>
       <span id="d-pos" class="muted"></span>
+      <span id="d-mark" class="badge"></span>
       <span class="spacer"></span>
       <span class="review-only">
         <button type="button" id="d-approve">Approve (a)</button>

@@ -273,6 +273,9 @@ window.BATCHER = (function () {
     if (!job) return closeDetail();
     $("d-title").textContent = job.id;
     $("d-pos").textContent = `${openAt + 1} of ${view.length}`;
+    const badge = $("d-mark");
+    badge.textContent = job.review || (job.state === "done" ? "not reviewed" : job.state);
+    badge.className = `badge ${job.review || ""}`;
     const img = $("d-img");
     const note = $("d-img-note");
     note.textContent = "";
