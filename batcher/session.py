@@ -29,7 +29,7 @@ from jobs import JobStore, State, Stats
 from .client import DashScopeClient, base_url_for
 from .download import sweep_partials
 from .errors import ConfigError
-from .gallery.site import build_report, check_output
+from .gallery.site import build_report, check_output, follow_thumbnails
 from .importing import ImportSummary, import_manifest
 from .layout import RunLayout, RunLock
 from .metadata import write_metadata
@@ -257,6 +257,7 @@ async def _drive(cmd: RunCommand, store: JobStore, layout: RunLayout, start: Sta
                     tg.start_soon(_watch_signals, runner, cmd.grace)
                     if view is not None:
                         tg.start_soon(_progress_loop, view, snap)
+                    tg.start_soon(follow_thumbnails, store, layout)
                     result = await runner.run()
                     tg.cancel_scope.cancel()
                 if view is not None:

@@ -18,6 +18,7 @@ last, so a report being rewritten is never seen half-written.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -30,15 +31,21 @@ from typing import Any
 
 import anyio
 
-from jobs import JobStore
+from jobs import JobStore, State
 
 from ..errors import ConfigError
 from ..layout import RunLayout
 from .charts import latency_histogram, rate_chart
 from .data import ReportData, collect, summarize
-from .thumbs import ThumbJob, existing_thumbs, make_thumbs
+from .thumbs import ThumbJob, existing_thumbs, make_thumbs, thumb_name
 
-__all__ = ["ReportResult", "build_report", "check_output", "cmd_report"]
+__all__ = [
+    "ReportResult",
+    "build_report",
+    "check_output",
+    "cmd_report",
+    "follow_thumbnails",
+]
 
 CHUNK = 5000  # jobs per data file
 ASSETS = ("app.js", "style.css")
@@ -263,6 +270,39 @@ async def build_report(
         thumbs_missing=missing,
         seconds=time.monotonic() - started,
     )
+
+
+FOLLOW_SECONDS = 10.0  # how often a run makes the thumbnails of the images it finished
+FOLLOW_MAX_JOBS = 200_000  # beyond this a run leaves the thumbnails to `batcher report`
+FOLLOW_BATCH = 200  # thumbnails a round at most; the report at the end makes any left
+
+
+async def follow_thumbnails(
+    store: JobStore, layout: RunLayout, *, every: float = FOLLOW_SECONDS
+) -> None:
+    """While a run goes, make the thumbnails of the images it finished, a few at a time on a
+    worker thread, so the report at the end (or ``batcher review`` meanwhile) has little left
+    to do. Runs until cancelled; a thumbnail that cannot be made is left for the report."""
+    if await store.count() > FOLLOW_MAX_JOBS:
+        return
+    thumbs = layout.report / "thumbs"
+    since = store.clock()
+    while True:
+        await anyio.sleep(every)
+        now = store.clock()
+        wanted = []
+        async for rec in store.iter_records(state=State.DONE, finished_since=since - 1.0):
+            if rec["sha256"]:
+                dest = thumbs / thumb_name(rec["sha256"])
+                wanted.append(ThumbJob(layout.images / rec["output"], dest))
+        since = now
+        if wanted:  # at most a few seconds of work a round: the run's end waits for it
+            await anyio.to_thread.run_sync(_make_missing, wanted[:FOLLOW_BATCH])
+
+
+def _make_missing(wanted: list[ThumbJob]) -> None:
+    with contextlib.suppress(OSError):
+        make_thumbs([j for j in wanted if not j.dest.exists()], processes=1)
 
 
 def check_output(out: Path) -> None:

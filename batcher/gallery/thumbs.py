@@ -21,6 +21,7 @@ __all__ = ["THUMB_PX", "ThumbJob", "existing_thumbs", "make_thumbs", "thumb_name
 THUMB_PX = 320
 _QUALITY = 80
 _PER_PROCESS = 64  # images per task handed to a worker process
+_IN_PROCESS = 256  # fewer than this are made here: starting worker processes costs more
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +64,7 @@ def _one(job: ThumbJob) -> bool:
             rgb = im.convert("RGB")
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
         return False
-    factor = min(rgb.size) // (2 * THUMB_PX)
+    factor = min(rgb.size) // THUMB_PX
     if factor > 1:  # a box filter first (cheap), then a good filter on the small image
         rgb = rgb.reduce(factor)
     rgb.thumbnail((THUMB_PX, THUMB_PX), Image.Resampling.LANCZOS)
@@ -95,7 +96,7 @@ def make_thumbs(
     if not todo:
         return 0
     workers = processes or len(os.sched_getaffinity(0)) or 1
-    if workers == 1 or len(todo) <= _PER_PROCESS:
+    if workers == 1 or len(todo) <= _IN_PROCESS:
         made = 0
         for job in todo:
             if deadline is not None and time.monotonic() > deadline:
