@@ -7,14 +7,17 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
 import sqlite3
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from batcher.emulator import EmulatorConfig, EmulatorThread
-from tests.support import run_args, run_cli
+from tests.support import batcher_cmd, run_args, run_cli
 from tests.support_review import review_server
 
 KEY = "sk-review-server-tests-9d2"
@@ -141,3 +144,56 @@ def test_a_run_folder_that_is_not_one_is_refused_in_one_line(tmp_path: Path) -> 
         r.stderr.strip()
         == f"batcher: error: {tmp_path} is not a batcher run folder (no batcher.db)"
     )
+
+
+def test_a_mark_while_a_run_writes_the_same_folder(run: Path, tmp_path: Path) -> None:
+    """The server and a run share the database: marks go in between the run's writes, the
+    run finishes as usual, and the changes endpoint shows the new images as they land."""
+    manifest = tmp_path / "more.csv"
+    rows = ["id,prompt,size,seed,output"]
+    rows += [f"n{i:02d},A photo of bowl {i},512*512,{i},bowls/n{i:02d}.png" for i in range(20)]
+    manifest.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    cfg = EmulatorConfig(latency="100", rps=100_000.0, seed=6, api_key=KEY)
+    with EmulatorThread(cfg) as emu, review_server(run) as server:
+        _, body = server.request("GET", "/api/changes")
+        since = json.loads(body)["since"]
+        env = {k: v for k, v in os.environ.items() if k != "DASHSCOPE_API_KEY"}
+        proc = subprocess.Popen(
+            batcher_cmd(*run_args(manifest, run, emu.base_url, "--rps", "10")),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**env, "DASHSCOPE_API_KEY": KEY},
+        )
+        try:
+            seen: set[str] = set()
+            marked = 0
+            target = ""
+            deadline = time.monotonic() + 60
+            while proc.poll() is None and time.monotonic() < deadline:
+                _, body = server.request("GET", f"/api/changes?since={since}")
+                payload = json.loads(body)
+                since = payload["since"]
+                seen |= {j["id"] for j in payload["jobs"] if j["state"] == "done"}
+                if seen and proc.poll() is None:
+                    target = target or sorted(seen)[0]
+                    server.mark(target, "approved" if marked % 2 else "rejected")
+                    marked += 1
+                time.sleep(0.2)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        assert proc.returncode == 0, err
+        assert marked >= 2, "no mark was made while the run was writing"
+        _, body = server.request("GET", f"/api/changes?since={since}")
+        seen |= {j["id"] for j in json.loads(body)["jobs"] if j["state"] == "done"}
+    assert {f"n{i:02d}" for i in range(20)} <= seen
+    con = sqlite3.connect(run / "batcher.db")
+    try:
+        states = dict(con.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall())
+        (marks,) = con.execute("SELECT count(*) FROM jobs WHERE review IS NOT NULL").fetchone()
+    finally:
+        con.close()
+    assert states == {"done": 25} and marks == 1

@@ -73,14 +73,14 @@ def test_keys_mark_and_marks_persist_across_reload_and_into_export(page: Any, ru
         page.wait_for_function("document.querySelector('#d-title').textContent === 'r02'")
         page.keyboard.press("n")
         assert page.evaluate("document.activeElement.id") == "d-note"
-        page.keyboard.type("glaze is uneven — 釉面不均")
+        page.keyboard.type("glaze is uneven — 釉面不均 <img src=x onerror=alert(2)>")
         page.click("#d-note-save")
         page.wait_for_function("document.querySelector('#d-status').textContent.includes('saved')")
         page.keyboard.press("Escape")
         assert marks(run / "batcher.db") == {
             "r00": ("approved", None),
             "r01": ("rejected", None),
-            "r02": (None, "glaze is uneven — 釉面不均"),
+            "r02": (None, "glaze is uneven — 釉面不均 <img src=x onerror=alert(2)>"),
             "r03": (None, None),
             "r04": (None, None),
             "r05": (None, None),
@@ -94,13 +94,17 @@ def test_keys_mark_and_marks_persist_across_reload_and_into_export(page: Any, ru
         assert ids == ["r00"]
         page.select_option("#f-review", "*")
         page.click(".tile[data-id='r02']")
-        assert page.input_value("#d-note") == "glaze is uneven — 釉面不均"
+        assert (
+            page.input_value("#d-note") == "glaze is uneven — 釉面不均 <img src=x onerror=alert(2)>"
+        )
         page.keyboard.press("u")  # no mark to remove on r02: nothing changes
         page.keyboard.press("Escape")
         exported = run_cli("export", run)
     records = {json.loads(x)["id"]: json.loads(x) for x in exported.stdout.splitlines()}
     assert records["r00"]["review"] == "approved" and records["r01"]["review"] == "rejected"
-    assert records["r02"]["review_note"] == "glaze is uneven — 釉面不均"
+    assert (
+        records["r02"]["review_note"] == "glaze is uneven — 釉面不均 <img src=x onerror=alert(2)>"
+    )
 
 
 def test_new_images_appear_while_a_run_writes_and_a_mark_mid_run_is_kept(
