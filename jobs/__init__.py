@@ -18,10 +18,23 @@ from .errors import (
 from .manifest import Manifest, open_manifest
 from .spec import DEFAULT_MODEL, JobSpec
 from .states import TERMINAL, TRANSITIONS, State, check_transition
-from .store import REVIEW_MARKS, Claim, Generated, ImportReport, JobStore, Redo, Stats, StoredFile
+from .store import (
+    EMULATOR_ENDPOINT,
+    REVIEW_MARKS,
+    Claim,
+    Generated,
+    ImportReport,
+    JobStore,
+    Moved,
+    Redo,
+    Spend,
+    Stats,
+    StoredFile,
+)
 
 __all__ = [
     "DEFAULT_MODEL",
+    "EMULATOR_ENDPOINT",
     "REVIEW_MARKS",
     "TERMINAL",
     "TRANSITIONS",
@@ -36,8 +49,10 @@ __all__ = [
     "Manifest",
     "ManifestError",
     "ManifestInvalid",
+    "Moved",
     "Redo",
     "SchemaMismatch",
+    "Spend",
     "State",
     "Stats",
     "StoreUnavailable",

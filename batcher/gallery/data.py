@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote
 
-from jobs import JobStore
+from jobs import EMULATOR_ENDPOINT, JobStore
 
 from ..layout import RunLayout
 from ..pricing import Money
@@ -166,18 +166,21 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     review marks, failures by code (with messages, request ids and job ids)."""
     states: Counter[str] = Counter()
     reviews: Counter[str] = Counter()
-    money: dict[tuple[str, str], Decimal] = defaultdict(Decimal)
+    # (currency, emulated, model): what the emulator "cost" is never added to real spend
+    money: dict[tuple[str, bool, str], Decimal] = defaultdict(Decimal)
     totals = Counter[str]()
     failures: dict[str, dict[str, Any]] = {}
     for r in records:
         states[r["state"]] += 1
         if r["review"]:
             reviews[r["review"]] += 1
-        for key in ("billed", "throttled", "ambiguous", "regenerated", "attempts"):
+        emulated = r.get("endpoint") == EMULATOR_ENDPOINT
+        for key in ("throttled", "ambiguous", "regenerated", "attempts"):
             totals[key] += int(r.get(key) or 0)
+        totals["emulated" if emulated else "billed"] += int(r.get("billed") or 0)
         cost = Decimal(r.get("cost") or "0")
         if cost and r.get("currency"):
-            money[(r["currency"], r["model"])] += cost
+            money[(r["currency"], emulated, r["model"])] += cost
         if r["state"] == "failed":
             code = r.get("error_code") or "unknown"
             f = failures.setdefault(
@@ -191,9 +194,9 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
                 f["request_ids"].append(r["request_id"])
             if len(f["ids"]) < _SHOWN_IDS:
                 f["ids"].append(r["id"])
-    per_currency: dict[str, Decimal] = defaultdict(Decimal)
-    for (currency, _model), amount in money.items():
-        per_currency[currency] += amount
+    per_currency: dict[tuple[str, bool], Decimal] = defaultdict(Decimal)
+    for (currency, emulated, _model), amount in money.items():
+        per_currency[(currency, emulated)] += amount
     return {
         "total": len(records),
         "states": dict(states),
@@ -203,15 +206,16 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         "cost": [
             {
                 "currency": cur,
+                "emulated": emulated,
                 "amount": str(amount),
-                "text": str(Money(amount, cur)),
+                "text": str(Money(amount, cur)) + (" emulated, not billed" if emulated else ""),
                 "models": [
                     {"model": m, "text": str(Money(a, c))}
-                    for (c, m), a in sorted(money.items())
-                    if c == cur
+                    for (c, e, m), a in sorted(money.items())
+                    if (c, e) == (cur, emulated)
                 ],
             }
-            for cur, amount in sorted(per_currency.items())
+            for (cur, emulated), amount in sorted(per_currency.items())
         ],
         "failures": [
             {

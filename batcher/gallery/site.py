@@ -91,6 +91,7 @@ def _figures_html(summary: dict[str, Any]) -> str:
         f"<tr><th>{escape(label)}</th><td>{int(totals.get(key, 0)):,}</td></tr>"
         for key, label in (
             ("billed", "images billed"),
+            ("emulated", "images from the emulator (not billed)"),
             ("attempts", "generation attempts"),
             ("throttled", "throttled (429)"),
             ("ambiguous", "ambiguous re-sends"),

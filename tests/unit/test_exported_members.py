@@ -37,6 +37,7 @@ def test_jobs_exports():
     assert sorted(jobs.__all__) == sorted(
         [
             "DEFAULT_MODEL",
+            "EMULATOR_ENDPOINT",
             "REVIEW_MARKS",
             "TERMINAL",
             "TRANSITIONS",
@@ -51,8 +52,10 @@ def test_jobs_exports():
             "Manifest",
             "ManifestError",
             "ManifestInvalid",
+            "Moved",
             "Redo",
             "SchemaMismatch",
+            "Spend",
             "State",
             "Stats",
             "StoreUnavailable",

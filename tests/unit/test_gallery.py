@@ -64,6 +64,7 @@ def test_money_is_per_currency_and_per_model_never_summed_across() -> None:
         record("a", cost="0.10", currency="CNY", billed=1),
         record("b", cost="0.20", currency="CNY", billed=1, model="qwen-image"),
         record("c", cost="0.015", currency="USD", billed=1),
+        record("c2", cost="0.015", currency="USD", billed=1, endpoint="emulator"),
         record("d", state="failed", error_code="DataInspectionFailed", error_message="m1",
                request_id="r1"),
         record("e", state="failed", error_code="DataInspectionFailed", error_message="m1",
@@ -71,10 +72,15 @@ def test_money_is_per_currency_and_per_model_never_summed_across() -> None:
         record("f", state="failed", error_code=None, review="rejected"),
     ]  # fmt: skip
     s = summarize(records)
-    assert [(c["currency"], c["amount"]) for c in s["cost"]] == [("CNY", "0.30"), ("USD", "0.015")]
+    assert [(c["currency"], c["emulated"], c["amount"]) for c in s["cost"]] == [
+        ("CNY", False, "0.30"),
+        ("USD", False, "0.015"),
+        ("USD", True, "0.015"),
+    ]
+    assert s["cost"][2]["text"] == "US$0.015 emulated, not billed"
     assert [m["model"] for m in s["cost"][0]["models"]] == ["qwen-image", "z-image-turbo"]
-    assert s["states"] == {"done": 3, "failed": 3}
-    assert s["totals"]["billed"] == 3
+    assert s["states"] == {"done": 4, "failed": 3}
+    assert (s["totals"]["billed"], s["totals"]["emulated"]) == (3, 1)
     assert s["reviews"] == {"rejected": 1}
     first, second = s["failures"]
     assert (first["code"], first["count"], first["ids"]) == ("DataInspectionFailed", 2, ["d", "e"])

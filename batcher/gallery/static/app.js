@@ -9,7 +9,7 @@
 window.BATCHER = (function () {
   const PAGE = 120;            // tiles in the page at once
   const POLL_MS = 2000;        // live updates on the review server
-  const STATES = ["pending", "running", "generated", "done", "failed"];
+  const STATES = ["pending", "running", "generated", "done", "failed", "withdrawn"];
   const jobs = [];             // every job, manifest order
   const byId = new Map();
   let summary = null;
