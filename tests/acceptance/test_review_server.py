@@ -12,6 +12,7 @@ import shutil
 import sqlite3
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,19 +22,27 @@ from tests.support import batcher_cmd, run_args, run_cli
 from tests.support_review import review_server
 
 KEY = "sk-review-server-tests-9d2"
+BASE_ROWS = [
+    "id,prompt,size,seed,output",
+    *(f"p{i},A photo of lamp {i},512*512,{i},lamps/p{i}.png" for i in range(4)),
+    "茶壶,青花瓷茶壶,512*512,9,茶具/茶壶.png",
+]
 
 
 @pytest.fixture(scope="module")
-def base_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def emulator() -> Iterator[EmulatorThread]:
+    """One emulator for the module: a run folder keeps to the endpoint that made its images."""
+    cfg = EmulatorConfig(latency="100", rps=100_000.0, seed=2, api_key=KEY)
+    with EmulatorThread(cfg) as emu:
+        yield emu
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory: pytest.TempPathFactory, emulator: EmulatorThread) -> Path:
     tmp = tmp_path_factory.mktemp("review")
     manifest = tmp / "m.csv"
-    rows = ["id,prompt,size,seed,output"]
-    rows += [f"p{i},A photo of lamp {i},512*512,{i},lamps/p{i}.png" for i in range(4)]
-    rows.append("茶壶,青花瓷茶壶,512*512,9,茶具/茶壶.png")
-    manifest.write_text("\n".join(rows) + "\n", encoding="utf-8")
-    cfg = EmulatorConfig(latency="0", rps=100_000.0, seed=2, api_key=KEY)
-    with EmulatorThread(cfg) as emu:
-        r = run_cli(*run_args(manifest, tmp / "run", emu.base_url), env={"DASHSCOPE_API_KEY": KEY})
+    manifest.write_text("\n".join(BASE_ROWS) + "\n", encoding="utf-8")
+    r = run_cli(*run_args(manifest, tmp / "run", emulator.base_url), env={"DASHSCOPE_API_KEY": KEY})
     assert r.returncode == 0, r.stderr
     return tmp / "run"
 
@@ -146,45 +155,47 @@ def test_a_run_folder_that_is_not_one_is_refused_in_one_line(tmp_path: Path) -> 
     )
 
 
-def test_a_mark_while_a_run_writes_the_same_folder(run: Path, tmp_path: Path) -> None:
+def test_a_mark_while_a_run_writes_the_same_folder(
+    run: Path, tmp_path: Path, emulator: EmulatorThread
+) -> None:
     """The server and a run share the database: marks go in between the run's writes, the
     run finishes as usual, and the changes endpoint shows the new images as they land."""
-    manifest = tmp_path / "more.csv"
-    rows = ["id,prompt,size,seed,output"]
-    rows += [f"n{i:02d},A photo of bowl {i},512*512,{i},bowls/n{i:02d}.png" for i in range(20)]
+    manifest = tmp_path / "m.csv"  # the folder's manifest with 20 more rows
+    rows = BASE_ROWS + [
+        f"n{i:02d},A photo of bowl {i},512*512,{i},bowls/n{i:02d}.png" for i in range(20)
+    ]
     manifest.write_text("\n".join(rows) + "\n", encoding="utf-8")
-    cfg = EmulatorConfig(latency="100", rps=100_000.0, seed=6, api_key=KEY)
-    with EmulatorThread(cfg) as emu, review_server(run) as server:
+    emu = emulator
+    with review_server(run) as server:
         _, body = server.request("GET", "/api/changes")
         since = json.loads(body)["since"]
         env = {k: v for k, v in os.environ.items() if k != "DASHSCOPE_API_KEY"}
-        proc = subprocess.Popen(
+        with subprocess.Popen(
             batcher_cmd(*run_args(manifest, run, emu.base_url, "--rps", "10")),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
             env={**env, "DASHSCOPE_API_KEY": KEY},
-        )
-        try:
-            seen: set[str] = set()
-            marked = 0
-            target = ""
-            deadline = time.monotonic() + 60
-            while proc.poll() is None and time.monotonic() < deadline:
-                _, body = server.request("GET", f"/api/changes?since={since}")
-                payload = json.loads(body)
-                since = payload["since"]
-                seen |= {j["id"] for j in payload["jobs"] if j["state"] == "done"}
-                if seen and proc.poll() is None:
-                    target = target or sorted(seen)[0]
-                    server.mark(target, "approved" if marked % 2 else "rejected")
-                    marked += 1
-                time.sleep(0.2)
-            _, err = proc.communicate(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+        ) as proc:
+            try:
+                seen: set[str] = set()
+                marked = 0
+                target = ""
+                deadline = time.monotonic() + 60
+                while proc.poll() is None and time.monotonic() < deadline:
+                    _, body = server.request("GET", f"/api/changes?since={since}")
+                    payload = json.loads(body)
+                    since = payload["since"]
+                    seen |= {j["id"] for j in payload["jobs"] if j["state"] == "done"}
+                    if seen and proc.poll() is None:
+                        target = target or sorted(seen)[0]
+                        server.mark(target, "approved" if marked % 2 else "rejected")
+                        marked += 1
+                    time.sleep(0.2)
+                _, err = proc.communicate(timeout=60)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
         assert proc.returncode == 0, err
         assert marked >= 2, "no mark was made while the run was writing"
         _, body = server.request("GET", f"/api/changes?since={since}")

@@ -9,6 +9,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +30,20 @@ def manifest(path: Path, n: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def base_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("review-browser")
-    cfg = EmulatorConfig(latency="0", rps=100_000.0, seed=4, api_key=KEY)
+def emulator() -> Iterator[EmulatorThread]:
+    """One emulator for the module: a run folder keeps to the endpoint that made its images."""
+    cfg = EmulatorConfig(latency="150", rps=100_000.0, seed=4, api_key=KEY)
     with EmulatorThread(cfg) as emu:
-        r = run_cli(
-            *run_args(manifest(tmp / "m.csv", 6), tmp / "run", emu.base_url),
-            env={"DASHSCOPE_API_KEY": KEY},
-        )
+        yield emu
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory: pytest.TempPathFactory, emulator: EmulatorThread) -> Path:
+    tmp = tmp_path_factory.mktemp("review-browser")
+    r = run_cli(
+        *run_args(manifest(tmp / "m.csv", 6), tmp / "run", emulator.base_url),
+        env={"DASHSCOPE_API_KEY": KEY},
+    )
     assert r.returncode == 0, r.stderr
     return tmp / "run"
 
@@ -108,37 +115,36 @@ def test_keys_mark_and_marks_persist_across_reload_and_into_export(page: Any, ru
 
 
 def test_new_images_appear_while_a_run_writes_and_a_mark_mid_run_is_kept(
-    page: Any, run: Path, tmp_path: Path
+    page: Any, run: Path, tmp_path: Path, emulator: EmulatorThread
 ) -> None:
     bigger = manifest(tmp_path / "m.csv", 30)  # 24 more jobs than the run folder has done
-    cfg = EmulatorConfig(latency="150", rps=100_000.0, seed=8, api_key=KEY)
-    with EmulatorThread(cfg) as emu, review_server(run) as server:
+    emu = emulator
+    with review_server(run) as server:
         ready(page, server.url)
         assert len(page.query_selector_all("#grid .tile")) == 6
-        proc = subprocess.Popen(
+        with subprocess.Popen(
             batcher_cmd(*run_args(bigger, run, emu.base_url, "--rps", "8")),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             env={**_env(), "DASHSCOPE_API_KEY": KEY},
-        )
-        try:
-            # new tiles arrive while the run is still going
-            page.wait_for_function(
-                "document.querySelectorAll('#grid .tile').length > 6", timeout=30_000
-            )
-            assert proc.poll() is None, "the run ended before the page saw anything new"
-            page.click(".tile[data-id='r03']")
-            page.keyboard.press("r")  # a mark while the run writes the same database
-            page.wait_for_function(
-                "document.querySelector('#d-status').textContent.includes('r03')"
-            )
-            page.keyboard.press("Escape")
-            out, err = proc.communicate(timeout=90)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+        ) as proc:
+            try:
+                # new tiles arrive while the run is still going
+                page.wait_for_function(
+                    "document.querySelectorAll('#grid .tile').length > 6", timeout=30_000
+                )
+                assert proc.poll() is None, "the run ended before the page saw anything new"
+                page.click(".tile[data-id='r03']")
+                page.keyboard.press("r")  # a mark while the run writes the same database
+                page.wait_for_function(
+                    "document.querySelector('#d-status').textContent.includes('r03')"
+                )
+                page.keyboard.press("Escape")
+                out, err = proc.communicate(timeout=90)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
         assert proc.returncode == 0, err
         page.wait_for_function(
             "document.querySelectorAll('#grid .tile').length === 30", timeout=15_000
