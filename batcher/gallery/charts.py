@@ -98,8 +98,8 @@ def rate_chart(times: Sequence[float], *, quota: float | None, buckets: int = 60
         return _empty(title, "not enough generated images to draw a rate")
     t0, t1 = min(times), max(times)
     span = max(t1 - t0, 1.0)
-    # about ten images a bucket at least, so a short run's line is a rate, not a comb
-    buckets = max(1, min(buckets, len(times) // 10))
+    # about five images a bucket at least, so a short run's line is a rate, not a comb
+    buckets = max(2, min(buckets, len(times) // 5))
     width = span / buckets
     counts = [0] * buckets
     for t in times:

@@ -48,6 +48,8 @@ __all__ = [
 ]
 
 CHUNK = 5000  # jobs per data file
+# What a report folder holds (thumbs/ may come first: a run makes thumbnails as it goes).
+_REPORT_ENTRIES = frozenset({"index.html", ".index.html.part", "assets", "data", "thumbs"})
 ASSETS = ("app.js", "style.css")
 
 
@@ -310,8 +312,13 @@ def check_output(out: Path) -> None:
     """Refuse to write a report into a folder that holds something else (one line)."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / "index.html").is_file():
-        raise ConfigError(f"{out} is not empty and holds no report; choose another -o folder")
+    if out.is_dir():
+        foreign = [p.name for p in out.iterdir() if p.name not in _REPORT_ENTRIES]
+        if foreign and not (out / "index.html").is_file():
+            raise ConfigError(
+                f"{out} is not empty and holds no report (it has {foreign[0]!r}); "
+                "choose another -o folder"
+            )
 
 
 async def cmd_report(folder: Path, *, output: Path | None) -> int:
