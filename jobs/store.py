@@ -1468,11 +1468,13 @@ class JobStore:
             if finished_since is not None:
                 query = query.where(jobs.c.finished_at >= finished_since)
             async with self._read() as conn:
-                rows = (await conn.execute(query)).all()
+                result = await conn.execute(query)
+                keys = list(result.keys())
+                rows = result.all()
             if not rows:
                 return
             for row in rows:
-                rec = dict(row._mapping)
+                rec = dict(zip(keys, row, strict=True))  # cheaper than row._mapping per row
                 last = rec.pop("rowid")
                 yield _public(rec)
 

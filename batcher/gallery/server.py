@@ -163,7 +163,7 @@ class ReviewServer:
         wanted = [
             ThumbJob(self.layout.images / r["output"], self.out / r["thumb"])
             for r in out
-            if r["thumb"] and not (self.out / r["thumb"]).exists()
+            if r.get("thumb") and not (self.out / r["thumb"]).exists()
         ][:_THUMBS_PER_POLL]
         if wanted:
             await anyio.to_thread.run_sync(lambda: make_thumbs(wanted, processes=1))

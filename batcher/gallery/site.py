@@ -244,8 +244,8 @@ async def build_report(
     def write_all() -> tuple[int, int]:
         have = existing_thumbs(thumbs)
         wanted = [
-            ThumbJob(source, thumbs / name)
-            for name, source in data.thumbs_wanted.items()
+            ThumbJob((layout.images if in_images else layout.root) / rel, thumbs / name)
+            for name, (in_images, rel) in data.thumbs_wanted.items()
             if name not in have
         ]
         deadline = None if thumb_seconds is None else started + thumb_seconds

@@ -93,7 +93,7 @@ def make_thumbs(
     report; the page shows the full image meanwhile).
     """
     todo = list(jobs)
-    if not todo:
+    if not todo or (deadline is not None and time.monotonic() > deadline):
         return 0
     workers = processes or len(os.sched_getaffinity(0)) or 1
     if workers == 1 or len(todo) <= _IN_PROCESS:
