@@ -16,6 +16,7 @@ A run folder belongs to one manifest and to one kind of endpoint:
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +29,11 @@ from .errors import ConfigError
 from .layout import RunLayout
 
 __all__ = [
+    "ENDPOINTS_KEY",
     "MANIFEST_KEY",
     "Target",
     "check_endpoint",
+    "check_folder_endpoint",
     "check_manifest",
     "default_out",
     "endpoint_label",
@@ -39,6 +42,9 @@ __all__ = [
 
 MANIFEST_KEY = "manifest"
 """Meta key: the absolute path of the manifest the folder follows."""
+ENDPOINTS_KEY = "endpoints"
+"""Meta key: the endpoints runs into this folder used, a JSON list (``null`` for images from
+before endpoints were recorded): read instead of scanning every job when a run resumes."""
 
 
 def default_out(manifest: Path, *, emulate: bool = False) -> Path:
@@ -64,9 +70,26 @@ def endpoint_label(*, emulate: bool, base_url: str) -> str:
     return str(url.with_user(None)) if url.user or url.password else base_url
 
 
+FS_BYTES = "fs-bytes:"  # a stored path that is not UTF-8: its bytes in hex
+
+
 def _absolute(path: Path) -> str:
-    """``path`` made absolute against the working directory (no symlink resolved)."""
-    return os.path.abspath(path)
+    """``path`` made absolute against the working directory (no symlink resolved), as text the
+    database can hold: a name that is not UTF-8 (bytes the filesystem allows) is stored as
+    ``fs-bytes:`` and its bytes in hex, so it comes back as the same name."""
+    absolute = os.path.abspath(path)
+    try:
+        absolute.encode("utf-8")
+    except UnicodeEncodeError:
+        return FS_BYTES + os.fsencode(absolute).hex()
+    return absolute
+
+
+def _stored_path(text: str) -> Path:
+    """The path :func:`_absolute` stored as ``text``."""
+    if text.startswith(FS_BYTES):
+        return Path(os.fsdecode(bytes.fromhex(text[len(FS_BYTES) :])))
+    return Path(text)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -95,8 +118,8 @@ async def resolve_target(target: Path, out: Path | None, *, emulate: bool) -> Ta
             f"{target} does not record its manifest (made by an older batcher): "
             f"give the manifest and --out {target}"
         )
-    manifest = Path(remembered)
-    if not manifest.is_file():  # noqa: ASYNC240 (a stat, once per command)
+    manifest = _stored_path(remembered)
+    if not manifest.is_file():
         raise ConfigError(
             f"{target} was made from {manifest}, which is no longer there: "
             f"give the manifest's new path and --out {target}"
@@ -116,6 +139,23 @@ async def check_manifest(store: JobStore, target: Target) -> str | None:
             "make it this folder's manifest, withdrawing the other's jobs)"
         )
     return None if found == path else path
+
+
+async def check_folder_endpoint(store: JobStore, endpoint: str, root: Path) -> None:
+    """:func:`check_endpoint` for the folder of ``store``, then remember ``endpoint`` as one of
+    its own. The jobs are scanned only for a folder that has no list yet, or when the list
+    names another endpoint (to count its images for the refusal)."""
+    known_text = await store.get_meta(ENDPOINTS_KEY)
+    known: set[str | None] = set(json.loads(known_text)) if known_text else set()
+    # images of an unrecorded endpoint (None) were paid: any paid run may go on with them
+    compatible = {endpoint} if endpoint == EMULATOR_ENDPOINT else {endpoint, None}
+    if known_text is None or known - compatible:
+        found = await store.endpoints()
+        check_endpoint(found, endpoint, root)
+        known = set(found)
+    if endpoint not in known or known_text is None:
+        listed = sorted(known | {endpoint}, key=lambda e: (e is None, e or ""))
+        await store.set_meta(ENDPOINTS_KEY, json.dumps(listed))
 
 
 def check_endpoint(found: dict[str | None, int], endpoint: str, root: Path) -> None:

@@ -37,7 +37,7 @@ from ..errors import ConfigError
 from ..layout import RunLayout, RunLock
 from ..metadata import METADATA_LINES, write_metadata
 from .data import Links, job_record
-from .site import build_report
+from .site import build_report, check_output
 from .thumbs import ThumbJob, make_thumbs
 
 __all__ = ["ReviewServer", "cmd_review"]
@@ -232,17 +232,19 @@ async def cmd_review(folder: Path, *, host: str, port: int) -> int:
     token = secrets.token_urlsafe(18)
     async with await JobStore.open(layout.db, create=False) as store:
         server = ReviewServer(store, layout, token=token, loopback=_is_loopback(host))
-        built = await build_report(store, layout)
+        check_output(layout.report)
         runner = web.AppRunner(server.app(), access_log=None, handle_signals=False)
         await runner.setup()
         try:
             site = web.TCPSite(runner, host, port)
             try:
                 await site.start()
-            except OSError as exc:
+            except (OSError, OverflowError) as exc:
                 raise ConfigError(
-                    f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another --port"
+                    f"cannot listen on {host}:{port}: {getattr(exc, 'strerror', None) or exc}; "
+                    "choose another --port or --host"
                 ) from None
+            built = await build_report(store, layout)  # listening already: the port is ours
             bound = runner.addresses[0][1] if runner.addresses else port
             shown = f"[{host}]" if ":" in host else host
             print(f"http://{shown}:{bound}/?token={token}", flush=True)
