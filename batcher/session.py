@@ -184,7 +184,7 @@ async def _write_report(store: JobStore, layout: RunLayout, result: RunResult) -
     try:
         check_output(layout.report)
         done = await build_report(store, layout, thumb_seconds=3.0 if quick else 60.0)
-    except (OSError, ConfigError) as exc:
+    except (OSError, ValueError, ConfigError) as exc:
         reason = os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else str(exc)
         log.warning("could not write the report: %s", reason)
         _warn(f"could not write the report in {layout.report}: {reason}")

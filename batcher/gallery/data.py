@@ -79,7 +79,11 @@ class Links:
         def rel(target: Path) -> str:
             return PurePosixPath(os.path.relpath(target.resolve(), out.resolve())).as_posix()
 
-        return cls(images=quote(rel(layout.images)), root=quote(rel(layout.root)))
+        # surrogateescape: a folder name that is not UTF-8 keeps its bytes, percent-encoded
+        return cls(
+            images=quote(rel(layout.images), errors="surrogateescape"),
+            root=quote(rel(layout.root), errors="surrogateescape"),
+        )
 
 
 @dataclass(kw_only=True)

@@ -137,7 +137,9 @@ def _page(layout: RunLayout, data: ReportData, summary: dict[str, Any], chunks: 
     latencies = [r["latency_ms"] for r in data.records if r.get("latency_ms") is not None]
     times = [float(r["generated_at"]) for r in data.records if r.get("generated_at")]
     charts = rate_chart(times, quota=data.quota) + latency_histogram(latencies)
-    name = escape(layout.root.resolve().name)
+    # a folder name that is not UTF-8 (bytes kept as surrogates) is shown with replacements
+    raw = layout.root.resolve().name.encode("utf-8", "surrogateescape")
+    name = escape(raw.decode("utf-8", "replace"))
     written = escape(time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
     scripts = "".join(f'<script src="data/jobs-{i:03d}.js"></script>' for i in range(chunks))
     return f"""<!doctype html>
