@@ -30,7 +30,7 @@ from jobs import JobStore, State, Stats
 from .client import DashScopeClient, base_url_for
 from .download import sweep_partials
 from .errors import ConfigError
-from .folder import Target, check_endpoint, endpoint_label, resolve_target
+from .folder import Target, check_folder_endpoint, endpoint_label, resolve_target
 from .importing import ImportSummary, import_manifest
 from .layout import RunLayout, RunLock
 from .metadata import write_metadata
@@ -144,7 +144,7 @@ async def execute_run(cmd: RunCommand) -> RunOutcome:
                 "choose a writable folder with --out"
             ) from exc
         async with await JobStore.open(layout.db) as store:
-            check_endpoint(await store.endpoints(), endpoint, layout.root)
+            await check_folder_endpoint(store, endpoint, layout.root)
             imported = await _prepare(store, cmd, target)
             spent = await _budget_spent(store, cmd)
             run_started = store.clock()
@@ -153,7 +153,7 @@ async def execute_run(cmd: RunCommand) -> RunOutcome:
                 withdrawn = start.count(State.WITHDRAWN)
                 _warn(
                     f"{target.manifest}: {plural(imported.added, 'new job')}, "
-                    f"{imported.unchanged} already imported"
+                    f"{imported.unchanged_of(start)} already imported"
                     f"{f', {withdrawn} withdrawn' if withdrawn else ''}; "
                     f"{start.count(State.DONE)} of {start.total - withdrawn} done; "
                     f"run folder {layout.root}"
@@ -166,7 +166,7 @@ async def execute_run(cmd: RunCommand) -> RunOutcome:
                         store,
                         layout,
                         done_at_start=start.count(State.DONE),
-                        since=None if imported.done_set_changed else run_started,
+                        since=run_started,  # the import left it listing the done jobs
                     )
             await store.set_meta("last_run", "clean")
             stats = await store.stats()
