@@ -33,8 +33,10 @@ def _unavailable() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
+    """Chromium for one test module. Not for the session: Playwright's sync API keeps an event
+    loop running in this thread while it is open, and the tests after (anyio's) need it free."""
     why = _unavailable()
     if why is not None:
         if os.environ.get("CI", "").lower() == "true":
