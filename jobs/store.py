@@ -24,6 +24,14 @@ manifest is the whole truth and jobs that left it are withdrawn (:mod:`jobs.merg
 manifest error anywhere rolls the whole import back. SQLite pulls the rows from the
 manifest's iterator on the database thread; a big manifest is read and checked meanwhile by a
 helper process (``jobs.readahead``), so the two use two cores.
+
+Sending jobs back (``retry_failed``, ``redo``) is one mechanism: the chosen ids go into a
+temporary ``requeue`` table, each old record is copied to ``job_history`` with the reason (and,
+for a redo, where its image was kept), and one ``UPDATE ... WHERE state IN (...)`` moves them,
+the allowed states taken from the transition table. A redo is all or nothing: one job that is
+not done refuses the whole transaction. Review marks (``set_review``, ``set_note``) write only
+the review columns in one short transaction and never move a job, so a review page and a run
+can share the folder.
 """
 
 from __future__ import annotations
