@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from jobs import JobStore, Redo, State
+from jobs import EMULATOR_ENDPOINT, JobStore, Redo, State
 from jobs.fields import MAX_SEED, PROMPT_LIMIT, text_problem
 
 from .errors import ConfigError
@@ -239,11 +239,19 @@ def _with_kept(item: RedoItem, dest: Path) -> RedoItem:
 
 def _costs(items: Sequence[RedoItem]) -> str:
     """What making ``items`` again costs, per currency (never summed across currencies)."""
-    totals: dict[str, Money] = {}
+    totals: dict[tuple[str, bool], Money] = {}
     for item in items:
-        cur = item.cost.currency
-        totals[cur] = totals.get(cur, Money.zero(cur)) + item.cost
-    return " + ".join(str(m) for _, m in sorted(totals.items())) or "nothing"
+        key = (item.cost.currency, item.record.get("endpoint") == EMULATOR_ENDPOINT)
+        totals[key] = totals.get(key, Money.zero(key[0])) + item.cost
+    parts = [
+        f"{m} (emulated, not billed)" if emulated else str(m)
+        for (_, emulated), m in sorted(totals.items())
+    ]
+    return " + ".join(parts) or "nothing"
+
+
+def _jobs(n: int) -> str:
+    return f"{n} job" if n == 1 else f"{n} jobs"
 
 
 async def cmd_redo(folder: Path, opt: RedoOptions) -> int:
@@ -272,13 +280,13 @@ async def cmd_redo(folder: Path, opt: RedoOptions) -> int:
                 print(f"  ... and {len(items) - _SHOWN} more")
             cost = _costs(items)
             if opt.dry_run:
-                print(f"would redo {len(items)} jobs for about {cost} (dry run: nothing changed)")
+                print(f"would redo {_jobs(len(items))} for about {cost} (dry run: nothing changed)")
                 return 0
             done = await redo(store, layout, items)
             # metadata.jsonl lists done images only: these are no longer done
             await write_metadata(store, layout, done_at_start=0, since=None)
         print(
-            f"{len(done)} jobs back to pending (about {cost} to make again); previous images "
+            f"{_jobs(len(done))} back to pending (about {cost} to make again); previous images "
             f"kept under {layout.history}/; the next `batcher run` makes them"
         )
         return 0
