@@ -7,6 +7,7 @@ one line (:mod:`batcher.cli`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -46,27 +47,27 @@ def _warn(msg: str) -> None:
     print(f"batcher: {msg}", file=sys.stderr)
 
 
-def _existing_layout(folder: Path) -> RunLayout:
-    layout = RunLayout(folder)
-    if not layout.db.is_file():
+def _existing_layout(folder: Path, database: str | None) -> RunLayout:
+    layout = RunLayout(folder, database)
+    if not layout.has_store():
         raise ConfigError(f"{folder} is not a batcher run folder (no batcher.db)")
     return layout
 
 
 async def cmd_plan(opt: PlanOptions) -> ExitCode:
     """Validate and import; no API call. Prints what a run would do."""
-    target = await resolve_target(opt.manifest, opt.out, emulate=opt.emulate)
-    async with await JobStore.open(target.layout.db) as store:
+    target = await resolve_target(opt.manifest, opt.out, emulate=opt.emulate, database=opt.database)
+    async with await JobStore.open(target.layout.store) as store:
         imported = await import_manifest(store, target, replace=opt.replace)
         plan = await make_plan(store, target.layout, target.manifest, imported, opt)
     print(json.dumps(plan.as_dict()) if opt.as_json else plan.text())
     return ExitCode.OK
 
 
-async def cmd_status(folder: Path, *, as_json: bool) -> ExitCode:
+async def cmd_status(folder: Path, *, as_json: bool, database: str | None = None) -> ExitCode:
     """Counts per state, spend and failures by code of a run folder."""
-    layout = _existing_layout(folder)
-    async with await JobStore.open(layout.db, create=False) as store:
+    layout = _existing_layout(folder, database)
+    async with await JobStore.open(layout.store, create=False) as store:
         stats = await store.stats()
     if as_json:
         print(json.dumps(status_json(stats)))
@@ -75,10 +76,12 @@ async def cmd_status(folder: Path, *, as_json: bool) -> ExitCode:
     return ExitCode.OK
 
 
-async def cmd_export(folder: Path, *, fmt: str, output: Path | None) -> ExitCode:
+async def cmd_export(
+    folder: Path, *, fmt: str, output: Path | None, database: str | None = None
+) -> ExitCode:
     """One record per job to stdout or, written whole then renamed, to ``output``."""
-    layout = _existing_layout(folder)
-    async with await JobStore.open(layout.db, create=False) as store:
+    layout = _existing_layout(folder, database)
+    async with await JobStore.open(layout.store, create=False) as store:
         if output is None:
             n = await export_records(store, layout, sys.stdout, fmt=fmt)
         else:
@@ -90,11 +93,12 @@ async def cmd_export(folder: Path, *, fmt: str, output: Path | None) -> ExitCode
     return ExitCode.OK
 
 
-async def cmd_retry(folder: Path, *, code: str | None) -> ExitCode:
+async def cmd_retry(folder: Path, *, code: str | None, database: str | None = None) -> ExitCode:
     """Failed jobs (or those failed with ``code``) back to pending."""
-    layout = _existing_layout(folder)
-    with RunLock(layout.lock):
-        async with await JobStore.open(layout.db, create=False) as store:
+    layout = _existing_layout(folder, database)
+    # A shared table's workers may be running: the folder's lock is not theirs to take.
+    with contextlib.nullcontext() if layout.shared else RunLock(layout.lock):
+        async with await JobStore.open(layout.store, create=False) as store:
             n = await store.retry_failed(code=code)
     what = f" with error {code}" if code else ""
     print(f"{n} failed jobs{what} put back to pending; run the same command again to retry them")

@@ -32,6 +32,7 @@ class PlanOptions:
     rps: float = 2.0
     emulate: bool = False
     as_json: bool = False
+    database: str | None = None  # a postgresql:// URL holding the run's table
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
