@@ -367,7 +367,9 @@ class JobStore:
             await backend.prepare()
             store = cls(backend, clock or backend.default_clock())
             if not create and db is None and await store._schema_version() is None:
-                raise StoreUnavailable(f"no batcher job table in {backend.label}")
+                raise StoreUnavailable(
+                    f"no job database in {backend.label}: it holds no batcher tables"
+                )
             await store._ensure_schema()
         except BaseException:
             with anyio.CancelScope(shield=True):

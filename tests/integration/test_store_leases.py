@@ -16,6 +16,7 @@ import pytest
 from jobs.errors import JobStoreError, LeaseLost
 from jobs.states import State
 from jobs.store import Claim, JobStore
+from tests.conftest import store_target
 
 from .store_support import (
     FakeClock,
@@ -39,8 +40,9 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Path:
-    return tmp_path / "batcher.db"
+def db(tmp_path: Path, backend: str) -> Path:
+    """The store's SQLite file, or (backend ``postgres``) the URL of an empty database."""
+    return store_target(backend, tmp_path / "batcher.db")  # type: ignore[return-value]
 
 
 @pytest.fixture
