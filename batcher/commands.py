@@ -28,6 +28,7 @@ from .pool import StopReason
 from .pricing import currency_of
 from .session import RunCommand, RunOutcome, execute_run
 from .summary import achieved_rate, run_json, status_json, status_text, summary_lines
+from .wording import plural
 
 __all__ = [
     "PlanOptions",
@@ -54,9 +55,39 @@ def _existing_layout(folder: Path, database: str | None) -> RunLayout:
     return layout
 
 
+def _writable(layout: RunLayout) -> bool:
+    """False for a run folder on read-only media (or one the user may not write)."""
+    return os.access(layout.root, os.W_OK) and os.access(layout.db, os.W_OK)
+
+
+async def _open_existing(layout: RunLayout) -> JobStore:
+    """The store of an existing run folder, opened read-only when the folder cannot be written
+    (a finished run on read-only media can still be looked at and exported). A run's table
+    in PostgreSQL is opened as it is."""
+    if layout.shared:
+        return await JobStore.open(layout.store, create=False)
+    return await JobStore.open(layout.db, create=False, read_only=not _writable(layout))
+
+
+def _need_writable(layout: RunLayout) -> None:
+    """Refuse, in one line, a run folder that cannot be written (a file in its place, a
+    read-only folder or medium) before anything is opened in it."""
+    root = layout.root
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"{root} is a file, not a run folder; choose another --out")
+    existing = root
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK) or (
+        layout.db.exists() and not os.access(layout.db, os.W_OK)
+    ):
+        raise ConfigError(f"cannot write the run folder {root}: {existing} is read-only")
+
+
 async def cmd_plan(opt: PlanOptions) -> ExitCode:
     """Validate and import; no API call. Prints what a run would do."""
     target = await resolve_target(opt.manifest, opt.out, emulate=opt.emulate, database=opt.database)
+    _need_writable(target.layout)
     async with await JobStore.open(target.layout.store) as store:
         imported = await import_manifest(store, target, replace=opt.replace)
         plan = await make_plan(store, target.layout, target.manifest, imported, opt)
@@ -67,7 +98,7 @@ async def cmd_plan(opt: PlanOptions) -> ExitCode:
 async def cmd_status(folder: Path, *, as_json: bool, database: str | None = None) -> ExitCode:
     """Counts per state, spend and failures by code of a run folder."""
     layout = _existing_layout(folder, database)
-    async with await JobStore.open(layout.store, create=False) as store:
+    async with await _open_existing(layout) as store:
         stats = await store.stats()
     if as_json:
         print(json.dumps(status_json(stats)))
@@ -81,7 +112,7 @@ async def cmd_export(
 ) -> ExitCode:
     """One record per job to stdout or, written whole then renamed, to ``output``."""
     layout = _existing_layout(folder, database)
-    async with await JobStore.open(layout.store, create=False) as store:
+    async with await _open_existing(layout) as store:
         if output is None:
             n = await export_records(store, layout, sys.stdout, fmt=fmt)
         else:
@@ -89,19 +120,23 @@ async def cmd_export(
             with temp.open("w", encoding="utf-8", newline="") as fh:
                 n = await export_records(store, layout, fh, fmt=fmt)
             os.replace(temp, output)
-    _warn(f"exported {n} records")
+    _warn(f"exported {plural(n, 'record')}")
     return ExitCode.OK
 
 
 async def cmd_retry(folder: Path, *, code: str | None, database: str | None = None) -> ExitCode:
     """Failed jobs (or those failed with ``code``) back to pending."""
     layout = _existing_layout(folder, database)
+    _need_writable(layout)
     # A shared table's workers may be running: the folder's lock is not theirs to take.
     with contextlib.nullcontext() if layout.shared else RunLock(layout.lock):
         async with await JobStore.open(layout.store, create=False) as store:
             n = await store.retry_failed(code=code)
     what = f" with error {code}" if code else ""
-    print(f"{n} failed jobs{what} put back to pending; run the same command again to retry them")
+    print(
+        f"{plural(n, 'failed job')}{what} put back to pending; "
+        "run the same command again to retry them"
+    )
     return ExitCode.OK
 
 
@@ -139,7 +174,7 @@ def _report(cmd: RunCommand, outcome: RunOutcome, code: ExitCode) -> None:
         print(json.dumps(payload))
     for line in lines:
         _warn(line)
-    if result.reason is StopReason.ABORTED:
+    if result.reason in (StopReason.ABORTED, StopReason.UNREACHABLE):
         _warn(f"stopped: {result.abort_message}")
     elif result.reason is StopReason.BUDGET:
         _warn(

@@ -10,16 +10,26 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import AsyncIterator
+from typing import Any
 
 from jobs import JobStore, State
 
 from .layout import RunLayout
 
-__all__ = ["METADATA_LINES", "write_metadata"]
+__all__ = ["METADATA_LINES", "actual_prompt", "write_metadata"]
 
 METADATA_LINES = "metadata_lines"
 """Meta key: the lines ``metadata.jsonl`` held when it was last written whole ("" while it is
 being replaced, so a crash meanwhile makes the next run rewrite it)."""
+
+
+def actual_prompt(rec: dict[str, Any]) -> str | None:
+    """The prompt the image was generated from: the service's rewrite with ``prompt_extend``,
+    the job's own prompt otherwise; None for a job not generated yet. ``metadata.jsonl`` and
+    ``batcher export`` both say this, so they agree."""
+    if rec.get("generated_at") is None and rec.get("request_id") is None:
+        return None
+    return rec.get("actual_prompt") or rec.get("prompt")
 
 
 async def _done_lines(store: JobStore, since: float | None = None) -> AsyncIterator[str]:
@@ -33,7 +43,7 @@ async def _done_lines(store: JobStore, since: float | None = None) -> AsyncItera
             "width": rec["width"],
             "height": rec["height"],
             "prompt_extend": rec["prompt_extend"],
-            "actual_prompt": rec["actual_prompt"] or rec["prompt"],
+            "actual_prompt": actual_prompt(rec),
             "request_id": rec["request_id"] or "",
             "sha256": rec["sha256"],
         }

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Self, TypeVar
 
 import anyio
-from sqlalchemy import case, func, inspect, literal_column, select, text, update
+from sqlalchemy import and_, case, func, inspect, literal_column, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from . import migrations, schema
@@ -346,23 +346,33 @@ class JobStore:
 
     @classmethod
     async def open(
-        cls, path: str | Path, *, create: bool = True, clock: Clock | None = None
+        cls,
+        path: str | Path,
+        *,
+        create: bool = True,
+        read_only: bool = False,
+        clock: Clock | None = None,
     ) -> Self:
         """Open (and with ``create``, make) the job table at ``path``: a SQLite file, or a
         ``postgresql://user@host/name`` URL naming a database that holds one run.
 
-        ``clock`` defaults to this host's clock for SQLite, and to the database server's
-        clock for PostgreSQL (leases shared by hosts are measured on one clock).
+        ``read_only``: for a finished run folder that cannot be written (read-only media, an
+        archive): the file is opened immutable, nothing is migrated and every write fails.
+        Only for a folder no process writes to (SQLite then trusts the file not to change).
+        A PostgreSQL table is only checked, not migrated. ``clock`` defaults to this host's
+        clock for SQLite, and to the database server's clock for PostgreSQL (leases shared
+        by hosts are measured on one clock).
         """
-        backend = open_backend(path)
+        backend = open_backend(path, read_only=read_only)
         db = getattr(backend, "path", None)
         if isinstance(db, Path):
-            if not create and not db.exists():
+            if (read_only or not create) and not db.exists():
                 raise StoreUnavailable(f"no job database at {db}")
-            try:
-                db.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise StoreUnavailable(f"cannot create {db.parent}: {exc.strerror}") from exc
+            if not read_only:
+                try:
+                    db.parent.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise StoreUnavailable(f"cannot create {db.parent}: {exc.strerror}") from exc
         try:
             await backend.prepare()
             store = cls(backend, clock or backend.default_clock())
@@ -370,7 +380,10 @@ class JobStore:
                 raise StoreUnavailable(
                     f"no job database in {backend.label}: it holds no batcher tables"
                 )
-            await store._ensure_schema()
+            if read_only:
+                await store._check_schema_read_only()
+            else:
+                await store._ensure_schema()
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await backend.close()
@@ -435,6 +448,24 @@ class JobStore:
                     .where(meta.c.key == "schema_version")
                     .values(value=str(schema.SCHEMA_VERSION))
                 )
+
+    async def _check_schema_read_only(self) -> None:
+        """A database opened read-only is used as it is: one of another schema is refused."""
+        found = await self._schema_version()
+        if found is None:
+            raise StoreUnavailable(f"{self._backend.label} is not a batcher job database")
+        if found != schema.SCHEMA_VERSION:
+            newer = found > schema.SCHEMA_VERSION
+            raise SchemaMismatch(
+                f"{self._backend.label} has schema version {found} and this batcher reads version "
+                f"{schema.SCHEMA_VERSION}; "
+                + (
+                    "upgrade batcher"
+                    if newer
+                    else "the folder is read-only, so it cannot be upgraded: copy the run "
+                    "folder somewhere writable and run the command there"
+                )
+            )
 
     async def _schema_version(self) -> int | None:
         async with self._read() as conn:
@@ -1002,14 +1033,25 @@ class JobStore:
             return int((await conn.execute(select(func.count()).select_from(jobs))).scalar_one())
 
     async def pending_by_kind(self) -> dict[tuple[str, bool], int]:
-        """Jobs still to generate (pending or running), counted by (model, prompt_extend)."""
+        """Jobs still to generate, counted by (model, prompt_extend): pending ones, and running
+        ones whose lease expired (a dead run's). A job a live run holds is being generated."""
+        now = self.clock()
         async with self._read() as conn:
             rows = (
                 await conn.execute(
                     select(jobs.c.model, jobs.c.prompt_extend, func.count())
                     .where(
                         schema.ACTIVE,
-                        jobs.c.state.in_([State.PENDING.value, State.RUNNING.value]),
+                        or_(
+                            jobs.c.state == State.PENDING.value,
+                            and_(
+                                jobs.c.state == State.RUNNING.value,
+                                or_(
+                                    jobs.c.lease_expires_at.is_(None),
+                                    jobs.c.lease_expires_at < now,
+                                ),
+                            ),
+                        ),
                     )
                     .group_by(jobs.c.model, jobs.c.prompt_extend)
                 )

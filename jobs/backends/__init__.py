@@ -24,8 +24,9 @@ __all__ = [
 ]
 
 
-def open_backend(target: str | Path) -> Backend:
-    """The backend of ``target``: PostgreSQL for a ``postgresql://`` URL, else a SQLite file."""
+def open_backend(target: str | Path, *, read_only: bool = False) -> Backend:
+    """The backend of ``target``: PostgreSQL for a ``postgresql://`` URL, else a SQLite file
+    (``read_only``: opened immutable)."""
     if isinstance(target, str) and is_database_url(target):
         return PostgresBackend(target)
-    return SQLiteBackend(Path(target))
+    return SQLiteBackend(Path(target), read_only=read_only)

@@ -12,6 +12,7 @@ multi-row ``INSERT``\\ s.
 from __future__ import annotations
 
 import functools
+import os
 import sqlite3
 import threading
 import time
@@ -20,6 +21,7 @@ from contextlib import asynccontextmanager, contextmanager
 from itertools import chain, islice
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import anyio
 from sqlalchemy import event
@@ -68,6 +70,7 @@ _MESSAGES = {
     8: "the job database is read-only",
     11: "the job database is damaged or not a batcher database",
     13: "the disk is full: the job database could not be written",
+    14: "the job database could not be opened: is its folder writable?",
     26: "the job database is damaged or not a batcher database",
 }
 
@@ -120,19 +123,23 @@ class SQLiteBackend(Backend):
     staging_order = "rowid"
     shared = False
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
         self.path = path
         self.label = str(path)
+        url = f"sqlite+aiosqlite:///{path}"
+        if read_only:
+            where = quote(os.path.abspath(path))
+            url = f"sqlite+aiosqlite:///file:{where}?immutable=1&uri=true"
         # Three pooled connections (the hot path's writer, a writer, a reader; writes are
         # serialised by the store's lock): opening one costs a thread and the pragmas, far
         # too much per transaction. close() disposes the pool, so nothing lingers open.
         self.engine = create_async_engine(
-            f"sqlite+aiosqlite:///{path}",
+            url,
             poolclass=AsyncAdaptedQueuePool,
             pool_size=3,
             max_overflow=0,
         )
-        _install_hooks(self.engine.sync_engine)
+        _install_hooks(self.engine.sync_engine, read_only=read_only)
         self._writer: AsyncConnection | None = None  # held for the hot path's batches
         self._writer_driver: Any = None
 
@@ -287,14 +294,18 @@ class SQLiteBackend(Backend):
         return total
 
 
-def _install_hooks(sync_engine: Any) -> None:
-    """Pragmas on every connection; BEGIN IMMEDIATE for writes, plain BEGIN for reads."""
+def _install_hooks(sync_engine: Any, *, read_only: bool = False) -> None:
+    """Pragmas on every connection; BEGIN IMMEDIATE for writes, plain BEGIN for reads.
+
+    A read-only database gets only the pragmas that write nothing (``journal_mode`` would)."""
 
     @event.listens_for(sync_engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.isolation_level = None  # we emit BEGIN ourselves
         cur = dbapi_conn.cursor()
         for pragma in schema.PRAGMAS:
+            if read_only and "journal_mode" in pragma:
+                continue
             cur.execute(pragma)
         cur.close()
 
