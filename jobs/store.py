@@ -1072,7 +1072,9 @@ class JobStore:
             await conn.execute(_SET_META, {"key": key, "value": value})
 
     async def next_due_at(self) -> float | None:
-        """When the earliest waiting job becomes due (None when no job waits)."""
+        """When the earliest waiting job becomes due (None when no job waits). On a shared
+        table a job another worker runs waits too: until its lease expires, when a claim may
+        take it over (the worker may have died)."""
         async with self._read() as conn:
             value = (
                 await conn.execute(
@@ -1081,6 +1083,16 @@ class JobStore:
                     )
                 )
             ).scalar()
+            if self.shared:
+                held = (
+                    await conn.execute(
+                        select(func.min(jobs.c.lease_expires_at)).where(
+                            schema.ACTIVE, jobs.c.state == State.RUNNING.value
+                        )
+                    )
+                ).scalar()
+                if held is not None:
+                    value = held if value is None else min(value, held)
             return None if value is None else float(value)
 
     async def get(self, job_id: str) -> dict[str, Any] | None:

@@ -54,6 +54,18 @@ _TAKE_GENERATED = text(
     f"AND {_ACTIVE} ORDER BY next_attempt_at, seq LIMIT :limit FOR UPDATE SKIP LOCKED) AS picked "
     f"WHERE jobs.id = picked.id RETURNING {_RETURNING}, jobs.next_attempt_at, jobs.seq"
 )
+# A running job whose lease ran out (its worker died, or lost the database for longer than
+# the lease) is taken over as a pending one would be: no attempt charged (whether its call
+# went out is unknown), and the old holder's token no longer matches, so its late writes are
+# refused. SQLite reclaims such jobs at the start of a run instead; on a shared table the
+# other workers are live, and take them over only once the lease has expired.
+_TAKE_EXPIRED = text(
+    "UPDATE jobs SET claim_token = :token, lease_expires_at = :lease, worker = :worker "
+    "FROM (SELECT id FROM jobs WHERE state = 'running' AND lease_expires_at < :now "
+    f"AND {_ACTIVE} ORDER BY lease_expires_at, seq LIMIT :limit FOR UPDATE SKIP LOCKED) "
+    f"AS picked WHERE jobs.id = picked.id RETURNING {_RETURNING}, jobs.lease_expires_at, "
+    "jobs.seq"
+)
 _TAKE_PENDING = text(
     "UPDATE jobs SET state = 'running', claim_token = :token, lease_expires_at = :lease, "
     "worker = :worker, started_at = coalesce(jobs.started_at, :now) "
@@ -202,15 +214,13 @@ class PostgresBackend(Backend):
         params = {"token": token, "lease": lease, "worker": worker, "now": now}
         with self.translated():
             async with self.engine.begin() as conn:
-                rows = list(await conn.execute(_TAKE_GENERATED, {**params, "limit": limit}))
-                if len(rows) < limit:
+                rows: list[Any] = []
+                for statement in (_TAKE_GENERATED, _TAKE_EXPIRED, _TAKE_PENDING):
+                    if len(rows) >= limit:
+                        break
                     more = {**params, "limit": limit - len(rows)}
-                    rows.sort(key=lambda r: (r[-2], r[-1]))
-                    pending = list(await conn.execute(_TAKE_PENDING, more))
-                    pending.sort(key=lambda r: (r[-2], r[-1]))
-                    rows += pending
-                else:
-                    rows.sort(key=lambda r: (r[-2], r[-1]))
+                    # RETURNING emits rows in no promised order: due time, then manifest order
+                    rows += sorted(await conn.execute(statement, more), key=lambda r: r[-2:])
         return [tuple(r)[:-2] for r in rows]
 
     async def stream_rows(

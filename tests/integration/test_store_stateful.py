@@ -105,6 +105,8 @@ class Write:
 
 
 class StoreMachine(RuleBasedStateMachine):
+    shared = False  # a table other workers share (PostgreSQL): claims take expired leases
+
     def __init__(self) -> None:
         super().__init__()
         self.dir = Path(tempfile.mkdtemp(prefix="batcher-stateful-", dir=SCRATCH))
@@ -290,9 +292,20 @@ class StoreMachine(RuleBasedStateMachine):
             ),
             key=due_first,
         )[:limit]
-        pend = sorted(
-            (i for i, j in self.jobs.items() if j.state == P and j.due <= now), key=due_first
+        taken = sorted(  # a shared table's claim takes over a running job whose lease ran out
+            (
+                i
+                for i, j in self.jobs.items()
+                if self.shared and j.state == R and j.lease is not None and j.lease < now
+            ),
+            key=lambda i: (self.jobs[i].lease or 0.0, IDS.index(i)),
         )[: limit - len(gen)]
+        pend = (
+            taken
+            + sorted(
+                (i for i, j in self.jobs.items() if j.state == P and j.due <= now), key=due_first
+            )[: limit - len(gen) - len(taken)]
+        )
         claims = self.call(partial(self.store.claim, limit=limit, lease_seconds=lease))
         assert [c.id for c in claims] == gen + pend
         assert [c.state for c in claims] == [G] * len(gen) + [R] * len(pend)
@@ -469,6 +482,8 @@ TestStoreStateMachine = StoreMachine.TestCase
 
 class PgStoreMachine(StoreMachine):
     """The same machine on a real PostgreSQL: an empty schema per example."""
+
+    shared = True
 
     def make_target(self) -> Path | str:
         return fresh()
