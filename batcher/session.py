@@ -170,7 +170,9 @@ async def execute_run(cmd: RunCommand) -> RunOutcome:
                         store,
                         layout,
                         done_at_start=start.count(State.DONE),
-                        since=run_started,  # the import left it listing the done jobs
+                        # the import left it listing the done jobs; on a shared table
+                        # other workers finished jobs too: the file is rewritten whole
+                        since=None if layout.shared else run_started,
                     )
             await store.set_meta("last_run", "clean")
             stats = await store.stats()
