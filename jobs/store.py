@@ -583,11 +583,14 @@ class JobStore:
                 # The first import goes straight into the table: the manifest has already
                 # refused duplicate ids and outputs, and the constraints would catch any. The
                 # active-jobs index is built once at the end (a sort), not row by row.
-                for index in _DEFERRED_INDEXES:
-                    await conn.exec_driver_sql(f"DROP INDEX IF EXISTS {index.name}")
+                backend_indexes = self._backend.deferred_indexes
+                for name in [i.name for i in _DEFERRED_INDEXES] + [n for n, _ in backend_indexes]:
+                    await conn.exec_driver_sql(f"DROP INDEX IF EXISTS {name}")
                 total = await self._backend.stream_rows(conn, rows, "jobs", now)
                 for index in _DEFERRED_INDEXES:
                     await conn.run_sync(index.create)
+                for _, ddl in backend_indexes:
+                    await conn.exec_driver_sql(ddl)
                 return ImportReport(total=total, added=total, unchanged=0, replaced=0)
             await conn.exec_driver_sql(self._backend.staging_ddl())
             await conn.exec_driver_sql("DELETE FROM staging")

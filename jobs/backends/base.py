@@ -79,6 +79,8 @@ class Backend(abc.ABC):
     order_column: str  # the jobs table's column of manifest (insertion) order
     staging_order: str  # the same in the staging table
     shared: bool  # several processes may work on the table at once (no reclaim-all)
+    # (name, CREATE INDEX ...) of backend-only indexes a first import builds at its end
+    deferred_indexes: tuple[tuple[str, str], ...] = ()
 
     @abc.abstractmethod
     def translated(self) -> AbstractContextManager[None]:

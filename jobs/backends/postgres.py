@@ -75,9 +75,13 @@ _TAKE_PENDING = text(
 )
 # The manifest order of rows: an identity column (SQLite has its rowid), and the claim's index
 # on (state, due time, order) so that taking the next jobs of a million reads a few rows.
+_DUE_INDEX = (
+    "ix_jobs_due",
+    f"CREATE INDEX IF NOT EXISTS ix_jobs_due ON jobs (state, next_attempt_at, seq) WHERE {_ACTIVE}",
+)
 _AFTER_CREATE = (
     "ALTER TABLE jobs ADD COLUMN seq BIGINT GENERATED ALWAYS AS IDENTITY",
-    f"CREATE INDEX ix_jobs_due ON jobs (state, next_attempt_at, seq) WHERE {_ACTIVE}",
+    _DUE_INDEX[1],
 )
 _STAGING_DDL = """
 CREATE TEMP TABLE IF NOT EXISTS staging (
@@ -124,6 +128,7 @@ class PostgresBackend(Backend):
     order_column = "seq"
     staging_order = "seq"
     shared = True
+    deferred_indexes = (_DUE_INDEX,)
 
     def __init__(self, target: str) -> None:
         url = engine_url(target)
@@ -227,7 +232,7 @@ class PostgresBackend(Backend):
         self, conn: AsyncConnection, rows: Iterable[JobRow], table: str, now: float | None
     ) -> int:
         """``COPY`` every row into ``table``; the manifest is read on a worker thread, a chunk
-        at a time, while the previous chunk is sent."""
+        at a time, as asyncpg sends the rows."""
         driver = (await conn.get_raw_connection()).driver_connection
         assert driver is not None
         columns = list(schema.STAGING_COLUMNS)
