@@ -40,6 +40,8 @@ def test_images_folder_loads_as_a_hugging_face_imagefolder(tmp_path, monkeypatch
         "1000",
         "--rps",
         "1000",
+        "--start-rps",
+        "1000",
         "--no-progress",
     )
     assert r.returncode == 0, r.stderr
