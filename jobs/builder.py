@@ -11,6 +11,10 @@ values (``None`` where a field is absent) and it applies the rules every format 
 - ``prompt``: non-empty after stripping; over 800 characters is a warning (the service cuts it).
 - templates: ``{name}`` in prompt and output, from id, seed, size, width, height, index and
   the job's variables (vars, extra columns, matrix values).
+- variables are also stored with the job (``JobRow``'s last item, a JSON object in the
+  manifest's order, ``None`` without any), typed as the format wrote them: numbers from JSONL
+  and YAML stay numbers, CSV cells are text, booleans are ``"true"``/``"false"``. Matrix
+  values that set a field (seed, size, prompt_extend) are that field, not a variable.
 
 Errors are appended to the caller's list (a row may have several); ``build`` returns ``None``
 for a row with errors. A valid job comes back as a ``JobRow`` (a ``JobSpec``'s fields as a
@@ -34,6 +38,8 @@ from jobs.templates import Scalar, compile_template
 __all__ = ["JobBuilder", "derive_id", "derive_seed"]
 
 _LINE_BREAKS = frozenset({"Cc", "Zl", "Zp"})
+_NOT_VARS = frozenset({"seed", "size", "prompt_extend"})  # matrix keys that set a field
+_vars_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _SEED_HASH = hashlib.blake2b(digest_size=8, person=b"batcher-seed")
 
 
@@ -199,7 +205,13 @@ class JobBuilder:
             return None
         if len(prompt) > PROMPT_LIMIT:
             self._warn(_at(lines, line, "prompt"), len(prompt))
-        return (full_id, line, self.model, prompt, size_text, seed, extend, path, key)
+        stored: str | None = None
+        if variables:
+            if _NOT_VARS.isdisjoint(variables):
+                stored = _vars_json(variables)
+            elif own := {k: v for k, v in variables.items() if k not in _NOT_VARS}:
+                stored = _vars_json(own)
+        return (full_id, line, self.model, prompt, size_text, seed, extend, path, key, stored)
 
     @staticmethod
     def _values(

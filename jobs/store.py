@@ -68,7 +68,7 @@ Clock = Callable[[], float]
 _T = TypeVar("_T")
 MICROS = Decimal(1_000_000)
 # Rows an import INSERT statement takes: 1M rows go in about a third faster than one row per
-# statement, and 64 * 9 + 1 parameters stay under the 999 of SQLite builds before 3.32.
+# statement, and 64 * 10 + 1 parameters stay under the 999 of SQLite builds before 3.32.
 ROWS_PER_INSERT = 64
 IMPORT_CHUNK = 32 * ROWS_PER_INSERT  # rows taken between checks for a cancelled import
 _COLS = ", ".join(schema.STAGING_COLUMNS)
@@ -77,6 +77,9 @@ _CHANGED = (
     "NOT (j.model = s.model AND j.prompt = s.prompt AND j.size = s.size AND j.seed = s.seed "
     "AND j.prompt_extend = s.prompt_extend AND j.output = s.output)"
 )
+# A row whose id exists with the same image but other variables (a label edited): its vars
+# are updated in place, nothing is generated again.
+_VARS_ONLY = f"NOT ({_CHANGED}) AND j.vars IS NOT s.vars"
 # Built after a first import rather than row by row (1M rows: 0.6-0.8 s at the end, 1.9 s
 # more in the inserts). ix_jobs_failed_code stays: no new row is failed, so it costs the
 # inserts nothing, while building it again would read the whole table (0.1 s at 1M).
@@ -103,12 +106,15 @@ _RESULT_RESET: dict[str, Any] = {
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ImportReport:
-    """What an import did: rows read, rows new, rows already there, rows replaced."""
+    """What an import did: rows read, rows new, rows already there, rows replaced, and rows
+    whose variables alone changed (``updated``: counted in ``unchanged`` too, since their
+    images stand)."""
 
     total: int
     added: int
     unchanged: int
     replaced: int
+    updated: int = 0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -756,18 +762,29 @@ class JobStore:
         replaced = 0
         if changed:
             replaced = await self._replace_changed(conn, now)
+        updated = (
+            await conn.exec_driver_sql(
+                "UPDATE jobs SET vars = (SELECT s.vars FROM staging s WHERE s.id = jobs.id) "
+                "WHERE id IN (SELECT j.id FROM jobs j JOIN staging s ON s.id = j.id "
+                f"WHERE {_VARS_ONLY})"
+            )
+        ).rowcount
         added = (
             await conn.exec_driver_sql(
                 "INSERT INTO jobs (id, line, model, prompt, size, seed, prompt_extend, output, "
-                "output_key, state, created_at) "
+                "output_key, vars, state, created_at) "
                 "SELECT s.id, s.line, s.model, s.prompt, s.size, s.seed, s.prompt_extend, "
-                "s.output, s.output_key, 'pending', ? FROM staging s "
+                "s.output, s.output_key, s.vars, 'pending', ? FROM staging s "
                 "WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = s.id) ORDER BY s.rowid",
                 (now,),
             )
         ).rowcount
         return ImportReport(
-            total=total, added=added, unchanged=total - added - replaced, replaced=replaced
+            total=total,
+            added=added,
+            unchanged=total - added - replaced,
+            replaced=replaced,
+            updated=updated,
         )
 
     async def _replace_changed(self, conn: AsyncConnection, now: float) -> int:
@@ -791,9 +808,9 @@ class JobStore:
             update(jobs).where(jobs.c.id.in_(ids)).values(output_key=jobs.c.output_key + "\0old")
         )
         await conn.exec_driver_sql(
-            "UPDATE jobs SET (line, model, prompt, size, seed, prompt_extend, output, output_key"
-            ") = (SELECT s.line, s.model, s.prompt, s.size, s.seed, s.prompt_extend, "
-            "s.output, s.output_key FROM staging s WHERE s.id = jobs.id) "
+            "UPDATE jobs SET (line, model, prompt, size, seed, prompt_extend, output, output_key, "
+            "vars) = (SELECT s.line, s.model, s.prompt, s.size, s.seed, s.prompt_extend, "
+            "s.output, s.output_key, s.vars FROM staging s WHERE s.id = jobs.id) "
             "WHERE id IN (SELECT j.id FROM jobs j JOIN staging s ON s.id = j.id "
             f"WHERE {_CHANGED})"
         )
@@ -1263,6 +1280,32 @@ class JobStore:
         async with self._read() as conn:
             row = (await conn.execute(select(jobs).where(jobs.c.id == job_id))).mappings().first()
             return None if row is None else _public(dict(row))
+
+    async def variables(self) -> dict[str, frozenset[str]]:
+        """The manifest variables stored with any job, in the order they first appear (by
+        manifest row, then by position in the row), each with the JSON types its values have
+        (``"integer"``, ``"real"``, ``"text"``, ``"null"``; SQLite's ``json_each`` names)."""
+        async with self._read() as conn:
+            rows: list[Any] = list(
+                await conn.exec_driver_sql(
+                    "SELECT v.key, group_concat(DISTINCT v.type) "
+                    "FROM jobs, json_each(jobs.vars) AS v WHERE jobs.vars IS NOT NULL "
+                    "GROUP BY v.key ORDER BY MIN(jobs.rowid * 65536 + v.id)"
+                )
+            )
+            return {str(key): frozenset(str(kinds).split(",")) for key, kinds in rows}
+
+    async def records(self, ids: Sequence[str]) -> list[dict[str, Any]]:
+        """The full records of ``ids`` that exist, in manifest order (claim token and worker
+        omitted)."""
+        found: list[dict[str, Any]] = []
+        for start in range(0, len(ids), 500):
+            rowid: Any = literal_column("jobs.rowid")
+            query = select(jobs).where(jobs.c.id.in_(ids[start : start + 500])).order_by(rowid)
+            async with self._read() as conn:
+                rows = (await conn.execute(query)).mappings().all()
+            found += [_public(dict(row)) for row in rows]
+        return found
 
     async def iter_records(
         self,
