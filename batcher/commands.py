@@ -30,11 +30,13 @@ from . import __version__
 from .client import DashScopeClient, base_url_for
 from .download import sweep_partials
 from .errors import ConfigError
+from .export import ExportOptions, check_output, run_export, write_stdout_safely
+from .imagefolder import MetadataWriter
 from .layout import RunLayout, RunLock
 from .pool import Runner, RunOptions, RunResult, StopReason
 from .pricing import Money, price_per_image
 from .progress import ProgressView, Snapshot, make_view
-from .report import export_records, status_json, status_text, summary_lines, write_metadata
+from .report import status_json, status_text, summary_lines
 
 __all__ = ["EXIT", "PlanOptions", "RunCommand", "cmd_export", "cmd_plan", "cmd_retry", "cmd_status"]
 
@@ -47,6 +49,7 @@ EXIT = {
     "aborted": 3,
     "stopped_early": 4,
     "interrupted": 130,
+    "broken_pipe": 141,
 }
 EMULATOR_KEY = "sk-batcher-emulator"
 
@@ -99,7 +102,9 @@ def _manifest_identity(path: Path) -> tuple[str, str]:
     return f"manifest:{os.path.abspath(path)}", f"{__version__}:{digest.hexdigest()}"
 
 
-async def _import(store: JobStore, manifest_path: Path, *, replace: bool) -> tuple[int, int, int]:
+async def _import(
+    store: JobStore, manifest_path: Path, *, replace: bool
+) -> tuple[int, int, int, int]:
     """Import new rows. A manifest unchanged since its last import is not read again: with a
     million rows that would be most of the time a resumed run takes to its first call."""
     key = digest = None
@@ -108,7 +113,7 @@ async def _import(store: JobStore, manifest_path: Path, *, replace: bool) -> tup
     if key is not None and not replace and await store.get_meta(key) == digest:
         total = await store.count()
         log.info("%s unchanged since its last import: not read again", manifest_path)
-        return 0, total, 0
+        return 0, total, 0, 0
     manifest = open_manifest(manifest_path)
     report = await store.import_rows(manifest.rows(), source=str(manifest_path), replace=replace)
     if key is not None and digest is not None:
@@ -118,7 +123,7 @@ async def _import(store: JobStore, manifest_path: Path, *, replace: bool) -> tup
         _warn(f"warning: {w.format()}")
     if len(manifest.warnings) > len(shown):
         _warn(f"warning: ... and {len(manifest.warnings) - len(shown)} more warnings")
-    return report.added, report.unchanged, report.replaced
+    return report.added, report.unchanged, report.replaced, report.updated
 
 
 # --------------------------------------------------------------------------- plan
@@ -163,7 +168,9 @@ async def cmd_plan(opt: PlanOptions) -> int:
     """Validate and import; no API call. Prints what a run would do."""
     layout = RunLayout(opt.out or default_out(opt.manifest))
     async with await JobStore.open(layout.db) as store:
-        added, unchanged, replaced = await _import(store, opt.manifest, replace=opt.replace)
+        added, unchanged, replaced, _updated = await _import(
+            store, opt.manifest, replace=opt.replace
+        )
         stats, cost = await _plan_figures(store, opt.region)
     info = {
         "run_folder": str(layout.root),
@@ -213,17 +220,29 @@ async def cmd_status(folder: Path, *, as_json: bool) -> int:
     return EXIT["ok"]
 
 
-async def cmd_export(folder: Path, *, fmt: str, output: Path | None) -> int:
+async def cmd_export(folder: Path, opt: ExportOptions) -> int:
+    """Write the run folder's jobs as records or dataset shards (see :mod:`batcher.export`).
+
+    A closed pipe (``batcher export DIR | head -2``) ends the export quietly with exit code
+    141, as a command killed by SIGPIPE would.
+    """
     layout = _existing_layout(folder)
-    async with await JobStore.open(layout.db, create=False) as store:
-        if output is None:
-            n = await export_records(store, layout, sys.stdout, fmt=fmt)
-        else:
-            temp = output.with_name(f".{output.name}.part")
-            with temp.open("w", encoding="utf-8", newline="") as fh:
-                n = await export_records(store, layout, fh, fmt=fmt)
-            os.replace(temp, output)
-    _warn(f"exported {n} records")
+    check_output(opt)
+    try:
+        async with await JobStore.open(layout.db, create=False) as store:
+            result = await run_export(store, layout, opt, sys.stdout)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        write_stdout_safely(sys.stdout)
+        return EXIT["broken_pipe"]
+    where = f" to {opt.output}" if opt.output is not None else ""
+    if result.fmt in ("parquet", "webdataset"):
+        shards = len(result.files) - 1
+        _warn(f"exported {result.records} records in {shards} {result.fmt} shards{where}")
+    else:
+        _warn(f"exported {result.records} records{where}")
+    if result.missing:
+        _warn(f"warning: {result.missing} done images were not found; exported without them")
     return EXIT["ok"]
 
 
@@ -366,7 +385,9 @@ async def cmd_run(cmd: RunCommand) -> int:
 async def _run_locked(cmd: RunCommand, layout: RunLayout) -> int:
     currency = price_per_image("z-image-turbo", cmd.options.region, False).currency
     async with await JobStore.open(layout.db) as store:
-        added, unchanged, replaced = await _import(store, cmd.manifest, replace=cmd.replace)
+        added, unchanged, replaced, updated = await _import(
+            store, cmd.manifest, replace=cmd.replace
+        )
         reclaimed = await store.reclaim(all_running=True)
         # Temporary files are left only by a run that did not end cleanly: walking a
         # million images to look for them on every start would dominate a resume.
@@ -383,7 +404,11 @@ async def _run_locked(cmd: RunCommand, layout: RunLayout) -> int:
             reclaimed,
             swept,
         )
-        run_started = store.clock()
+        metadata = MetadataWriter(store, layout)
+        try:
+            await metadata.start(rewrite=bool(replaced or updated))
+        except OSError as exc:  # a full or read-only disk: the run's own stop says why
+            _metadata_problem(layout, exc)
         start = await store.stats(totals=False)  # counts only: no scan of every row's sums
         o = cmd.options
         log.info(
@@ -425,6 +450,7 @@ async def _run_locked(cmd: RunCommand, layout: RunLayout) -> int:
                         session=session,
                         layout=layout,
                         options=cmd.options,
+                        on_done=_appender(metadata, layout),
                     )
                     meter = _RateMeter()
 
@@ -445,24 +471,38 @@ async def _run_locked(cmd: RunCommand, layout: RunLayout) -> int:
                 view.close()
             with anyio.CancelScope(shield=True):
                 try:
-                    lines = await write_metadata(
-                        store,
-                        layout,
-                        done_at_start=start.count(State.DONE),
-                        since=None if replaced else run_started,
-                    )
+                    lines = await metadata.finish()
                     log.info("metadata.jsonl: %d images", lines)
-                except OSError as exc:  # a full or read-only disk: the run's own stop says why
-                    reason = os.strerror(exc.errno) if exc.errno else str(exc)
-                    log.warning("could not update metadata.jsonl: %s", reason)
-                    _warn(
-                        f"could not update {layout.metadata}: {reason}; "
-                        "it is rewritten by the next run"
-                    )
+                except OSError as exc:
+                    _metadata_problem(layout, exc)
         assert result is not None
         await store.set_meta("last_run", "clean")
         stats = await store.stats()
     return _finish(cmd, layout, result, stats)
+
+
+def _metadata_problem(layout: RunLayout, exc: OSError) -> None:
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    log.warning("could not update metadata.jsonl: %s", reason)
+    _warn(f"could not update {layout.metadata}: {reason}; it is rewritten by the next run")
+
+
+def _appender(metadata: MetadataWriter, layout: RunLayout) -> Any:
+    """The runner's ``on_done``: append the jobs just done to ``metadata.jsonl``. A disk
+    problem is said once; the images stand, and the files are rewritten at the end or by the
+    next run."""
+    said = False
+
+    async def append(ids: list[str]) -> None:
+        nonlocal said
+        try:
+            await metadata.add(ids)
+        except OSError as exc:
+            if not said:
+                said = True
+                _metadata_problem(layout, exc)
+
+    return append
 
 
 def _finish(cmd: RunCommand, layout: RunLayout, result: RunResult, stats: Stats) -> int:

@@ -121,6 +121,7 @@ class Runner:
         session: aiohttp.ClientSession,
         layout: RunLayout,
         options: RunOptions,
+        on_done: Callable[[list[str]], Awaitable[None]] | None = None,
     ) -> None:
         self.store = store
         self.client = client
@@ -128,7 +129,8 @@ class Runner:
         self.layout = layout
         self.opt = options
         self.counters = RunCounters()
-        self.committer = ImageCommitter(store)
+        self.committer = ImageCommitter(store, on_done)
+        self._on_done = on_done  # hears the ids of jobs this run completes
         self.pacer = Pacer(options.rps, adaptive=options.adaptive)
         # How long a job holds its slot, call to completed file: the pool needs rate x this
         # in flight (the call's latency alone leaves out the download and the commits).
@@ -583,6 +585,8 @@ class Runner:
                     await self.store.complete(
                         claim.id, claim.token, StoredFile(sha256=found[0], bytes=found[1])
                     )
+                    if self._on_done is not None:
+                        await self._on_done([claim.id])
                 self.counters.done += 1
                 self.counters.downloads_skipped += 1
                 return True

@@ -1,0 +1,356 @@
+"""``batcher export``: the run folder's jobs as JSONL, CSV, Parquet or WebDataset shards.
+
+- ``jsonl`` / ``csv``: one record per job (:func:`batcher.records.export_row`) to stdout or
+  to ``-o FILE`` (written under a temporary name, then renamed);
+- ``parquet``: shards in ``-o FOLDER`` named as Hugging Face names them
+  (``train-00000-of-00002.parquet``; ``data-...`` for images outside split folders), the image
+  in the ``image`` column as the ``datasets`` Image feature stores it (``{bytes, path}``,
+  ``path`` alone with ``--no-embed``) and the features in the schema metadata, so
+  ``load_dataset("parquet", data_dir=FOLDER)`` gives PIL images with every field;
+- ``webdataset``: tar shards (``train-000000.tar``) of samples ``KEY.png``, ``KEY.json``
+  (every field) and ``KEY.txt`` (the prompt). ``KEY`` is the sample's number in its split
+  and the job id with every character but letters, digits, ``-`` and ``_`` made ``_``
+  (``000012_sku-1_2`` for ``sku-1.2``, see :func:`sample_key`): webdataset splits a name
+  at its first dot.
+
+Parquet and WebDataset exports also write a dataset card, ``README.md`` (:mod:`batcher.card`).
+Rows are streamed from the job table in manifest order and images read one at a time, so
+memory stays flat whatever the size of the run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from jobs import JobStore, State
+
+from .card import CardFacts, write_card
+from .errors import ConfigError
+from .imagefolder import split_of
+from .layout import RunLayout
+from .records import EXPORT_FIELDS, export_row, variable_keys
+from .shards import ParquetShards, ShardSet, TarShards
+
+__all__ = [
+    "FORMATS",
+    "ExportOptions",
+    "ExportResult",
+    "check_output",
+    "format_for",
+    "parse_shard_size",
+    "run_export",
+    "sample_key",
+    "write_stdout_safely",
+]
+
+FORMATS = ("jsonl", "csv", "parquet", "webdataset")
+_EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+}
+_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*")
+DEFAULT_SHARD_SIZE = 500 * 1000**2
+_UNSAFE_KEY = re.compile(r"[^\w-]")
+_INTS = frozenset(
+    {"seed", "width", "height", "bytes", "attempts", "input_tokens", "output_tokens"}
+    | {"total_tokens", "billed", "throttled", "ambiguous", "regenerated"}
+)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ExportOptions:
+    """What ``batcher export`` was asked for."""
+
+    fmt: str | None = None  # None: from the output's extension, else jsonl
+    output: Path | None = None
+    shard_size: int = DEFAULT_SHARD_SIZE
+    state: str | None = None  # done | failed | all; None: done for shards, all for records
+    embed: bool = True
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ExportResult:
+    """What an export wrote."""
+
+    fmt: str
+    records: int
+    files: tuple[Path, ...]
+    missing: int  # done jobs whose image file was not found (exported without an image)
+
+
+def format_for(fmt: str | None, output: Path | None) -> str:
+    """The export format: ``fmt`` if given, else from ``output``'s extension (a folder
+    without one: jsonl). Raises ConfigError for an extension batcher does not write.
+
+    >>> format_for(None, Path("jobs.csv")), format_for("parquet", Path("ds"))
+    ('csv', 'parquet')
+    """
+    if fmt is not None:
+        return fmt
+    if output is None or not output.suffix:
+        return "jsonl"
+    found = _EXTENSIONS.get(output.suffix.lower())
+    if found is None:
+        raise ConfigError(
+            f"-o {output}: cannot tell the format from {output.suffix!r}; name the file "
+            ".jsonl or .csv, or pass --format jsonl|csv|parquet|webdataset"
+        )
+    return found
+
+
+def parse_shard_size(text: str) -> int:
+    """``500MB``, ``1GiB``, ``200k`` or a byte count, as bytes (at least 1 kB)."""
+    match = _SIZE.fullmatch(text)
+    unit = _UNITS.get(match.group(2).lower()) if match else None
+    if match is None or unit is None:
+        raise ConfigError(f"--shard-size: {text!r} is not a size like 500MB or 1GiB")
+    size = int(float(match.group(1)) * unit)
+    if size < 1000:
+        raise ConfigError(f"--shard-size: {text!r} is under 1 kB")
+    return size
+
+
+def sample_key(number: int, job_id: str) -> str:
+    """A WebDataset key: no dot (webdataset cuts a name at its first one), no slash, unique
+    within a split through ``number``.
+
+    >>> sample_key(12, "sku-1.2/a b")
+    '000012_sku-1_2_a_b'
+    """
+    return f"{number:06d}_{_UNSAFE_KEY.sub('_', job_id)[:80]}"
+
+
+def _states(opt: ExportOptions, fmt: str) -> State | None:
+    wanted = opt.state or ("done" if fmt in ("parquet", "webdataset") else "all")
+    return None if wanted == "all" else State(wanted)
+
+
+async def run_export(
+    store: JobStore, layout: RunLayout, opt: ExportOptions, stdout: TextIO
+) -> ExportResult:
+    """Carry out an export; the output path was checked by :func:`check_output`."""
+    fmt = format_for(opt.fmt, opt.output)
+    keys = variable_keys(list(await store.variables()), EXPORT_FIELDS)
+    state = _states(opt, fmt)
+    if fmt in ("jsonl", "csv"):
+        return await _export_text(store, layout, opt, fmt, keys, state, stdout)
+    assert opt.output is not None
+    return await _export_shards(store, layout, opt, fmt, keys, state)
+
+
+def check_output(opt: ExportOptions) -> None:
+    """Refuse an output that cannot be written, before anything is: one clear line."""
+    fmt = format_for(opt.fmt, opt.output)
+    out = opt.output
+    if out is None:
+        if fmt in ("parquet", "webdataset"):
+            raise ConfigError(f"--format {fmt} writes a folder of shards: give it with -o FOLDER")
+        return
+    parent = out.parent
+    if not parent.is_dir():
+        raise ConfigError(f"-o {out}: the folder {parent} does not exist")
+    if fmt in ("jsonl", "csv"):
+        if out.is_dir():
+            raise ConfigError(f"-o {out} is a folder; give a file name such as {out}/jobs.{fmt}")
+    elif out.exists() and not out.is_dir():
+        raise ConfigError(f"-o {out} is a file; --format {fmt} writes a folder of shards")
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"-o {out}: cannot write in {parent}")
+
+
+async def _export_text(
+    store: JobStore,
+    layout: RunLayout,
+    opt: ExportOptions,
+    fmt: str,
+    keys: list[tuple[str, str]],
+    state: State | None,
+    stdout: TextIO,
+) -> ExportResult:
+    temp: Path | None = None
+    out = stdout
+    if opt.output is not None:
+        temp = opt.output.with_name(f".{opt.output.name}.part")
+        out = temp.open("w", encoding="utf-8", newline="")
+    n = 0
+    try:
+        writer: Any = None
+        if fmt == "csv":
+            names = [*EXPORT_FIELDS, *(key for _, key in keys)]
+            writer = csv.writer(out)
+            writer.writerow(names)
+        async for rec in store.iter_records(state=state):
+            row = export_row(rec, keys)
+            if writer is not None:
+                writer.writerow([_csv_cell(v) for v in row.values()])
+            else:
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
+        out.flush()
+        if temp is not None:
+            os.fsync(out.fileno())
+            out.close()
+            assert opt.output is not None
+            os.replace(temp, opt.output)
+    except BaseException:
+        if temp is not None:
+            out.close()
+            temp.unlink(missing_ok=True)
+        raise
+    files = (opt.output,) if opt.output is not None else ()
+    return ExportResult(fmt=fmt, records=n, files=files, missing=0)
+
+
+def _csv_cell(value: object) -> object:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value
+
+
+def _arrow_type(pa: Any, kinds: frozenset[str]) -> Any:
+    kinds = kinds - {"null"}
+    if kinds and kinds <= {"integer"}:
+        return pa.int64()
+    if kinds and kinds <= {"integer", "real"}:
+        return pa.float64()
+    return pa.string()
+
+
+def _feature(pa: Any, kind: Any) -> dict[str, str]:
+    names = {pa.int64(): "int64", pa.float64(): "float64", pa.bool_(): "bool"}
+    return {"dtype": names.get(kind, "string"), "_type": "Value"}
+
+
+def _parquet_schema(keys: list[tuple[str, str]], kinds: Mapping[str, frozenset[str]]) -> Any:
+    import pyarrow as pa
+
+    columns: list[tuple[str, Any]] = [
+        ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    ]
+    for name in EXPORT_FIELDS:
+        if name in _INTS:
+            columns.append((name, pa.int64()))
+        elif name == "prompt_extend":
+            columns.append((name, pa.bool_()))
+        elif name == "latency_ms":
+            columns.append((name, pa.float64()))
+        else:
+            columns.append((name, pa.string()))
+    columns += [(key, _arrow_type(pa, kinds[name])) for name, key in keys]
+    features: dict[str, Any] = {"image": {"_type": "Image"}}
+    features.update({name: _feature(pa, kind) for name, kind in columns[1:]})
+    meta = {"info": {"features": features}}
+    schema = pa.schema(columns)
+    return schema.with_metadata({b"huggingface": json.dumps(meta).encode()})
+
+
+def _typed(row: dict[str, Any], schema: Any) -> dict[str, Any]:
+    """A variable's value converted to its column's type (text columns take numbers as
+    written)."""
+    import pyarrow as pa
+
+    for name in schema.names[len(EXPORT_FIELDS) + 1 :]:
+        value = row.get(name)
+        if value is None:
+            continue
+        kind = schema.field(name).type
+        if kind == pa.string() and not isinstance(value, str):
+            row[name] = json.dumps(value)
+        elif kind == pa.float64():
+            row[name] = float(value)
+    return row
+
+
+async def _export_shards(
+    store: JobStore,
+    layout: RunLayout,
+    opt: ExportOptions,
+    fmt: str,
+    keys: list[tuple[str, str]],
+    state: State | None,
+) -> ExportResult:
+    assert opt.output is not None
+    folder = opt.output
+    folder.mkdir(exist_ok=True)
+    parquet = fmt == "parquet"
+    shards = ShardSet(folder=folder, ext="parquet" if parquet else "tar", with_count=parquet)
+    shards.clean_temporaries()
+    schema = _parquet_schema(keys, await store.variables()) if parquet else None
+    writer: ParquetShards | TarShards
+    writer = (
+        ParquetShards(shards, opt.shard_size, schema)
+        if parquet
+        else TarShards(shards, opt.shard_size)
+    )
+    facts = CardFacts()
+    numbers: dict[str, int] = {}
+    missing = 0
+    n = 0
+    try:
+        async for rec in store.iter_records(state=state):
+            row = export_row(rec, keys)
+            split = split_of(rec["output"]) or "data"
+            image: bytes | None = None
+            if rec["state"] == State.DONE.value:
+                try:
+                    image = (layout.images / rec["output"]).read_bytes()
+                except FileNotFoundError:
+                    missing += 1
+            facts.add(rec, split, len(image) if image is not None else 0)
+            if isinstance(writer, ParquetShards):
+                path = str((layout.images / rec["output"]).resolve())
+                cell = None
+                if image is not None:
+                    cell = {"bytes": image, "path": rec["output"]}
+                    if not opt.embed:
+                        cell = {"bytes": None, "path": path}
+                row = _typed(row, schema)
+                size = (len(image) if image is not None and opt.embed else 0) + 512
+                writer.add(split, {"image": cell, **row}, size)
+            else:
+                number = numbers.get(split, 0)
+                numbers[split] = number + 1
+                members: dict[str, bytes] = {}
+                if image is not None:
+                    members["png"] = image
+                members["json"] = json.dumps(row, ensure_ascii=False).encode()
+                members["txt"] = rec["prompt"].encode()
+                writer.add(split, sample_key(number, rec["id"]), members)
+            n += 1
+        writer.close()
+        files = shards.publish()
+    except BaseException:
+        writer.close()
+        shards.discard()
+        raise
+    card = write_card(folder, fmt, facts, files, embed=opt.embed)
+    return ExportResult(fmt=fmt, records=n, files=(*files, card), missing=missing)
+
+
+def write_stdout_safely(stdout: TextIO) -> None:
+    """After a closed pipe (``batcher export DIR | head``), point stdout at /dev/null so the
+    interpreter's last flush does not complain."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, stdout.fileno())
+    finally:
+        os.close(devnull)
