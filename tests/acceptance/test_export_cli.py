@@ -16,8 +16,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from bench.dataset_fixture import fabricate
 from batcher.emulator import EmulatorConfig, EmulatorThread
+from bench.dataset_fixture import fabricate
 from tests.support import batcher_cmd, run_args, run_cli
 
 KEY = "sk-export-test-0000"
