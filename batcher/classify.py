@@ -13,7 +13,7 @@ The order of the decision for an API error:
    by prefix (``_BY_PREFIX``, e.g. any ``AccessDenied.*``);
 3. the HTTP status (``_BY_STATUS``), then its class (4xx fail the job, 5xx retry).
 
-Every code listed in the API reference (../shared/dashscope-api.md, section 4.2) has a row.
+Every error code the service documents has a row (the README lists them by verdict).
 
 >>> classify_api_error(401, "InvalidApiKey", "Invalid API-key provided.").verdict
 <Verdict.ABORT_RUN: 'abort_run'>

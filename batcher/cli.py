@@ -23,17 +23,17 @@ import anyio
 from jobs import JobStoreError, ManifestInvalid, StoreUnavailable
 
 from .commands import (
-    EXIT,
     PlanOptions,
     RunCommand,
-    budget,
     cmd_export,
     cmd_plan,
     cmd_retry,
     cmd_run,
     cmd_status,
+    parse_budget,
 )
 from .errors import BatcherError
+from .exitcodes import ExitCode
 from .export import ExportOptions, parse_shard_size
 from .pool import RunOptions
 
@@ -165,7 +165,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
             download_timeout=args.request_timeout,
             region=args.region,
             limit=args.limit,
-            budget=budget(args.budget),
+            budget=parse_budget(args.budget),
             lease_seconds=args.lease,
             backoff_base=args.backoff_base,
             seed=args.seed,
@@ -219,15 +219,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ManifestInvalid as exc:
         for line in str(exc).splitlines():
             print(line, file=sys.stderr)
-        return EXIT["usage"]
+        return ExitCode.USAGE
     except StoreUnavailable as exc:  # the database could not be written: stop, say why
         print(f"batcher: error: {exc}", file=sys.stderr)
-        return EXIT["aborted"]
+        return ExitCode.ABORTED
     except (JobStoreError, BatcherError) as exc:
         print(f"batcher: error: {exc}", file=sys.stderr)
-        return EXIT["usage"]
+        return ExitCode.USAGE
     except KeyboardInterrupt:
-        return EXIT["interrupted"]
+        return ExitCode.INTERRUPTED
 
 
 def _leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -33,8 +33,8 @@ from jobs import JobStore, State
 
 from .card import CardFacts, write_card
 from .errors import ConfigError
-from .imagefolder import split_of
 from .layout import RunLayout
+from .metadata import split_of
 from .records import EXPORT_FIELDS, export_row, variable_keys
 from .shards import ParquetShards, ShardSet, TarShards
 

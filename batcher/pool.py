@@ -159,6 +159,16 @@ class Runner:
         return self._stop.is_set()
 
     @property
+    def stop_reason(self) -> StopReason | None:
+        """Why the run is stopping, once it is (None while it goes on)."""
+        return self._reason if self._stop.is_set() else None
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since this runner was made."""
+        return time.monotonic() - self._t0
+
+    @property
     def in_flight(self) -> int:
         return self._in_flight
 

@@ -1,7 +1,7 @@
 """What images cost: a price table per model and region, in the region's currency.
 
 Billing is unit price x successfully generated images, whatever the resolution; failed calls
-are free (../shared/dashscope-api.md, section 7). ``z-image-turbo`` costs twice as much with
+are free (README, "Cost and the quota"). ``z-image-turbo`` costs twice as much with
 ``prompt_extend``; for the other models the switch does not change the price.
 
 Region ``cn`` (Beijing) is priced in CNY as published. Region ``intl`` (Singapore) is priced in

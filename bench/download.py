@@ -1,6 +1,6 @@
 """Benchmark 6, download path: batcher downloading already generated images against ``curl``.
 
-Part A, the emulator's images (what issue 6 asks): a CSV of N jobs of 1024*1024 is generated
+Part A, the emulator's images (what the goal asks): a CSV of N jobs of 1024*1024 is generated
 through the emulator (zero latency, no quota, pinned to its own core) by a normal
 ``batcher run``; then every job is reset to ``generated`` with one UPDATE through sqlite3 (hash,
 size and finish time cleared) and the images deleted, which is the state a crash after the
@@ -22,7 +22,7 @@ that URL (no API call is involved there).
 Throughput is MB/s (10^6 bytes) of image data: batcher's over its run time after the import
 (``elapsed_seconds``) and over its whole process; curl's over the whole loop.
 
-Goal: issue 6 names no figure; read here as "batcher at least matches the curl loop".
+Goal: no figure was set; read here as "batcher at least matches the curl loop".
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ stands in, and the table says so. Then, on the same file:
   ``JobStore.claim(limit=64)`` timed 30 times (each claim released again, untimed), against
   the same on a 10,000-job table that is 99% done too (the ratio says whether claiming scans).
 
-Goals (issues 3 and 6): import time <= 3x sqlite3's, peak RSS < 300 MB; the re-import adds
+Goal: import time <= 3x sqlite3's, peak RSS < 300 MB; the re-import adds
 nothing and takes no longer than the import; a claim takes milliseconds on the big table.
 """
 

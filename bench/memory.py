@@ -12,7 +12,7 @@ Sizes: 10,000 against 100,000 jobs by default. A 100,000-job run takes a few min
 other benchmarks, so ``--quick`` compares 5,000 with 50,000 (the same tenfold step); ``--large``
 sets the larger size by hand.
 
-Goals (issue 6): the two peaks within 15% of each other, both under 200 MB.
+Goal: the two peaks within 15% of each other, both under 200 MB.
 """
 
 from __future__ import annotations

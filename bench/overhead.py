@@ -18,7 +18,7 @@ round down); ``--quick`` does one round of 2,000 jobs.
 On a miss it adds a py-spy profile of a batcher run (the thread holding the GIL) and
 :mod:`bench.engine_trace`'s counts of what batcher does per job.
 
-Goals (issue 6): batcher uses less CPU per job than the baseline; batcher sustains >= 500 jobs/s.
+Goal: batcher uses less CPU per job than the baseline; batcher sustains >= 500 jobs/s.
 """
 
 from __future__ import annotations

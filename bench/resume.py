@@ -12,7 +12,7 @@ and notes when ``generate_requests`` first moves; then it interrupts the run (SI
 for it to exit. The baseline is the same command on a fresh 1,000-job manifest: the fixed cost
 of starting a run (interpreter, imports, opening the database).
 
-Goal (issue 6): under 2 seconds on the big folder.
+Goal: under 2 seconds on the big folder.
 """
 
 from __future__ import annotations

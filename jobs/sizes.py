@@ -10,7 +10,7 @@ or an aspect ratio from the service's recommended table, optionally with its pix
     >>> parse_size("3:4@1536")
     '1296*1728'
 
-The table and the limits are those of ../shared/dashscope-api.md section 2: total pixels in
+The table and the limits are the service's documented ones (README, "Manifests"): total pixels in
 512*512..2048*2048; no aspect-ratio or divisibility rule is documented, so none is enforced.
 """
 

@@ -83,7 +83,7 @@ def png_size(path: Path) -> tuple[int, int]:
 
 
 def check_invariants(root: Path, *, after_kill: bool = False) -> dict[str, int]:
-    """The promises of issue 5, checked on a run folder. Returns counts per state.
+    """The run-folder promises, checked on a run folder. Returns counts per state.
 
     ``after_kill``: the folder of a process just killed, before any run cleaned up after it; a
     temporary file may be left beside its final path then (the next run sweeps it away)."""
@@ -166,7 +166,7 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
 
 
 # --------------------------------------------------------------------------------------------
-# Additions for the fault tests (issue 5): a loopback server of a test's own, a large valid PNG,
+# Additions for the fault tests: a loopback server of a test's own, a large valid PNG,
 # a look at a run folder from outside.
 
 

@@ -1,4 +1,4 @@
-"""Issue 5, item 13: every broken manifest of the corpus in tests/data/bad_manifests/, given to
+"""Every broken manifest of the corpus in tests/data/bad_manifests/, given to
 ``batcher plan``: exit code 2, one line per problem naming the file (and the line, where the
 problem has one) with the expected message, no traceback, nothing imported.
 

@@ -1,4 +1,4 @@
-"""Issue 5, item 16: the disk fills up, or the output folder is read-only, under the real CLI.
+"""The disk fills up, or the output folder is read-only, under the real CLI.
 
 The tests run as root, where permissions do not stop writes, and cannot mount a small file
 system; so the CLI subprocess (only it) gets a ``sitecustomize`` on ``PYTHONPATH`` that makes the

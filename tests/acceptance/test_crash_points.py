@@ -1,5 +1,5 @@
-"""Issue 5, items 1-4: the real CLI in a subprocess, killed with SIGKILL at a chosen point, then
-run again. Each test ends on the invariants of issue 5 (``check_invariants``).
+"""The real CLI in a subprocess, killed with SIGKILL at a chosen point, then
+run again. Each test ends on the run-folder invariants (``check_invariants``).
 
 1. during a large manifest import: the re-run imports exactly the manifest, no duplicates;
 2. while generation calls are in flight: the jobs come back, one file each, and the only extra

@@ -1,4 +1,4 @@
-"""Issue 5, item 17: a run with a distinctive fake API key, through success, a job failure,
+"""A run with a distinctive fake API key, through success, a job failure,
 transient faults, `status`, `export`, `retry`, and a wrong-key stop from a server that echoes the
 key back. The key (or
 its distinctive part) never appears in the database (iterdump and raw bytes, WAL included), any

@@ -1,4 +1,4 @@
-"""Issue 5, item 5: the seeded soak (``make soak``; not part of ``make test``).
+"""The seeded soak (``make soak``; not part of ``make test``).
 
 A few hundred jobs through the real CLI against the emulator with a storm of faults (5xx, quota
 and plain 429s, resets, lost answers, hangs past the request timeout, truncated and corrupt

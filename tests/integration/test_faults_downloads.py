@@ -1,4 +1,4 @@
-"""Issue 5, item 15: a download far larger than any valid image, or not an image at all, served
+"""A download far larger than any valid image, or not an image at all, served
 by a tiny aiohttp server of the test's own on 127.0.0.1: refused with a clear error, nothing
 half-written (no file at the final path, no temporary file left), memory bounded (the body is
 streamed to disk, never held whole).

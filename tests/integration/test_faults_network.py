@@ -1,4 +1,4 @@
-"""Issue 5, item 10: every network fault ends as issue 4's table says, with attempts counted as it
+"""Every network fault ends as the README's error table says, with attempts counted as it
 says. The real emulator on loopback and a real SQLite file; the emulator's seeded draws are
 searched for a seed that gives exactly the sequence of faults a test wants, so each streak is
 deterministic (the n-th generation request and the n-th download each get a fixed draw)."""

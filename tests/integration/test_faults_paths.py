@@ -1,4 +1,4 @@
-"""Issue 5, item 14: output paths. Ids and template values that try ``..``, absolute paths,
+"""Output paths. Ids and template values that try ``..``, absolute paths,
 drive letters, device names and characters common file systems refuse; symlinks planted in the
 run folder's ``images/``; names that differ only by case (or Unicode normalisation, or only
 after being cut to 255 bytes). Nothing may be written outside the run folder, and collisions are

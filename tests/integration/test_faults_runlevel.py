@@ -1,4 +1,4 @@
-"""Issue 5, item 11: a run-level error (bad key, arrears, the free quota gone, ...) switched on
+"""A run-level error (bad key, arrears, the free quota gone, ...) switched on
 while other calls are in flight. The run stops claiming, the calls already in flight settle
 (their images are recorded and saved, nothing is marked failed for the run's cause), and the
 next run, once the cause is fixed, finishes with every image paid for once."""

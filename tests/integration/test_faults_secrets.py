@@ -1,4 +1,4 @@
-"""Issue 5, item 17, the client's part: whatever a server sends back, even the request's own key
+"""Whatever a server sends back, even the request's own key
 echoed in an error message, a body or a header, no exception the client raises shows the key:
 not its str(), not its repr(), not a formatted traceback with its chained causes.
 

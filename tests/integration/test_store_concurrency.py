@@ -1,4 +1,4 @@
-"""Two stores on one file, and a write lock held by someone else (issue 5, items 6 and 8).
+"""Two stores on one file, and a write lock held by someone else.
 
 Each JobStore serialises its own writes; between stores (between processes) only SQLite's
 locking and ``busy_timeout`` stand. These tests use two stores on one file and a plain

@@ -368,7 +368,7 @@ async def test_retry_later_on_a_generated_job_is_refused(db: Path, store: JobSto
 async def test_a_stalled_worker_cannot_overwrite_the_new_owners_result(
     db: Path, store: JobStore, clock: FakeClock
 ) -> None:
-    """Issue 5 item 7: A claims, stalls past its lease; B takes over and finishes; A wakes."""
+    """A claims, stalls past its lease; B takes over and finishes; A wakes."""
     a = await claim_one(store, "a", worker="A")
     clock.advance(LEASE + 5)
     assert await store.reclaim() == 1

@@ -1,4 +1,4 @@
-"""A hypothesis state machine against a real store (issue 5, item 9).
+"""A hypothesis state machine against a real store.
 
 Random sequences of claim / heartbeat / record_generated / record_file / complete / retry_later
 / retry_download_later / regenerate / fail / release / clock advance / reclaim / retry_failed /

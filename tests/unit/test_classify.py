@@ -1,9 +1,9 @@
-"""The outcome table: every code of the API reference (section 4.2) gets the class it gives.
+"""The outcome table: every error code the service documents gets the class it gives.
 
-The expected rows below are typed from ../shared/dashscope-api.md, not copied from
+The expected rows below are typed from the service's API reference, not copied from
 ``batcher.classify``: (HTTP status, code, the reference's class letter, what batcher does).
 T = transient, P = permanent, C = conditional on the message. Which permanent codes stop the
-whole run comes from issue 4 ("Fatal for the run") and the brief.
+whole run is the README's "What batcher does about each API error".
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import pytest
 from batcher.card import prompt_language
 from batcher.errors import ConfigError
 from batcher.export import format_for, parse_shard_size, sample_key
-from batcher.imagefolder import split_of
+from batcher.metadata import split_of
 from batcher.records import (
     EXPORT_FIELDS,
     METADATA_FIELDS,

@@ -1,4 +1,4 @@
-"""The hostile corpus (issue 5, item 13): every broken manifest fails with one located line.
+"""The hostile corpus: every broken manifest fails with one located line.
 
 ``tests/data/bad_manifests/expected.json`` maps each file to the line, field and message
 fragment of its first error; the CLI test runs the same corpus through ``batcher plan``.

@@ -26,7 +26,7 @@ def test_a_ratio_without_tier_is_the_1280_tier(ratio: str) -> None:
 
 
 def test_the_table_matches_the_reference_document() -> None:
-    # ../shared/dashscope-api.md section 2, spot checks across the table
+    # the service's documented size table, spot checks across it
     assert RECOMMENDED["16:9"] == ("1280*720", "1536*864", "2048*1152")
     assert RECOMMENDED["9:21"] == ("576*1344", "720*1680", "864*2016")
     assert RECOMMENDED["7:9"] == ("896*1152", "1120*1440", "1344*1728")

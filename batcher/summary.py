@@ -1,4 +1,5 @@
-"""What a run tells people: the end-of-run summary and ``batcher status``."""
+"""What a person (or a program, with ``--json``) reads about a run folder: the end-of-run
+summary, ``batcher status`` and the run's JSON summary."""
 
 from __future__ import annotations
 
@@ -9,20 +10,30 @@ from typing import Any
 from jobs import State, Stats
 
 from .layout import RunLayout
+from .pool import RunCounters, RunResult
 from .pricing import Money
 from .progress import format_duration
 
-__all__ = ["status_json", "status_text", "summary_lines"]
+__all__ = ["achieved_rate", "run_json", "status_json", "status_text", "summary_lines"]
 
 
 def _money(amount: Decimal, currency: str | None) -> str:
     return str(Money(amount, currency or "USD"))
 
 
+def achieved_rate(result: RunResult) -> float | None:
+    """Calls per second between this run's first and last call (None with fewer than two)."""
+    c = result.counters
+    if result.first_call_at and result.last_call_at and c.calls > 1:
+        span = result.last_call_at - result.first_call_at
+        return (c.calls - 1) / span if span > 0 else None
+    return None
+
+
 def summary_lines(
     *,
     stats: Stats,
-    counters: Any,
+    counters: RunCounters,
     elapsed: float,
     reason: str,
     calls_per_second: float | None,
@@ -57,6 +68,7 @@ def summary_lines(
 
 
 def status_text(stats: Stats, layout: RunLayout) -> str:
+    """``batcher status``: jobs per state, what was billed, failures by code."""
     buf = io.StringIO()
     buf.write(f"{layout.root}: {stats.total} jobs\n")
     for state in State:
@@ -70,6 +82,7 @@ def status_text(stats: Stats, layout: RunLayout) -> str:
 
 
 def status_json(stats: Stats) -> dict[str, Any]:
+    """``batcher status --json``: the same as :func:`status_text`, as an object."""
     out: dict[str, Any] = {"total": stats.total}
     for state in State:
         out[state.value] = stats.count(state)
@@ -83,3 +96,33 @@ def status_json(stats: Stats) -> dict[str, Any]:
         regenerated=stats.regenerated,
     )
     return out
+
+
+def run_json(
+    *, stats: Stats, result: RunResult, exit_code: int, layout: RunLayout
+) -> dict[str, Any]:
+    """``batcher run --json``: the folder's status, how the run ended and what it did."""
+    c = result.counters
+    payload = status_json(stats)
+    payload.update(
+        reason=result.reason.value,
+        exit_code=exit_code,
+        run_folder=str(layout.root),
+        images=str(layout.images),
+        elapsed_seconds=round(result.elapsed, 3),
+        this_run={
+            "calls": c.calls,
+            "generated": c.generated,
+            "done": c.done,
+            "failed": c.failed,
+            "retries": c.retries,
+            "throttled": c.throttled,
+            "ambiguous": c.ambiguous,
+            "regenerated": c.regenerated,
+            "download_retries": c.download_retries,
+            "cost": str(c.cost),
+            "calls_per_second": achieved_rate(result),
+        },
+        stop_message=result.abort_message,
+    )
+    return payload

@@ -1,0 +1,54 @@
+"""The exit codes of ``batcher``, and the one rule from a run's outcome to its code.
+
+=====  ===============================================================================
+ 0     every job done
+ 1     the run ended with failed jobs (``batcher retry`` puts them back)
+ 2     a usage or manifest error: nothing was run
+ 3     the run was stopped by a run-level problem (bad key, arrears, a full disk, ...)
+ 4     stopped early with jobs left (``--limit``, ``--budget``), or jobs still waiting
+130    interrupted (Ctrl-C / SIGTERM); the same command goes on where it stopped
+141    ``batcher export`` into a pipe closed early (``| head``), as SIGPIPE would end it
+=====  ===============================================================================
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+from jobs import State, Stats
+
+from .pool import RunResult, StopReason
+
+__all__ = ["ExitCode", "exit_code_for"]
+
+
+class ExitCode(IntEnum):
+    """What the process returns (see the module docstring)."""
+
+    OK = 0
+    FAILURES = 1
+    USAGE = 2
+    ABORTED = 3
+    STOPPED_EARLY = 4
+    INTERRUPTED = 130
+    BROKEN_PIPE = 141
+
+
+def exit_code_for(result: RunResult, stats: Stats) -> ExitCode:
+    """The exit code of a run that ended with ``result``, the table then being ``stats``.
+
+    A stop the user asked for (``--limit``, ``--budget``) with jobs left outranks failures;
+    failures outrank jobs merely left waiting.
+    """
+    left = stats.count(State.PENDING) + stats.count(State.RUNNING) + stats.count(State.GENERATED)
+    if result.reason is StopReason.ABORTED:
+        return ExitCode.ABORTED
+    if result.reason is StopReason.INTERRUPTED:
+        return ExitCode.INTERRUPTED
+    if result.reason in (StopReason.BUDGET, StopReason.LIMIT) and left:
+        return ExitCode.STOPPED_EARLY
+    if stats.count(State.FAILED):
+        return ExitCode.FAILURES
+    if left:
+        return ExitCode.STOPPED_EARLY
+    return ExitCode.OK

@@ -1,0 +1,360 @@
+"""A run's set-up and tear-down, around :class:`batcher.pool.Runner`.
+
+``batcher run`` is :func:`execute_run`: take the run folder's lock, log to ``batcher.log``
+(the key filtered out), import the manifest, reclaim jobs a dead process held, sweep its
+temporary files, start the endpoint (the in-process emulator with ``--emulate``) and the HTTP
+session, watch Ctrl-C / SIGTERM, show progress, run, and at the end, whatever happened, bring
+``metadata.jsonl`` up to date. What to print and which exit code follow from the
+:class:`RunOutcome` it returns (:mod:`batcher.summary`, :mod:`batcher.exitcodes`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import anyio
+
+from jobs import JobStore, State, Stats
+
+from .client import DashScopeClient, base_url_for
+from .download import sweep_partials
+from .errors import ConfigError
+from .importing import ImportSummary, import_manifest
+from .layout import RunLayout, RunLock
+from .metadata import MetadataWriter
+from .pool import Runner, RunOptions, RunResult, StopReason
+from .pricing import Money, price_per_image
+from .progress import ProgressView, Snapshot, make_view
+
+__all__ = ["EMULATOR_KEY", "RunCommand", "RunOutcome", "default_out", "execute_run"]
+
+log = logging.getLogger("batcher")
+
+EMULATOR_KEY = "sk-batcher-emulator"
+"""The key the in-process emulator of ``--emulate`` accepts (not a secret)."""
+
+
+def default_out(manifest: Path) -> Path:
+    """The run folder of a manifest when ``--out`` is not given."""
+    return Path("out") / manifest.stem
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RunCommand:
+    """Everything ``batcher run`` was asked to do."""
+
+    manifest: Path
+    out: Path | None
+    options: RunOptions
+    base_url: str | None = None
+    emulate: bool = False
+    emulate_latency: str = "lognormal:2000:0.4"
+    emulate_faults: str = ""
+    emulate_rps: float = 2.0
+    replace: bool = False
+    progress: bool = True
+    as_json: bool = False
+    grace: float = 10.0
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RunOutcome:
+    """How a run ended (``result``) and the folder's table after it (``stats``)."""
+
+    layout: RunLayout
+    imported: ImportSummary
+    result: RunResult
+    stats: Stats
+
+
+def _warn(msg: str) -> None:
+    print(f"batcher: {msg}", file=sys.stderr)
+
+
+def _api_key() -> str:
+    key = os.environ.get("DASHSCOPE_API_KEY", "").strip()
+    if not key:
+        raise ConfigError(
+            "DASHSCOPE_API_KEY is not set; export your Model Studio key, "
+            "or use --emulate to rehearse offline"
+        )
+    return key
+
+
+class _RedactKey(logging.Filter):
+    """Defence in depth: no log record may carry the API key, whatever code wrote it."""
+
+    def __init__(self, secret: str) -> None:
+        super().__init__()
+        self._secret = secret
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self._secret and self._secret in record.getMessage():
+            record.msg = record.getMessage().replace(self._secret, "***")
+            record.args = None
+        return True
+
+
+@contextlib.contextmanager
+def _file_logging(path: Path, secret: str) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_RedactKey(secret))
+    root = logging.getLogger("batcher")
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+async def execute_run(cmd: RunCommand) -> RunOutcome:
+    """Set up a run folder, run every job that is due, tear down; see the module docstring.
+
+    Raises :class:`ConfigError` (no key, a bad ``--base-url``) before the folder is touched.
+    """
+    layout = RunLayout(cmd.out or default_out(cmd.manifest))
+    secret = "" if cmd.emulate else _api_key()  # fail fast on the key
+    base_url_for(cmd.options.region, cmd.base_url)  # validates --region / --base-url
+    layout.root.mkdir(parents=True, exist_ok=True)
+    with RunLock(layout.lock), _file_logging(layout.log, secret):
+        async with await JobStore.open(layout.db) as store:
+            imported = await _prepare(store, cmd, layout)
+            metadata = MetadataWriter(store, layout)
+            try:
+                await metadata.start(rewrite=bool(imported.replaced or imported.updated))
+            except OSError as exc:  # a full or read-only disk: the run's own stop says why
+                _metadata_problem(layout, exc)
+            start = await store.stats(totals=False)  # counts only: no scan of every row's sums
+            if not cmd.as_json:
+                _warn(
+                    f"{cmd.manifest}: {imported.added} new jobs, {imported.unchanged} already "
+                    f"imported; {start.count(State.DONE)} of {start.total} done; "
+                    f"run folder {layout.root}"
+                )
+            try:
+                result = await _drive(cmd, store, layout, start, _appender(metadata, layout))
+            finally:
+                with anyio.CancelScope(shield=True):
+                    try:
+                        lines = await metadata.finish()
+                        log.info("metadata.jsonl: %d images", lines)
+                    except OSError as exc:
+                        _metadata_problem(layout, exc)
+            await store.set_meta("last_run", "clean")
+            stats = await store.stats()
+    return RunOutcome(layout=layout, imported=imported, result=result, stats=stats)
+
+
+async def _prepare(store: JobStore, cmd: RunCommand, layout: RunLayout) -> ImportSummary:
+    """Import, reclaim what a dead process held, sweep its temporary files, log the options."""
+    imported = await import_manifest(store, cmd.manifest, replace=cmd.replace)
+    reclaimed = await store.reclaim(all_running=True)
+    # Temporary files are left only by a run that did not end cleanly: walking a million
+    # images to look for them on every start would dominate a resume.
+    swept = 0
+    if await store.get_meta("last_run") != "clean":
+        swept = await anyio.to_thread.run_sync(sweep_partials, layout.images)
+    await store.set_meta("last_run", "running")
+    log.info(
+        "run start: %d new jobs, %d already imported, %d replaced, %d reclaimed, "
+        "%d partial files removed",
+        imported.added,
+        imported.unchanged,
+        imported.replaced,
+        reclaimed,
+        swept,
+    )
+    o = cmd.options
+    log.info(
+        "options: rps=%g concurrency=%s max_attempts=%d request_timeout=%gs region=%s "
+        "endpoint=%s limit=%s budget=%s",
+        o.rps,
+        o.concurrency or "auto",
+        o.max_attempts,
+        o.request_timeout,
+        o.region,
+        "emulator" if cmd.emulate else (cmd.base_url or o.region),
+        o.limit,
+        o.budget,
+    )
+    return imported
+
+
+@contextlib.asynccontextmanager
+async def _api_endpoint(cmd: RunCommand) -> AsyncIterator[tuple[str, str]]:
+    """(base_url, api_key): the in-process emulator with --emulate, the real service else."""
+    if cmd.emulate:
+        from .emulator import EmulatorConfig, running_emulator
+
+        config = EmulatorConfig(
+            latency=cmd.emulate_latency, faults=cmd.emulate_faults, rps=cmd.emulate_rps
+        )
+        async with running_emulator(config) as emu:
+            yield emu.base_url, EMULATOR_KEY
+        return
+    yield base_url_for(cmd.options.region, cmd.base_url), _api_key()
+
+
+async def _drive(
+    cmd: RunCommand,
+    store: JobStore,
+    layout: RunLayout,
+    start: Stats,
+    on_done: Callable[[list[str]], Awaitable[None]],
+) -> RunResult:
+    """The endpoint, the HTTP session, the runner, the signal watcher and the progress view;
+    ``on_done`` hears the ids of the jobs the runner completes."""
+    currency = price_per_image("z-image-turbo", cmd.options.region, False).currency
+    view = make_view(cmd.progress)
+    try:
+        async with _api_endpoint(cmd) as (base_url, key):
+            connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
+            # No cookie jar: neither the API nor image storage uses cookies, and a jar
+            # costs a lookup per request and a parse per response.
+            async with aiohttp.ClientSession(
+                connector=connector, cookie_jar=aiohttp.DummyCookieJar()
+            ) as session:
+                client = DashScopeClient(
+                    session,
+                    base_url=base_url,
+                    api_key=key,
+                    request_timeout=cmd.options.request_timeout,
+                )
+                runner = Runner(
+                    store=store,
+                    client=client,
+                    session=session,
+                    layout=layout,
+                    options=cmd.options,
+                    on_done=on_done,
+                )
+                meter = _RateMeter()
+
+                def snap() -> Snapshot:
+                    return _snapshot(runner, start, meter, currency)
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(_watch_signals, runner, cmd.grace)
+                    if view is not None:
+                        tg.start_soon(_progress_loop, view, snap)
+                    result = await runner.run()
+                    tg.cancel_scope.cancel()
+                if view is not None:
+                    view.close(snap())
+                    view = None
+                return result
+    finally:
+        if view is not None:
+            view.close()
+
+
+def _metadata_problem(layout: RunLayout, exc: OSError) -> None:
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    log.warning("could not update metadata.jsonl: %s", reason)
+    _warn(f"could not update {layout.metadata}: {reason}; it is rewritten by the next run")
+
+
+def _appender(
+    metadata: MetadataWriter, layout: RunLayout
+) -> Callable[[list[str]], Awaitable[None]]:
+    """The runner's ``on_done``: append the jobs just done to ``metadata.jsonl``. A disk
+    problem is said once; the images stand, and the files are rewritten at the end or by the
+    next run."""
+    said = False
+
+    async def append(ids: list[str]) -> None:
+        nonlocal said
+        try:
+            await metadata.add(ids)
+        except OSError as exc:
+            if not said:
+                said = True
+                _metadata_problem(layout, exc)
+
+    return append
+
+
+async def _watch_signals(runner: Runner, grace: float) -> None:
+    """First Ctrl-C / SIGTERM: stop claiming, give calls in flight ``grace`` seconds.
+    A second one cuts them short."""
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        count = 0
+        async for _sig in signals:
+            count += 1
+            if count == 1:
+                _warn(
+                    f"stopping: finishing calls in flight (up to {grace:g}s); "
+                    "press Ctrl-C again to stop at once"
+                )
+                runner.request_stop(StopReason.INTERRUPTED)
+
+                async def _grace() -> None:
+                    await anyio.sleep(grace)
+                    runner.cancel_in_flight()
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(_grace)
+                    async for _again in signals:
+                        runner.cancel_in_flight()
+                        tg.cancel_scope.cancel()
+                        break
+                return
+
+
+class _RateMeter:
+    """Images per minute over the last minute."""
+
+    def __init__(self) -> None:
+        self._points: deque[tuple[float, int]] = deque()
+
+    def per_minute(self, count: int) -> float:
+        now = time.monotonic()
+        self._points.append((now, count))
+        while self._points and now - self._points[0][0] > 60:
+            self._points.popleft()
+        t0, c0 = self._points[0]
+        return 60.0 * (count - c0) / (now - t0) if now - t0 >= 1 else 0.0
+
+
+def _snapshot(runner: Runner, start: Stats, meter: _RateMeter, currency: str) -> Snapshot:
+    c = runner.counters
+    todo = start.total - start.count(State.DONE) - start.count(State.FAILED)
+    remaining = max(0, todo - c.done - c.failed)
+    rate = runner.pacer.rate
+    eta = remaining / rate if rate > 0 and remaining else (0.0 if not remaining else None)
+    reason = runner.stop_reason
+    return Snapshot(
+        total=start.total,
+        done=start.count(State.DONE) + c.done,
+        failed=start.count(State.FAILED) + c.failed,
+        remaining=remaining,
+        in_flight=runner.in_flight,
+        retries=c.retries,
+        throttled=c.throttled,
+        per_minute=meter.per_minute(c.generated),
+        quota_per_minute=rate * 60,
+        eta_seconds=eta,
+        spent=str(Money(c.cost, currency)),
+        elapsed=runner.elapsed,
+        stopping=reason.value if reason is not None else None,
+    )
+
+
+async def _progress_loop(view: ProgressView, make: Callable[[], Snapshot]) -> None:
+    while True:
+        view.update(make())
+        await anyio.sleep(0.5)
