@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+import anyio
+
 from jobs import JobStore, State
 
 from .card import CardFacts, write_card
@@ -67,6 +69,7 @@ _UNITS = {
 }
 _SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*")
 DEFAULT_SHARD_SIZE = 500 * 1000**2
+_BATCH = 500  # records handed to the worker thread at a time
 _UNSAFE_KEY = re.compile(r"[^\w-]")
 _INTS = frozenset(
     {"seed", "width", "height", "bytes", "attempts", "input_tokens", "output_tokens"}
@@ -280,6 +283,65 @@ def _typed(row: dict[str, Any], schema: Any) -> dict[str, Any]:
     return row
 
 
+class _Sink:
+    """Turns records into shard rows or samples; runs on a worker thread, a batch at a time
+    (it reads every image file)."""
+
+    def __init__(
+        self,
+        writer: ParquetShards | TarShards,
+        layout: RunLayout,
+        opt: ExportOptions,
+        keys: list[tuple[str, str]],
+        schema: Any,
+    ) -> None:
+        self.writer = writer
+        self.opt = opt
+        self.keys = keys
+        self.schema = schema
+        self.images = str(layout.images.resolve())
+        self.facts = CardFacts()
+        self.numbers: dict[str, int] = {}
+        self.missing = 0
+        self.records = 0
+
+    def write(self, batch: list[dict[str, Any]]) -> None:
+        for rec in batch:
+            self._one(rec)
+
+    def _one(self, rec: dict[str, Any]) -> None:
+        row = export_row(rec, self.keys)
+        split = split_of(rec["output"]) or "data"
+        path = os.path.join(self.images, rec["output"])
+        image: bytes | None = None
+        if rec["state"] == State.DONE.value:
+            try:
+                with open(path, "rb") as fh:
+                    image = fh.read()
+            except FileNotFoundError:
+                self.missing += 1
+        self.facts.add(rec, split, len(image) if image is not None else 0)
+        self.records += 1
+        if isinstance(self.writer, ParquetShards):
+            cell = None
+            if image is not None:
+                cell = {"bytes": image, "path": rec["output"]}
+                if not self.opt.embed:
+                    cell = {"bytes": None, "path": path}
+            row = _typed(row, self.schema)
+            size = (len(image) if image is not None and self.opt.embed else 0) + 512
+            self.writer.add(split, {"image": cell, **row}, size)
+            return
+        number = self.numbers.get(split, 0)
+        self.numbers[split] = number + 1
+        members: dict[str, bytes] = {}
+        if image is not None:
+            members["png"] = image
+        members["json"] = json.dumps(row, ensure_ascii=False).encode()
+        members["txt"] = rec["prompt"].encode()
+        self.writer.add(split, sample_key(number, rec["id"]), members)
+
+
 async def _export_shards(
     store: JobStore,
     layout: RunLayout,
@@ -301,49 +363,23 @@ async def _export_shards(
         if parquet
         else TarShards(shards, opt.shard_size)
     )
-    facts = CardFacts()
-    numbers: dict[str, int] = {}
-    missing = 0
-    n = 0
+    sink = _Sink(writer, layout, opt, keys, schema)
     try:
+        batch: list[dict[str, Any]] = []
         async for rec in store.iter_records(state=state):
-            row = export_row(rec, keys)
-            split = split_of(rec["output"]) or "data"
-            image: bytes | None = None
-            if rec["state"] == State.DONE.value:
-                try:
-                    image = (layout.images / rec["output"]).read_bytes()
-                except FileNotFoundError:
-                    missing += 1
-            facts.add(rec, split, len(image) if image is not None else 0)
-            if isinstance(writer, ParquetShards):
-                path = str((layout.images / rec["output"]).resolve())
-                cell = None
-                if image is not None:
-                    cell = {"bytes": image, "path": rec["output"]}
-                    if not opt.embed:
-                        cell = {"bytes": None, "path": path}
-                row = _typed(row, schema)
-                size = (len(image) if image is not None and opt.embed else 0) + 512
-                writer.add(split, {"image": cell, **row}, size)
-            else:
-                number = numbers.get(split, 0)
-                numbers[split] = number + 1
-                members: dict[str, bytes] = {}
-                if image is not None:
-                    members["png"] = image
-                members["json"] = json.dumps(row, ensure_ascii=False).encode()
-                members["txt"] = rec["prompt"].encode()
-                writer.add(split, sample_key(number, rec["id"]), members)
-            n += 1
+            batch.append(rec)
+            if len(batch) >= _BATCH:
+                await anyio.to_thread.run_sync(sink.write, batch)
+                batch = []
+        await anyio.to_thread.run_sync(sink.write, batch)
         writer.close()
-        files = shards.publish()
+        files = await anyio.to_thread.run_sync(shards.publish)
     except BaseException:
         writer.close()
         shards.discard()
         raise
-    card = write_card(folder, fmt, facts, files, embed=opt.embed)
-    return ExportResult(fmt=fmt, records=n, files=(*files, card), missing=missing)
+    card = write_card(folder, fmt, sink.facts, files, embed=opt.embed)
+    return ExportResult(fmt=fmt, records=sink.records, files=(*files, card), missing=sink.missing)
 
 
 def write_stdout_safely(stdout: TextIO) -> None:

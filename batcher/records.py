@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from pathlib import PurePosixPath
 from typing import Any
 
 from jobs import State
@@ -151,7 +150,7 @@ def export_row(rec: Mapping[str, Any], keys: Sequence[tuple[str, str]]) -> dict[
     row: dict[str, Any] = {}
     for field in EXPORT_FIELDS:
         if field == "file":
-            row[field] = str(PurePosixPath("images") / rec["output"]) if done else None
+            row[field] = f"images/{rec['output']}" if done else None
         elif field == "actual_prompt":
             row[field] = actual_prompt(rec)
         elif field in TIME_FIELDS:

@@ -18,6 +18,7 @@ from batcher.records import (
     metadata_row,
     variable_keys,
 )
+from batcher.shards import tar_header
 
 REC = {
     "id": "a",
@@ -120,3 +121,14 @@ def test_prompt_languages():
     assert prompt_language("一只在雪地里奔跑的柴犬") == "zh"
     assert prompt_language("a cat, 4k") == "en"
     assert prompt_language("🙂 123") == "other"
+
+
+@pytest.mark.parametrize(
+    ("name", "size"), [("000001_a.png", 12345), ("x.json", 0), ("中文.txt", 5), ("a" * 120, 7)]
+)
+def test_tar_headers_are_the_ones_tarfile_writes(name, size):
+    import tarfile
+
+    info = tarfile.TarInfo(name)
+    info.size, info.mode = size, 0o644
+    assert tar_header(name, size) == info.tobuf(tarfile.PAX_FORMAT, "utf-8", "strict")
