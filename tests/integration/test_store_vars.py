@@ -88,14 +88,16 @@ async def test_editing_a_variable_updates_it_and_keeps_the_image(
     await store.record_generated(claims[0].id, claims[0].token, generated(), lease_seconds=60)
     await store.record_file(claims[0].id, claims[0].token, stored())
     await store.complete(claims[0].id, claims[0].token, stored())
-    m.write_text("id,prompt,label\na,a fox,cat-1\nb,a cat,2\n")
+    assert list(await store.variables()) == ["label"]
+    m.write_text("id,prompt,label,kind\na,a fox,cat-1,x\nb,a cat,2,y\n")
     report = await _import(store, m)
-    assert (report.added, report.replaced, report.updated) == (0, 0, 1)  # type: ignore[attr-defined]
+    assert (report.added, report.replaced, report.updated) == (0, 0, 2)  # type: ignore[attr-defined]
+    assert list(await store.variables()) == ["label", "kind"]  # worked out again
     a = row(store.path, "a")
     assert a["state"] == State.DONE.value and a["sha256"] is not None
-    assert json.loads(a["vars"]) == {"label": "cat-1"}
+    assert json.loads(a["vars"]) == {"label": "cat-1", "kind": "x"}
     # a variable used in the prompt changes the image: that is a change like any other
-    m.write_text("id,prompt,label\na,a fox {label},cat-1\nb,a cat,2\n")
+    m.write_text("id,prompt,label,kind\na,a fox {label},cat-1,x\nb,a cat,2,y\n")
     with pytest.raises(ManifestInvalid, match="different content"):
         await _import(store, m)
     report = await _import(store, m, replace=True)
