@@ -11,6 +11,7 @@ of the same rows.
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -24,6 +25,9 @@ from .records import iso_utc
 
 __all__ = ["CardFacts", "prompt_language", "write_card"]
 
+_CJK = re.compile("[\u3400-\u4dbf\u4e00-\u9fff]")
+_LATIN = re.compile("[A-Za-z]")
+
 
 def prompt_language(prompt: str) -> str:
     """``zh`` for a prompt with Chinese characters, ``en`` for one written in Latin letters,
@@ -32,9 +36,9 @@ def prompt_language(prompt: str) -> str:
     >>> prompt_language("一只猫"), prompt_language("a cat"), prompt_language("1234")
     ('zh', 'en', 'other')
     """
-    if any("\u4e00" <= c <= "\u9fff" or "\u3400" <= c <= "\u4dbf" for c in prompt):
+    if _CJK.search(prompt):
         return "zh"
-    if any(c.isascii() and c.isalpha() for c in prompt):
+    if _LATIN.search(prompt):
         return "en"
     return "other"
 

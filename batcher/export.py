@@ -342,6 +342,29 @@ class _Sink:
         self.writer.add(split, sample_key(number, rec["id"]), members)
 
 
+async def _pump(store: JobStore, state: State | None, sink: _Sink) -> None:
+    """Feed the records to ``sink`` a batch at a time on a worker thread, reading the next
+    batch from the database meanwhile (at most two batches wait: memory stays flat)."""
+    send, receive = anyio.create_memory_object_stream[list[dict[str, Any]]](2)
+
+    async def consume() -> None:
+        async with receive:
+            async for batch in receive:
+                await anyio.to_thread.run_sync(sink.write, batch)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(consume)
+        async with send:
+            batch: list[dict[str, Any]] = []
+            async for rec in store.iter_records(state=state):
+                batch.append(rec)
+                if len(batch) >= _BATCH:
+                    await send.send(batch)
+                    batch = []
+            if batch:
+                await send.send(batch)
+
+
 async def _export_shards(
     store: JobStore,
     layout: RunLayout,
@@ -365,13 +388,7 @@ async def _export_shards(
     )
     sink = _Sink(writer, layout, opt, keys, schema)
     try:
-        batch: list[dict[str, Any]] = []
-        async for rec in store.iter_records(state=state):
-            batch.append(rec)
-            if len(batch) >= _BATCH:
-                await anyio.to_thread.run_sync(sink.write, batch)
-                batch = []
-        await anyio.to_thread.run_sync(sink.write, batch)
+        await _pump(store, state, sink)
         writer.close()
         files = await anyio.to_thread.run_sync(shards.publish)
     except BaseException:
