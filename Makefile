@@ -12,9 +12,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
-## run: the main job, the sample catalog against the built-in emulator; images land in out/catalog/images
+## run: the main job, the sample catalog rehearsed against the built-in emulator; images land in out/catalog.emulated/images
 run: $(STAMP)
-	$(VENV)/bin/batcher run samples/catalog.yaml --emulate --out out/catalog
+	$(VENV)/bin/batcher run samples/catalog.yaml --emulate
 
 ## test: the whole suite (unit, integration, acceptance); exit 5 (no tests collected) is a failure
 test: $(STAMP)

@@ -1,7 +1,7 @@
 """``batcher``: the command line.
 
-    batcher plan MANIFEST [--out DIR]            validate and import; no API call
-    batcher run MANIFEST [--out DIR] [...]       generate every image (see --help)
+    batcher plan MANIFEST|DIR [--out DIR]        validate and import; no API call
+    batcher run MANIFEST|DIR [--out DIR] [...]   generate every image (see --help)
     batcher status DIR [--json]                  counts per state, failures by code
     batcher export DIR [--format jsonl|csv|parquet|webdataset] [-o PATH] [...]
     batcher retry DIR [--code CODE]              failed jobs back to pending
@@ -61,15 +61,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     plan = sub.add_parser("plan", help="validate and import a manifest; no API call")
-    plan.add_argument("manifest", type=Path)
+    plan.add_argument("manifest", type=Path, help="a manifest, or a run folder to plan again")
     plan.add_argument("--out", type=Path, help="run folder (default out/<manifest name>)")
     plan.add_argument("--replace", action="store_true", help="reset jobs whose content changed")
     plan.add_argument("--region", choices=["intl", "cn"], default="intl")
+    plan.add_argument(
+        "--rps", type=_positive(float), default=2.0, help="quota the time is estimated at"
+    )
+    plan.add_argument(
+        "--emulate", action="store_true", help="plan the rehearsal (out/<name>.emulated)"
+    )
     plan.add_argument("--json", action="store_true", help="print a JSON object")
 
     run = sub.add_parser("run", help="generate every image of a manifest")
-    run.add_argument("manifest", type=Path)
-    run.add_argument("--out", type=Path, help="run folder (default out/<manifest name>)")
+    run.add_argument("manifest", type=Path, help="a manifest, or a run folder to resume")
+    run.add_argument(
+        "--out",
+        type=Path,
+        help="run folder (default out/<manifest name>, out/<manifest name>.emulated with "
+        "--emulate)",
+    )
     run.add_argument(
         "--concurrency",
         type=_positive(int),
@@ -87,7 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--emulate-faults", default="", help=argparse.SUPPRESS)
     run.add_argument("--emulate-rps", type=_positive(float), default=2.0, help=argparse.SUPPRESS)
     run.add_argument("--limit", type=_positive(int), help="generate at most N images (a trial)")
-    run.add_argument("--budget", help="stop before the estimated spend passes AMOUNT")
+    run.add_argument(
+        "--budget",
+        metavar="AMOUNT",
+        help="stop before the run folder's spend would pass AMOUNT, in the region's currency "
+        "unless named (5CNY, 2.5USD)",
+    )
     run.add_argument("--replace", action="store_true", help="reset jobs whose content changed")
     run.add_argument(
         "--grace", type=float, default=10.0, help="seconds to let calls finish on Ctrl-C"
@@ -153,10 +169,13 @@ async def _dispatch(args: argparse.Namespace) -> int:
                 out=args.out,
                 replace=args.replace,
                 region=args.region,
+                rps=args.rps,
+                emulate=args.emulate,
                 as_json=args.json,
             )
         )
     if args.command == "run":
+        budget, budget_currency = parse_budget(args.budget)
         options = RunOptions(
             rps=args.rps,
             concurrency=args.concurrency,
@@ -165,7 +184,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
             download_timeout=args.request_timeout,
             region=args.region,
             limit=args.limit,
-            budget=parse_budget(args.budget),
+            budget=budget,
             lease_seconds=args.lease,
             backoff_base=args.backoff_base,
             seed=args.seed,
@@ -175,6 +194,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
                 manifest=args.manifest,
                 out=args.out,
                 options=options,
+                budget_currency=budget_currency,
                 base_url=args.base_url,
                 emulate=args.emulate,
                 emulate_latency=args.emulate_latency,

@@ -187,7 +187,8 @@ class DashScopeClient:
         request_timeout: float = 120.0,
     ) -> None:
         self._session = session
-        self._url = yarl.URL(base_url.rstrip("/") + GENERATION_PATH)  # parsed once, not per call
+        self.base_url = base_url.rstrip("/")
+        self._url = yarl.URL(self.base_url + GENERATION_PATH)  # parsed once, not per call
         self._headers = {
             "Authorization": f"Bearer {api_key}",
             "Content-Type": "application/json",

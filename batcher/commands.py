@@ -18,11 +18,13 @@ from jobs import JobStore
 from .errors import ConfigError
 from .exitcodes import ExitCode, exit_code_for
 from .export import ExportOptions, check_output, run_export, write_stdout_safely
+from .folder import resolve_target
 from .importing import import_manifest
 from .layout import RunLayout, RunLock
 from .planning import PlanOptions, make_plan
 from .pool import StopReason
-from .session import RunCommand, RunOutcome, default_out, execute_run
+from .pricing import currency_of
+from .session import RunCommand, RunOutcome, execute_run
 from .summary import achieved_rate, run_json, status_json, status_text, summary_lines
 
 __all__ = [
@@ -52,10 +54,10 @@ def _existing_layout(folder: Path) -> RunLayout:
 
 async def cmd_plan(opt: PlanOptions) -> ExitCode:
     """Validate and import; no API call. Prints what a run would do."""
-    layout = RunLayout(opt.out or default_out(opt.manifest))
-    async with await JobStore.open(layout.db) as store:
-        imported = await import_manifest(store, opt.manifest, replace=opt.replace)
-        plan = await make_plan(store, layout, opt.manifest, imported, opt.region)
+    target = await resolve_target(opt.manifest, opt.out, emulate=opt.emulate)
+    async with await JobStore.open(target.layout.db) as store:
+        imported = await import_manifest(store, target, replace=opt.replace)
+        plan = await make_plan(store, target.layout, target.manifest, imported, opt)
     print(json.dumps(plan.as_dict()) if opt.as_json else plan.text())
     return ExitCode.OK
 
@@ -126,30 +128,66 @@ def _report(cmd: RunCommand, outcome: RunOutcome, code: ExitCode) -> None:
         reason=result.reason.value,
         calls_per_second=achieved_rate(result),
         rps=cmd.options.rps,
+        currency=currency_of(cmd.options.region),
+        emulated=cmd.emulate,
     )
     for line in lines:
         log.info("summary: %s", line)
     if cmd.as_json:
-        print(json.dumps(run_json(stats=stats, result=result, exit_code=code, layout=layout)))
+        payload = run_json(
+            stats=stats,
+            result=result,
+            exit_code=code,
+            layout=layout,
+            currency=currency_of(cmd.options.region),
+            emulated=cmd.emulate,
+        )
+        print(json.dumps(payload))
     for line in lines:
         _warn(line)
     if result.reason is StopReason.ABORTED:
         _warn(f"stopped: {result.abort_message}")
-    elif result.reason in (StopReason.BUDGET, StopReason.LIMIT):
+    elif result.reason is StopReason.BUDGET:
+        _warn(
+            f"stopped early: {result.abort_message}; the budget counts all of this folder's "
+            "spend: raise it to go on"
+        )
+    elif result.reason is StopReason.LIMIT:
         _warn(f"stopped early: {result.abort_message}; run the same command again to go on")
     elif result.reason is StopReason.INTERRUPTED:
         _warn("interrupted; run the same command again to continue where it stopped")
     _warn(f"images are in {layout.images}")
 
 
-def parse_budget(value: str | None) -> Decimal | None:
-    """``--budget AMOUNT`` as a Decimal (None when not given)."""
+_CURRENCY_NAMES = {"USD": "USD", "US$": "USD", "$": "USD", "CNY": "CNY", "RMB": "CNY", "¥": "CNY"}
+
+
+def parse_budget(value: str | None) -> tuple[Decimal | None, str | None]:
+    """``--budget AMOUNT[CURRENCY]``: the amount and the currency named, if any.
+
+    >>> parse_budget("5CNY")
+    (Decimal('5'), 'CNY')
+    >>> parse_budget("2.50")
+    (Decimal('2.50'), None)
+    """
     if value is None:
-        return None
+        return None, None
+    text = value.strip()
+    currency = None
+    upper = text.upper()
+    for name, code in _CURRENCY_NAMES.items():
+        if upper.endswith(name):
+            currency, text = code, text[: -len(name)].strip()
+            break
+        if upper.startswith(name):
+            currency, text = code, text[len(name) :].strip()
+            break
     try:
-        amount = Decimal(value)
+        amount = Decimal(text)
     except ArithmeticError:
-        raise ConfigError(f"--budget must be an amount like 12.50, got {value!r}") from None
-    if not amount.is_finite() or amount < 0:
+        raise ConfigError(
+            f"--budget must be an amount like 12.50, 5CNY or 2.5USD, got {value!r}"
+        ) from None
+    if not amount.is_finite() or amount <= 0:
         raise ConfigError(f"--budget must be a positive amount, got {value!r}")
-    return amount
+    return amount, currency

@@ -1,4 +1,12 @@
-"""Bringing a run folder's job table in line with its manifest (``plan`` and ``run`` share it)."""
+"""Bringing a run folder's job table in line with its manifest (``plan`` and ``run`` share it).
+
+The manifest is the source of truth (see :mod:`jobs.merge`): rows that left it are withdrawn,
+rows that came back are restored, a row whose only change is its ``output`` moves its job. A
+done job's image is moved here, on disk, after the import committed: first every image to a
+name of its own under ``DIR/.moving/`` then each to its new path, so jobs may swap paths; a
+crash in between is finished by the next import (the moves stay recorded until done). When
+the set of done images changed, ``metadata.jsonl`` is rewritten.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +20,14 @@ from pathlib import Path
 
 import anyio
 
-from jobs import JobStore, open_manifest
+from jobs import JobStore, Moved, open_manifest
 
 from . import __version__
+from .folder import MANIFEST_KEY, Target, check_manifest
+from .layout import RunLayout, UnsafeOutputPath
+from .metadata import MetadataWriter
 
-__all__ = ["ImportSummary", "import_manifest"]
+__all__ = ["ImportSummary", "apply_moves", "import_manifest"]
 
 log = logging.getLogger("batcher")
 
@@ -30,7 +41,15 @@ class ImportSummary:
     added: int
     unchanged: int
     replaced: int
-    updated: int  # rows whose manifest variables alone changed (their images stand)
+    withdrawn: int = 0
+    restored: int = 0
+    moved: int = 0
+    updated: int = 0  # rows whose manifest variables alone changed (their images stand)
+
+    @property
+    def done_set_changed(self) -> bool:
+        """Whether the done jobs, or their paths, may differ from before the import."""
+        return bool(self.replaced or self.withdrawn or self.restored or self.moved)
 
 
 def _manifest_identity(path: Path) -> tuple[str, str]:
@@ -47,31 +66,121 @@ def _warn(msg: str) -> None:
     print(f"batcher: {msg}", file=sys.stderr)
 
 
-async def import_manifest(store: JobStore, manifest_path: Path, *, replace: bool) -> ImportSummary:
-    """Import new rows. A manifest unchanged since its last import is not read again: with a
-    million rows that would be most of the time a resumed run takes to its first call.
+async def import_manifest(store: JobStore, target: Target, *, replace: bool) -> ImportSummary:
+    """Import the manifest of ``target`` as the whole truth of its folder.
 
-    The manifest's warnings (at most five, then a count) go to stderr.
+    A manifest unchanged since its last import (and still the folder's) is not read again: with
+    a million rows that would be most of the time a resumed run takes to its first call. The
+    manifest's warnings (at most five, then a count) go to stderr. Raises ``ConfigError`` when
+    a default folder belongs to another manifest.
     """
+    manifest_path, layout = target.manifest, target.layout
+    new_manifest = await check_manifest(store, target)
     key = digest = None
     with contextlib.suppress(OSError):  # open_manifest reports the problem, located
         key, digest = await anyio.to_thread.run_sync(_manifest_identity, manifest_path)
-    if key is not None and not replace and await store.get_meta(key) == digest:
-        total = await store.count()
+    if (
+        key is not None
+        and not replace
+        and new_manifest is None
+        and await store.get_meta(key) == digest
+    ):
+        total = await store.count(withdrawn=False)
         log.info("%s unchanged since its last import: not read again", manifest_path)
-        return ImportSummary(added=0, unchanged=total, replaced=0, updated=0)
+        moved = await apply_moves(store, layout)  # left by an import a crash cut short
+        return ImportSummary(added=0, unchanged=total, replaced=0, moved=moved)
     manifest = open_manifest(manifest_path)
-    report = await store.import_rows(manifest.rows(), source=str(manifest_path), replace=replace)
+    report = await store.import_rows(
+        manifest.rows(), source=str(manifest_path), replace=replace, withdraw=True
+    )
     if key is not None and digest is not None:
         await store.set_meta(key, digest)
+    if new_manifest is not None:
+        await store.set_meta(MANIFEST_KEY, new_manifest)
     shown = manifest.warnings[:MAX_WARNINGS_SHOWN]
     for w in shown:
         _warn(f"warning: {w.format()}")
     if len(manifest.warnings) > len(shown):
         _warn(f"warning: ... and {len(manifest.warnings) - len(shown)} more warnings")
-    return ImportSummary(
+    summary = ImportSummary(
         added=report.added,
         unchanged=report.unchanged,
         replaced=report.replaced,
+        withdrawn=report.withdrawn,
+        restored=report.restored,
+        moved=report.moved,
         updated=report.updated,
     )
+    await apply_moves(store, layout)
+    if summary.done_set_changed or summary.updated:
+        await MetadataWriter(store, layout).refresh()
+    log.info(
+        "import of %s: %d new, %d unchanged, %d replaced, %d withdrawn, %d back, %d moved",
+        manifest_path,
+        summary.added,
+        summary.unchanged,
+        summary.replaced,
+        summary.withdrawn,
+        summary.restored,
+        summary.moved,
+    )
+    return summary
+
+
+async def apply_moves(store: JobStore, layout: RunLayout) -> int:
+    """Move the images of done jobs whose output path changed; returns the jobs moved."""
+    moves = await store.pending_moves()
+    if not moves:
+        return 0
+    by_job: dict[str, list[Moved]] = {}
+    for m in moves:
+        by_job.setdefault(m.job_id, []).append(m)
+    await anyio.to_thread.run_sync(_move_files, layout, by_job)
+    await store.finish_moves([m.seq for m in moves])
+    return len(by_job)
+
+
+def _prune_empty_folders(layout: RunLayout, old: str) -> None:
+    """Remove the folders under images/ an image was moved out of, while they are empty."""
+    folder = (layout.images / old).parent
+    while folder != layout.images and layout.images in folder.parents:
+        try:
+            folder.rmdir()  # only an empty folder; a symlink or a file is never removed
+        except OSError:
+            return
+        folder = folder.parent
+
+
+def _move_files(layout: RunLayout, by_job: dict[str, list[Moved]]) -> None:
+    aside = layout.root / ".moving"
+    temps: dict[str, Path] = {}
+    for job_id, chain in by_job.items():
+        temp = aside / f"{chain[0].seq}.png"
+        temps[job_id] = temp
+        if temp.exists():
+            continue  # set aside by an earlier attempt
+        for m in reversed(chain):  # the latest old path that still holds the image
+            try:
+                source = layout.image_path(m.old)
+            except UnsafeOutputPath:
+                continue
+            if source.is_file():
+                aside.mkdir(exist_ok=True)
+                os.replace(source, temp)
+                break
+    for job_id, chain in by_job.items():
+        temp = temps[job_id]
+        if not temp.exists():
+            log.warning("job %s: its image was not found to move to %s", job_id, chain[-1].new)
+            continue
+        try:
+            dest = layout.image_path(chain[-1].new)
+        except UnsafeOutputPath as exc:
+            log.warning("job %s: image left in %s: %s", job_id, temp, exc)
+            continue
+        os.replace(temp, dest)
+        log.info("job %s: image moved to %s", job_id, chain[-1].new)
+        for m in chain:
+            _prune_empty_folders(layout, m.old)
+    with contextlib.suppress(OSError):
+        aside.rmdir()  # only when empty

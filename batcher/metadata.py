@@ -98,6 +98,15 @@ class MetadataWriter:
         known = await self._store.get_meta(f"{STATE_KEY}:keys")
         return known == json.dumps(self._keys)
 
+    async def refresh(self) -> int:
+        """Rewrite the files now and mark them clean (after an import changed the done jobs,
+        their paths or their variables); returns the lines."""
+        self._keys = variable_keys(list(await self._store.variables()), METADATA_FIELDS)
+        await self._store.set_meta(STATE_KEY, "")
+        self._lines = await self.rewrite()
+        await self._store.set_meta(STATE_KEY, f"clean:{self._lines}")
+        return self._lines
+
     async def rewrite(self) -> int:
         """Write every file again from the job table, atomically each; returns the lines."""
         self._layout.images.mkdir(parents=True, exist_ok=True)

@@ -121,13 +121,20 @@ class Runner:
         session: aiohttp.ClientSession,
         layout: RunLayout,
         options: RunOptions,
+        endpoint: str | None = None,
+        spent: Decimal = Decimal(0),
         on_done: Callable[[list[str]], Awaitable[None]] | None = None,
     ) -> None:
+        """``endpoint`` is what each image records as its origin (default: the client's base
+        URL); ``spent`` what the run folder spent before, in the region's currency, which
+        ``--budget`` counts against."""
         self.store = store
         self.client = client
         self.session = session
         self.layout = layout
         self.opt = options
+        self.endpoint = endpoint if endpoint is not None else client.base_url
+        self._spent_before = spent
         self.counters = RunCounters()
         self.committer = ImageCommitter(store, on_done)
         self._on_done = on_done  # hears the ids of jobs this run completes
@@ -139,6 +146,8 @@ class Runner:
         self._buffer: deque[Claim] = deque()
         self._held: dict[str, Claim] = {}
         self._in_flight = 0
+        # Generation calls dispatched and not yet answered: counted from the dispatch (not
+        # when the worker task first runs), so --budget sees every call already committed.
         self._generating = 0
         self._started: set[str] = set()  # jobs this run has called the API for (--limit)
         self._abandoned: set[str] = set()  # jobs whose call was cut short after it was sent
@@ -266,6 +275,7 @@ class Runner:
                 return
             if self.opt.limit is not None:
                 self._started.add(claim.id)
+            self._generating += 1  # until _call_and_record has the answer
             self._start(tg, self._generate, claim)
 
     async def _wait_for_slot(self) -> bool:
@@ -299,10 +309,17 @@ class Runner:
             self.request_stop(StopReason.LIMIT, f"--limit {self.opt.limit} reached")
             return False
         if self.opt.budget is not None:
-            price = self.price(claim.model, claim.prompt_extend).amount
-            committed = self.counters.cost + price * self._generating
-            if committed + price > self.opt.budget:
-                self.request_stop(StopReason.BUDGET, f"--budget {self.opt.budget} reached")
+            price = self.price(claim.model, claim.prompt_extend)
+            spent = self._spent_before + self.counters.cost
+            committed = spent + price.amount * self._generating
+            if committed + price.amount > self.opt.budget:
+                budget = Money(self.opt.budget, price.currency)
+                total = Money(committed, price.currency)
+                self.request_stop(
+                    StopReason.BUDGET,
+                    f"--budget {budget} reached: this run folder has spent (or has in flight) "
+                    f"{total}, and one more image costs {price}",
+                )
                 return False
         return True
 
@@ -388,7 +405,6 @@ class Runner:
     async def _call_and_record(self, claim: Claim) -> Claim | None:
         """Call the API and write the outcome. Returns the generated claim, None when the
         outcome was recorded (retry or failure), or ``claim`` itself when it must be released."""
-        self._generating += 1
         try:
             sent = anyio.current_time()
             self.pacer.control.sent(at=sent)
@@ -453,6 +469,7 @@ class Runner:
                 latency_ms=result.latency_ms,
                 cost=price.amount,
                 currency=price.currency,
+                endpoint=self.endpoint,
             ),
             lease_seconds=self.opt.lease_seconds,
         )

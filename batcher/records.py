@@ -63,6 +63,7 @@ EXPORT_FIELDS = (
     "error_message",
     "cost",
     "currency",
+    "endpoint",
     "actual_prompt",
     "input_tokens",
     "output_tokens",

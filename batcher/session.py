@@ -19,6 +19,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 
 import aiohttp
@@ -29,14 +30,15 @@ from jobs import JobStore, State, Stats
 from .client import DashScopeClient, base_url_for
 from .download import sweep_partials
 from .errors import ConfigError
+from .folder import Target, check_endpoint, endpoint_label, resolve_target
 from .importing import ImportSummary, import_manifest
 from .layout import RunLayout, RunLock
 from .metadata import MetadataWriter
 from .pool import Runner, RunOptions, RunResult, StopReason
-from .pricing import Money, price_per_image
+from .pricing import Money, currency_of, price_per_image
 from .progress import ProgressView, Snapshot, make_view
 
-__all__ = ["EMULATOR_KEY", "RunCommand", "RunOutcome", "default_out", "execute_run"]
+__all__ = ["EMULATOR_KEY", "RunCommand", "RunOutcome", "execute_run"]
 
 log = logging.getLogger("batcher")
 
@@ -44,18 +46,15 @@ EMULATOR_KEY = "sk-batcher-emulator"
 """The key the in-process emulator of ``--emulate`` accepts (not a secret)."""
 
 
-def default_out(manifest: Path) -> Path:
-    """The run folder of a manifest when ``--out`` is not given."""
-    return Path("out") / manifest.stem
-
-
 @dataclass(frozen=True, kw_only=True, slots=True)
 class RunCommand:
-    """Everything ``batcher run`` was asked to do."""
+    """Everything ``batcher run`` was asked to do. ``manifest`` may be a run folder (it names
+    its own manifest); ``budget_currency`` is the currency ``--budget`` named, if any."""
 
     manifest: Path
     out: Path | None
     options: RunOptions
+    budget_currency: str | None = None
     base_url: str | None = None
     emulate: bool = False
     emulate_latency: str = "lognormal:2000:0.4"
@@ -126,27 +125,35 @@ async def execute_run(cmd: RunCommand) -> RunOutcome:
 
     Raises :class:`ConfigError` (no key, a bad ``--base-url``) before the folder is touched.
     """
-    layout = RunLayout(cmd.out or default_out(cmd.manifest))
     secret = "" if cmd.emulate else _api_key()  # fail fast on the key
-    base_url_for(cmd.options.region, cmd.base_url)  # validates --region / --base-url
+    base_url = base_url_for(cmd.options.region, cmd.base_url)  # validates --region / --base-url
+    _check_budget_currency(cmd)
+    target = await resolve_target(cmd.manifest, cmd.out, emulate=cmd.emulate)
+    layout = target.layout
+    endpoint = endpoint_label(emulate=cmd.emulate, base_url=base_url)
     layout.root.mkdir(parents=True, exist_ok=True)
     with RunLock(layout.lock), _file_logging(layout.log, secret):
         async with await JobStore.open(layout.db) as store:
-            imported = await _prepare(store, cmd, layout)
+            check_endpoint(await store.endpoints(), endpoint, layout.root)
+            imported = await _prepare(store, cmd, target)
+            spent = await _budget_spent(store, cmd)
             metadata = MetadataWriter(store, layout)
             try:
-                await metadata.start(rewrite=bool(imported.replaced or imported.updated))
+                await metadata.start()
             except OSError as exc:  # a full or read-only disk: the run's own stop says why
                 _metadata_problem(layout, exc)
             start = await store.stats(totals=False)  # counts only: no scan of every row's sums
             if not cmd.as_json:
+                withdrawn = start.count(State.WITHDRAWN)
                 _warn(
-                    f"{cmd.manifest}: {imported.added} new jobs, {imported.unchanged} already "
-                    f"imported; {start.count(State.DONE)} of {start.total} done; "
+                    f"{target.manifest}: {imported.added} new jobs, {imported.unchanged} already "
+                    f"imported{f', {withdrawn} withdrawn' if withdrawn else ''}; "
+                    f"{start.count(State.DONE)} of {start.total - withdrawn} done; "
                     f"run folder {layout.root}"
                 )
             try:
-                result = await _drive(cmd, store, layout, start, _appender(metadata, layout))
+                on_done = _appender(metadata, layout)
+                result = await _drive(cmd, store, layout, start, endpoint, spent, on_done)
             finally:
                 with anyio.CancelScope(shield=True):
                     try:
@@ -159,9 +166,45 @@ async def execute_run(cmd: RunCommand) -> RunOutcome:
     return RunOutcome(layout=layout, imported=imported, result=result, stats=stats)
 
 
-async def _prepare(store: JobStore, cmd: RunCommand, layout: RunLayout) -> ImportSummary:
+def _check_budget_currency(cmd: RunCommand) -> None:
+    currency = currency_of(cmd.options.region)
+    if cmd.budget_currency is not None and cmd.budget_currency != currency:
+        raise ConfigError(
+            f"--budget is in {cmd.budget_currency}, but --region {cmd.options.region} is "
+            f"priced in {currency}: give the budget in {currency}"
+        )
+
+
+async def _budget_spent(store: JobStore, cmd: RunCommand) -> Decimal:
+    """What the folder spent already in the region's currency (emulated money for a
+    rehearsal): ``--budget`` is for the folder, not per command. A budget below the price of
+    one image of what is left to do refuses before any call."""
+    budget = cmd.options.budget
+    if budget is None:
+        return Decimal(0)
+    currency = currency_of(cmd.options.region)
+    kinds = await store.pending_by_kind()
+    if kinds:
+        cheapest = min(price_per_image(m, cmd.options.region, e) for m, e in kinds)
+        if budget < cheapest.amount:
+            raise ConfigError(
+                f"--budget {Money(budget, currency)} is less than one image costs "
+                f"({cheapest}): nothing could be generated"
+            )
+    return sum(
+        (
+            s.amount
+            for s in await store.spend()
+            if s.currency == currency and s.emulated == cmd.emulate
+        ),
+        Decimal(0),
+    )
+
+
+async def _prepare(store: JobStore, cmd: RunCommand, target: Target) -> ImportSummary:
     """Import, reclaim what a dead process held, sweep its temporary files, log the options."""
-    imported = await import_manifest(store, cmd.manifest, replace=cmd.replace)
+    layout = target.layout
+    imported = await import_manifest(store, target, replace=cmd.replace)
     reclaimed = await store.reclaim(all_running=True)
     # Temporary files are left only by a run that did not end cleanly: walking a million
     # images to look for them on every start would dominate a resume.
@@ -170,11 +213,13 @@ async def _prepare(store: JobStore, cmd: RunCommand, layout: RunLayout) -> Impor
         swept = await anyio.to_thread.run_sync(sweep_partials, layout.images)
     await store.set_meta("last_run", "running")
     log.info(
-        "run start: %d new jobs, %d already imported, %d replaced, %d reclaimed, "
-        "%d partial files removed",
+        "run start: %d new jobs, %d already imported, %d replaced, %d withdrawn, %d moved, "
+        "%d reclaimed, %d partial files removed",
         imported.added,
         imported.unchanged,
         imported.replaced,
+        imported.withdrawn,
+        imported.moved,
         reclaimed,
         swept,
     )
@@ -214,11 +259,13 @@ async def _drive(
     store: JobStore,
     layout: RunLayout,
     start: Stats,
+    endpoint: str,
+    spent: Decimal,
     on_done: Callable[[list[str]], Awaitable[None]],
 ) -> RunResult:
     """The endpoint, the HTTP session, the runner, the signal watcher and the progress view;
     ``on_done`` hears the ids of the jobs the runner completes."""
-    currency = price_per_image("z-image-turbo", cmd.options.region, False).currency
+    currency = currency_of(cmd.options.region)
     view = make_view(cmd.progress)
     try:
         async with _api_endpoint(cmd) as (base_url, key):
@@ -240,12 +287,14 @@ async def _drive(
                     session=session,
                     layout=layout,
                     options=cmd.options,
+                    endpoint=endpoint,
+                    spent=spent,
                     on_done=on_done,
                 )
                 meter = _RateMeter()
 
                 def snap() -> Snapshot:
-                    return _snapshot(runner, start, meter, currency)
+                    return _snapshot(runner, start, meter, currency, emulated=cmd.emulate)
 
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(_watch_signals, runner, cmd.grace)
@@ -330,15 +379,18 @@ class _RateMeter:
         return 60.0 * (count - c0) / (now - t0) if now - t0 >= 1 else 0.0
 
 
-def _snapshot(runner: Runner, start: Stats, meter: _RateMeter, currency: str) -> Snapshot:
+def _snapshot(
+    runner: Runner, start: Stats, meter: _RateMeter, currency: str, *, emulated: bool
+) -> Snapshot:
     c = runner.counters
-    todo = start.total - start.count(State.DONE) - start.count(State.FAILED)
+    withdrawn = start.count(State.WITHDRAWN)
+    todo = start.total - withdrawn - start.count(State.DONE) - start.count(State.FAILED)
     remaining = max(0, todo - c.done - c.failed)
     rate = runner.pacer.rate
     eta = remaining / rate if rate > 0 and remaining else (0.0 if not remaining else None)
     reason = runner.stop_reason
     return Snapshot(
-        total=start.total,
+        total=start.total - withdrawn,
         done=start.count(State.DONE) + c.done,
         failed=start.count(State.FAILED) + c.failed,
         remaining=remaining,
@@ -348,7 +400,7 @@ def _snapshot(runner: Runner, start: Stats, meter: _RateMeter, currency: str) ->
         per_minute=meter.per_minute(c.generated),
         quota_per_minute=rate * 60,
         eta_seconds=eta,
-        spent=str(Money(c.cost, currency)),
+        spent=f"{Money(c.cost, currency)}{' emulated' if emulated else ''}",
         elapsed=runner.elapsed,
         stopping=reason.value if reason is not None else None,
     )

@@ -1,5 +1,9 @@
 """What a person (or a program, with ``--json``) reads about a run folder: the end-of-run
-summary, ``batcher status`` and the run's JSON summary."""
+summary, ``batcher status`` and the run's JSON summary.
+
+Money is shown per currency, never summed across currencies, and the emulator's (a rehearsal)
+apart from what was spent: ``US$0.03 emulated`` is never money spent.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +18,57 @@ from .pool import RunCounters, RunResult
 from .pricing import Money
 from .progress import format_duration
 
-__all__ = ["achieved_rate", "run_json", "status_json", "status_text", "summary_lines"]
+__all__ = [
+    "achieved_rate",
+    "amount_text",
+    "money_text",
+    "run_json",
+    "status_json",
+    "status_text",
+    "summary_lines",
+]
 
 
-def _money(amount: Decimal, currency: str | None) -> str:
-    return str(Money(amount, currency or "USD"))
+def money_text(amounts: dict[str, Decimal]) -> str:
+    """Amounts per currency for a person, never summed: ``CN¥0.20 + US$0.045``.
+
+    >>> money_text({"USD": Decimal("0.045"), "CNY": Decimal("0.2")})
+    'CN¥0.20 + US$0.045'
+    >>> money_text({})
+    'nothing'
+    """
+    if not amounts:
+        return "nothing"
+    return " + ".join(str(Money(amounts[c], c)) for c in sorted(amounts))
+
+
+def amount_text(amount: Decimal) -> str:
+    """An amount for ``--json``: at least two decimals, more only when it has them.
+
+    >>> amount_text(Decimal("0.2")), amount_text(Decimal("0.045000"))
+    ('0.20', '0.045')
+    """
+    normal = amount.normalize()
+    exponent = normal.as_tuple().exponent
+    if isinstance(exponent, int) and exponent > -2:
+        normal = normal.quantize(Decimal("0.01"))
+    return f"{normal:f}"
+
+
+def _amounts_json(amounts: dict[str, Decimal]) -> dict[str, str]:
+    return {c: amount_text(a) for c, a in sorted(amounts.items())}
+
+
+def _folder_money(stats: Stats) -> str:
+    """What the folder's images cost: spent, and apart, emulated."""
+    text = f"{stats.images_billed} images billed, spent {money_text(stats.spent())}"
+    emulated = stats.spent(emulated=True)
+    if emulated:
+        text += (
+            f"; {stats.images_emulated} images from the emulator, "
+            f"{money_text(emulated)} emulated (not billed)"
+        )
+    return text
 
 
 def achieved_rate(result: RunResult) -> float | None:
@@ -38,19 +88,26 @@ def summary_lines(
     reason: str,
     calls_per_second: float | None,
     rps: float,
+    currency: str = "USD",
+    emulated: bool = False,
 ) -> list[str]:
-    """The end-of-run summary, a few lines for a person."""
+    """The end-of-run summary, a few lines for a person. ``currency`` is the run's (its
+    region's); ``emulated``: the run was a rehearsal, whose cost was not spent."""
     s = stats
+    withdrawn = s.count(State.WITHDRAWN)
+    cost = str(Money(counters.cost, currency))
+    cost = f"{cost} emulated (nothing spent)" if emulated else f"cost {cost}"
     lines = [
         f"run {reason} after {format_duration(elapsed)}: "
         f"{s.count(State.DONE)} done, {s.count(State.FAILED)} failed, "
         f"{s.count(State.PENDING) + s.count(State.RUNNING) + s.count(State.GENERATED)} "
-        f"left, of {s.total}",
+        f"left, of {s.total - withdrawn}"
+        + (f" ({withdrawn} withdrawn: no longer in the manifest)" if withdrawn else ""),
         f"this run: {counters.generated} images generated, {counters.done} saved, "
         f"{counters.failed} failed, {counters.calls} API calls, {counters.retries} retries, "
         f"{counters.throttled} throttled, {counters.ambiguous} ambiguous re-sends "
         f"(may have been billed), {counters.regenerated} regenerated after URL expiry, "
-        f"{counters.download_retries} download retries, cost {_money(counters.cost, s.currency)}",
+        f"{counters.download_retries} download retries, {cost}",
     ]
     if calls_per_second is not None:
         lines.append(
@@ -58,7 +115,7 @@ def summary_lines(
             f"({100 * calls_per_second / rps:.0f}%)"
         )
     lines.append(
-        f"all runs: {s.images_billed} images billed, cost {_money(s.cost, s.currency)}, "
+        f"all runs: {_folder_money(s)}; "
         f"{s.throttled} throttled, {s.ambiguous} ambiguous, {s.regenerated} regenerated"
     )
     if s.errors_by_code:
@@ -70,10 +127,22 @@ def summary_lines(
 def status_text(stats: Stats, layout: RunLayout) -> str:
     """``batcher status``: jobs per state, what was billed, failures by code."""
     buf = io.StringIO()
-    buf.write(f"{layout.root}: {stats.total} jobs\n")
+    withdrawn = stats.count(State.WITHDRAWN)
+    tail = f" ({withdrawn} withdrawn: no longer in the manifest)" if withdrawn else ""
+    buf.write(f"{layout.root}: {stats.total - withdrawn} jobs{tail}\n")
     for state in State:
         buf.write(f"  {state.value:<10} {stats.count(state)}\n")
-    buf.write(f"  images billed {stats.images_billed}, cost {_money(stats.cost, stats.currency)}\n")
+    spent = stats.spent()
+    if spent:
+        buf.write(f"  spent {money_text(spent)} ({stats.images_billed} images billed)\n")
+    else:
+        buf.write("  spent nothing (no image billed)\n")
+    emulated = stats.spent(emulated=True)
+    if emulated:
+        buf.write(
+            f"  rehearsal: {stats.images_emulated} images from the emulator, "
+            f"{money_text(emulated)} emulated (not billed)\n"
+        )
     if stats.errors_by_code:
         buf.write("  failures by code:\n")
         for code, n in sorted(stats.errors_by_code.items()):
@@ -88,8 +157,9 @@ def status_json(stats: Stats) -> dict[str, Any]:
         out[state.value] = stats.count(state)
     out.update(
         images_billed=stats.images_billed,
-        cost=str(stats.cost),
-        currency=stats.currency,
+        spent=_amounts_json(stats.spent()),
+        images_emulated=stats.images_emulated,
+        emulated=_amounts_json(stats.spent(emulated=True)),
         errors_by_code=stats.errors_by_code,
         throttled=stats.throttled,
         ambiguous=stats.ambiguous,
@@ -99,9 +169,16 @@ def status_json(stats: Stats) -> dict[str, Any]:
 
 
 def run_json(
-    *, stats: Stats, result: RunResult, exit_code: int, layout: RunLayout
+    *,
+    stats: Stats,
+    result: RunResult,
+    exit_code: int,
+    layout: RunLayout,
+    currency: str = "USD",
+    emulated: bool = False,
 ) -> dict[str, Any]:
-    """``batcher run --json``: the folder's status, how the run ended and what it did."""
+    """``batcher run --json``: the folder's status, how the run ended and what it did (its
+    cost in ``currency``, ``emulated`` when it was a rehearsal)."""
     c = result.counters
     payload = status_json(stats)
     payload.update(
@@ -120,7 +197,9 @@ def run_json(
             "ambiguous": c.ambiguous,
             "regenerated": c.regenerated,
             "download_retries": c.download_retries,
-            "cost": str(c.cost),
+            "cost": amount_text(c.cost),
+            "currency": currency,
+            "emulated": emulated,
             "calls_per_second": achieved_rate(result),
         },
         stop_message=result.abort_message,

@@ -17,10 +17,21 @@ from .errors import (
 from .manifest import Manifest, open_manifest
 from .spec import DEFAULT_MODEL, JobSpec
 from .states import TERMINAL, TRANSITIONS, State, check_transition
-from .store import Claim, Generated, ImportReport, JobStore, Stats, StoredFile
+from .store import (
+    EMULATOR_ENDPOINT,
+    Claim,
+    Generated,
+    ImportReport,
+    JobStore,
+    Moved,
+    Spend,
+    Stats,
+    StoredFile,
+)
 
 __all__ = [
     "DEFAULT_MODEL",
+    "EMULATOR_ENDPOINT",
     "TERMINAL",
     "TRANSITIONS",
     "Claim",
@@ -34,7 +45,9 @@ __all__ = [
     "Manifest",
     "ManifestError",
     "ManifestInvalid",
+    "Moved",
     "SchemaMismatch",
+    "Spend",
     "State",
     "Stats",
     "StoreUnavailable",

@@ -22,12 +22,22 @@ import os
 import sqlite3
 from pathlib import Path
 
+from .schema import EMULATOR_ENDPOINT
+
 __all__ = ["STEPS", "backup_before_migrating", "backup_path", "steps_after"]
 
 STEPS: dict[int, tuple[str, ...]] = {
     2: (
-        # where each image came from; version 1 did not record it
+        # where each image came from; version 1 did not record it. An image whose URL was on
+        # the loopback came from an emulator (the built-in one, or `batcher emulate`): a
+        # rehearsal, never spent. Other version-1 images stay NULL, "a real endpoint, not
+        # recorded" (see the README's "Rehearsals").
         "ALTER TABLE jobs ADD COLUMN endpoint TEXT",
+        f"UPDATE jobs SET endpoint = '{EMULATOR_ENDPOINT}' "
+        "WHERE endpoint IS NULL AND billed > 0 AND ("
+        "image_url LIKE 'http://127.0.0.1:%' OR image_url LIKE 'http://127.0.0.1/%' OR "
+        "image_url LIKE 'http://localhost:%' OR image_url LIKE 'http://localhost/%' OR "
+        "image_url LIKE 'http://[::1]%')",
         # the manifest row's extra columns, as JSON
         "ALTER TABLE jobs ADD COLUMN vars TEXT",
         # review marks

@@ -20,9 +20,22 @@ from sqlalchemy import (
     text,
 )
 
-__all__ = ["ACTIVE", "PRAGMAS", "SCHEMA_VERSION", "history", "jobs", "meta", "metadata"]
+__all__ = [
+    "ACTIVE",
+    "EMULATOR_ENDPOINT",
+    "PRAGMAS",
+    "SCHEMA_VERSION",
+    "history",
+    "jobs",
+    "meta",
+    "metadata",
+]
 
 SCHEMA_VERSION = 2
+
+EMULATOR_ENDPOINT = "emulator"
+"""``jobs.endpoint`` of an image made by an emulator (``--emulate``): a rehearsal, whose cost
+was never spent. A real image's endpoint is the API base URL it came from."""
 
 PRAGMAS = (
     "PRAGMA journal_mode=WAL",

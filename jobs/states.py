@@ -23,6 +23,13 @@ verified and renamed into place, stays ``generated`` (lease dropped, a later
 ``next_attempt_at``) when a download fails transiently, and goes back to ``pending`` only when
 its URL has expired: that is the one case in which an image is generated and paid for twice.
 
+``withdrawn`` is a job whose row left the manifest (deleted, or an id-less row whose content,
+and so whose derived id, changed). An import moves every job not in the manifest there, except
+one that is ``running`` (a live run holds it; the next import withdraws it). A withdrawn job is
+never claimed, and keeps its record and its image if it had one. When its row comes back, it
+goes back where its record says it was: ``done`` (it has its file), ``failed``,
+``generated`` (paid for, not yet downloaded) or ``pending``.
+
 ``failed`` goes back only when the user asks (``batcher retry``): to ``pending``, or to
 ``generated`` when the image was paid for and its URL is still valid. ``done`` and
 ``failed`` are terminal for a run; re-importing a changed row with ``--replace`` resets any
@@ -49,20 +56,26 @@ class State(StrEnum):
     GENERATED = "generated"
     DONE = "done"
     FAILED = "failed"
+    WITHDRAWN = "withdrawn"
 
 
 TRANSITIONS: dict[State, frozenset[State]] = {
-    State.PENDING: frozenset({State.RUNNING}),
+    State.PENDING: frozenset({State.RUNNING, State.WITHDRAWN}),
     State.RUNNING: frozenset({State.PENDING, State.GENERATED, State.FAILED}),
-    State.GENERATED: frozenset({State.GENERATED, State.DONE, State.PENDING, State.FAILED}),
-    State.DONE: frozenset(),
-    State.FAILED: frozenset({State.PENDING, State.GENERATED}),
+    State.GENERATED: frozenset(
+        {State.GENERATED, State.DONE, State.PENDING, State.FAILED, State.WITHDRAWN}
+    ),
+    State.DONE: frozenset({State.WITHDRAWN}),
+    State.FAILED: frozenset({State.PENDING, State.GENERATED, State.WITHDRAWN}),
+    State.WITHDRAWN: frozenset({State.PENDING, State.GENERATED, State.DONE, State.FAILED}),
 }
 """Allowed moves. ``generated -> generated`` is a download retry or a new download lease;
 ``generated -> failed`` is a download that can never succeed (attempts exhausted);
-``failed -> generated`` is a retried download whose image URL is still valid."""
+``failed -> generated`` is a retried download whose image URL is still valid; ``-> withdrawn``
+and back are the manifest losing a row and getting it back."""
 
 TERMINAL: frozenset[State] = frozenset({State.DONE, State.FAILED})
+"""Where a run leaves a job for good (only an import or ``batcher retry`` moves it on)."""
 
 
 def check_transition(src: State, dst: State) -> None:

@@ -52,17 +52,26 @@ from . import migrations, schema
 from .errors import (
     JobStoreError,
     LeaseLost,
-    ManifestError,
-    ManifestInvalid,
     SchemaMismatch,
     StoreUnavailable,
 )
 from .group import GroupCommit
-from .schema import history, jobs, meta
+from .merge import MOVE, MOVED, RESULT_RESET, ImportReport, merge_staging
+from .schema import EMULATOR_ENDPOINT, history, jobs, meta
 from .spec import JobRow, JobSpec
 from .states import State, sources_of
 
-__all__ = ["Claim", "Generated", "ImportReport", "JobStore", "Stats", "StoredFile"]
+__all__ = [
+    "EMULATOR_ENDPOINT",
+    "Claim",
+    "Generated",
+    "ImportReport",
+    "JobStore",
+    "Moved",
+    "Spend",
+    "Stats",
+    "StoredFile",
+]
 
 Clock = Callable[[], float]
 _T = TypeVar("_T")
@@ -72,53 +81,15 @@ MICROS = Decimal(1_000_000)
 ROWS_PER_INSERT = 64
 IMPORT_CHUNK = 32 * ROWS_PER_INSERT  # rows taken between checks for a cancelled import
 _COLS = ", ".join(schema.STAGING_COLUMNS)
-# A row whose id exists with other content (everything that decides the image or its path).
-_CHANGED = (
-    "NOT (j.model = s.model AND j.prompt = s.prompt AND j.size = s.size AND j.seed = s.seed "
-    "AND j.prompt_extend = s.prompt_extend AND j.output = s.output)"
-)
-# A row whose id exists with the same image but other variables (a label edited): its vars
-# are updated in place, nothing is generated again.
-_VARS_ONLY = f"NOT ({_CHANGED}) AND j.vars IS NOT s.vars"
-# The summary of every job's variables (JobStore.variables) is kept in meta until an import
-# changes them: at a million rows, working it out takes seconds.
-_VARIABLES_KEY = "variables"
-_FORGET_VARIABLES = f"DELETE FROM meta WHERE key = '{_VARIABLES_KEY}'"
 # Built after a first import rather than row by row (1M rows: 0.6-0.8 s at the end, 1.9 s
 # more in the inserts). ix_jobs_failed_code stays: no new row is failed, so it costs the
 # inserts nothing, while building it again would read the whole table (0.1 s at 1M).
 _DEFERRED_INDEXES = tuple(i for i in jobs.indexes if i.name == "ix_jobs_active")
-_RESULT_RESET: dict[str, Any] = {
-    "request_id": None,
-    "width": None,
-    "height": None,
-    "image_count": None,
-    "input_tokens": None,
-    "output_tokens": None,
-    "total_tokens": None,
-    "reasoning_tokens": None,
-    "actual_prompt": None,
-    "image_url": None,
-    "url_expires_at": None,
-    "latency_ms": None,
-    "sha256": None,
-    "bytes": None,
-    "generated_at": None,
-    "finished_at": None,
-}
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class ImportReport:
-    """What an import did: rows read, rows new, rows already there, rows replaced, and rows
-    whose variables alone changed (``updated``: counted in ``unchanged`` too, since their
-    images stand)."""
-
-    total: int
-    added: int
-    unchanged: int
-    replaced: int
-    updated: int = 0
+_RESULT_RESET = RESULT_RESET
+# The summary of every job's variables (JobStore.variables) is kept in meta until an import
+# changes them: at a million rows, working it out takes seconds.
+_VARIABLES_KEY = "variables"
+_FORGET_VARIABLES = f"DELETE FROM meta WHERE key = '{_VARIABLES_KEY}'"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -164,6 +135,7 @@ class Generated:
     latency_ms: float
     cost: Decimal
     currency: str
+    endpoint: str | None = None  # EMULATOR_ENDPOINT, or the API base URL; never the key
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -175,14 +147,32 @@ class StoredFile:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class Spend:
+    """What the images of one currency cost, spent for real or only emulated."""
+
+    currency: str
+    emulated: bool
+    images: int
+    amount: Decimal
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Moved:
+    """A done job's image still to be moved from ``old`` to its new output path ``new``."""
+
+    seq: int  # the job_history row recording the move
+    job_id: str
+    old: str
+    new: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Stats:
-    """Counts over the whole table."""
+    """Counts over the whole table. Money is per currency, and apart for the emulator's."""
 
     by_state: dict[str, int]
     errors_by_code: dict[str, int]
-    images_billed: int
-    cost: Decimal
-    currency: str | None
+    spend: tuple[Spend, ...]
     attempts: int
     throttled: int
     ambiguous: int
@@ -195,6 +185,40 @@ class Stats:
 
     def count(self, state: State) -> int:
         return self.by_state.get(state.value, 0)
+
+    @property
+    def images_billed(self) -> int:
+        """Images the service billed (the emulator's are not)."""
+        return sum(s.images for s in self.spend if not s.emulated)
+
+    @property
+    def images_emulated(self) -> int:
+        """Images the emulator made."""
+        return sum(s.images for s in self.spend if s.emulated)
+
+    def spent(self, *, emulated: bool = False) -> dict[str, Decimal]:
+        """Amounts per currency: spent for real, or (``emulated``) only emulated."""
+        out: dict[str, Decimal] = {}
+        for s in self.spend:
+            if s.emulated == emulated:
+                out[s.currency] = out.get(s.currency, Decimal(0)) + s.amount
+        return dict(sorted(out.items()))
+
+    @property
+    def currency(self) -> str | None:
+        """The one currency of every amount (real or emulated); None with none or several."""
+        found = {s.currency for s in self.spend}
+        return found.pop() if len(found) == 1 else None
+
+    @property
+    def cost(self) -> Decimal:
+        """The total of every amount, real and emulated, when they share one currency.
+
+        Raises ``ValueError`` when they do not: amounts in two currencies are never summed.
+        """
+        if len({s.currency for s in self.spend}) > 1:
+            raise ValueError("amounts in several currencies: read Stats.spent() per currency")
+        return sum((s.amount for s in self.spend), Decimal(0))
 
 
 class _ImportCancelled(Exception):
@@ -624,7 +648,13 @@ class JobStore:
     # -------------------------------------------------------------------- import
 
     async def import_specs(
-        self, specs: Iterable[JobSpec], *, source: str, replace: bool = False, max_errors: int = 20
+        self,
+        specs: Iterable[JobSpec],
+        *,
+        source: str,
+        replace: bool = False,
+        withdraw: bool = False,
+        max_errors: int = 20,
     ) -> ImportReport:
         """Import every spec in one transaction; nothing is written if anything is wrong.
 
@@ -633,14 +663,29 @@ class JobStore:
         goes back to ``pending`` and its old record is kept in ``job_history``.
         """
         return await self.import_rows(
-            (spec.row() for spec in specs), source=source, replace=replace, max_errors=max_errors
+            (spec.row() for spec in specs),
+            source=source,
+            replace=replace,
+            withdraw=withdraw,
+            max_errors=max_errors,
         )
 
     async def import_rows(
-        self, rows: Iterable[JobRow], *, source: str, replace: bool = False, max_errors: int = 20
+        self,
+        rows: Iterable[JobRow],
+        *,
+        source: str,
+        replace: bool = False,
+        withdraw: bool = False,
+        max_errors: int = 20,
     ) -> ImportReport:
         """:meth:`import_specs` for jobs as ``JobRow`` tuples, the cheaper form a big
-        manifest streams (``Manifest.rows()``)."""
+        manifest streams (``Manifest.rows()``).
+
+        With ``withdraw`` the rows are the whole manifest: jobs not among them are withdrawn,
+        withdrawn ones among them come back (see :mod:`jobs.merge`). A job whose only change is
+        its output path moves there, keeping its state (a done one's file move is left to the
+        caller: :meth:`pending_moves`)."""
         now = self.clock()
         async with self._write() as conn:
             first = (await conn.exec_driver_sql("SELECT NOT EXISTS (SELECT 1 FROM jobs)")).scalar()
@@ -658,8 +703,16 @@ class JobStore:
             await conn.exec_driver_sql(schema.STAGING_DDL)
             await conn.exec_driver_sql("DELETE FROM staging")
             total = await self._stream_rows(conn, rows, "staging", None)
-            report = await self._merge_staging(conn, source, replace, max_errors, total, now)
-            if report.added or report.replaced or report.updated:
+            report = await merge_staging(
+                conn,
+                source=source,
+                replace=replace,
+                withdraw=withdraw,
+                max_errors=max_errors,
+                total=total,
+                now=now,
+            )
+            if report.added or report.replaced or report.updated or report.restored:
                 await conn.exec_driver_sql(_FORGET_VARIABLES)
             await conn.exec_driver_sql("DELETE FROM staging")
             return report
@@ -716,128 +769,6 @@ class JobStore:
             stop.set()
             raise
         return total
-
-    async def _merge_staging(
-        self,
-        conn: AsyncConnection,
-        source: str,
-        replace: bool,
-        max_errors: int,
-        total: int,
-        now: float,
-    ) -> ImportReport:
-        errors: list[ManifestError] = []
-        changed: list[Any] = list(
-            await conn.exec_driver_sql(
-                "SELECT s.line, s.id FROM staging s JOIN jobs j ON j.id = s.id "
-                f"WHERE {_CHANGED} ORDER BY s.line LIMIT ?",
-                (max_errors + 1,),
-            )
-        )
-        if changed and not replace:
-            errors += [
-                ManifestError(
-                    source,
-                    line,
-                    "id",
-                    f"job {job_id!r} already exists with different content "
-                    "(pass --replace to regenerate it)",
-                )
-                for line, job_id in changed
-            ]
-        collisions: list[Any] = list(
-            await conn.exec_driver_sql(
-                "SELECT s.line, s.output, j.id FROM staging s JOIN jobs j "
-                "ON j.output_key = s.output_key AND j.id != s.id "
-                # j keeps the path only if this import does not move j elsewhere (a swap)
-                "WHERE NOT EXISTS (SELECT 1 FROM staging s2 "
-                "WHERE s2.id = j.id AND s2.output_key != j.output_key) "
-                "ORDER BY s.line LIMIT ?",
-                (max_errors + 1,),
-            )
-        )
-        errors += [
-            ManifestError(
-                source, line, "output", f"{output} is already the output of job {other!r}"
-            )
-            for line, output, other in collisions
-        ]
-        if errors:
-            errors.sort(key=lambda e: e.line or 0)
-            raise ManifestInvalid(errors[:max_errors], truncated=len(errors) > max_errors)
-
-        replaced = 0
-        if changed:
-            replaced = await self._replace_changed(conn, now)
-        updated = (
-            await conn.exec_driver_sql(
-                "UPDATE jobs SET vars = (SELECT s.vars FROM staging s WHERE s.id = jobs.id) "
-                "WHERE id IN (SELECT j.id FROM jobs j JOIN staging s ON s.id = j.id "
-                f"WHERE {_VARS_ONLY})"
-            )
-        ).rowcount
-        added = (
-            await conn.exec_driver_sql(
-                "INSERT INTO jobs (id, line, model, prompt, size, seed, prompt_extend, output, "
-                "output_key, vars, state, created_at) "
-                "SELECT s.id, s.line, s.model, s.prompt, s.size, s.seed, s.prompt_extend, "
-                "s.output, s.output_key, s.vars, 'pending', ? FROM staging s "
-                "WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = s.id) ORDER BY s.rowid",
-                (now,),
-            )
-        ).rowcount
-        return ImportReport(
-            total=total,
-            added=added,
-            unchanged=total - added - replaced,
-            replaced=replaced,
-            updated=updated,
-        )
-
-    async def _replace_changed(self, conn: AsyncConnection, now: float) -> int:
-        old_rows = (
-            await conn.exec_driver_sql(
-                f"SELECT j.* FROM jobs j JOIN staging s ON s.id = j.id WHERE {_CHANGED}"
-            )
-        ).mappings()
-        old = [dict(r) for r in old_rows]
-        for rec in old:
-            await conn.execute(
-                history.insert().values(
-                    job_id=rec["id"],
-                    replaced_at=now,
-                    record=json.dumps(rec, ensure_ascii=False, default=str),
-                )
-            )
-        ids = [rec["id"] for rec in old]
-        # Free the old output keys first so a swap of outputs between jobs is not a collision.
-        await conn.execute(
-            update(jobs).where(jobs.c.id.in_(ids)).values(output_key=jobs.c.output_key + "\0old")
-        )
-        await conn.exec_driver_sql(
-            "UPDATE jobs SET (line, model, prompt, size, seed, prompt_extend, output, output_key, "
-            "vars) = (SELECT s.line, s.model, s.prompt, s.size, s.seed, s.prompt_extend, "
-            "s.output, s.output_key, s.vars FROM staging s WHERE s.id = jobs.id) "
-            "WHERE id IN (SELECT j.id FROM jobs j JOIN staging s ON s.id = j.id "
-            f"WHERE {_CHANGED})"
-        )
-        await conn.execute(
-            update(jobs)
-            .where(jobs.c.id.in_(ids))
-            .values(
-                state=State.PENDING.value,
-                attempts=0,
-                download_attempts=0,
-                next_attempt_at=0,
-                lease_expires_at=None,
-                claim_token=None,
-                worker=None,
-                error_code=None,
-                error_message=None,
-                **_RESULT_RESET,
-            )
-        )
-        return len(ids)
 
     # --------------------------------------------------------------------- claims
 
@@ -946,6 +877,7 @@ class JobStore:
                 "billed": _Add(1),
                 "cost_micros": _Add(int(gen.cost * MICROS)),
                 "currency": gen.currency,
+                "endpoint": gen.endpoint,
                 "generated_at": now,
                 "lease_expires_at": now + lease_seconds,
                 "download_attempts": 0,
@@ -1194,14 +1126,12 @@ class JobStore:
                     )
                 ).all()
             }
-            sums: Any = (0, 0, None, 0, 0, 0, 0)
+            sums: Any = (0, 0, 0, 0)
+            spend: list[Spend] = []
             if totals:
                 sums = (
                     await conn.execute(
                         select(
-                            func.coalesce(func.sum(jobs.c.billed), 0),
-                            func.coalesce(func.sum(jobs.c.cost_micros), 0),
-                            func.max(jobs.c.currency),
                             func.coalesce(func.sum(jobs.c.attempts), 0),
                             func.coalesce(func.sum(jobs.c.throttled), 0),
                             func.coalesce(func.sum(jobs.c.ambiguous), 0),
@@ -1209,6 +1139,7 @@ class JobStore:
                         )
                     )
                 ).one()
+                spend = await _spend(conn)
             due = (
                 await conn.execute(
                     select(func.count()).where(
@@ -1223,20 +1154,62 @@ class JobStore:
         return Stats(
             by_state=by_state,
             errors_by_code=errors,
-            images_billed=int(sums[0]),
-            cost=Decimal(int(sums[1])) / MICROS,
-            currency=sums[2],
-            attempts=int(sums[3]),
-            throttled=int(sums[4]),
-            ambiguous=int(sums[5]),
-            regenerated=int(sums[6]),
+            spend=tuple(spend),
+            attempts=int(sums[0]),
+            throttled=int(sums[1]),
+            ambiguous=int(sums[2]),
+            regenerated=int(sums[3]),
             due_pending=int(due),
         )
 
-    async def count(self) -> int:
-        """How many jobs the table holds."""
+    async def spend(self) -> tuple[Spend, ...]:
+        """What the folder's images cost, per currency, real apart from emulated."""
         async with self._read() as conn:
-            return int((await conn.execute(select(func.count()).select_from(jobs))).scalar_one())
+            return tuple(await _spend(conn))
+
+    async def endpoints(self) -> dict[str | None, int]:
+        """Jobs with an image generated, by the endpoint it came from (None: not recorded, a
+        folder made before endpoints were)."""
+        async with self._read() as conn:
+            rows = (
+                await conn.execute(
+                    select(jobs.c.endpoint, func.count())
+                    .where(jobs.c.billed > 0)
+                    .group_by(jobs.c.endpoint)
+                )
+            ).all()
+        return {endpoint: int(n) for endpoint, n in rows}
+
+    async def pending_moves(self) -> list[Moved]:
+        """Done jobs' images an import moved to a new output path, not yet moved on disk, in
+        the order they were recorded."""
+        async with self._read() as conn:
+            rows = (
+                await conn.execute(
+                    select(history.c.seq, history.c.job_id, history.c.file, jobs.c.output)
+                    .join(jobs, jobs.c.id == history.c.job_id)
+                    .where(history.c.reason == MOVE)
+                    .order_by(history.c.seq)
+                )
+            ).all()
+        return [Moved(seq=seq, job_id=j, old=old, new=new) for seq, j, old, new in rows]
+
+    async def finish_moves(self, seqs: Sequence[int]) -> None:
+        """Mark recorded moves as carried out."""
+        if not seqs:
+            return
+        async with self._write() as conn:
+            await conn.execute(
+                update(history).where(history.c.seq.in_(list(seqs))).values(reason=MOVED)
+            )
+
+    async def count(self, *, withdrawn: bool = True) -> int:
+        """How many jobs the table holds (without the withdrawn ones, unless ``withdrawn``)."""
+        query = select(func.count()).select_from(jobs)
+        if not withdrawn:
+            query = query.where(jobs.c.state != State.WITHDRAWN.value)
+        async with self._read() as conn:
+            return int((await conn.execute(query)).scalar_one())
 
     async def pending_by_kind(self) -> dict[tuple[str, bool], int]:
         """Jobs still to generate (pending or running), counted by (model, prompt_extend)."""
@@ -1361,6 +1334,33 @@ async def _read_version(conn: AsyncConnection) -> int | None:
         await conn.execute(select(meta.c.value).where(meta.c.key == "schema_version"))
     ).scalar()
     return None if found is None else int(found)
+
+
+async def _spend(conn: AsyncConnection) -> list[Spend]:
+    """Images billed and their cost per (currency, emulated or not). Jobs of a folder made
+    before currencies were recorded count as US dollars."""
+    emulated = func.coalesce(jobs.c.endpoint == EMULATOR_ENDPOINT, False)
+    rows = (
+        await conn.execute(
+            select(
+                func.coalesce(jobs.c.currency, "USD"),
+                emulated,
+                func.sum(jobs.c.billed),
+                func.sum(jobs.c.cost_micros),
+            )
+            .where(jobs.c.billed > 0)
+            .group_by(func.coalesce(jobs.c.currency, "USD"), emulated)
+        )
+    ).all()
+    return [
+        Spend(
+            currency=str(cur),
+            emulated=bool(emu),
+            images=int(n),
+            amount=Decimal(int(micros)) / MICROS,
+        )
+        for cur, emu, n, micros in sorted(rows, key=lambda r: (str(r[0]), bool(r[1])))
+    ]
 
 
 def _public(rec: dict[str, Any]) -> dict[str, Any]:

@@ -118,3 +118,16 @@ async def test_a_newer_database_is_refused_not_downgraded(v1: Path) -> None:
     with pytest.raises(SchemaMismatch, match="newer batcher"):
         await JobStore.open(db, create=False)
     assert version(db) == "99"
+
+
+async def test_version_1_images_from_the_loopback_are_marked_emulated(v1: Path) -> None:
+    """Version 1 did not record endpoints; an image whose URL was on 127.0.0.1 or localhost
+    came from an emulator, so the migration marks it: it never counts as a paid image."""
+    db = v1 / "run" / "batcher.db"
+    async with await JobStore.open(db, create=False) as store:
+        assert await store.endpoints() == {"emulator": 5}
+        stats = await store.stats()
+        assert stats.images_billed == 0 and stats.images_emulated == 5
+    with sqlite3.connect(db) as con:
+        rows = dict(con.execute("SELECT id, endpoint FROM jobs").fetchall())
+    assert sorted(k for k, v in rows.items() if v is None) == ["6f0c42c9dee04352", "灯笼"]

@@ -296,7 +296,6 @@ async def test_added_rows_only_and_existing_rows_untouched(
         {"seed": 7},
         {"prompt_extend": True},
         {"model": "another-model"},
-        {"output": "elsewhere/b.png"},
     ],
     ids=lambda c: next(iter(c)),
 )
@@ -430,7 +429,10 @@ async def test_replace_may_swap_two_outputs(db: Path, store: JobStore) -> None:
     """Both jobs change, each takes the other's path: after the import no path is shared."""
     await store.import_specs([spec("a", line=2), spec("b", line=3)], source=SOURCE)
     report = await store.import_specs(
-        [spec("a", line=2, output="b.png"), spec("b", line=3, output="a.png")],
+        [
+            spec("a", line=2, output="b.png", prompt="new a"),
+            spec("b", line=3, output="a.png", prompt="new b"),
+        ],
         source=SOURCE,
         replace=True,
     )
@@ -656,6 +658,7 @@ async def test_stats_figures(store: JobStore, clock: FakeClock) -> None:
         "generated": 1,
         "done": 1,
         "failed": 3,
+        "withdrawn": 0,
     }
     assert stats.count(State.FAILED) == 3
     assert stats.total == 8

@@ -13,9 +13,7 @@ def stats(**by_state: int) -> Stats:
     return Stats(
         by_state={s.value: by_state.get(s.value, 0) for s in State},
         errors_by_code={},
-        images_billed=0,
-        cost=0,  # type: ignore[arg-type]
-        currency=None,
+        spend=(),
         attempts=0,
         throttled=0,
         ambiguous=0,

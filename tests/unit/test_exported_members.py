@@ -37,6 +37,7 @@ def test_jobs_exports():
     assert sorted(jobs.__all__) == sorted(
         [
             "DEFAULT_MODEL",
+            "EMULATOR_ENDPOINT",
             "TERMINAL",
             "TRANSITIONS",
             "Claim",
@@ -50,7 +51,9 @@ def test_jobs_exports():
             "Manifest",
             "ManifestError",
             "ManifestInvalid",
+            "Moved",
             "SchemaMismatch",
+            "Spend",
             "State",
             "Stats",
             "StoreUnavailable",

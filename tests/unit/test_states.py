@@ -13,6 +13,7 @@ from jobs.errors import IllegalTransition, JobStoreError
 from jobs.states import TERMINAL, TRANSITIONS, State, check_transition, sources_of
 
 P, R, G, D, F = State.PENDING, State.RUNNING, State.GENERATED, State.DONE, State.FAILED
+W = State.WITHDRAWN
 
 # Written out by hand from the theory of operation, independently of TRANSITIONS, so that a
 # change to the table has to be made twice (here and there) on purpose.
@@ -27,13 +28,28 @@ ALLOWED = {
     (G, F),  # download can never succeed
     (F, P),  # `batcher retry`
     (F, G),  # `batcher retry` of a failed download whose image URL is still valid
+    (P, W),  # the row left the manifest
+    (G, W),
+    (D, W),
+    (F, W),
+    (W, P),  # the row came back: where its record says it was
+    (W, G),
+    (W, D),
+    (W, F),
 }
 ALL_PAIRS = list(itertools.product(State, State))
 DISALLOWED = [pair for pair in ALL_PAIRS if pair not in ALLOWED]
 
 
-def test_states_are_the_five_of_the_issue() -> None:
-    assert [s.value for s in State] == ["pending", "running", "generated", "done", "failed"]
+def test_states_are_the_six_of_the_theory() -> None:
+    assert [s.value for s in State] == [
+        "pending",
+        "running",
+        "generated",
+        "done",
+        "failed",
+        "withdrawn",
+    ]
     assert State("generated") is G
     assert f"{P}" == "pending"  # StrEnum: formats as its value (used in SQL and messages)
 
@@ -61,14 +77,15 @@ def test_disallowed_pair_raises(src: State, dst: State) -> None:
 
 
 def test_every_pair_is_classified_once() -> None:
-    assert len(ALLOWED) + len(DISALLOWED) == len(State) ** 2 == 25
+    assert len(ALLOWED) + len(DISALLOWED) == len(State) ** 2 == 36
 
 
 def test_terminal_states() -> None:
     assert frozenset({D, F}) == TERMINAL
-    assert TRANSITIONS[D] == frozenset()  # done is final for good
-    # failed leaves only when the user asks for a retry
-    assert TRANSITIONS[F] <= {P, G}
+    assert TRANSITIONS[D] == frozenset({W})  # done leaves only with the manifest's row
+    # failed leaves only when the user asks for a retry, or with the manifest's row
+    assert TRANSITIONS[F] <= {P, G, W}
+    assert R not in sources_of(W)  # a job a live run holds is never withdrawn under it
     for state in set(State) - TERMINAL:
         assert TRANSITIONS[state], f"{state} is not terminal but has no way out"
 
@@ -103,10 +120,11 @@ def test_sources_of_inverts_the_table(dst: State) -> None:
 
 def test_sources_of_spot_values() -> None:
     assert sources_of(R) == {P}
-    assert sources_of(D) == {G}
-    assert sources_of(P) == {R, G, F}
-    assert sources_of(G) == {R, G, F}
-    assert sources_of(F) == {R, G}
+    assert sources_of(D) == {G, W}
+    assert sources_of(P) == {R, G, F, W}
+    assert sources_of(G) == {R, G, F, W}
+    assert sources_of(F) == {R, G, W}
+    assert sources_of(W) == {P, G, D, F}
 
 
 def test_module_is_pure() -> None:

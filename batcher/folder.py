@@ -1,0 +1,146 @@
+"""What a run folder remembers about itself, and the refusals that keep it truthful.
+
+A run folder belongs to one manifest and to one kind of endpoint:
+
+- its manifest's path is kept in the database (meta ``manifest``): ``batcher run DIR`` resumes
+  from the folder alone, and a *default* folder (``out/<stem>``) made from one manifest refuses
+  another manifest of the same stem (``a/data.csv`` and ``b/data.jsonl``) rather than mixing
+  them. Naming the folder with ``--out`` is asking for it: that manifest becomes the folder's;
+- every image records the endpoint it came from (``emulator``, or the API base URL; never the
+  key). A rehearsal (``--emulate``) defaults to ``out/<stem>.emulated``; a paid run into a folder
+  holding emulated images, a rehearsal into a folder holding paid ones, or a run against another
+  endpoint than the folder's images came from, refuses with one line saying what to do. Images
+  of version-1 folders (before endpoints were recorded) whose URL was on the loopback count as
+  emulated; the others as paid at an unrecorded endpoint, which any paid run may continue.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import yarl
+
+from jobs import EMULATOR_ENDPOINT, JobStore
+
+from .errors import ConfigError
+from .layout import RunLayout
+
+__all__ = [
+    "MANIFEST_KEY",
+    "Target",
+    "check_endpoint",
+    "check_manifest",
+    "default_out",
+    "endpoint_label",
+    "resolve_target",
+]
+
+MANIFEST_KEY = "manifest"
+"""Meta key: the absolute path of the manifest the folder follows."""
+
+
+def default_out(manifest: Path, *, emulate: bool = False) -> Path:
+    """The run folder of a manifest when ``--out`` is not given: ``out/<stem>``, or
+    ``out/<stem>.emulated`` for a rehearsal.
+
+    >>> str(default_out(Path("a/m.csv"), emulate=True))
+    'out/m.emulated'
+    """
+    return Path("out") / (f"{manifest.stem}.emulated" if emulate else manifest.stem)
+
+
+def endpoint_label(*, emulate: bool, base_url: str) -> str:
+    """What a job records as its image's endpoint: ``emulator``, or the base URL without any
+    user name or password it may carry.
+
+    >>> endpoint_label(emulate=False, base_url="https://u:p@example.com/api/v1")
+    'https://example.com/api/v1'
+    """
+    if emulate:
+        return EMULATOR_ENDPOINT
+    url = yarl.URL(base_url)
+    return str(url.with_user(None)) if url.user or url.password else base_url
+
+
+def _absolute(path: Path) -> str:
+    """``path`` made absolute against the working directory (no symlink resolved)."""
+    return os.path.abspath(path)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Target:
+    """The manifest to import and the run folder to use, and whether the user named it."""
+
+    manifest: Path
+    layout: RunLayout
+    explicit: bool
+
+
+async def resolve_target(target: Path, out: Path | None, *, emulate: bool) -> Target:
+    """``MANIFEST [--out DIR]``, or a run folder ``DIR`` standing for its own manifest."""
+    if not target.is_dir():  # noqa: ASYNC240 (a stat, once per command)
+        layout = RunLayout(out or default_out(target, emulate=emulate))
+        return Target(manifest=target, layout=layout, explicit=out is not None)
+    layout = RunLayout(target)
+    if not layout.db.is_file():
+        raise ConfigError(f"{target} is a folder, neither a manifest nor a batcher run folder")
+    if out is not None and _absolute(out) != _absolute(target):
+        raise ConfigError(f"{target} is a run folder: --out cannot name another one")
+    async with await JobStore.open(layout.db, create=False) as store:
+        remembered = await store.get_meta(MANIFEST_KEY)
+    if remembered is None:
+        raise ConfigError(
+            f"{target} does not record its manifest (made by an older batcher): "
+            f"give the manifest and --out {target}"
+        )
+    manifest = Path(remembered)
+    if not manifest.is_file():  # noqa: ASYNC240 (a stat, once per command)
+        raise ConfigError(
+            f"{target} was made from {manifest}, which is no longer there: "
+            f"give the manifest's new path and --out {target}"
+        )
+    return Target(manifest=manifest, layout=layout, explicit=True)
+
+
+async def check_manifest(store: JobStore, target: Target) -> str | None:
+    """Refuse a default folder made from another manifest of the same stem. Returns the path
+    to record as the folder's manifest once the import succeeded, None when it is already."""
+    path = _absolute(target.manifest)
+    found = await store.get_meta(MANIFEST_KEY)
+    if found is not None and found != path and not target.explicit:
+        raise ConfigError(
+            f"{target.layout.root} was made from {found}, not {target.manifest}: give this "
+            f"manifest a folder of its own with --out DIR (or --out {target.layout.root} to "
+            "make it this folder's manifest, withdrawing the other's jobs)"
+        )
+    return None if found == path else path
+
+
+def check_endpoint(found: dict[str | None, int], endpoint: str, root: Path) -> None:
+    """Refuse a run whose images would be mixed with another endpoint's (see the module
+    docstring); ``found`` is :meth:`JobStore.endpoints`."""
+    others = {e: n for e, n in found.items() if e is not None and e != endpoint}
+    legacy = found.get(None, 0)
+    if endpoint == EMULATOR_ENDPOINT:
+        paid = sum(others.values()) + legacy
+        if paid:
+            raise ConfigError(
+                f"{root} holds {paid} paid images: a rehearsal never writes over them; "
+                "rehearse without --out (in out/<name>.emulated) or in a folder of its own"
+            )
+        return
+    emulated = others.pop(EMULATOR_ENDPOINT, 0)
+    if emulated:
+        raise ConfigError(
+            f"{root} holds {emulated} images from the emulator (a rehearsal), which never "
+            "count as done for a paid run: add --emulate to go on rehearsing, or run the "
+            "manifest without --out (into out/<name>) or with another --out DIR"
+        )
+    if others:
+        where = ", ".join(sorted(others))
+        raise ConfigError(
+            f"{root} holds images from {where}, and images from another endpoint never count "
+            f"as done for {endpoint}: choose another --out DIR for this endpoint"
+        )
