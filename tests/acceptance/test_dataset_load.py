@@ -169,3 +169,23 @@ def test_metadata_is_appended_during_the_run_and_completed_after_kill_9(tmp_path
     assert r.returncode == 0, r.stderr
     ids = [json.loads(line)["id"] for line in meta.read_text().splitlines()]
     assert sorted(ids) == sorted(f"k{i}" for i in range(40))
+
+
+def test_a_label_edited_after_the_run_is_in_the_metadata_without_a_new_image(tmp_path):
+    m = tmp_path / "labels.csv"
+    m.write_text(
+        "id,prompt,size,split,label,output\n"
+        "a,a red kite,512*512,train,kite,{split}/{id}.png\n"
+        "b,a blue boat,512*512,test,boat,{split}/{id}.png\n"
+    )
+    out = tmp_path / "out"
+    r = _emulated_run(m, out, "--json")
+    assert r.returncode == 0, r.stderr
+    before = (out / "images" / "train" / "a.png").read_bytes()
+    m.write_text(m.read_text().replace(",kite,", ",sky toy,"))
+    r = _emulated_run(m, out, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["this_run"]["calls"] == 0  # nothing generated again
+    line = json.loads((out / "images" / "train" / "metadata.jsonl").read_text())
+    assert (line["id"], line["label"]) == ("a", "sky toy")
+    assert (out / "images" / "train" / "a.png").read_bytes() == before
