@@ -40,8 +40,10 @@ class ShardSet:
         digits = 5 if self.with_count else 6
         return re.compile(rf"^[^/.]+-\d{{{digits}}}{tail}\.{re.escape(self.ext)}$")
 
-    def clean_temporaries(self) -> None:
-        """Remove what a killed export left (temporary shards only)."""
+    def prepare(self) -> None:
+        """Make the folder if need be and remove what a killed export left in it (temporary
+        shards only)."""
+        self.folder.mkdir(exist_ok=True)
         for entry in self.folder.iterdir():
             if _PART.match(entry.name) and entry.name.endswith(f".{self.ext}.part"):
                 entry.unlink(missing_ok=True)

@@ -8,7 +8,7 @@ import pytest
 
 from batcher.card import prompt_language
 from batcher.errors import ConfigError
-from batcher.export import format_for, parse_shard_size, sample_key
+from batcher.export import format_for, parse_shard_size
 from batcher.metadata import split_of
 from batcher.records import (
     EXPORT_FIELDS,
@@ -18,6 +18,7 @@ from batcher.records import (
     metadata_row,
     variable_keys,
 )
+from batcher.shardexport import sample_key
 from batcher.shards import tar_header
 
 REC = {
