@@ -88,6 +88,8 @@ async def import_manifest(store: JobStore, target: Target, *, replace: bool) -> 
         total = await store.count(withdrawn=False)
         log.info("%s unchanged since its last import: not read again", manifest_path)
         moved = await apply_moves(store, layout)  # left by an import a crash cut short
+        if moved:
+            await MetadataWriter(store, layout).refresh()
         return ImportSummary(added=0, unchanged=total, replaced=0, moved=moved)
     manifest = open_manifest(manifest_path)
     report = await store.import_rows(
