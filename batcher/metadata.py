@@ -70,6 +70,7 @@ class MetadataWriter:
         self._store = store
         self._layout = layout
         self._keys: list[tuple[str, str]] = []
+        self._text: frozenset[str] = frozenset()  # variables that hold text somewhere
         self._lines = 0
         self._lock = anyio.Lock()
         self._broken = False  # a write failed: the files are rewritten next time
@@ -84,7 +85,7 @@ class MetadataWriter:
         After this, until :meth:`finish`, the files are marked as not to be trusted, so a
         crash in between makes the next start rewrite them.
         """
-        self._keys = variable_keys(list(await self._store.variables()), METADATA_FIELDS)
+        await self._load_variables()
         state = await self._store.get_meta(STATE_KEY)
         done = (await self._store.stats(totals=False)).count(State.DONE)
         await self._store.set_meta(STATE_KEY, "")
@@ -94,14 +95,19 @@ class MetadataWriter:
             self._lines = await self.rewrite()
         return self._lines
 
+    async def _load_variables(self) -> None:
+        found = await self._store.variables()
+        self._keys = variable_keys(list(found), METADATA_FIELDS)
+        self._text = frozenset(name for name, kinds in found.items() if "text" in kinds)
+
     async def _keys_unchanged(self) -> bool:
         known = await self._store.get_meta(f"{STATE_KEY}:keys")
-        return known == json.dumps(self._keys)
+        return known == json.dumps([self._keys, sorted(self._text)])
 
     async def refresh(self) -> int:
         """Rewrite the files now and mark them clean (after an import changed the done jobs,
         their paths or their variables); returns the lines."""
-        self._keys = variable_keys(list(await self._store.variables()), METADATA_FIELDS)
+        await self._load_variables()
         await self._store.set_meta(STATE_KEY, "")
         self._lines = await self.rewrite()
         await self._store.set_meta(STATE_KEY, f"clean:{self._lines}")
@@ -137,14 +143,16 @@ class MetadataWriter:
         for split in (None, *sorted(SPLIT_FOLDERS)):
             if split not in temps:
                 self.path_for(split).unlink(missing_ok=True)
-        await self._store.set_meta(f"{STATE_KEY}:keys", json.dumps(self._keys))
+        await self._store.set_meta(
+            f"{STATE_KEY}:keys", json.dumps([self._keys, sorted(self._text)])
+        )
         self._broken = False
         return n
 
     def _line(self, rec: dict[str, Any], split: str | None) -> str:
         output = rec["output"]
         file_name = output[len(split) + 1 :] if split else output
-        row = metadata_row(rec, file_name, self._keys)
+        row = metadata_row(rec, file_name, self._keys, self._text)
         return json.dumps(row, ensure_ascii=False) + "\n"
 
     async def add(self, ids: Sequence[str]) -> None:

@@ -120,10 +120,18 @@ def _variables(rec: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def metadata_row(
-    rec: Mapping[str, Any], file_name: str, keys: Sequence[tuple[str, str]]
+    rec: Mapping[str, Any],
+    file_name: str,
+    keys: Sequence[tuple[str, str]],
+    text: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
     """One ``metadata.jsonl`` line of a done job; ``file_name`` relative to the file's folder,
-    ``keys`` from :func:`variable_keys` over :data:`METADATA_FIELDS`."""
+    ``keys`` from :func:`variable_keys` over :data:`METADATA_FIELDS`.
+
+    A variable in ``text`` (one holding text anywhere in the run) that this job lacks is
+    written ``""``, not ``null``: ``datasets`` reads a column that is null all through one
+    split's file as another type than the same column in the other splits, and refuses the
+    dataset."""
     row: dict[str, Any] = {
         "file_name": file_name,
         "id": rec["id"],
@@ -139,7 +147,8 @@ def metadata_row(
     }
     values = _variables(rec)
     for name, key in keys:
-        row[key] = values.get(name)
+        value = values.get(name)
+        row[key] = "" if value is None and name in text else value
     return row
 
 

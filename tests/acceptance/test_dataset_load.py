@@ -189,3 +189,18 @@ def test_a_label_edited_after_the_run_is_in_the_metadata_without_a_new_image(tmp
     line = json.loads((out / "images" / "train" / "metadata.jsonl").read_text())
     assert (line["id"], line["label"]) == ("a", "sky toy")
     assert (out / "images" / "train" / "a.png").read_bytes() == before
+
+
+def test_a_text_column_one_split_lacks_still_loads(tmp_path, monkeypatch):
+    m = tmp_path / "sparse.jsonl"
+    rows = [
+        {"id": "a", "prompt": "a cat", "note": "blurry", "output": "train/{id}.png"},
+        {"id": "b", "prompt": "a dog", "output": "test/{id}.png"},
+    ]
+    for row in rows:
+        row["size"] = "512*512"
+    m.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = _emulated_run(m, tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    ds = _load(monkeypatch, tmp_path, "imagefolder", data_dir=str(tmp_path / "out" / "images"))
+    assert (ds["train"][0]["note"], ds["test"][0]["note"]) == ("blurry", "")
