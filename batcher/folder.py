@@ -16,6 +16,7 @@ A run folder belongs to one manifest and to one kind of endpoint:
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +29,11 @@ from .errors import ConfigError
 from .layout import RunLayout
 
 __all__ = [
+    "ENDPOINTS_KEY",
     "MANIFEST_KEY",
     "Target",
     "check_endpoint",
+    "check_folder_endpoint",
     "check_manifest",
     "default_out",
     "endpoint_label",
@@ -39,6 +42,9 @@ __all__ = [
 
 MANIFEST_KEY = "manifest"
 """Meta key: the absolute path of the manifest the folder follows."""
+ENDPOINTS_KEY = "endpoints"
+"""Meta key: the endpoints runs into this folder used, a JSON list (``null`` for images from
+before endpoints were recorded): read instead of scanning every job when a run resumes."""
 
 
 def default_out(manifest: Path, *, emulate: bool = False) -> Path:
@@ -116,6 +122,23 @@ async def check_manifest(store: JobStore, target: Target) -> str | None:
             "make it this folder's manifest, withdrawing the other's jobs)"
         )
     return None if found == path else path
+
+
+async def check_folder_endpoint(store: JobStore, endpoint: str, root: Path) -> None:
+    """:func:`check_endpoint` for the folder of ``store``, then remember ``endpoint`` as one of
+    its own. The jobs are scanned only for a folder that has no list yet, or when the list
+    names another endpoint (to count its images for the refusal)."""
+    known_text = await store.get_meta(ENDPOINTS_KEY)
+    known: set[str | None] = set(json.loads(known_text)) if known_text else set()
+    # images of an unrecorded endpoint (None) were paid: any paid run may go on with them
+    compatible = {endpoint} if endpoint == EMULATOR_ENDPOINT else {endpoint, None}
+    if known_text is None or known - compatible:
+        found = await store.endpoints()
+        check_endpoint(found, endpoint, root)
+        known = set(found)
+    if endpoint not in known or known_text is None:
+        listed = sorted(known | {endpoint}, key=lambda e: (e is None, e or ""))
+        await store.set_meta(ENDPOINTS_KEY, json.dumps(listed))
 
 
 def check_endpoint(found: dict[str | None, int], endpoint: str, root: Path) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import anyio
 
-from jobs import JobStore, Moved, open_manifest
+from jobs import JobStore, Moved, State, Stats, open_manifest
 
 from . import __version__
 from .folder import MANIFEST_KEY, Target, check_manifest
@@ -45,6 +45,14 @@ class ImportSummary:
     restored: int = 0
     moved: int = 0
     updated: int = 0  # rows whose manifest variables alone changed (their images stand)
+    read: bool = True  # False: the manifest was unchanged, not read again
+
+    def unchanged_of(self, stats: Stats) -> int:
+        """Jobs already imported and still in the manifest. A manifest not read again
+        leaves them to be counted from the table's ``stats`` (a count that is there anyway)."""
+        if self.read:
+            return self.unchanged
+        return stats.total - stats.count(State.WITHDRAWN) - self.added
 
     @property
     def done_set_changed(self) -> bool:
@@ -72,7 +80,8 @@ async def import_manifest(store: JobStore, target: Target, *, replace: bool) -> 
     A manifest unchanged since its last import (and still the folder's) is not read again: with
     a million rows that would be most of the time a resumed run takes to its first call. The
     manifest's warnings (at most five, then a count) go to stderr. Raises ``ConfigError`` when
-    a default folder belongs to another manifest.
+    a default folder belongs to another manifest. Afterwards ``metadata.jsonl``, if there is
+    one, lists exactly the done jobs (a run may append to it).
     """
     manifest_path, layout = target.manifest, target.layout
     new_manifest = await check_manifest(store, target)
@@ -85,12 +94,12 @@ async def import_manifest(store: JobStore, target: Target, *, replace: bool) -> 
         and new_manifest is None
         and await store.get_meta(key) == digest
     ):
-        total = await store.count(withdrawn=False)
+        total = await store.count()  # withdrawn ones included: see unchanged_of
         log.info("%s unchanged since its last import: not read again", manifest_path)
         moved = await apply_moves(store, layout)  # left by an import a crash cut short
         if moved:
             await MetadataWriter(store, layout).refresh()
-        return ImportSummary(added=0, unchanged=total, replaced=0, moved=moved)
+        return ImportSummary(added=0, unchanged=total, replaced=0, moved=moved, read=False)
     manifest = open_manifest(manifest_path)
     report = await store.import_rows(
         manifest.rows(), source=str(manifest_path), replace=replace, withdraw=True
@@ -98,7 +107,13 @@ async def import_manifest(store: JobStore, target: Target, *, replace: bool) -> 
     if key is not None and digest is not None:
         await store.set_meta(key, digest)
     if new_manifest is not None:
+        previous = await store.get_meta(MANIFEST_KEY)
         await store.set_meta(MANIFEST_KEY, new_manifest)
+        if previous is not None:
+            _warn(
+                f"warning: {layout.root} followed {previous}; it follows {manifest_path} "
+                f"from now on ({report.withdrawn} jobs of the other manifest withdrawn)"
+            )
     shown = manifest.warnings[:MAX_WARNINGS_SHOWN]
     for w in shown:
         _warn(f"warning: {w.format()}")

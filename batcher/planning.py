@@ -53,9 +53,11 @@ class Plan:
         return self.stats.count(State.PENDING)
 
     @property
-    def seconds_at_quota(self) -> int:
-        """How long generating what is pending takes at ``rps`` calls a second, at best."""
-        return math.ceil(self.to_generate / self.rps)
+    def seconds_at_quota(self) -> int | None:
+        """How long generating what is pending takes at ``rps`` calls a second, at best (None
+        when too long to say)."""
+        seconds = self.to_generate / self.rps
+        return math.ceil(seconds) if math.isfinite(seconds) else None
 
     def _spent(self, emulated: bool) -> dict[str, Decimal]:
         out: dict[str, Decimal] = {}
@@ -70,7 +72,7 @@ class Plan:
         return {
             "run_folder": str(self.layout.root),
             "new": self.imported.added,
-            "unchanged": self.imported.unchanged,
+            "unchanged": self.imported.unchanged_of(s),
             "replaced": self.imported.replaced,
             "total": s.total,
             "done": s.count(State.DONE),
@@ -96,7 +98,7 @@ class Plan:
         n = self.to_generate
         cost = f"{self.cost} emulated" if self.emulate else str(self.cost)
         lines = [
-            f"{self.manifest}: {i.added} new, {i.unchanged} already imported, {i.replaced} "
+            f"{self.manifest}: {i.added} new, {i.unchanged_of(s)} already imported, {i.replaced} "
             f"replaced{moved}; {s.total - withdrawn} jobs in {self.layout.root}",
             f"  done {s.count(State.DONE)}, pending {n}, awaiting download "
             f"{s.count(State.GENERATED)}, failed {s.count(State.FAILED)}"

@@ -30,7 +30,7 @@ from jobs import JobStore, State, Stats
 from .client import DashScopeClient, base_url_for
 from .download import sweep_partials
 from .errors import ConfigError
-from .folder import Target, check_endpoint, endpoint_label, resolve_target
+from .folder import Target, check_folder_endpoint, endpoint_label, resolve_target
 from .importing import ImportSummary, import_manifest
 from .layout import RunLayout, RunLock
 from .metadata import MetadataWriter
@@ -134,7 +134,7 @@ async def execute_run(cmd: RunCommand) -> RunOutcome:
     layout.root.mkdir(parents=True, exist_ok=True)
     with RunLock(layout.lock), _file_logging(layout.log, secret):
         async with await JobStore.open(layout.db) as store:
-            check_endpoint(await store.endpoints(), endpoint, layout.root)
+            await check_folder_endpoint(store, endpoint, layout.root)
             imported = await _prepare(store, cmd, target)
             spent = await _budget_spent(store, cmd)
             metadata = MetadataWriter(store, layout)
@@ -146,8 +146,9 @@ async def execute_run(cmd: RunCommand) -> RunOutcome:
             if not cmd.as_json:
                 withdrawn = start.count(State.WITHDRAWN)
                 _warn(
-                    f"{target.manifest}: {imported.added} new jobs, {imported.unchanged} already "
-                    f"imported{f', {withdrawn} withdrawn' if withdrawn else ''}; "
+                    f"{target.manifest}: {imported.added} new jobs, "
+                    f"{imported.unchanged_of(start)} already imported"
+                    f"{f', {withdrawn} withdrawn' if withdrawn else ''}; "
                     f"{start.count(State.DONE)} of {start.total - withdrawn} done; "
                     f"run folder {layout.root}"
                 )

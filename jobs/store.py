@@ -19,10 +19,11 @@ the lost answer is the service's to count). A run that holds the run folder's lo
 every ``running`` row at start, since no live process can own them.
 
 Import is one transaction: rows go into a temporary staging table, conflicts are found with set
-queries, and new rows are copied in (into an empty table, straight in). A manifest error
-anywhere rolls the whole import back. SQLite pulls the rows from the manifest's iterator on
-the database thread; a big manifest is read and checked meanwhile by a helper process
-(``jobs.readahead``), so the two use two cores.
+queries, and new rows are copied in (into an empty table, straight in); with ``withdraw``, the
+manifest is the whole truth and jobs that left it are withdrawn (:mod:`jobs.merge`). A
+manifest error anywhere rolls the whole import back. SQLite pulls the rows from the
+manifest's iterator on the database thread; a big manifest is read and checked meanwhile by a
+helper process (``jobs.readahead``), so the two use two cores.
 """
 
 from __future__ import annotations
@@ -1203,13 +1204,10 @@ class JobStore:
                 update(history).where(history.c.seq.in_(list(seqs))).values(reason=MOVED)
             )
 
-    async def count(self, *, withdrawn: bool = True) -> int:
-        """How many jobs the table holds (without the withdrawn ones, unless ``withdrawn``)."""
-        query = select(func.count()).select_from(jobs)
-        if not withdrawn:
-            query = query.where(jobs.c.state != State.WITHDRAWN.value)
+    async def count(self) -> int:
+        """How many jobs the table holds (withdrawn ones included)."""
         async with self._read() as conn:
-            return int((await conn.execute(query)).scalar_one())
+            return int((await conn.execute(select(func.count()).select_from(jobs))).scalar_one())
 
     async def pending_by_kind(self) -> dict[tuple[str, bool], int]:
         """Jobs still to generate (pending or running), counted by (model, prompt_extend)."""

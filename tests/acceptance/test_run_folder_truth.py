@@ -180,8 +180,11 @@ def test_a_folder_made_from_one_manifest_refuses_another_of_the_same_stem(tmp_pa
     assert "a/data.csv" in line and "--out" in line
     assert db_rows(tmp_path / "out" / "data" / "batcher.db", "SELECT count(*) FROM jobs") == [(2,)]
     # the user names the folder: that is asking for it
-    chosen = run_cli("plan", "b/data.jsonl", "--out", "out/data", cwd=tmp_path)
+    chosen = run_cli("plan", "b/data.jsonl", "--out", "out/data", "--json", cwd=tmp_path)
     assert chosen.returncode == 0, chosen.stderr
+    assert "follows b/data.jsonl from now on" in chosen.stderr
+    plan = json.loads(chosen.stdout)
+    assert (plan["new"], plan["withdrawn"], plan["pending"]) == (1, 2, 1)
 
 
 def test_run_dir_resumes_from_the_run_folder_alone(tmp_path, emulator):

@@ -146,3 +146,60 @@ async def test_spend_is_per_currency_and_the_emulators_apart(db, store):
     with pytest.raises(ValueError, match="several currencies"):
         _ = stats.cost
     assert await store.endpoints() == {"https://cn": 1, "https://i": 1, EMULATOR_ENDPOINT: 1}
+
+
+async def test_moves_left_half_done_by_a_crash_are_finished_by_the_next_import(tmp_path, store):
+    """A crash after the import committed (moves recorded) and after one image was set aside:
+    the next apply_moves finishes both, swapping two paths through the side folder."""
+    from batcher.importing import apply_moves
+    from batcher.layout import RunLayout
+
+    layout = RunLayout(tmp_path / "run")
+    await store.import_specs(
+        [spec("a", output="x/a.png"), spec("b", output="x/b.png", line=3)], source=SOURCE
+    )
+    await finish(store, "a", "a")
+    await finish(store, "b", "b")
+    (layout.images / "x").mkdir(parents=True)
+    (layout.images / "x" / "a.png").write_bytes(b"image of a")
+    (layout.images / "x" / "b.png").write_bytes(b"image of b")
+    await store.import_specs(
+        [spec("a", output="x/b.png"), spec("b", output="y/a.png", line=3)],
+        source=SOURCE,
+        withdraw=True,
+    )
+    moves = {m.job_id: m for m in await store.pending_moves()}
+    # the crash: a's image was already set aside, b's not moved yet
+    aside = layout.root / ".moving"
+    aside.mkdir()
+    (layout.images / "x" / "a.png").rename(aside / f"{moves['a'].seq}.png")
+    assert await apply_moves(store, layout) == 2
+    assert (layout.images / "x" / "b.png").read_bytes() == b"image of a"
+    assert (layout.images / "y" / "a.png").read_bytes() == b"image of b"
+    assert not (layout.images / "x" / "a.png").exists() and not aside.exists()
+    assert await store.pending_moves() == []
+    assert await apply_moves(store, layout) == 0
+
+
+async def test_the_folder_remembers_its_endpoints_and_refuses_another(tmp_path, db, store):
+    from batcher.errors import ConfigError
+    from batcher.folder import ENDPOINTS_KEY, check_folder_endpoint
+
+    root = tmp_path / "run"
+    await store.import_specs(specs(["a", "b", "c"]), source=SOURCE)
+    await check_folder_endpoint(store, "https://one/api/v1", root)
+    assert await store.get_meta(ENDPOINTS_KEY) == '["https://one/api/v1"]'
+    await finish(store, "a", endpoint="https://one/api/v1")
+    await check_folder_endpoint(store, "https://one/api/v1", root)  # the same: goes on
+    for other in (EMULATOR_ENDPOINT, "https://two/api/v1"):
+        with pytest.raises(ConfigError, match="--out"):
+            await check_folder_endpoint(store, other, root)
+    # images of a folder from before endpoints were recorded: paid, at an unknown endpoint
+    await finish(store, "b", endpoint=None)
+    await store.set_meta(ENDPOINTS_KEY, "[null]")
+    with raw(db) as con:
+        con.execute("UPDATE jobs SET endpoint = NULL")
+    with pytest.raises(ConfigError, match="paid"):
+        await check_folder_endpoint(store, EMULATOR_ENDPOINT, root)
+    await check_folder_endpoint(store, "https://two/api/v1", root)
+    assert await store.get_meta(ENDPOINTS_KEY) == '["https://two/api/v1", null]'
