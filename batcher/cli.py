@@ -34,7 +34,7 @@ from .commands import (
 )
 from .errors import BatcherError
 from .exitcodes import ExitCode
-from .export import ExportOptions, parse_shard_size
+from .export import ExportOptions, parse_shard_size, write_stdout_safely
 from .pool import RunOptions
 
 __all__ = ["build_parser", "main"]
@@ -248,6 +248,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ExitCode.USAGE
     except KeyboardInterrupt:
         return ExitCode.INTERRUPTED
+    except BrokenPipeError:  # `batcher status DIR | head -1`: the reader has all it wanted
+        write_stdout_safely(sys.stdout)
+        return ExitCode.BROKEN_PIPE
 
 
 def _leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -255,7 +258,7 @@ def _leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
     for exc in group.exceptions:
         if isinstance(exc, BaseExceptionGroup):
             exc = _leaf(exc)
-        if isinstance(exc, JobStoreError | BatcherError | KeyboardInterrupt):
+        if isinstance(exc, JobStoreError | BatcherError | KeyboardInterrupt | BrokenPipeError):
             return exc
     return group
 

@@ -7,7 +7,8 @@
  3     the run was stopped by a run-level problem (bad key, arrears, a full disk, ...)
  4     stopped early with jobs left (``--limit``, ``--budget``), or jobs still waiting
 130    interrupted (Ctrl-C / SIGTERM); the same command goes on where it stopped
-141    ``batcher export`` into a pipe closed early (``| head``), as SIGPIPE would end it
+141    output into a pipe its reader closed early (``batcher export DIR | head``), as
+       SIGPIPE would end it
 =====  ===============================================================================
 """
 
