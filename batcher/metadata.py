@@ -160,7 +160,7 @@ class MetadataWriter:
         through the raised OSError; the files are then rewritten by the next run."""
         if not ids:
             return
-        records = await self._store.records(list(ids))
+        records = await self._store.done_records(list(ids))
         by_file: dict[str | None, list[str]] = {}
         for rec in records:
             if rec["state"] == State.DONE.value:

@@ -87,6 +87,11 @@ _COLS = ", ".join(schema.STAGING_COLUMNS)
 # inserts nothing, while building it again would read the whole table (0.1 s at 1M).
 _DEFERRED_INDEXES = tuple(i for i in jobs.indexes if i.name == "ix_jobs_active")
 _RESULT_RESET = RESULT_RESET
+_DONE_NAMES = (
+    "id", "state", "output", "prompt", "seed", "size", "width", "height", "prompt_extend",
+    "actual_prompt", "request_id", "sha256", "vars",
+)  # fmt: skip
+_DONE_COLUMNS = ", ".join(_DONE_NAMES)
 # The summary of every job's variables (JobStore.variables) is kept in meta until an import
 # changes them: at a million rows, working it out takes seconds.
 _VARIABLES_KEY = "variables"
@@ -1284,16 +1289,24 @@ class JobStore:
             )
             return {str(key): frozenset(str(kinds).split(",")) for key, kinds in rows}
 
-    async def records(self, ids: Sequence[str]) -> list[dict[str, Any]]:
-        """The full records of ``ids`` that exist, in manifest order (claim token and worker
-        omitted)."""
+    async def done_records(self, ids: Sequence[str]) -> list[dict[str, Any]]:
+        """The records of those of ``ids`` that are done, in manifest order, with only what
+        ``metadata.jsonl`` shows (id, state, output, prompt, seed, size, width, height,
+        prompt_extend, actual_prompt, request_id, sha256, vars): the run asks for every batch
+        of images it saves."""
         found: list[dict[str, Any]] = []
         for start in range(0, len(ids), 500):
-            rowid: Any = literal_column("jobs.rowid")
-            query = select(jobs).where(jobs.c.id.in_(ids[start : start + 500])).order_by(rowid)
+            part = list(ids[start : start + 500])
+            marks = ", ".join("?" * len(part))
             async with self._read() as conn:
-                rows = (await conn.execute(query)).mappings().all()
-            found += [_public(dict(row)) for row in rows]
+                rows = await conn.exec_driver_sql(
+                    f"SELECT {_DONE_COLUMNS} FROM jobs WHERE id IN ({marks}) "
+                    f"AND state = '{State.DONE.value}' ORDER BY rowid",
+                    tuple(part),
+                )
+                found += [dict(zip(_DONE_NAMES, row, strict=True)) for row in rows]
+        for rec in found:
+            rec["prompt_extend"] = bool(rec["prompt_extend"])
         return found
 
     async def iter_records(

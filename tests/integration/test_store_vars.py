@@ -105,8 +105,15 @@ async def test_editing_a_variable_updates_it_and_keeps_the_image(
     assert row(store.path, "a")["prompt"] == "a fox cat-1"
 
 
-async def test_specs_carry_their_variables(store: JobStore) -> None:
-    await store.import_specs([spec("x", vars='{"k": 1}'), spec("y")], source="s")
-    recs = await store.records(["y", "x", "missing"])
-    assert [r["id"] for r in recs] == ["x", "y"]
-    assert recs[0]["vars"] == '{"k": 1}'
+async def test_specs_carry_their_variables_and_done_records_show_them(store: JobStore) -> None:
+    await store.import_specs([spec("x", vars='{"k": 1}'), spec("y"), spec("z")], source="s")
+    for claim in await store.claim(limit=3, lease_seconds=60):
+        if claim.id == "z":
+            continue  # left running: not done, not shown
+        await store.record_generated(claim.id, claim.token, generated(), lease_seconds=60)
+        await store.record_file(claim.id, claim.token, stored(claim.id))
+        await store.complete(claim.id, claim.token, stored(claim.id))
+    recs = await store.done_records(["y", "x", "z", "missing"])
+    assert [r["id"] for r in recs] == ["x", "y"]  # manifest order
+    assert recs[0]["vars"] == '{"k": 1}' and recs[1]["vars"] is None
+    assert recs[0]["prompt_extend"] is False and recs[0]["sha256"] == stored("x").sha256
