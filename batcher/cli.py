@@ -13,10 +13,13 @@ User mistakes end as one line on stderr and exit code 2; a bug shows a traceback
 from __future__ import annotations
 
 import argparse
+import io
+import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -34,18 +37,30 @@ from .commands import (
 )
 from .errors import BatcherError
 from .exitcodes import ExitCode
-from .export import ExportOptions, parse_shard_size, write_stdout_safely
+from .export import ExportOptions, parse_shard_size
 from .pool import RunOptions
+
+if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
 
 __all__ = ["build_parser", "main"]
 
 
+def _number(kind: Callable[[str], float], text: str) -> float:
+    try:
+        value = kind(text)
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number: {text!r}")
+    return value
+
+
 def _positive(kind: Callable[[str], float]) -> Callable[[str], Any]:
+    """An argparse type: a finite number above zero (``inf``, ``nan``, 0 and -1 refused)."""
+
     def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        value = _number(kind, text)
         if not value > 0:
             raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
         return value
@@ -53,8 +68,29 @@ def _positive(kind: Callable[[str], float]) -> Callable[[str], Any]:
     return parse
 
 
+def _non_negative(kind: Callable[[str], float]) -> Callable[[str], Any]:
+    """An argparse type: a finite number, zero or more."""
+
+    def parse(text: str) -> Any:
+        value = _number(kind, text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be zero or more: {text!r}")
+        return value
+
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a closed stdout is not silently ignored while printing help:
+    the command then exits as any other whose reader went away (see :func:`main`)."""
+
+    def _print_message(self, message: str, file: SupportsWrite[str] | None = None) -> None:
+        if message:
+            (file or sys.stderr).write(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="batcher",
         description="Turn a manifest of prompts into a folder of images (DashScope z-image-turbo).",
     )
@@ -96,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--emulate-latency", default="lognormal:2000:0.4", help=argparse.SUPPRESS)
     run.add_argument("--emulate-faults", default="", help=argparse.SUPPRESS)
-    run.add_argument("--emulate-rps", type=_positive(float), default=2.0, help=argparse.SUPPRESS)
+    # the emulated quota: --rps unless given (a rehearsal at --rps 5 meets a 5/s quota)
+    run.add_argument("--emulate-rps", type=_positive(float), default=None, help=argparse.SUPPRESS)
     run.add_argument("--limit", type=_positive(int), help="generate at most N images (a trial)")
     run.add_argument(
         "--budget",
@@ -106,11 +143,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--replace", action="store_true", help="reset jobs whose content changed")
     run.add_argument(
-        "--grace", type=float, default=10.0, help="seconds to let calls finish on Ctrl-C"
+        "--grace",
+        type=_non_negative(float),
+        default=10.0,
+        help="seconds to let calls finish on Ctrl-C",
     )
     run.add_argument("--lease", type=_positive(float), default=60.0, help=argparse.SUPPRESS)
     run.add_argument("--backoff-base", type=_positive(float), default=1.0, help=argparse.SUPPRESS)
     run.add_argument("--seed", type=int, help=argparse.SUPPRESS)
+    run.add_argument("--start-rps", type=_positive(float), default=2.0, help=argparse.SUPPRESS)
+    run.add_argument(
+        "--unreachable-timeout",
+        type=_non_negative(float),
+        default=180.0,
+        metavar="S",
+        help="stop (exit 3) when the service cannot be reached for this long (default 180)",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress display")
     run.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
 
@@ -188,6 +236,8 @@ async def _dispatch(args: argparse.Namespace) -> int:
             lease_seconds=args.lease,
             backoff_base=args.backoff_base,
             seed=args.seed,
+            start_rps=args.start_rps,
+            unreachable_timeout=args.unreachable_timeout,
         )
         return await cmd_run(
             RunCommand(
@@ -199,7 +249,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
                 emulate=args.emulate,
                 emulate_latency=args.emulate_latency,
                 emulate_faults=args.emulate_faults,
-                emulate_rps=args.emulate_rps,
+                emulate_rps=args.rps if args.emulate_rps is None else args.emulate_rps,
                 replace=args.replace,
                 progress=not args.no_progress,
                 as_json=args.json,
@@ -225,6 +275,31 @@ async def _dispatch(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; return its exit code (see the module docstring and the README)."""
+    # A file name that is not UTF-8 is printed as the bytes it is (stdout) or escaped
+    # (stderr), never an encoding error half-way through a line.
+    for stream, errors in ((sys.stdout, "surrogateescape"), (sys.stderr, "backslashreplace")):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors=errors)
+    try:
+        try:
+            code = _main(argv)
+        except SystemExit as exc:  # argparse: --help printed, or a usage error
+            sys.stdout.flush()
+            raise exc from None
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (``batcher export DIR | head -2``): not an error of ours, and
+        # nothing more can be said on stdout. Point it at /dev/null so the interpreter's own
+        # last flush stays quiet, and exit as a process killed by SIGPIPE would.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return ExitCode.CLOSED_STDOUT
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "emulate":
@@ -236,6 +311,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return anyio.run(_dispatch, args)
         except BaseExceptionGroup as group:
             raise _leaf(group) from group
+    except BrokenPipeError:
+        raise
     except ManifestInvalid as exc:
         for line in str(exc).splitlines():
             print(line, file=sys.stderr)
@@ -248,9 +325,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ExitCode.USAGE
     except KeyboardInterrupt:
         return ExitCode.INTERRUPTED
-    except BrokenPipeError:  # `batcher status DIR | head -1`: the reader has all it wanted
-        write_stdout_safely(sys.stdout)
-        return ExitCode.BROKEN_PIPE
+    except OSError as exc:  # the environment refused (permissions, a full or read-only disk)
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"batcher: error:{where} {exc.strerror or exc}", file=sys.stderr)
+        return ExitCode.USAGE
 
 
 def _leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -258,7 +336,7 @@ def _leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
     for exc in group.exceptions:
         if isinstance(exc, BaseExceptionGroup):
             exc = _leaf(exc)
-        if isinstance(exc, JobStoreError | BatcherError | KeyboardInterrupt | BrokenPipeError):
+        if isinstance(exc, JobStoreError | BatcherError | KeyboardInterrupt | OSError):
             return exc
     return group
 

@@ -30,6 +30,7 @@ REGIONS = {
 GENERATION_PATH = "/services/aigc/multimodal-generation/generation"
 USER_AGENT = "batcher/0.1"
 MAX_ERROR_BODY = 64 * 1024
+CONNECT_TIMEOUT = 20.0  # seconds to open a connection to the API
 
 
 def base_url_for(region: str, override: str | None = None) -> str:
@@ -67,8 +68,13 @@ def translate_exception(exc: BaseException) -> TransportError:
     """Map an aiohttp / asyncio / OS error raised during a call to a TransportError."""
     fault: TransportFault
     if isinstance(exc, aiohttp.ClientConnectorError):
-        fault = TransportFault.CONNECT
-    elif isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+        # refused, DNS, no route, TLS handshake: the request never left, so it was not billed
+        reason = exc.os_error.strerror if exc.os_error.strerror else str(exc.os_error)
+        return TransportError(TransportFault.CONNECT, f"{type(exc).__name__}: {reason}")
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        # the connection was never made within the connect timeout: not sent, not billed
+        return TransportError(TransportFault.CONNECT, f"{type(exc).__name__}: connect timed out")
+    if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
         fault = TransportFault.TIMEOUT
     elif isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
         fault = TransportFault.RESET
@@ -195,13 +201,22 @@ class DashScopeClient:
             "Accept": "application/json",
             "User-Agent": USER_AGENT,
         }
-        self._timeout = aiohttp.ClientTimeout(total=request_timeout)
+        # A connect that hangs (no route, a dropped SYN) is cut short on its own: it is a sign
+        # of an unreachable service, not a slow answer that may have been billed.
+        self._timeout = aiohttp.ClientTimeout(
+            total=request_timeout, sock_connect=min(CONNECT_TIMEOUT, request_timeout)
+        )
         # A server (or a proxy) may echo the key back in an error; errors.py masks what looks
         # like a key, this catches the exact key whatever its shape, in every field.
         self._secret = api_key.strip().encode() if len(api_key.strip()) >= 8 else b""
 
     def _scrub(self, data: bytes) -> bytes:
         return data.replace(self._secret, b"***") if self._secret else data
+
+    @property
+    def endpoint(self) -> str:
+        """``host:port`` of the API, for messages (never the key)."""
+        return f"{self._url.host}:{self._url.port}"
 
     def __repr__(self) -> str:  # never show the headers
         return f"DashScopeClient({str(self._url)!r})"

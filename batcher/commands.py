@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from decimal import Decimal
 from pathlib import Path
@@ -17,7 +18,7 @@ from jobs import JobStore
 
 from .errors import ConfigError
 from .exitcodes import ExitCode, exit_code_for
-from .export import ExportOptions, check_output, run_export, write_stdout_safely
+from .export import ExportOptions, check_output, run_export
 from .folder import resolve_target
 from .importing import import_manifest
 from .layout import RunLayout, RunLock
@@ -26,6 +27,7 @@ from .pool import StopReason
 from .pricing import currency_of
 from .session import RunCommand, RunOutcome, execute_run
 from .summary import achieved_rate, run_json, status_json, status_text, summary_lines
+from .wording import plural
 
 __all__ = [
     "PlanOptions",
@@ -52,9 +54,36 @@ def _existing_layout(folder: Path) -> RunLayout:
     return layout
 
 
+def _writable(layout: RunLayout) -> bool:
+    """False for a run folder on read-only media (or one the user may not write)."""
+    return os.access(layout.root, os.W_OK) and os.access(layout.db, os.W_OK)
+
+
+async def _open_existing(layout: RunLayout) -> JobStore:
+    """The store of an existing run folder, opened read-only when the folder cannot be written
+    (a finished run on read-only media can still be looked at and exported)."""
+    return await JobStore.open(layout.db, create=False, read_only=not _writable(layout))
+
+
+def _need_writable(layout: RunLayout) -> None:
+    """Refuse, in one line, a run folder that cannot be written (a file in its place, a
+    read-only folder or medium) before anything is opened in it."""
+    root = layout.root
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"{root} is a file, not a run folder; choose another --out")
+    existing = root
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK) or (
+        layout.db.exists() and not os.access(layout.db, os.W_OK)
+    ):
+        raise ConfigError(f"cannot write the run folder {root}: {existing} is read-only")
+
+
 async def cmd_plan(opt: PlanOptions) -> ExitCode:
     """Validate and import; no API call. Prints what a run would do."""
     target = await resolve_target(opt.manifest, opt.out, emulate=opt.emulate)
+    _need_writable(target.layout)
     async with await JobStore.open(target.layout.db) as store:
         imported = await import_manifest(store, target, replace=opt.replace)
         plan = await make_plan(store, target.layout, target.manifest, imported, opt)
@@ -65,7 +94,7 @@ async def cmd_plan(opt: PlanOptions) -> ExitCode:
 async def cmd_status(folder: Path, *, as_json: bool) -> ExitCode:
     """Counts per state, spend and failures by code of a run folder."""
     layout = _existing_layout(folder)
-    async with await JobStore.open(layout.db, create=False) as store:
+    async with await _open_existing(layout) as store:
         stats = await store.stats()
     if as_json:
         print(json.dumps(status_json(stats)))
@@ -76,38 +105,36 @@ async def cmd_status(folder: Path, *, as_json: bool) -> ExitCode:
 
 async def cmd_export(folder: Path, opt: ExportOptions) -> ExitCode:
     """Write the run folder's jobs as records or dataset shards (see :mod:`batcher.export`).
-
-    A closed pipe (``batcher export DIR | head -2``) ends the export quietly with exit code
-    141, as a command killed by SIGPIPE would.
-    """
+    A closed stdout (``| head``) is the CLI's to end quietly."""
     layout = _existing_layout(folder)
     check_output(opt)
-    try:
-        async with await JobStore.open(layout.db, create=False) as store:
-            result = await run_export(store, layout, opt, sys.stdout)
-        sys.stdout.flush()
-    except BrokenPipeError:
-        write_stdout_safely(sys.stdout)
-        return ExitCode.BROKEN_PIPE
+    async with await _open_existing(layout) as store:
+        result = await run_export(store, layout, opt, sys.stdout)
+    sys.stdout.flush()
     where = f" to {opt.output}" if opt.output is not None else ""
+    records = plural(result.records, "record")
     if result.fmt in ("parquet", "webdataset"):
-        shards = len(result.files) - 1
-        _warn(f"exported {result.records} records in {shards} {result.fmt} shards{where}")
+        shards = plural(len(result.files) - 1, f"{result.fmt} shard")
+        _warn(f"exported {records} in {shards}{where}")
     else:
-        _warn(f"exported {result.records} records{where}")
+        _warn(f"exported {records}{where}")
     if result.missing:
-        _warn(f"warning: {result.missing} done images were not found; exported without them")
+        _warn(f"warning: {plural(result.missing, 'done image')} not found; exported without")
     return ExitCode.OK
 
 
 async def cmd_retry(folder: Path, *, code: str | None) -> ExitCode:
     """Failed jobs (or those failed with ``code``) back to pending."""
     layout = _existing_layout(folder)
+    _need_writable(layout)
     with RunLock(layout.lock):
         async with await JobStore.open(layout.db, create=False) as store:
             n = await store.retry_failed(code=code)
     what = f" with error {code}" if code else ""
-    print(f"{n} failed jobs{what} put back to pending; run the same command again to retry them")
+    print(
+        f"{plural(n, 'failed job')}{what} put back to pending; "
+        "run the same command again to retry them"
+    )
     return ExitCode.OK
 
 
@@ -145,7 +172,7 @@ def _report(cmd: RunCommand, outcome: RunOutcome, code: ExitCode) -> None:
         print(json.dumps(payload))
     for line in lines:
         _warn(line)
-    if result.reason is StopReason.ABORTED:
+    if result.reason in (StopReason.ABORTED, StopReason.UNREACHABLE):
         _warn(f"stopped: {result.abort_message}")
     elif result.reason is StopReason.BUDGET:
         _warn(

@@ -4,11 +4,11 @@
  0     every job done
  1     the run ended with failed jobs (``batcher retry`` puts them back)
  2     a usage or manifest error: nothing was run
- 3     the run was stopped by a run-level problem (bad key, arrears, a full disk, ...)
+ 3     the run was stopped by a run-level problem (bad key, arrears, a full disk, the
+       service unreachable for ``--unreachable-timeout``, ...)
  4     stopped early with jobs left (``--limit``, ``--budget``), or jobs still waiting
 130    interrupted (Ctrl-C / SIGTERM); the same command goes on where it stopped
-141    output into a pipe its reader closed early (``batcher export DIR | head``), as
-       SIGPIPE would end it
+141    stdout was closed before everything was written (``batcher export DIR | head``)
 =====  ===============================================================================
 """
 
@@ -32,7 +32,7 @@ class ExitCode(IntEnum):
     ABORTED = 3
     STOPPED_EARLY = 4
     INTERRUPTED = 130
-    BROKEN_PIPE = 141
+    CLOSED_STDOUT = 141  # 128 + SIGPIPE: what a shell shows for a writer whose reader left
 
 
 def exit_code_for(result: RunResult, stats: Stats) -> ExitCode:
@@ -42,7 +42,7 @@ def exit_code_for(result: RunResult, stats: Stats) -> ExitCode:
     failures outrank jobs merely left waiting.
     """
     left = stats.count(State.PENDING) + stats.count(State.RUNNING) + stats.count(State.GENERATED)
-    if result.reason is StopReason.ABORTED:
+    if result.reason in (StopReason.ABORTED, StopReason.UNREACHABLE):
         return ExitCode.ABORTED
     if result.reason is StopReason.INTERRUPTED:
         return ExitCode.INTERRUPTED

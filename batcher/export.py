@@ -43,7 +43,6 @@ __all__ = [
     "format_for",
     "parse_shard_size",
     "run_export",
-    "write_stdout_safely",
 ]
 
 FORMATS = ("jsonl", "csv", "parquet", "webdataset")
@@ -215,13 +214,3 @@ def _csv_cell(value: object) -> object:
     if isinstance(value, bool):
         return "true" if value else "false"
     return value
-
-
-def write_stdout_safely(stdout: TextIO) -> None:
-    """After a closed pipe (``batcher export DIR | head``), point stdout at /dev/null so the
-    interpreter's last flush does not complain."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, stdout.fileno())
-    finally:
-        os.close(devnull)

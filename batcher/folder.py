@@ -70,9 +70,26 @@ def endpoint_label(*, emulate: bool, base_url: str) -> str:
     return str(url.with_user(None)) if url.user or url.password else base_url
 
 
+FS_BYTES = "fs-bytes:"  # a stored path that is not UTF-8: its bytes in hex
+
+
 def _absolute(path: Path) -> str:
-    """``path`` made absolute against the working directory (no symlink resolved)."""
-    return os.path.abspath(path)
+    """``path`` made absolute against the working directory (no symlink resolved), as text the
+    database can hold: a name that is not UTF-8 (bytes the filesystem allows) is stored as
+    ``fs-bytes:`` and its bytes in hex, so it comes back as the same name."""
+    absolute = os.path.abspath(path)
+    try:
+        absolute.encode("utf-8")
+    except UnicodeEncodeError:
+        return FS_BYTES + os.fsencode(absolute).hex()
+    return absolute
+
+
+def _stored_path(text: str) -> Path:
+    """The path :func:`_absolute` stored as ``text``."""
+    if text.startswith(FS_BYTES):
+        return Path(os.fsdecode(bytes.fromhex(text[len(FS_BYTES) :])))
+    return Path(text)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -101,8 +118,8 @@ async def resolve_target(target: Path, out: Path | None, *, emulate: bool) -> Ta
             f"{target} does not record its manifest (made by an older batcher): "
             f"give the manifest and --out {target}"
         )
-    manifest = Path(remembered)
-    if not manifest.is_file():  # noqa: ASYNC240 (a stat, once per command)
+    manifest = _stored_path(remembered)
+    if not manifest.is_file():
         raise ConfigError(
             f"{target} was made from {manifest}, which is no longer there: "
             f"give the manifest's new path and --out {target}"

@@ -26,8 +26,9 @@ from . import __version__
 from .folder import MANIFEST_KEY, Target, check_manifest
 from .layout import RunLayout, UnsafeOutputPath
 from .metadata import MetadataWriter
+from .wording import plural
 
-__all__ = ["ImportSummary", "apply_moves", "import_manifest"]
+__all__ = ["ImportSummary", "apply_moves", "import_manifest", "path_text"]
 
 log = logging.getLogger("batcher")
 
@@ -60,6 +61,12 @@ class ImportSummary:
         return bool(self.replaced or self.withdrawn or self.restored or self.moved)
 
 
+def path_text(path: Path | str) -> str:
+    """A path as text the database can hold: a file name that is not UTF-8 (bytes the
+    filesystem allows) keeps its odd bytes as ``\\xff`` escapes instead of failing to encode."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def _manifest_identity(path: Path) -> tuple[str, str]:
     """(meta key, digest): which manifest, and what decides its rows (its bytes and this
     batcher's version)."""
@@ -67,7 +74,8 @@ def _manifest_identity(path: Path) -> tuple[str, str]:
     with path.open("rb") as fh:
         while block := fh.read(1 << 20):
             digest.update(block)
-    return f"manifest:{os.path.abspath(path)}", f"{__version__}:{digest.hexdigest()}"
+    where = path_text(os.path.abspath(path))
+    return f"manifest:{where}", f"{__version__}:{digest.hexdigest()}"
 
 
 def _warn(msg: str) -> None:
@@ -102,7 +110,7 @@ async def import_manifest(store: JobStore, target: Target, *, replace: bool) -> 
         return ImportSummary(added=0, unchanged=total, replaced=0, moved=moved, read=False)
     manifest = open_manifest(manifest_path)
     report = await store.import_rows(
-        manifest.rows(), source=str(manifest_path), replace=replace, withdraw=True
+        manifest.rows(), source=path_text(manifest_path), replace=replace, withdraw=True
     )
     if key is not None and digest is not None:
         await store.set_meta(key, digest)
@@ -118,7 +126,8 @@ async def import_manifest(store: JobStore, target: Target, *, replace: bool) -> 
     for w in shown:
         _warn(f"warning: {w.format()}")
     if len(manifest.warnings) > len(shown):
-        _warn(f"warning: ... and {len(manifest.warnings) - len(shown)} more warnings")
+        more = plural(len(manifest.warnings) - len(shown), "more warning")
+        _warn(f"warning: ... and {more}")
     summary = ImportSummary(
         added=report.added,
         unchanged=report.unchanged,

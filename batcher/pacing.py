@@ -5,11 +5,11 @@ sliding second, so the run decides its own speed rather than discovering it by 4
 
 :class:`RateController` is pure arithmetic on a clock you pass in: a smooth limiter with no
 burst at start (one slot every ``1/rate`` seconds), a small safety margin under the stated
-rate, and an adaptive part: a throttled call (once per cut: a 429 for a request sent before
-the last cut says nothing new) sets the rate just under the quota estimated from the last
-second's accepted sends, and rare, backing-off probes look for more, never above the rate the
-user stated. A user who states twice the real quota converges near it with few 429s; one who
-states it right never sees a cut.
+rate, a slow start, and an adaptive part: a throttled call (once per cut: a 429 for a request
+sent before the last cut says nothing new) sets the rate just under the quota estimated from
+the last second's accepted sends, and rare, backing-off probes look for more, never above
+the rate the user stated. A user who states twice the real quota converges near it with few
+429s; one who states it right never sees a cut.
 
 :class:`Pacer` turns those slots into ``await``\\ s. :func:`auto_concurrency` sizes the pool
 from the rate and the observed latency (Little's law with head room), so the quota stays busy
@@ -18,13 +18,14 @@ when latency varies.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
 from collections.abc import Callable
 
 import anyio
 
-__all__ = ["LatencyTracker", "Pacer", "RateController", "auto_concurrency"]
+__all__ = ["DEFAULT_QUOTA", "LatencyTracker", "Pacer", "RateController", "auto_concurrency"]
 
 MARGIN = 0.985  # send at 98.5% of the rate: ~15 ms of slack per window for arrival jitter
 LATE = 0.005  # a send this late re-anchors the schedule (see RateController.sent)
@@ -34,6 +35,9 @@ PROBE_UP = 1.02  # each probe raises the rate by 2%
 PROBE_FIRST = 5.0  # seconds without throttling before the first probe
 PROBE_MAX = 120.0  # probing slows down (doubling) each time it meets the same ceiling
 WINDOW = 1.0  # the service counts requests over a sliding second
+DEFAULT_QUOTA = 2.0  # requests/s: the documented quota of z-image-turbo; where slow start begins
+SLOW_START_STEP = 2.0  # slow start doubles the rate after each window of accepted calls
+PROVEN = 0.9  # share of a window's worth of calls at the rate that must be accepted to raise it
 
 
 class RateController:
@@ -49,16 +53,33 @@ class RateController:
 
     >>> rc = RateController(2.0, now=0.0)
     >>> rc.reserve(now=0.0), round(rc.reserve(now=0.0), 3)
-    (0.0, 0.505)
+    (0.0, 0.508)
     """
 
-    def __init__(self, stated_rate: float, *, now: float, adaptive: bool = True) -> None:
-        if not stated_rate > 0:
-            raise ValueError("the rate must be positive")
+    def __init__(
+        self,
+        stated_rate: float,
+        *,
+        now: float,
+        adaptive: bool = True,
+        start_rate: float | None = DEFAULT_QUOTA,
+    ) -> None:
+        if not (stated_rate > 0 and math.isfinite(stated_rate)):
+            raise ValueError("the rate must be a positive number")
+        if start_rate is not None and not start_rate > 0:
+            raise ValueError("the start rate must be positive")
         self.stated = stated_rate
         self.max_rate = stated_rate * MARGIN
-        self.rate = self.max_rate
         self.adaptive = adaptive
+        start = stated_rate if start_rate is None or not adaptive else min(stated_rate, start_rate)
+        self.rate = start * MARGIN
+        # Slow start: the rate doubles after each window of accepted calls until a throttled
+        # answer or the stated rate ends it. ``known_good`` is the last rate fully accepted.
+        self.slow_start = self.rate < self.max_rate
+        self.known_good = self.rate
+        self._raised_at = now
+        self._accepted: list[float] = []  # send times of accepted calls since the last raise
+        self._drain_until = -math.inf  # see _drained
         self.ceiling: float | None = None  # the last quota estimate
         self.min_rate = min(self.max_rate, 0.05)
         self._next_slot = now
@@ -91,7 +112,23 @@ class RateController:
         if self.adaptive:
             self._sends.append(slot)
             self._trim(slot)
+            if slot < self._drain_until:
+                self._next_slot = max(self._next_slot, self._drained(self._next_slot))
         return slot
+
+    def _drained(self, slot: float) -> float:
+        """The first time from ``slot`` on when the service's window has room for one more call.
+
+        Leaving slow start, the window still holds the burst sent at the doubled rate: sending
+        at the new rate at once would overfill it for most of a second (one 429 per send).
+        """
+        room = max(1, int(self.ceiling or 1))
+        refused = set(self._throttled)
+        lo = slot - WINDOW * (2 - MARGIN)
+        recent = [t for t in self._sends if t > lo and t not in refused]
+        if len(recent) < room:
+            return slot
+        return recent[len(recent) - room] + WINDOW * (2 - MARGIN)
 
     def wait_needed(self, *, now: float) -> float:
         """Seconds until the next slot is free (0 when a send may go now)."""
@@ -107,6 +144,40 @@ class RateController:
         """
         if at - self._last_slot > LATE:
             self._next_slot = max(self._next_slot, at + 1.0 / self.rate)
+
+    def on_accepted(self, *, sent_at: float, now: float) -> bool:
+        """The service answered a call sent at ``sent_at`` without throttling it.
+
+        In slow start, once calls sent at the current rate filled a window (``PROVEN`` of the
+        calls the rate allows in it, all accepted), the rate doubles, up to the stated rate.
+        Returns True when the rate was raised. Calls sent before the last raise prove nothing
+        about the new rate and are not counted; nor are calls the pool could not send at the
+        rate (a pool held back by latency never raises a rate it did not try).
+        """
+        if not self.slow_start or sent_at < self._raised_at:
+            return False
+        bisect.insort(self._accepted, sent_at)
+        newest = self._accepted[-1]
+        first = bisect.bisect_right(self._accepted, newest - WINDOW)
+        del self._accepted[:first]
+        if len(self._accepted) < max(2, math.ceil(PROVEN * self.rate * WINDOW)):
+            return False
+        self.known_good = self.rate
+        self.rate = min(self.max_rate, self.rate * SLOW_START_STEP)
+        self.slow_start = self.rate < self.max_rate
+        self._raised_at = now
+        self._accepted.clear()
+        return True
+
+    def _end_slow_start(self, estimate: float | None) -> None:
+        """The first throttled answer ends slow start: back to the last rate fully accepted,
+        or to the window's estimate of the quota when that is higher (and below the rate)."""
+        self.slow_start = False
+        self._drain_until = self._last_slot + 2 * WINDOW
+        target = self.known_good
+        if estimate is not None:
+            target = max(target, min(estimate * MARGIN, self.rate * STEP_DOWN))
+        self.rate = max(self.min_rate, min(self.rate, target))
 
     def on_throttled(self, *, sent_at: float, now: float, quota: bool = True) -> bool:
         """A call sent at ``sent_at`` was throttled. Returns True when the rate was cut.
@@ -124,7 +195,10 @@ class RateController:
         if not quota:
             if now - self._last_cut < WINDOW:
                 return False
-            self.rate = max(self.min_rate, self.rate * STEP_DOWN)
+            if self.slow_start:
+                self._end_slow_start(None)
+            else:
+                self.rate = max(self.min_rate, self.rate * STEP_DOWN)
             self._last_cut = now
             self._probe_at = now + self._probe_every
             self.cuts += 1
@@ -144,10 +218,14 @@ class RateController:
         else:
             self._probe_every = PROBE_FIRST
         self.ceiling = estimate
-        # One throttle lowers the rate by a bounded step: a thin count (a quiet second, a
-        # boundary case) must not halve a run's speed.
-        target = min(self.rate * STEP_DOWN, max(estimate * MARGIN, self.rate * FLOOR_STEP))
-        self.rate = max(self.min_rate, target)
+        if self.slow_start:
+            self._end_slow_start(estimate)
+            self._next_slot = max(self._next_slot, self._drained(self._next_slot))
+        else:
+            # One throttle lowers the rate by a bounded step: a thin count (a quiet second, a
+            # boundary case) must not halve a run's speed.
+            target = min(self.rate * STEP_DOWN, max(estimate * MARGIN, self.rate * FLOOR_STEP))
+            self.rate = max(self.min_rate, target)
         self._last_cut = now
         self._probe_at = now + self._probe_every
         self.cuts += 1  # a slot reserved before this cut is void: see Pacer.wait_turn
@@ -158,10 +236,17 @@ class Pacer:
     """An awaitable front for :class:`RateController` on a monotonic clock."""
 
     def __init__(
-        self, stated_rate: float, *, adaptive: bool = True, clock: Callable[[], float] | None = None
+        self,
+        stated_rate: float,
+        *,
+        adaptive: bool = True,
+        start_rate: float | None = DEFAULT_QUOTA,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self._clock = clock or anyio.current_time
-        self.control = RateController(stated_rate, now=self._clock(), adaptive=adaptive)
+        self.control = RateController(
+            stated_rate, now=self._clock(), adaptive=adaptive, start_rate=start_rate
+        )
 
     @property
     def rate(self) -> float:
@@ -183,6 +268,10 @@ class Pacer:
 
     def throttled(self, sent_at: float, *, quota: bool = True) -> None:
         self.control.on_throttled(sent_at=sent_at, now=self._clock(), quota=quota)
+
+    def accepted(self, sent_at: float) -> None:
+        """The service answered a call sent at ``sent_at`` without throttling it."""
+        self.control.on_accepted(sent_at=sent_at, now=self._clock())
 
 
 class LatencyTracker:

@@ -9,6 +9,12 @@ Every worker ends its attempt with exactly one final store write, run under a sh
 scope so an interrupt cannot leave a job half-recorded; if it is cancelled before it could
 decide, it releases the job (back to pending, no attempt charged).
 
+An unreachable service is one condition, not a failure per job (:mod:`batcher.reach`): a call
+that fails to connect is retried with no attempt charged (it never reached the service), and
+when such failures follow one another across the run the dispatcher stops starting calls and
+lets one probe at a time go, with backoff; past ``unreachable_timeout`` it stops the run
+(:attr:`StopReason.UNREACHABLE`) with every job left pending.
+
 Stopping: :meth:`Runner.request_stop` stops claiming (within a second: every wait in the
 dispatcher watches the stop event) and lets in-flight calls finish; :meth:`Runner.cancel_in_flight`
 cuts them short. A run-level API error (bad key, arrears, ...) does the former by itself.
@@ -32,14 +38,15 @@ from anyio.abc import TaskGroup
 from jobs import Claim, Generated, JobStore, LeaseLost, State, StoredFile
 
 from .backoff import next_delay, parse_retry_after
-from .classify import DownloadVerdict, Verdict
+from .classify import DownloadVerdict, TransportFault, Verdict
 from .client import DashScopeClient, ImageResult
 from .committer import ImageCommitter
 from .download import download_image, hash_file
 from .errors import ApiError, DownloadError, RunAborted, TransportError
 from .layout import RunLayout, UnsafeOutputPath
-from .pacing import LatencyTracker, Pacer, auto_concurrency
+from .pacing import DEFAULT_QUOTA, LatencyTracker, Pacer, auto_concurrency
 from .pricing import Money, price_per_image
+from .reach import Reachability
 
 __all__ = ["RunCounters", "RunOptions", "RunResult", "Runner", "StopReason"]
 
@@ -57,6 +64,7 @@ class StopReason(StrEnum):
     INTERRUPTED = "interrupted"  # Ctrl-C / SIGTERM
     BUDGET = "budget"  # --budget reached
     LIMIT = "limit"  # --limit reached
+    UNREACHABLE = "unreachable"  # the service could not be reached for --unreachable-timeout
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -75,6 +83,8 @@ class RunOptions:
     backoff_base: float = 1.0
     backoff_cap: float = 60.0
     adaptive: bool = True
+    start_rps: float | None = DEFAULT_QUOTA  # slow start begins here (None: at ``rps``)
+    unreachable_timeout: float = 180.0  # seconds the service may stay unreachable
     seed: int | None = None  # for the retry jitter, so tests can reproduce a run
 
 
@@ -83,12 +93,15 @@ class RunCounters:
     """What happened in this run (the database holds the totals over all runs)."""
 
     calls: int = 0
+    accepted: int = 0  # calls the service answered without throttling them
+    unreached: int = 0  # calls that never reached the service (connection failures)
     generated: int = 0
     done: int = 0
     failed: int = 0
     retries: int = 0
     throttled: int = 0
-    ambiguous: int = 0
+    ambiguous: int = 0  # calls retried after an answer was lost (may have been billed)
+    abandoned: int = 0  # calls cut short by a second Ctrl-C (may have been billed)
     regenerated: int = 0
     download_retries: int = 0
     downloads_skipped: int = 0
@@ -100,7 +113,11 @@ class RunCounters:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class RunResult:
-    """How a run ended, what it did, and when its first and last API calls went out."""
+    """How a run ended, what it did, and when its first and last API calls went out.
+
+    ``first_accepted_at`` / ``last_accepted_at``: send times of the first and last calls the
+    service answered without throttling; the achieved rate is measured between them.
+    """
 
     reason: StopReason
     counters: RunCounters
@@ -108,6 +125,18 @@ class RunResult:
     elapsed: float
     first_call_at: float | None
     last_call_at: float | None
+    first_accepted_at: float | None = None
+    last_accepted_at: float | None = None
+
+    @property
+    def accepted_per_second(self) -> float | None:
+        """Calls the service accepted per second while sending; None when too few to say
+        (fewer than three, or sent within a second: a rate of a burst means nothing)."""
+        n = self.counters.accepted
+        if self.first_accepted_at is None or self.last_accepted_at is None or n < 3:
+            return None
+        span = self.last_accepted_at - self.first_accepted_at
+        return (n - 1) / span if span >= 1.0 else None
 
 
 class Runner:
@@ -138,7 +167,9 @@ class Runner:
         self.counters = RunCounters()
         self.committer = ImageCommitter(store, on_done)
         self._on_done = on_done  # hears the ids of jobs this run completes
-        self.pacer = Pacer(options.rps, adaptive=options.adaptive)
+        self.pacer = Pacer(options.rps, adaptive=options.adaptive, start_rate=options.start_rps)
+        self.reach = Reachability(window=options.unreachable_timeout)
+        self._probe: str | None = None  # the job whose call is probing an unreachable service
         # How long a job holds its slot, call to completed file: the pool needs rate x this
         # in flight (the call's latency alone leaves out the download and the commits).
         self.job_time = LatencyTracker(initial=2.0)
@@ -160,6 +191,9 @@ class Runner:
         self._t0 = time.monotonic()
         self.first_call_at: float | None = None
         self.last_call_at: float | None = None
+        self.first_accepted_at: float | None = None
+        self.last_accepted_at: float | None = None
+        self._unreached_detail = ""
 
     # ------------------------------------------------------------------ control
 
@@ -247,6 +281,8 @@ class Runner:
             elapsed=time.monotonic() - self._t0,
             first_call_at=self.first_call_at,
             last_call_at=self.last_call_at,
+            first_accepted_at=self.first_accepted_at,
+            last_accepted_at=self.last_accepted_at,
         )
 
     async def _dispatch(self, tg: TaskGroup) -> None:
@@ -254,6 +290,11 @@ class Runner:
             if self._in_flight >= self.concurrency:
                 await self._sleep(1.0)
                 continue
+            probe = False
+            if self.reach.paused:
+                if not await self._may_probe():
+                    continue
+                probe = True
             claim = await self._next_claim()
             if claim is None:
                 if self._in_flight == 0:
@@ -275,8 +316,34 @@ class Runner:
                 return
             if self.opt.limit is not None:
                 self._started.add(claim.id)
+            if probe:
+                self._probe = claim.id
             self._generating += 1  # until _call_and_record has the answer
             self._start(tg, self._generate, claim)
+
+    async def _may_probe(self) -> bool:
+        """While the service is unreachable: True when one probing call may go now; else wait
+        a while (or stop the run, past the window) and return False for the caller to loop."""
+        if self._probe is not None or self._generating:
+            await self._sleep(1.0)  # a worker finishing wakes this early
+            return False
+        now = anyio.current_time()
+        if self.reach.gave_up(now=now):
+            down = self.reach.down_for(now=now)
+            self.request_stop(
+                StopReason.UNREACHABLE,
+                f"could not reach the service at {self.client.endpoint} for {down:.0f}s "
+                f"({self._unreached_detail or 'no connection'}); the jobs are left pending "
+                "with no attempt charged: check the network, --base-url and --region, then "
+                "run the same command again",
+            )
+            return False
+        wait = self.reach.probe_wait(now=now)
+        if wait > 0:
+            left = self.reach.window - self.reach.down_for(now=now) + 0.01
+            await self._sleep(max(0.01, min(wait, left)))
+            return False
+        return True
 
     async def _wait_for_slot(self) -> bool:
         """Wait for the pacer's next send slot and take it; False when stopping meanwhile.
@@ -349,7 +416,7 @@ class Runner:
         try:
             await self.store.release(claim.id, claim.token, ambiguous=abandoned)
             self.counters.released += 1
-            self.counters.ambiguous += int(abandoned)
+            self.counters.abandoned += int(abandoned)
         except LeaseLost:
             self.counters.lease_lost += 1
 
@@ -429,6 +496,11 @@ class Runner:
                     recorded = await self._on_api_error(claim, err, sent)
                 return None if recorded else claim
             except TransportError as err:
+                if err.fault is TransportFault.CONNECT:
+                    with anyio.CancelScope(shield=True):
+                        await self._on_unreached(claim, err)
+                    return None
+                self.reach.answered(now=anyio.current_time())  # it connected: reachable
                 with anyio.CancelScope(shield=True):
                     await self._on_retryable(
                         claim,
@@ -438,11 +510,49 @@ class Runner:
                         retry_after=None,
                     )
                 return None
+            self._on_answered(sent, accepted=True)
             with anyio.CancelScope(shield=True):
                 generated = await self._record(claim, result)
             return generated
         finally:
             self._generating -= 1
+            if self._probe == claim.id:
+                self._probe = None
+
+    def _on_answered(self, sent: float, *, accepted: bool) -> None:
+        """The service answered a call sent at ``sent`` (monotonic): it is reachable, and
+        unless it throttled the call, the call counts towards the achieved rate."""
+        self.reach.answered(now=anyio.current_time())
+        if accepted:
+            self.pacer.accepted(sent)
+            self.counters.accepted += 1
+            wall = time.time() - (anyio.current_time() - sent)
+            self.first_accepted_at = self.first_accepted_at or wall
+            self.last_accepted_at = max(self.last_accepted_at or wall, wall)
+
+    async def _on_unreached(self, claim: Claim, err: TransportError) -> None:
+        """The call never reached the service: no attempt is charged. Across the run, such
+        failures pause the run (see :mod:`batcher.reach`)."""
+        now = anyio.current_time()
+        self.counters.unreached += 1
+        self._unreached_detail = (err.detail or err.fault.value).split(": ", 1)[-1]
+        if self._probe == claim.id:
+            self.reach.probe_failed(now=now)
+            log.info("probe: the service is still unreachable (%s)", err.detail)
+        elif self.reach.failed(now=now):
+            log.warning(
+                "the service is unreachable (%s): pausing, probing for up to %gs",
+                err.detail,
+                self.reach.window,
+            )
+        await self.store.retry_later(
+            claim.id,
+            claim.token,
+            delay=0.0 if self.reach.paused else self._delay(1, None),
+            code=f"transport.{err.fault.value}",
+            message=str(err),
+            charge_attempt=False,
+        )
 
     def _finish(self, claim: Claim) -> None:
         self._held.pop(claim.id, None)
@@ -492,6 +602,7 @@ class Runner:
     async def _on_api_error(self, claim: Claim, err: ApiError, sent: float) -> bool:
         verdict = err.classification.verdict
         code = err.code or f"HTTP{err.status}"
+        self._on_answered(sent, accepted=verdict is not Verdict.THROTTLED)
         if verdict is Verdict.THROTTLED:
             self.pacer.throttled(sent, quota=(err.code or "").casefold() in QUOTA_CODES)
             self.counters.throttled += 1

@@ -1,13 +1,17 @@
 """What a person watching a run sees on stderr: a live panel on a terminal, plain lines elsewhere.
 
 The runner knows nothing of this module; the run command samples a :class:`Snapshot` from it
-twice a second and hands it to a view.
+twice a second and hands it to a view. Every figure says whose it is: the folder's (all runs:
+the progress bar, done and failed) or this run's (retries, throttling, rate, ETA, spend).
+The ETA comes from the rate jobs actually finished at (:class:`Throughput`), and shows as
+``--`` until that rate has settled, never from the rate the pacer aims at.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Protocol, TextIO
 
@@ -20,6 +24,7 @@ __all__ = [
     "ProgressView",
     "RichProgress",
     "Snapshot",
+    "Throughput",
     "format_duration",
     "make_view",
 ]
@@ -27,6 +32,8 @@ __all__ = [
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Snapshot:
+    """What a view shows at one moment (``done`` and ``failed``: all runs; ``run_*``: this one)."""
+
     total: int  # jobs in the table
     done: int
     failed: int
@@ -40,6 +47,54 @@ class Snapshot:
     spent: str  # e.g. "US$1.23"
     elapsed: float
     stopping: str | None = None
+    run_done: int = 0  # done by this run
+    run_failed: int = 0  # failed in this run
+
+
+class Throughput:
+    """Jobs finished per second over the last ``window`` seconds, and the ETA it gives.
+
+    Not settled (``None``) until ``settle`` seconds of observation and ``settle_jobs`` finished
+    jobs: a run's first seconds (slow start, the first calls' latency) say little about the
+    pace of the rest.
+
+    >>> t = Throughput()
+    >>> for s in range(0, 21):
+    ...     t.add(float(s), finished=2 * s)
+    >>> t.eta(remaining=100)
+    50.0
+    """
+
+    def __init__(self, *, window: float = 60.0, settle: float = 10.0, settle_jobs: int = 3) -> None:
+        self._window = window
+        self._settle = settle
+        self._settle_jobs = settle_jobs
+        self._points: deque[tuple[float, int]] = deque()
+        self._first: float | None = None
+
+    def add(self, now: float, *, finished: int) -> None:
+        """This run had finished (done or failed) ``finished`` jobs at ``now``."""
+        if self._first is None:
+            self._first = now
+        self._points.append((now, finished))
+        while len(self._points) > 2 and now - self._points[1][0] >= self._window:
+            self._points.popleft()
+
+    def per_second(self) -> float | None:
+        """Jobs finished per second recently; None until settled."""
+        if self._first is None or len(self._points) < 2:
+            return None
+        (t0, c0), (t1, c1) = self._points[0], self._points[-1]
+        if t1 - self._first < self._settle or c1 < self._settle_jobs or t1 <= t0:
+            return None
+        return (c1 - c0) / (t1 - t0)
+
+    def eta(self, *, remaining: int) -> float | None:
+        """Seconds until ``remaining`` jobs are finished at the recent pace (None: unknown)."""
+        if remaining <= 0:
+            return 0.0
+        rate = self.per_second()
+        return remaining / rate if rate else None
 
 
 def format_duration(seconds: float | None) -> str:
@@ -55,8 +110,9 @@ def _line(s: Snapshot) -> str:
     pct = 100.0 * (s.done + s.failed) / s.total if s.total else 100.0
     tail = f" | stopping: {s.stopping}" if s.stopping else ""
     return (
-        f"{s.done + s.failed}/{s.total} ({pct:.0f}%) done={s.done} failed={s.failed} "
-        f"retrying={s.retries} in-flight={s.in_flight} throttled={s.throttled} "
+        f"all runs: {s.done + s.failed}/{s.total} ({pct:.0f}%) done={s.done} failed={s.failed} "
+        f"| this run: done={s.run_done} failed={s.run_failed} retrying={s.retries} "
+        f"in-flight={s.in_flight} throttled={s.throttled} "
         f"rate={s.per_minute:.1f}/min of {s.quota_per_minute:.0f}/min "
         f"eta={format_duration(s.eta_seconds)} spent={s.spent}{tail}"
     )
@@ -103,10 +159,13 @@ class RichProgress:
         width = 30
         filled = int(width * pct / 100)
         bar = "[green]" + "█" * filled + "[/green]" + "░" * (width - filled)
-        table.add_row("progress", f"{bar} {finished}/{s.total} ({pct:.0f}%)")
+        table.add_row("all runs", f"{bar} {finished}/{s.total} ({pct:.0f}%)")
         table.add_row(
-            "jobs",
-            f"[green]done {s.done}[/green]  [red]failed {s.failed}[/red]  "
+            "", f"[green]done {s.done}[/green]  [red]failed {s.failed}[/red]  left {s.remaining}"
+        )
+        table.add_row(
+            "this run",
+            f"[green]done {s.run_done}[/green]  [red]failed {s.run_failed}[/red]  "
             f"[yellow]retrying {s.retries}[/yellow]  in flight {s.in_flight}",
         )
         table.add_row(
@@ -117,7 +176,7 @@ class RichProgress:
         table.add_row(
             "time", f"elapsed {format_duration(s.elapsed)}  ETA {format_duration(s.eta_seconds)}"
         )
-        table.add_row("spent", s.spent)
+        table.add_row("spent", f"{s.spent} (this run)")
         if s.stopping:
             table.add_row("stopping", f"[yellow]{s.stopping}[/yellow]")
         return table

@@ -107,11 +107,12 @@ def iso_utc(stamp: float | None) -> str | None:
 
 
 def actual_prompt(rec: Mapping[str, Any]) -> str | None:
-    """The prompt the image was made from: the service's rewrite where prompt_extend asked for
-    one, else the prompt as sent; ``None`` for a job with no image."""
-    if rec["state"] != State.DONE.value:
+    """The prompt the image was generated from: the service's rewrite with ``prompt_extend``,
+    the job's own prompt otherwise; ``None`` for a job not generated yet. ``metadata.jsonl``
+    and every export say this, so they agree."""
+    if rec.get("generated_at") is None and rec.get("request_id") is None:
         return None
-    return str(rec["actual_prompt"] or rec["prompt"])
+    return str(rec.get("actual_prompt") or rec.get("prompt"))
 
 
 def _variables(rec: Mapping[str, Any]) -> dict[str, Any]:

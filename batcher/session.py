@@ -36,7 +36,8 @@ from .layout import RunLayout, RunLock
 from .metadata import MetadataWriter
 from .pool import Runner, RunOptions, RunResult, StopReason
 from .pricing import Money, currency_of, price_per_image
-from .progress import ProgressView, Snapshot, make_view
+from .progress import ProgressView, Snapshot, Throughput, make_view
+from .wording import plural
 
 __all__ = ["EMULATOR_KEY", "RunCommand", "RunOutcome", "execute_run"]
 
@@ -107,7 +108,8 @@ class _RedactKey(logging.Filter):
 @contextlib.contextmanager
 def _file_logging(path: Path, secret: str) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")
+    # backslashreplace: a file name that is not UTF-8 is logged escaped, not an error
+    handler = logging.FileHandler(path, encoding="utf-8", errors="backslashreplace")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(_RedactKey(secret))
     root = logging.getLogger("batcher")
@@ -131,8 +133,16 @@ async def execute_run(cmd: RunCommand) -> RunOutcome:
     target = await resolve_target(cmd.manifest, cmd.out, emulate=cmd.emulate)
     layout = target.layout
     endpoint = endpoint_label(emulate=cmd.emulate, base_url=base_url)
-    layout.root.mkdir(parents=True, exist_ok=True)
-    with RunLock(layout.lock), _file_logging(layout.log, secret):
+    with contextlib.ExitStack() as held:
+        try:
+            layout.root.mkdir(parents=True, exist_ok=True)
+            held.enter_context(RunLock(layout.lock))
+            held.enter_context(_file_logging(layout.log, secret))
+        except OSError as exc:  # a read-only folder or medium, a file in the way, ...
+            raise ConfigError(
+                f"cannot write the run folder {layout.root}: {exc.strerror or exc}; "
+                "choose a writable folder with --out"
+            ) from exc
         async with await JobStore.open(layout.db) as store:
             await check_folder_endpoint(store, endpoint, layout.root)
             imported = await _prepare(store, cmd, target)
@@ -146,7 +156,7 @@ async def execute_run(cmd: RunCommand) -> RunOutcome:
             if not cmd.as_json:
                 withdrawn = start.count(State.WITHDRAWN)
                 _warn(
-                    f"{target.manifest}: {imported.added} new jobs, "
+                    f"{target.manifest}: {plural(imported.added, 'new job')}, "
                     f"{imported.unchanged_of(start)} already imported"
                     f"{f', {withdrawn} withdrawn' if withdrawn else ''}; "
                     f"{start.count(State.DONE)} of {start.total - withdrawn} done; "
@@ -293,9 +303,10 @@ async def _drive(
                     on_done=on_done,
                 )
                 meter = _RateMeter()
+                pace = Throughput()
 
                 def snap() -> Snapshot:
-                    return _snapshot(runner, start, meter, currency, emulated=cmd.emulate)
+                    return _snapshot(runner, start, meter, pace, currency, emulated=cmd.emulate)
 
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(_watch_signals, runner, cmd.grace)
@@ -381,14 +392,20 @@ class _RateMeter:
 
 
 def _snapshot(
-    runner: Runner, start: Stats, meter: _RateMeter, currency: str, *, emulated: bool
+    runner: Runner,
+    start: Stats,
+    meter: _RateMeter,
+    pace: Throughput,
+    currency: str,
+    *,
+    emulated: bool,
 ) -> Snapshot:
     c = runner.counters
     withdrawn = start.count(State.WITHDRAWN)
     todo = start.total - withdrawn - start.count(State.DONE) - start.count(State.FAILED)
     remaining = max(0, todo - c.done - c.failed)
     rate = runner.pacer.rate
-    eta = remaining / rate if rate > 0 and remaining else (0.0 if not remaining else None)
+    pace.add(time.monotonic(), finished=c.done + c.failed)
     reason = runner.stop_reason
     return Snapshot(
         total=start.total - withdrawn,
@@ -400,10 +417,12 @@ def _snapshot(
         throttled=c.throttled,
         per_minute=meter.per_minute(c.generated),
         quota_per_minute=rate * 60,
-        eta_seconds=eta,
+        eta_seconds=pace.eta(remaining=remaining),
         spent=f"{Money(c.cost, currency)}{' emulated' if emulated else ''}",
         elapsed=runner.elapsed,
         stopping=reason.value if reason is not None else None,
+        run_done=c.done,
+        run_failed=c.failed,
     )
 
 

@@ -17,6 +17,7 @@ from .layout import RunLayout
 from .pool import RunCounters, RunResult
 from .pricing import Money
 from .progress import format_duration
+from .wording import plural
 
 __all__ = [
     "achieved_rate",
@@ -61,23 +62,20 @@ def _amounts_json(amounts: dict[str, Decimal]) -> dict[str, str]:
 
 def _folder_money(stats: Stats) -> str:
     """What the folder's images cost: spent, and apart, emulated."""
-    text = f"{stats.images_billed} images billed, spent {money_text(stats.spent())}"
+    text = f"{plural(stats.images_billed, 'image')} billed, spent {money_text(stats.spent())}"
     emulated = stats.spent(emulated=True)
     if emulated:
         text += (
-            f"; {stats.images_emulated} images from the emulator, "
+            f"; {plural(stats.images_emulated, 'image')} from the emulator, "
             f"{money_text(emulated)} emulated (not billed)"
         )
     return text
 
 
 def achieved_rate(result: RunResult) -> float | None:
-    """Calls per second between this run's first and last call (None with fewer than two)."""
-    c = result.counters
-    if result.first_call_at and result.last_call_at and c.calls > 1:
-        span = result.last_call_at - result.first_call_at
-        return (c.calls - 1) / span if span > 0 else None
-    return None
+    """Calls the service accepted per second while this run sent them: throttled calls and
+    calls that never reached it do not count (None with fewer than two accepted)."""
+    return result.accepted_per_second
 
 
 def summary_lines(
@@ -103,17 +101,16 @@ def summary_lines(
         f"{s.count(State.PENDING) + s.count(State.RUNNING) + s.count(State.GENERATED)} "
         f"left, of {s.total - withdrawn}"
         + (f" ({withdrawn} withdrawn: no longer in the manifest)" if withdrawn else ""),
-        f"this run: {counters.generated} images generated, {counters.done} saved, "
-        f"{counters.failed} failed, {counters.calls} API calls, {counters.retries} retries, "
-        f"{counters.throttled} throttled, {counters.ambiguous} ambiguous re-sends "
-        f"(may have been billed), {counters.regenerated} regenerated after URL expiry, "
-        f"{counters.download_retries} download retries, {cost}",
+        f"this run: {plural(counters.generated, 'image')} generated, {counters.done} saved, "
+        f"{counters.failed} failed, {plural(counters.calls, 'API call')}, "
+        f"{plural(counters.retries, 'retry', 'retries')}, {counters.throttled} throttled, "
+        f"{plural(counters.ambiguous, 'ambiguous re-send')} (may have been billed), "
+        + (f"{counters.abandoned} abandoned (may have been billed), " if counters.abandoned else "")
+        + f"{counters.regenerated} regenerated after URL expiry, "
+        f"{plural(counters.download_retries, 'download retry', 'download retries')}, {cost}",
     ]
     if calls_per_second is not None:
-        lines.append(
-            f"achieved {calls_per_second:.2f} calls/s against --rps {rps:g} "
-            f"({100 * calls_per_second / rps:.0f}%)"
-        )
+        lines.append(_achieved(calls_per_second, rps, counters.throttled))
     lines.append(
         f"all runs: {_folder_money(s)}; "
         f"{s.throttled} throttled, {s.ambiguous} ambiguous, {s.regenerated} regenerated"
@@ -124,23 +121,35 @@ def summary_lines(
     return lines
 
 
+def _achieved(rate: float, rps: float, throttled: int) -> str:
+    """The achieved-rate line: calls the service accepted per second. Against ``--rps`` as a
+    percentage only when the service took every call: a throttled run met the service's quota,
+    not the rate it was told, and a percentage of the latter would mislead."""
+    if not throttled:
+        return f"achieved {rate:.2f} calls/s against --rps {rps:g} ({100 * rate / rps:.0f}%)"
+    return (
+        f"achieved {rate:.2f} calls/s accepted by the service "
+        f"({plural(throttled, 'throttled call')} not counted; --rps {rps:g})"
+    )
+
+
 def status_text(stats: Stats, layout: RunLayout) -> str:
     """``batcher status``: jobs per state, what was billed, failures by code."""
     buf = io.StringIO()
     withdrawn = stats.count(State.WITHDRAWN)
     tail = f" ({withdrawn} withdrawn: no longer in the manifest)" if withdrawn else ""
-    buf.write(f"{layout.root}: {stats.total - withdrawn} jobs{tail}\n")
+    buf.write(f"{layout.root}: {plural(stats.total - withdrawn, 'job')}{tail}\n")
     for state in State:
         buf.write(f"  {state.value:<10} {stats.count(state)}\n")
     spent = stats.spent()
     if spent:
-        buf.write(f"  spent {money_text(spent)} ({stats.images_billed} images billed)\n")
+        buf.write(f"  spent {money_text(spent)} ({plural(stats.images_billed, 'image')} billed)\n")
     else:
         buf.write("  spent nothing (no image billed)\n")
     emulated = stats.spent(emulated=True)
     if emulated:
         buf.write(
-            f"  rehearsal: {stats.images_emulated} images from the emulator, "
+            f"  rehearsal: {plural(stats.images_emulated, 'image')} from the emulator, "
             f"{money_text(emulated)} emulated (not billed)\n"
         )
     if stats.errors_by_code:
@@ -195,6 +204,7 @@ def run_json(
             "retries": c.retries,
             "throttled": c.throttled,
             "ambiguous": c.ambiguous,
+            "abandoned": c.abandoned,
             "regenerated": c.regenerated,
             "download_retries": c.download_retries,
             "cost": amount_text(c.cost),

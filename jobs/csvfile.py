@@ -9,6 +9,10 @@ quoted fields may span lines and a record is reported at its first line; an uncl
 an error, not the rest of the file in one field. Blank records (a spreadsheet's trailing
 ``,,,``) are skipped.
 
+A field may be as long as in any other format (a long prompt is the same located warning): the
+csv module's own limit of 131,072 characters is raised to ``MAX_FIELD`` (the size bound of a
+YAML manifest), which only an unclosed quote swallowing the file meets, as a located error.
+
 ``iter_csv`` yields one item per record: the ``JobRow``, or ``None`` after its problems were
 appended to ``errors``. A problem that makes the rest of the file unreadable is raised as a
 ``ManifestError``. This is the hot path of a million-row import.
@@ -38,7 +42,9 @@ from jobs.spec import JobRow
 from jobs.templates import Scalar
 from jobs.textfile import open_text
 
-__all__ = ["iter_csv"]
+__all__ = ["MAX_FIELD", "iter_csv"]
+
+MAX_FIELD = 50 << 20  # characters in one field: the same bound as a whole YAML manifest
 
 _INTEGER = re.compile(r"[+-]?[0-9]+")
 _TRUE_FALSE = {"true": True, "false": False, "1": True, "0": False}
@@ -48,6 +54,8 @@ def iter_csv(
     path: Path, shown: str, builder: JobBuilder, errors: list[ManifestError]
 ) -> Iterator[JobRow | None]:
     """The jobs of a CSV manifest (header row first; ``prompt`` is the only required column)."""
+    if csv.field_size_limit() < MAX_FIELD:  # process-wide; only ever raised, to one value
+        csv.field_size_limit(MAX_FIELD)
     with open_text(path, shown) as (text, checked):
         # strict: an unclosed quote is an error, not the rest of the file in one field
         reader = csv.reader(text, strict=True)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -41,9 +42,10 @@ from decimal import Decimal
 from itertools import chain, islice
 from pathlib import Path
 from typing import Any, Self, TypeVar
+from urllib.parse import quote
 
 import anyio
-from sqlalchemy import event, func, inspect, literal_column, select, update
+from sqlalchemy import and_, event, func, inspect, literal_column, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -89,7 +91,7 @@ _DEFERRED_INDEXES = tuple(i for i in jobs.indexes if i.name == "ix_jobs_active")
 _RESULT_RESET = RESULT_RESET
 _DONE_NAMES = (
     "id", "state", "output", "prompt", "seed", "size", "width", "height", "prompt_extend",
-    "actual_prompt", "request_id", "sha256", "vars",
+    "actual_prompt", "request_id", "sha256", "vars", "generated_at",
 )  # fmt: skip
 _DONE_COLUMNS = ", ".join(_DONE_NAMES)
 # The summary of every job's variables (JobStore.variables) is kept in meta until an import
@@ -374,6 +376,8 @@ def _translated() -> Iterator[None]:
             msg = "the disk is full: the job database could not be written"
         elif "readonly" in low or "read-only" in low:
             msg = "the job database is read-only"
+        elif "unable to open" in low:
+            msg = "the job database could not be opened: is its folder writable?"
         elif "not a database" in low or "malformed" in low:
             msg = "the job database is damaged or not a batcher database"
         else:
@@ -490,28 +494,48 @@ class JobStore:
     # ----------------------------------------------------------------- lifecycle
 
     @classmethod
-    async def open(cls, path: str | Path, *, create: bool = True, clock: Clock = time.time) -> Self:
-        """Open (and with ``create``, make) the database at ``path``."""
+    async def open(
+        cls,
+        path: str | Path,
+        *,
+        create: bool = True,
+        read_only: bool = False,
+        clock: Clock = time.time,
+    ) -> Self:
+        """Open (and with ``create``, make) the database at ``path``.
+
+        ``read_only``: for a finished run folder that cannot be written (read-only media, an
+        archive): the file is opened immutable, nothing is migrated and every write fails.
+        Only for a folder no process writes to (SQLite then trusts the file not to change).
+        """
         db = Path(path)
-        if not create and not db.exists():  # noqa: ASYNC240 (a stat, once per open)
+        if (read_only or not create) and not db.exists():  # noqa: ASYNC240 (a stat per open)
             raise StoreUnavailable(f"no job database at {db}")
-        try:
-            db.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StoreUnavailable(f"cannot create {db.parent}: {exc.strerror}") from exc
+        if not read_only:
+            try:
+                db.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreUnavailable(f"cannot create {db.parent}: {exc.strerror}") from exc
         # Two pooled connections (a writer and a reader; writes are serialised by our lock):
         # opening one costs a thread and the pragmas, far too much per transaction.
         # close() disposes the pool, so nothing lingers open.
+        url = f"sqlite+aiosqlite:///{db}"
+        if read_only:
+            where = quote(os.path.abspath(db))  # noqa: ASYNC240 (no I/O: a string)
+            url = f"sqlite+aiosqlite:///file:{where}?immutable=1&uri=true"
         engine = create_async_engine(
-            f"sqlite+aiosqlite:///{db}",
+            url,
             poolclass=AsyncAdaptedQueuePool,
             pool_size=3,  # the hot path's writer, a writer, a reader
             max_overflow=0,
         )
-        _install_sqlite_hooks(engine)
+        _install_sqlite_hooks(engine, read_only=read_only)
         store = cls(engine, db, clock)
         try:
-            await store._ensure_schema()
+            if read_only:
+                await store._check_schema_read_only()
+            else:
+                await store._ensure_schema()
         except BaseException:
             await engine.dispose()
             raise
@@ -561,6 +585,24 @@ class JobStore:
                     .where(meta.c.key == "schema_version")
                     .values(value=str(schema.SCHEMA_VERSION))
                 )
+
+    async def _check_schema_read_only(self) -> None:
+        """A database opened read-only is used as it is: one of another schema is refused."""
+        found = await self._schema_version()
+        if found is None:
+            raise StoreUnavailable(f"{self._path} is not a batcher job database")
+        if found != schema.SCHEMA_VERSION:
+            newer = found > schema.SCHEMA_VERSION
+            raise SchemaMismatch(
+                f"{self._path} has schema version {found} and this batcher reads version "
+                f"{schema.SCHEMA_VERSION}; "
+                + (
+                    "upgrade batcher"
+                    if newer
+                    else "the folder is read-only, so it cannot be upgraded: copy the run "
+                    "folder somewhere writable and run the command there"
+                )
+            )
 
     async def _schema_version(self) -> int | None:
         async with self._read() as conn:
@@ -1215,14 +1257,25 @@ class JobStore:
             return int((await conn.execute(select(func.count()).select_from(jobs))).scalar_one())
 
     async def pending_by_kind(self) -> dict[tuple[str, bool], int]:
-        """Jobs still to generate (pending or running), counted by (model, prompt_extend)."""
+        """Jobs still to generate, counted by (model, prompt_extend): pending ones, and running
+        ones whose lease expired (a dead run's). A job a live run holds is being generated."""
+        now = self.clock()
         async with self._read() as conn:
             rows = (
                 await conn.execute(
                     select(jobs.c.model, jobs.c.prompt_extend, func.count())
                     .where(
                         schema.ACTIVE,
-                        jobs.c.state.in_([State.PENDING.value, State.RUNNING.value]),
+                        or_(
+                            jobs.c.state == State.PENDING.value,
+                            and_(
+                                jobs.c.state == State.RUNNING.value,
+                                or_(
+                                    jobs.c.lease_expires_at.is_(None),
+                                    jobs.c.lease_expires_at < now,
+                                ),
+                            ),
+                        ),
                     )
                     .group_by(jobs.c.model, jobs.c.prompt_extend)
                 )
@@ -1383,14 +1436,18 @@ def _public(rec: dict[str, Any]) -> dict[str, Any]:
     return rec
 
 
-def _install_sqlite_hooks(engine: AsyncEngine) -> None:
-    """Pragmas on every connection; BEGIN IMMEDIATE for writes, plain BEGIN for reads."""
+def _install_sqlite_hooks(engine: AsyncEngine, *, read_only: bool = False) -> None:
+    """Pragmas on every connection; BEGIN IMMEDIATE for writes, plain BEGIN for reads.
+
+    A read-only database gets only the pragmas that write nothing (``journal_mode`` would)."""
 
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.isolation_level = None  # we emit BEGIN ourselves
         cur = dbapi_conn.cursor()
         for pragma in schema.PRAGMAS:
+            if read_only and "journal_mode" in pragma:
+                continue
             cur.execute(pragma)
         cur.close()
 

@@ -55,6 +55,7 @@ FAST = RunOptions(
     backoff_base=0.01,
     backoff_cap=0.05,
     lease_seconds=30.0,
+    start_rps=None,  # no slow start: these emulators have no quota unless a test sets one
     seed=7,
 )
 
@@ -123,12 +124,13 @@ def run_args(
     manifest: str | os.PathLike[str], out: str | os.PathLike[str], base_url: str, *extra: str
 ) -> list[str]:
     """``batcher run`` against a loopback emulator, made quick: a high --rps (the emulator in
-    these tests has no quota unless a test sets one), a 10 s request timeout, a short backoff,
-    no progress display.
+    these tests has no quota unless a test sets one) from the first call (no slow start), a
+    10 s request timeout, a short backoff, no progress display.
     A test may pass its own flags after: the last one given wins."""
     return [
         "run", str(manifest), "--out", str(out), "--base-url", base_url, "--no-progress",
-        "--rps", "1000", "--request-timeout", "10", "--backoff-base", "0.01", *extra,
+        "--rps", "1000", "--start-rps", "1000", "--request-timeout", "10",
+        "--backoff-base", "0.01", *extra,
     ]  # fmt: skip
 
 

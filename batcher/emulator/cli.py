@@ -18,6 +18,7 @@ import sys
 
 from batcher.emulator.config import EmulatorConfig
 from batcher.emulator.server import running_emulator
+from batcher.wording import plural
 
 __all__ = ["config_from_args", "configure_parser", "run"]
 
@@ -118,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
         )
     try:
         return asyncio.run(_serve(config))
+    except BrokenPipeError:
+        raise  # stdout closed by its reader: the command line's concern, not a listen error
     except OSError as exc:
         reason = exc.strerror or str(exc)
         print(
@@ -141,8 +144,10 @@ async def _serve(config: EmulatorConfig) -> int:
         await stop.wait()
         stats = emulator.stats()
     print(
-        f"batcher emulate: stopped after {stats['generate_requests']} generation requests, "
-        f"{stats['images_billed']} images billed, {stats['downloads']} downloads",
+        f"batcher emulate: stopped after "
+        f"{plural(stats['generate_requests'], 'generation request')}, "
+        f"{plural(stats['images_billed'], 'image')} billed, "
+        f"{plural(stats['downloads'], 'download')}",
         file=sys.stderr,
     )
     return 0

@@ -99,7 +99,7 @@ def test_serves_and_stops_cleanly(
     assert stdout == ""  # the URL line was the only one
     assert "Traceback" not in stderr
     assert "sk-cli-secret" not in stderr and "sk-wrong" not in stderr
-    assert "2 generation requests, 1 images billed, 1 downloads" in stderr
+    assert "2 generation requests, 1 image billed, 1 download" in stderr
 
 
 def test_bad_spec_is_one_line_and_exit_2() -> None:

@@ -23,7 +23,7 @@ EXCEPTIONS = [
     (aiohttp.ClientConnectorError(CONN_KEY, ConnectionRefusedError(111, "refused")), "connect"),
     (TimeoutError(), "timeout"),
     (aiohttp.ServerTimeoutError("read timeout"), "timeout"),
-    (aiohttp.ConnectionTimeoutError("connect timeout"), "timeout"),
+    (aiohttp.ConnectionTimeoutError("connect timeout"), "connect"),  # never sent
     (aiohttp.SocketTimeoutError("socket timeout"), "timeout"),
     (aiohttp.ServerDisconnectedError(), "reset"),
     (aiohttp.ClientOSError(104, "Connection reset by peer"), "reset"),

@@ -64,7 +64,7 @@ def test_export_rows_have_every_field_then_the_variables_and_iso_times():
     assert row["created_at"] == "1970-01-01T00:00:00.000Z"
     assert row["finished_at"] == "2023-11-14T22:13:20.250Z"
     assert row["started_at"] is None
-    failed = export_row({**REC, "state": "failed"}, keys)
+    failed = export_row({**REC, "state": "failed", "generated_at": None}, keys)
     assert failed["file"] is None and failed["actual_prompt"] is None
     assert iso_utc(None) is None
 

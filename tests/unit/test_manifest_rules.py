@@ -357,3 +357,39 @@ def test_hostile_column_and_key_names_stay_on_one_line(tmp_path: Path) -> None:
     ).errors
     assert len(found) >= 3
     assert all("\n" not in e.format() for e in found)
+
+
+@pytest.mark.parametrize("name", ["m.csv", "m.jsonl", "m.yaml"])
+@pytest.mark.parametrize("length", [131_072 + 1, 1_000_000])
+def test_a_prompt_past_the_csv_modules_field_limit_follows_the_rule_of_every_format(
+    tmp_path: Path, name: str, length: int
+) -> None:
+    """The csv module's default field limit (131,072 characters) is not a rule of batcher's: a
+    long prompt in CSV is the same located warning as in JSONL and YAML."""
+    prompt = "長" * length
+    text = {
+        "m.csv": f"id,prompt\na,{prompt}\n",
+        "m.jsonl": f'{{"id": "a", "prompt": "{prompt}"}}\n',
+        "m.yaml": f"jobs:\n  - id: a\n    prompt: {prompt}\n",
+    }[name]
+    manifest = open_manifest(write(tmp_path, name, text))
+    [spec] = list(manifest)
+    assert len(spec.prompt) == length
+    [warning] = manifest.warnings
+    assert warning.field == "prompt" and warning.line in (2, 1, 3)
+    assert warning.message == f"{length} characters; the service uses only the first 800"
+
+
+def test_a_csv_field_past_the_manifest_size_bound_is_a_located_error(tmp_path: Path) -> None:
+    from jobs.csvfile import MAX_FIELD
+
+    path = tmp_path / "m.csv"
+    with path.open("w", encoding="utf-8") as fh:
+        fh.write('id,prompt\na,ok\nb,"')
+        fh.write("x" * (MAX_FIELD + 10))
+        fh.write('"\n')
+    with pytest.raises(ManifestInvalid) as info:
+        list(open_manifest(path))
+    [error] = info.value.errors
+    assert (error.line, error.field) == (3, "csv")
+    assert str(MAX_FIELD) in error.message

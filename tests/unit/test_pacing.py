@@ -9,25 +9,44 @@ from collections import deque
 
 import pytest
 
-from batcher.pacing import MARGIN, LatencyTracker, RateController, auto_concurrency
+from batcher.pacing import DEFAULT_QUOTA, MARGIN, LatencyTracker, RateController, auto_concurrency
 
 
-def simulate(quota: int, stated: float, jobs: int = 600, jitter: float = 0.002, seed: int = 1):
+def simulate(
+    quota: int,
+    stated: float,
+    jobs: int = 600,
+    jitter: float = 0.002,
+    seed: int = 1,
+    latency: float = 0.5,
+    start_rate: float | None = None,
+):
     """Send `jobs` accepted calls through a server that accepts at most `quota` per sliding
-    second. Returns (sends, throttled, accepted rate)."""
+    second, answering accepted calls after `latency` s and throttled ones at once. Returns
+    (sends, throttled, accepted rate, the sends in order with True for each throttled one,
+    accepted rate over the second half of the run). ``start_rate`` None: the run starts at
+    the stated rate (no slow start); otherwise the controller's slow start from it."""
     rng = random.Random(seed)
-    rc = RateController(stated, now=0.0)
+    if start_rate is None:
+        rc = RateController(stated, now=0.0, start_rate=None)
+    else:
+        rc = RateController(stated, now=0.0, start_rate=start_rate)
     window: deque[float] = deque()
-    feedback: list[tuple[float, float]] = []  # (arrival of the 429, send time)
+    feedback: list[tuple[float, float, bool]] = []  # (arrival of the answer, send time, 429)
     t = accepted = throttled = sends = 0
     last = 0.0
+    trace: list[bool] = []
+    accepted_at: list[float] = []
     while accepted < jobs:
         while True:
             cuts = rc.cuts
             slot = rc.reserve(now=t)
             while feedback and feedback[0][0] <= slot:
-                at, sent = heapq.heappop(feedback)
-                rc.on_throttled(sent_at=sent, now=at)
+                at, sent, refused = heapq.heappop(feedback)
+                if refused:
+                    rc.on_throttled(sent_at=sent, now=at)
+                else:
+                    rc.on_accepted(sent_at=sent, now=at)
                 t = max(t, at)
             if rc.cuts == cuts:
                 break
@@ -40,14 +59,20 @@ def simulate(quota: int, stated: float, jobs: int = 600, jitter: float = 0.002, 
             window.append(arrival)
             accepted += 1
             last = t
+            accepted_at.append(t)
+            trace.append(False)
+            heapq.heappush(feedback, (arrival + latency, t, False))
         else:
             throttled += 1
-            heapq.heappush(feedback, (arrival + 0.003, t))
-    return sends, throttled, accepted / last
+            trace.append(True)
+            heapq.heappush(feedback, (arrival + 0.003, t, True))
+    half = accepted_at[len(accepted_at) // 2]
+    late_rate = (len(accepted_at) - len(accepted_at) // 2 - 1) / (last - half)
+    return sends, throttled, accepted / last, trace, late_rate
 
 
 def test_no_burst_at_start():
-    rc = RateController(4.0, now=100.0)
+    rc = RateController(4.0, now=100.0, start_rate=None)
     slots = [rc.reserve(now=100.0) for _ in range(4)]
     gaps = [b - a for a, b in itertools.pairwise(slots)]
     assert slots[0] == 100.0
@@ -56,26 +81,26 @@ def test_no_burst_at_start():
 
 @pytest.mark.parametrize("quota", [2, 10, 50])
 def test_told_the_right_quota_never_throttles_and_keeps_it_busy(quota):
-    _sends, throttled, rate = simulate(quota, quota)
+    _sends, throttled, rate, _, _ = simulate(quota, quota)
     assert throttled == 0
     assert rate >= 0.97 * quota
 
 
 @pytest.mark.parametrize("quota", [2, 10, 50])
 def test_told_twice_the_quota_converges_with_few_429s(quota):
-    sends, throttled, rate = simulate(quota, 2 * quota)
+    sends, throttled, rate, _, _ = simulate(quota, 2 * quota)
     assert throttled / sends <= 0.05
     assert rate >= 0.9 * quota
 
 
 def test_told_too_little_stays_under_what_it_was_told():
-    _, throttled, rate = simulate(10, 5)
+    _, throttled, rate, _, _ = simulate(10, 5)
     assert throttled == 0
     assert rate <= 5.0
 
 
 def test_a_429_for_a_call_sent_before_the_cut_is_ignored():
-    rc = RateController(10.0, now=0.0)
+    rc = RateController(10.0, now=0.0, start_rate=None)
     for _ in range(12):
         rc.reserve(now=0.0)
     assert rc.on_throttled(sent_at=1.0, now=1.01)
@@ -85,7 +110,7 @@ def test_a_429_for_a_call_sent_before_the_cut_is_ignored():
 
 
 def test_rate_never_exceeds_the_stated_rate_after_probing():
-    rc = RateController(3.0, now=0.0)
+    rc = RateController(3.0, now=0.0, start_rate=None)
     for i in range(40):
         rc.reserve(now=float(i))
     rc.on_throttled(sent_at=39.0, now=39.0)
@@ -118,7 +143,7 @@ def test_auto_concurrency_follows_rate_times_latency():
 
 
 def test_generic_throttling_cuts_mildly_and_at_most_once_a_second():
-    rc = RateController(100.0, now=0.0)
+    rc = RateController(100.0, now=0.0, start_rate=None)
     for _ in range(200):
         rc.reserve(now=0.0)
     before = rc.rate
@@ -139,15 +164,79 @@ def test_a_late_send_pushes_the_next_slot_back():
 
 
 def test_a_slightly_late_send_keeps_the_grid():
-    rc = RateController(10.0, now=0.0)
+    rc = RateController(10.0, now=0.0, start_rate=None)
     rc.reserve(now=0.0)
     rc.sent(at=0.001)  # 1 ms of wake-up lag is not lost
     assert rc.wait_needed(now=0.001) == pytest.approx(1 / (10 * MARGIN) - 0.001)
 
 
 def test_a_caller_slightly_late_for_its_slot_keeps_the_grid():
-    rc = RateController(10.0, now=0.0)
+    rc = RateController(10.0, now=0.0, start_rate=None)
     gap = 1 / (10 * MARGIN)
     assert rc.reserve(now=0.0) == 0.0
     assert rc.reserve(now=gap + 0.001) == pytest.approx(gap)  # 1 ms late: the grid stands
     assert rc.reserve(now=2 * gap + 0.05) == pytest.approx(2 * gap + 0.05)  # 50 ms: re-anchored
+
+
+# ------------------------------------------------------------------------------ slow start
+
+
+def test_slow_start_begins_at_the_default_quota_whatever_the_stated_rate():
+    rc = RateController(1000.0, now=0.0)
+    assert rc.rate == pytest.approx(DEFAULT_QUOTA * MARGIN)
+    assert rc.slow_start
+    slow = RateController(1.0, now=0.0)  # stated below the default: that is where it starts
+    assert slow.rate == pytest.approx(MARGIN) and not slow.slow_start
+    fixed = RateController(1000.0, now=0.0, adaptive=False)  # not adaptive: no slow start
+    assert fixed.rate == pytest.approx(1000 * MARGIN)
+
+
+def test_slow_start_doubles_only_after_a_window_of_accepted_calls_at_the_rate():
+    rc = RateController(100.0, now=0.0)
+    first = rc.rate
+    assert not rc.on_accepted(sent_at=0.0, now=0.5)
+    assert rc.on_accepted(sent_at=0.5, now=1.0)  # 2 accepted within a second at ~2/s
+    assert rc.rate == pytest.approx(2 * first) and rc.known_good == pytest.approx(first)
+    # calls sent before the raise prove nothing about the new rate
+    for i in range(10):
+        assert not rc.on_accepted(sent_at=0.9 + i * 0.001, now=1.1)
+    assert rc.rate == pytest.approx(2 * first)
+
+
+def test_a_pool_that_cannot_send_at_the_rate_does_not_raise_it():
+    rc = RateController(100.0, now=0.0)
+    rc.on_accepted(sent_at=0.0, now=0.1)
+    rc.on_accepted(sent_at=0.4, now=0.5)  # raised to ~3.94/s at t=0.5
+    rate = rc.rate
+    # one accepted call a second (latency-bound) never fills a window at ~3.94/s
+    for i in range(1, 30):
+        assert not rc.on_accepted(sent_at=0.5 + i, now=1.0 + i)
+    assert rc.rate == rate
+
+
+def test_a_throttle_in_slow_start_returns_to_the_rate_last_accepted():
+    rc = RateController(1000.0, now=0.0)
+    for i in range(4):
+        rc.reserve(now=i * 0.5)
+    rc.on_accepted(sent_at=0.0, now=0.5)
+    rc.on_accepted(sent_at=0.5, now=1.0)
+    assert rc.rate == pytest.approx(2 * DEFAULT_QUOTA * MARGIN)
+    for _ in range(4):
+        rc.reserve(now=1.5)
+    assert rc.on_throttled(sent_at=1.6, now=1.61)
+    assert not rc.slow_start
+    assert rc.rate == pytest.approx(DEFAULT_QUOTA * MARGIN)
+
+
+@pytest.mark.parametrize("latency", [0.0, 0.5, 2.0])
+def test_told_500_times_a_2_per_second_quota_few_429s_in_the_first_100_calls(latency):
+    _, _, _, trace, late = simulate(2, 1000.0, jobs=200, latency=latency, start_rate=2.0)
+    assert sum(trace[:100]) <= 5
+    assert late >= 0.9 * 2  # the rare probes above a quota found twice cost a few percent
+
+
+@pytest.mark.parametrize(("quota", "stated"), [(10, 20.0), (50, 1000.0), (10, 10.0)])
+def test_slow_start_still_converges_to_a_higher_quota(quota, stated):
+    _, _, _, trace, late = simulate(quota, stated, jobs=40 * quota, latency=0.5, start_rate=2.0)
+    assert late >= 0.95 * quota
+    assert sum(trace) / len(trace) <= 0.05
