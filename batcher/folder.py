@@ -27,6 +27,7 @@ from jobs import EMULATOR_ENDPOINT, JobStore
 
 from .errors import ConfigError
 from .layout import RunLayout
+from .wording import plural
 
 __all__ = [
     "ENDPOINTS_KEY",
@@ -167,16 +168,16 @@ def check_endpoint(found: dict[str | None, int], endpoint: str, root: Path) -> N
         paid = sum(others.values()) + legacy
         if paid:
             raise ConfigError(
-                f"{root} holds {paid} paid images: a rehearsal never writes over them; "
+                f"{root} holds {plural(paid, 'paid image')}: a rehearsal never writes over them; "
                 "rehearse without --out (in out/<name>.emulated) or in a folder of its own"
             )
         return
     emulated = others.pop(EMULATOR_ENDPOINT, 0)
     if emulated:
         raise ConfigError(
-            f"{root} holds {emulated} images from the emulator (a rehearsal), which never "
-            "count as done for a paid run: add --emulate to go on rehearsing, or run the "
-            "manifest without --out (into out/<name>) or with another --out DIR"
+            f"{root} holds {plural(emulated, 'image')} from the emulator (a rehearsal), "
+            "which never count as done for a paid run: add --emulate to go on rehearsing, or "
+            "run the manifest without --out (into out/<name>) or with another --out DIR"
         )
     if others:
         where = ", ".join(sorted(others))

@@ -210,7 +210,14 @@ def run_json(
             "cost": amount_text(c.cost),
             "currency": currency,
             "emulated": emulated,
+            "accepted": c.accepted,
+            "unreached": c.unreached,
             "calls_per_second": achieved_rate(result),
+            "sending_seconds": (
+                round(result.last_call_at - result.first_call_at, 3)
+                if result.first_call_at and result.last_call_at
+                else None
+            ),
         },
         stop_message=result.abort_message,
     )

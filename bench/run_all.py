@@ -39,6 +39,7 @@ ANALYSIS = re.compile(r"<!-- analysis -->.*?<!-- /analysis -->", re.S)
 # (module, its arguments in run_all, rough seconds with them and with --quick --no-profile)
 PLAN: list[tuple[str, list[str], int, int]] = [
     ("pacing", ["--side-by-side"], 90, 50),
+    ("slow_start", [], 170, 170),
     ("overhead", [], 60, 20),
     ("import_scale", [], 110, 30),
     ("memory", ["--small", "4000", "--large", "40000"], 120, 120),

@@ -41,6 +41,8 @@ def test_images_folder_loads_as_a_hugging_face_imagefolder(tmp_path, monkeypatch
         "1000",
         "--rps",
         "1000",
+        "--start-rps",
+        "1000",
         "--no-progress",
     )
     assert r.returncode == 0, r.stderr
@@ -60,7 +62,8 @@ def test_images_folder_loads_as_a_hugging_face_imagefolder(tmp_path, monkeypatch
 def _emulated_run(manifest, out, *extra):
     return run_cli(
         "run", manifest, "--out", out, "--emulate", "--emulate-latency", "0",
-        "--emulate-rps", "1000", "--rps", "1000", "--no-progress", *extra,
+        "--emulate-rps", "1000", "--rps", "1000", "--start-rps", "1000", "--no-progress",
+        *extra,
     )  # fmt: skip
 
 
@@ -145,7 +148,7 @@ def test_metadata_is_appended_during_the_run_and_completed_after_kill_9(tmp_path
     meta = out / "images" / "train" / "metadata.jsonl"
     args = [
         "run", m, "--out", out, "--emulate", "--emulate-latency", "200", "--emulate-rps", "1000",
-        "--rps", "20", "--concurrency", "4", "--no-progress",
+        "--rps", "20", "--start-rps", "20", "--concurrency", "4", "--no-progress",
     ]  # fmt: skip
     quiet = subprocess.DEVNULL
     proc = subprocess.Popen(batcher_cmd(*args), stdout=quiet, stderr=quiet)

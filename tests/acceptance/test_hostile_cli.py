@@ -361,6 +361,20 @@ def test_a_finished_run_folder_on_read_only_media_can_be_read(area, tmp_path):
     assert files_under(folder) == before
 
 
+def test_a_read_only_folder_from_an_older_batcher_says_it_cannot_be_upgraded(tmp_path):
+    folder = tmp_path / "v1"
+    shutil.copytree(REPO / "tests" / "data" / "v1_run" / "run", folder)
+    before = files_under(folder)
+    with read_only(folder) as prefix:
+        status, exported = in_one_process(
+            [["status", str(folder)], ["export", str(folder)]], prefix=prefix
+        )
+    for r in (status, exported):
+        assert_clean(r, USAGE)
+        assert "read-only" in r.stderr and "cannot be upgraded" in r.stderr
+    assert files_under(folder) == before
+
+
 # ------------------------------------------------------------------------------ pipes
 
 
