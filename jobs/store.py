@@ -33,9 +33,10 @@ process (``jobs.readahead``), so the two use two cores.
 from __future__ import annotations
 
 import functools
+import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -84,6 +85,15 @@ _SET_META = text(
     "INSERT INTO meta (key, value) VALUES (:key, :value) "
     "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
 )
+_DONE_NAMES = (
+    "id", "state", "output", "prompt", "seed", "size", "width", "height", "prompt_extend",
+    "actual_prompt", "request_id", "sha256", "vars", "generated_at",
+)  # fmt: skip
+_DONE_COLUMNS = ", ".join(_DONE_NAMES)
+# The summary of every job's variables (JobStore.variables) is kept in meta until an import
+# changes them: at a million rows, working it out takes seconds.
+_VARIABLES_KEY = "variables"
+_FORGET_VARIABLES = f"DELETE FROM meta WHERE key = '{_VARIABLES_KEY}'"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -591,6 +601,7 @@ class JobStore:
                     await conn.run_sync(index.create)
                 for _, ddl in backend_indexes:
                     await conn.exec_driver_sql(ddl)
+                await conn.exec_driver_sql(_FORGET_VARIABLES)
                 return ImportReport(total=total, added=total, unchanged=0, replaced=0)
             await conn.exec_driver_sql(self._backend.staging_ddl())
             await conn.exec_driver_sql("DELETE FROM staging")
@@ -605,6 +616,8 @@ class JobStore:
                 now=now,
                 order=self._backend.staging_order,
             )
+            if report.added or report.replaced or report.updated or report.restored:
+                await conn.exec_driver_sql(_FORGET_VARIABLES)
             await conn.exec_driver_sql("DELETE FROM staging")
             return report
 
@@ -1103,6 +1116,46 @@ class JobStore:
         async with self._read() as conn:
             row = (await conn.execute(select(jobs).where(jobs.c.id == job_id))).mappings().first()
             return None if row is None else _public(dict(row))
+
+    async def variables(self) -> dict[str, frozenset[str]]:
+        """The manifest variables stored with any job, in the order they first appear (by
+        manifest row, then by position in the row), each with the JSON types its values have
+        (``"integer"``, ``"real"``, ``"text"``, ``"null"``; SQLite's ``json_each`` names).
+        Worked out once after each import that changed any, then kept in ``meta``."""
+        known = await self.get_meta(_VARIABLES_KEY)
+        if known is not None:
+            return {name: frozenset(kinds) for name, kinds in json.loads(known)}
+        found = await self._scan_variables()
+        summary = json.dumps([[name, sorted(kinds)] for name, kinds in found.items()])
+        with suppress(JobStoreError):  # a folder on read-only media: worked out again next time
+            await self.set_meta(_VARIABLES_KEY, summary)
+        return found
+
+    async def _scan_variables(self) -> dict[str, frozenset[str]]:
+        async with self._read() as conn:
+            # JSON is read differently by each database: the backend's query
+            rows: list[Any] = list(await conn.exec_driver_sql(self._backend.variables_sql))
+            return {str(key): frozenset(str(kinds).split(",")) for key, kinds in rows}
+
+    async def done_records(self, ids: Sequence[str]) -> list[dict[str, Any]]:
+        """The records of those of ``ids`` that are done, in manifest order, with only what
+        ``metadata.jsonl`` shows (id, state, output, prompt, seed, size, width, height,
+        prompt_extend, actual_prompt, request_id, sha256, vars): the run asks for every batch
+        of images it saves."""
+        found: list[dict[str, Any]] = []
+        for start in range(0, len(ids), 500):
+            part = list(ids[start : start + 500])
+            order: Any = literal_column(f"jobs.{self._backend.order_column}")
+            async with self._read() as conn:
+                rows = await conn.execute(
+                    select(*(jobs.c[name] for name in _DONE_NAMES))
+                    .where(jobs.c.id.in_(part), jobs.c.state == State.DONE.value)
+                    .order_by(order)
+                )
+                found += [dict(zip(_DONE_NAMES, row, strict=True)) for row in rows]
+        for rec in found:
+            rec["prompt_extend"] = bool(rec["prompt_extend"])
+        return found
 
     async def iter_records(
         self,

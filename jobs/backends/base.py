@@ -79,6 +79,9 @@ class Backend(abc.ABC):
     order_column: str  # the jobs table's column of manifest (insertion) order
     staging_order: str  # the same in the staging table
     shared: bool  # several processes may work on the table at once (no reclaim-all)
+    # (key, "type,type,...") of every manifest variable in jobs.vars (JSON objects), in the
+    # order they first appear, types named as SQLite's json_each names them
+    variables_sql: str
     # (name, CREATE INDEX ...) of backend-only indexes a first import builds at its end
     deferred_indexes: tuple[tuple[str, str], ...] = ()
 

@@ -87,7 +87,7 @@ _STAGING_DDL = """
 CREATE TEMP TABLE IF NOT EXISTS staging (
     id TEXT NOT NULL, line INTEGER NOT NULL, model TEXT NOT NULL, prompt TEXT NOT NULL,
     size TEXT NOT NULL, seed BIGINT NOT NULL, prompt_extend INTEGER NOT NULL,
-    output TEXT NOT NULL, output_key TEXT NOT NULL,
+    output TEXT NOT NULL, output_key TEXT NOT NULL, vars TEXT,
     seq BIGINT GENERATED ALWAYS AS IDENTITY
 )
 """
@@ -128,6 +128,16 @@ class PostgresBackend(Backend):
     order_column = "seq"
     staging_order = "seq"
     shared = True
+    # json (not jsonb) keeps each object's key order; the types are named as SQLite's
+    # json_each names them, so both backends describe the variables alike.
+    variables_sql = (
+        "SELECT v.key, string_agg(DISTINCT CASE json_typeof(v.value) "
+        "WHEN 'number' THEN CASE WHEN v.value::text ~ '^-?[0-9]+$' THEN 'integer' "
+        "ELSE 'real' END WHEN 'string' THEN 'text' WHEN 'boolean' THEN v.value::text "
+        "ELSE json_typeof(v.value) END, ',') "
+        "FROM jobs, json_each(jobs.vars::json) WITH ORDINALITY AS v(key, value, n) "
+        "WHERE jobs.vars IS NOT NULL GROUP BY v.key ORDER BY MIN(jobs.seq * 65536 + v.n)"
+    )
     deferred_indexes = (_DUE_INDEX,)
 
     def __init__(self, target: str) -> None:

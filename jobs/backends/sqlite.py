@@ -38,7 +38,7 @@ from .base import CLAIM_COLUMNS, Backend, Clock, Op
 __all__ = ["SQLiteBackend"]
 
 # Rows an import INSERT statement takes: 1M rows go in about a third faster than one row per
-# statement, and 64 * 9 + 1 parameters stay under the 999 of SQLite builds before 3.32.
+# statement, and 64 * 10 + 1 parameters stay under the 999 of SQLite builds before 3.32.
 ROWS_PER_INSERT = 64
 IMPORT_CHUNK = 32 * ROWS_PER_INSERT  # rows taken between checks for a cancelled import
 _COLS = ", ".join(schema.STAGING_COLUMNS)
@@ -122,6 +122,11 @@ class SQLiteBackend(Backend):
     order_column = "rowid"
     staging_order = "rowid"
     shared = False
+    variables_sql = (
+        "SELECT v.key, group_concat(DISTINCT v.type) "
+        "FROM jobs, json_each(jobs.vars) AS v WHERE jobs.vars IS NOT NULL "
+        "GROUP BY v.key ORDER BY MIN(jobs.rowid * 65536 + v.id)"
+    )
 
     def __init__(self, path: Path, *, read_only: bool = False) -> None:
         self.path = path
