@@ -16,6 +16,7 @@ from typing import Any
 
 import asyncpg
 
+from jobs.backends import is_database_url
 from jobs.spec import JobSpec
 from jobs.store import Generated, StoredFile
 from tests.pgsupport import pg_call, query
@@ -91,6 +92,10 @@ def stored(tag: str = "x") -> StoredFile:
     return StoredFile(sha256=(tag * 64)[:64], bytes=1000 + len(tag))
 
 
+def _is_url(path: Path | str) -> bool:
+    return isinstance(path, str) and is_database_url(path)
+
+
 class _PgCursor:
     def __init__(self, rows: list[Any]) -> None:
         self._rows = rows
@@ -130,7 +135,7 @@ class PgRaw:
 def raw(path: Path | str) -> Iterator[Any]:
     """A plain sqlite3 connection to the store's file (closed on exit), or for a store in
     PostgreSQL a :class:`PgRaw` on its database."""
-    if isinstance(path, str):
+    if _is_url(path):
         yield PgRaw(path)
         return
     with closing(sqlite3.connect(path, isolation_level=None, timeout=30)) as con:
@@ -147,12 +152,12 @@ def _pg_rows(url: str, sql: str, *args: Any) -> list[dict[str, Any]]:
 
 def row(path: Path | str, job_id: str) -> dict[str, Any]:
     """Every column of one job as it is stored."""
-    if isinstance(path, str):
+    if _is_url(path):
         found_pg = _pg_rows(path, "SELECT * FROM jobs WHERE id = $1", job_id)
         assert found_pg, f"no job {job_id!r}"
         found_pg[0].pop("_rowid")
         return found_pg[0]
-    with raw(path) as con:
+    with raw(Path(path)) as con:
         found = con.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
     assert found is not None, f"no job {job_id!r}"
     return dict(found)
@@ -160,14 +165,14 @@ def row(path: Path | str, job_id: str) -> dict[str, Any]:
 
 def table(path: Path | str) -> list[dict[str, Any]]:
     """The whole jobs table in rowid (manifest) order."""
-    if isinstance(path, str):
+    if _is_url(path):
         return _pg_rows(path, "SELECT * FROM jobs ORDER BY seq")
-    with raw(path) as con:
+    with raw(Path(path)) as con:
         return [dict(r) for r in con.execute("SELECT rowid AS _rowid, * FROM jobs ORDER BY rowid")]
 
 
 def states(path: Path | str) -> dict[str, str]:
-    if isinstance(path, str):
+    if _is_url(path):
         return {r["id"]: r["state"] for r in query(path, "SELECT id, state FROM jobs")}
-    with raw(path) as con:
+    with raw(Path(path)) as con:
         return dict(con.execute("SELECT id, state FROM jobs").fetchall())
