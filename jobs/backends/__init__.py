@@ -8,14 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import CLAIM_COLUMNS, Backend, Clock, Op
+from .base import CLAIM_COLUMNS, Backend, Op
 from .postgres import PostgresBackend, is_database_url
 from .sqlite import SQLiteBackend
 
 __all__ = [
     "CLAIM_COLUMNS",
     "Backend",
-    "Clock",
     "Op",
     "PostgresBackend",
     "SQLiteBackend",
