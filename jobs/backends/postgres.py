@@ -143,7 +143,9 @@ class PostgresBackend(Backend):
     def __init__(self, target: str) -> None:
         url = engine_url(target)
         self.label = url.set(drivername="postgresql").render_as_string(hide_password=True)
-        self.engine = create_async_engine(url, pool_size=4, max_overflow=8)
+        # pre_ping: a pooled connection the server dropped (a restart, a failover) is replaced
+        # on checkout rather than failing the next write.
+        self.engine = create_async_engine(url, pool_size=4, max_overflow=8, pool_pre_ping=True)
         self._offset = 0.0
 
     @contextmanager
