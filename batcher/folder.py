@@ -112,7 +112,10 @@ async def resolve_target(target: Path, out: Path | None, *, emulate: bool) -> Ta
         raise ConfigError(f"{target} is a folder, neither a manifest nor a batcher run folder")
     if out is not None and _absolute(out) != _absolute(target):
         raise ConfigError(f"{target} is a run folder: --out cannot name another one")
-    async with await JobStore.open(layout.db, create=False) as store:
+    # Read-only when the folder cannot be written (read-only media): the run or plan then
+    # refuses it in one line, as for a manifest, instead of failing to open the database.
+    writable = os.access(layout.root, os.W_OK) and os.access(layout.db, os.W_OK)
+    async with await JobStore.open(layout.db, create=False, read_only=not writable) as store:
         remembered = await store.get_meta(MANIFEST_KEY)
     if remembered is None:
         raise ConfigError(
