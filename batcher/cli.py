@@ -3,7 +3,7 @@
     batcher plan MANIFEST|DIR [--out DIR]        validate and import; no API call
     batcher run MANIFEST|DIR [--out DIR] [...]   generate every image (see --help)
     batcher status DIR [--json]                  counts per state, failures by code
-    batcher export DIR [--format jsonl|csv] [-o FILE]
+    batcher export DIR [--format jsonl|csv|parquet|webdataset] [-o PATH] [...]
     batcher retry DIR [--code CODE]              failed jobs back to pending
     batcher emulate [--port 0] [...]             the built-in DashScope emulator
 
@@ -37,6 +37,7 @@ from .commands import (
 )
 from .errors import BatcherError
 from .exitcodes import ExitCode
+from .export import ExportOptions, parse_shard_size
 from .pool import RunOptions
 
 if TYPE_CHECKING:
@@ -165,10 +166,37 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("folder", type=Path)
     status.add_argument("--json", action="store_true")
 
-    export = sub.add_parser("export", help="one record per job, as JSONL or CSV")
+    export = sub.add_parser(
+        "export", help="the jobs as JSONL or CSV records, or Parquet / WebDataset shards"
+    )
     export.add_argument("folder", type=Path)
-    export.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
-    export.add_argument("-o", "--output", type=Path, help="file to write (default stdout)")
+    export.add_argument(
+        "--format",
+        choices=["jsonl", "csv", "parquet", "webdataset"],
+        help="default: from -o's extension (.jsonl, .csv), else jsonl",
+    )
+    export.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        help="file to write (default stdout); a folder for parquet and webdataset",
+    )
+    export.add_argument(
+        "--shard-size",
+        default="500MB",
+        metavar="SIZE",
+        help="parquet/webdataset: bytes per shard, e.g. 500MB, 1GiB (default 500MB)",
+    )
+    export.add_argument(
+        "--state",
+        choices=["done", "failed", "all"],
+        help="which jobs (default: done for shards, all for records)",
+    )
+    export.add_argument(
+        "--no-embed",
+        action="store_true",
+        help="parquet: name each image by its path instead of embedding its bytes",
+    )
 
     retry = sub.add_parser("retry", help="put failed jobs back to pending")
     retry.add_argument("folder", type=Path)
@@ -231,7 +259,16 @@ async def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "status":
         return await cmd_status(args.folder, as_json=args.json)
     if args.command == "export":
-        return await cmd_export(args.folder, fmt=args.format, output=args.output)
+        return await cmd_export(
+            args.folder,
+            ExportOptions(
+                fmt=args.format,
+                output=args.output,
+                shard_size=parse_shard_size(args.shard_size),
+                state=args.state,
+                embed=not args.no_embed,
+            ),
+        )
     if args.command == "retry":
         return await cmd_retry(args.folder, code=args.code)
     raise AssertionError(args.command)

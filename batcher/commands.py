@@ -18,7 +18,7 @@ from jobs import JobStore
 
 from .errors import ConfigError
 from .exitcodes import ExitCode, exit_code_for
-from .export import export_records
+from .export import ExportOptions, check_output, run_export
 from .folder import resolve_target
 from .importing import import_manifest
 from .layout import RunLayout, RunLock
@@ -103,18 +103,23 @@ async def cmd_status(folder: Path, *, as_json: bool) -> ExitCode:
     return ExitCode.OK
 
 
-async def cmd_export(folder: Path, *, fmt: str, output: Path | None) -> ExitCode:
-    """One record per job to stdout or, written whole then renamed, to ``output``."""
+async def cmd_export(folder: Path, opt: ExportOptions) -> ExitCode:
+    """Write the run folder's jobs as records or dataset shards (see :mod:`batcher.export`).
+    A closed stdout (``| head``) is the CLI's to end quietly."""
     layout = _existing_layout(folder)
+    check_output(opt)
     async with await _open_existing(layout) as store:
-        if output is None:
-            n = await export_records(store, layout, sys.stdout, fmt=fmt)
-        else:
-            temp = output.with_name(f".{output.name}.part")
-            with temp.open("w", encoding="utf-8", newline="") as fh:
-                n = await export_records(store, layout, fh, fmt=fmt)
-            os.replace(temp, output)
-    _warn(f"exported {plural(n, 'record')}")
+        result = await run_export(store, layout, opt, sys.stdout)
+    sys.stdout.flush()
+    where = f" to {opt.output}" if opt.output is not None else ""
+    records = plural(result.records, "record")
+    if result.fmt in ("parquet", "webdataset"):
+        shards = plural(len(result.files) - 1, f"{result.fmt} shard")
+        _warn(f"exported {records} in {shards}{where}")
+    else:
+        _warn(f"exported {records}{where}")
+    if result.missing:
+        _warn(f"warning: {plural(result.missing, 'done image')} not found; exported without")
     return ExitCode.OK
 
 

@@ -8,6 +8,7 @@
       .lock               held by the running process (a second run refuses clearly)
       images/             the images, following the manifest's output template
         metadata.jsonl    one line per done image (Hugging Face ``imagefolder`` layout)
+        train/metadata.jsonl  ... or one per split folder (see ``batcher.metadata``)
 
 Paths from a manifest never leave ``images/``: the manifest checker refuses absolute paths
 and ``..``, and :meth:`RunLayout.image_path` checks again against symlinks planted in the

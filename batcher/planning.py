@@ -87,6 +87,7 @@ class Plan:
             "failed": s.count(State.FAILED),
             "withdrawn": s.count(State.WITHDRAWN),
             "moved": self.imported.moved,
+            "updated": self.imported.updated,
             "estimated_cost": str(self.cost.amount),
             "currency": self.cost.currency,
             "emulated": self.emulate,
@@ -101,6 +102,8 @@ class Plan:
         s, i = self.stats, self.imported
         withdrawn = s.count(State.WITHDRAWN)
         moved = f", {i.moved} moved to a new output path" if i.moved else ""
+        if i.updated:
+            moved += f", {i.updated} with new variables (images kept)"
         n = self.to_generate
         cost = f"{self.cost} emulated" if self.emulate else str(self.cost)
         lines = [

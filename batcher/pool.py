@@ -152,6 +152,7 @@ class Runner:
         options: RunOptions,
         endpoint: str | None = None,
         spent: Decimal = Decimal(0),
+        on_done: Callable[[list[str]], Awaitable[None]] | None = None,
     ) -> None:
         """``endpoint`` is what each image records as its origin (default: the client's base
         URL); ``spent`` what the run folder spent before, in the region's currency, which
@@ -164,7 +165,8 @@ class Runner:
         self.endpoint = endpoint if endpoint is not None else client.base_url
         self._spent_before = spent
         self.counters = RunCounters()
-        self.committer = ImageCommitter(store)
+        self.committer = ImageCommitter(store, on_done)
+        self._on_done = on_done  # hears the ids of jobs this run completes
         self.pacer = Pacer(options.rps, adaptive=options.adaptive, start_rate=options.start_rps)
         self.reach = Reachability(window=options.unreachable_timeout)
         self._probe: str | None = None  # the job whose call is probing an unreachable service
@@ -722,6 +724,8 @@ class Runner:
                     await self.store.complete(
                         claim.id, claim.token, StoredFile(sha256=found[0], bytes=found[1])
                     )
+                    if self._on_done is not None:
+                        await self._on_done([claim.id])
                 self.counters.done += 1
                 self.counters.downloads_skipped += 1
                 return True

@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -33,7 +33,7 @@ from .errors import ConfigError
 from .folder import Target, check_folder_endpoint, endpoint_label, resolve_target
 from .importing import ImportSummary, import_manifest
 from .layout import RunLayout, RunLock
-from .metadata import write_metadata
+from .metadata import MetadataWriter
 from .pool import Runner, RunOptions, RunResult, StopReason
 from .pricing import Money, currency_of, price_per_image
 from .progress import ProgressView, Snapshot, Throughput, make_view
@@ -147,7 +147,11 @@ async def execute_run(cmd: RunCommand) -> RunOutcome:
             await check_folder_endpoint(store, endpoint, layout.root)
             imported = await _prepare(store, cmd, target)
             spent = await _budget_spent(store, cmd)
-            run_started = store.clock()
+            metadata = MetadataWriter(store, layout)
+            try:
+                await metadata.start()
+            except OSError as exc:  # a full or read-only disk: the run's own stop says why
+                _metadata_problem(layout, exc)
             start = await store.stats(totals=False)  # counts only: no scan of every row's sums
             if not cmd.as_json:
                 withdrawn = start.count(State.WITHDRAWN)
@@ -159,15 +163,15 @@ async def execute_run(cmd: RunCommand) -> RunOutcome:
                     f"run folder {layout.root}"
                 )
             try:
-                result = await _drive(cmd, store, layout, start, endpoint, spent)
+                on_done = _appender(metadata, layout)
+                result = await _drive(cmd, store, layout, start, endpoint, spent, on_done)
             finally:
                 with anyio.CancelScope(shield=True):
-                    await _update_metadata(
-                        store,
-                        layout,
-                        done_at_start=start.count(State.DONE),
-                        since=run_started,  # the import left it listing the done jobs
-                    )
+                    try:
+                        lines = await metadata.finish()
+                        log.info("metadata.jsonl: %d images", lines)
+                    except OSError as exc:
+                        _metadata_problem(layout, exc)
             await store.set_meta("last_run", "clean")
             stats = await store.stats()
     return RunOutcome(layout=layout, imported=imported, result=result, stats=stats)
@@ -268,8 +272,10 @@ async def _drive(
     start: Stats,
     endpoint: str,
     spent: Decimal,
+    on_done: Callable[[list[str]], Awaitable[None]],
 ) -> RunResult:
-    """The endpoint, the HTTP session, the runner, the signal watcher and the progress view."""
+    """The endpoint, the HTTP session, the runner, the signal watcher and the progress view;
+    ``on_done`` hears the ids of the jobs the runner completes."""
     currency = currency_of(cmd.options.region)
     view = make_view(cmd.progress)
     try:
@@ -294,6 +300,7 @@ async def _drive(
                     options=cmd.options,
                     endpoint=endpoint,
                     spent=spent,
+                    on_done=on_done,
                 )
                 meter = _RateMeter()
                 pace = Throughput()
@@ -316,16 +323,30 @@ async def _drive(
             view.close()
 
 
-async def _update_metadata(
-    store: JobStore, layout: RunLayout, *, done_at_start: int, since: float | None
-) -> None:
-    try:
-        lines = await write_metadata(store, layout, done_at_start=done_at_start, since=since)
-        log.info("metadata.jsonl: %d images", lines)
-    except OSError as exc:  # a full or read-only disk: the run's own stop says why
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        log.warning("could not update metadata.jsonl: %s", reason)
-        _warn(f"could not update {layout.metadata}: {reason}; it is rewritten by the next run")
+def _metadata_problem(layout: RunLayout, exc: OSError) -> None:
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    log.warning("could not update metadata.jsonl: %s", reason)
+    _warn(f"could not update {layout.metadata}: {reason}; it is rewritten by the next run")
+
+
+def _appender(
+    metadata: MetadataWriter, layout: RunLayout
+) -> Callable[[list[str]], Awaitable[None]]:
+    """The runner's ``on_done``: append the jobs just done to ``metadata.jsonl``. A disk
+    problem is said once; the images stand, and the files are rewritten at the end or by the
+    next run."""
+    said = False
+
+    async def append(ids: list[str]) -> None:
+        nonlocal said
+        try:
+            await metadata.add(ids)
+        except OSError as exc:
+            if not said:
+                said = True
+                _metadata_problem(layout, exc)
+
+    return append
 
 
 async def _watch_signals(runner: Runner, grace: float) -> None:

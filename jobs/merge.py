@@ -12,6 +12,8 @@ same id:
   old path) for the caller to carry out and then mark ``moved`` (:data:`MOVE`, :data:`MOVED`);
 * other content (model, prompt, size, seed, prompt_extend): an error naming the id, unless
   ``replace``: then the job starts again as ``pending``, its old record kept in the history;
+* other variables (``vars``, the row's extra columns) and the same content: the job takes the
+  new ones and keeps its state and image (*updated*: a label edited costs nothing);
 * a ``withdrawn`` job: back where its record says it was (see :data:`RESTORED_STATE`).
 
 With ``withdraw``, every job whose id is not in the manifest becomes ``withdrawn`` (a
@@ -49,6 +51,7 @@ _SAME_CONTENT = (
 )
 _CONTENT_CHANGED = f"NOT ({_SAME_CONTENT})"
 _MOVED_ONLY = f"{_SAME_CONTENT} AND j.output != s.output"
+_VARS_ONLY = f"{_SAME_CONTENT} AND j.vars IS NOT s.vars"
 
 
 def _states(states: frozenset[State] | set[State]) -> str:
@@ -96,7 +99,8 @@ RESULT_RESET: dict[str, Any] = {
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ImportReport:
     """What an import did: rows read, rows new, rows already there, rows replaced; jobs
-    withdrawn (their row left the manifest), restored (it came back) and moved (a new output)."""
+    withdrawn (their row left the manifest), restored (it came back), moved (a new output) and
+    updated (new variables alone; counted in ``unchanged`` too, since their images stand)."""
 
     total: int
     added: int
@@ -105,6 +109,7 @@ class ImportReport:
     withdrawn: int = 0
     restored: int = 0
     moved: int = 0
+    updated: int = 0
 
 
 async def _rows(conn: AsyncConnection, sql: str, *params: Any) -> list[Any]:
@@ -200,6 +205,13 @@ async def merge_staging(
         )
     ).rowcount
     moved = await _move_outputs(conn, now)
+    updated = (
+        await conn.exec_driver_sql(
+            "UPDATE jobs SET vars = (SELECT s.vars FROM staging s WHERE s.id = jobs.id) "
+            "WHERE id IN (SELECT j.id FROM jobs j JOIN staging s ON s.id = j.id "
+            f"WHERE {_VARS_ONLY})"
+        )
+    ).rowcount
     # A job that gave its path up and came back takes its key again (its path is free now).
     await conn.exec_driver_sql(
         "UPDATE jobs SET output_key = (SELECT s.output_key FROM staging s WHERE s.id = jobs.id) "
@@ -209,9 +221,9 @@ async def merge_staging(
     added = (
         await conn.exec_driver_sql(
             "INSERT INTO jobs (id, line, model, prompt, size, seed, prompt_extend, output, "
-            "output_key, state, created_at) "
+            "output_key, vars, state, created_at) "
             "SELECT s.id, s.line, s.model, s.prompt, s.size, s.seed, s.prompt_extend, "
-            f"s.output, s.output_key, '{State.PENDING.value}', ? FROM staging s "
+            f"s.output, s.output_key, s.vars, '{State.PENDING.value}', ? FROM staging s "
             "WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = s.id) ORDER BY s.rowid",
             (now,),
         )
@@ -224,6 +236,7 @@ async def merge_staging(
         withdrawn=withdrawn,
         restored=restored,
         moved=moved,
+        updated=updated,
     )
 
 
@@ -236,9 +249,9 @@ async def _replace_changed(conn: AsyncConnection, now: float) -> int:
         update(jobs).where(jobs.c.id.in_(ids)).values(output_key=jobs.c.output_key + "\0old")
     )
     await conn.exec_driver_sql(
-        "UPDATE jobs SET (line, model, prompt, size, seed, prompt_extend, output, output_key"
-        ") = (SELECT s.line, s.model, s.prompt, s.size, s.seed, s.prompt_extend, "
-        "s.output, s.output_key FROM staging s WHERE s.id = jobs.id) "
+        "UPDATE jobs SET (line, model, prompt, size, seed, prompt_extend, output, output_key, "
+        "vars) = (SELECT s.line, s.model, s.prompt, s.size, s.seed, s.prompt_extend, "
+        "s.output, s.output_key, s.vars FROM staging s WHERE s.id = jobs.id) "
         "WHERE id IN (SELECT j.id FROM jobs j JOIN staging s ON s.id = j.id "
         f"WHERE {_CONTENT_CHANGED})"
     )

@@ -29,13 +29,14 @@ helper process (``jobs.readahead``), so the two use two cores.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sqlite3
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from decimal import Decimal
 from itertools import chain, islice
@@ -79,7 +80,7 @@ Clock = Callable[[], float]
 _T = TypeVar("_T")
 MICROS = Decimal(1_000_000)
 # Rows an import INSERT statement takes: 1M rows go in about a third faster than one row per
-# statement, and 64 * 9 + 1 parameters stay under the 999 of SQLite builds before 3.32.
+# statement, and 64 * 10 + 1 parameters stay under the 999 of SQLite builds before 3.32.
 ROWS_PER_INSERT = 64
 IMPORT_CHUNK = 32 * ROWS_PER_INSERT  # rows taken between checks for a cancelled import
 _COLS = ", ".join(schema.STAGING_COLUMNS)
@@ -88,6 +89,15 @@ _COLS = ", ".join(schema.STAGING_COLUMNS)
 # inserts nothing, while building it again would read the whole table (0.1 s at 1M).
 _DEFERRED_INDEXES = tuple(i for i in jobs.indexes if i.name == "ix_jobs_active")
 _RESULT_RESET = RESULT_RESET
+_DONE_NAMES = (
+    "id", "state", "output", "prompt", "seed", "size", "width", "height", "prompt_extend",
+    "actual_prompt", "request_id", "sha256", "vars", "generated_at",
+)  # fmt: skip
+_DONE_COLUMNS = ", ".join(_DONE_NAMES)
+# The summary of every job's variables (JobStore.variables) is kept in meta until an import
+# changes them: at a million rows, working it out takes seconds.
+_VARIABLES_KEY = "variables"
+_FORGET_VARIABLES = f"DELETE FROM meta WHERE key = '{_VARIABLES_KEY}'"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -736,6 +746,7 @@ class JobStore:
                 total = await self._stream_rows(conn, rows, "jobs", now)
                 for index in _DEFERRED_INDEXES:
                     await conn.run_sync(index.create)
+                await conn.exec_driver_sql(_FORGET_VARIABLES)
                 return ImportReport(total=total, added=total, unchanged=0, replaced=0)
             await conn.exec_driver_sql(schema.STAGING_DDL)
             await conn.exec_driver_sql("DELETE FROM staging")
@@ -749,6 +760,8 @@ class JobStore:
                 total=total,
                 now=now,
             )
+            if report.added or report.replaced or report.updated or report.restored:
+                await conn.exec_driver_sql(_FORGET_VARIABLES)
             await conn.exec_driver_sql("DELETE FROM staging")
             return report
 
@@ -1298,6 +1311,51 @@ class JobStore:
         async with self._read() as conn:
             row = (await conn.execute(select(jobs).where(jobs.c.id == job_id))).mappings().first()
             return None if row is None else _public(dict(row))
+
+    async def variables(self) -> dict[str, frozenset[str]]:
+        """The manifest variables stored with any job, in the order they first appear (by
+        manifest row, then by position in the row), each with the JSON types its values have
+        (``"integer"``, ``"real"``, ``"text"``, ``"null"``; SQLite's ``json_each`` names).
+        Worked out once after each import that changed any, then kept in ``meta``."""
+        known = await self.get_meta(_VARIABLES_KEY)
+        if known is not None:
+            return {name: frozenset(kinds) for name, kinds in json.loads(known)}
+        found = await self._scan_variables()
+        summary = json.dumps([[name, sorted(kinds)] for name, kinds in found.items()])
+        with suppress(JobStoreError):  # a folder on read-only media: worked out again next time
+            await self.set_meta(_VARIABLES_KEY, summary)
+        return found
+
+    async def _scan_variables(self) -> dict[str, frozenset[str]]:
+        async with self._read() as conn:
+            rows: list[Any] = list(
+                await conn.exec_driver_sql(
+                    "SELECT v.key, group_concat(DISTINCT v.type) "
+                    "FROM jobs, json_each(jobs.vars) AS v WHERE jobs.vars IS NOT NULL "
+                    "GROUP BY v.key ORDER BY MIN(jobs.rowid * 65536 + v.id)"
+                )
+            )
+            return {str(key): frozenset(str(kinds).split(",")) for key, kinds in rows}
+
+    async def done_records(self, ids: Sequence[str]) -> list[dict[str, Any]]:
+        """The records of those of ``ids`` that are done, in manifest order, with only what
+        ``metadata.jsonl`` shows (id, state, output, prompt, seed, size, width, height,
+        prompt_extend, actual_prompt, request_id, sha256, vars): the run asks for every batch
+        of images it saves."""
+        found: list[dict[str, Any]] = []
+        for start in range(0, len(ids), 500):
+            part = list(ids[start : start + 500])
+            marks = ", ".join("?" * len(part))
+            async with self._read() as conn:
+                rows = await conn.exec_driver_sql(
+                    f"SELECT {_DONE_COLUMNS} FROM jobs WHERE id IN ({marks}) "
+                    f"AND state = '{State.DONE.value}' ORDER BY rowid",
+                    tuple(part),
+                )
+                found += [dict(zip(_DONE_NAMES, row, strict=True)) for row in rows]
+        for rec in found:
+            rec["prompt_extend"] = bool(rec["prompt_extend"])
+        return found
 
     async def iter_records(
         self,

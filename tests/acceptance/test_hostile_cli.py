@@ -426,12 +426,7 @@ def test_every_command_whose_stdout_is_closed_exits_141_quietly(area, tmp_path, 
     assert code == 141, stderr
 
 
-# ----------------------------------------------------------- export -o (the export rewrite)
-
-EXPORT_REWRITE = pytest.mark.xfail(
-    reason="export -o checks and the format from the extension come with the export rewrite",
-    strict=False,
-)
+# ---------------------------------------------------------------------------- export -o
 
 
 def test_export_into_a_missing_folder_is_one_line_and_leaves_nothing(area, tmp_path):
@@ -440,7 +435,6 @@ def test_export_into_a_missing_folder_is_one_line_and_leaves_nothing(area, tmp_p
     assert files_under(tmp_path) == set()
 
 
-@EXPORT_REWRITE
 def test_export_onto_a_folder_is_one_line_and_leaves_no_part_file(area, tmp_path):
     target = tmp_path / "a-folder"
     target.mkdir()
@@ -449,7 +443,6 @@ def test_export_onto_a_folder_is_one_line_and_leaves_no_part_file(area, tmp_path
     assert files_under(tmp_path) == set(), "a .part file was left behind"
 
 
-@EXPORT_REWRITE
 def test_export_takes_the_format_from_the_extension_and_refuses_an_unknown_one(area, tmp_path):
     out = tmp_path / "jobs.csv"
     assert_clean(cli("export", area / "done", "-o", out), 0)

@@ -8,10 +8,9 @@ from decimal import Decimal
 
 import pytest
 
-from batcher.export import iso_utc
-from batcher.metadata import actual_prompt
 from batcher.pool import RunCounters
 from batcher.progress import PlainProgress, Snapshot, Throughput, _line
+from batcher.records import actual_prompt, iso_utc
 from batcher.summary import summary_lines
 from batcher.wording import plural
 from jobs import Spend, Stats
