@@ -8,6 +8,7 @@ one line (:mod:`batcher.cli`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ from jobs import JobStore
 from .errors import ConfigError
 from .exitcodes import ExitCode, exit_code_for
 from .export import ExportOptions, check_output, run_export
-from .folder import resolve_target
+from .folder import is_rehearsal_folder, resolve_target
 from .importing import import_manifest
 from .layout import RunLayout, RunLock
 from .planning import PlanOptions, make_plan
@@ -90,6 +91,8 @@ async def cmd_plan(opt: PlanOptions) -> ExitCode:
     _need_writable(target.layout)
     async with await JobStore.open(target.layout.store) as store:
         imported = await import_manifest(store, target, replace=opt.replace)
+        if not opt.emulate and await is_rehearsal_folder(store):
+            opt = dataclasses.replace(opt, emulate=True)  # only a rehearsal may go on there
         plan = await make_plan(store, target.layout, target.manifest, imported, opt)
     print(json.dumps(plan.as_dict()) if opt.as_json else plan.text())
     return ExitCode.OK

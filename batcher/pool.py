@@ -534,7 +534,8 @@ class Runner:
             self.pacer.accepted(sent)
             self.counters.accepted += 1
             wall = time.time() - (anyio.current_time() - sent)
-            self.first_accepted_at = self.first_accepted_at or wall
+            # answers come back out of order: the span is from the earliest send to the latest
+            self.first_accepted_at = min(self.first_accepted_at or wall, wall)
             self.last_accepted_at = max(self.last_accepted_at or wall, wall)
 
     async def _on_unreached(self, claim: Claim, err: TransportError) -> None:

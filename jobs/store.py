@@ -1048,27 +1048,22 @@ class JobStore:
         async with self._read() as conn:
             return int((await conn.execute(select(func.count()).select_from(jobs))).scalar_one())
 
-    async def pending_by_kind(self) -> dict[tuple[str, bool], int]:
+    async def pending_by_kind(self, *, live_run: bool = True) -> dict[tuple[str, bool], int]:
         """Jobs still to generate, counted by (model, prompt_extend): pending ones, and running
-        ones whose lease expired (a dead run's). A job a live run holds is being generated."""
+        ones whose lease expired (a dead run's). A job a live run holds is being generated.
+        ``live_run=False``: no run holds the folder, so every running job is a dead run's."""
         now = self.clock()
+        running = jobs.c.state == State.RUNNING.value
+        if live_run:
+            running = and_(
+                running,
+                or_(jobs.c.lease_expires_at.is_(None), jobs.c.lease_expires_at < now),
+            )
         async with self._read() as conn:
             rows = (
                 await conn.execute(
                     select(jobs.c.model, jobs.c.prompt_extend, func.count())
-                    .where(
-                        schema.ACTIVE,
-                        or_(
-                            jobs.c.state == State.PENDING.value,
-                            and_(
-                                jobs.c.state == State.RUNNING.value,
-                                or_(
-                                    jobs.c.lease_expires_at.is_(None),
-                                    jobs.c.lease_expires_at < now,
-                                ),
-                            ),
-                        ),
-                    )
+                    .where(schema.ACTIVE, or_(jobs.c.state == State.PENDING.value, running))
                     .group_by(jobs.c.model, jobs.c.prompt_extend)
                 )
             ).all()

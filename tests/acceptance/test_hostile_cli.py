@@ -346,16 +346,19 @@ def test_a_finished_run_folder_on_read_only_media_can_be_read(area, tmp_path):
         ["run", m, "--out", str(folder / "sub"), *FAST_RUN],
         ["plan", m, "--out", f],
         ["retry", f],
+        ["run", f, *FAST_RUN],  # the folder alone: its manifest is read from it, then refused
+        ["plan", f],
     ]
     with read_only(folder) as prefix:
-        status, as_json, exported, again, sub, plan, retry = in_one_process(cases, prefix=prefix)
+        found = in_one_process(cases, prefix=prefix)
+    status, as_json, exported, again, sub, plan, retry, resume, plan_dir = found
     assert_clean(status, 0)
     assert "done       3" in status.stdout
     assert_clean(as_json, 0)
     assert json.loads(as_json.stdout)["done"] == 3
     assert_clean(exported, 0)
     assert len(exported.stdout.splitlines()) == 3
-    for refused in (again, sub, plan, retry):
+    for refused in (again, sub, plan, retry, resume, plan_dir):
         assert_clean(refused, USAGE)
         assert "read-only" in refused.stderr.lower()
     assert files_under(folder) == before
