@@ -3,7 +3,7 @@
     batcher plan MANIFEST|DIR [--out DIR]        validate and import; no API call
     batcher run MANIFEST|DIR [--out DIR] [...]   generate every image (see --help)
     batcher status DIR [--json]                  counts per state, failures by code
-    batcher export DIR [--format jsonl|csv] [-o FILE]
+    batcher export DIR [--format jsonl|csv|parquet|webdataset] [-o PATH] [...]
     batcher retry DIR [--code CODE]              failed jobs back to pending
     batcher redo DIR [--rejected] [--id ID ...]  done jobs made again, old images kept
     batcher report DIR [-o PATH]                 a static report with a gallery (file://)
@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from jobs import JobStoreError, ManifestInvalid, StoreUnavailable
+from jobs.backends import is_database_url
 
 from .commands import (
     PlanOptions,
@@ -38,8 +39,9 @@ from .commands import (
     cmd_status,
     parse_budget,
 )
-from .errors import BatcherError
+from .errors import BatcherError, ConfigError
 from .exitcodes import ExitCode
+from .export import ExportOptions, parse_shard_size
 from .gallery.server import cmd_review
 from .gallery.site import cmd_report
 from .pool import RunOptions
@@ -124,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--emulate", action="store_true", help="plan the rehearsal (out/<name>.emulated)"
     )
     plan.add_argument("--json", action="store_true", help="print a JSON object")
+    _add_db(plan)
 
     run = sub.add_parser("run", help="generate every image of a manifest")
     run.add_argument("manifest", type=Path, help="a manifest, or a run folder to resume")
@@ -177,19 +180,50 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--no-progress", action="store_true", help="no progress display")
     run.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    _add_db(run)
 
     status = sub.add_parser("status", help="counts per state and failures by code")
     status.add_argument("folder", type=Path)
     status.add_argument("--json", action="store_true")
+    _add_db(status)
 
-    export = sub.add_parser("export", help="one record per job, as JSONL or CSV")
+    export = sub.add_parser(
+        "export", help="the jobs as JSONL or CSV records, or Parquet / WebDataset shards"
+    )
     export.add_argument("folder", type=Path)
-    export.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
-    export.add_argument("-o", "--output", type=Path, help="file to write (default stdout)")
+    export.add_argument(
+        "--format",
+        choices=["jsonl", "csv", "parquet", "webdataset"],
+        help="default: from -o's extension (.jsonl, .csv), else jsonl",
+    )
+    export.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        help="file to write (default stdout); a folder for parquet and webdataset",
+    )
+    export.add_argument(
+        "--shard-size",
+        default="500MB",
+        metavar="SIZE",
+        help="parquet/webdataset: bytes per shard, e.g. 500MB, 1GiB (default 500MB)",
+    )
+    export.add_argument(
+        "--state",
+        choices=["done", "failed", "all"],
+        help="which jobs (default: done for shards, all for records)",
+    )
+    export.add_argument(
+        "--no-embed",
+        action="store_true",
+        help="parquet: name each image by its path instead of embedding its bytes",
+    )
+    _add_db(export)
 
     retry = sub.add_parser("retry", help="put failed jobs back to pending")
     retry.add_argument("folder", type=Path)
     retry.add_argument("--code", help="only jobs that failed with this error code")
+    _add_db(retry)
 
     redo = sub.add_parser(
         "redo", help="put done jobs back to pending with a new seed; their images are kept"
@@ -225,7 +259,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_db(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--db",
+        metavar="URL",
+        help="keep the run's job table in PostgreSQL (postgresql://user@host/dbname, one "
+        "database per run) instead of DIR/batcher.db; default $BATCHER_DATABASE_URL",
+    )
+
+
+def _database(args: argparse.Namespace) -> str | None:
+    """``--db``, else ``BATCHER_DATABASE_URL``; None for the run folder's SQLite file."""
+    url = args.db if args.db is not None else os.environ.get("BATCHER_DATABASE_URL") or None
+    if url is not None and not is_database_url(url):
+        where = "--db" if args.db is not None else "BATCHER_DATABASE_URL"
+        raise ConfigError(f"{where} must be a postgresql://user@host/dbname URL")
+    return url
+
+
 async def _dispatch(args: argparse.Namespace) -> int:
+    database = _database(args) if hasattr(args, "db") else None
     if args.command == "plan":
         return await cmd_plan(
             PlanOptions(
@@ -236,6 +289,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
                 rps=args.rps,
                 emulate=args.emulate,
                 as_json=args.json,
+                database=database,
             )
         )
     if args.command == "run":
@@ -270,14 +324,25 @@ async def _dispatch(args: argparse.Namespace) -> int:
                 progress=not args.no_progress,
                 as_json=args.json,
                 grace=args.grace,
+                database=database,
             )
         )
     if args.command == "status":
-        return await cmd_status(args.folder, as_json=args.json)
+        return await cmd_status(args.folder, as_json=args.json, database=database)
     if args.command == "export":
-        return await cmd_export(args.folder, fmt=args.format, output=args.output)
+        return await cmd_export(
+            args.folder,
+            ExportOptions(
+                fmt=args.format,
+                output=args.output,
+                shard_size=parse_shard_size(args.shard_size),
+                state=args.state,
+                embed=not args.no_embed,
+            ),
+            database=database,
+        )
     if args.command == "retry":
-        return await cmd_retry(args.folder, code=args.code)
+        return await cmd_retry(args.folder, code=args.code, database=database)
     if args.command == "report":
         return await cmd_report(args.folder, output=args.output)
     if args.command == "review":

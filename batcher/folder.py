@@ -38,6 +38,7 @@ __all__ = [
     "check_manifest",
     "default_out",
     "endpoint_label",
+    "is_rehearsal_folder",
     "resolve_target",
 ]
 
@@ -102,17 +103,23 @@ class Target:
     explicit: bool
 
 
-async def resolve_target(target: Path, out: Path | None, *, emulate: bool) -> Target:
-    """``MANIFEST [--out DIR]``, or a run folder ``DIR`` standing for its own manifest."""
+async def resolve_target(
+    target: Path, out: Path | None, *, emulate: bool, database: str | None = None
+) -> Target:
+    """``MANIFEST [--out DIR]``, or a run folder ``DIR`` standing for its own manifest.
+    ``database``: the run's table is in that PostgreSQL database, not in the folder."""
     if not target.is_dir():  # noqa: ASYNC240 (a stat, once per command)
-        layout = RunLayout(out or default_out(target, emulate=emulate))
+        layout = RunLayout(out or default_out(target, emulate=emulate), database)
         return Target(manifest=target, layout=layout, explicit=out is not None)
-    layout = RunLayout(target)
-    if not layout.db.is_file():
+    layout = RunLayout(target, database)
+    if not layout.has_store():
         raise ConfigError(f"{target} is a folder, neither a manifest nor a batcher run folder")
     if out is not None and _absolute(out) != _absolute(target):
         raise ConfigError(f"{target} is a run folder: --out cannot name another one")
-    async with await JobStore.open(layout.db, create=False) as store:
+    # Read-only when the folder cannot be written (read-only media): the run or plan then
+    # refuses it in one line, as for a manifest, instead of failing to open the database.
+    writable = layout.shared or (os.access(layout.root, os.W_OK) and os.access(layout.db, os.W_OK))
+    async with await JobStore.open(layout.store, create=False, read_only=not writable) as store:
         remembered = await store.get_meta(MANIFEST_KEY)
     if remembered is None:
         raise ConfigError(
@@ -157,6 +164,14 @@ async def check_folder_endpoint(store: JobStore, endpoint: str, root: Path) -> N
     if endpoint not in known or known_text is None:
         listed = sorted(known | {endpoint}, key=lambda e: (e is None, e or ""))
         await store.set_meta(ENDPOINTS_KEY, json.dumps(listed))
+
+
+async def is_rehearsal_folder(store: JobStore) -> bool:
+    """Whether every image of the folder came from the emulator: only a rehearsal can go on
+    in it (a paid run is refused), so ``plan`` prices what is left as emulated."""
+    known_text = await store.get_meta(ENDPOINTS_KEY)
+    known = json.loads(known_text) if known_text else list(await store.endpoints())
+    return bool(known) and set(known) == {EMULATOR_ENDPOINT}
 
 
 def check_endpoint(found: dict[str | None, int], endpoint: str, root: Path) -> None:

@@ -32,7 +32,7 @@ from jobs.fields import MAX_SEED, PROMPT_LIMIT, text_problem
 
 from .errors import ConfigError
 from .layout import RunLayout, RunLock
-from .metadata import write_metadata
+from .metadata import MetadataWriter
 from .pricing import Money, price_per_image
 
 __all__ = ["RedoItem", "RedoOptions", "cmd_redo", "plan_redo", "redo"]
@@ -284,7 +284,7 @@ async def cmd_redo(folder: Path, opt: RedoOptions) -> int:
                 return 0
             done = await redo(store, layout, items)
             # metadata.jsonl lists done images only: these are no longer done
-            await write_metadata(store, layout, done_at_start=0, since=None)
+            await MetadataWriter(store, layout).refresh()
         print(
             f"{_jobs(len(done))} back to pending (about {cost} to make again); previous images "
             f"kept under {layout.history}/; the next `batcher run` makes them"

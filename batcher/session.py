@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -34,7 +34,7 @@ from .folder import Target, check_folder_endpoint, endpoint_label, resolve_targe
 from .gallery.site import build_report, check_output, follow_thumbnails
 from .importing import ImportSummary, import_manifest
 from .layout import RunLayout, RunLock
-from .metadata import write_metadata
+from .metadata import MetadataWriter
 from .pool import Runner, RunOptions, RunResult, StopReason
 from .pricing import Money, currency_of, price_per_image
 from .progress import ProgressView, Snapshot, Throughput, make_view
@@ -66,6 +66,7 @@ class RunCommand:
     progress: bool = True
     as_json: bool = False
     grace: float = 10.0
+    database: str | None = None  # a postgresql:// URL: the run's table is shared there
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -132,24 +133,31 @@ async def execute_run(cmd: RunCommand) -> RunOutcome:
     secret = "" if cmd.emulate else _api_key()  # fail fast on the key
     base_url = base_url_for(cmd.options.region, cmd.base_url)  # validates --region / --base-url
     _check_budget_currency(cmd)
-    target = await resolve_target(cmd.manifest, cmd.out, emulate=cmd.emulate)
+    target = await resolve_target(cmd.manifest, cmd.out, emulate=cmd.emulate, database=cmd.database)
     layout = target.layout
     endpoint = endpoint_label(emulate=cmd.emulate, base_url=base_url)
     with contextlib.ExitStack() as held:
         try:
             layout.root.mkdir(parents=True, exist_ok=True)
-            held.enter_context(RunLock(layout.lock))
+            # On a shared table other workers use the folder too: no folder lock (their
+            # leases fence them; see jobs.store).
+            if not layout.shared:
+                held.enter_context(RunLock(layout.lock))
             held.enter_context(_file_logging(layout.log, secret))
         except OSError as exc:  # a read-only folder or medium, a file in the way, ...
             raise ConfigError(
                 f"cannot write the run folder {layout.root}: {exc.strerror or exc}; "
                 "choose a writable folder with --out"
             ) from exc
-        async with await JobStore.open(layout.db) as store:
+        async with await JobStore.open(layout.store) as store:
             await check_folder_endpoint(store, endpoint, layout.root)
             imported = await _prepare(store, cmd, target)
             spent = await _budget_spent(store, cmd)
-            run_started = store.clock()
+            metadata = MetadataWriter(store, layout)
+            try:
+                await metadata.start()
+            except OSError as exc:  # a full or read-only disk: the run's own stop says why
+                _metadata_problem(layout, exc)
             start = await store.stats(totals=False)  # counts only: no scan of every row's sums
             if not cmd.as_json:
                 withdrawn = start.count(State.WITHDRAWN)
@@ -161,15 +169,15 @@ async def execute_run(cmd: RunCommand) -> RunOutcome:
                     f"run folder {layout.root}"
                 )
             try:
-                result = await _drive(cmd, store, layout, start, endpoint, spent)
+                on_done = _appender(metadata, layout)
+                result = await _drive(cmd, store, layout, start, endpoint, spent, on_done)
             finally:
                 with anyio.CancelScope(shield=True):
-                    await _update_metadata(
-                        store,
-                        layout,
-                        done_at_start=start.count(State.DONE),
-                        since=run_started,  # the import left it listing the done jobs
-                    )
+                    try:
+                        lines = await metadata.finish()
+                        log.info("metadata.jsonl: %d images", lines)
+                    except OSError as exc:
+                        _metadata_problem(layout, exc)
             await store.set_meta("last_run", "clean")
             stats = await store.stats()
             report = await _write_report(store, layout, result)
@@ -232,11 +240,14 @@ async def _prepare(store: JobStore, cmd: RunCommand, target: Target) -> ImportSu
     """Import, reclaim what a dead process held, sweep its temporary files, log the options."""
     layout = target.layout
     imported = await import_manifest(store, target, replace=cmd.replace)
-    reclaimed = await store.reclaim(all_running=True)
+    # Holding the folder's lock, no live process can own a running job; on a shared table
+    # other workers may, so only expired leases are taken back.
+    reclaimed = await store.reclaim(all_running=not store.shared)
     # Temporary files are left only by a run that did not end cleanly: walking a million
-    # images to look for them on every start would dominate a resume.
+    # images to look for them on every start would dominate a resume. On a shared table a
+    # live worker's downloads are in flight: nothing is swept.
     swept = 0
-    if await store.get_meta("last_run") != "clean":
+    if not store.shared and await store.get_meta("last_run") != "clean":
         swept = await anyio.to_thread.run_sync(sweep_partials, layout.images)
     await store.set_meta("last_run", "running")
     await store.set_meta("rps", repr(float(cmd.options.rps)))  # the report's quota line
@@ -289,8 +300,10 @@ async def _drive(
     start: Stats,
     endpoint: str,
     spent: Decimal,
+    on_done: Callable[[list[str]], Awaitable[None]],
 ) -> RunResult:
-    """The endpoint, the HTTP session, the runner, the signal watcher and the progress view."""
+    """The endpoint, the HTTP session, the runner, the signal watcher and the progress view;
+    ``on_done`` hears the ids of the jobs the runner completes."""
     currency = currency_of(cmd.options.region)
     view = make_view(cmd.progress)
     try:
@@ -315,6 +328,7 @@ async def _drive(
                     options=cmd.options,
                     endpoint=endpoint,
                     spent=spent,
+                    on_done=on_done,
                 )
                 meter = _RateMeter()
                 pace = Throughput()
@@ -338,16 +352,30 @@ async def _drive(
             view.close()
 
 
-async def _update_metadata(
-    store: JobStore, layout: RunLayout, *, done_at_start: int, since: float | None
-) -> None:
-    try:
-        lines = await write_metadata(store, layout, done_at_start=done_at_start, since=since)
-        log.info("metadata.jsonl: %d images", lines)
-    except OSError as exc:  # a full or read-only disk: the run's own stop says why
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        log.warning("could not update metadata.jsonl: %s", reason)
-        _warn(f"could not update {layout.metadata}: {reason}; it is rewritten by the next run")
+def _metadata_problem(layout: RunLayout, exc: OSError) -> None:
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    log.warning("could not update metadata.jsonl: %s", reason)
+    _warn(f"could not update {layout.metadata}: {reason}; it is rewritten by the next run")
+
+
+def _appender(
+    metadata: MetadataWriter, layout: RunLayout
+) -> Callable[[list[str]], Awaitable[None]]:
+    """The runner's ``on_done``: append the jobs just done to ``metadata.jsonl``. A disk
+    problem is said once; the images stand, and the files are rewritten at the end or by the
+    next run."""
+    said = False
+
+    async def append(ids: list[str]) -> None:
+        nonlocal said
+        try:
+            await metadata.add(ids)
+        except OSError as exc:
+            if not said:
+                said = True
+                _metadata_problem(layout, exc)
+
+    return append
 
 
 async def _watch_signals(runner: Runner, grace: float) -> None:

@@ -78,6 +78,15 @@ def achieved_rate(result: RunResult) -> float | None:
     return result.accepted_per_second
 
 
+# How a run ended, for a person (the summary's first line); ``--json`` keeps the reason's code.
+_ENDED = {
+    "aborted": "stopped",
+    "limit": "stopped at --limit",
+    "budget": "stopped at --budget",
+    "unreachable": "stopped (the service could not be reached)",
+}
+
+
 def summary_lines(
     *,
     stats: Stats,
@@ -96,7 +105,7 @@ def summary_lines(
     cost = str(Money(counters.cost, currency))
     cost = f"{cost} emulated (nothing spent)" if emulated else f"cost {cost}"
     lines = [
-        f"run {reason} after {format_duration(elapsed)}: "
+        f"run {_ENDED.get(reason, reason)} after {format_duration(elapsed)}: "
         f"{s.count(State.DONE)} done, {s.count(State.FAILED)} failed, "
         f"{s.count(State.PENDING) + s.count(State.RUNNING) + s.count(State.GENERATED)} "
         f"left, of {s.total - withdrawn}"

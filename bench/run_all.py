@@ -45,6 +45,7 @@ PLAN: list[tuple[str, list[str], int, int]] = [
     ("memory", ["--small", "4000", "--large", "40000"], 120, 120),
     ("resume", [], 110, 30),
     ("download", [], 80, 25),
+    ("export_scale", [], 150, 40),  # the 100,000-image folder is made once, then kept
     ("report_scale", [], 240, 60),
 ]
 

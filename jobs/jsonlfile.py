@@ -1,10 +1,10 @@
 """JSONL manifests, streamed: one JSON object per line, blank lines skipped.
 
-Keys ``id``, ``prompt``, ``size``, ``seed``, ``prompt_extend`` and ``output`` are the job's
-fields (``null`` means absent); a ``vars`` object and every other key are template variables,
-scalars only. Duplicate keys, ``NaN``/``Infinity``, escaped NUL characters in a prompt and
-unpaired surrogates are refused. Lines come from ``jobs.textfile`` (UTF-8 with or without BOM,
-encoding problems located).
+Keys ``id``, ``prompt``, ``size``, ``seed``, ``prompt_extend``, ``output`` and ``variants``
+(jobs per object, see ``jobs.builder``) are the job's fields (``null`` means absent); a
+``vars`` object and every other key are template variables, scalars only. Duplicate keys,
+``NaN``/``Infinity``, escaped NUL characters in a prompt and unpaired surrogates are refused.
+Lines come from ``jobs.textfile`` (UTF-8 with or without BOM, encoding problems located).
 
 ``iter_jsonl`` yields one item per object: the ``JobRow``, or ``None`` after its problems
 were appended to ``errors``.
@@ -25,6 +25,7 @@ from jobs.fields import (
     extra_key_problem,
     parse_bool_text,
     text_problem,
+    variants_problem,
 )
 from jobs.spec import JobRow
 from jobs.templates import Scalar
@@ -75,18 +76,23 @@ def iter_jsonl(
                     yield None
                     continue
                 index += 1
-                yield _jsonl_job(obj, number, index, builder, errors)
+                job = _jsonl_job(obj, number, index, builder, errors)
+                if isinstance(job, list):  # a row with variants: one job each
+                    yield from job
+                else:
+                    yield job
         except UnicodeDecodeError as exc:
             raise checked.decode_error(exc) from None
 
 
 def _jsonl_job(
     obj: dict[str, object], line: int, index: int, builder: JobBuilder, errors: list[ManifestError]
-) -> JobRow | None:
+) -> JobRow | list[JobRow | None] | None:
     before = len(errors)
     texts: dict[str, str] = {}  # id, prompt, size, output
     seed: int | None = None
     extend: bool | None = None
+    count = 1
     variables: dict[str, Scalar] = {}
     present = frozenset(obj) & ROW_FIELD_SET
     for key, value in obj.items():
@@ -99,6 +105,10 @@ def _jsonl_job(
                     seed = value
                 else:
                     problem = "must be a whole number"
+            elif key == "variants":
+                if (problem := variants_problem(value)) is None:
+                    assert isinstance(value, int)
+                    count = value
             elif key == "prompt_extend":
                 extend = _flag(value)
                 if extend is None:
@@ -132,18 +142,38 @@ def _jsonl_job(
                 variables[name] = scalar
     if len(errors) > before:
         return None
-    return builder.build(
-        errors,
-        line,
-        index,
-        texts.get("id"),
-        texts.get("prompt"),
-        texts.get("size"),
-        seed,
-        extend,
-        texts.get("output"),
-        variables,
-    )
+    if count == 1:
+        return builder.build(
+            errors,
+            line,
+            index,
+            texts.get("id"),
+            texts.get("prompt"),
+            texts.get("size"),
+            seed,
+            extend,
+            texts.get("output"),
+            variables,
+        )
+    return [
+        builder.build(
+            errors,
+            line,
+            index,
+            texts.get("id"),
+            texts.get("prompt"),
+            texts.get("size"),
+            seed,
+            extend,
+            texts.get("output"),
+            variables,
+            None,
+            "",
+            k,
+            k - 1,
+        )
+        for k in range(1, count + 1)
+    ]
 
 
 def _is_int(value: object) -> bool:

@@ -142,7 +142,7 @@ STAGING_DDL = """
 CREATE TEMP TABLE IF NOT EXISTS staging (
     id TEXT NOT NULL, line INTEGER NOT NULL, model TEXT NOT NULL, prompt TEXT NOT NULL,
     size TEXT NOT NULL, seed INTEGER NOT NULL, prompt_extend INTEGER NOT NULL,
-    output TEXT NOT NULL, output_key TEXT NOT NULL
+    output TEXT NOT NULL, output_key TEXT NOT NULL, vars TEXT
 )
 """
 STAGING_COLUMNS = (
@@ -155,4 +155,5 @@ STAGING_COLUMNS = (
     "prompt_extend",
     "output",
     "output_key",
+    "vars",
 )

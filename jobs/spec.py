@@ -8,15 +8,16 @@ that is not a bulk import.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 __all__ = ["DEFAULT_MODEL", "JobRow", "JobSpec"]
 
 DEFAULT_MODEL = "z-image-turbo"
 
-JobRow = tuple[str, int, str, str, str, int, bool, str, str]
-"""(id, line, model, prompt, size, seed, prompt_extend, output, output_key): a ``JobSpec``'s
-fields in the job table's column order."""
+JobRow = tuple[str, int, str, str, str, int, bool, str, str, str | None]
+"""(id, line, model, prompt, size, seed, prompt_extend, output, output_key, vars): a
+``JobSpec``'s fields in the job table's column order."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -25,7 +26,9 @@ class JobSpec:
 
     ``output`` is a normalised, relative POSIX path below the run folder's ``images/``;
     ``output_key`` is its case-folded form, used to refuse paths that collide on
-    case-insensitive file systems. ``line`` is the manifest line the job came from.
+    case-insensitive file systems. ``line`` is the manifest line the job came from. ``vars``
+    holds the manifest row's own variables (extra columns, ``vars``, matrix values) as a JSON
+    object, typed as the manifest wrote them; they describe the image, they do not make it.
     """
 
     id: str
@@ -37,11 +40,12 @@ class JobSpec:
     output: str
     output_key: str
     line: int
+    vars: str | None = None  # the row's own variables as a JSON object, None without any
 
     @classmethod
     def from_row(cls, row: JobRow) -> JobSpec:
         """The spec of a ``JobRow``."""
-        job_id, line, model, prompt, size, seed, prompt_extend, output, output_key = row
+        job_id, line, model, prompt, size, seed, prompt_extend, output, output_key, variables = row
         return cls(
             id=job_id,
             model=model,
@@ -52,6 +56,7 @@ class JobSpec:
             output=output,
             output_key=output_key,
             line=line,
+            vars=variables,
         )
 
     def row(self) -> JobRow:
@@ -66,7 +71,13 @@ class JobSpec:
             self.prompt_extend,
             self.output,
             self.output_key,
+            self.vars,
         )
+
+    @property
+    def variables(self) -> dict[str, object]:
+        """``vars`` as a dict (empty without any)."""
+        return {} if self.vars is None else dict(json.loads(self.vars))
 
     @property
     def width(self) -> int:

@@ -17,7 +17,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from jobs.errors import ManifestError
-from jobs.fields import BUILTIN_VARS, one_line, text_problem
+from jobs.fields import BUILTIN_VARS, one_line, text_problem, variants_problem
 from jobs.templates import Scalar
 
 __all__ = [
@@ -46,6 +46,7 @@ _FIELD_TYPES = {
     "seed": "a whole number",
     "prompt_extend": "true or false",
     "output": "a path template",
+    "variants": "a whole number",
 }
 
 
@@ -148,7 +149,10 @@ class Nodes:
         value = scalar.value
         if value is None:
             return True, None
-        if name == "seed" and isinstance(value, int) and not isinstance(value, bool):
+        if name in ("seed", "variants") and isinstance(value, int) and not isinstance(value, bool):
+            if name == "variants" and (problem := variants_problem(value)):
+                self.error(scalar.line, label, problem)
+                return False, None
             return True, value
         if name == "prompt_extend" and isinstance(value, bool):
             return True, value

@@ -35,7 +35,7 @@ from jobs import JobStore, JobStoreError, UnknownJob
 
 from ..errors import ConfigError
 from ..layout import RunLayout, RunLock
-from ..metadata import METADATA_LINES, write_metadata
+from ..metadata import STATE_KEY, MetadataWriter
 from .data import Links, job_record
 from .site import build_report, check_output
 from .thumbs import ThumbJob, make_thumbs
@@ -202,7 +202,7 @@ class ReviewServer:
             return _json({"error": str(exc)}, status)
         self.marked = True
         # metadata.jsonl carries the marks: a run ending later rewrites it whole
-        await self.store.set_meta(METADATA_LINES, "")
+        await self.store.set_meta(STATE_KEY, "")
         [record] = await self._records([rec])
         return _json({"job": record})
 
@@ -217,7 +217,7 @@ class ReviewServer:
         except ConfigError:
             return False
         try:
-            await write_metadata(self.store, self.layout, done_at_start=0, since=None)
+            await MetadataWriter(self.store, self.layout).refresh()
         finally:
             lock.release()
         self.marked = False

@@ -132,7 +132,7 @@ def test_marks_survive_a_restart_and_reach_status_export_and_metadata(run: Path)
     assert "reviewed: 1 approved, 1 rejected" in status.stdout
     lines = (run / "images" / "metadata.jsonl").read_text(encoding="utf-8").splitlines()
     marks = {json.loads(x)["id"]: json.loads(x)["review"] for x in lines}
-    assert marks == {"p0": None, "p1": None, "p2": "rejected", "p3": None, "茶壶": "approved"}
+    assert marks == {"p0": "", "p1": "", "p2": "rejected", "p3": "", "茶壶": "approved"}
     with review_server(run) as server:
         status_code, body = server.request("GET", "/api/changes?since=0")
         assert status_code == 200

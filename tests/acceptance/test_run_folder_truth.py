@@ -120,6 +120,20 @@ def test_emulated_money_is_shown_as_emulated_never_as_spent(tmp_path):
     assert "US$0.03 emulated" in text and "spent nothing" in text
 
 
+def test_plan_of_a_rehearsal_folder_prices_what_is_left_as_emulated(tmp_path):
+    """``plan out/m.emulated`` without --emulate: the only run that can go on in that folder is
+    a rehearsal (a paid one is refused), so what is left is not priced as money to spend."""
+    m = write_manifest(tmp_path / "m.csv", rows(4))
+    out = tmp_path / "o.emulated"
+    r = run_cli("run", m, "--out", out, *QUICK_EMULATE, "--limit", "1", "--no-progress")
+    assert r.returncode == 4, r.stderr
+    text = run_cli("plan", out)
+    assert text.returncode == 0, text.stderr
+    assert "a run would generate 3 images for about US$0.045 emulated;" in text.stdout
+    data = json.loads(run_cli("plan", out, "--json").stdout)
+    assert data["emulated"] is True and data["to_generate"] == 3
+
+
 # ------------------------------------------------------------ 2. the manifest is the truth
 
 
