@@ -967,7 +967,7 @@ class JobStore:
                 conn,
                 reason="retry",
                 src=State.FAILED,
-                dst={State.GENERATED: live_url, State.PENDING: "1"},
+                dst={State.GENERATED: live_url, State.PENDING: "1 = 1"},
                 values="attempts = 0, download_attempts = 0, next_attempt_at = 0, "
                 "finished_at = NULL",
             )
@@ -1016,7 +1016,7 @@ class JobStore:
                 conn,
                 reason="redo",
                 src=State.DONE,
-                dst={State.PENDING: "1"},
+                dst={State.PENDING: "1 = 1"},
                 values=(
                     # the manifest's values are kept once, from before the first redo
                     "manifest_seed = coalesce(manifest_seed, seed), "
@@ -1054,7 +1054,7 @@ class JobStore:
         old = (
             await conn.exec_driver_sql(
                 "SELECT r.file AS requeue_file, j.* FROM requeue r JOIN jobs j ON j.id = r.id "
-                f"WHERE j.state IN ({states}) ORDER BY j.rowid"
+                f"WHERE j.state IN ({states}) ORDER BY j.{self._backend.order_column}"
             )
         ).mappings()
         kept = []
@@ -1407,18 +1407,15 @@ class JobStore:
     async def changed_since(self, since: float) -> list[dict[str, Any]]:
         """Every job created, started, generated, finished or reviewed at or after ``since``
         (a page that shows the table polls this while a run writes)."""
-        stamps = [
-            func.coalesce(c, 0)
-            for c in (
-                jobs.c.created_at,
-                jobs.c.started_at,
-                jobs.c.generated_at,
-                jobs.c.finished_at,
-                jobs.c.reviewed_at,
-            )
-        ]
+        stamps = (
+            jobs.c.created_at,
+            jobs.c.started_at,
+            jobs.c.generated_at,
+            jobs.c.finished_at,
+            jobs.c.reviewed_at,
+        )
         rowid: Any = literal_column(f"jobs.{self._backend.order_column}")
-        query = select(jobs).where(func.max(*stamps) >= since).order_by(rowid)
+        query = select(jobs).where(or_(*(c >= since for c in stamps))).order_by(rowid)
         async with self._read() as conn:
             return [_public(dict(r)) for r in (await conn.execute(query)).mappings()]
 
