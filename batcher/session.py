@@ -158,6 +158,8 @@ async def execute_run(cmd: RunCommand) -> RunOutcome:
                 _warn(
                     f"{target.manifest}: {plural(imported.added, 'new job')}, "
                     f"{imported.unchanged_of(start)} already imported"
+                    f"{f', {imported.replaced} replaced' if imported.replaced else ''}"
+                    f"{f', {imported.moved} moved' if imported.moved else ''}"
                     f"{f', {withdrawn} withdrawn' if withdrawn else ''}; "
                     f"{start.count(State.DONE)} of {start.total - withdrawn} done; "
                     f"run folder {layout.root}"

@@ -232,6 +232,25 @@ def test_changing_only_the_output_moves_the_image_instead_of_paying_again(tmp_pa
     assert names == ["new/p01.png", "old/p00.png", "old/p02.png"]
 
 
+def test_the_run_s_first_line_counts_replaced_and_moved_jobs_too(tmp_path, emulator):
+    """It said "0 new jobs, 1 already imported" of 3 jobs: the replaced and the moved ones
+    were in no count."""
+    header = "id,prompt,size,output"
+    m = write_manifest(tmp_path / "m.csv", [(*r, f"{r[0]}.png") for r in rows(3)], header)
+    out = tmp_path / "o"
+    assert run_cli(*run_args(m, out, emulator.base_url), env=ENV).returncode == 0
+    edited = [
+        ("p00", "an edited prompt", "512*512", "p00.png"),
+        ("p01", "a product photo of item 1", "512*512", "moved/p01.png"),
+        ("p02", "a product photo of item 2", "512*512", "p02.png"),
+    ]
+    write_manifest(m, edited, header)
+    r = run_cli(*run_args(m, out, emulator.base_url, "--replace"), env=ENV)
+    assert r.returncode == 0, r.stderr
+    first = r.stderr.splitlines()[0]
+    assert "0 new jobs, 1 already imported, 1 replaced, 1 moved;" in first, first
+
+
 # ------------------------------------------------------------ 4. money per currency, budget
 
 
