@@ -102,7 +102,7 @@ async def cmd_status(folder: Path, *, as_json: bool) -> ExitCode:
     if as_json:
         print(json.dumps(status_json(stats)))
     else:
-        print(status_text(stats, layout), end="")
+        print(status_text(stats, layout, live_run=RunLock.held(layout.lock)), end="")
     return ExitCode.OK
 
 
