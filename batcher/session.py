@@ -144,7 +144,9 @@ async def execute_run(cmd: RunCommand) -> RunOutcome:
                 "choose a writable folder with --out"
             ) from exc
         async with await JobStore.open(layout.db) as store:
-            await check_folder_endpoint(store, endpoint, layout.root)
+            await check_folder_endpoint(
+                store, endpoint, layout.root, default=target.in_paid_default
+            )
             imported = await _prepare(store, cmd, target)
             spent = await _budget_spent(store, cmd)
             metadata = MetadataWriter(store, layout)

@@ -108,6 +108,23 @@ def test_a_paid_run_into_a_folder_of_emulated_images_refuses_clearly(tmp_path, e
     assert "--out" in one_error_line(again.stderr)
 
 
+def test_a_rehearsal_in_the_paid_default_folder_is_not_told_to_use_that_folder(tmp_path, emulator):
+    """Rehearsed with ``--out out/m`` (the paid run's default), then run paid without --out:
+    the refusal told the user to run "without --out (into out/<name>)", which is what they
+    did. It says to give the paid run a folder of its own instead."""
+    m = write_manifest(tmp_path / "m.csv", rows(2))
+    first = run_cli("run", m, "--out", "out/m", *QUICK_EMULATE, "--no-progress", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    paid = run_cli(
+        "run", m, "--base-url", emulator.base_url, "--no-progress", env=ENV, cwd=tmp_path
+    )
+    assert paid.returncode == 2
+    line = one_error_line(paid.stderr)
+    assert "without --out" not in line and "out/<name>" not in line, line
+    assert "--emulate" in line and "--out DIR" in line, line
+    assert emulator.stats()["generate_requests"] == 0
+
+
 def test_emulated_money_is_shown_as_emulated_never_as_spent(tmp_path):
     m = write_manifest(tmp_path / "m.csv", rows(2))
     out = tmp_path / "o"
