@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from jobs import JobStoreError, ManifestInvalid, StoreUnavailable
+from jobs.backends import is_database_url
 
 from .commands import (
     PlanOptions,
@@ -35,7 +36,7 @@ from .commands import (
     cmd_status,
     parse_budget,
 )
-from .errors import BatcherError
+from .errors import BatcherError, ConfigError
 from .exitcodes import ExitCode
 from .export import ExportOptions, parse_shard_size
 from .pool import RunOptions
@@ -108,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--emulate", action="store_true", help="plan the rehearsal (out/<name>.emulated)"
     )
     plan.add_argument("--json", action="store_true", help="print a JSON object")
+    _add_db(plan)
 
     run = sub.add_parser("run", help="generate every image of a manifest")
     run.add_argument("manifest", type=Path, help="a manifest, or a run folder to resume")
@@ -161,10 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--no-progress", action="store_true", help="no progress display")
     run.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    _add_db(run)
 
     status = sub.add_parser("status", help="counts per state and failures by code")
     status.add_argument("folder", type=Path)
     status.add_argument("--json", action="store_true")
+    _add_db(status)
 
     export = sub.add_parser(
         "export", help="the jobs as JSONL or CSV records, or Parquet / WebDataset shards"
@@ -197,10 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="parquet: name each image by its path instead of embedding its bytes",
     )
+    _add_db(export)
 
     retry = sub.add_parser("retry", help="put failed jobs back to pending")
     retry.add_argument("folder", type=Path)
     retry.add_argument("--code", help="only jobs that failed with this error code")
+    _add_db(retry)
 
     emulate = sub.add_parser("emulate", help="serve the built-in DashScope emulator")
     from .emulator.cli import configure_parser
@@ -209,7 +215,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_db(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--db",
+        metavar="URL",
+        help="keep the run's job table in PostgreSQL (postgresql://user@host/dbname, one "
+        "database per run) instead of DIR/batcher.db; default $BATCHER_DATABASE_URL",
+    )
+
+
+def _database(args: argparse.Namespace) -> str | None:
+    """``--db``, else ``BATCHER_DATABASE_URL``; None for the run folder's SQLite file."""
+    url = args.db if args.db is not None else os.environ.get("BATCHER_DATABASE_URL") or None
+    if url is not None and not is_database_url(url):
+        where = "--db" if args.db is not None else "BATCHER_DATABASE_URL"
+        raise ConfigError(f"{where} must be a postgresql://user@host/dbname URL")
+    return url
+
+
 async def _dispatch(args: argparse.Namespace) -> int:
+    database = _database(args) if hasattr(args, "db") else None
     if args.command == "plan":
         return await cmd_plan(
             PlanOptions(
@@ -220,6 +245,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
                 rps=args.rps,
                 emulate=args.emulate,
                 as_json=args.json,
+                database=database,
             )
         )
     if args.command == "run":
@@ -254,10 +280,11 @@ async def _dispatch(args: argparse.Namespace) -> int:
                 progress=not args.no_progress,
                 as_json=args.json,
                 grace=args.grace,
+                database=database,
             )
         )
     if args.command == "status":
-        return await cmd_status(args.folder, as_json=args.json)
+        return await cmd_status(args.folder, as_json=args.json, database=database)
     if args.command == "export":
         return await cmd_export(
             args.folder,
@@ -268,9 +295,10 @@ async def _dispatch(args: argparse.Namespace) -> int:
                 state=args.state,
                 embed=not args.no_embed,
             ),
+            database=database,
         )
     if args.command == "retry":
-        return await cmd_retry(args.folder, code=args.code)
+        return await cmd_retry(args.folder, code=args.code, database=database)
     raise AssertionError(args.command)
 
 

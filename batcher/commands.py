@@ -7,6 +7,7 @@ one line (:mod:`batcher.cli`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -48,9 +49,9 @@ def _warn(msg: str) -> None:
     print(f"batcher: {msg}", file=sys.stderr)
 
 
-def _existing_layout(folder: Path) -> RunLayout:
-    layout = RunLayout(folder)
-    if not layout.db.is_file():
+def _existing_layout(folder: Path, database: str | None) -> RunLayout:
+    layout = RunLayout(folder, database)
+    if not layout.has_store():
         raise ConfigError(f"{folder} is not a batcher run folder (no batcher.db)")
     return layout
 
@@ -62,7 +63,10 @@ def _writable(layout: RunLayout) -> bool:
 
 async def _open_existing(layout: RunLayout) -> JobStore:
     """The store of an existing run folder, opened read-only when the folder cannot be written
-    (a finished run on read-only media can still be looked at and exported)."""
+    (a finished run on read-only media can still be looked at and exported). A run's table
+    in PostgreSQL is opened as it is."""
+    if layout.shared:
+        return await JobStore.open(layout.store, create=False)
     return await JobStore.open(layout.db, create=False, read_only=not _writable(layout))
 
 
@@ -83,9 +87,9 @@ def _need_writable(layout: RunLayout) -> None:
 
 async def cmd_plan(opt: PlanOptions) -> ExitCode:
     """Validate and import; no API call. Prints what a run would do."""
-    target = await resolve_target(opt.manifest, opt.out, emulate=opt.emulate)
+    target = await resolve_target(opt.manifest, opt.out, emulate=opt.emulate, database=opt.database)
     _need_writable(target.layout)
-    async with await JobStore.open(target.layout.db) as store:
+    async with await JobStore.open(target.layout.store) as store:
         imported = await import_manifest(store, target, replace=opt.replace)
         if not opt.emulate and await is_rehearsal_folder(store):
             opt = dataclasses.replace(opt, emulate=True)  # only a rehearsal may go on there
@@ -94,22 +98,23 @@ async def cmd_plan(opt: PlanOptions) -> ExitCode:
     return ExitCode.OK
 
 
-async def cmd_status(folder: Path, *, as_json: bool) -> ExitCode:
+async def cmd_status(folder: Path, *, as_json: bool, database: str | None = None) -> ExitCode:
     """Counts per state, spend and failures by code of a run folder."""
-    layout = _existing_layout(folder)
+    layout = _existing_layout(folder, database)
     async with await _open_existing(layout) as store:
         stats = await store.stats()
     if as_json:
         print(json.dumps(status_json(stats)))
     else:
-        print(status_text(stats, layout, live_run=RunLock.held(layout.lock)), end="")
+        live_run = layout.shared or RunLock.held(layout.lock)  # shared: workers hold no lock
+        print(status_text(stats, layout, live_run=live_run), end="")
     return ExitCode.OK
 
 
-async def cmd_export(folder: Path, opt: ExportOptions) -> ExitCode:
+async def cmd_export(folder: Path, opt: ExportOptions, *, database: str | None = None) -> ExitCode:
     """Write the run folder's jobs as records or dataset shards (see :mod:`batcher.export`).
     A closed stdout (``| head``) is the CLI's to end quietly."""
-    layout = _existing_layout(folder)
+    layout = _existing_layout(folder, database)
     check_output(opt)
     async with await _open_existing(layout) as store:
         result = await run_export(store, layout, opt, sys.stdout)
@@ -126,12 +131,13 @@ async def cmd_export(folder: Path, opt: ExportOptions) -> ExitCode:
     return ExitCode.OK
 
 
-async def cmd_retry(folder: Path, *, code: str | None) -> ExitCode:
+async def cmd_retry(folder: Path, *, code: str | None, database: str | None = None) -> ExitCode:
     """Failed jobs (or those failed with ``code``) back to pending."""
-    layout = _existing_layout(folder)
+    layout = _existing_layout(folder, database)
     _need_writable(layout)
-    with RunLock(layout.lock):
-        async with await JobStore.open(layout.db, create=False) as store:
+    # A shared table's workers may be running: the folder's lock is not theirs to take.
+    with contextlib.nullcontext() if layout.shared else RunLock(layout.lock):
+        async with await JobStore.open(layout.store, create=False) as store:
             n = await store.retry_failed(code=code)
     what = f" with error {code}" if code else ""
     print(

@@ -108,20 +108,23 @@ class Target:
         return _absolute(self.layout.root) == _absolute(default_out(self.manifest))
 
 
-async def resolve_target(target: Path, out: Path | None, *, emulate: bool) -> Target:
-    """``MANIFEST [--out DIR]``, or a run folder ``DIR`` standing for its own manifest."""
+async def resolve_target(
+    target: Path, out: Path | None, *, emulate: bool, database: str | None = None
+) -> Target:
+    """``MANIFEST [--out DIR]``, or a run folder ``DIR`` standing for its own manifest.
+    ``database``: the run's table is in that PostgreSQL database, not in the folder."""
     if not target.is_dir():  # noqa: ASYNC240 (a stat, once per command)
-        layout = RunLayout(out or default_out(target, emulate=emulate))
+        layout = RunLayout(out or default_out(target, emulate=emulate), database)
         return Target(manifest=target, layout=layout, explicit=out is not None)
-    layout = RunLayout(target)
-    if not layout.db.is_file():
+    layout = RunLayout(target, database)
+    if not layout.has_store():
         raise ConfigError(f"{target} is a folder, neither a manifest nor a batcher run folder")
     if out is not None and _absolute(out) != _absolute(target):
         raise ConfigError(f"{target} is a run folder: --out cannot name another one")
     # Read-only when the folder cannot be written (read-only media): the run or plan then
     # refuses it in one line, as for a manifest, instead of failing to open the database.
-    writable = os.access(layout.root, os.W_OK) and os.access(layout.db, os.W_OK)
-    async with await JobStore.open(layout.db, create=False, read_only=not writable) as store:
+    writable = layout.shared or (os.access(layout.root, os.W_OK) and os.access(layout.db, os.W_OK))
+    async with await JobStore.open(layout.store, create=False, read_only=not writable) as store:
         remembered = await store.get_meta(MANIFEST_KEY)
     if remembered is None:
         raise ConfigError(

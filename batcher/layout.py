@@ -3,7 +3,8 @@
 ::
 
     DIR/
-      batcher.db          the job table (plus -wal/-shm while open)
+      batcher.db          the job table (plus -wal/-shm while open), unless the run's
+                          table is in PostgreSQL (``--db postgresql://...``)
       batcher.log         one line per notable event; never the API key
       .lock               held by the running process (a second run refuses clearly)
       images/             the images, following the manifest's output template
@@ -37,9 +38,11 @@ class UnsafeOutputPath(PermanentJobError):
 
 @dataclass(frozen=True, slots=True)
 class RunLayout:
-    """Paths of one run folder."""
+    """Paths of one run folder, and where its job table is: ``batcher.db`` in the folder, or
+    the PostgreSQL database ``database`` names (a URL) when the run's table is shared."""
 
     root: Path
+    database: str | None = None
     # Folders under images/ already made and checked by image_path in this process: a catalog
     # of a million images in a few folders checks each folder once, not once per image.
     _checked: set[Path] = field(default_factory=set, compare=False, repr=False)
@@ -47,6 +50,21 @@ class RunLayout:
     @property
     def db(self) -> Path:
         return self.root / "batcher.db"
+
+    @property
+    def store(self) -> str | Path:
+        """What :meth:`jobs.JobStore.open` opens: the database URL, else ``batcher.db``."""
+        return self.database if self.database is not None else self.db
+
+    @property
+    def shared(self) -> bool:
+        """Whether several workers may run on this folder's table at once (PostgreSQL)."""
+        return self.database is not None
+
+    def has_store(self) -> bool:
+        """Whether the run's table may exist: a database URL is given, or ``batcher.db`` is
+        in the folder."""
+        return self.database is not None or self.db.is_file()
 
     @property
     def log(self) -> Path:

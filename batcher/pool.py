@@ -23,7 +23,9 @@ cuts them short. A run-level API error (bad key, arrears, ...) does the former b
 from __future__ import annotations
 
 import logging
+import os
 import random
+import socket
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -51,6 +53,9 @@ from .reach import Reachability
 __all__ = ["RunCounters", "RunOptions", "RunResult", "Runner", "StopReason"]
 
 log = logging.getLogger("batcher.run")
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
+"""Who holds a claimed job (``jobs.worker``): the host and process, for a table several
+workers share."""
 
 # 429 codes that name the request-rate quota itself (the pacer may estimate it from them).
 QUOTA_CODES = frozenset({"throttling.ratequota", "limitrequests", "limit_requests"})
@@ -399,7 +404,9 @@ class Runner:
             # At least a small batch even when few slots are free: each claim is a write
             # transaction, and the buffer is released on any stop.
             batch = min(64, max(16, self.concurrency - self._in_flight))
-            claims = await self.store.claim(limit=batch, lease_seconds=self.opt.lease_seconds)
+            claims = await self.store.claim(
+                limit=batch, lease_seconds=self.opt.lease_seconds, worker=WORKER
+            )
             for c in claims:
                 self._held[c.id] = c
             self._buffer.extend(claims)

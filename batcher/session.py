@@ -65,6 +65,7 @@ class RunCommand:
     progress: bool = True
     as_json: bool = False
     grace: float = 10.0
+    database: str | None = None  # a postgresql:// URL: the run's table is shared there
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -130,20 +131,23 @@ async def execute_run(cmd: RunCommand) -> RunOutcome:
     secret = "" if cmd.emulate else _api_key()  # fail fast on the key
     base_url = base_url_for(cmd.options.region, cmd.base_url)  # validates --region / --base-url
     _check_budget_currency(cmd)
-    target = await resolve_target(cmd.manifest, cmd.out, emulate=cmd.emulate)
+    target = await resolve_target(cmd.manifest, cmd.out, emulate=cmd.emulate, database=cmd.database)
     layout = target.layout
     endpoint = endpoint_label(emulate=cmd.emulate, base_url=base_url)
     with contextlib.ExitStack() as held:
         try:
             layout.root.mkdir(parents=True, exist_ok=True)
-            held.enter_context(RunLock(layout.lock))
+            # On a shared table other workers use the folder too: no folder lock (their
+            # leases fence them; see jobs.store).
+            if not layout.shared:
+                held.enter_context(RunLock(layout.lock))
             held.enter_context(_file_logging(layout.log, secret))
         except OSError as exc:  # a read-only folder or medium, a file in the way, ...
             raise ConfigError(
                 f"cannot write the run folder {layout.root}: {exc.strerror or exc}; "
                 "choose a writable folder with --out"
             ) from exc
-        async with await JobStore.open(layout.db) as store:
+        async with await JobStore.open(layout.store) as store:
             await check_folder_endpoint(
                 store, endpoint, layout.root, default=target.in_paid_default
             )
@@ -220,11 +224,14 @@ async def _prepare(store: JobStore, cmd: RunCommand, target: Target) -> ImportSu
     """Import, reclaim what a dead process held, sweep its temporary files, log the options."""
     layout = target.layout
     imported = await import_manifest(store, target, replace=cmd.replace)
-    reclaimed = await store.reclaim(all_running=True)
+    # Holding the folder's lock, no live process can own a running job; on a shared table
+    # other workers may, so only expired leases are taken back.
+    reclaimed = await store.reclaim(all_running=not store.shared)
     # Temporary files are left only by a run that did not end cleanly: walking a million
-    # images to look for them on every start would dominate a resume.
+    # images to look for them on every start would dominate a resume. On a shared table a
+    # live worker's downloads are in flight: nothing is swept.
     swept = 0
-    if await store.get_meta("last_run") != "clean":
+    if not store.shared and await store.get_meta("last_run") != "clean":
         swept = await anyio.to_thread.run_sync(sweep_partials, layout.images)
     await store.set_meta("last_run", "running")
     log.info(

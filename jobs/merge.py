@@ -31,7 +31,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .errors import ManifestError, ManifestInvalid
@@ -51,7 +51,8 @@ _SAME_CONTENT = (
 )
 _CONTENT_CHANGED = f"NOT ({_SAME_CONTENT})"
 _MOVED_ONLY = f"{_SAME_CONTENT} AND j.output != s.output"
-_VARS_ONLY = f"{_SAME_CONTENT} AND j.vars IS NOT s.vars"
+# (null-safe "differs", in SQL both databases read: one NULL and not the other differs too)
+_VARS_ONLY = f"{_SAME_CONTENT} AND (j.vars <> s.vars OR (j.vars IS NULL) <> (s.vars IS NULL))"
 
 
 def _states(states: frozenset[State] | set[State]) -> str:
@@ -112,8 +113,8 @@ class ImportReport:
     updated: int = 0
 
 
-async def _rows(conn: AsyncConnection, sql: str, *params: Any) -> list[Any]:
-    return list(await conn.exec_driver_sql(sql, params))
+async def _rows(conn: AsyncConnection, sql: str, **params: Any) -> list[Any]:
+    return list(await conn.execute(text(sql), params))
 
 
 async def _to_history(
@@ -144,15 +145,19 @@ async def merge_staging(
     max_errors: int,
     total: int,
     now: float,
+    order: str = "rowid",
 ) -> ImportReport:
     """Merge ``staging`` into ``jobs`` (see the module docstring); raise
-    :class:`ManifestInvalid` naming every conflicting row, having changed nothing."""
+    :class:`ManifestInvalid` naming every conflicting row, having changed nothing.
+
+    ``order`` is staging's column of manifest order (the backend's: SQLite's rowid, or an
+    identity column); new jobs are added in that order."""
     errors: list[ManifestError] = []
     changed = await _rows(
         conn,
         "SELECT s.line, s.id FROM staging s JOIN jobs j ON j.id = s.id "
-        f"WHERE {_CONTENT_CHANGED} ORDER BY s.line LIMIT ?",
-        max_errors + 1,
+        f"WHERE {_CONTENT_CHANGED} ORDER BY s.line LIMIT :limit",
+        limit=max_errors + 1,
     )
     if changed and not replace:
         errors += [
@@ -177,8 +182,8 @@ async def merge_staging(
         "WHERE NOT EXISTS (SELECT 1 FROM staging s2 "
         "WHERE s2.id = j.id AND s2.output_key != j.output_key) "
         f"{f'AND NOT {leaving} ' if withdraw else ''}"
-        "ORDER BY s.line LIMIT ?",
-        max_errors + 1,
+        "ORDER BY s.line LIMIT :limit",
+        limit=max_errors + 1,
     )
     errors += [
         ManifestError(source, line, "output", f"{output} is already the output of job {other!r}")
@@ -219,13 +224,15 @@ async def merge_staging(
         "WHERE j.output_key != s.output_key)"
     )
     added = (
-        await conn.exec_driver_sql(
-            "INSERT INTO jobs (id, line, model, prompt, size, seed, prompt_extend, output, "
-            "output_key, vars, state, created_at) "
-            "SELECT s.id, s.line, s.model, s.prompt, s.size, s.seed, s.prompt_extend, "
-            f"s.output, s.output_key, s.vars, '{State.PENDING.value}', ? FROM staging s "
-            "WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = s.id) ORDER BY s.rowid",
-            (now,),
+        await conn.execute(
+            text(
+                "INSERT INTO jobs (id, line, model, prompt, size, seed, prompt_extend, output, "
+                "output_key, vars, state, created_at) "
+                "SELECT s.id, s.line, s.model, s.prompt, s.size, s.seed, s.prompt_extend, "
+                f"s.output, s.output_key, s.vars, '{State.PENDING.value}', :now FROM staging s "
+                f"WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = s.id) ORDER BY s.{order}"
+            ),
+            {"now": now},
         )
     ).rowcount
     return ImportReport(
@@ -246,7 +253,9 @@ async def _replace_changed(conn: AsyncConnection, now: float) -> int:
     )
     # Free the old output keys first so a swap of outputs between jobs is not a collision.
     await conn.execute(
-        update(jobs).where(jobs.c.id.in_(ids)).values(output_key=jobs.c.output_key + "\0old")
+        update(jobs)
+        .where(jobs.c.id.in_(ids))
+        .values(output_key=jobs.c.output_key + " (replacing) " + jobs.c.id)
     )
     await conn.exec_driver_sql(
         "UPDATE jobs SET (line, model, prompt, size, seed, prompt_extend, output, output_key, "
@@ -279,10 +288,7 @@ async def _give_up_paths(conn: AsyncConnection, ids: list[str], now: float) -> N
     to the history, their results are cleared (the new row's image will take the path)."""
     for at in range(0, len(ids), 500):
         part = ids[at : at + 500]
-        marks = ", ".join("?" * len(part))
-        old = (
-            await conn.exec_driver_sql(f"SELECT * FROM jobs WHERE id IN ({marks})", tuple(part))
-        ).mappings()
+        old = (await conn.execute(select(jobs).where(jobs.c.id.in_(part)))).mappings()
         for rec in [dict(r) for r in old]:
             await conn.execute(
                 history.insert().values(
@@ -328,7 +334,7 @@ async def _move_outputs(conn: AsyncConnection, now: float) -> int:
     """Jobs whose only change is their output path take the new one, keeping their state; a
     done job's move is written to the history for the caller to carry out on disk."""
     moving = f"jobs j JOIN staging s ON s.id = j.id WHERE {_MOVED_ONLY}"
-    await conn.exec_driver_sql("DROP TABLE IF EXISTS temp.moving")
+    await conn.exec_driver_sql("DROP TABLE IF EXISTS moving")
     await conn.exec_driver_sql(f"CREATE TEMP TABLE moving AS SELECT j.id FROM {moving}")
     try:
         count = (await conn.exec_driver_sql("SELECT count(*) FROM moving")).scalar_one()
@@ -346,4 +352,4 @@ async def _move_outputs(conn: AsyncConnection, now: float) -> int:
         )
         return int(count)
     finally:
-        await conn.exec_driver_sql("DROP TABLE IF EXISTS temp.moving")
+        await conn.exec_driver_sql("DROP TABLE IF EXISTS moving")

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from jobs import store as store_module
+from jobs.backends import sqlite as store_module
 from jobs.store import JobStore
 
 from .store_support import FakeClock, numbered, raw

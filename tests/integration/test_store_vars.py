@@ -12,6 +12,7 @@ from jobs import open_manifest
 from jobs.errors import ManifestInvalid
 from jobs.states import State
 from jobs.store import JobStore
+from tests.conftest import store_target
 
 from .store_support import FakeClock, generated, row, spec, stored
 
@@ -19,8 +20,9 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[JobStore]:
-    s = await JobStore.open(tmp_path / "run" / "batcher.db", clock=FakeClock())
+async def store(tmp_path: Path, backend: str) -> AsyncIterator[JobStore]:
+    target = store_target(backend, tmp_path / "run" / "batcher.db")
+    s = await JobStore.open(target, clock=FakeClock())
     try:
         yield s
     finally:
@@ -40,7 +42,7 @@ async def test_jsonl_variables_are_stored_typed_as_written(tmp_path: Path, store
     ]
     m.write_text("".join(json.dumps(x) + "\n" for x in lines))
     await _import(store, m)
-    db = store.path
+    db = store.location
     assert json.loads(row(db, "a")["vars"]) == {
         "label": 3,
         "score": 0.5,
@@ -61,7 +63,7 @@ async def test_csv_cells_are_text_and_yaml_matrix_values_are_variables(
     m = tmp_path / "m.csv"
     m.write_text("id,prompt,label,split\na,a {label},7,train\n")
     await _import(store, m)
-    assert json.loads(row(store.path, "a")["vars"]) == {"label": "7", "split": "train"}
+    assert json.loads(row(store.location, "a")["vars"]) == {"label": "7", "split": "train"}
     y = tmp_path / "y.yaml"
     y.write_text(
         "defaults: {vars: {shop: north}}\n"
@@ -93,7 +95,7 @@ async def test_editing_a_variable_updates_it_and_keeps_the_image(
     report = await _import(store, m)
     assert (report.added, report.replaced, report.updated) == (0, 0, 2)  # type: ignore[attr-defined]
     assert list(await store.variables()) == ["label", "kind"]  # worked out again
-    a = row(store.path, "a")
+    a = row(store.location, "a")
     assert a["state"] == State.DONE.value and a["sha256"] is not None
     assert json.loads(a["vars"]) == {"label": "cat-1", "kind": "x"}
     # a variable used in the prompt changes the image: that is a change like any other
@@ -102,7 +104,7 @@ async def test_editing_a_variable_updates_it_and_keeps_the_image(
         await _import(store, m)
     report = await _import(store, m, replace=True)
     assert report.replaced == 1  # type: ignore[attr-defined]
-    assert row(store.path, "a")["prompt"] == "a fox cat-1"
+    assert row(store.location, "a")["prompt"] == "a fox cat-1"
 
 
 async def test_specs_carry_their_variables_and_done_records_show_them(store: JobStore) -> None:
