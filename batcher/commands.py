@@ -106,7 +106,8 @@ async def cmd_status(folder: Path, *, as_json: bool, database: str | None = None
     if as_json:
         print(json.dumps(status_json(stats)))
     else:
-        print(status_text(stats, layout), end="")
+        live_run = layout.shared or RunLock.held(layout.lock)  # shared: workers hold no lock
+        print(status_text(stats, layout, live_run=live_run), end="")
     return ExitCode.OK
 
 

@@ -150,7 +150,9 @@ async def execute_run(cmd: RunCommand) -> RunOutcome:
                 "choose a writable folder with --out"
             ) from exc
         async with await JobStore.open(layout.store) as store:
-            await check_folder_endpoint(store, endpoint, layout.root)
+            await check_folder_endpoint(
+                store, endpoint, layout.root, default=target.in_paid_default
+            )
             imported = await _prepare(store, cmd, target)
             spent = await _budget_spent(store, cmd)
             metadata = MetadataWriter(store, layout)
@@ -164,6 +166,8 @@ async def execute_run(cmd: RunCommand) -> RunOutcome:
                 _warn(
                     f"{target.manifest}: {plural(imported.added, 'new job')}, "
                     f"{imported.unchanged_of(start)} already imported"
+                    f"{f', {imported.replaced} replaced' if imported.replaced else ''}"
+                    f"{f', {imported.moved} moved' if imported.moved else ''}"
                     f"{f', {withdrawn} withdrawn' if withdrawn else ''}; "
                     f"{start.count(State.DONE)} of {start.total - withdrawn} done; "
                     f"run folder {layout.root}"
@@ -447,7 +451,8 @@ def _snapshot(
         per_minute=meter.per_minute(c.generated),
         quota_per_minute=rate * 60,
         eta_seconds=pace.eta(remaining=remaining),
-        spent=f"{Money(c.cost, currency)}{' emulated' if emulated else ''}",
+        spent=str(Money(c.cost, currency)),
+        emulated=emulated,
         elapsed=runner.elapsed,
         stopping=reason.value if reason is not None else None,
         run_done=c.done,
