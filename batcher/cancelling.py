@@ -10,6 +10,7 @@ cancelled: it is left, and the next run collects its image.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,19 +36,27 @@ class CancelReport:
 
 
 async def cancel_pending_tasks(
-    folder: Path, *, region: str, base_url: str | None, request_timeout: float = 30.0
+    folder: Path,
+    *,
+    region: str,
+    base_url: str | None,
+    request_timeout: float = 30.0,
+    database: str | None = None,
 ) -> CancelReport:
-    """Cancel every submitted task of ``folder`` still PENDING at the service."""
-    layout = RunLayout(folder)
-    if not layout.db.is_file():
+    """Cancel every submitted task of ``folder`` (or of the run's table in ``database``, a
+    PostgreSQL URL) still PENDING at the service."""
+    layout = RunLayout(folder, database)
+    if not layout.has_store():
         raise ConfigError(f"{folder} is not a batcher run folder (no batcher.db)")
     url = base_url_for(region, base_url)
     key = os.environ.get("DASHSCOPE_API_KEY", "").strip()
     if not key:
         raise ConfigError("DASHSCOPE_API_KEY is not set; export your Model Studio key")
     cancelled = running = errors = 0
-    with RunLock(layout.lock):
-        async with await JobStore.open(layout.db, create=False) as store:
+    # A shared table's workers may be running: the folder's lock is not theirs to take (a
+    # submitted job a worker is polling is cancelled all the same; its poll then sees it).
+    with contextlib.nullcontext() if layout.shared else RunLock(layout.lock):
+        async with await JobStore.open(layout.store, create=False) as store:
             tasks = await store.submitted_tasks()
             async with aiohttp.ClientSession() as session:
                 client = DashScopeClient(

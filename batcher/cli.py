@@ -3,9 +3,12 @@
     batcher plan MANIFEST|DIR [--out DIR]        validate and import; no API call
     batcher run MANIFEST|DIR [--out DIR] [...]   generate every image (see --help)
     batcher status DIR [--json]                  counts per state, failures by code
-    batcher export DIR [--format jsonl|csv] [-o FILE]
+    batcher export DIR [--format jsonl|csv|parquet|webdataset] [-o PATH] [...]
     batcher retry DIR [--code CODE]              failed jobs back to pending
     batcher cancel DIR                           cancel the folder's tasks not yet started
+    batcher redo DIR [--rejected] [--id ID ...]  done jobs made again, old images kept
+    batcher report DIR [-o PATH]                 a static report with a gallery (file://)
+    batcher review DIR [--port N] [--host H]     the report served locally, with review marks
     batcher emulate [--port 0] [...]             the built-in DashScope emulator
 
 User mistakes end as one line on stderr and exit code 2; a bug shows a traceback.
@@ -25,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from jobs import JobStoreError, ManifestInvalid, StoreUnavailable
+from jobs.backends import is_database_url
 
 from .commands import (
     PlanOptions,
@@ -36,9 +40,13 @@ from .commands import (
     cmd_status,
     parse_budget,
 )
-from .errors import BatcherError
+from .errors import BatcherError, ConfigError
 from .exitcodes import ExitCode
+from .export import ExportOptions, parse_shard_size
+from .gallery.server import cmd_review
+from .gallery.site import cmd_report
 from .pool import RunOptions, model_rates
+from .redo import RedoOptions, cmd_redo
 
 if TYPE_CHECKING:
     from _typeshed import SupportsWrite
@@ -89,6 +97,17 @@ class _Parser(argparse.ArgumentParser):
             (file or sys.stderr).write(message)
 
 
+def _port(text: str) -> int:
+    """A TCP port for ``--port``: 0 (any free one) to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0..65535: {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="batcher",
@@ -110,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--emulate", action="store_true", help="plan the rehearsal (out/<name>.emulated)"
     )
     plan.add_argument("--json", action="store_true", help="print a JSON object")
+    _add_db(plan)
 
     run = sub.add_parser("run", help="generate every image of a manifest")
     run.add_argument("manifest", type=Path, help="a manifest, or a run folder to resume")
@@ -167,19 +187,77 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--no-progress", action="store_true", help="no progress display")
     run.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    _add_db(run)
 
     status = sub.add_parser("status", help="counts per state and failures by code")
     status.add_argument("folder", type=Path)
     status.add_argument("--json", action="store_true")
+    _add_db(status)
 
-    export = sub.add_parser("export", help="one record per job, as JSONL or CSV")
+    export = sub.add_parser(
+        "export", help="the jobs as JSONL or CSV records, or Parquet / WebDataset shards"
+    )
     export.add_argument("folder", type=Path)
-    export.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
-    export.add_argument("-o", "--output", type=Path, help="file to write (default stdout)")
+    export.add_argument(
+        "--format",
+        choices=["jsonl", "csv", "parquet", "webdataset"],
+        help="default: from -o's extension (.jsonl, .csv), else jsonl",
+    )
+    export.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        help="file to write (default stdout); a folder for parquet and webdataset",
+    )
+    export.add_argument(
+        "--shard-size",
+        default="500MB",
+        metavar="SIZE",
+        help="parquet/webdataset: bytes per shard, e.g. 500MB, 1GiB (default 500MB)",
+    )
+    export.add_argument(
+        "--state",
+        choices=["done", "failed", "all"],
+        help="which jobs (default: done for shards, all for records)",
+    )
+    export.add_argument(
+        "--no-embed",
+        action="store_true",
+        help="parquet: name each image by its path instead of embedding its bytes",
+    )
+    _add_db(export)
 
     retry = sub.add_parser("retry", help="put failed jobs back to pending")
     retry.add_argument("folder", type=Path)
     retry.add_argument("--code", help="only jobs that failed with this error code")
+    _add_db(retry)
+
+    redo = sub.add_parser(
+        "redo", help="put done jobs back to pending with a new seed; their images are kept"
+    )
+    redo.add_argument("folder", type=Path)
+    redo.add_argument("--rejected", action="store_true", help="every job marked rejected")
+    redo.add_argument(
+        "--id", dest="ids", action="extend", nargs="+", default=[], metavar="ID", help="job ids"
+    )
+    seeds = redo.add_mutually_exclusive_group()
+    seeds.add_argument(
+        "--new-seed", action="store_true", help="a new random seed (the default without --prompt)"
+    )
+    seeds.add_argument("--seed", type=int, help="this seed for every job redone")
+    redo.add_argument("--prompt", help="a new prompt (keeps each seed unless --new-seed/--seed)")
+    redo.add_argument("--dry-run", action="store_true", help="print what would be done, do nothing")
+
+    report = sub.add_parser("report", help="write a static report: figures, charts, a gallery")
+    report.add_argument("folder", type=Path)
+    report.add_argument("-o", "--output", type=Path, help="report folder (default DIR/report)")
+
+    review = sub.add_parser("review", help="serve the report locally with approve/reject/notes")
+    review.add_argument("folder", type=Path)
+    review.add_argument("--port", type=_port, default=8642, help="port (0: any free one)")
+    review.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1 only)"
+    )
 
     cancel = sub.add_parser(
         "cancel", help="cancel the folder's asynchronous tasks the service has not started"
@@ -187,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("folder", type=Path)
     cancel.add_argument("--region", choices=["intl", "cn"], default="intl")
     cancel.add_argument("--base-url", help="API base URL ending in /api/v1 (overrides --region)")
+    _add_db(cancel)
 
     emulate = sub.add_parser("emulate", help="serve the built-in DashScope emulator")
     from .emulator.cli import configure_parser
@@ -195,7 +274,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_db(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--db",
+        metavar="URL",
+        help="keep the run's job table in PostgreSQL (postgresql://user@host/dbname, one "
+        "database per run) instead of DIR/batcher.db; default $BATCHER_DATABASE_URL",
+    )
+
+
+def _database(args: argparse.Namespace) -> str | None:
+    """``--db``, else ``BATCHER_DATABASE_URL``; None for the run folder's SQLite file."""
+    url = args.db if args.db is not None else os.environ.get("BATCHER_DATABASE_URL") or None
+    if url is not None and not is_database_url(url):
+        where = "--db" if args.db is not None else "BATCHER_DATABASE_URL"
+        raise ConfigError(f"{where} must be a postgresql://user@host/dbname URL")
+    return url
+
+
 async def _dispatch(args: argparse.Namespace) -> int:
+    database = _database(args) if hasattr(args, "db") else None
     if args.command == "plan":
         return await cmd_plan(
             PlanOptions(
@@ -206,6 +304,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
                 rps=args.rps,
                 emulate=args.emulate,
                 as_json=args.json,
+                database=database,
             )
         )
     if args.command == "run":
@@ -241,23 +340,52 @@ async def _dispatch(args: argparse.Namespace) -> int:
                 progress=not args.no_progress,
                 as_json=args.json,
                 grace=args.grace,
+                database=database,
             )
         )
     if args.command == "status":
-        return await cmd_status(args.folder, as_json=args.json)
+        return await cmd_status(args.folder, as_json=args.json, database=database)
     if args.command == "export":
-        return await cmd_export(args.folder, fmt=args.format, output=args.output)
+        return await cmd_export(
+            args.folder,
+            ExportOptions(
+                fmt=args.format,
+                output=args.output,
+                shard_size=parse_shard_size(args.shard_size),
+                state=args.state,
+                embed=not args.no_embed,
+            ),
+            database=database,
+        )
     if args.command == "retry":
-        return await cmd_retry(args.folder, code=args.code)
+        return await cmd_retry(args.folder, code=args.code, database=database)
     if args.command == "cancel":
         from .cancelling import cancel_pending_tasks
 
-        report = await cancel_pending_tasks(args.folder, region=args.region, base_url=args.base_url)
+        report = await cancel_pending_tasks(
+            args.folder, region=args.region, base_url=args.base_url, database=database
+        )
         print(
             f"{report.cancelled} tasks cancelled; {report.running} already running (the next "
             f"run collects their images); {report.errors} could not be reached"
         )
         return 0 if not report.errors else 1
+    if args.command == "report":
+        return await cmd_report(args.folder, output=args.output)
+    if args.command == "review":
+        return await cmd_review(args.folder, host=args.host, port=args.port)
+    if args.command == "redo":
+        return await cmd_redo(
+            args.folder,
+            RedoOptions(
+                ids=tuple(args.ids),
+                rejected=args.rejected,
+                seed=args.seed,
+                new_seed=args.new_seed,
+                prompt=args.prompt,
+                dry_run=args.dry_run,
+            ),
+        )
     raise AssertionError(args.command)
 
 

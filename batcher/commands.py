@@ -7,6 +7,8 @@ one line (:mod:`batcher.cli`).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -18,8 +20,8 @@ from jobs import JobStore
 
 from .errors import ConfigError
 from .exitcodes import ExitCode, exit_code_for
-from .export import export_records
-from .folder import resolve_target
+from .export import ExportOptions, check_output, run_export
+from .folder import is_rehearsal_folder, resolve_target
 from .importing import import_manifest
 from .layout import RunLayout, RunLock
 from .planning import PlanOptions, make_plan
@@ -47,9 +49,9 @@ def _warn(msg: str) -> None:
     print(f"batcher: {msg}", file=sys.stderr)
 
 
-def _existing_layout(folder: Path) -> RunLayout:
-    layout = RunLayout(folder)
-    if not layout.db.is_file():
+def _existing_layout(folder: Path, database: str | None) -> RunLayout:
+    layout = RunLayout(folder, database)
+    if not layout.has_store():
         raise ConfigError(f"{folder} is not a batcher run folder (no batcher.db)")
     return layout
 
@@ -61,7 +63,10 @@ def _writable(layout: RunLayout) -> bool:
 
 async def _open_existing(layout: RunLayout) -> JobStore:
     """The store of an existing run folder, opened read-only when the folder cannot be written
-    (a finished run on read-only media can still be looked at and exported)."""
+    (a finished run on read-only media can still be looked at and exported). A run's table
+    in PostgreSQL is opened as it is."""
+    if layout.shared:
+        return await JobStore.open(layout.store, create=False)
     return await JobStore.open(layout.db, create=False, read_only=not _writable(layout))
 
 
@@ -82,48 +87,57 @@ def _need_writable(layout: RunLayout) -> None:
 
 async def cmd_plan(opt: PlanOptions) -> ExitCode:
     """Validate and import; no API call. Prints what a run would do."""
-    target = await resolve_target(opt.manifest, opt.out, emulate=opt.emulate)
+    target = await resolve_target(opt.manifest, opt.out, emulate=opt.emulate, database=opt.database)
     _need_writable(target.layout)
-    async with await JobStore.open(target.layout.db) as store:
+    async with await JobStore.open(target.layout.store) as store:
         imported = await import_manifest(store, target, replace=opt.replace)
+        if not opt.emulate and await is_rehearsal_folder(store):
+            opt = dataclasses.replace(opt, emulate=True)  # only a rehearsal may go on there
         plan = await make_plan(store, target.layout, target.manifest, imported, opt)
     print(json.dumps(plan.as_dict()) if opt.as_json else plan.text())
     return ExitCode.OK
 
 
-async def cmd_status(folder: Path, *, as_json: bool) -> ExitCode:
+async def cmd_status(folder: Path, *, as_json: bool, database: str | None = None) -> ExitCode:
     """Counts per state, spend and failures by code of a run folder."""
-    layout = _existing_layout(folder)
+    layout = _existing_layout(folder, database)
     async with await _open_existing(layout) as store:
         stats = await store.stats()
     if as_json:
         print(json.dumps(status_json(stats)))
     else:
-        print(status_text(stats, layout), end="")
+        live_run = layout.shared or RunLock.held(layout.lock)  # shared: workers hold no lock
+        print(status_text(stats, layout, live_run=live_run), end="")
     return ExitCode.OK
 
 
-async def cmd_export(folder: Path, *, fmt: str, output: Path | None) -> ExitCode:
-    """One record per job to stdout or, written whole then renamed, to ``output``."""
-    layout = _existing_layout(folder)
+async def cmd_export(folder: Path, opt: ExportOptions, *, database: str | None = None) -> ExitCode:
+    """Write the run folder's jobs as records or dataset shards (see :mod:`batcher.export`).
+    A closed stdout (``| head``) is the CLI's to end quietly."""
+    layout = _existing_layout(folder, database)
+    check_output(opt)
     async with await _open_existing(layout) as store:
-        if output is None:
-            n = await export_records(store, layout, sys.stdout, fmt=fmt)
-        else:
-            temp = output.with_name(f".{output.name}.part")
-            with temp.open("w", encoding="utf-8", newline="") as fh:
-                n = await export_records(store, layout, fh, fmt=fmt)
-            os.replace(temp, output)
-    _warn(f"exported {plural(n, 'record')}")
+        result = await run_export(store, layout, opt, sys.stdout)
+    sys.stdout.flush()
+    where = f" to {opt.output}" if opt.output is not None else ""
+    records = plural(result.records, "record")
+    if result.fmt in ("parquet", "webdataset"):
+        shards = plural(len(result.files) - 1, f"{result.fmt} shard")
+        _warn(f"exported {records} in {shards}{where}")
+    else:
+        _warn(f"exported {records}{where}")
+    if result.missing:
+        _warn(f"warning: {plural(result.missing, 'done image')} not found; exported without")
     return ExitCode.OK
 
 
-async def cmd_retry(folder: Path, *, code: str | None) -> ExitCode:
+async def cmd_retry(folder: Path, *, code: str | None, database: str | None = None) -> ExitCode:
     """Failed jobs (or those failed with ``code``) back to pending."""
-    layout = _existing_layout(folder)
+    layout = _existing_layout(folder, database)
     _need_writable(layout)
-    with RunLock(layout.lock):
-        async with await JobStore.open(layout.db, create=False) as store:
+    # A shared table's workers may be running: the folder's lock is not theirs to take.
+    with contextlib.nullcontext() if layout.shared else RunLock(layout.lock):
+        async with await JobStore.open(layout.store, create=False) as store:
             n = await store.retry_failed(code=code)
     what = f" with error {code}" if code else ""
     print(
@@ -164,6 +178,7 @@ def _report(cmd: RunCommand, outcome: RunOutcome, code: ExitCode) -> None:
             currency=currency_of(cmd.options.region),
             emulated=cmd.emulate,
         )
+        payload["report"] = str(outcome.report) if outcome.report else None
         print(json.dumps(payload))
     for line in lines:
         _warn(line)
@@ -179,6 +194,8 @@ def _report(cmd: RunCommand, outcome: RunOutcome, code: ExitCode) -> None:
     elif result.reason is StopReason.INTERRUPTED:
         _warn("interrupted; run the same command again to continue where it stopped")
     _warn(f"images are in {layout.images}")
+    if outcome.report is not None:
+        _warn(f"report: {outcome.report}")
 
 
 _CURRENCY_NAMES = {"USD": "USD", "US$": "USD", "$": "USD", "CNY": "CNY", "RMB": "CNY", "¥": "CNY"}

@@ -14,12 +14,14 @@ whoever finds no batch running becomes the leader and runs the three steps for e
 queued so far (:class:`jobs.group.GroupCommit`, as the job table's own writes): three trips
 and one fsync per folder per batch, whatever its size. Each image still goes through the steps
 in order, and a lost lease or a disk error fails that image alone. The batch runs shielded: a
-cancelled leader must not leave the others' images half-committed.
+cancelled leader must not leave the others' images half-committed. Then ``on_done`` hears the
+ids of the batch's completed jobs (the run appends them to ``metadata.jsonl``); it must not
+raise for a problem of its own, since the images are already done.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from jobs import JobStore, StoredFile
@@ -47,8 +49,13 @@ class _Pending:
 class ImageCommitter:
     """Commits verified images in batches. See the module docstring."""
 
-    def __init__(self, store: JobStore) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        on_done: Callable[[list[str]], Awaitable[None]] | None = None,
+    ) -> None:
         self._store = store
+        self._on_done = on_done  # told the ids of each batch's completed jobs
         self._group = GroupCommit(self._run)
         self.batches = 0  # how many batches ran (how well they group shows in images / batches)
 
@@ -75,7 +82,9 @@ class ImageCommitter:
         try:
             live = _settle(live, await self._store.record_files([p.file for p in live]))
             live = _settle(live, await commit_all([p.item for p in live]))
-            _settle(live, await self._store.complete_all([p.file for p in live]))
+            live = _settle(live, await self._store.complete_all([p.file for p in live]))
+            if self._on_done is not None and live:
+                await self._on_done([p.job_id for p in live])
         except BaseException as exc:  # a database error or an interrupt: fails the rest alike
             for p in live:
                 p.error = p.error or exc

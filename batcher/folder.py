@@ -27,6 +27,7 @@ from jobs import EMULATOR_ENDPOINT, JobStore
 
 from .errors import ConfigError
 from .layout import RunLayout
+from .wording import plural
 
 __all__ = [
     "ENDPOINTS_KEY",
@@ -37,6 +38,7 @@ __all__ = [
     "check_manifest",
     "default_out",
     "endpoint_label",
+    "is_rehearsal_folder",
     "resolve_target",
 ]
 
@@ -100,18 +102,29 @@ class Target:
     layout: RunLayout
     explicit: bool
 
+    @property
+    def in_paid_default(self) -> bool:
+        """Whether the folder is the manifest's paid default, ``out/<stem>`` (named or not)."""
+        return _absolute(self.layout.root) == _absolute(default_out(self.manifest))
 
-async def resolve_target(target: Path, out: Path | None, *, emulate: bool) -> Target:
-    """``MANIFEST [--out DIR]``, or a run folder ``DIR`` standing for its own manifest."""
+
+async def resolve_target(
+    target: Path, out: Path | None, *, emulate: bool, database: str | None = None
+) -> Target:
+    """``MANIFEST [--out DIR]``, or a run folder ``DIR`` standing for its own manifest.
+    ``database``: the run's table is in that PostgreSQL database, not in the folder."""
     if not target.is_dir():  # noqa: ASYNC240 (a stat, once per command)
-        layout = RunLayout(out or default_out(target, emulate=emulate))
+        layout = RunLayout(out or default_out(target, emulate=emulate), database)
         return Target(manifest=target, layout=layout, explicit=out is not None)
-    layout = RunLayout(target)
-    if not layout.db.is_file():
+    layout = RunLayout(target, database)
+    if not layout.has_store():
         raise ConfigError(f"{target} is a folder, neither a manifest nor a batcher run folder")
     if out is not None and _absolute(out) != _absolute(target):
         raise ConfigError(f"{target} is a run folder: --out cannot name another one")
-    async with await JobStore.open(layout.db, create=False) as store:
+    # Read-only when the folder cannot be written (read-only media): the run or plan then
+    # refuses it in one line, as for a manifest, instead of failing to open the database.
+    writable = layout.shared or (os.access(layout.root, os.W_OK) and os.access(layout.db, os.W_OK))
+    async with await JobStore.open(layout.store, create=False, read_only=not writable) as store:
         remembered = await store.get_meta(MANIFEST_KEY)
     if remembered is None:
         raise ConfigError(
@@ -141,7 +154,9 @@ async def check_manifest(store: JobStore, target: Target) -> str | None:
     return None if found == path else path
 
 
-async def check_folder_endpoint(store: JobStore, endpoint: str, root: Path) -> None:
+async def check_folder_endpoint(
+    store: JobStore, endpoint: str, root: Path, *, default: bool = False
+) -> None:
     """:func:`check_endpoint` for the folder of ``store``, then remember ``endpoint`` as one of
     its own. The jobs are scanned only for a folder that has no list yet, or when the list
     names another endpoint (to count its images for the refusal)."""
@@ -151,32 +166,48 @@ async def check_folder_endpoint(store: JobStore, endpoint: str, root: Path) -> N
     compatible = {endpoint} if endpoint == EMULATOR_ENDPOINT else {endpoint, None}
     if known_text is None or known - compatible:
         found = await store.endpoints()
-        check_endpoint(found, endpoint, root)
+        check_endpoint(found, endpoint, root, default=default)
         known = set(found)
     if endpoint not in known or known_text is None:
         listed = sorted(known | {endpoint}, key=lambda e: (e is None, e or ""))
         await store.set_meta(ENDPOINTS_KEY, json.dumps(listed))
 
 
-def check_endpoint(found: dict[str | None, int], endpoint: str, root: Path) -> None:
+async def is_rehearsal_folder(store: JobStore) -> bool:
+    """Whether every image of the folder came from the emulator: only a rehearsal can go on
+    in it (a paid run is refused), so ``plan`` prices what is left as emulated."""
+    known_text = await store.get_meta(ENDPOINTS_KEY)
+    known = json.loads(known_text) if known_text else list(await store.endpoints())
+    return bool(known) and set(known) == {EMULATOR_ENDPOINT}
+
+
+def check_endpoint(
+    found: dict[str | None, int], endpoint: str, root: Path, *, default: bool = False
+) -> None:
     """Refuse a run whose images would be mixed with another endpoint's (see the module
-    docstring); ``found`` is :meth:`JobStore.endpoints`."""
+    docstring); ``found`` is :meth:`JobStore.endpoints`. ``default``: ``root`` is the paid
+    run's default folder (``out/<stem>``), which the advice then does not point back to."""
     others = {e: n for e, n in found.items() if e is not None and e != endpoint}
     legacy = found.get(None, 0)
     if endpoint == EMULATOR_ENDPOINT:
         paid = sum(others.values()) + legacy
         if paid:
             raise ConfigError(
-                f"{root} holds {paid} paid images: a rehearsal never writes over them; "
+                f"{root} holds {plural(paid, 'paid image')}: a rehearsal never writes over them; "
                 "rehearse without --out (in out/<name>.emulated) or in a folder of its own"
             )
         return
     emulated = others.pop(EMULATOR_ENDPOINT, 0)
     if emulated:
+        elsewhere = (
+            "give the paid run a folder of its own with --out DIR"
+            if default
+            else "run the manifest without --out (into out/<name>) or with another --out DIR"
+        )
         raise ConfigError(
-            f"{root} holds {emulated} images from the emulator (a rehearsal), which never "
-            "count as done for a paid run: add --emulate to go on rehearsing, or run the "
-            "manifest without --out (into out/<name>) or with another --out DIR"
+            f"{root} holds {plural(emulated, 'image')} from the emulator (a rehearsal), "
+            f"which never count as done for a paid run: add --emulate to go on rehearsing, or "
+            f"{elsewhere}"
         )
     if others:
         where = ", ".join(sorted(others))

@@ -25,7 +25,7 @@ from jobs import JobStore, Moved, State, Stats, open_manifest
 from . import __version__
 from .folder import MANIFEST_KEY, Target, check_manifest
 from .layout import RunLayout, UnsafeOutputPath
-from .metadata import write_metadata
+from .metadata import MetadataWriter
 from .modelrules import RULES
 from .wording import plural
 
@@ -46,6 +46,7 @@ class ImportSummary:
     withdrawn: int = 0
     restored: int = 0
     moved: int = 0
+    updated: int = 0  # rows whose manifest variables alone changed (their images stand)
     read: bool = True  # False: the manifest was unchanged, not read again
 
     def unchanged_of(self, stats: Stats) -> int:
@@ -105,8 +106,8 @@ async def import_manifest(store: JobStore, target: Target, *, replace: bool) -> 
         total = await store.count()  # withdrawn ones included: see unchanged_of
         log.info("%s unchanged since its last import: not read again", manifest_path)
         moved = await apply_moves(store, layout)  # left by an import a crash cut short
-        if moved and layout.metadata.is_file():
-            await write_metadata(store, layout, done_at_start=0, since=None)
+        if moved:
+            await MetadataWriter(store, layout).refresh()
         return ImportSummary(added=0, unchanged=total, replaced=0, moved=moved, read=False)
     manifest = open_manifest(manifest_path, rules=RULES)
     report = await store.import_rows(
@@ -135,10 +136,11 @@ async def import_manifest(store: JobStore, target: Target, *, replace: bool) -> 
         withdrawn=report.withdrawn,
         restored=report.restored,
         moved=report.moved,
+        updated=report.updated,
     )
     await apply_moves(store, layout)
-    if summary.done_set_changed and layout.metadata.is_file():
-        await write_metadata(store, layout, done_at_start=0, since=None)
+    if summary.done_set_changed or summary.updated:
+        await MetadataWriter(store, layout).refresh()
     log.info(
         "import of %s: %d new, %d unchanged, %d replaced, %d withdrawn, %d back, %d moved",
         manifest_path,

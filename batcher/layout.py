@@ -3,11 +3,15 @@
 ::
 
     DIR/
-      batcher.db          the job table (plus -wal/-shm while open)
+      batcher.db          the job table (plus -wal/-shm while open), unless the run's
+                          table is in PostgreSQL (``--db postgresql://...``)
       batcher.log         one line per notable event; never the API key
       .lock               held by the running process (a second run refuses clearly)
       images/             the images, following the manifest's output template
         metadata.jsonl    one line per done image (Hugging Face ``imagefolder`` layout)
+        train/metadata.jsonl  ... or one per split folder (see ``batcher.metadata``)
+      history/            earlier images of redone jobs, under the same sub-folders
+      report/             the static report (``batcher report``): index.html, thumbs/, data/
 
 Paths from a manifest never leave ``images/``: the manifest checker refuses absolute paths
 and ``..``, and :meth:`RunLayout.image_path` checks again against symlinks planted in the
@@ -21,6 +25,7 @@ import errno
 import fcntl
 import os
 import stat
+import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -35,9 +40,11 @@ class UnsafeOutputPath(PermanentJobError):
 
 @dataclass(frozen=True, slots=True)
 class RunLayout:
-    """Paths of one run folder."""
+    """Paths of one run folder, and where its job table is: ``batcher.db`` in the folder, or
+    the PostgreSQL database ``database`` names (a URL) when the run's table is shared."""
 
     root: Path
+    database: str | None = None
     # Folders under images/ already made and checked by image_path in this process: a catalog
     # of a million images in a few folders checks each folder once, not once per image.
     _checked: set[Path] = field(default_factory=set, compare=False, repr=False)
@@ -45,6 +52,21 @@ class RunLayout:
     @property
     def db(self) -> Path:
         return self.root / "batcher.db"
+
+    @property
+    def store(self) -> str | Path:
+        """What :meth:`jobs.JobStore.open` opens: the database URL, else ``batcher.db``."""
+        return self.database if self.database is not None else self.db
+
+    @property
+    def shared(self) -> bool:
+        """Whether several workers may run on this folder's table at once (PostgreSQL)."""
+        return self.database is not None
+
+    def has_store(self) -> bool:
+        """Whether the run's table may exist: a database URL is given, or ``batcher.db`` is
+        in the folder."""
+        return self.database is not None or self.db.is_file()
 
     @property
     def log(self) -> Path:
@@ -61,6 +83,27 @@ class RunLayout:
     @property
     def metadata(self) -> Path:
         return self.images / "metadata.jsonl"
+
+    @property
+    def history(self) -> Path:
+        """Where a redo keeps the images it replaces (never overwritten)."""
+        return self.root / "history"
+
+    @property
+    def report(self) -> Path:
+        """The default folder of the static report."""
+        return self.root / "report"
+
+    def history_folder(self, output: str) -> Path:
+        """The folder under ``history/`` for earlier images of ``output``, made safely (the same
+        checks as :meth:`image_path`: no ``..``, no symlink on the way)."""
+        rel = PurePosixPath(output)
+        if rel.is_absolute() or not rel.parts or any(p in ("", ".", "..") for p in rel.parts):
+            raise UnsafeOutputPath(f"output path {output!r} leaves the run folder")
+        if self.history.is_symlink():
+            raise UnsafeOutputPath(f"{self.history} is a symlink; refusing to write through it")
+        self._check_folders(self.history, rel, True)
+        return self.history.joinpath(*rel.parts[:-1])
 
     def relative(self, output: str) -> str:
         """The image's path relative to the run folder (what exports show)."""
@@ -140,7 +183,7 @@ class RunLock:
                 f"{self._path} is a symlink; remove it (batcher makes its own lock file there)"
             ) from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._flock(fd)
         except OSError as exc:
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
@@ -156,6 +199,36 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._fd = fd
+
+    @staticmethod
+    def _flock(fd: int) -> None:
+        """Take the lock, or raise. A lock held for an instant (:meth:`held` looking) is
+        waited out for up to ~0.1 s; a run's lock is held far longer and refused."""
+        for _ in range(5):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                time.sleep(0.02)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    @staticmethod
+    def held(path: Path) -> bool:
+        """Whether a live process holds the lock at ``path`` now (without taking it: a shared
+        lock tried and dropped at once, which :meth:`acquire` waits out)."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return False  # no lock file (no run ever held it), or not ours to read
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            return exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return False
+        finally:
+            os.close(fd)
 
     def release(self) -> None:
         if self._fd is not None:

@@ -115,7 +115,7 @@ class RegistryRules:
                 (
                     "n",
                     f"{entry.name} can make {n} images a call, but batcher makes one image a "
-                    "job for now: write one job per image (each gets its own seed)",
+                    "job for now: write variants: N instead (N jobs, each its own seed)",
                 )
             )
         if negative_prompt is not None:

@@ -35,6 +35,7 @@ PROBE_UP = 1.02  # each probe raises the rate by 2%
 PROBE_FIRST = 5.0  # seconds without throttling before the first probe
 PROBE_MAX = 120.0  # probing slows down (doubling) each time it meets the same ceiling
 WINDOW = 1.0  # the service counts requests over a sliding second
+JITTER = 0.02  # seconds of arrival jitter allowed for at the window's edge
 DEFAULT_QUOTA = 2.0  # requests/s: the documented quota of z-image-turbo; where slow start begins
 SLOW_START_STEP = 2.0  # slow start doubles the rate after each window of accepted calls
 PROVEN = 0.9  # share of a window's worth of calls at the rate that must be accepted to raise it
@@ -123,9 +124,7 @@ class RateController:
         at the new rate at once would overfill it for most of a second (one 429 per send).
         """
         room = max(1, int(self.ceiling or 1))
-        refused = set(self._throttled)
-        lo = slot - WINDOW * (2 - MARGIN)
-        recent = [t for t in self._sends if t > lo and t not in refused]
+        recent = self._accepted_in(slot - WINDOW * (2 - MARGIN), slot)
         if len(recent) < room:
             return slot
         return recent[len(recent) - room] + WINDOW * (2 - MARGIN)
@@ -144,6 +143,21 @@ class RateController:
         """
         if at - self._last_slot > LATE:
             self._next_slot = max(self._next_slot, at + 1.0 / self.rate)
+
+    def _accepted_in(self, lo: float, hi: float) -> list[float]:
+        """The send slots in ``(lo, hi]`` whose calls were not throttled.
+
+        A throttled call is known by the time it was sent, which is its slot or a little
+        after (the dispatcher's wake-up lag): each is matched to the latest slot at or before
+        it, no further back than half a spacing, so the count is not off by the refused ones.
+        """
+        slots = [t for t in self._sends if lo < t <= hi + LATE]
+        back = 0.5 / self.rate
+        for refused in sorted(t for t in self._throttled if lo - back < t <= hi + LATE):
+            at = bisect.bisect_right(slots, refused + 1e-9) - 1
+            if at >= 0 and refused - slots[at] <= back:
+                del slots[at]
+        return [t for t in slots if t <= hi]
 
     def on_accepted(self, *, sent_at: float, now: float) -> bool:
         """The service answered a call sent at ``sent_at`` without throttling it.
@@ -203,17 +217,19 @@ class RateController:
             self._probe_at = now + self._probe_every
             self.cuts += 1
             return True
-        # A quarter of a spacing of slack: a send right at the window's edge arrived inside
-        # it as far as the service could tell (arrival jitter), so count it.
-        lo = sent_at - WINDOW - 0.25 / self.rate
-        refused = {t for t in self._throttled if lo < t <= sent_at}
-        accepted = [t for t in self._sends if lo < t <= sent_at and t not in refused]
+        # A little slack: a send right at the window's edge arrived inside it as far as the
+        # service could tell (arrival jitter), so count it. A quarter of a spacing, but never
+        # more than JITTER: at a low rate a quarter spacing would reach back to a send the
+        # service's window no longer held, and overestimate a 2/s quota by half.
+        lo = sent_at - WINDOW - min(0.25 / self.rate, JITTER)
+        accepted = self._accepted_in(lo, sent_at)
         estimate = float(max(1, len(accepted)))
         if accepted:
             # The window is full until its oldest accepted call ages out: wait for that
             # instead of sending into it (each such send would be one more 429).
             self._next_slot = max(self._next_slot, accepted[0] + WINDOW * (2 - MARGIN))
-        if self.ceiling is not None and abs(estimate - self.ceiling) < 0.5:
+        same = self.ceiling is not None and abs(estimate - self.ceiling) < 0.5
+        if same:
             self._probe_every = min(PROBE_MAX, self._probe_every * 2)  # same ceiling again
         else:
             self._probe_every = PROBE_FIRST
@@ -221,10 +237,17 @@ class RateController:
         if self.slow_start:
             self._end_slow_start(estimate)
             self._next_slot = max(self._next_slot, self._drained(self._next_slot))
+            # The doubling that overshot brackets the quota (between the rate fully accepted
+            # and twice it): the first probe above it can wait longer.
+            self._probe_every = max(self._probe_every, 2 * PROBE_FIRST)
         else:
             # One throttle lowers the rate by a bounded step: a thin count (a quiet second, a
             # boundary case) must not halve a run's speed.
             target = min(self.rate * STEP_DOWN, max(estimate * MARGIN, self.rate * FLOOR_STEP))
+            if same and self.rate > estimate * MARGIN * PROBE_UP**0.5:
+                # A probe met the ceiling found before: back to just under it, the rate that
+                # held until the probe, not a further 5% below.
+                target = estimate * MARGIN
             self.rate = max(self.min_rate, target)
         self._last_cut = now
         self._probe_at = now + self._probe_every

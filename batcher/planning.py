@@ -13,7 +13,7 @@ import anyio
 from jobs import JobStore, Spend, State, Stats
 
 from .importing import ImportSummary
-from .layout import RunLayout
+from .layout import RunLayout, RunLock
 from .pool import model_rates
 from .pricing import Money, price_per_image
 from .progress import format_duration
@@ -34,6 +34,7 @@ class PlanOptions:
     rps: float | None = None  # None: each model at its published quota
     emulate: bool = False
     as_json: bool = False
+    database: str | None = None  # a postgresql:// URL holding the run's table
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -49,7 +50,7 @@ class Plan:
     spend: tuple[Spend, ...]
     rps: float | None
     emulate: bool = False
-    to_generate: int = 0  # pending, and running under a lease that expired (a dead run's)
+    to_generate: int = 0  # pending, and running left by a dead run (lease expired, or no lock)
     # model -> (images still to generate, their cost)
     by_model: dict[str, tuple[int, Money]] = field(default_factory=dict)
 
@@ -107,6 +108,7 @@ class Plan:
             "failed": s.count(State.FAILED),
             "withdrawn": s.count(State.WITHDRAWN),
             "moved": self.imported.moved,
+            "updated": self.imported.updated,
             "estimated_cost": str(self.cost.amount),
             "currency": self.cost.currency,
             "emulated": self.emulate,
@@ -125,6 +127,8 @@ class Plan:
         s, i = self.stats, self.imported
         withdrawn = s.count(State.WITHDRAWN)
         moved = f", {i.moved} moved to a new output path" if i.moved else ""
+        if i.updated:
+            moved += f", {i.updated} with new variables (images kept)"
         n = self.to_generate
         cost = f"{self.cost} emulated" if self.emulate else str(self.cost)
         lines = [
@@ -164,15 +168,16 @@ class Plan:
 
 
 async def _pending_cost(
-    store: JobStore, region: str
+    store: JobStore, region: str, *, live_run: bool
 ) -> tuple[Money, int, dict[str, tuple[int, Money]]]:
     """What generating every job still to do would cost, at the region's prices, how many
     images they are, and both per model. A job a live run is generating now (running, its
-    lease held) is not to do."""
+    lease held) is not to do; with no live run (``live_run`` False: the folder's lock is free),
+    every running job was left by a dead one, and the next run takes it back."""
     total = Money.zero(price_per_image("z-image-turbo", region, False).currency)
     n = 0
     by_model: dict[str, tuple[int, Money]] = {}
-    for (model, extend), count in (await store.pending_by_kind()).items():
+    for (model, extend), count in (await store.pending_by_kind(live_run=live_run)).items():
         cost = price_per_image(model, region, extend) * count
         total = total + cost
         n += count
@@ -192,13 +197,15 @@ async def make_plan(
     table at a million jobs, so they run at once, on the store's connections (SQLite scans
     without the GIL). The sums of ``stats`` (retries, ...) are not computed."""
     found: dict[str, Any] = {}
+    # On a shared table (PostgreSQL) workers hold no folder lock: their leases alone tell.
+    live_run = layout.shared or RunLock.held(layout.lock)
 
     async def counts() -> None:
         found["stats"] = await store.stats(totals=False)
 
     async def pending() -> None:
         found["cost"], found["to_generate"], found["by_model"] = await _pending_cost(
-            store, opt.region
+            store, opt.region, live_run=live_run
         )
 
     async def spend() -> None:

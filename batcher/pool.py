@@ -31,7 +31,9 @@ cuts them short. A run-level API error (bad key, arrears, ...) does the former b
 from __future__ import annotations
 
 import logging
+import os
 import random
+import socket
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
@@ -62,6 +64,9 @@ from .taskpolls import PollGate, TaskClock, poll_delay
 __all__ = ["RunCounters", "RunOptions", "RunResult", "Runner", "StopReason"]
 
 log = logging.getLogger("batcher.run")
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
+"""Who holds a claimed job (``jobs.worker``): the host and process, for a table several
+workers share."""
 
 # 429 codes that name the request-rate quota itself (the pacer may estimate it from them).
 QUOTA_CODES = frozenset({"throttling.ratequota", "limitrequests", "limit_requests"})
@@ -182,6 +187,7 @@ class Runner:
         options: RunOptions,
         endpoint: str | None = None,
         spent: Decimal = Decimal(0),
+        on_done: Callable[[list[str]], Awaitable[None]] | None = None,
     ) -> None:
         """``endpoint`` is what each image records as its origin (default: the client's base
         URL); ``spent`` what the run folder spent before, in the region's currency, which
@@ -194,7 +200,8 @@ class Runner:
         self.endpoint = endpoint if endpoint is not None else client.base_url
         self._spent_before = spent
         self.counters = RunCounters()
-        self.committer = ImageCommitter(store)
+        self.committer = ImageCommitter(store, on_done)
+        self._on_done = on_done  # hears the ids of jobs this run completes
         self._pacers: dict[str, Pacer] = {}
         self._tasks_open: dict[str, int] = {}  # tasks this run is creating or polling, by model
         self._polls = PollGate()
@@ -483,7 +490,9 @@ class Runner:
         # At least a small batch even when few slots are free: each claim is a write
         # transaction, and the buffer is released on any stop.
         batch = min(64, max(16, self.concurrency - self._in_flight))
-        claims = await self.store.claim(limit=batch, lease_seconds=self.opt.lease_seconds)
+        claims = await self.store.claim(
+            limit=batch, lease_seconds=self.opt.lease_seconds, worker=WORKER
+        )
         for c in claims:
             self._held[c.id] = c
         self._buffer.extend(claims)
@@ -620,7 +629,8 @@ class Runner:
             self.pacer_for(model).accepted(sent)
             self.counters.accepted += 1
             wall = time.time() - (anyio.current_time() - sent)
-            self.first_accepted_at = self.first_accepted_at or wall
+            # answers come back out of order: the span is from the earliest send to the latest
+            self.first_accepted_at = min(self.first_accepted_at or wall, wall)
             self.last_accepted_at = max(self.last_accepted_at or wall, wall)
 
     async def _on_unreached(self, claim: Claim, err: TransportError) -> None:
@@ -817,6 +827,8 @@ class Runner:
                     await self.store.complete(
                         claim.id, claim.token, StoredFile(sha256=found[0], bytes=found[1])
                     )
+                    if self._on_done is not None:
+                        await self._on_done([claim.id])
                 self.counters.done += 1
                 self.counters.downloads_skipped += 1
                 return True

@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -31,9 +31,10 @@ from .client import DashScopeClient, base_url_for
 from .download import sweep_partials
 from .errors import ConfigError
 from .folder import Target, check_folder_endpoint, endpoint_label, resolve_target
+from .gallery.site import build_report, check_output, follow_thumbnails
 from .importing import ImportSummary, import_manifest
 from .layout import RunLayout, RunLock
-from .metadata import write_metadata
+from .metadata import MetadataWriter
 from .pool import Runner, RunOptions, RunResult, StopReason
 from .pricing import Money, currency_of, price_per_image
 from .progress import ProgressView, Snapshot, Throughput, make_view
@@ -65,6 +66,7 @@ class RunCommand:
     progress: bool = True
     as_json: bool = False
     grace: float = 10.0
+    database: str | None = None  # a postgresql:// URL: the run's table is shared there
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -75,6 +77,7 @@ class RunOutcome:
     imported: ImportSummary
     result: RunResult
     stats: Stats
+    report: Path | None = None  # the report's index.html, refreshed at the end of the run
 
 
 def _warn(msg: str) -> None:
@@ -130,47 +133,76 @@ async def execute_run(cmd: RunCommand) -> RunOutcome:
     secret = "" if cmd.emulate else _api_key()  # fail fast on the key
     base_url = base_url_for(cmd.options.region, cmd.base_url)  # validates --region / --base-url
     _check_budget_currency(cmd)
-    target = await resolve_target(cmd.manifest, cmd.out, emulate=cmd.emulate)
+    target = await resolve_target(cmd.manifest, cmd.out, emulate=cmd.emulate, database=cmd.database)
     layout = target.layout
     endpoint = endpoint_label(emulate=cmd.emulate, base_url=base_url)
     with contextlib.ExitStack() as held:
         try:
             layout.root.mkdir(parents=True, exist_ok=True)
-            held.enter_context(RunLock(layout.lock))
+            # On a shared table other workers use the folder too: no folder lock (their
+            # leases fence them; see jobs.store).
+            if not layout.shared:
+                held.enter_context(RunLock(layout.lock))
             held.enter_context(_file_logging(layout.log, secret))
         except OSError as exc:  # a read-only folder or medium, a file in the way, ...
             raise ConfigError(
                 f"cannot write the run folder {layout.root}: {exc.strerror or exc}; "
                 "choose a writable folder with --out"
             ) from exc
-        async with await JobStore.open(layout.db) as store:
-            await check_folder_endpoint(store, endpoint, layout.root)
+        async with await JobStore.open(layout.store) as store:
+            await check_folder_endpoint(
+                store, endpoint, layout.root, default=target.in_paid_default
+            )
             imported = await _prepare(store, cmd, target)
             spent = await _budget_spent(store, cmd)
-            run_started = store.clock()
+            metadata = MetadataWriter(store, layout)
+            try:
+                await metadata.start()
+            except OSError as exc:  # a full or read-only disk: the run's own stop says why
+                _metadata_problem(layout, exc)
             start = await store.stats(totals=False)  # counts only: no scan of every row's sums
             if not cmd.as_json:
                 withdrawn = start.count(State.WITHDRAWN)
                 _warn(
                     f"{target.manifest}: {plural(imported.added, 'new job')}, "
                     f"{imported.unchanged_of(start)} already imported"
+                    f"{f', {imported.replaced} replaced' if imported.replaced else ''}"
+                    f"{f', {imported.moved} moved' if imported.moved else ''}"
                     f"{f', {withdrawn} withdrawn' if withdrawn else ''}; "
                     f"{start.count(State.DONE)} of {start.total - withdrawn} done; "
                     f"run folder {layout.root}"
                 )
             try:
-                result = await _drive(cmd, store, layout, start, endpoint, spent)
+                on_done = _appender(metadata, layout)
+                result = await _drive(cmd, store, layout, start, endpoint, spent, on_done)
             finally:
                 with anyio.CancelScope(shield=True):
-                    await _update_metadata(
-                        store,
-                        layout,
-                        done_at_start=start.count(State.DONE),
-                        since=run_started,  # the import left it listing the done jobs
-                    )
+                    try:
+                        lines = await metadata.finish()
+                        log.info("metadata.jsonl: %d images", lines)
+                    except OSError as exc:
+                        _metadata_problem(layout, exc)
             await store.set_meta("last_run", "clean")
             stats = await store.stats()
-    return RunOutcome(layout=layout, imported=imported, result=result, stats=stats)
+            report = await _write_report(store, layout, result)
+    return RunOutcome(layout=layout, imported=imported, result=result, stats=stats, report=report)
+
+
+async def _write_report(store: JobStore, layout: RunLayout, result: RunResult) -> Path | None:
+    """Refresh the run folder's report (only new thumbnails are made, within a time budget;
+    the page shows the full image for the rest). A report that cannot be written is a warning,
+    never the run's failure."""
+    quick = result.reason in (StopReason.INTERRUPTED, StopReason.ABORTED)
+    try:
+        check_output(layout.report)
+        done = await build_report(store, layout, thumb_seconds=3.0 if quick else 60.0)
+    except (OSError, ValueError, ConfigError) as exc:
+        reason = os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else str(exc)
+        log.warning("could not write the report: %s", reason)
+        _warn(f"could not write the report in {layout.report}: {reason}")
+        return None
+    log.info("report: %d jobs, %d new thumbnails, %.1fs", done.jobs, done.thumbs_made, done.seconds)
+    return done.index
 
 
 def _check_budget_currency(cmd: RunCommand) -> None:
@@ -212,13 +244,17 @@ async def _prepare(store: JobStore, cmd: RunCommand, target: Target) -> ImportSu
     """Import, reclaim what a dead process held, sweep its temporary files, log the options."""
     layout = target.layout
     imported = await import_manifest(store, target, replace=cmd.replace)
-    reclaimed = await store.reclaim(all_running=True)
+    # Holding the folder's lock, no live process can own a running job; on a shared table
+    # other workers may, so only expired leases are taken back.
+    reclaimed = await store.reclaim(all_running=not store.shared)
     # Temporary files are left only by a run that did not end cleanly: walking a million
-    # images to look for them on every start would dominate a resume.
+    # images to look for them on every start would dominate a resume. On a shared table a
+    # live worker's downloads are in flight: nothing is swept.
     swept = 0
-    if await store.get_meta("last_run") != "clean":
+    if not store.shared and await store.get_meta("last_run") != "clean":
         swept = await anyio.to_thread.run_sync(sweep_partials, layout.images)
     await store.set_meta("last_run", "running")
+    await store.set_meta("rps", repr(float(cmd.options.rps)))  # the report's quota line
     log.info(
         "run start: %d new jobs, %d already imported, %d replaced, %d withdrawn, %d moved, "
         "%d reclaimed, %d partial files removed",
@@ -268,8 +304,10 @@ async def _drive(
     start: Stats,
     endpoint: str,
     spent: Decimal,
+    on_done: Callable[[list[str]], Awaitable[None]],
 ) -> RunResult:
-    """The endpoint, the HTTP session, the runner, the signal watcher and the progress view."""
+    """The endpoint, the HTTP session, the runner, the signal watcher and the progress view;
+    ``on_done`` hears the ids of the jobs the runner completes."""
     currency = currency_of(cmd.options.region)
     view = make_view(cmd.progress)
     try:
@@ -294,6 +332,7 @@ async def _drive(
                     options=cmd.options,
                     endpoint=endpoint,
                     spent=spent,
+                    on_done=on_done,
                 )
                 meter = _RateMeter()
                 pace = Throughput()
@@ -305,6 +344,7 @@ async def _drive(
                     tg.start_soon(_watch_signals, runner, cmd.grace)
                     if view is not None:
                         tg.start_soon(_progress_loop, view, snap)
+                    tg.start_soon(follow_thumbnails, store, layout)
                     result = await runner.run()
                     tg.cancel_scope.cancel()
                 if view is not None:
@@ -316,16 +356,30 @@ async def _drive(
             view.close()
 
 
-async def _update_metadata(
-    store: JobStore, layout: RunLayout, *, done_at_start: int, since: float | None
-) -> None:
-    try:
-        lines = await write_metadata(store, layout, done_at_start=done_at_start, since=since)
-        log.info("metadata.jsonl: %d images", lines)
-    except OSError as exc:  # a full or read-only disk: the run's own stop says why
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        log.warning("could not update metadata.jsonl: %s", reason)
-        _warn(f"could not update {layout.metadata}: {reason}; it is rewritten by the next run")
+def _metadata_problem(layout: RunLayout, exc: OSError) -> None:
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    log.warning("could not update metadata.jsonl: %s", reason)
+    _warn(f"could not update {layout.metadata}: {reason}; it is rewritten by the next run")
+
+
+def _appender(
+    metadata: MetadataWriter, layout: RunLayout
+) -> Callable[[list[str]], Awaitable[None]]:
+    """The runner's ``on_done``: append the jobs just done to ``metadata.jsonl``. A disk
+    problem is said once; the images stand, and the files are rewritten at the end or by the
+    next run."""
+    said = False
+
+    async def append(ids: list[str]) -> None:
+        nonlocal said
+        try:
+            await metadata.add(ids)
+        except OSError as exc:
+            if not said:
+                said = True
+                _metadata_problem(layout, exc)
+
+    return append
 
 
 async def _watch_signals(runner: Runner, grace: float) -> None:
@@ -397,7 +451,8 @@ def _snapshot(
         per_minute=meter.per_minute(c.generated),
         quota_per_minute=rate * 60,
         eta_seconds=pace.eta(remaining=remaining),
-        spent=f"{Money(c.cost, currency)}{' emulated' if emulated else ''}",
+        spent=str(Money(c.cost, currency)),
+        emulated=emulated,
         elapsed=runner.elapsed,
         stopping=reason.value if reason is not None else None,
         run_done=c.done,

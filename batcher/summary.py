@@ -79,6 +79,15 @@ def achieved_rate(result: RunResult) -> float | None:
     return result.accepted_per_second
 
 
+# How a run ended, for a person (the summary's first line); ``--json`` keeps the reason's code.
+_ENDED = {
+    "aborted": "stopped",
+    "limit": "stopped at --limit",
+    "budget": "stopped at --budget",
+    "unreachable": "stopped (the service could not be reached)",
+}
+
+
 def summary_lines(
     *,
     stats: Stats,
@@ -97,7 +106,7 @@ def summary_lines(
     cost = str(Money(counters.cost, currency))
     cost = f"{cost} emulated (nothing spent)" if emulated else f"cost {cost}"
     lines = [
-        f"run {reason} after {format_duration(elapsed)}: "
+        f"run {_ENDED.get(reason, reason)} after {format_duration(elapsed)}: "
         f"{s.count(State.DONE)} done, {s.count(State.FAILED)} failed, "
         f"{sum(s.count(state) for state in ACTIVE)} "
         f"left, of {s.total - withdrawn}"
@@ -141,14 +150,19 @@ def _achieved(rate: float, rps: float, throttled: int) -> str:
     )
 
 
-def status_text(stats: Stats, layout: RunLayout) -> str:
-    """``batcher status``: jobs per state, what was billed, failures by code."""
+def status_text(stats: Stats, layout: RunLayout, *, live_run: bool = True) -> str:
+    """``batcher status``: jobs per state, what was billed, failures by code. ``live_run``
+    False (no run holds the folder): running jobs were left by a run that stopped (killed),
+    which the line says, so they are not taken for a run still going."""
     buf = io.StringIO()
     withdrawn = stats.count(State.WITHDRAWN)
     tail = f" ({withdrawn} withdrawn: no longer in the manifest)" if withdrawn else ""
     buf.write(f"{layout.root}: {plural(stats.total - withdrawn, 'job')}{tail}\n")
     for state in State:
-        buf.write(f"  {state.value:<10} {stats.count(state)}\n")
+        note = ""
+        if state is State.RUNNING and stats.count(state) and not live_run:
+            note = "  (left by a run that stopped; the next run takes them back)"
+        buf.write(f"  {state.value:<10} {stats.count(state)}{note}\n")
     spent = stats.spent()
     if spent:
         buf.write(f"  spent {money_text(spent)} ({plural(stats.images_billed, 'image')} billed)\n")
@@ -164,6 +178,9 @@ def status_text(stats: Stats, layout: RunLayout) -> str:
         buf.write("  by model:\n")
         for line in model_lines(stats):
             buf.write(f"    {line}\n")
+    if stats.reviews:
+        marks = ", ".join(f"{n} {mark}" for mark, n in sorted(stats.reviews.items()))
+        buf.write(f"  reviewed: {marks}\n")
     if stats.errors_by_code:
         buf.write("  failures by code:\n")
         for code, n in sorted(stats.errors_by_code.items()):
@@ -225,6 +242,7 @@ def status_json(stats: Stats) -> dict[str, Any]:
         ambiguous=stats.ambiguous,
         regenerated=stats.regenerated,
         models=models_json(stats),
+        reviews=stats.reviews,
     )
     return out
 
@@ -262,7 +280,14 @@ def run_json(
             "cost": amount_text(c.cost),
             "currency": currency,
             "emulated": emulated,
+            "accepted": c.accepted,
+            "unreached": c.unreached,
             "calls_per_second": achieved_rate(result),
+            "sending_seconds": (
+                round(result.last_call_at - result.first_call_at, 3)
+                if result.first_call_at and result.last_call_at
+                else None
+            ),
         },
         stop_message=result.abort_message,
     )

@@ -95,16 +95,17 @@ def _figures(client: Client, n: int) -> dict[str, Any]:
     measured = client.child.result.check()
     data = measured.json()
     stats = client.emulator.stats()
-    if "this_run" in data:  # batcher's --json summary
+    if "this_run" in data:  # batcher's --json summary: calls_per_second counts accepted calls
         run = data["this_run"]
-        calls, cps, makespan = run["calls"], run["calls_per_second"], data["elapsed_seconds"]
+        calls, makespan, span = run["calls"], data["elapsed_seconds"], run["sending_seconds"]
+        cps = (calls - 1) / span if span else None
         done = data["done"]
-    else:  # the baseline's
+    else:  # the baseline's: calls_per_second counts every call it sent
         calls, cps, makespan = data["calls"], data["calls_per_second"], data["elapsed_seconds"]
+        span = (calls - 1) / cps if cps else None
         done = data["done"]
     if done != n:
         raise BenchError(f"{client.name} finished {done} of {n} jobs")
-    span = (calls - 1) / cps if cps else None
     accepted = stats["images_billed"]
     requests = stats["generate_requests"]
     return {

@@ -39,11 +39,14 @@ ANALYSIS = re.compile(r"<!-- analysis -->.*?<!-- /analysis -->", re.S)
 # (module, its arguments in run_all, rough seconds with them and with --quick --no-profile)
 PLAN: list[tuple[str, list[str], int, int]] = [
     ("pacing", ["--side-by-side"], 90, 50),
+    ("slow_start", [], 170, 170),
     ("overhead", [], 60, 20),
     ("import_scale", [], 110, 30),
     ("memory", ["--small", "4000", "--large", "40000"], 120, 120),
     ("resume", [], 110, 30),
     ("download", [], 80, 25),
+    ("export_scale", [], 150, 40),  # the 100,000-image folder is made once, then kept
+    ("report_scale", [], 240, 60),
 ]
 
 

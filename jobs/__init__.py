@@ -13,6 +13,7 @@ from .errors import (
     ManifestInvalid,
     SchemaMismatch,
     StoreUnavailable,
+    UnknownJob,
 )
 from .manifest import Manifest, open_manifest
 from .params import ModelRules
@@ -20,11 +21,13 @@ from .spec import JobSpec
 from .states import TERMINAL, TRANSITIONS, State, check_transition
 from .store import (
     EMULATOR_ENDPOINT,
+    REVIEW_MARKS,
     Claim,
     Generated,
     ImportReport,
     JobStore,
     Moved,
+    Redo,
     Spend,
     Stats,
     StoredFile,
@@ -32,6 +35,7 @@ from .store import (
 
 __all__ = [
     "EMULATOR_ENDPOINT",
+    "REVIEW_MARKS",
     "TERMINAL",
     "TRANSITIONS",
     "Claim",
@@ -47,12 +51,14 @@ __all__ = [
     "ManifestInvalid",
     "ModelRules",
     "Moved",
+    "Redo",
     "SchemaMismatch",
     "Spend",
     "State",
     "Stats",
     "StoreUnavailable",
     "StoredFile",
+    "UnknownJob",
     "check_transition",
     "open_manifest",
 ]

@@ -9,6 +9,14 @@ values (``None`` where a field is absent) and it applies the rules every format 
 - ``seed``: 0..2147483647; without one, derived from the id so every job is reproducible.
 - ``model``: the job's own, else the manifest's default, else the rules' default model; it
   must be one the caller's ``jobs.params.ModelRules`` knows.
+- fan-out: a row that becomes several jobs (``variants: N``, a YAML matrix) gets one seed per
+  job, never one seed for all. Without a seed each job's comes from its own id (which carries
+  ``-v1``.. and the matrix values). A written seed is the first job's, and each further job of
+  the row takes the next number: ``seed_offset`` 0, 1, 2, ... in the order the jobs are made
+  (matrix combinations in order, the variants of each one after another), wrapping past
+  2147483647 to 0. A seed set by the matrix itself is each combination's first variant's.
+- ``variant`` k of N (N > 1): ``-vk`` goes at the end of the id and of the output file's stem
+  (``{split}/{id}.png`` -> ``train/cat-001-v2.png``).
 - ``size``: written as ``jobs.sizes`` reads it, resolved by the model's rules (its default
   when absent), stored explicitly as ``W*H``.
 - ``n``, ``negative_prompt``, ``watermark``: checked by the model's rules; ``n`` defaults to
@@ -18,6 +26,11 @@ values (``None`` where a field is absent) and it applies the rules every format 
   cuts it).
 - templates: ``{name}`` in prompt and output, from id, seed, size, width, height, index and
   the job's variables (vars, extra columns, matrix values).
+- variables are also stored with the job (``JobRow``'s last item, a JSON object in the
+  manifest's order, ``None`` without any), typed as the format wrote them: numbers from JSONL
+  and YAML stay numbers, CSV cells are text, booleans are ``"true"``/``"false"``. Matrix
+  values that set a field (model, seed, size, n, prompt_extend) are that field, not a
+  variable.
 
 Errors are appended to the caller's list (a row may have several); ``build`` returns ``None``
 for a row with errors. A valid job comes back as a ``JobRow`` (a ``JobSpec``'s fields as a
@@ -41,6 +54,8 @@ from jobs.templates import Scalar, compile_template
 __all__ = ["JobBuilder", "derive_id", "derive_seed"]
 
 _LINE_BREAKS = frozenset({"Cc", "Zl", "Zp"})
+_NOT_VARS = frozenset({"model", "seed", "size", "n", "prompt_extend"})  # matrix keys: fields
+_vars_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _SEED_HASH = hashlib.blake2b(digest_size=8, person=b"batcher-seed")
 
 
@@ -72,6 +87,15 @@ def derive_id(
         content.append(list(given))
     blob = json.dumps(content, ensure_ascii=False, separators=(",", ":"))
     return hashlib.blake2b(blob.encode(), digest_size=8, person=b"batcher-id").hexdigest()
+
+
+def _with_variant(path: str, variant: int) -> str:
+    """``path`` with ``-v<variant>`` at the end of its file's stem."""
+    folder, slash, name = path.rpartition("/")
+    stem, dot, ext = name.rpartition(".")
+    if not dot:
+        stem, ext = name, ""
+    return f"{folder}{slash}{stem}-v{variant}{dot}{ext}"
 
 
 def _at(lines: Mapping[str, int] | None, line: int, field: str) -> int:
@@ -130,6 +154,8 @@ class JobBuilder:
         variables: Mapping[str, Scalar],
         lines: Mapping[str, int] | None = None,
         id_suffix: str = "",
+        variant: int = 0,
+        seed_offset: int = 0,
         *,
         model: str | None = None,
         n: int | None = None,
@@ -140,8 +166,12 @@ class JobBuilder:
 
         ``lines`` maps a field to its own line where it differs from ``line`` (YAML);
         ``id_suffix`` is appended to the id (the matrix values of a fanned-out job); templates
-        see ``{id}`` without it. ``model`` is the job's own (else the manifest's).
+        see ``{id}`` without it. ``variant`` (from 1; 0: the row has no variants) and
+        ``seed_offset`` place the job in its row's fan-out (see the module docstring).
+        ``model`` is the job's own (else the manifest's).
         """
+        if variant:
+            id_suffix = f"{id_suffix}-v{variant}"
         failed = len(errors)
         model_given = model is not None
         if model is None:
@@ -201,6 +231,8 @@ class JobBuilder:
                 seed = derive_seed(full_id)
         elif not 0 <= seed <= MAX_SEED:
             self.error(errors, _at(lines, line, "seed"), "seed", f"{seed} is outside 0..{MAX_SEED}")
+        elif seed_offset:
+            seed = (seed + seed_offset) % (MAX_SEED + 1)
         if len(errors) > failed or prompt is None or not job_id or not full_id or seed is None:
             return None
         template = (
@@ -224,12 +256,12 @@ class JobBuilder:
         if "\x00" in prompt:
             self.error(errors, _at(lines, line, "prompt"), "prompt", "contains a NUL character")
             return None
+        # The implicit default names the file after the full id (matrix values and variant
+        # too); a template the manifest wrote sees {id} as the job wrote it.
+        implicit_name = output is None and not self.output_given
         try:
             if template.id_suffix is not None:
-                # The implicit default names the file after the full id (matrix values too);
-                # a template the manifest wrote sees {id} as the job wrote it.
-                implicit = output is None and not self.output_given
-                path, key = template.render_id(full_id if implicit else job_id)
+                path, key = template.render_id(full_id if implicit_name else job_id)
             else:
                 if values is None:
                     values = self._values(
@@ -239,11 +271,32 @@ class JobBuilder:
         except ValueError as exc:
             self.error(errors, _at(lines, line, "output"), "output", str(exc))
             return None
+        if variant and not (template.id_suffix is not None and implicit_name):
+            path, key = _with_variant(path, variant), _with_variant(key, variant)
         limit = self.rules.prompt_limit(model)
         if len(prompt) > limit:
             self._warn(_at(lines, line, "prompt"), len(prompt), model, limit)
         count = self.rules.n_default(model) if n is None else n
-        return (full_id, line, model, prompt, size_text, seed, extend, path, key, count, params)
+        stored: str | None = None
+        if variables:
+            if _NOT_VARS.isdisjoint(variables):
+                stored = _vars_json(variables)
+            elif own := {k: v for k, v in variables.items() if k not in _NOT_VARS}:
+                stored = _vars_json(own)
+        return (
+            full_id,
+            line,
+            model,
+            prompt,
+            size_text,
+            seed,
+            extend,
+            path,
+            key,
+            count,
+            params,
+            stored,
+        )
 
     @staticmethod
     def _values(

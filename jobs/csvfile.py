@@ -1,13 +1,14 @@
 """CSV manifests, streamed: the file is never held in memory.
 
 A header row names the columns: ``prompt`` is required; ``id``, ``model``,
-``negative_prompt``, ``size``, ``n``, ``seed``, ``prompt_extend``, ``watermark`` and ``output``
-are optional (an empty cell means absent); every other column is a template variable
-(unless it is a builtin variable's name or a near miss of an absent field, ``promt``, which
-are errors). Lines come from ``jobs.textfile`` (UTF-8 with or without BOM, encoding problems
-located) and go to ``csv.reader`` in strict mode: quoted fields may span lines and a record is
-reported at its first line; an unclosed quote is an error, not the rest of the file in one
-field. Blank records (a spreadsheet's trailing ``,,,``) are skipped.
+``negative_prompt``, ``size``, ``n``, ``seed``, ``prompt_extend``, ``watermark``, ``output``
+and ``variants`` (jobs per row, see ``jobs.builder``) are optional (an empty cell means
+absent); every other column is a template variable (unless it is a builtin variable's name or
+a near miss of an absent field, ``promt``, which are errors). Lines come from
+``jobs.textfile`` (UTF-8 with or without BOM, encoding problems located) and go to
+``csv.reader`` in strict mode: quoted fields may span lines and a record is reported at its
+first line; an unclosed quote is an error, not the rest of the file in one field. Blank
+records (a spreadsheet's trailing ``,,,``) are skipped.
 
 A field may be as long as in any other format (a long prompt is the same located warning): the
 csv module's own limit of 131,072 characters is raised to ``MAX_FIELD`` (the size bound of a
@@ -38,6 +39,7 @@ from jobs.fields import (
     extra_key_problem,
     one_line,
     parse_bool_text,
+    variants_problem,
 )
 from jobs.spec import JobRow
 from jobs.templates import Scalar
@@ -91,6 +93,7 @@ def _csv_rows(
     i_n, i_watermark = pos.get("n"), pos.get("watermark")
     params = i_model is not None or i_negative is not None or i_n is not None
     params = params or i_watermark is not None
+    i_variants = pos.get("variants")
     extras = [(name, i) for i, name in enumerate(columns) if name not in ROW_FIELDS]
     variables = _variables_of(extras)
     builder.outputs_from_id = i_output is None and builder.output.id_suffix is not None
@@ -139,8 +142,38 @@ def _csv_rows(
                 for field, problem in extra.problems:
                     builder.error(errors, start, field, problem)
                     bad = True
+            count = 1
+            if i_variants is not None and (text := row[i_variants].strip()):
+                number = int(text) if text.isdigit() and len(text) < 8 else None
+                if problem := variants_problem(number):
+                    builder.error(errors, start, "variants", f"{text[:40]!r}: {problem}")
+                    bad = True
+                else:
+                    count = number or 1
             if bad:
                 yield None
+            elif count > 1:
+                for k in range(1, count + 1):
+                    yield build(
+                        errors,
+                        start,
+                        index,
+                        (row[i_id].strip() or None) if i_id is not None else None,
+                        prompt,
+                        (row[i_size] or None) if i_size is not None else None,
+                        seed,
+                        extend,
+                        (row[i_output] or None) if i_output is not None else None,
+                        variables(row),
+                        None,
+                        "",
+                        k,
+                        k - 1,
+                        model=extra.model,
+                        n=extra.n,
+                        negative_prompt=extra.negative_prompt,
+                        watermark=extra.watermark,
+                    )
             else:
                 yield build(
                     errors,

@@ -17,6 +17,7 @@ __all__ = [
     "MAX_ID_CHARS",
     "MAX_N",
     "MAX_SEED",
+    "MAX_VARIANTS",
     "ROW_FIELDS",
     "ROW_FIELD_SET",
     "extra_key_problem",
@@ -24,6 +25,7 @@ __all__ = [
     "parse_bool_text",
     "suggest",
     "text_problem",
+    "variants_problem",
 ]
 
 FIELDS = (
@@ -37,12 +39,14 @@ FIELDS = (
     "prompt_extend",
     "watermark",
     "output",
+    "variants",
     "vars",
 )
 ROW_FIELDS = FIELDS[:-1]  # "vars" is YAML's; in CSV/JSONL other columns/keys are the vars
 ROW_FIELD_SET = frozenset(ROW_FIELDS)
 BUILTIN_VARS = frozenset({"id", "model", "seed", "size", "width", "height", "index"})
 MAX_SEED = 2_147_483_647
+MAX_VARIANTS = 1000
 MAX_ID_CHARS = 512
 MAX_N = 100  # a syntax bound only; each model's own range is checked by the caller's rules
 _BOOLS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
@@ -82,6 +86,15 @@ def text_problem(text: str) -> str | None:
         text.encode()
     except UnicodeEncodeError as exc:
         return f"contains an unpaired surrogate {text[exc.start]!r}"
+    return None
+
+
+def variants_problem(value: object) -> str | None:
+    """Why ``value`` is not a count of variants (a whole number 1..MAX_VARIANTS), or None."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"must be a whole number from 1 to {MAX_VARIANTS}"
+    if not 1 <= value <= MAX_VARIANTS:
+        return f"{value} is outside 1..{MAX_VARIANTS}"
     return None
 
 

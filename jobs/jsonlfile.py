@@ -1,10 +1,11 @@
 """JSONL manifests, streamed: one JSON object per line, blank lines skipped.
 
 Keys ``id``, ``model``, ``prompt``, ``negative_prompt``, ``size``, ``n``, ``seed``,
-``prompt_extend``, ``watermark`` and ``output`` are the job's fields (``null`` means absent);
-a ``vars`` object and every other key are template variables, scalars only. Duplicate keys,
-``NaN``/``Infinity``, escaped NUL characters in a prompt and unpaired surrogates are refused.
-Lines come from ``jobs.textfile`` (UTF-8 with or without BOM, encoding problems located).
+``prompt_extend``, ``watermark``, ``output`` and ``variants`` (jobs per object, see
+``jobs.builder``) are the job's fields (``null`` means absent); a ``vars`` object and every
+other key are template variables, scalars only. Duplicate keys, ``NaN``/``Infinity``, escaped
+NUL characters in a prompt and unpaired surrogates are refused. Lines come from
+``jobs.textfile`` (UTF-8 with or without BOM, encoding problems located).
 
 ``iter_jsonl`` yields one item per object: the ``JobRow``, or ``None`` after its problems
 were appended to ``errors``.
@@ -25,6 +26,7 @@ from jobs.fields import (
     extra_key_problem,
     parse_bool_text,
     text_problem,
+    variants_problem,
 )
 from jobs.spec import JobRow
 from jobs.templates import Scalar
@@ -75,20 +77,25 @@ def iter_jsonl(
                     yield None
                     continue
                 index += 1
-                yield _jsonl_job(obj, number, index, builder, errors)
+                job = _jsonl_job(obj, number, index, builder, errors)
+                if isinstance(job, list):  # a row with variants: one job each
+                    yield from job
+                else:
+                    yield job
         except UnicodeDecodeError as exc:
             raise checked.decode_error(exc) from None
 
 
 def _jsonl_job(
     obj: dict[str, object], line: int, index: int, builder: JobBuilder, errors: list[ManifestError]
-) -> JobRow | None:
+) -> JobRow | list[JobRow | None] | None:
     before = len(errors)
     texts: dict[str, str] = {}  # id, model, prompt, negative_prompt, size, output
     seed: int | None = None
-    count: int | None = None
+    images: int | None = None  # n, the images one call makes
     extend: bool | None = None
     watermark: bool | None = None
+    count = 1  # variants: jobs made of this object
     variables: dict[str, Scalar] = {}
     present = frozenset(obj) & ROW_FIELD_SET
     for key, value in obj.items():
@@ -103,9 +110,13 @@ def _jsonl_job(
                     problem = "must be a whole number"
             elif key == "n":
                 if _is_int(value):
-                    count = int(str(value))
+                    images = int(str(value))
                 else:
                     problem = "must be a whole number"
+            elif key == "variants":
+                if (problem := variants_problem(value)) is None:
+                    assert isinstance(value, int)
+                    count = value
             elif key == "prompt_extend":
                 extend = _flag(value)
                 if extend is None:
@@ -143,22 +154,46 @@ def _jsonl_job(
                 variables[name] = scalar
     if len(errors) > before:
         return None
-    return builder.build(
-        errors,
-        line,
-        index,
-        texts.get("id"),
-        texts.get("prompt"),
-        texts.get("size"),
-        seed,
-        extend,
-        texts.get("output"),
-        variables,
-        model=texts.get("model"),
-        n=count,
-        negative_prompt=texts.get("negative_prompt"),
-        watermark=watermark,
-    )
+    if count == 1:
+        return builder.build(
+            errors,
+            line,
+            index,
+            texts.get("id"),
+            texts.get("prompt"),
+            texts.get("size"),
+            seed,
+            extend,
+            texts.get("output"),
+            variables,
+            model=texts.get("model"),
+            n=images,
+            negative_prompt=texts.get("negative_prompt"),
+            watermark=watermark,
+        )
+    return [
+        builder.build(
+            errors,
+            line,
+            index,
+            texts.get("id"),
+            texts.get("prompt"),
+            texts.get("size"),
+            seed,
+            extend,
+            texts.get("output"),
+            variables,
+            None,
+            "",
+            k,
+            k - 1,
+            model=texts.get("model"),
+            n=images,
+            negative_prompt=texts.get("negative_prompt"),
+            watermark=watermark,
+        )
+        for k in range(1, count + 1)
+    ]
 
 
 def _is_int(value: object) -> bool:

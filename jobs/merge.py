@@ -10,12 +10,16 @@ same id:
 * same content, another ``output``: the job *moves*. Its state is kept; a done job's image is
   to be moved on disk, so the move is written to ``job_history`` (reason ``move``, ``file`` the
   old path) for the caller to carry out and then mark ``moved`` (:data:`MOVE`, :data:`MOVED`);
-* other content (model, prompt, size, seed, prompt_extend): an error naming the id, unless
-  ``replace``: then the job starts again as ``pending``, its old record kept in the history;
+* other content (model, prompt, size, seed, prompt_extend, n, params): an error naming the id,
+  unless ``replace``: then the job starts again as ``pending``, its old record kept in the
+  history;
+* other variables (``vars``, the row's extra columns) and the same content: the job takes the
+  new ones and keeps its state and image (*updated*: a label edited costs nothing);
 * a ``withdrawn`` job: back where its record says it was (see :data:`RESTORED_STATE`).
 
 With ``withdraw``, every job whose id is not in the manifest becomes ``withdrawn`` (a
-``running`` one is left to its run, and withdrawn by the next import). A leaving job whose
+``running`` one is left to its run, and a ``submitted`` one to its task at the service: each is
+withdrawn by an import after it moved on). A leaving job whose
 output path a manifest row now claims gives the path up: its record goes to the history and its
 results are cleared, so if it ever comes back it is generated again.
 
@@ -29,7 +33,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .errors import ManifestError, ManifestInvalid
@@ -43,12 +47,19 @@ MOVE = "move"
 MOVED = "moved"
 """The reason once the image was moved (or found already in place)."""
 
+# A redone job keeps the manifest's seed and prompt aside (manifest_seed, manifest_prompt): the
+# manifest row it came from is unchanged as long as it matches those.
 _SAME_CONTENT = (
-    "j.model = s.model AND j.prompt = s.prompt AND j.size = s.size AND j.seed = s.seed "
-    "AND j.prompt_extend = s.prompt_extend AND j.n = s.n AND j.params IS s.params"
+    "j.model = s.model AND coalesce(j.manifest_prompt, j.prompt) = s.prompt "
+    "AND j.size = s.size AND coalesce(j.manifest_seed, j.seed) = s.seed "
+    "AND j.prompt_extend = s.prompt_extend AND j.n = s.n "
+    # params may be NULL on either side: equal when both are, or both hold the same text
+    "AND coalesce(j.params = s.params, j.params IS NULL AND s.params IS NULL)"
 )
 _CONTENT_CHANGED = f"NOT ({_SAME_CONTENT})"
 _MOVED_ONLY = f"{_SAME_CONTENT} AND j.output != s.output"
+# (null-safe "differs", in SQL both databases read: one NULL and not the other differs too)
+_VARS_ONLY = f"{_SAME_CONTENT} AND (j.vars <> s.vars OR (j.vars IS NULL) <> (s.vars IS NULL))"
 
 
 def _states(states: frozenset[State] | set[State]) -> str:
@@ -90,13 +101,16 @@ RESULT_RESET: dict[str, Any] = {
     "bytes": None,
     "generated_at": None,
     "finished_at": None,
+    "task_id": None,  # a job started again creates a new task
+    "task_submitted_at": None,
 }
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ImportReport:
     """What an import did: rows read, rows new, rows already there, rows replaced; jobs
-    withdrawn (their row left the manifest), restored (it came back) and moved (a new output)."""
+    withdrawn (their row left the manifest), restored (it came back), moved (a new output) and
+    updated (new variables alone; counted in ``unchanged`` too, since their images stand)."""
 
     total: int
     added: int
@@ -105,10 +119,11 @@ class ImportReport:
     withdrawn: int = 0
     restored: int = 0
     moved: int = 0
+    updated: int = 0
 
 
-async def _rows(conn: AsyncConnection, sql: str, *params: Any) -> list[Any]:
-    return list(await conn.exec_driver_sql(sql, params))
+async def _rows(conn: AsyncConnection, sql: str, **params: Any) -> list[Any]:
+    return list(await conn.execute(text(sql), params))
 
 
 async def _to_history(
@@ -139,15 +154,19 @@ async def merge_staging(
     max_errors: int,
     total: int,
     now: float,
+    order: str = "rowid",
 ) -> ImportReport:
     """Merge ``staging`` into ``jobs`` (see the module docstring); raise
-    :class:`ManifestInvalid` naming every conflicting row, having changed nothing."""
+    :class:`ManifestInvalid` naming every conflicting row, having changed nothing.
+
+    ``order`` is staging's column of manifest order (the backend's: SQLite's rowid, or an
+    identity column); new jobs are added in that order."""
     errors: list[ManifestError] = []
     changed = await _rows(
         conn,
         "SELECT s.line, s.id FROM staging s JOIN jobs j ON j.id = s.id "
-        f"WHERE {_CONTENT_CHANGED} ORDER BY s.line LIMIT ?",
-        max_errors + 1,
+        f"WHERE {_CONTENT_CHANGED} ORDER BY s.line LIMIT :limit",
+        limit=max_errors + 1,
     )
     if changed and not replace:
         errors += [
@@ -172,8 +191,8 @@ async def merge_staging(
         "WHERE NOT EXISTS (SELECT 1 FROM staging s2 "
         "WHERE s2.id = j.id AND s2.output_key != j.output_key) "
         f"{f'AND NOT {leaving} ' if withdraw else ''}"
-        "ORDER BY s.line LIMIT ?",
-        max_errors + 1,
+        "ORDER BY s.line LIMIT :limit",
+        limit=max_errors + 1,
     )
     errors += [
         ManifestError(source, line, "output", f"{output} is already the output of job {other!r}")
@@ -200,6 +219,13 @@ async def merge_staging(
         )
     ).rowcount
     moved = await _move_outputs(conn, now)
+    updated = (
+        await conn.exec_driver_sql(
+            "UPDATE jobs SET vars = (SELECT s.vars FROM staging s WHERE s.id = jobs.id) "
+            "WHERE id IN (SELECT j.id FROM jobs j JOIN staging s ON s.id = j.id "
+            f"WHERE {_VARS_ONLY})"
+        )
+    ).rowcount
     # A job that gave its path up and came back takes its key again (its path is free now).
     await conn.exec_driver_sql(
         "UPDATE jobs SET output_key = (SELECT s.output_key FROM staging s WHERE s.id = jobs.id) "
@@ -207,13 +233,16 @@ async def merge_staging(
         "WHERE j.output_key != s.output_key)"
     )
     added = (
-        await conn.exec_driver_sql(
-            "INSERT INTO jobs (id, line, model, prompt, size, seed, prompt_extend, output, "
-            "output_key, n, params, state, created_at) "
-            "SELECT s.id, s.line, s.model, s.prompt, s.size, s.seed, s.prompt_extend, "
-            f"s.output, s.output_key, s.n, s.params, '{State.PENDING.value}', ? FROM staging s "
-            "WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = s.id) ORDER BY s.rowid",
-            (now,),
+        await conn.execute(
+            text(
+                "INSERT INTO jobs (id, line, model, prompt, size, seed, prompt_extend, output, "
+                "output_key, n, params, vars, state, created_at) "
+                "SELECT s.id, s.line, s.model, s.prompt, s.size, s.seed, s.prompt_extend, "
+                f"s.output, s.output_key, s.n, s.params, s.vars, '{State.PENDING.value}', :now "
+                "FROM staging s "
+                f"WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = s.id) ORDER BY s.{order}"
+            ),
+            {"now": now},
         )
     ).rowcount
     return ImportReport(
@@ -224,6 +253,7 @@ async def merge_staging(
         withdrawn=withdrawn,
         restored=restored,
         moved=moved,
+        updated=updated,
     )
 
 
@@ -233,12 +263,15 @@ async def _replace_changed(conn: AsyncConnection, now: float) -> int:
     )
     # Free the old output keys first so a swap of outputs between jobs is not a collision.
     await conn.execute(
-        update(jobs).where(jobs.c.id.in_(ids)).values(output_key=jobs.c.output_key + "\0old")
+        update(jobs)
+        .where(jobs.c.id.in_(ids))
+        .values(output_key=jobs.c.output_key + " (replacing) " + jobs.c.id)
     )
     await conn.exec_driver_sql(
-        "UPDATE jobs SET (line, model, prompt, size, seed, prompt_extend, output, output_key"
-        ", n, params) = (SELECT s.line, s.model, s.prompt, s.size, s.seed, s.prompt_extend, "
-        "s.output, s.output_key, s.n, s.params FROM staging s WHERE s.id = jobs.id) "
+        "UPDATE jobs SET (line, model, prompt, size, seed, prompt_extend, output, output_key, "
+        "n, params, vars) = (SELECT s.line, s.model, s.prompt, s.size, s.seed, "
+        "s.prompt_extend, s.output, s.output_key, s.n, s.params, s.vars FROM staging s "
+        "WHERE s.id = jobs.id) "
         "WHERE id IN (SELECT j.id FROM jobs j JOIN staging s ON s.id = j.id "
         f"WHERE {_CONTENT_CHANGED})"
     )
@@ -255,6 +288,11 @@ async def _replace_changed(conn: AsyncConnection, now: float) -> int:
             worker=None,
             error_code=None,
             error_message=None,
+            manifest_seed=None,
+            manifest_prompt=None,
+            review=None,  # a new image is not the one judged
+            review_note=None,
+            reviewed_at=None,
             **RESULT_RESET,
         )
     )
@@ -266,10 +304,7 @@ async def _give_up_paths(conn: AsyncConnection, ids: list[str], now: float) -> N
     to the history, their results are cleared (the new row's image will take the path)."""
     for at in range(0, len(ids), 500):
         part = ids[at : at + 500]
-        marks = ", ".join("?" * len(part))
-        old = (
-            await conn.exec_driver_sql(f"SELECT * FROM jobs WHERE id IN ({marks})", tuple(part))
-        ).mappings()
+        old = (await conn.execute(select(jobs).where(jobs.c.id.in_(part)))).mappings()
         for rec in [dict(r) for r in old]:
             await conn.execute(
                 history.insert().values(
@@ -315,7 +350,7 @@ async def _move_outputs(conn: AsyncConnection, now: float) -> int:
     """Jobs whose only change is their output path take the new one, keeping their state; a
     done job's move is written to the history for the caller to carry out on disk."""
     moving = f"jobs j JOIN staging s ON s.id = j.id WHERE {_MOVED_ONLY}"
-    await conn.exec_driver_sql("DROP TABLE IF EXISTS temp.moving")
+    await conn.exec_driver_sql("DROP TABLE IF EXISTS moving")
     await conn.exec_driver_sql(f"CREATE TEMP TABLE moving AS SELECT j.id FROM {moving}")
     try:
         count = (await conn.exec_driver_sql("SELECT count(*) FROM moving")).scalar_one()
@@ -333,4 +368,4 @@ async def _move_outputs(conn: AsyncConnection, now: float) -> int:
         )
         return int(count)
     finally:
-        await conn.exec_driver_sql("DROP TABLE IF EXISTS temp.moving")
+        await conn.exec_driver_sql("DROP TABLE IF EXISTS moving")

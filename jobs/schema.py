@@ -34,7 +34,7 @@ __all__ = [
     "metadata",
 ]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 EMULATOR_ENDPOINT = "emulator"
 """``jobs.endpoint`` of an image made by an emulator (``--emulate``): a rehearsal, whose cost
@@ -115,11 +115,15 @@ jobs = Table(
     Column("review", Text),
     Column("review_note", Text),
     Column("reviewed_at", Float),
-    # images one call makes, and the optional model parameters given, as JSON  [v3]
+    # the manifest's own seed and prompt, kept when a redo replaced them (NULL: unchanged), so
+    # re-importing the unchanged manifest row is not taken for a change  [v3]
+    Column("manifest_seed", Integer),
+    Column("manifest_prompt", Text),
+    # images one call makes, and the optional model parameters given, as JSON  [v4]
     Column("n", Integer, nullable=False, server_default=text("1")),
     Column("params", Text),
     # the service's task of an asynchronously generated job ("" while its create is in
-    # flight), and when it was created  [v3]
+    # flight), and when it was created  [v4]
     Column("task_id", Text),
     Column("task_submitted_at", Float),
     sqlite_autoincrement=False,
@@ -150,7 +154,7 @@ STAGING_DDL = """
 CREATE TEMP TABLE IF NOT EXISTS staging (
     id TEXT NOT NULL, line INTEGER NOT NULL, model TEXT NOT NULL, prompt TEXT NOT NULL,
     size TEXT NOT NULL, seed INTEGER NOT NULL, prompt_extend INTEGER NOT NULL,
-    output TEXT NOT NULL, output_key TEXT NOT NULL, n INTEGER NOT NULL, params TEXT
+    output TEXT NOT NULL, output_key TEXT NOT NULL, n INTEGER NOT NULL, params TEXT, vars TEXT
 )
 """
 STAGING_COLUMNS = (
@@ -165,4 +169,5 @@ STAGING_COLUMNS = (
     "output_key",
     "n",
     "params",
+    "vars",
 )

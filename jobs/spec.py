@@ -8,13 +8,14 @@ that is not a bulk import.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 __all__ = ["JobRow", "JobSpec"]
 
-JobRow = tuple[str, int, str, str, str, int, bool, str, str, int, str | None]
-"""(id, line, model, prompt, size, seed, prompt_extend, output, output_key, n, params): a
-``JobSpec``'s fields in the job table's column order."""
+JobRow = tuple[str, int, str, str, str, int, bool, str, str, int, str | None, str | None]
+"""(id, line, model, prompt, size, seed, prompt_extend, output, output_key, n, params, vars):
+a ``JobSpec``'s fields in the job table's column order."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -23,7 +24,9 @@ class JobSpec:
 
     ``output`` is a normalised, relative POSIX path below the run folder's ``images/``;
     ``output_key`` is its case-folded form, used to refuse paths that collide on
-    case-insensitive file systems. ``line`` is the manifest line the job came from.
+    case-insensitive file systems. ``line`` is the manifest line the job came from. ``vars``
+    holds the manifest row's own variables (extra columns, ``vars``, matrix values) as a JSON
+    object, typed as the manifest wrote them; they describe the image, they do not make it.
     """
 
     id: str
@@ -37,11 +40,25 @@ class JobSpec:
     line: int
     n: int = 1  # images one call makes, each its own file (see batcher.layout)
     params: str | None = None  # the optional model parameters given, as JSON (jobs.params)
+    vars: str | None = None  # the row's own variables as a JSON object, None without any
 
     @classmethod
     def from_row(cls, row: JobRow) -> JobSpec:
         """The spec of a ``JobRow``."""
-        job_id, line, model, prompt, size, seed, prompt_extend, output, output_key, n, params = row
+        (
+            job_id,
+            line,
+            model,
+            prompt,
+            size,
+            seed,
+            prompt_extend,
+            output,
+            output_key,
+            n,
+            params,
+            variables,
+        ) = row
         return cls(
             id=job_id,
             model=model,
@@ -54,6 +71,7 @@ class JobSpec:
             line=line,
             n=n,
             params=params,
+            vars=variables,
         )
 
     def row(self) -> JobRow:
@@ -70,7 +88,13 @@ class JobSpec:
             self.output_key,
             self.n,
             self.params,
+            self.vars,
         )
+
+    @property
+    def variables(self) -> dict[str, object]:
+        """``vars`` as a dict (empty without any)."""
+        return {} if self.vars is None else dict(json.loads(self.vars))
 
     @property
     def width(self) -> int:

@@ -8,54 +8,61 @@ AND state IN (...) AND claim_token = ?``: the pure table says what may happen, t
 again, and a write that matches no row (the lease was lost to someone else, or the row moved
 on) changes nothing and raises :class:`LeaseLost`.
 
-Writes are short ``BEGIN IMMEDIATE`` transactions serialised by one in-process lock, so a
-writer never upgrades a read lock into a deadlock, and ``busy_timeout`` covers other processes.
-No network call ever runs inside a transaction: callers do their HTTP between writes.
+Everything both databases share is here and in :mod:`jobs.merge`, in portable SQL; what
+differs (the engine, the hot path's writes, claims, bulk loading, the manifest-order column,
+error translation) is the backend's: :mod:`jobs.backends.sqlite` for a run folder's
+``batcher.db``, :mod:`jobs.backends.postgres` for a table many workers share. Writes are short
+transactions serialised in this process by one lock; no network call ever runs inside a
+transaction: callers do their HTTP between writes.
 
 Leases: ``claim`` hands out rows with a fresh token and ``lease_expires_at``; ``heartbeat``
 extends them. A process that dies leaves ``running`` rows whose lease runs out; ``reclaim``
 puts them back to ``pending`` (no attempt charged: whether the call went out is unknown, and
 the lost answer is the service's to count). A run that holds the run folder's lock may reclaim
-every ``running`` row at start, since no live process can own them.
+every ``running`` row at start, since no live process can own them; on a shared table
+(PostgreSQL) only expired leases are ever reclaimed.
 
 Import is one transaction: rows go into a temporary staging table, conflicts are found with set
 queries, and new rows are copied in (into an empty table, straight in); with ``withdraw``, the
 manifest is the whole truth and jobs that left it are withdrawn (:mod:`jobs.merge`). A
-manifest error anywhere rolls the whole import back. SQLite pulls the rows from the
-manifest's iterator on the database thread; a big manifest is read and checked meanwhile by a
-helper process (``jobs.readahead``), so the two use two cores.
+manifest error anywhere rolls the whole import back. The backend loads the rows (SQLite on its
+database thread, PostgreSQL by COPY); a big manifest is read and checked meanwhile by a helper
+process (``jobs.readahead``), so the two use two cores.
+
+Sending jobs back (``retry_failed``, ``redo``) is one mechanism: the chosen ids go into a
+temporary ``requeue`` table, each old record is copied to ``job_history`` with the reason (and,
+for a redo, where its image was kept), and one ``UPDATE ... WHERE state IN (...)`` moves them,
+the allowed states taken from the transition table. A redo is all or nothing: one job that is
+not done refuses the whole transaction. Review marks (``set_review``, ``set_note``) write only
+the review columns in one short transaction and never move a job, so a review page and a run
+can share the folder.
 """
 
 from __future__ import annotations
 
 import functools
-import os
-import sqlite3
-import threading
-import time
+import json
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from decimal import Decimal
-from itertools import chain, islice
 from pathlib import Path
 from typing import Any, Self, TypeVar
-from urllib.parse import quote
 
 import anyio
-from sqlalchemy import and_, event, func, inspect, literal_column, or_, select, update
-from sqlalchemy.engine import Connection
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
-from sqlalchemy.pool import AsyncAdaptedQueuePool
+from sqlalchemy import and_, case, func, inspect, literal_column, or_, select, text, update
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from . import migrations, schema
+from .backends import Backend, Op, open_backend
 from .errors import (
+    IllegalTransition,
     JobStoreError,
     LeaseLost,
     SchemaMismatch,
     StoreUnavailable,
+    UnknownJob,
 )
 from .group import GroupCommit
 from .merge import MOVE, MOVED, RESULT_RESET, ImportReport, merge_staging
@@ -65,11 +72,13 @@ from .states import LEASED, State, check_transition, sources_of
 
 __all__ = [
     "EMULATOR_ENDPOINT",
+    "REVIEW_MARKS",
     "Claim",
     "Generated",
     "ImportReport",
     "JobStore",
     "Moved",
+    "Redo",
     "Spend",
     "Stats",
     "StoredFile",
@@ -78,16 +87,33 @@ __all__ = [
 Clock = Callable[[], float]
 _T = TypeVar("_T")
 MICROS = Decimal(1_000_000)
-# Rows an import INSERT statement takes: 1M rows go in about a third faster than one row per
-# statement, and 64 * 11 + 1 parameters stay under the 999 of SQLite builds before 3.32.
-ROWS_PER_INSERT = 64
-IMPORT_CHUNK = 32 * ROWS_PER_INSERT  # rows taken between checks for a cancelled import
-_COLS = ", ".join(schema.STAGING_COLUMNS)
 # Built after a first import rather than row by row (1M rows: 0.6-0.8 s at the end, 1.9 s
 # more in the inserts). ix_jobs_failed_code stays: no new row is failed, so it costs the
 # inserts nothing, while building it again would read the whole table (0.1 s at 1M).
 _DEFERRED_INDEXES = tuple(i for i in jobs.indexes if i.name == "ix_jobs_active")
 _RESULT_RESET = RESULT_RESET
+# A new image is not the one a person judged: its review mark goes with the old record.
+_REVIEW_RESET: dict[str, Any] = {"review": None, "review_note": None, "reviewed_at": None}
+REVIEW_MARKS = ("approved", "rejected")
+_IN_MAX = 500  # ids per IN (...): well under every backend's limit on bound parameters
+_REQUEUE_DDL = (
+    "CREATE TEMP TABLE IF NOT EXISTS requeue "
+    "(id TEXT PRIMARY KEY, seed INTEGER, prompt TEXT, file TEXT)"
+)
+_Op = Op
+_SET_META = text(
+    "INSERT INTO meta (key, value) VALUES (:key, :value) "
+    "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+)
+_DONE_NAMES = (
+    "id", "state", "output", "prompt", "seed", "size", "width", "height", "prompt_extend",
+    "actual_prompt", "request_id", "sha256", "vars", "generated_at",
+)  # fmt: skip
+_DONE_COLUMNS = ", ".join(_DONE_NAMES)
+# The summary of every job's variables (JobStore.variables) is kept in meta until an import
+# changes them: at a million rows, working it out takes seconds.
+_VARIABLES_KEY = "variables"
+_FORGET_VARIABLES = f"DELETE FROM meta WHERE key = '{_VARIABLES_KEY}'"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -149,6 +175,18 @@ class StoredFile:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class Redo:
+    """One done job to make again: a new ``seed`` and ``prompt`` (None keeps the job's own),
+    and ``file``, where its previous image was kept (relative to the run folder), recorded in
+    the history with the old record."""
+
+    id: str
+    seed: int | None = None
+    prompt: str | None = None
+    file: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Spend:
     """What the images of one currency cost, spent for real or only emulated."""
 
@@ -183,6 +221,7 @@ class Stats:
     due_pending: int = 0
     # jobs per model and state (only with totals: it reads the whole table)
     by_model: dict[str, dict[str, int]] = field(default_factory=dict)
+    reviews: dict[str, int] = field(default_factory=dict)  # "approved" / "rejected" -> count
 
     @property
     def total(self) -> int:
@@ -226,41 +265,8 @@ class Stats:
         return sum((s.amount for s in self.spend), Decimal(0))
 
 
-class _ImportCancelled(Exception):
-    """Raised on the database thread to end an import whose caller was cancelled."""
-
-
 class _Add(int):
     """In a transition's values: add this to the column rather than set it."""
-
-
-def _apply(db: sqlite3.Connection, ops: list[_Op]) -> None:
-    """Run ``ops`` on the database thread, in the caller's transaction: a fenced UPDATE must
-    change exactly one row (else :class:`LeaseLost`); a ``sync`` function may raise a
-    :class:`JobStoreError` that fails it alone. Any other error propagates (the batch fails)."""
-    for o in ops:
-        if o.sync is not None:
-            try:
-                o.result = o.sync(db)
-            except JobStoreError as exc:
-                o.error = exc
-        elif db.execute(o.sql, o.params or {}).rowcount != 1:
-            o.error = LeaseLost(o.lost)
-
-
-async def _run_updates(conn: AsyncConnection, ops: list[_Op]) -> None:
-    """Run driver-thread ops in one trip to the database thread, inside ``conn``'s transaction.
-
-    Each statement through SQLAlchemy and aiosqlite costs several thread hand-overs; the hot
-    path's writes are plain SQL, so the whole run of them goes to the driver's thread at once.
-    """
-    if not ops:
-        return
-    driver = (await conn.get_raw_connection()).driver_connection
-    assert driver is not None
-    # aiosqlite's Connection._execute runs a function on its own thread (private, but the
-    # only way to run several statements in one hand-over; tests cover it on every upgrade).
-    await driver._execute(_apply, driver._conn, ops)
 
 
 @functools.lru_cache(maxsize=64)
@@ -325,114 +331,6 @@ def _complete_op(job_id: str, token: str, stored: StoredFile, now: float) -> _Op
     )
 
 
-@functools.lru_cache(maxsize=8)
-def _insert(table: str, rows: int, stamped: bool) -> str:
-    """``INSERT`` of ``rows`` rows of the import columns into ``table``, with numbered
-    parameters; ``stamped``: each row also gets state ``pending`` and ``created_at = ?1``."""
-    width = len(schema.STAGING_COLUMNS)
-    first = 2 if stamped else 1
-    tail = ", 'pending', ?1" if stamped else ""
-    values = ", ".join(
-        "(" + ", ".join(f"?{first + width * r + c}" for c in range(width)) + tail + ")"
-        for r in range(rows)
-    )
-    columns = f"{_COLS}, state, created_at" if stamped else _COLS
-    return f"INSERT INTO {table} ({columns}) VALUES {values}"
-
-
-@dataclass(eq=False, slots=True)
-class _Op:
-    """One queued write of a group commit: an async function of a SQLAlchemy connection
-    (``fn``), a function run on the database thread (``sync``), or a fenced UPDATE (``sql``)
-    that must change exactly one row (else ``lost`` is raised)."""
-
-    fn: Callable[[AsyncConnection], Awaitable[Any]] | None
-    sync: Callable[[sqlite3.Connection], Any] | None = None  # runs on the database thread
-    sql: str = ""
-    params: dict[str, Any] | None = None
-    lost: str = ""
-    taken: bool = False
-    done: bool = False
-    result: Any = None
-    error: BaseException | None = None
-
-
-@contextmanager
-def _translated() -> Iterator[None]:
-    """The one place SQLite / SQLAlchemy errors become JobStoreErrors."""
-    try:
-        yield
-    except (DBAPIError, sqlite3.Error) as exc:
-        # sqlite3.Error itself: the hot path's updates go to the driver directly
-        orig = exc.orig if isinstance(exc, DBAPIError) else exc
-        text = str(orig) if orig is not None else type(exc).__name__
-        low = text.lower()
-        if "locked" in low or "busy" in low:
-            msg = "the job database is locked by another process; is another batcher running here?"
-        elif "full" in low:
-            msg = "the disk is full: the job database could not be written"
-        elif "readonly" in low or "read-only" in low:
-            msg = "the job database is read-only"
-        elif "unable to open" in low:
-            msg = "the job database could not be opened: is its folder writable?"
-        elif "not a database" in low or "malformed" in low:
-            msg = "the job database is damaged or not a batcher database"
-        else:
-            msg = f"the job database failed: {text}"
-        raise StoreUnavailable(msg) from exc
-    except SQLAlchemyError as exc:
-        raise StoreUnavailable(f"the job database failed: {type(exc).__name__}") from exc
-
-
-_CLAIM_COLUMNS = (
-    "id",
-    "state",
-    "model",
-    "prompt",
-    "size",
-    "seed",
-    "prompt_extend",
-    "output",
-    "attempts",
-    "download_attempts",
-    "request_id",
-    "image_url",
-    "url_expires_at",
-    "width",
-    "height",
-    "sha256",
-    "bytes",
-    "regenerated",
-    "n",
-    "params",
-    "task_id",
-    "task_submitted_at",
-)
-_LEASED_ORDER = (State.GENERATED, State.SUBMITTED)  # downloads first, then task polls
-assert set(_LEASED_ORDER) == LEASED
-# The claim's statements, plain SQL run on the database thread in one hand-over. The ACTIVE
-# condition lets SQLite use the partial index; rowid keeps the manifest's order among equals.
-_DUE = f"{schema.ACTIVE.text} AND next_attempt_at <= ? ORDER BY next_attempt_at, rowid LIMIT ?"
-# One statement per leased state: with ``state = ?`` the index gives the order (an IN list
-# would sort in a temporary B-tree).
-_CLAIM_GENERATED = (
-    "SELECT id FROM jobs WHERE state = ? AND "
-    f"(lease_expires_at IS NULL OR lease_expires_at < ?) AND {_DUE}"
-)
-_CLAIM_PENDING = f"SELECT id FROM jobs WHERE state = '{State.PENDING.value}' AND {_DUE}"
-_RETURNING = f"RETURNING {', '.join(_CLAIM_COLUMNS)}"
-_TAKE_GENERATED = (
-    "UPDATE jobs SET claim_token = ?, lease_expires_at = ?, worker = ? "
-    f"WHERE id IN ({{marks}}) {_RETURNING}"
-)
-_TAKE_PENDING = (
-    f"UPDATE jobs SET state = '{State.RUNNING.value}', claim_token = ?, lease_expires_at = ?, "
-    "worker = ?, started_at = coalesce(started_at, ?) "
-    f"WHERE state = '{State.PENDING.value}' AND id IN ({{marks}}) {_RETURNING}"
-)
-_IN_MAX = 500  # ids per IN (...): well under SQLite's limit on bound parameters
-
-
 def _claim_from_row(row: tuple[Any, ...], token: str) -> Claim:
     """A Claim from a row of ``_CLAIM_COLUMNS``."""
     (
@@ -495,14 +393,12 @@ class JobStore:
     ...     claims = await store.claim(limit=4, lease_seconds=60)
     """
 
-    def __init__(self, engine: AsyncEngine, path: Path, clock: Clock) -> None:
-        self._engine = engine
-        self._path = path
+    def __init__(self, backend: Backend, clock: Clock) -> None:
+        self._backend = backend
+        self._engine = backend.engine
         self.clock = clock
         self._lock = anyio.Lock()  # every write transaction, grouped or not, holds it
         self._group = GroupCommit(self._run_batch, lock=self._lock)
-        self._writer: AsyncConnection | None = None  # held for the hot path's batches
-        self._writer_driver: Any = None
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -513,52 +409,47 @@ class JobStore:
         *,
         create: bool = True,
         read_only: bool = False,
-        clock: Clock = time.time,
+        clock: Clock | None = None,
     ) -> Self:
-        """Open (and with ``create``, make) the database at ``path``.
+        """Open (and with ``create``, make) the job table at ``path``: a SQLite file, or a
+        ``postgresql://user@host/name`` URL naming a database that holds one run.
 
         ``read_only``: for a finished run folder that cannot be written (read-only media, an
         archive): the file is opened immutable, nothing is migrated and every write fails.
         Only for a folder no process writes to (SQLite then trusts the file not to change).
+        A PostgreSQL table is only checked, not migrated. ``clock`` defaults to this host's
+        clock for SQLite, and to the database server's clock for PostgreSQL (leases shared
+        by hosts are measured on one clock).
         """
-        db = Path(path)
-        if (read_only or not create) and not db.exists():  # noqa: ASYNC240 (a stat per open)
-            raise StoreUnavailable(f"no job database at {db}")
-        if not read_only:
-            try:
-                db.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise StoreUnavailable(f"cannot create {db.parent}: {exc.strerror}") from exc
-        # Two pooled connections (a writer and a reader; writes are serialised by our lock):
-        # opening one costs a thread and the pragmas, far too much per transaction.
-        # close() disposes the pool, so nothing lingers open.
-        url = f"sqlite+aiosqlite:///{db}"
-        if read_only:
-            where = quote(os.path.abspath(db))  # noqa: ASYNC240 (no I/O: a string)
-            url = f"sqlite+aiosqlite:///file:{where}?immutable=1&uri=true"
-        engine = create_async_engine(
-            url,
-            poolclass=AsyncAdaptedQueuePool,
-            pool_size=3,  # the hot path's writer, a writer, a reader
-            max_overflow=0,
-        )
-        _install_sqlite_hooks(engine, read_only=read_only)
-        store = cls(engine, db, clock)
+        backend = open_backend(path, read_only=read_only)
+        db = getattr(backend, "path", None)
+        if isinstance(db, Path):
+            if (read_only or not create) and not db.exists():
+                raise StoreUnavailable(f"no job database at {db}")
+            if not read_only:
+                try:
+                    db.parent.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise StoreUnavailable(f"cannot create {db.parent}: {exc.strerror}") from exc
         try:
+            await backend.prepare()
+            store = cls(backend, clock or backend.default_clock())
+            if not create and db is None and await store._schema_version() is None:
+                raise StoreUnavailable(
+                    f"no job database in {backend.label}: it holds no batcher tables"
+                )
             if read_only:
                 await store._check_schema_read_only()
             else:
                 await store._ensure_schema()
         except BaseException:
-            await engine.dispose()
+            with anyio.CancelScope(shield=True):
+                await backend.close()
             raise
         return store
 
     async def close(self) -> None:
-        if self._writer is not None:
-            await self._writer.close()
-            self._writer = None
-        await self._engine.dispose()
+        await self._backend.close()
 
     async def __aenter__(self) -> Self:
         return self
@@ -568,27 +459,44 @@ class JobStore:
 
     @property
     def path(self) -> Path:
-        return self._path
+        """The SQLite file (a PostgreSQL store has none: see :attr:`location`)."""
+        db = getattr(self._backend, "path", None)
+        if not isinstance(db, Path):
+            raise AttributeError("a PostgreSQL job table has no file path")
+        return db
+
+    @property
+    def location(self) -> str:
+        """Where the table is, for messages: the file, or the URL without its password."""
+        return self._backend.label
+
+    @property
+    def shared(self) -> bool:
+        """Whether other processes may work on this table at once (PostgreSQL): a run must
+        then never reclaim jobs whose lease has not expired."""
+        return self._backend.shared
 
     async def _ensure_schema(self) -> None:
-        """Create the tables, or bring an older run folder's database up to this schema
-        (copied aside first, then every step in one transaction; see :mod:`jobs.migrations`)."""
+        """Create the tables, or bring an older database up to this schema (a SQLite file is
+        copied aside first; then every step in one transaction; see :mod:`jobs.migrations`)."""
         found = await self._schema_version()
         if found is not None and found < schema.SCHEMA_VERSION:
-            await anyio.to_thread.run_sync(migrations.backup_before_migrating, self._path, found)
+            await self._backend.before_migrating(found)
         async with self._write() as conn:
             found = await _read_version(conn)  # again, under the write lock
             if found is not None and found > schema.SCHEMA_VERSION:
                 raise SchemaMismatch(
-                    f"{self._path} has schema version {found}, made by a newer batcher; this "
-                    f"one knows versions up to {schema.SCHEMA_VERSION}: upgrade batcher"
+                    f"{self._backend.label} has schema version {found}, made by a newer "
+                    f"batcher; this one knows versions up to {schema.SCHEMA_VERSION}: "
+                    "upgrade batcher"
                 )
             if found is not None:
-                for _number, statements in migrations.steps_after(found, schema.SCHEMA_VERSION):
-                    for statement in statements:
+                for _number, step in migrations.steps_after(found, schema.SCHEMA_VERSION):
+                    for statement in migrations.statements_for(step, conn.dialect.name):
                         await conn.exec_driver_sql(statement)
             await conn.run_sync(schema.metadata.create_all)
             if found is None:
+                await self._backend.after_create(conn)
                 await conn.execute(
                     meta.insert().values(key="schema_version", value=str(schema.SCHEMA_VERSION))
                 )
@@ -603,11 +511,11 @@ class JobStore:
         """A database opened read-only is used as it is: one of another schema is refused."""
         found = await self._schema_version()
         if found is None:
-            raise StoreUnavailable(f"{self._path} is not a batcher job database")
+            raise StoreUnavailable(f"{self._backend.label} is not a batcher job database")
         if found != schema.SCHEMA_VERSION:
             newer = found > schema.SCHEMA_VERSION
             raise SchemaMismatch(
-                f"{self._path} has schema version {found} and this batcher reads version "
+                f"{self._backend.label} has schema version {found} and this batcher reads version "
                 f"{schema.SCHEMA_VERSION}; "
                 + (
                     "upgrade batcher"
@@ -623,9 +531,12 @@ class JobStore:
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncConnection]:
+        """An exclusive write transaction (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: under
+        the store's advisory lock)."""
         async with self._lock:
-            with _translated():
-                async with self._engine.begin() as conn:  # emits BEGIN IMMEDIATE
+            with self._backend.translated():
+                async with self._engine.begin() as conn:
+                    await self._backend.exclusive(conn)
                     yield conn
 
     async def _batched(self, fn: Callable[[AsyncConnection], Awaitable[_T]]) -> _T:
@@ -643,33 +554,34 @@ class JobStore:
     async def _submit_all(self, ops: list[_Op]) -> None:
         """Run ``ops`` in a write transaction shared with whatever else is queued (group commit).
 
-        The leader (see :mod:`jobs.group`) runs every queued operation in one ``BEGIN
-        IMMEDIATE`` ... ``COMMIT``, so concurrent workers share one fsync. An operation that
-        raises :class:`JobStoreError` (a lost lease: its UPDATE matched nothing) fails alone; a
+        The leader (see :mod:`jobs.group`) runs every queued operation in one transaction, so
+        concurrent workers share one commit (one fsync). An operation that raises
+        :class:`JobStoreError` (a lost lease: its UPDATE matched nothing) fails alone; a
         database error fails the whole batch. Each op's outcome is left in its ``error`` and
         ``result``.
         """
         await self._group.submit(ops)
 
     async def _run_batch(self, batch: list[_Op]) -> None:
+        backend = self._backend
         try:
-            with _translated():
+            with backend.translated():
                 if all(o.fn is None for o in batch):
-                    await self._run_plain_batch(batch)
+                    await backend.write_batch(batch)  # the hot path
                     return
-                async with self._engine.begin() as conn:  # emits BEGIN IMMEDIATE
+                async with self._engine.begin() as conn:
                     plain: list[_Op] = []
                     for o in batch:
                         if o.fn is None:
                             plain.append(o)
                             continue
-                        await _run_updates(conn, plain)
+                        await backend.run_updates(conn, plain)
                         plain = []
                         try:
                             o.result = await o.fn(conn)
                         except JobStoreError as exc:  # wrote nothing: the others go on
                             o.error = exc
-                    await _run_updates(conn, plain)
+                    await backend.run_updates(conn, plain)
         except Exception as exc:
             for o in batch:
                 o.error = o.error or exc
@@ -677,34 +589,9 @@ class JobStore:
             for o in batch:
                 o.done = True
 
-    async def _run_plain_batch(self, batch: list[_Op]) -> None:
-        """A batch of driver-thread ops only (the hot path): BEGIN IMMEDIATE, the ops and
-        COMMIT in one trip to the database thread, on a connection kept for it."""
-        if self._writer is None:
-            self._writer = await self._engine.connect()
-            raw = await self._writer.get_raw_connection()
-            self._writer_driver = raw.driver_connection
-        driver = self._writer_driver
-        assert driver is not None
-
-        def work(db: sqlite3.Connection) -> None:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                _apply(db, batch)
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
-
-        await driver._execute(work, driver._conn)
-
-    @asynccontextmanager
-    async def _read(self) -> AsyncIterator[AsyncConnection]:
-        with _translated():
-            async with self._engine.connect() as conn:
-                conn = await conn.execution_options(batcher_read=True)
-                yield conn
+    def _read(self) -> Any:
+        """A connection for reads (an async context manager)."""
+        return self._backend.read()
 
     # -------------------------------------------------------------------- import
 
@@ -754,15 +641,19 @@ class JobStore:
                 # The first import goes straight into the table: the manifest has already
                 # refused duplicate ids and outputs, and the constraints would catch any. The
                 # active-jobs index is built once at the end (a sort), not row by row.
-                for index in _DEFERRED_INDEXES:
-                    await conn.exec_driver_sql(f"DROP INDEX IF EXISTS {index.name}")
-                total = await self._stream_rows(conn, rows, "jobs", now)
+                backend_indexes = self._backend.deferred_indexes
+                for name in [i.name for i in _DEFERRED_INDEXES] + [n for n, _ in backend_indexes]:
+                    await conn.exec_driver_sql(f"DROP INDEX IF EXISTS {name}")
+                total = await self._backend.stream_rows(conn, rows, "jobs", now)
                 for index in _DEFERRED_INDEXES:
                     await conn.run_sync(index.create)
+                for _, ddl in backend_indexes:
+                    await conn.exec_driver_sql(ddl)
+                await conn.exec_driver_sql(_FORGET_VARIABLES)
                 return ImportReport(total=total, added=total, unchanged=0, replaced=0)
-            await conn.exec_driver_sql(schema.STAGING_DDL)
+            await conn.exec_driver_sql(self._backend.staging_ddl())
             await conn.exec_driver_sql("DELETE FROM staging")
-            total = await self._stream_rows(conn, rows, "staging", None)
+            total = await self._backend.stream_rows(conn, rows, "staging", None)
             report = await merge_staging(
                 conn,
                 source=source,
@@ -771,62 +662,12 @@ class JobStore:
                 max_errors=max_errors,
                 total=total,
                 now=now,
+                order=self._backend.staging_order,
             )
+            if report.added or report.replaced or report.updated or report.restored:
+                await conn.exec_driver_sql(_FORGET_VARIABLES)
             await conn.exec_driver_sql("DELETE FROM staging")
             return report
-
-    async def _stream_rows(
-        self, conn: AsyncConnection, rows: Iterable[JobRow], table: str, now: float | None
-    ) -> int:
-        """Insert every row into ``table`` (``jobs``, as pending jobs created at ``now``, or
-        ``staging``, with ``now`` None) on the database thread; returns the count.
-
-        One ``executemany`` of ``ROWS_PER_INSERT``-row statements pulls the rows from the
-        iterator as SQLite inserts them, so the manifest is read and checked on the database
-        thread too: one hand-over for the whole import instead of one per chunk. (A second thread
-        would not overlap them anyway: the ``sqlite3`` module binds parameters holding the GIL.
-        A big manifest is read by a helper process: see ``jobs.readahead``.) A ManifestInvalid
-        raised by the iterator propagates out of ``executemany`` and rolls everything back. When
-        this task is cancelled (Ctrl-C), the iterator stops at its next chunk, so the rollback
-        does not wait for the whole manifest.
-        """
-        driver = (await conn.get_raw_connection()).driver_connection
-        assert driver is not None
-        stop = threading.Event()
-        total = 0
-        head: list[Any] = [] if now is None else [now]  # created_at, bound once as ?1
-        leftover: list[JobRow] = []  # the last rows, fewer than a statement takes
-
-        def params() -> Iterator[list[Any]]:
-            nonlocal total
-            source = iter(rows)
-            try:
-                while chunk := list(islice(source, IMPORT_CHUNK)):
-                    if stop.is_set():
-                        raise _ImportCancelled
-                    total += len(chunk)
-                    whole = len(chunk) - len(chunk) % ROWS_PER_INSERT
-                    for i in range(0, whole, ROWS_PER_INSERT):
-                        yield [*head, *chain.from_iterable(chunk[i : i + ROWS_PER_INSERT])]
-                    leftover.extend(chunk[whole:])  # only the last chunk is short
-            finally:
-                close = getattr(source, "close", None)
-                if close is not None:  # a generator: stop it now (a helper process with it)
-                    close()
-
-        try:
-            # aiosqlite runs executemany on its own thread and hands it the iterator as it is.
-            stamped = now is not None
-            cursor = await driver.executemany(_insert(table, ROWS_PER_INSERT, stamped), params())
-            await cursor.close()
-            if leftover:
-                last = (head + list(row) for row in leftover)
-                cursor = await driver.executemany(_insert(table, 1, stamped), last)
-                await cursor.close()
-        except BaseException:
-            stop.set()
-            raise
-        return total
 
     # --------------------------------------------------------------------- claims
 
@@ -840,34 +681,15 @@ class JobStore:
             return []
         now = self.clock()
         token = uuid.uuid4().hex
-        lease = now + lease_seconds
-
-        def op(db: sqlite3.Connection) -> list[Claim]:
-            gen_ids: list[str] = []
-            for state in _LEASED_ORDER:
-                if len(gen_ids) < limit:
-                    args = (state.value, now, now, limit - len(gen_ids))
-                    gen_ids += [r[0] for r in db.execute(_CLAIM_GENERATED, args)]
-            pend_ids: list[str] = []
-            if len(gen_ids) < limit:
-                pend_ids = [r[0] for r in db.execute(_CLAIM_PENDING, (now, limit - len(gen_ids)))]
-            claims: list[Claim] = []
-            taken = ((gen_ids, _TAKE_GENERATED, ()), (pend_ids, _TAKE_PENDING, (now,)))
-            for ids, sql, extra in taken:
-                for at in range(0, len(ids), _IN_MAX):
-                    part = ids[at : at + _IN_MAX]
-                    rows = db.execute(
-                        sql.format(marks=", ".join("?" * len(part))),
-                        (token, lease, worker, *extra, *part),
-                    )
-                    claims += [_claim_from_row(r, token) for r in rows]
-            # RETURNING emits rows in no promised order: hand them out in the order chosen.
-            rank = {job_id: n for n, job_id in enumerate([*gen_ids, *pend_ids])}
-            claims.sort(key=lambda c: rank[c.id])
-            return claims
-
-        result: list[Claim] = await self._submit(_Op(None, sync=op))
-        return result
+        rows = await self._backend.claim(
+            self._submit,
+            limit=limit,
+            now=now,
+            lease=now + lease_seconds,
+            token=token,
+            worker=worker,
+        )
+        return [_claim_from_row(r, token) for r in rows]
 
     async def heartbeat(self, token: str, ids: Iterable[str], *, lease_seconds: float) -> set[str]:
         """Extend the lease of ``ids`` held under ``token``; return the ids no longer held."""
@@ -1200,11 +1022,12 @@ class JobStore:
                     jobs.c.state.in_([State.RUNNING.value, *(s.value for s in LEASED)]),
                 )
                 .values(
-                    state=func.iif(
-                        jobs.c.state == State.RUNNING.value, State.PENDING.value, jobs.c.state
+                    state=case(
+                        (jobs.c.state == State.RUNNING.value, State.PENDING.value),
+                        else_=jobs.c.state,
                     ),
                     # a create cut short after it was sent is ambiguous like any other call
-                    task_id=func.iif(jobs.c.task_id == "", None, jobs.c.task_id),
+                    task_id=case((jobs.c.task_id == "", None), else_=jobs.c.task_id),
                     ambiguous=jobs.c.ambiguous + int(ambiguous),
                     lease_expires_at=None,
                     claim_token=None,
@@ -1235,8 +1058,8 @@ class JobStore:
                         state=State.PENDING.value,
                         lease_expires_at=None,
                         claim_token=None,
-                        ambiguous=jobs.c.ambiguous + func.iif(creating, 1, 0),
-                        task_id=func.iif(creating, None, jobs.c.task_id),
+                        ambiguous=jobs.c.ambiguous + case((creating, 1), else_=0),
+                        task_id=case((creating, None), else_=jobs.c.task_id),
                     )
                 )
             ).rowcount
@@ -1250,29 +1073,188 @@ class JobStore:
             return int(n)
 
     async def retry_failed(self, *, code: str | None = None) -> int:
-        """``failed -> pending`` for every failed job (or those with error ``code``)."""
-        cond = jobs.c.state == State.FAILED.value
+        """``failed -> pending`` for every failed job (or those with error ``code``); to
+        ``generated`` instead when the image was paid for and its URL is still valid.
+
+        The failed record is kept in ``job_history`` (reason ``retry``): the same mechanism as
+        :meth:`redo`. Returns the jobs put back.
+        """
+        select_failed = "SELECT id FROM jobs WHERE state = 'failed'"
+        params: dict[str, Any] = {}
         if code is not None:
-            cond = cond & (jobs.c.error_code == code)
+            select_failed += " AND error_code = :code"
+            params = {"code": code}
         async with self._write() as conn:
-            n = (
-                await conn.execute(
-                    update(jobs)
-                    .where(cond)
-                    .values(
-                        state=func.iif(
-                            jobs.c.image_url.is_not(None) & (jobs.c.url_expires_at > self.clock()),
-                            State.GENERATED.value,
-                            State.PENDING.value,
-                        ),
-                        attempts=0,
-                        download_attempts=0,
-                        next_attempt_at=0,
-                        finished_at=None,
+            await conn.exec_driver_sql(_REQUEUE_DDL)
+            await conn.exec_driver_sql("DELETE FROM requeue")
+            await conn.execute(text(f"INSERT INTO requeue (id) {select_failed}"), params)
+            now = float(self.clock())
+            live_url = f"jobs.image_url IS NOT NULL AND jobs.url_expires_at > {now!r}"
+            return await self._send_back(
+                conn,
+                reason="retry",
+                src=State.FAILED,
+                dst={State.GENERATED: live_url, State.PENDING: "1 = 1"},
+                values="attempts = 0, download_attempts = 0, next_attempt_at = 0, "
+                "finished_at = NULL",
+            )
+
+    async def redo(self, items: Sequence[Redo]) -> int:
+        """``done -> pending`` for each of ``items``, with its new seed or prompt; the done
+        record goes to ``job_history`` (reason ``redo``, with where its image was kept).
+
+        All or nothing: if any job is not done (a run took it, or it has no image), nothing
+        changes and :class:`IllegalTransition` names it. Returns the jobs put back.
+        """
+        if not items:
+            return 0
+        resets = ", ".join(
+            f"{col} = NULL"
+            for col in (*_RESULT_RESET, *_REVIEW_RESET, "error_code", "error_message")
+        )
+        async with self._write() as conn:
+            await conn.exec_driver_sql(_REQUEUE_DDL)
+            await conn.exec_driver_sql("DELETE FROM requeue")
+            await conn.execute(
+                text(
+                    "INSERT INTO requeue (id, seed, prompt, file) "
+                    "VALUES (:id, :seed, :prompt, :file)"
+                ),
+                [{"id": r.id, "seed": r.seed, "prompt": r.prompt, "file": r.file} for r in items],
+            )
+            # All or nothing: refuse (and roll back) if any is not done, naming the first one.
+            redoable = sources_of(State.PENDING) & {State.DONE}
+            marks = ", ".join(f"'{st.value}'" for st in sorted(redoable))
+            wrong = (
+                (
+                    await conn.exec_driver_sql(
+                        "SELECT r.id, j.state FROM requeue r LEFT JOIN jobs j ON j.id = r.id "
+                        f"WHERE j.state IS NULL OR j.state NOT IN ({marks or 'NULL'}) LIMIT 1"
                     )
                 )
-            ).rowcount
-            return int(n)
+                .mappings()
+                .first()
+            )
+            if wrong is not None:
+                job_id, state = wrong["id"], wrong["state"]
+                what = "does not exist" if state is None else f"is {state}"
+                raise IllegalTransition(f"job {job_id!r} {what}: only a done job can be redone")
+            return await self._send_back(
+                conn,
+                reason="redo",
+                src=State.DONE,
+                dst={State.PENDING: "1 = 1"},
+                values=(
+                    # the manifest's values are kept once, from before the first redo
+                    "manifest_seed = coalesce(manifest_seed, seed), "
+                    "manifest_prompt = coalesce(manifest_prompt, prompt), "
+                    "seed = coalesce((SELECT r.seed FROM requeue r WHERE r.id = jobs.id), seed), "
+                    "prompt = coalesce((SELECT r.prompt FROM requeue r WHERE r.id = jobs.id), "
+                    "prompt), attempts = 0, download_attempts = 0, next_attempt_at = 0, "
+                    f"{resets}"
+                ),
+            )
+
+    async def _send_back(
+        self,
+        conn: AsyncConnection,
+        *,
+        reason: str,
+        src: State,
+        dst: dict[State, str],
+        values: str,
+    ) -> int:
+        """Move the jobs listed in the temporary ``requeue`` table from ``src`` back to the
+        first state of ``dst`` whose SQL condition holds (on the old row of ``jobs``), after
+        copying each old record to ``job_history`` with ``reason`` and the ``requeue.file``.
+
+        The one mechanism of retry and redo: which moves are allowed comes from the state
+        table (``sources_of``), never from literals here. ``values`` is the rest of the SET.
+        """
+        allowed: set[State] = set()
+        for target in dst:
+            allowed |= sources_of(target) & {src}
+        if not allowed:
+            raise IllegalTransition(f"a job cannot go from {src} to {', '.join(dst)}")
+        states = ", ".join(f"'{s.value}'" for s in sorted(allowed))
+        now = float(self.clock())
+        old = (
+            await conn.exec_driver_sql(
+                "SELECT r.file AS requeue_file, j.* FROM requeue r JOIN jobs j ON j.id = r.id "
+                f"WHERE j.state IN ({states}) ORDER BY j.{self._backend.order_column}"
+            )
+        ).mappings()
+        kept = []
+        for row in old:
+            rec = dict(row)
+            file = rec.pop("requeue_file")
+            record = json.dumps(rec, ensure_ascii=False, default=str)
+            kept.append({"job_id": rec["id"], "replaced_at": now, "record": record, "file": file})
+        if kept:
+            await conn.execute(history.insert().values(reason=reason), kept)
+        cases = " ".join(
+            f"WHEN {cond} THEN '{target.value}'"
+            for target, cond in dst.items()
+            if src in sources_of(target)
+        )
+        result = await conn.exec_driver_sql(
+            f"UPDATE jobs SET state = CASE {cases} END, lease_expires_at = NULL, "
+            f"claim_token = NULL, {values} "
+            f"WHERE id IN (SELECT id FROM requeue) AND state IN ({states})"
+        )
+        await conn.exec_driver_sql("DELETE FROM requeue")
+        return int(result.rowcount)
+
+    async def set_review(
+        self, job_id: str, review: str | None, *, note: str | None = None, keep_note: bool = True
+    ) -> dict[str, Any]:
+        """Mark a done job's image ``approved`` or ``rejected`` (None clears the mark); with
+        ``keep_note`` False, set its note to ``note`` too. Returns the job's new record.
+
+        One short write of the review columns only, never a state move: a run writing the same
+        folder at the same time waits for it no longer than one statement.
+        """
+        if review is not None and review not in REVIEW_MARKS:
+            raise ValueError(f"review must be one of {REVIEW_MARKS} or None, not {review!r}")
+        return await self._review(
+            job_id,
+            {"review": review} if keep_note else {"review": review, "review_note": note},
+            done_only=review is not None,
+        )
+
+    async def set_note(self, job_id: str, note: str | None) -> dict[str, Any]:
+        """Set (or with None or "", clear) a person's note on any job; returns its record."""
+        return await self._review(job_id, {"review_note": note or None}, done_only=False)
+
+    async def _review(
+        self, job_id: str, values: dict[str, Any], *, done_only: bool
+    ) -> dict[str, Any]:
+        cond = jobs.c.id == job_id
+        if done_only:
+            cond = cond & (jobs.c.state == State.DONE.value)
+        async with self._write() as conn:
+            row = (
+                (
+                    await conn.execute(
+                        update(jobs)
+                        .where(cond)
+                        .values(**values, reviewed_at=self.clock())
+                        .returning(jobs)
+                    )
+                )
+                .mappings()
+                .first()
+            )
+            if row is None:
+                state = (
+                    await conn.execute(select(jobs.c.state).where(jobs.c.id == job_id))
+                ).scalar()
+                if state is None:
+                    raise UnknownJob(f"no job has the id {job_id!r}")
+                raise IllegalTransition(
+                    f"job {job_id!r} is {state}: only a done image can be approved or rejected"
+                )
+            return _public(dict(row))
 
     # --------------------------------------------------------------------- reads
 
@@ -1332,6 +1314,18 @@ class JobStore:
                     )
                 )
             ).scalar_one()
+            reviews: dict[str, int] = {}
+            if totals:
+                reviews = {
+                    str(mark): int(n)
+                    for mark, n in (
+                        await conn.execute(
+                            select(jobs.c.review, func.count())
+                            .where(jobs.c.review.is_not(None))
+                            .group_by(jobs.c.review)
+                        )
+                    ).all()
+                }
         for s in State:
             by_state.setdefault(s.value, 0)
         return Stats(
@@ -1344,6 +1338,7 @@ class JobStore:
             regenerated=int(sums[3]),
             due_pending=int(due),
             by_model=by_model,
+            reviews=reviews,
         )
 
     async def spend(self) -> tuple[Spend, ...]:
@@ -1392,11 +1387,18 @@ class JobStore:
         async with self._read() as conn:
             return int((await conn.execute(select(func.count()).select_from(jobs))).scalar_one())
 
-    async def pending_by_kind(self) -> dict[tuple[str, bool], int]:
+    async def pending_by_kind(self, *, live_run: bool = True) -> dict[tuple[str, bool], int]:
         """Images still to generate (``n`` a job), counted by (model, prompt_extend): of
         pending jobs, running ones whose lease expired (a dead run's), and submitted ones (their
-        task is created, its image not yet billed). A job a live run holds is being generated."""
+        task is created, its image not yet billed). A job a live run holds is being generated.
+        ``live_run=False``: no run holds the folder, so every running job is a dead run's."""
         now = self.clock()
+        running = jobs.c.state == State.RUNNING.value
+        if live_run:
+            running = and_(
+                running,
+                or_(jobs.c.lease_expires_at.is_(None), jobs.c.lease_expires_at < now),
+            )
         async with self._read() as conn:
             rows = (
                 await conn.execute(
@@ -1405,13 +1407,7 @@ class JobStore:
                         schema.ACTIVE,
                         or_(
                             jobs.c.state.in_([State.PENDING.value, State.SUBMITTED.value]),
-                            and_(
-                                jobs.c.state == State.RUNNING.value,
-                                or_(
-                                    jobs.c.lease_expires_at.is_(None),
-                                    jobs.c.lease_expires_at < now,
-                                ),
-                            ),
+                            running,
                         ),
                     )
                     .group_by(jobs.c.model, jobs.c.prompt_extend)
@@ -1430,14 +1426,12 @@ class JobStore:
         if key == "schema_version":
             raise ValueError("schema_version is managed by the store")
         async with self._write() as conn:
-            await conn.exec_driver_sql(
-                "INSERT INTO meta (key, value) VALUES (?, ?) "
-                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                (key, value),
-            )
+            await conn.execute(_SET_META, {"key": key, "value": value})
 
     async def next_due_at(self) -> float | None:
-        """When the earliest waiting job becomes due (None when no job waits)."""
+        """When the earliest waiting job becomes due (None when no job waits). On a shared
+        table a job another worker runs waits too: until its lease expires, when a claim may
+        take it over (the worker may have died)."""
         async with self._read() as conn:
             value = (
                 await conn.execute(
@@ -1448,6 +1442,16 @@ class JobStore:
                     )
                 )
             ).scalar()
+            if self.shared:
+                held = (
+                    await conn.execute(
+                        select(func.min(jobs.c.lease_expires_at)).where(
+                            schema.ACTIVE, jobs.c.state == State.RUNNING.value
+                        )
+                    )
+                ).scalar()
+                if held is not None:
+                    value = held if value is None else min(value, held)
             return None if value is None else float(value)
 
     async def get(self, job_id: str) -> dict[str, Any] | None:
@@ -1455,6 +1459,46 @@ class JobStore:
         async with self._read() as conn:
             row = (await conn.execute(select(jobs).where(jobs.c.id == job_id))).mappings().first()
             return None if row is None else _public(dict(row))
+
+    async def variables(self) -> dict[str, frozenset[str]]:
+        """The manifest variables stored with any job, in the order they first appear (by
+        manifest row, then by position in the row), each with the JSON types its values have
+        (``"integer"``, ``"real"``, ``"text"``, ``"null"``; SQLite's ``json_each`` names).
+        Worked out once after each import that changed any, then kept in ``meta``."""
+        known = await self.get_meta(_VARIABLES_KEY)
+        if known is not None:
+            return {name: frozenset(kinds) for name, kinds in json.loads(known)}
+        found = await self._scan_variables()
+        summary = json.dumps([[name, sorted(kinds)] for name, kinds in found.items()])
+        with suppress(JobStoreError):  # a folder on read-only media: worked out again next time
+            await self.set_meta(_VARIABLES_KEY, summary)
+        return found
+
+    async def _scan_variables(self) -> dict[str, frozenset[str]]:
+        async with self._read() as conn:
+            # JSON is read differently by each database: the backend's query
+            rows: list[Any] = list(await conn.exec_driver_sql(self._backend.variables_sql))
+            return {str(key): frozenset(str(kinds).split(",")) for key, kinds in rows}
+
+    async def done_records(self, ids: Sequence[str]) -> list[dict[str, Any]]:
+        """The records of those of ``ids`` that are done, in manifest order, with only what
+        ``metadata.jsonl`` shows (id, state, output, prompt, seed, size, width, height,
+        prompt_extend, actual_prompt, request_id, sha256, vars): the run asks for every batch
+        of images it saves."""
+        found: list[dict[str, Any]] = []
+        for start in range(0, len(ids), 500):
+            part = list(ids[start : start + 500])
+            order: Any = literal_column(f"jobs.{self._backend.order_column}")
+            async with self._read() as conn:
+                rows = await conn.execute(
+                    select(*(jobs.c[name] for name in _DONE_NAMES))
+                    .where(jobs.c.id.in_(part), jobs.c.state == State.DONE.value)
+                    .order_by(order)
+                )
+                found += [dict(zip(_DONE_NAMES, row, strict=True)) for row in rows]
+        for rec in found:
+            rec["prompt_extend"] = bool(rec["prompt_extend"])
+        return found
 
     async def iter_records(
         self,
@@ -1467,21 +1511,85 @@ class JobStore:
         only those in ``state``, or finished at or after ``finished_since``, when given."""
         last = 0
         while True:
-            rowid: Any = literal_column("jobs.rowid")
-            query = select(rowid.label("rowid"), jobs).where(rowid > last).order_by(rowid)
+            order: Any = literal_column(f"jobs.{self._backend.order_column}")
+            query = select(order.label("_order"), jobs).where(order > last).order_by(order)
             query = query.limit(batch)
             if state is not None:
                 query = query.where(jobs.c.state == state.value)
             if finished_since is not None:
                 query = query.where(jobs.c.finished_at >= finished_since)
             async with self._read() as conn:
-                rows = (await conn.execute(query)).all()
+                result = await conn.execute(query)
+                keys = list(result.keys())
+                rows = result.all()
             if not rows:
                 return
             for row in rows:
-                rec = dict(row._mapping)
-                last = rec.pop("rowid")
+                rec = dict(zip(keys, row, strict=True))  # cheaper than row._mapping per row
+                last = rec.pop("_order")
                 yield _public(rec)
+
+    async def records(
+        self, *, ids: Sequence[str] | None = None, review: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The records of ``ids`` (in that order; unknown ids are left out), or of every job
+        marked ``review``, in manifest order."""
+        out: list[dict[str, Any]] = []
+        async with self._read() as conn:
+            if ids is not None:
+                found: dict[str, dict[str, Any]] = {}
+                unique = list(dict.fromkeys(ids))
+                for at in range(0, len(unique), _IN_MAX):
+                    part = unique[at : at + _IN_MAX]
+                    rows = (await conn.execute(select(jobs).where(jobs.c.id.in_(part)))).mappings()
+                    found.update((r["id"], _public(dict(r))) for r in rows)
+                out = [found[i] for i in unique if i in found]
+            if review is not None:
+                rowid: Any = literal_column(f"jobs.{self._backend.order_column}")
+                query = select(jobs).where(jobs.c.review == review).order_by(rowid)
+                out += [_public(dict(r)) for r in (await conn.execute(query)).mappings()]
+        return out
+
+    async def changed_since(self, since: float) -> list[dict[str, Any]]:
+        """Every job created, started, generated, finished or reviewed at or after ``since``
+        (a page that shows the table polls this while a run writes)."""
+        stamps = (
+            jobs.c.created_at,
+            jobs.c.started_at,
+            jobs.c.generated_at,
+            jobs.c.finished_at,
+            jobs.c.reviewed_at,
+        )
+        rowid: Any = literal_column(f"jobs.{self._backend.order_column}")
+        query = select(jobs).where(or_(*(c >= since for c in stamps))).order_by(rowid)
+        async with self._read() as conn:
+            return [_public(dict(r)) for r in (await conn.execute(query)).mappings()]
+
+    async def iter_history(
+        self, *, batch: int = 2000, job_ids: Sequence[str] | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Every record set aside (by a redo, a retry or ``--replace``), oldest first, or
+        those of ``job_ids``: ``seq``, ``job_id``, ``replaced_at``, ``reason``, ``file``
+        (where its image was kept, relative to the run folder, or None) and ``record``, the
+        job's row as it was (a dict)."""
+        last = 0
+        while True:
+            query = select(history).where(history.c.seq > last).order_by(history.c.seq)
+            if job_ids is not None:
+                query = query.where(history.c.job_id.in_(list(job_ids)[:_IN_MAX]))
+            async with self._read() as conn:
+                rows = (await conn.execute(query.limit(batch))).mappings().all()
+            if not rows:
+                return
+            for row in rows:
+                rec = dict(row)
+                last = rec["seq"]
+                try:
+                    old = json.loads(rec["record"])
+                except ValueError:
+                    old = {}
+                rec["record"] = _public(old) if "cost_micros" in old else old
+                yield rec
 
 
 async def _read_version(conn: AsyncConnection) -> int | None:
@@ -1497,18 +1605,22 @@ async def _read_version(conn: AsyncConnection) -> int | None:
 async def _spend(conn: AsyncConnection) -> list[Spend]:
     """Images billed and their cost per (currency, emulated or not). Jobs of a folder made
     before currencies were recorded count as US dollars."""
-    emulated = func.coalesce(jobs.c.endpoint == EMULATOR_ENDPOINT, False)
+    # Constants inline (not bound): PostgreSQL matches GROUP BY expressions by their text.
+    emulated = func.coalesce(
+        jobs.c.endpoint == literal_column(f"'{EMULATOR_ENDPOINT}'"), literal_column("false")
+    )
+    currency = func.coalesce(jobs.c.currency, literal_column("'USD'"))
     rows = (
         await conn.execute(
             select(
-                func.coalesce(jobs.c.currency, "USD"),
+                currency,
                 emulated,
                 func.sum(jobs.c.billed),
                 func.sum(jobs.c.cost_micros),
                 jobs.c.model,
             )
             .where(jobs.c.billed > 0)
-            .group_by(func.coalesce(jobs.c.currency, "USD"), emulated, jobs.c.model)
+            .group_by(currency, emulated, jobs.c.model)
         )
     ).all()
     return [
@@ -1532,26 +1644,3 @@ def _public(rec: dict[str, Any]) -> dict[str, Any]:
     rec["prompt_extend"] = bool(rec["prompt_extend"])
     rec["cost"] = str(Decimal(int(rec.pop("cost_micros") or 0)) / MICROS)
     return rec
-
-
-def _install_sqlite_hooks(engine: AsyncEngine, *, read_only: bool = False) -> None:
-    """Pragmas on every connection; BEGIN IMMEDIATE for writes, plain BEGIN for reads.
-
-    A read-only database gets only the pragmas that write nothing (``journal_mode`` would)."""
-
-    @event.listens_for(engine.sync_engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        dbapi_conn.isolation_level = None  # we emit BEGIN ourselves
-        cur = dbapi_conn.cursor()
-        for pragma in schema.PRAGMAS:
-            if read_only and "journal_mode" in pragma:
-                continue
-            cur.execute(pragma)
-        cur.close()
-
-    @event.listens_for(engine.sync_engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        if conn.get_execution_options().get("batcher_read"):
-            conn.exec_driver_sql("BEGIN")
-        else:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")

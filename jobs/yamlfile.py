@@ -12,7 +12,9 @@ it and fans it out over the matrix: the product of the named value lists, in key
 matrix key ``model``, ``seed``, ``size``, ``n`` or ``prompt_extend`` sets that field; every
 matrix value is a template variable; the job's id gets the values appended
 (``sku-001`` -> ``sku-001-studio``). Without an ``output`` template each file is named
-after that full id.
+after that full id. ``variants: N`` (in ``defaults`` or on a job) makes N jobs of each
+combination, ``-v1``..``-vN``; a job's written seed is spread over its combinations and
+variants, one seed each (see ``jobs.builder``).
 """
 
 from __future__ import annotations
@@ -242,7 +244,10 @@ def iter_yaml(
             yield None
             continue
         fields, lines, variables = job
-        for combination in itertools.product(*lists):
+        count = fields.get("variants")
+        count = count if isinstance(count, int) and not isinstance(count, bool) else 1
+        seed_by_matrix = "seed" in names
+        for number, combination in enumerate(itertools.product(*lists)):
             index += 1
             chosen = dict(fields)
             merged = dict(variables)
@@ -252,26 +257,31 @@ def iter_yaml(
                     chosen[name] = entry.sets
             seed = chosen.get("seed")
             extend = chosen.get("prompt_extend")
-            count = chosen.get("n")
+            images = chosen.get("n")
             watermark = chosen.get("watermark")
-            yield builder.build(
-                errors,
-                line,
-                index,
-                _text(chosen, "id"),
-                _text(chosen, "prompt"),
-                _text(chosen, "size"),
-                seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
-                extend if isinstance(extend, bool) else None,
-                _text(chosen, "output"),
-                merged,
-                lines,
-                "".join("-" + entry.text for entry in combination),
-                model=_text(chosen, "model"),
-                n=count if isinstance(count, int) and not isinstance(count, bool) else None,
-                negative_prompt=_text(chosen, "negative_prompt"),
-                watermark=watermark if isinstance(watermark, bool) else None,
-            )
+            for k in range(1, count + 1):
+                # one seed per job of the row: a matrix seed is each combination's own
+                offset = k - 1 if seed_by_matrix else number * count + k - 1
+                yield builder.build(
+                    errors,
+                    line,
+                    index,
+                    _text(chosen, "id"),
+                    _text(chosen, "prompt"),
+                    _text(chosen, "size"),
+                    seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
+                    extend if isinstance(extend, bool) else None,
+                    _text(chosen, "output"),
+                    merged,
+                    lines,
+                    "".join("-" + entry.text for entry in combination),
+                    k if count > 1 else 0,
+                    offset,
+                    model=_text(chosen, "model"),
+                    n=images if isinstance(images, int) and not isinstance(images, bool) else None,
+                    negative_prompt=_text(chosen, "negative_prompt"),
+                    watermark=watermark if isinstance(watermark, bool) else None,
+                )
 
 
 def _text(fields: Mapping[str, FieldValue], name: str) -> str | None:

@@ -17,7 +17,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from jobs.errors import ManifestError
-from jobs.fields import BUILTIN_VARS, one_line, text_problem
+from jobs.fields import BUILTIN_VARS, one_line, text_problem, variants_problem
 from jobs.templates import Scalar
 
 __all__ = [
@@ -50,9 +50,10 @@ _FIELD_TYPES = {
     "seed": "a whole number",
     "prompt_extend": "true or false",
     "output": "a path template",
+    "variants": "a whole number",
 }
 
-_INT_FIELDS = frozenset({"seed", "n"})
+_INT_FIELDS = frozenset({"seed", "n", "variants"})
 _BOOL_FIELDS = frozenset({"prompt_extend", "watermark"})
 _TEXT_FIELDS = frozenset({"id", "model", "prompt", "negative_prompt", "size", "output"})
 _WRITTEN_FIELDS = frozenset({"prompt", "negative_prompt", "size"})
@@ -148,7 +149,8 @@ class Nodes:
     def field(self, name: str, node: Node, label: str | None = None) -> tuple[bool, FieldValue]:
         """(ok, value) for one per-job field (errors name ``label``); null means absent.
 
-        ``seed`` and ``n`` are ints, ``prompt_extend`` and ``watermark`` bools, the others text.
+        ``seed``, ``n`` and ``variants`` are ints, ``prompt_extend`` and ``watermark`` bools, the
+        others text.
         """
         label = label or name
         scalar = self.scalar(node, label)
@@ -158,6 +160,9 @@ class Nodes:
         if value is None:
             return True, None
         if name in _INT_FIELDS and isinstance(value, int) and not isinstance(value, bool):
+            if name == "variants" and (problem := variants_problem(value)):
+                self.error(scalar.line, label, problem)
+                return False, None
             return True, value
         if name in _BOOL_FIELDS and isinstance(value, bool):
             return True, value

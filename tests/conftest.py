@@ -1,10 +1,34 @@
-"""Shared fixtures: every async test runs on asyncio through anyio's pytest plugin."""
+"""Shared fixtures: every async test runs on asyncio through anyio's pytest plugin; a store
+test that asks for ``backend`` runs on SQLite and on a real PostgreSQL (``tests/pgsupport``),
+unless marked ``sqlite_only``."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
+
+from tests.pgsupport import drop_session_database, fresh
 
 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" in metafunc.fixturenames:
+        only = metafunc.definition.get_closest_marker("sqlite_only") is not None
+        metafunc.parametrize("backend", ["sqlite"] if only else ["sqlite", "postgres"])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _postgres_test_database() -> Iterator[None]:
+    yield
+    drop_session_database()
+
+
+def store_target(backend: str, path: Path) -> Path | str:
+    """Where a test's store lives: the SQLite file ``path``, or an empty PostgreSQL schema."""
+    return path if backend == "sqlite" else fresh()

@@ -62,6 +62,8 @@ def run_args(m: Path, out: Path, url: str, seed: int) -> list[str]:
         "--no-progress",
         "--rps",
         "60",  # above the emulator's quota of 40: real quota 429s too
+        "--start-rps",
+        "60",  # from the first call (no slow start): the 429s come early, as before
         "--request-timeout",
         "1.5",
         "--max-attempts",

@@ -346,18 +346,35 @@ def test_a_finished_run_folder_on_read_only_media_can_be_read(area, tmp_path):
         ["run", m, "--out", str(folder / "sub"), *FAST_RUN],
         ["plan", m, "--out", f],
         ["retry", f],
+        ["run", f, *FAST_RUN],  # the folder alone: its manifest is read from it, then refused
+        ["plan", f],
     ]
     with read_only(folder) as prefix:
-        status, as_json, exported, again, sub, plan, retry = in_one_process(cases, prefix=prefix)
+        found = in_one_process(cases, prefix=prefix)
+    status, as_json, exported, again, sub, plan, retry, resume, plan_dir = found
     assert_clean(status, 0)
     assert "done       3" in status.stdout
     assert_clean(as_json, 0)
     assert json.loads(as_json.stdout)["done"] == 3
     assert_clean(exported, 0)
     assert len(exported.stdout.splitlines()) == 3
-    for refused in (again, sub, plan, retry):
+    for refused in (again, sub, plan, retry, resume, plan_dir):
         assert_clean(refused, USAGE)
         assert "read-only" in refused.stderr.lower()
+    assert files_under(folder) == before
+
+
+def test_a_read_only_folder_from_an_older_batcher_says_it_cannot_be_upgraded(tmp_path):
+    folder = tmp_path / "v1"
+    shutil.copytree(REPO / "tests" / "data" / "v1_run" / "run", folder)
+    before = files_under(folder)
+    with read_only(folder) as prefix:
+        status, exported = in_one_process(
+            [["status", str(folder)], ["export", str(folder)]], prefix=prefix
+        )
+    for r in (status, exported):
+        assert_clean(r, USAGE)
+        assert "read-only" in r.stderr and "cannot be upgraded" in r.stderr
     assert files_under(folder) == before
 
 
@@ -409,12 +426,7 @@ def test_every_command_whose_stdout_is_closed_exits_141_quietly(area, tmp_path, 
     assert code == 141, stderr
 
 
-# ----------------------------------------------------------- export -o (the export rewrite)
-
-EXPORT_REWRITE = pytest.mark.xfail(
-    reason="export -o checks and the format from the extension come with the export rewrite",
-    strict=False,
-)
+# ---------------------------------------------------------------------------- export -o
 
 
 def test_export_into_a_missing_folder_is_one_line_and_leaves_nothing(area, tmp_path):
@@ -423,7 +435,6 @@ def test_export_into_a_missing_folder_is_one_line_and_leaves_nothing(area, tmp_p
     assert files_under(tmp_path) == set()
 
 
-@EXPORT_REWRITE
 def test_export_onto_a_folder_is_one_line_and_leaves_no_part_file(area, tmp_path):
     target = tmp_path / "a-folder"
     target.mkdir()
@@ -432,7 +443,6 @@ def test_export_onto_a_folder_is_one_line_and_leaves_no_part_file(area, tmp_path
     assert files_under(tmp_path) == set(), "a .part file was left behind"
 
 
-@EXPORT_REWRITE
 def test_export_takes_the_format_from_the_extension_and_refuses_an_unknown_one(area, tmp_path):
     out = tmp_path / "jobs.csv"
     assert_clean(cli("export", area / "done", "-o", out), 0)

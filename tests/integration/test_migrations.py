@@ -17,6 +17,7 @@ from jobs.manifest import open_manifest
 from jobs.states import State
 from jobs.store import JobStore
 
+from ..pgsupport import fresh, pg_call, query
 from ..support import REPO
 
 pytestmark = pytest.mark.anyio
@@ -125,7 +126,7 @@ async def test_a_newer_database_is_refused_not_downgraded(v1: Path) -> None:
     assert version(db) == "99"
 
 
-async def test_step_3_gives_old_jobs_one_image_no_parameters_and_no_task(v1: Path) -> None:
+async def test_step_4_gives_old_jobs_one_image_no_parameters_and_no_task(v1: Path) -> None:
     db = v1 / "run" / "batcher.db"
     async with await JobStore.open(db, create=False):
         pass
@@ -157,3 +158,53 @@ async def test_version_1_images_from_the_loopback_are_marked_emulated(v1: Path) 
     with sqlite3.connect(db) as con:
         rows = dict(con.execute("SELECT id, endpoint FROM jobs").fetchall())
     assert sorted(k for k, v in rows.items() if v is None) == ["6f0c42c9dee04352", "灯笼"]
+
+
+async def test_the_migrated_claim_index_covers_the_submitted_state(v1: Path) -> None:
+    db = v1 / "run" / "batcher.db"
+    async with await JobStore.open(db, create=False):
+        pass
+    with sqlite3.connect(db) as con:
+        (ddl,) = con.execute(
+            "SELECT sql FROM sqlite_master WHERE type = 'index' AND name = 'ix_jobs_active'"
+        ).fetchone()
+    assert schema.ACTIVE_SQL in ddl and "'submitted'" in ddl
+
+
+async def test_a_version_3_postgresql_table_migrates_to_the_latest(tmp_path: Path) -> None:
+    """A table made by the release before the model registry (version 3: no n, params,
+    task_id; its claim index without the submitted state) is upgraded in place on open."""
+    url = fresh()
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"id": "a", "prompt": "p"}\n{"id": "b", "prompt": "q"}\n')
+    async with await JobStore.open(url) as store:
+        await store.import_rows(open_manifest(manifest, rules=RULES).rows(), source="m.jsonl")
+    old_active = "state IN ('pending', 'running', 'generated')"
+
+    async def downgrade() -> None:
+        import asyncpg
+
+        con = await asyncpg.connect(url, timeout=5)
+        try:
+            await con.execute(
+                "ALTER TABLE jobs DROP COLUMN n, DROP COLUMN params, DROP COLUMN task_id, "
+                "DROP COLUMN task_submitted_at"
+            )
+            await con.execute("DROP INDEX ix_jobs_due")
+            await con.execute(
+                f"CREATE INDEX ix_jobs_due ON jobs (state, next_attempt_at, seq) WHERE {old_active}"
+            )
+            await con.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+        finally:
+            await con.close()
+
+    pg_call(downgrade)
+    async with await JobStore.open(url, create=False) as store:
+        assert (await store.stats()).count(State.PENDING) == 2
+        claims = await store.claim(limit=5, lease_seconds=60)
+        assert sorted(c.id for c in claims) == ["a", "b"]
+        assert {(c.n, c.params, c.task_id) for c in claims} == {(1, None, None)}
+    [meta] = query(url, "SELECT value FROM meta WHERE key = 'schema_version'")
+    assert meta["value"] == str(schema.SCHEMA_VERSION)
+    [index] = query(url, "SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_jobs_due'")
+    assert "submitted" in index["indexdef"]

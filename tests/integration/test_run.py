@@ -200,3 +200,37 @@ async def test_lost_answers_are_counted_as_ambiguous(tmp_path):
     assert s["images_billed"] == 40 + lost  # every extra generation is a lost answer
     assert runner.counters.ambiguous >= lost
     check_invariants(layout.root)
+
+
+async def test_the_achieved_rate_spans_from_the_first_call_sent_not_the_first_answered(tmp_path):
+    """The first call answered last (a slow answer): the achieved rate is still measured from
+    the first call *sent*. Measured from the first answered, the span lost the slow call's head
+    start and a run paced under its quota printed more than 100% of it."""
+    from aiohttp import ClientSession, web
+
+    from tests.support import serving
+
+    layout, store = await prepared(tmp_path, 8)
+    async with store, running_emulator(emu()) as e, ClientSession() as session:
+        seen = 0
+
+        async def api(request: web.Request) -> web.Response:
+            nonlocal seen
+            seen += 1
+            if seen == 1:
+                await anyio.sleep(1.5)  # the first call sent is answered after all the others
+            body = await request.read()
+            headers = {k: v for k, v in request.headers.items() if k.lower() != "host"}
+            async with session.post(e.root_url + request.path_qs, data=body, headers=headers) as up:
+                return web.Response(
+                    status=up.status, body=await up.read(), content_type="application/json"
+                )
+
+        app = web.Application()
+        app.router.add_post("/api/v1/{tail:.*}", api)
+        async with serving(app) as url:
+            options = dataclasses.replace(FAST, rps=4.0)  # sends 0.25 s apart
+            _runner, result = await run_once(store, layout, url + "/api/v1", options=options)
+    assert result.counters.accepted == 8
+    rate = result.accepted_per_second
+    assert rate is not None and rate <= 4.0, rate

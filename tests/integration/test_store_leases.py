@@ -16,6 +16,7 @@ import pytest
 from jobs.errors import JobStoreError, LeaseLost
 from jobs.states import State
 from jobs.store import Claim, JobStore
+from tests.conftest import store_target
 
 from .store_support import (
     FakeClock,
@@ -39,8 +40,9 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Path:
-    return tmp_path / "batcher.db"
+def db(tmp_path: Path, backend: str) -> Path:
+    """The store's SQLite file, or (backend ``postgres``) the URL of an empty database."""
+    return store_target(backend, tmp_path / "batcher.db")  # type: ignore[return-value]
 
 
 @pytest.fixture
@@ -196,9 +198,28 @@ async def test_retried_jobs_queue_behind_due_ones_by_due_time(
 async def test_next_due_at(store: JobStore, clock: FakeClock) -> None:
     assert await store.next_due_at() == 0  # imported jobs are due at once
     claims = await store.claim(limit=4, lease_seconds=LEASE)
-    assert await store.next_due_at() is None  # nothing waits: everything is running
+    if store.shared:  # a running job waits for its lease: another worker may have died
+        assert await store.next_due_at() == clock.now + LEASE
+    else:
+        assert await store.next_due_at() is None  # nothing waits: everything is running
     await store.retry_later("c", claims[0].token, delay=7, code="E", message="m")
     assert await store.next_due_at() == clock.now + 7
+
+
+async def test_a_shared_table_takes_over_a_running_job_only_once_its_lease_expired(
+    store: JobStore, clock: FakeClock
+) -> None:
+    if not store.shared:
+        pytest.skip("SQLite reclaims a dead run's jobs at the start of the next run")
+    first = await store.claim(limit=4, lease_seconds=LEASE)
+    assert await store.claim(limit=4, lease_seconds=LEASE) == []  # all held, none expired
+    clock.advance(LEASE + 1)
+    again = await store.claim(limit=4, lease_seconds=LEASE)
+    assert [c.id for c in again] == [c.id for c in first]
+    assert all(c.state is State.RUNNING and c.attempts == 0 for c in again)
+    with pytest.raises(LeaseLost):  # the old holder's late write is refused
+        await store.record_generated("a", first[0].token, generated(), lease_seconds=LEASE)
+    await store.record_generated("a", again[0].token, generated(), lease_seconds=LEASE)
 
 
 # ------------------------------------------------------------------ heartbeat, reclaim

@@ -13,6 +13,7 @@ import pytest
 from jobs import EMULATOR_ENDPOINT, ManifestInvalid, Spend
 from jobs.states import State
 from jobs.store import JobStore
+from tests.conftest import store_target
 
 from .store_support import FakeClock, generated, raw, row, spec, specs, states, stored
 
@@ -22,8 +23,9 @@ SOURCE = "m.csv"
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Path:
-    return tmp_path / "run" / "batcher.db"
+def db(tmp_path: Path, backend: str) -> Path:
+    """The store's SQLite file, or (backend ``postgres``) the URL of an empty database."""
+    return store_target(backend, tmp_path / "run" / "batcher.db")  # type: ignore[return-value]
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from jobs import store as store_module
+from jobs.backends import sqlite as store_module
 from jobs.store import JobStore
 
 from .store_support import FakeClock, numbered, raw
@@ -71,4 +71,4 @@ async def test_claim_reads_the_partial_index(big: tuple[JobStore, Path]) -> None
         now = time.time()
         assert_uses_active_index(db, store_module._CLAIM_PENDING, (now, 8))
         for state in ("generated", "submitted"):
-            assert_uses_active_index(db, store_module._CLAIM_GENERATED, (state, now, now, 8))
+            assert_uses_active_index(db, store_module._CLAIM_LEASED, (state, now, now, 8))

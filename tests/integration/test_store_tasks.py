@@ -1,5 +1,6 @@
 """The store's side of asynchronous tasks: ``submitted`` keeps its task id through releases,
-reclaims and the next run's claim; a create whose answer was never recorded is ambiguous."""
+reclaims and the next run's claim; a create whose answer was never recorded is ambiguous. On
+SQLite and PostgreSQL alike (the claim is each backend's own SQL)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 from jobs.errors import LeaseLost
 from jobs.states import State
 from jobs.store import JobStore
+from tests.conftest import store_target
 
 from .store_support import FakeClock, generated, row, specs, states
 
@@ -25,8 +27,9 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Path:
-    return tmp_path / "batcher.db"
+def db(tmp_path: Path, backend: str) -> Path:
+    """The store's SQLite file, or (backend ``postgres``) the URL of an empty database."""
+    return store_target(backend, tmp_path / "batcher.db")  # type: ignore[return-value]
 
 
 @pytest.fixture
@@ -100,3 +103,21 @@ async def test_polls_later_and_cancel(store: JobStore, db: Path, clock: FakeCloc
     assert (row(db, "b")["state"], row(db, "b")["error_code"]) == ("failed", "TaskCanceled")
     assert await store.cancel_submitted("b", code="TaskCanceled", message="again") is False
     assert await store.pending_by_kind() == {("z-image-turbo", False): 1}  # a, not yet billed
+
+
+async def test_a_dead_workers_create_is_ambiguous_when_its_job_is_taken_over(
+    store: JobStore, db: Path, clock: FakeClock
+) -> None:
+    """A live worker taking over a running job whose lease expired (a shared table's claim, or
+    a reclaim then a claim) counts the create it had in flight as ambiguous, and creates anew."""
+    claims = await store.claim(limit=2, lease_seconds=LEASE)
+    await store.mark_creating(claims[0].id, claims[0].token)  # sent; then the worker died
+    clock.advance(LEASE + 1)
+    if not store.shared:
+        await store.reclaim()
+    taken = {c.id: c for c in await store.claim(limit=5, lease_seconds=LEASE)}
+    assert set(taken) == {"a", "b"}
+    assert (taken["a"].state, taken["a"].task_id) == (State.RUNNING, None)
+    assert (row(db, "a")["ambiguous"], row(db, "b")["ambiguous"]) == (1, 0)
+    with pytest.raises(LeaseLost):
+        await store.mark_creating("a", claims[0].token)  # the dead worker's token is refused

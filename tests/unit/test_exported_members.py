@@ -5,6 +5,7 @@ from __future__ import annotations
 import batcher
 import batcher.emulator
 import jobs
+import jobs.backends
 
 
 def test_batcher_exports():
@@ -37,6 +38,7 @@ def test_jobs_exports():
     assert sorted(jobs.__all__) == sorted(
         [
             "EMULATOR_ENDPOINT",
+            "REVIEW_MARKS",
             "TERMINAL",
             "TRANSITIONS",
             "Claim",
@@ -52,20 +54,36 @@ def test_jobs_exports():
             "ManifestInvalid",
             "ModelRules",
             "Moved",
+            "Redo",
             "SchemaMismatch",
             "Spend",
             "State",
             "Stats",
             "StoreUnavailable",
             "StoredFile",
+            "UnknownJob",
             "check_transition",
             "open_manifest",
         ]
     )
 
 
+def test_jobs_backends_exports():
+    assert sorted(jobs.backends.__all__) == sorted(
+        [
+            "CLAIM_COLUMNS",
+            "Backend",
+            "Op",
+            "PostgresBackend",
+            "SQLiteBackend",
+            "is_database_url",
+            "open_backend",
+        ]
+    )
+
+
 def test_every_exported_name_exists_and_is_documented():
-    for module in (batcher, jobs, batcher.emulator):
+    for module in (batcher, jobs, batcher.emulator, jobs.backends):
         for name in module.__all__:
             obj = getattr(module, name)
             if callable(obj) and not name.isupper():
@@ -76,7 +94,7 @@ def test_the_jobs_package_knows_nothing_of_batcher():
     import pathlib
 
     root = pathlib.Path(jobs.__file__).parent
-    for path in root.glob("*.py"):
+    for path in root.rglob("*.py"):
         text = path.read_text(encoding="utf-8")
         assert "import batcher" not in text and "from batcher" not in text, path
 

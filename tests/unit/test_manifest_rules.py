@@ -125,7 +125,7 @@ def test_rows_are_the_jobs_as_tuples(name: str) -> None:
     rows = list(manifest.rows())
     assert rows == [spec.row() for spec in jobs]
     assert [JobSpec.from_row(row) for row in rows] == jobs
-    assert all(type(row) is tuple and len(row) == 11 for row in rows)
+    assert all(type(row) is tuple and len(row) == 12 for row in rows)
 
 
 def test_rows_check_like_iteration(tmp_path: Path) -> None:

@@ -240,3 +240,25 @@ def test_slow_start_still_converges_to_a_higher_quota(quota, stated):
     _, _, _, trace, late = simulate(quota, stated, jobs=40 * quota, latency=0.5, start_rate=2.0)
     assert late >= 0.95 * quota
     assert sum(trace) / len(trace) <= 0.05
+
+
+def test_a_throttled_call_sent_a_little_after_its_slot_is_not_counted_as_accepted():
+    """The pool reports the time a call went out, a few ms after its slot: the quota estimate
+    must still leave that call out (counted, a 2/s quota looked like 3/s and every cut was a
+    5% step, nine 429s to get down to 2/s)."""
+    rc = RateController(1000.0, now=0.0)
+    for i in range(3):
+        rc.reserve(now=i * 0.508)  # slots at ~1.97/s
+    rc.on_accepted(sent_at=0.0, now=1.0)
+    assert rc.on_accepted(sent_at=0.508, now=1.5)  # proven: doubled to ~3.94/s
+    slot = rc.reserve(now=1.52)
+    rc.on_throttled(sent_at=slot + 0.003, now=slot + 0.01)  # went out 3 ms after its slot
+    assert rc.ceiling == 2.0
+    assert rc.rate == pytest.approx(DEFAULT_QUOTA * MARGIN)
+
+
+def test_past_slow_start_the_estimate_leaves_out_calls_sent_late_for_their_slot():
+    rc = RateController(10.0, now=0.0, start_rate=None)
+    slots = [rc.reserve(now=i * 0.3) for i in range(4)]  # a 3.3/s pool under a 10/s rate
+    rc.on_throttled(sent_at=slots[-1] + 0.004, now=slots[-1] + 0.01)
+    assert rc.ceiling == 3.0  # the three before it, not four

@@ -8,10 +8,9 @@ from decimal import Decimal
 
 import pytest
 
-from batcher.export import iso_utc
-from batcher.metadata import actual_prompt
 from batcher.pool import RunCounters
 from batcher.progress import PlainProgress, Snapshot, Throughput, _line
+from batcher.records import actual_prompt, iso_utc
 from batcher.summary import summary_lines
 from batcher.wording import plural
 from jobs import Spend, Stats
@@ -151,3 +150,36 @@ def test_export_and_metadata_name_the_same_actual_prompt():
 def test_times_are_iso_8601_utc():
     assert iso_utc(1_795_942_375.6777) == "2026-11-29T08:52:55.677Z"
     assert iso_utc(None) is None
+
+
+@pytest.mark.parametrize(
+    ("reason", "opening"),
+    [
+        ("finished", "run finished after 0:03: "),
+        ("interrupted", "run interrupted after 0:03: "),
+        ("aborted", "run stopped after 0:03: "),
+        ("limit", "run stopped at --limit after 0:03: "),
+        ("budget", "run stopped at --budget after 0:03: "),
+        ("unreachable", "run stopped (the service could not be reached) after 0:03: "),
+    ],
+)
+def test_the_first_summary_line_says_in_words_how_the_run_ended(reason, opening):
+    """Not "run limit after 0:03" or "run unreachable after 0:03": the stop reason's code is
+    for ``--json``; a person reads a phrase."""
+    lines = summary_lines(
+        stats=stats(done=1),
+        counters=RunCounters(calls=1, accepted=1, generated=1, done=1),
+        elapsed=3.0,
+        reason=reason,
+        calls_per_second=None,
+        rps=2,
+    )
+    assert lines[0].startswith(opening), lines[0]
+
+
+def test_a_rehearsal_s_progress_never_labels_its_emulated_money_spent():
+    """It read "spent=US$0.06 emulated": a rehearsal spends nothing."""
+    line = _line(snapshot(spent="US$0.06", emulated=True))
+    assert "spent=" not in line
+    assert "emulated=US$0.06 (not billed)" in line
+    assert "spent=US$0.08" in _line(snapshot())

@@ -1,0 +1,235 @@
+"""Dataset shards on disk: Parquet files and WebDataset tars, written whole or not at all.
+
+Each shard is written under a temporary name (``.train-00003.parquet.part``), fsynced, and
+renamed to its final name only when the export has written every shard (a Parquet shard's
+final name carries the count: ``train-00003-of-00007.parquet``). A killed export leaves
+temporary files only; the next export into the folder removes them, and also the shards of an
+earlier export that this one did not write again, so the folder holds one export.
+
+The bytes depend only on the rows: no clock time, user or host goes into a file (tar members
+have mtime 0, uid and gid 0, no user names; Parquet carries no timestamps), so an export
+run again over the same run folder writes the same bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tarfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ParquetShards", "ShardSet", "TarShards", "tar_header"]
+
+_PART = re.compile(r"^\.[^/]+\.part$")
+
+
+@dataclass(slots=True)
+class ShardSet:
+    """The shards of one kind (``ext``) in ``folder``, named per split."""
+
+    folder: Path
+    ext: str
+    with_count: bool  # final names carry "-of-NNNNN" (Parquet, as Hugging Face names them)
+    written: dict[str, list[Path]] = field(default_factory=dict)  # split -> temporary paths
+
+    def final_pattern(self) -> re.Pattern[str]:
+        tail = r"-of-\d{5}" if self.with_count else ""
+        digits = 5 if self.with_count else 6
+        return re.compile(rf"^[^/.]+-\d{{{digits}}}{tail}\.{re.escape(self.ext)}$")
+
+    def prepare(self) -> None:
+        """Make the folder if need be and remove what a killed export left in it (temporary
+        shards only)."""
+        self.folder.mkdir(exist_ok=True)
+        for entry in self.folder.iterdir():
+            if _PART.match(entry.name) and entry.name.endswith(f".{self.ext}.part"):
+                entry.unlink(missing_ok=True)
+
+    def new(self, split: str) -> Path:
+        """The temporary path of ``split``'s next shard."""
+        paths = self.written.setdefault(split, [])
+        temp = self.folder / f".{split}-{len(paths):05d}.{self.ext}.part"
+        paths.append(temp)
+        return temp
+
+    def final_name(self, split: str, index: int, count: int) -> str:
+        if self.with_count:
+            return f"{split}-{index:05d}-of-{count:05d}.{self.ext}"
+        return f"{split}-{index:06d}.{self.ext}"
+
+    def publish(self) -> list[Path]:
+        """Fsync every shard, rename them to their final names, remove older shards; returns
+        the final paths, in name order."""
+        finals: list[Path] = []
+        for split in sorted(self.written):
+            temps = self.written[split]
+            for i, temp in enumerate(temps):
+                _fsync(temp)
+                final = self.folder / self.final_name(split, i, len(temps))
+                os.replace(temp, final)
+                finals.append(final)
+        keep = {p.name for p in finals}
+        pattern = self.final_pattern()
+        for entry in self.folder.iterdir():
+            if pattern.match(entry.name) and entry.name not in keep:
+                entry.unlink(missing_ok=True)
+        _fsync(self.folder)
+        return finals
+
+    def discard(self) -> None:
+        for temps in self.written.values():
+            for temp in temps:
+                temp.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_BLOCK = 512
+_RECORD = 20 * _BLOCK  # tar files end on a whole record, as tar(1) and tarfile write them
+# A ustar header with everything but the name, the size and the checksum filled in: mode
+# 0644, uid and gid 0, mtime 0, a regular file, no user or group name.
+_USTAR = bytearray(_BLOCK)
+_USTAR[100:108] = b"0000644\x00"
+_USTAR[108:116] = b"0000000\x00"
+_USTAR[116:124] = b"0000000\x00"
+_USTAR[136:148] = b"00000000000\x00"
+_USTAR[156:157] = b"0"
+_USTAR[257:265] = b"ustar\x0000"
+_USTAR_SUM = sum(_USTAR) + 8 * 32  # the checksum field counts as eight spaces
+
+
+def tar_header(name: str, size: int) -> bytes:
+    """The header of a regular member ``name`` of ``size`` bytes, as ``tarfile`` would write
+    it with mode 0644 and mtime 0 (a pax header first for a long or non-ASCII name)."""
+    raw = name.encode()
+    if len(raw) > 100 or not name.isascii() or size >= 8**11:
+        info = tarfile.TarInfo(name)
+        info.size, info.mode = size, 0o644
+        return info.tobuf(format=tarfile.PAX_FORMAT, encoding="utf-8", errors="strict")
+    header = bytearray(_USTAR)
+    header[0 : len(raw)] = raw
+    size_field = b"%011o\x00" % size
+    header[124:136] = size_field
+    checksum = _USTAR_SUM + sum(raw) + sum(size_field)
+    header[148:156] = b"%06o\x00 " % checksum
+    return bytes(header)
+
+
+class TarShards:
+    """WebDataset shards: one tar per ``shard_size`` bytes of members, per split.
+
+    A sample is a group of members with one key (``KEY.png``, ``KEY.json``, ``KEY.txt``);
+    a sample never straddles two shards. The members are written with their headers made by
+    :func:`tar_header` straight into a buffered file: ``tarfile``'s own member objects cost
+    more than the rest of an export of small images.
+    """
+
+    def __init__(self, shards: ShardSet, shard_size: int) -> None:
+        self._shards = shards
+        self._limit = shard_size
+        self._open: dict[str, tuple[Any, int]] = {}  # split -> (file, bytes written)
+
+    def add(self, split: str, key: str, members: Mapping[str, bytes]) -> None:
+        """Write one sample (extension -> bytes) to ``split``'s current shard."""
+        size = sum(_BLOCK + len(data) + (-len(data)) % _BLOCK for data in members.values())
+        current = self._open.get(split)
+        if current is not None and current[1] and current[1] + size > self._limit:
+            self._close(split)
+            current = None
+        if current is None:
+            fh = open(self._shards.new(split), "wb", buffering=1 << 20)  # noqa: SIM115
+            current = (fh, 0)
+        fh, written = current
+        for ext, data in members.items():
+            header = tar_header(f"{key}.{ext}", len(data))
+            fh.write(header)
+            fh.write(data)
+            pad = (-len(data)) % _BLOCK
+            if pad:
+                fh.write(bytes(pad))
+            written += len(header) + len(data) + pad
+        self._open[split] = (fh, written)
+
+    def _close(self, split: str) -> None:
+        fh, written = self._open.pop(split)
+        end = written + 2 * _BLOCK  # two zero blocks end the archive
+        fh.write(bytes(2 * _BLOCK + (-end) % _RECORD))
+        fh.close()
+
+    def close(self) -> None:
+        for split in list(self._open):
+            self._close(split)
+
+
+class ParquetShards:
+    """Parquet shards: row groups of at most ``group_bytes`` (or ``group_rows``), shards of
+    about ``shard_size`` bytes, per split, all with one schema."""
+
+    def __init__(
+        self,
+        shards: ShardSet,
+        shard_size: int,
+        schema: Any,
+        *,
+        group_rows: int = 1000,
+        group_bytes: int = 32 << 20,
+    ) -> None:
+        import pyarrow.parquet as pq
+
+        self._pq = pq
+        self._shards = shards
+        self._limit = shard_size
+        self._schema = schema
+        self._group_rows = group_rows
+        self._group_bytes = min(group_bytes, shard_size)
+        # split -> [writer or None, rows pending, bytes pending, bytes in shard]
+        self._state: dict[str, list[Any]] = {}
+
+    def add(self, split: str, row: dict[str, Any], size: int) -> None:
+        """Queue one row (``size``: about its bytes) for ``split``."""
+        state = self._state.setdefault(split, [None, [], 0, 0])
+        if (state[3] or state[2]) and state[3] + state[2] + size > self._limit:
+            self._flush(split)  # the shard is full: its last group, then a new shard
+            if state[0] is not None:
+                state[0].close()
+            state[0], state[3] = None, 0
+        elif state[1] and state[2] + size > self._group_bytes:
+            self._flush(split)
+        state[1].append(row)
+        state[2] += size
+        if len(state[1]) >= self._group_rows:
+            self._flush(split)
+
+    def _flush(self, split: str) -> None:
+        import pyarrow as pa
+
+        state = self._state[split]
+        if not state[1]:
+            return
+        if state[0] is None:
+            state[0] = self._pq.ParquetWriter(
+                self._shards.new(split),
+                self._schema,
+                compression="zstd",
+                write_statistics=False,
+            )
+        table = pa.Table.from_pylist(state[1], schema=self._schema)
+        state[0].write_table(table, row_group_size=len(state[1]))
+        state[3] += state[2]
+        state[1], state[2] = [], 0
+
+    def close(self) -> None:
+        for split, state in self._state.items():
+            self._flush(split)
+            if state[0] is not None:
+                state[0].close()
+                state[0] = None

@@ -1,0 +1,304 @@
+"""The PostgreSQL backend: one run's job table in a database many workers share.
+
+Theory of operation
+-------------------
+The URL (``postgresql://user@host:5432/name``) names a database that holds one run: its
+``jobs``, ``job_history`` and ``meta`` tables, created on first open. Workers on several hosts
+open the same URL and work the same table at once:
+
+* A claim is one ``UPDATE ... FROM (SELECT ... FOR UPDATE SKIP LOCKED) RETURNING``: each
+  worker locks the due rows it takes and passes over the rows another worker is taking, so
+  claims never wait on each other and no job is handed out twice. A job held by a worker
+  stays fenced by its claim token, as on SQLite.
+* Lease times are measured on the database server's clock: at open the store measures the
+  offset of this host's clock to the server's and reads the time through it, so hosts whose
+  clocks disagree still agree on when a lease runs out.
+* The store's exclusive writes (schema set-up, imports, reclaims) first take a transaction
+  advisory lock, so two workers starting at once do not both create the tables or both import
+  the manifest; the hot path's fenced writes do not take it.
+* A first import loads the rows with ``COPY`` (asyncpg's ``copy_records_to_table``), pulling
+  the manifest's rows in chunks on a worker thread meanwhile; later imports ``COPY`` into a
+  temporary staging table and merge as on SQLite.
+* Errors are translated by SQLSTATE, never by message text.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from contextlib import contextmanager
+from itertools import islice
+from typing import Any
+
+import anyio
+from sqlalchemy import make_url, text
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
+
+from .. import schema
+from ..errors import LeaseLost, StoreUnavailable
+from ..spec import JobRow
+from ..states import State
+from .base import CLAIM_COLUMNS, LEASED_ORDER, Backend, Clock, Op
+
+__all__ = ["PostgresBackend", "is_database_url"]
+
+COPY_CHUNK = 20_000  # rows pulled from the manifest per trip to the worker thread
+_LOCK_KEY = 0x62617463  # the advisory lock of the store's exclusive writes ("batc")
+_ACTIVE = schema.ACTIVE.text
+_RETURNING = ", ".join(f"jobs.{c}" for c in CLAIM_COLUMNS)
+# One statement per leased state (generated: downloads first, then submitted: task polls),
+# each keeping the job's state (a submitted job keeps its task_id), as on SQLite.
+_TAKE_LEASED = text(
+    "UPDATE jobs SET claim_token = :token, lease_expires_at = :lease, worker = :worker "
+    "FROM (SELECT id FROM jobs WHERE state = :state AND "
+    "(lease_expires_at IS NULL OR lease_expires_at < :now) AND next_attempt_at <= :now "
+    f"AND {_ACTIVE} ORDER BY next_attempt_at, seq LIMIT :limit FOR UPDATE SKIP LOCKED) AS picked "
+    f"WHERE jobs.id = picked.id RETURNING {_RETURNING}, jobs.next_attempt_at, jobs.seq"
+)
+# A running job whose lease ran out (its worker died, or lost the database for longer than
+# the lease) is taken over as a pending one would be: no attempt charged (whether its call
+# went out is unknown), and the old holder's token no longer matches, so its late writes are
+# refused. SQLite reclaims such jobs at the start of a run instead; on a shared table the
+# other workers are live, and take them over only once the lease has expired. A task create
+# whose answer was never recorded (task_id '') is counted as ambiguous and forgotten, as
+# SQLite's reclaim does: the new holder creates the task again.
+_TAKE_EXPIRED = text(
+    "UPDATE jobs SET claim_token = :token, lease_expires_at = :lease, worker = :worker, "
+    "ambiguous = jobs.ambiguous + CASE WHEN jobs.task_id = '' THEN 1 ELSE 0 END, "
+    "task_id = CASE WHEN jobs.task_id = '' THEN NULL ELSE jobs.task_id END "
+    f"FROM (SELECT id FROM jobs WHERE state = '{State.RUNNING.value}' "
+    "AND lease_expires_at < :now "
+    f"AND {_ACTIVE} ORDER BY lease_expires_at, seq LIMIT :limit FOR UPDATE SKIP LOCKED) "
+    f"AS picked WHERE jobs.id = picked.id RETURNING {_RETURNING}, jobs.lease_expires_at, "
+    "jobs.seq"
+)
+_TAKE_PENDING = text(
+    f"UPDATE jobs SET state = '{State.RUNNING.value}', claim_token = :token, "
+    "lease_expires_at = :lease, worker = :worker, started_at = coalesce(jobs.started_at, :now) "
+    f"FROM (SELECT id FROM jobs WHERE state = '{State.PENDING.value}' AND next_attempt_at <= :now "
+    f"AND {_ACTIVE} ORDER BY next_attempt_at, seq LIMIT :limit FOR UPDATE SKIP LOCKED) AS picked "
+    f"WHERE jobs.id = picked.id RETURNING {_RETURNING}, jobs.next_attempt_at, jobs.seq"
+)
+# The manifest order of rows: an identity column (SQLite has its rowid), and the claim's index
+# on (state, due time, order) so that taking the next jobs of a million reads a few rows.
+_DUE_INDEX = (
+    "ix_jobs_due",
+    f"CREATE INDEX IF NOT EXISTS ix_jobs_due ON jobs (state, next_attempt_at, seq) WHERE {_ACTIVE}",
+)
+_AFTER_CREATE = (
+    "ALTER TABLE jobs ADD COLUMN seq BIGINT GENERATED ALWAYS AS IDENTITY",
+    _DUE_INDEX[1],
+)
+_STAGING_DDL = """
+CREATE TEMP TABLE IF NOT EXISTS staging (
+    id TEXT NOT NULL, line INTEGER NOT NULL, model TEXT NOT NULL, prompt TEXT NOT NULL,
+    size TEXT NOT NULL, seed BIGINT NOT NULL, prompt_extend INTEGER NOT NULL,
+    output TEXT NOT NULL, output_key TEXT NOT NULL, n INTEGER NOT NULL, params TEXT, vars TEXT,
+    seq BIGINT GENERATED ALWAYS AS IDENTITY
+)
+"""
+# SQLSTATE classes and codes, and what they mean to a user.
+_BY_CLASS = {
+    "08": "cannot reach the job database at {label}",
+    "28": "the job database at {label} refused the login",
+    "53": "the job database server at {label} is out of resources (disk, memory or connections)",
+    "57": "the job database server at {label} is shutting down or restarting",
+}
+_BY_CODE = {
+    "3D000": "there is no database named by {label}: create it first (createdb)",
+    "25006": "the job database at {label} is read-only",
+    "53100": "the database server's disk is full: the job database could not be written",
+    "42501": "the job database at {label} refused the access (permissions)",
+}
+
+
+def is_database_url(target: str) -> bool:
+    """Whether ``target`` names a PostgreSQL database rather than a SQLite file."""
+    return target.startswith(("postgresql://", "postgres://", "postgresql+asyncpg://"))
+
+
+def engine_url(target: str) -> URL:
+    """The SQLAlchemy URL of a ``postgresql://`` URL, through asyncpg."""
+    try:
+        url = make_url(target)
+    except ArgumentError as exc:
+        raise StoreUnavailable(
+            "the database URL is not valid (postgresql://user@host/name)"
+        ) from exc
+    return url.set(drivername="postgresql+asyncpg")
+
+
+class PostgresBackend(Backend):
+    """A PostgreSQL database (see the module docstring)."""
+
+    order_column = "seq"
+    staging_order = "seq"
+    shared = True
+    # json (not jsonb) keeps each object's key order; the types are named as SQLite's
+    # json_each names them, so both backends describe the variables alike.
+    variables_sql = (
+        "SELECT v.key, string_agg(DISTINCT CASE json_typeof(v.value) "
+        "WHEN 'number' THEN CASE WHEN v.value::text ~ '^-?[0-9]+$' THEN 'integer' "
+        "ELSE 'real' END WHEN 'string' THEN 'text' WHEN 'boolean' THEN v.value::text "
+        "ELSE json_typeof(v.value) END, ',') "
+        "FROM jobs, json_each(jobs.vars::json) WITH ORDINALITY AS v(key, value, n) "
+        "WHERE jobs.vars IS NOT NULL GROUP BY v.key ORDER BY MIN(jobs.seq * 65536 + v.n)"
+    )
+    deferred_indexes = (_DUE_INDEX,)
+
+    def __init__(self, target: str) -> None:
+        url = engine_url(target)
+        self.label = url.set(drivername="postgresql").render_as_string(hide_password=True)
+        # pre_ping: a pooled connection the server dropped (a restart, a failover) is replaced
+        # on checkout rather than failing the next write.
+        self.engine = create_async_engine(url, pool_size=4, max_overflow=8, pool_pre_ping=True)
+        self._offset = 0.0
+
+    @contextmanager
+    def translated(self) -> Iterator[None]:
+        try:
+            yield
+        except DBAPIError as exc:
+            raise StoreUnavailable(self._message(exc.orig or exc)) from exc
+        except SQLAlchemyError as exc:
+            raise StoreUnavailable(f"the job database failed: {type(exc).__name__}") from exc
+        except OSError as exc:  # the server could not be reached at all
+            raise StoreUnavailable(self._message(exc)) from exc
+        except Exception as exc:
+            if _sqlstate(exc) is None:
+                raise
+            raise StoreUnavailable(self._message(exc)) from exc
+
+    def _message(self, exc: BaseException) -> str:
+        state = _sqlstate(exc)
+        if state is None:
+            if isinstance(exc, OSError):
+                reason = exc.strerror or type(exc).__name__
+                return f"cannot reach the job database at {self.label}: {reason}"
+            return f"the job database at {self.label} failed: {type(exc).__name__}"
+        found = _BY_CODE.get(state) or _BY_CLASS.get(state[:2])
+        if found is not None:
+            return found.format(label=self.label)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"the job database failed (SQLSTATE {state}): {first}"
+
+    def default_clock(self) -> Clock:
+        offset = self._offset
+        return lambda: time.time() + offset
+
+    async def prepare(self) -> None:
+        """Measure this host's clock against the server's (the middle of the round trip)."""
+        with self.translated():
+            async with self.engine.connect() as conn:
+                before = time.time()
+                server = (
+                    await conn.execute(text("SELECT extract(epoch from clock_timestamp())"))
+                ).scalar_one()
+                after = time.time()
+        self._offset = float(server) - (before + after) / 2
+
+    async def exclusive(self, conn: AsyncConnection) -> None:
+        await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK_KEY})
+
+    async def before_migrating(self, version: int) -> None:
+        # No copy: the steps run in one transaction, so a failure leaves the old version; a
+        # backup of a shared server is its operator's (pg_dump), not one worker's.
+        return None
+
+    async def after_create(self, conn: AsyncConnection) -> None:
+        for statement in _AFTER_CREATE:
+            await conn.exec_driver_sql(statement)
+
+    def staging_ddl(self) -> str:
+        return _STAGING_DDL
+
+    async def run_updates(self, conn: AsyncConnection, ops: list[Op]) -> None:
+        for o in ops:
+            if o.sync is not None:
+                raise TypeError("PostgreSQL runs no driver-thread functions")
+            if (await conn.execute(_text(o.sql), o.params or {})).rowcount != 1:
+                o.error = LeaseLost(o.lost)
+
+    async def write_batch(self, ops: list[Op]) -> None:
+        async with self.engine.begin() as conn:
+            await self.run_updates(conn, ops)
+
+    async def claim(
+        self,
+        submit: Callable[[Op], Awaitable[Any]],
+        *,
+        limit: int,
+        now: float,
+        lease: float,
+        token: str,
+        worker: str,
+    ) -> list[tuple[Any, ...]]:
+        # Its own transaction, outside the group commit: SKIP LOCKED lets claims run at once.
+        params = {"token": token, "lease": lease, "worker": worker, "now": now}
+        with self.translated():
+            async with self.engine.begin() as conn:
+                rows: list[Any] = []
+                steps = [(_TAKE_LEASED, {"state": s.value}) for s in LEASED_ORDER]
+                steps += [(_TAKE_EXPIRED, {}), (_TAKE_PENDING, {})]
+                for statement, extra in steps:
+                    if len(rows) >= limit:
+                        break
+                    more = {**params, **extra, "limit": limit - len(rows)}
+                    # RETURNING emits rows in no promised order: due time, then manifest order
+                    rows += sorted(await conn.execute(statement, more), key=lambda r: r[-2:])
+        return [tuple(r)[:-2] for r in rows]
+
+    async def stream_rows(
+        self, conn: AsyncConnection, rows: Iterable[JobRow], table: str, now: float | None
+    ) -> int:
+        """``COPY`` every row into ``table``; the manifest is read on a worker thread, a chunk
+        at a time, as asyncpg sends the rows."""
+        driver = (await conn.get_raw_connection()).driver_connection
+        assert driver is not None
+        columns = list(schema.STAGING_COLUMNS)
+        tail: tuple[Any, ...] = ()
+        if now is not None:
+            columns += ["state", "created_at"]
+            tail = ("pending", now)
+        total = 0
+        source = iter(rows)
+
+        def take() -> list[tuple[Any, ...]]:
+            return [(*r[:6], int(r[6]), *r[7:], *tail) for r in islice(source, COPY_CHUNK)]
+
+        async def records() -> AsyncIterator[tuple[Any, ...]]:
+            nonlocal total
+            while chunk := await anyio.to_thread.run_sync(take):
+                total += len(chunk)
+                for record in chunk:
+                    yield record
+
+        try:
+            await driver.copy_records_to_table(table, records=records(), columns=columns)
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:  # a generator: stop it now (a helper process with it)
+                close()
+        return total
+
+
+_TEXTS: dict[str, Any] = {}
+
+
+def _text(sql: str) -> Any:
+    """The ``text()`` of a fenced UPDATE, built once per statement shape."""
+    found = _TEXTS.get(sql)
+    if found is None:
+        found = _TEXTS[sql] = text(sql)
+    return found
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of an asyncpg error (raw, or adapted by SQLAlchemy), else None."""
+    for candidate in (exc, getattr(exc, "__cause__", None)):
+        state = getattr(candidate, "sqlstate", None)
+        if isinstance(state, str) and len(state) == 5:
+            return state
+    return None

@@ -1,0 +1,217 @@
+"""``batcher export`` as a dataset builder uses it: records, Parquet and WebDataset shards read
+back by the libraries people load them with, and the mistakes that must end in one line."""
+
+from __future__ import annotations
+
+import csv
+import gc
+import hashlib
+import json
+import signal
+import subprocess
+import time
+import warnings
+from pathlib import Path
+
+import anyio
+import pytest
+
+from batcher.emulator import EmulatorConfig, EmulatorThread
+from bench.dataset_fixture import fabricate
+from tests.support import batcher_cmd, run_args, run_cli
+
+KEY = "sk-export-test-0000"
+
+datasets = pytest.importorskip("datasets")
+webdataset = pytest.importorskip("webdataset")
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished run of 6 images (2 splits, a label and a style per row, one prompt in
+    Chinese, one id with a dot) and one failed job."""
+    tmp = tmp_path_factory.mktemp("export")
+    m = tmp / "m.jsonl"
+    rows = [
+        {"id": f"p.{i}" if i == 0 else f"p-{i}", "prompt": f"a lamp number {i}",
+         "size": "512*512", "seed": i, "label": i % 3, "style": "flat",
+         "output": ("train" if i < 4 else "test") + "/{id}.png"}
+        for i in range(6)
+    ]  # fmt: skip
+    rows[5]["prompt"] = "一盏台灯"
+    rows.append({"id": "bad", "prompt": "a forbidden lamp", "size": "512*512"})
+    m.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
+    out = tmp / "run"
+    cfg = EmulatorConfig(latency="0", rps=100_000.0, api_key=KEY, moderate=("forbidden",))
+    with EmulatorThread(cfg) as emu:
+        r = run_cli(*run_args(m, out, emu.base_url), env={"DASHSCOPE_API_KEY": KEY})
+    assert r.returncode == 1, r.stderr  # the moderated job failed
+    return out
+
+
+def _read_wds(shards: list[str]) -> list[dict]:
+    """Every sample of ``shards`` as webdataset decodes them. (webdataset leaves its tar files
+    to the garbage collector; their ResourceWarning is its own, not ours.)"""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        pipeline = webdataset.WebDataset(shards, shardshuffle=False).decode("pil")
+        samples = list(pipeline)
+        del pipeline
+        gc.collect()
+    return samples
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_parquet_loads_as_pil_images_with_every_field_and_is_byte_identical_again(
+    run_folder, tmp_path, monkeypatch
+):
+    out = tmp_path / "pq"
+    r = run_cli("export", run_folder, "--format", "parquet", "-o", out, "--shard-size", "2kB")
+    assert r.returncode == 0, r.stderr
+    names = sorted(p.name for p in out.iterdir())
+    assert "README.md" in names
+    assert not [n for n in names if n.startswith(".")]
+    train = [n for n in names if n.startswith("train-")]
+    assert len(train) > 1 and all(n.endswith(f"-of-{len(train):05d}.parquet") for n in train)
+    first = _digest(out)
+    r = run_cli("export", run_folder, "--format", "parquet", "-o", out, "--shard-size", "2kB")
+    assert r.returncode == 0, r.stderr
+    assert _digest(out) == first
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    files = {"train": str(out / "train-*.parquet"), "test": str(out / "test-*.parquet")}
+    ds = datasets.load_dataset("parquet", data_files=files, cache_dir=str(tmp_path / "c"))
+    assert (len(ds["train"]), len(ds["test"])) == (4, 2)
+    row = {r["id"]: r for r in ds["test"]}["p-5"]
+    assert row["image"].size == (512, 512)
+    assert (row["prompt"], row["seed"], row["label"], row["style"]) == ("一盏台灯", 5, 2, "flat")
+    assert row["created_at"].endswith("Z")
+    card = (out / "README.md").read_text("utf-8")
+    assert "- zh" in card and "- en" in card and "US$" in card and "Licence" in card
+
+
+def test_parquet_no_embed_names_the_files(run_folder, tmp_path, monkeypatch):
+    out = tmp_path / "pq"
+    r = run_cli("export", run_folder, "--format", "parquet", "-o", out, "--no-embed")
+    assert r.returncode == 0, r.stderr
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    ds = datasets.load_dataset(
+        "parquet", data_files=str(out / "train-*.parquet"), cache_dir=str(tmp_path / "c")
+    )
+    assert ds["train"][0]["image"].size == (512, 512)
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(next(out.glob("train-*.parquet")))
+    assert table.column("image")[0].as_py()["bytes"] is None
+
+
+def test_webdataset_shards_read_back_with_every_field(run_folder, tmp_path):
+    out = tmp_path / "wds"
+    r = run_cli("export", run_folder, "--format", "webdataset", "-o", out, "--state", "all")
+    assert r.returncode == 0, r.stderr
+    first = _digest(out)
+    shards = sorted(str(p) for p in out.glob("*.tar"))
+    assert [Path(s).name for s in shards] == [
+        "data-000000.tar",
+        "test-000000.tar",
+        "train-000000.tar",
+    ]
+    samples = _read_wds(shards)
+    by_id = {s["json"]["id"]: s for s in samples}
+    assert set(by_id) == {"p.0", "p-1", "p-2", "p-3", "p-4", "p-5", "bad"}
+    assert by_id["p.0"]["png"].size == (512, 512)
+    assert by_id["p.0"]["txt"] == "a lamp number 0"
+    assert by_id["p-5"]["json"]["label"] == 2
+    assert "." not in by_id["p.0"]["__key__"]
+    assert "png" not in by_id["bad"] and by_id["bad"]["json"]["state"] == "failed"
+    r = run_cli("export", run_folder, "--format", "webdataset", "-o", out, "--state", "all")
+    assert _digest(out) == first
+
+
+def test_records_follow_the_extension_and_keep_every_column(run_folder, tmp_path):
+    r = run_cli("export", run_folder, "-o", tmp_path / "jobs.csv")
+    assert r.returncode == 0, r.stderr
+    with (tmp_path / "jobs.csv").open(encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 7 and rows[0]["label"] == "0" and rows[0]["style"] == "flat"
+    r = run_cli("export", run_folder, "--state", "failed")
+    records = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [x["id"] for x in records] == ["bad"]
+    r = run_cli("export", run_folder)
+    done = [json.loads(line) for line in r.stdout.splitlines() if '"done"' in line]
+    meta = [
+        json.loads(line)
+        for f in ("train", "test")
+        for line in (run_folder / "images" / f / "metadata.jsonl").read_text("utf-8").splitlines()
+    ]
+    assert {x["id"]: x["actual_prompt"] for x in done} == {
+        x["id"]: x["actual_prompt"] for x in meta
+    }
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["-o", "{tmp}/missing/jobs.csv"], "does not exist"),
+        (["-o", "{tmp}"], "is a folder"),
+        (["-o", "{tmp}/jobs.txt"], "cannot tell the format"),
+        (["--format", "parquet"], "-o FOLDER"),
+        (["--format", "parquet", "-o", "{tmp}/file.csv"], "is a file"),
+        (["--shard-size", "lots", "--format", "parquet", "-o", "{tmp}/p"], "--shard-size"),
+    ],
+)
+def test_a_bad_output_is_one_line_and_leaves_nothing(run_folder, tmp_path, args, says):
+    (tmp_path / "file.csv").write_text("mine\n")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    r = run_cli("export", run_folder, *[a.format(tmp=tmp_path) for a in args])
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("batcher: ") and says in r.stderr
+    assert "Traceback" not in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert (tmp_path / "file.csv").read_text() == "mine\n"
+
+
+def test_a_closed_pipe_ends_the_export_quietly(run_folder):
+    proc = subprocess.Popen(
+        batcher_cmd("export", run_folder), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.readline()
+    proc.stdout.close()  # what `| head -1` does
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert proc.wait(timeout=60) in (0, 141)
+    assert "Traceback" not in err and "BrokenPipe" not in err
+
+
+def test_a_killed_export_leaves_no_shard_under_a_final_name(tmp_path):
+    run = tmp_path / "big"
+    anyio.run(fabricate, run, 3000)
+    out = tmp_path / "wds"
+    proc = subprocess.Popen(
+        batcher_cmd("export", run, "--format", "webdataset", "-o", out, "--shard-size", "20kB"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if out.is_dir() and any(p.name.endswith(".part") for p in out.iterdir()):
+                break
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    names = [p.name for p in out.iterdir()]
+    assert any(n.endswith(".part") for n in names)
+    assert not [n for n in names if n.endswith(".tar") or n == "README.md"], names
+    r = run_cli("export", run, "--format", "webdataset", "-o", out, "--shard-size", "2MB")
+    assert r.returncode == 0, r.stderr
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    assert len(_read_wds(sorted(map(str, out.glob("*.tar"))))) == 3000

@@ -1,0 +1,156 @@
+"""The real CLI with the run's table in a real PostgreSQL (``--db``), against the emulator:
+one worker, two workers on one run, and one of two killed with SIGKILL."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from batcher.emulator import EmulatorConfig, EmulatorThread
+from tests.pgsupport import fresh, query
+from tests.support import REPO, batcher_cmd, run_args, run_cli
+
+KEY = "sk-acceptance-pg-5a1c"
+
+
+def manifest(tmp_path: Path, n: int) -> Path:
+    path = tmp_path / "m.csv"
+    rows = ["id,prompt,size,seed"]
+    rows += [f"q{i:03d},产品照片 item {i},512*512,{i}" for i in range(n)]
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def db() -> str:
+    return fresh()
+
+
+def start(m: Path, out: Path, base_url: str, db: str, *extra: str) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if k != "BATCHER_DATABASE_URL"}
+    env["DASHSCOPE_API_KEY"] = KEY
+    return subprocess.Popen(
+        batcher_cmd(*run_args(m, out, base_url, "--db", db, *extra)),
+        cwd=REPO,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def check_done(db: str, out: Path, n: int, *, after_kill: bool = False) -> None:
+    """Every job done once, each image in place with the recorded hash; no temporary file
+    left over (but a killed worker's: a shared run sweeps none)."""
+    rows = query(db, "SELECT id, state, output, sha256 FROM jobs ORDER BY seq")
+    assert len(rows) == n
+    assert {r["state"] for r in rows} == {"done"}, [r for r in rows if r["state"] != "done"]
+    for r in rows:
+        data = (out / "images" / r["output"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == r["sha256"]
+    assert after_kill or not list((out / "images").rglob("*.part"))
+    assert not (out / "batcher.db").exists()  # the table is in PostgreSQL only
+    lines = (out / "images" / "metadata.jsonl").read_text(encoding="utf-8").splitlines()
+    assert sorted(json.loads(line)["id"] for line in lines) == sorted(r["id"] for r in rows)
+
+
+def test_plan_run_status_export_retry_with_db(tmp_path: Path, db: str) -> None:
+    m = manifest(tmp_path, 10)
+    out = tmp_path / "out"
+    cfg = EmulatorConfig(latency="0", rps=100_000.0, seed=1, api_key=KEY)
+    with EmulatorThread(cfg) as emu:
+        plan = run_cli("plan", m, "--out", out, "--db", db, "--json")
+        assert plan.returncode == 0, plan.stderr
+        r = run_cli(
+            *run_args(m, out, emu.base_url, "--db", db, "--json"), env={"DASHSCOPE_API_KEY": KEY}
+        )
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["done"] == 10
+        assert emu.stats()["images_billed"] == 10
+    check_done(db, out, 10)
+    # the environment variable stands for --db
+    status = run_cli("status", out, "--json", env={"BATCHER_DATABASE_URL": db})
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["done"] == 10
+    export = run_cli("export", out, "--db", db, "--format", "csv")
+    assert export.returncode == 0, export.stderr
+    assert len(export.stdout.strip().splitlines()) == 11 and "产品照片 item 3" in export.stdout
+    retry = run_cli("retry", out, "--db", db)
+    assert retry.returncode == 0 and "0 failed jobs" in retry.stdout, retry.stdout
+    # without --db the folder has no table: one clear line
+    bare = run_cli("status", out)
+    assert bare.returncode != 0 and bare.stderr.count("\n") == 1, bare.stderr
+
+
+def test_bad_database_urls_are_one_line(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    base = os.environ.get("BATCHER_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/x")
+    missing = base.rpartition("/")[0] + "/batcher_no_such_database"
+    for url, says in (
+        ("mysql://u@h/d", "must be a postgresql://"),
+        (missing, "create it first"),
+        ("postgresql://postgres@127.0.0.1:1/x", "cannot reach the job database"),
+    ):
+        r = run_cli("status", out, "--db", url)
+        assert r.returncode != 0, url
+        assert r.stderr.startswith("batcher: ") and r.stderr.count("\n") == 1, r.stderr
+        assert says in r.stderr and "Traceback" not in r.stderr
+
+
+def test_two_workers_share_one_run_and_generate_nothing_twice(tmp_path: Path, db: str) -> None:
+    n = 80
+    m = manifest(tmp_path, n)
+    out = tmp_path / "out"
+    cfg = EmulatorConfig(latency="60", rps=100_000.0, seed=2, api_key=KEY)
+    with EmulatorThread(cfg) as emu:
+        assert run_cli("plan", m, "--out", out, "--db", db).returncode == 0
+        workers = [start(m, out, emu.base_url, db, "--concurrency", "4") for _ in range(2)]
+        results = [w.communicate(timeout=100) for w in workers]
+        for w, (_, err) in zip(workers, results, strict=True):
+            assert w.returncode == 0, err
+        stats = emu.stats()
+    assert stats["images_billed"] == n and stats["duplicate_billed"] == 0, stats
+    check_done(db, out, n)
+    by_worker = query(db, "SELECT count(DISTINCT worker) AS n FROM jobs")[0]["n"]
+    assert by_worker == 2, "both workers should have taken jobs"
+
+
+def test_a_killed_worker_s_jobs_are_finished_by_the_other_after_its_lease(
+    tmp_path: Path, db: str
+) -> None:
+    n = 40
+    m = manifest(tmp_path, n)
+    out = tmp_path / "out"
+    lease = "3"
+    cfg = EmulatorConfig(latency="400", rps=100_000.0, seed=3, api_key=KEY)
+    with EmulatorThread(cfg) as emu:
+        assert run_cli("plan", m, "--out", out, "--db", db).returncode == 0
+        doomed = start(m, out, emu.base_url, db, "--concurrency", "4", "--lease", lease)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # until it holds jobs and has finished some
+            rows = query(db, "SELECT state, count(*) AS n FROM jobs GROUP BY state")
+            counts = {r["state"]: r["n"] for r in rows}
+            if counts.get("done", 0) >= 2 and counts.get("running", 0) >= 1:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail(f"the first worker never got going: {counts}")
+        doomed.send_signal(signal.SIGKILL)
+        doomed.communicate(timeout=30)
+        survivor = start(m, out, emu.base_url, db, "--concurrency", "4", "--lease", lease)
+        _, err = survivor.communicate(timeout=100)
+        assert survivor.returncode == 0, err
+        stats = emu.stats()
+    check_done(db, out, n, after_kill=True)
+    # nothing generated twice beyond the dead worker's calls in flight (--concurrency 4)
+    assert stats["duplicate_billed"] <= 4, stats
+    assert stats["images_billed"] - stats["duplicate_billed"] == n
