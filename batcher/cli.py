@@ -26,20 +26,10 @@ import anyio
 from jobs import JobStoreError, ManifestInvalid, StoreUnavailable
 from jobs.backends import is_database_url
 
-from .commands import (
-    PlanOptions,
-    RunCommand,
-    cmd_export,
-    cmd_plan,
-    cmd_retry,
-    cmd_run,
-    cmd_status,
-    parse_budget,
-)
+from .commands import cmd_export, cmd_plan, cmd_retry, cmd_run, cmd_status, parse_budget
 from .errors import BatcherError, ConfigError
 from .exitcodes import ExitCode
 from .export import ExportOptions, parse_shard_size
-from .pool import RunOptions
 
 if TYPE_CHECKING:
     from _typeshed import SupportsWrite
@@ -236,6 +226,8 @@ def _database(args: argparse.Namespace) -> str | None:
 async def _dispatch(args: argparse.Namespace) -> int:
     database = _database(args) if hasattr(args, "db") else None
     if args.command == "plan":
+        from .planning import PlanOptions  # plan and run only: the pool, aiohttp
+
         return await cmd_plan(
             PlanOptions(
                 manifest=args.manifest,
@@ -249,6 +241,9 @@ async def _dispatch(args: argparse.Namespace) -> int:
             )
         )
     if args.command == "run":
+        from .pool import RunOptions
+        from .session import RunCommand
+
         budget, budget_currency = parse_budget(args.budget)
         options = RunOptions(
             rps=args.rps,

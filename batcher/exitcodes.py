@@ -15,10 +15,12 @@
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
 from jobs import State, Stats
 
-from .pool import RunResult, StopReason
+if TYPE_CHECKING:  # the pool (and aiohttp) only when a run's exit code is asked for
+    from .pool import RunResult
 
 __all__ = ["ExitCode", "exit_code_for"]
 
@@ -41,6 +43,8 @@ def exit_code_for(result: RunResult, stats: Stats) -> ExitCode:
     A stop the user asked for (``--limit``, ``--budget``) with jobs left outranks failures;
     failures outrank jobs merely left waiting.
     """
+    from .pool import StopReason
+
     left = stats.count(State.PENDING) + stats.count(State.RUNNING) + stats.count(State.GENERATED)
     if result.reason in (StopReason.ABORTED, StopReason.UNREACHABLE):
         return ExitCode.ABORTED

@@ -34,6 +34,8 @@ from .shards import ParquetShards, ShardSet, TarShards
 __all__ = ["ShardExport", "export_shards", "sample_key"]
 
 _BATCH = 500  # records handed to the worker thread at a time
+_READ_BATCH = 5000  # records read from the job table per query
+_JSON = json.JSONEncoder(ensure_ascii=False)  # one encoder, not one per record
 _UNSAFE_KEY = re.compile(r"[^\w-]")
 _INTS = frozenset(
     {"seed", "width", "height", "bytes", "attempts", "input_tokens", "output_tokens"}
@@ -148,8 +150,7 @@ class _Sink:
         image: bytes | None = None
         if rec["state"] == State.DONE.value:
             try:
-                with open(path, "rb") as fh:
-                    image = fh.read()
+                image = read_file(path, rec.get("bytes"))
             except FileNotFoundError:
                 self.missing += 1
         self.facts.add(rec, split, len(image) if image is not None else 0)
@@ -169,9 +170,26 @@ class _Sink:
         members: dict[str, bytes] = {}
         if image is not None:
             members["png"] = image
-        members["json"] = json.dumps(row, ensure_ascii=False).encode()
+        members["json"] = _JSON.encode(row).encode()
         members["txt"] = rec["prompt"].encode()
         self.writer.add(split, sample_key(number, rec["id"]), members)
+
+
+def read_file(path: str, size: int | None) -> bytes:
+    """The whole file at ``path``, read with one ``read`` of its expected ``size`` (as the
+    job table recorded it) and one more that finds its end: no buffered file object."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        want = (size or 0) + 1
+        data = os.read(fd, want)
+        if not data:
+            return data
+        parts = [data]
+        while chunk := os.read(fd, max(want, 1 << 20)):
+            parts.append(chunk)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+    finally:
+        os.close(fd)
 
 
 async def _pump(store: JobStore, state: State | None, sink: _Sink) -> None:
@@ -188,7 +206,7 @@ async def _pump(store: JobStore, state: State | None, sink: _Sink) -> None:
         tg.start_soon(consume)
         async with send:
             batch: list[dict[str, Any]] = []
-            async for rec in store.iter_records(state=state):
+            async for rec in store.iter_records(state=state, batch=_READ_BATCH):
                 batch.append(rec)
                 if len(batch) >= _BATCH:
                     await send.send(batch)

@@ -105,6 +105,8 @@ _USTAR[136:148] = b"00000000000\x00"
 _USTAR[156:157] = b"0"
 _USTAR[257:265] = b"ustar\x0000"
 _USTAR_SUM = sum(_USTAR) + 8 * 32  # the checksum field counts as eight spaces
+_ZEROS = bytes(_BLOCK)
+_DIRECT = 64 * 1024  # members this large skip the per-sample join
 
 
 def tar_header(name: str, size: int) -> bytes:
@@ -146,17 +148,26 @@ class TarShards:
             self._close(split)
             current = None
         if current is None:
-            fh = open(self._shards.new(split), "wb", buffering=1 << 20)  # noqa: SIM115
+            fh = open(self._shards.new(split), "wb", buffering=4 << 20)  # noqa: SIM115
             current = (fh, 0)
         fh, written = current
+        parts: list[bytes] = []
         for ext, data in members.items():
             header = tar_header(f"{key}.{ext}", len(data))
-            fh.write(header)
-            fh.write(data)
             pad = (-len(data)) % _BLOCK
-            if pad:
-                fh.write(bytes(pad))
+            if len(data) >= _DIRECT:  # large: written as it is, not copied into a join
+                if parts:
+                    fh.write(b"".join(parts))
+                    parts = []
+                fh.write(header)
+                fh.write(data)
+                if pad:
+                    fh.write(_ZEROS[:pad])
+            else:
+                parts += (header, data, _ZEROS[:pad])
             written += len(header) + len(data) + pad
+        if parts:
+            fh.write(b"".join(parts))  # one write per sample of small members
         self._open[split] = (fh, written)
 
     def _close(self, split: str) -> None:

@@ -1171,11 +1171,13 @@ class JobStore:
             if finished_since is not None:
                 query = query.where(jobs.c.finished_at >= finished_since)
             async with self._read() as conn:
-                rows = (await conn.execute(query)).all()
+                result = await conn.execute(query)
+                names = list(result.keys())
+                rows = result.all()
             if not rows:
                 return
             for row in rows:
-                rec = dict(row._mapping)
+                rec = dict(zip(names, row, strict=True))
                 last = rec.pop("_order")
                 yield _public(rec)
 
