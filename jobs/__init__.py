@@ -5,6 +5,8 @@ Knows nothing about HTTP or images. ``batcher`` builds on it.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     IllegalTransition,
     JobStoreError,
@@ -14,7 +16,6 @@ from .errors import (
     SchemaMismatch,
     StoreUnavailable,
 )
-from .manifest import Manifest, open_manifest
 from .spec import DEFAULT_MODEL, JobSpec
 from .states import TERMINAL, TRANSITIONS, State, check_transition
 from .store import (
@@ -28,6 +29,9 @@ from .store import (
     Stats,
     StoredFile,
 )
+
+if TYPE_CHECKING:
+    from .manifest import Manifest, open_manifest
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -55,3 +59,13 @@ __all__ = [
     "check_transition",
     "open_manifest",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """The manifest readers (YAML, CSV, JSONL), imported on first use: commands that only read
+    the job table (``batcher export``, ``status``) start without them."""
+    if name in ("Manifest", "open_manifest"):
+        from . import manifest
+
+        return getattr(manifest, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,5 @@
-"""Commands that never call the service start without loading what only a run needs."""
+"""Commands that never call the service start without loading what only a run needs
+(aiohttp, the pool, the emulator's server, rich, pyarrow, the manifest readers)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,13 @@ import sys
 
 import pytest
 
-HEAVY = ("aiohttp", "pyarrow", "rich", "batcher.emulator.server", "batcher.pool")
-
 _PROBE = """
 import json, sys
 sys.argv = ["batcher", *json.loads(sys.argv[1])]
 from batcher.cli import build_parser
 build_parser().parse_args(sys.argv[1:])
 print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in {"aiohttp", "pyarrow",
-      "rich"} or m in {"batcher.emulator.server", "batcher.pool"})))
+      "rich"} or m in {"batcher.emulator.server", "batcher.pool", "jobs.manifest"})))
 """
 
 
