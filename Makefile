@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test check soak bench clean
+.PHONY: run test check soak bench screenshot clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -12,9 +12,18 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
-## run: the main job, the sample catalog rehearsed against the built-in emulator; images land in out/catalog.emulated/images
+## run: the main job, the sample catalog rehearsed against the built-in emulator; images land in
+## out/catalog.emulated/images, the report in out/catalog.emulated/report/index.html
 run: $(STAMP)
 	$(VENV)/bin/batcher run samples/catalog.yaml --emulate
+
+## screenshot: the sample catalog's report in Chromium, saved as docs/report.png (as root, installs
+## Debian's chromium and fonts-noto-cjk when missing, so Chinese prompts are not boxes)
+screenshot: $(STAMP)
+	@if [ "$$(id -u)" = 0 ] && { [ ! -x /usr/bin/chromium ] || ! dpkg -s fonts-noto-cjk >/dev/null 2>&1; }; then \
+		apt-get update -qq && apt-get install -y -qq chromium fonts-noto-cjk; fi
+	$(VENV)/bin/batcher run samples/catalog.yaml --emulate --no-progress
+	$(PY) docs/screenshot.py out/catalog.emulated docs/report.png
 
 ## test: the whole suite (unit, integration, acceptance); exit 5 (no tests collected) is a failure
 test: $(STAMP)

@@ -5,6 +5,9 @@
     batcher status DIR [--json]                  counts per state, failures by code
     batcher export DIR [--format jsonl|csv|parquet|webdataset] [-o PATH] [...]
     batcher retry DIR [--code CODE]              failed jobs back to pending
+    batcher redo DIR [--rejected] [--id ID ...]  done jobs made again, old images kept
+    batcher report DIR [-o PATH]                 a static report with a gallery (file://)
+    batcher review DIR [--port N] [--host H]     the report served locally, with review marks
     batcher emulate [--port 0] [...]             the built-in DashScope emulator
 
 User mistakes end as one line on stderr and exit code 2; a bug shows a traceback.
@@ -78,6 +81,17 @@ class _Parser(argparse.ArgumentParser):
     def _print_message(self, message: str, file: SupportsWrite[str] | None = None) -> None:
         if message:
             (file or sys.stderr).write(message)
+
+
+def _port(text: str) -> int:
+    """A TCP port for ``--port``: 0 (any free one) to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0..65535: {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,6 +212,33 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("--code", help="only jobs that failed with this error code")
     _add_db(retry)
 
+    redo = sub.add_parser(
+        "redo", help="put done jobs back to pending with a new seed; their images are kept"
+    )
+    redo.add_argument("folder", type=Path)
+    redo.add_argument("--rejected", action="store_true", help="every job marked rejected")
+    redo.add_argument(
+        "--id", dest="ids", action="extend", nargs="+", default=[], metavar="ID", help="job ids"
+    )
+    seeds = redo.add_mutually_exclusive_group()
+    seeds.add_argument(
+        "--new-seed", action="store_true", help="a new random seed (the default without --prompt)"
+    )
+    seeds.add_argument("--seed", type=int, help="this seed for every job redone")
+    redo.add_argument("--prompt", help="a new prompt (keeps each seed unless --new-seed/--seed)")
+    redo.add_argument("--dry-run", action="store_true", help="print what would be done, do nothing")
+
+    report = sub.add_parser("report", help="write a static report: figures, charts, a gallery")
+    report.add_argument("folder", type=Path)
+    report.add_argument("-o", "--output", type=Path, help="report folder (default DIR/report)")
+
+    review = sub.add_parser("review", help="serve the report locally with approve/reject/notes")
+    review.add_argument("folder", type=Path)
+    review.add_argument("--port", type=_port, default=8642, help="port (0: any free one)")
+    review.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1 only)"
+    )
+
     emulate = sub.add_parser("emulate", help="serve the built-in DashScope emulator")
     from .emulator.cli import configure_parser
 
@@ -294,6 +335,28 @@ async def _dispatch(args: argparse.Namespace) -> int:
         )
     if args.command == "retry":
         return await cmd_retry(args.folder, code=args.code, database=database)
+    if args.command == "report":
+        from .gallery.site import cmd_report
+
+        return await cmd_report(args.folder, output=args.output)
+    if args.command == "review":
+        from .gallery.server import cmd_review  # aiohttp's server: review only
+
+        return await cmd_review(args.folder, host=args.host, port=args.port)
+    if args.command == "redo":
+        from .redo import RedoOptions, cmd_redo
+
+        return await cmd_redo(
+            args.folder,
+            RedoOptions(
+                ids=tuple(args.ids),
+                rejected=args.rejected,
+                seed=args.seed,
+                new_seed=args.new_seed,
+                prompt=args.prompt,
+                dry_run=args.dry_run,
+            ),
+        )
     raise AssertionError(args.command)
 
 

@@ -111,7 +111,8 @@ async def cmd_status(folder: Path, *, as_json: bool, database: str | None = None
     if as_json:
         print(json.dumps(status_json(stats)))
     else:
-        print(status_text(stats, layout), end="")
+        live_run = layout.shared or RunLock.held(layout.lock)  # shared: workers hold no lock
+        print(status_text(stats, layout, live_run=live_run), end="")
     return ExitCode.OK
 
 
@@ -186,6 +187,7 @@ def _report(cmd: RunCommand, outcome: RunOutcome, code: ExitCode) -> None:
             currency=currency_of(cmd.options.region),
             emulated=cmd.emulate,
         )
+        payload["report"] = str(outcome.report) if outcome.report else None
         print(json.dumps(payload))
     for line in lines:
         _warn(line)
@@ -201,6 +203,8 @@ def _report(cmd: RunCommand, outcome: RunOutcome, code: ExitCode) -> None:
     elif result.reason is StopReason.INTERRUPTED:
         _warn("interrupted; run the same command again to continue where it stopped")
     _warn(f"images are in {layout.images}")
+    if outcome.report is not None:
+        _warn(f"report: {outcome.report}")
 
 
 _CURRENCY_NAMES = {"USD": "USD", "US$": "USD", "$": "USD", "CNY": "CNY", "RMB": "CNY", "¥": "CNY"}

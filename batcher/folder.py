@@ -102,6 +102,11 @@ class Target:
     layout: RunLayout
     explicit: bool
 
+    @property
+    def in_paid_default(self) -> bool:
+        """Whether the folder is the manifest's paid default, ``out/<stem>`` (named or not)."""
+        return _absolute(self.layout.root) == _absolute(default_out(self.manifest))
+
 
 async def resolve_target(
     target: Path, out: Path | None, *, emulate: bool, database: str | None = None
@@ -149,7 +154,9 @@ async def check_manifest(store: JobStore, target: Target) -> str | None:
     return None if found == path else path
 
 
-async def check_folder_endpoint(store: JobStore, endpoint: str, root: Path) -> None:
+async def check_folder_endpoint(
+    store: JobStore, endpoint: str, root: Path, *, default: bool = False
+) -> None:
     """:func:`check_endpoint` for the folder of ``store``, then remember ``endpoint`` as one of
     its own. The jobs are scanned only for a folder that has no list yet, or when the list
     names another endpoint (to count its images for the refusal)."""
@@ -159,7 +166,7 @@ async def check_folder_endpoint(store: JobStore, endpoint: str, root: Path) -> N
     compatible = {endpoint} if endpoint == EMULATOR_ENDPOINT else {endpoint, None}
     if known_text is None or known - compatible:
         found = await store.endpoints()
-        check_endpoint(found, endpoint, root)
+        check_endpoint(found, endpoint, root, default=default)
         known = set(found)
     if endpoint not in known or known_text is None:
         listed = sorted(known | {endpoint}, key=lambda e: (e is None, e or ""))
@@ -174,9 +181,12 @@ async def is_rehearsal_folder(store: JobStore) -> bool:
     return bool(known) and set(known) == {EMULATOR_ENDPOINT}
 
 
-def check_endpoint(found: dict[str | None, int], endpoint: str, root: Path) -> None:
+def check_endpoint(
+    found: dict[str | None, int], endpoint: str, root: Path, *, default: bool = False
+) -> None:
     """Refuse a run whose images would be mixed with another endpoint's (see the module
-    docstring); ``found`` is :meth:`JobStore.endpoints`."""
+    docstring); ``found`` is :meth:`JobStore.endpoints`. ``default``: ``root`` is the paid
+    run's default folder (``out/<stem>``), which the advice then does not point back to."""
     others = {e: n for e, n in found.items() if e is not None and e != endpoint}
     legacy = found.get(None, 0)
     if endpoint == EMULATOR_ENDPOINT:
@@ -189,10 +199,15 @@ def check_endpoint(found: dict[str | None, int], endpoint: str, root: Path) -> N
         return
     emulated = others.pop(EMULATOR_ENDPOINT, 0)
     if emulated:
+        elsewhere = (
+            "give the paid run a folder of its own with --out DIR"
+            if default
+            else "run the manifest without --out (into out/<name>) or with another --out DIR"
+        )
         raise ConfigError(
             f"{root} holds {plural(emulated, 'image')} from the emulator (a rehearsal), "
-            "which never count as done for a paid run: add --emulate to go on rehearsing, or "
-            "run the manifest without --out (into out/<name>) or with another --out DIR"
+            f"which never count as done for a paid run: add --emulate to go on rehearsing, or "
+            f"{elsewhere}"
         )
     if others:
         where = ", ".join(sorted(others))

@@ -10,6 +10,8 @@
       images/             the images, following the manifest's output template
         metadata.jsonl    one line per done image (Hugging Face ``imagefolder`` layout)
         train/metadata.jsonl  ... or one per split folder (see ``batcher.metadata``)
+      history/            earlier images of redone jobs, under the same sub-folders
+      report/             the static report (``batcher report``): index.html, thumbs/, data/
 
 Paths from a manifest never leave ``images/``: the manifest checker refuses absolute paths
 and ``..``, and :meth:`RunLayout.image_path` checks again against symlinks planted in the
@@ -81,6 +83,27 @@ class RunLayout:
     @property
     def metadata(self) -> Path:
         return self.images / "metadata.jsonl"
+
+    @property
+    def history(self) -> Path:
+        """Where a redo keeps the images it replaces (never overwritten)."""
+        return self.root / "history"
+
+    @property
+    def report(self) -> Path:
+        """The default folder of the static report."""
+        return self.root / "report"
+
+    def history_folder(self, output: str) -> Path:
+        """The folder under ``history/`` for earlier images of ``output``, made safely (the same
+        checks as :meth:`image_path`: no ``..``, no symlink on the way)."""
+        rel = PurePosixPath(output)
+        if rel.is_absolute() or not rel.parts or any(p in ("", ".", "..") for p in rel.parts):
+            raise UnsafeOutputPath(f"output path {output!r} leaves the run folder")
+        if self.history.is_symlink():
+            raise UnsafeOutputPath(f"{self.history} is a symlink; refusing to write through it")
+        self._check_folders(self.history, rel, True)
+        return self.history.joinpath(*rel.parts[:-1])
 
     def relative(self, output: str) -> str:
         """The image's path relative to the run folder (what exports show)."""

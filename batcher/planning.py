@@ -160,7 +160,8 @@ async def make_plan(
     table at a million jobs, so they run at once, on the store's connections (SQLite scans
     without the GIL). The sums of ``stats`` (retries, ...) are not computed."""
     found: dict[str, Any] = {}
-    live_run = RunLock.held(layout.lock)
+    # On a shared table (PostgreSQL) workers hold no folder lock: their leases alone tell.
+    live_run = layout.shared or RunLock.held(layout.lock)
 
     async def counts() -> None:
         found["stats"] = await store.stats(totals=False)

@@ -49,6 +49,7 @@ class Snapshot:
     stopping: str | None = None
     run_done: int = 0  # done by this run
     run_failed: int = 0  # failed in this run
+    emulated: bool = False  # a rehearsal: ``spent`` is emulated money, never spent
 
 
 class Throughput:
@@ -106,6 +107,11 @@ def format_duration(seconds: float | None) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def _money(s: Snapshot) -> str:
+    """This run's money on the plain line: spent, or in a rehearsal emulated (not billed)."""
+    return f"emulated={s.spent} (not billed)" if s.emulated else f"spent={s.spent}"
+
+
 def _line(s: Snapshot) -> str:
     pct = 100.0 * (s.done + s.failed) / s.total if s.total else 100.0
     tail = f" | stopping: {s.stopping}" if s.stopping else ""
@@ -114,7 +120,7 @@ def _line(s: Snapshot) -> str:
         f"| this run: done={s.run_done} failed={s.run_failed} retrying={s.retries} "
         f"in-flight={s.in_flight} throttled={s.throttled} "
         f"rate={s.per_minute:.1f}/min of {s.quota_per_minute:.0f}/min "
-        f"eta={format_duration(s.eta_seconds)} spent={s.spent}{tail}"
+        f"eta={format_duration(s.eta_seconds)} {_money(s)}{tail}"
     )
 
 
@@ -181,7 +187,10 @@ class RichProgress:
         table.add_row(
             "time", f"elapsed {format_duration(s.elapsed)}  ETA {format_duration(s.eta_seconds)}"
         )
-        table.add_row("spent", f"{s.spent} (this run)")
+        if s.emulated:
+            table.add_row("emulated", f"{s.spent} (this run, not billed)")
+        else:
+            table.add_row("spent", f"{s.spent} (this run)")
         if s.stopping:
             table.add_row("stopping", f"[yellow]{s.stopping}[/yellow]")
         return table

@@ -45,6 +45,7 @@ METADATA_FIELDS = (
     "actual_prompt",
     "request_id",
     "sha256",
+    "review",
 )
 
 EXPORT_FIELDS = (
@@ -79,8 +80,11 @@ EXPORT_FIELDS = (
     "started_at",
     "generated_at",
     "finished_at",
+    "review",
+    "review_note",
+    "reviewed_at",
 )
-TIME_FIELDS = frozenset({"created_at", "started_at", "generated_at", "finished_at"})
+TIME_FIELDS = frozenset({"created_at", "started_at", "generated_at", "finished_at", "reviewed_at"})
 
 
 def variable_keys(names: Sequence[str], builtin: Sequence[str]) -> list[tuple[str, str]]:
@@ -163,6 +167,8 @@ def metadata_row(
         "actual_prompt": actual_prompt(rec),
         "request_id": rec["request_id"] or "",
         "sha256": rec["sha256"],
+        # "approved" / "rejected" / "" (not reviewed): text all through, one column type
+        "review": rec.get("review") or "",
     }
     values = _variables(rec)
     for name, key in keys:

@@ -31,6 +31,7 @@ from .client import DashScopeClient, base_url_for
 from .download import sweep_partials
 from .errors import ConfigError
 from .folder import Target, check_folder_endpoint, endpoint_label, resolve_target
+from .gallery.site import build_report, check_output, follow_thumbnails
 from .importing import ImportSummary, import_manifest
 from .layout import RunLayout, RunLock
 from .metadata import MetadataWriter
@@ -76,6 +77,7 @@ class RunOutcome:
     imported: ImportSummary
     result: RunResult
     stats: Stats
+    report: Path | None = None  # the report's index.html, refreshed at the end of the run
 
 
 def _warn(msg: str) -> None:
@@ -148,7 +150,9 @@ async def execute_run(cmd: RunCommand) -> RunOutcome:
                 "choose a writable folder with --out"
             ) from exc
         async with await JobStore.open(layout.store) as store:
-            await check_folder_endpoint(store, endpoint, layout.root)
+            await check_folder_endpoint(
+                store, endpoint, layout.root, default=target.in_paid_default
+            )
             imported = await _prepare(store, cmd, target)
             spent = await _budget_spent(store, cmd)
             metadata = MetadataWriter(store, layout)
@@ -162,6 +166,8 @@ async def execute_run(cmd: RunCommand) -> RunOutcome:
                 _warn(
                     f"{target.manifest}: {plural(imported.added, 'new job')}, "
                     f"{imported.unchanged_of(start)} already imported"
+                    f"{f', {imported.replaced} replaced' if imported.replaced else ''}"
+                    f"{f', {imported.moved} moved' if imported.moved else ''}"
                     f"{f', {withdrawn} withdrawn' if withdrawn else ''}; "
                     f"{start.count(State.DONE)} of {start.total - withdrawn} done; "
                     f"run folder {layout.root}"
@@ -178,7 +184,25 @@ async def execute_run(cmd: RunCommand) -> RunOutcome:
                         _metadata_problem(layout, exc)
             await store.set_meta("last_run", "clean")
             stats = await store.stats()
-    return RunOutcome(layout=layout, imported=imported, result=result, stats=stats)
+            report = await _write_report(store, layout, result)
+    return RunOutcome(layout=layout, imported=imported, result=result, stats=stats, report=report)
+
+
+async def _write_report(store: JobStore, layout: RunLayout, result: RunResult) -> Path | None:
+    """Refresh the run folder's report (only new thumbnails are made, within a time budget;
+    the page shows the full image for the rest). A report that cannot be written is a warning,
+    never the run's failure."""
+    quick = result.reason in (StopReason.INTERRUPTED, StopReason.ABORTED)
+    try:
+        check_output(layout.report)
+        done = await build_report(store, layout, thumb_seconds=3.0 if quick else 60.0)
+    except (OSError, ValueError, ConfigError) as exc:
+        reason = os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else str(exc)
+        log.warning("could not write the report: %s", reason)
+        _warn(f"could not write the report in {layout.report}: {reason}")
+        return None
+    log.info("report: %d jobs, %d new thumbnails, %.1fs", done.jobs, done.thumbs_made, done.seconds)
+    return done.index
 
 
 def _check_budget_currency(cmd: RunCommand) -> None:
@@ -230,6 +254,7 @@ async def _prepare(store: JobStore, cmd: RunCommand, target: Target) -> ImportSu
     if not store.shared and await store.get_meta("last_run") != "clean":
         swept = await anyio.to_thread.run_sync(sweep_partials, layout.images)
     await store.set_meta("last_run", "running")
+    await store.set_meta("rps", repr(float(cmd.options.rps)))  # the report's quota line
     log.info(
         "run start: %d new jobs, %d already imported, %d replaced, %d withdrawn, %d moved, "
         "%d reclaimed, %d partial files removed",
@@ -319,6 +344,7 @@ async def _drive(
                     tg.start_soon(_watch_signals, runner, cmd.grace)
                     if view is not None:
                         tg.start_soon(_progress_loop, view, snap)
+                    tg.start_soon(follow_thumbnails, store, layout)
                     result = await runner.run()
                     tg.cancel_scope.cancel()
                 if view is not None:
@@ -425,7 +451,8 @@ def _snapshot(
         per_minute=meter.per_minute(c.generated),
         quota_per_minute=rate * 60,
         eta_seconds=pace.eta(remaining=remaining),
-        spent=f"{Money(c.cost, currency)}{' emulated' if emulated else ''}",
+        spent=str(Money(c.cost, currency)),
+        emulated=emulated,
         elapsed=runner.elapsed,
         stopping=reason.value if reason is not None else None,
         run_done=c.done,

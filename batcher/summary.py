@@ -144,14 +144,19 @@ def _achieved(rate: float, rps: float, throttled: int) -> str:
     )
 
 
-def status_text(stats: Stats, layout: RunLayout) -> str:
-    """``batcher status``: jobs per state, what was billed, failures by code."""
+def status_text(stats: Stats, layout: RunLayout, *, live_run: bool = True) -> str:
+    """``batcher status``: jobs per state, what was billed, failures by code. ``live_run``
+    False (no run holds the folder): running jobs were left by a run that stopped (killed),
+    which the line says, so they are not taken for a run still going."""
     buf = io.StringIO()
     withdrawn = stats.count(State.WITHDRAWN)
     tail = f" ({withdrawn} withdrawn: no longer in the manifest)" if withdrawn else ""
     buf.write(f"{layout.root}: {plural(stats.total - withdrawn, 'job')}{tail}\n")
     for state in State:
-        buf.write(f"  {state.value:<10} {stats.count(state)}\n")
+        note = ""
+        if state is State.RUNNING and stats.count(state) and not live_run:
+            note = "  (left by a run that stopped; the next run takes them back)"
+        buf.write(f"  {state.value:<10} {stats.count(state)}{note}\n")
     spent = stats.spent()
     if spent:
         buf.write(f"  spent {money_text(spent)} ({plural(stats.images_billed, 'image')} billed)\n")
@@ -163,6 +168,9 @@ def status_text(stats: Stats, layout: RunLayout) -> str:
             f"  rehearsal: {plural(stats.images_emulated, 'image')} from the emulator, "
             f"{money_text(emulated)} emulated (not billed)\n"
         )
+    if stats.reviews:
+        marks = ", ".join(f"{n} {mark}" for mark, n in sorted(stats.reviews.items()))
+        buf.write(f"  reviewed: {marks}\n")
     if stats.errors_by_code:
         buf.write("  failures by code:\n")
         for code, n in sorted(stats.errors_by_code.items()):
@@ -184,6 +192,7 @@ def status_json(stats: Stats) -> dict[str, Any]:
         throttled=stats.throttled,
         ambiguous=stats.ambiguous,
         regenerated=stats.regenerated,
+        reviews=stats.reviews,
     )
     return out
 

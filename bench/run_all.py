@@ -46,6 +46,7 @@ PLAN: list[tuple[str, list[str], int, int]] = [
     ("resume", [], 110, 30),
     ("download", [], 80, 25),
     ("export_scale", [], 150, 40),  # the 100,000-image folder is made once, then kept
+    ("report_scale", [], 240, 60),
 ]
 
 

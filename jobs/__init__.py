@@ -15,16 +15,19 @@ from .errors import (
     ManifestInvalid,
     SchemaMismatch,
     StoreUnavailable,
+    UnknownJob,
 )
 from .spec import DEFAULT_MODEL, JobSpec
 from .states import TERMINAL, TRANSITIONS, State, check_transition
 from .store import (
     EMULATOR_ENDPOINT,
+    REVIEW_MARKS,
     Claim,
     Generated,
     ImportReport,
     JobStore,
     Moved,
+    Redo,
     Spend,
     Stats,
     StoredFile,
@@ -36,6 +39,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_MODEL",
     "EMULATOR_ENDPOINT",
+    "REVIEW_MARKS",
     "TERMINAL",
     "TRANSITIONS",
     "Claim",
@@ -50,12 +54,14 @@ __all__ = [
     "ManifestError",
     "ManifestInvalid",
     "Moved",
+    "Redo",
     "SchemaMismatch",
     "Spend",
     "State",
     "Stats",
     "StoreUnavailable",
     "StoredFile",
+    "UnknownJob",
     "check_transition",
     "open_manifest",
 ]

@@ -7,6 +7,7 @@ The tree::
     ├── ManifestInvalid           a manifest with one or more ManifestErrors; nothing was imported
     ├── LeaseLost                 a write carried a claim token that no longer owns the job
     ├── IllegalTransition         a state change the transition table does not allow
+    ├── UnknownJob                no job has the id asked for
     ├── SchemaMismatch            the run folder's database was written by an unknown schema
     └── StoreUnavailable          SQLite could not be opened or written (locked, disk full, ...)
 
@@ -27,6 +28,7 @@ __all__ = [
     "ManifestInvalid",
     "SchemaMismatch",
     "StoreUnavailable",
+    "UnknownJob",
 ]
 
 
@@ -78,6 +80,10 @@ class LeaseLost(JobStoreError):
 
 class IllegalTransition(JobStoreError):
     """That state change is not allowed."""
+
+
+class UnknownJob(JobStoreError):
+    """No job has that id."""
 
 
 class SchemaMismatch(JobStoreError):

@@ -45,8 +45,11 @@ MOVE = "move"
 MOVED = "moved"
 """The reason once the image was moved (or found already in place)."""
 
+# A redone job keeps the manifest's seed and prompt aside (manifest_seed, manifest_prompt): the
+# manifest row it came from is unchanged as long as it matches those.
 _SAME_CONTENT = (
-    "j.model = s.model AND j.prompt = s.prompt AND j.size = s.size AND j.seed = s.seed "
+    "j.model = s.model AND coalesce(j.manifest_prompt, j.prompt) = s.prompt "
+    "AND j.size = s.size AND coalesce(j.manifest_seed, j.seed) = s.seed "
     "AND j.prompt_extend = s.prompt_extend"
 )
 _CONTENT_CHANGED = f"NOT ({_SAME_CONTENT})"
@@ -277,6 +280,11 @@ async def _replace_changed(conn: AsyncConnection, now: float) -> int:
             worker=None,
             error_code=None,
             error_message=None,
+            manifest_seed=None,
+            manifest_prompt=None,
+            review=None,  # a new image is not the one judged
+            review_note=None,
+            reviewed_at=None,
             **RESULT_RESET,
         )
     )

@@ -49,6 +49,11 @@ STEPS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE job_history ADD COLUMN file TEXT",
         "UPDATE job_history SET reason = 'replace' WHERE reason IS NULL",
     ),
+    3: (
+        # the manifest's seed and prompt of a job redone with another one
+        "ALTER TABLE jobs ADD COLUMN manifest_seed INTEGER",
+        "ALTER TABLE jobs ADD COLUMN manifest_prompt TEXT",
+    ),
 }
 
 

@@ -31,7 +31,7 @@ __all__ = [
     "metadata",
 ]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 EMULATOR_ENDPOINT = "emulator"
 """``jobs.endpoint`` of an image made by an emulator (``--emulate``): a rehearsal, whose cost
@@ -112,6 +112,10 @@ jobs = Table(
     Column("review", Text),
     Column("review_note", Text),
     Column("reviewed_at", Float),
+    # the manifest's own seed and prompt, kept when a redo replaced them (NULL: unchanged), so
+    # re-importing the unchanged manifest row is not taken for a change  [v3]
+    Column("manifest_seed", Integer),
+    Column("manifest_prompt", Text),
     sqlite_autoincrement=False,
 )
 

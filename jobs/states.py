@@ -30,10 +30,19 @@ never claimed, and keeps its record and its image if it had one. When its row co
 goes back where its record says it was: ``done`` (it has its file), ``failed``,
 ``generated`` (paid for, not yet downloaded) or ``pending``.
 
-``failed`` goes back only when the user asks (``batcher retry``): to ``pending``, or to
-``generated`` when the image was paid for and its URL is still valid. ``done`` and
-``failed`` are terminal for a run; re-importing a changed row with ``--replace`` resets any
-state to ``pending`` and keeps the old record in the history table.
+``done`` and ``failed`` are terminal for a run: they go back only when a person asks, and
+both ways are one mechanism in the store (the job's record is first copied to the history
+table with the reason, then the job moves):
+
+* ``batcher retry``: ``failed`` goes back to ``pending``, or to ``generated`` when the image
+  was paid for and its URL is still valid;
+* ``batcher redo``: ``done`` goes back to ``pending`` (with a new seed, or a given seed or
+  prompt). The previous image is kept: the caller moves it under the run folder's
+  ``history/`` and the history record names where it went. A ``running`` job, or one with no
+  image, cannot be redone.
+
+Re-importing a changed row with ``--replace`` resets any state to ``pending`` and keeps the
+old record in the history table as well.
 
 What survives a crash: everything committed. SQLite runs in WAL mode with
 ``synchronous=FULL``, so a committed transition is on disk before the call returns.
@@ -65,17 +74,19 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     State.GENERATED: frozenset(
         {State.GENERATED, State.DONE, State.PENDING, State.FAILED, State.WITHDRAWN}
     ),
-    State.DONE: frozenset({State.WITHDRAWN}),
+    State.DONE: frozenset({State.PENDING, State.WITHDRAWN}),
     State.FAILED: frozenset({State.PENDING, State.GENERATED, State.WITHDRAWN}),
     State.WITHDRAWN: frozenset({State.PENDING, State.GENERATED, State.DONE, State.FAILED}),
 }
 """Allowed moves. ``generated -> generated`` is a download retry or a new download lease;
 ``generated -> failed`` is a download that can never succeed (attempts exhausted);
-``failed -> generated`` is a retried download whose image URL is still valid; ``-> withdrawn``
-and back are the manifest losing a row and getting it back."""
+``failed -> generated`` is a retried download whose image URL is still valid; ``done ->
+pending`` is a redo, ``failed -> pending`` a retry; ``-> withdrawn`` and back are the manifest
+losing a row and getting it back."""
 
 TERMINAL: frozenset[State] = frozenset({State.DONE, State.FAILED})
-"""Where a run leaves a job for good (only an import or ``batcher retry`` moves it on)."""
+"""Where a run leaves a job for good (only an import, ``batcher retry`` or ``batcher redo``
+moves it on)."""
 
 
 def check_transition(src: State, dst: State) -> None:

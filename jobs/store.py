@@ -28,6 +28,14 @@ manifest is the whole truth and jobs that left it are withdrawn (:mod:`jobs.merg
 manifest error anywhere rolls the whole import back. The backend loads the rows (SQLite on its
 database thread, PostgreSQL by COPY); a big manifest is read and checked meanwhile by a helper
 process (``jobs.readahead``), so the two use two cores.
+
+Sending jobs back (``retry_failed``, ``redo``) is one mechanism: the chosen ids go into a
+temporary ``requeue`` table, each old record is copied to ``job_history`` with the reason (and,
+for a redo, where its image was kept), and one ``UPDATE ... WHERE state IN (...)`` moves them,
+the allowed states taken from the transition table. A redo is all or nothing: one job that is
+not done refuses the whole transaction. Review marks (``set_review``, ``set_note``) write only
+the review columns in one short transaction and never move a job, so a review page and a run
+can share the folder.
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Self, TypeVar
@@ -49,10 +57,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from . import migrations, schema
 from .backends import Backend, Op, open_backend
 from .errors import (
+    IllegalTransition,
     JobStoreError,
     LeaseLost,
     SchemaMismatch,
     StoreUnavailable,
+    UnknownJob,
 )
 from .group import GroupCommit
 from .merge import MOVE, MOVED, RESULT_RESET, ImportReport, merge_staging
@@ -62,11 +72,13 @@ from .states import State, sources_of
 
 __all__ = [
     "EMULATOR_ENDPOINT",
+    "REVIEW_MARKS",
     "Claim",
     "Generated",
     "ImportReport",
     "JobStore",
     "Moved",
+    "Redo",
     "Spend",
     "Stats",
     "StoredFile",
@@ -80,6 +92,14 @@ MICROS = Decimal(1_000_000)
 # inserts nothing, while building it again would read the whole table (0.1 s at 1M).
 _DEFERRED_INDEXES = tuple(i for i in jobs.indexes if i.name == "ix_jobs_active")
 _RESULT_RESET = RESULT_RESET
+# A new image is not the one a person judged: its review mark goes with the old record.
+_REVIEW_RESET: dict[str, Any] = {"review": None, "review_note": None, "reviewed_at": None}
+REVIEW_MARKS = ("approved", "rejected")
+_IN_MAX = 500  # ids per IN (...): well under every backend's limit on bound parameters
+_REQUEUE_DDL = (
+    "CREATE TEMP TABLE IF NOT EXISTS requeue "
+    "(id TEXT PRIMARY KEY, seed INTEGER, prompt TEXT, file TEXT)"
+)
 _Op = Op
 _SET_META = text(
     "INSERT INTO meta (key, value) VALUES (:key, :value) "
@@ -151,6 +171,18 @@ class StoredFile:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class Redo:
+    """One done job to make again: a new ``seed`` and ``prompt`` (None keeps the job's own),
+    and ``file``, where its previous image was kept (relative to the run folder), recorded in
+    the history with the old record."""
+
+    id: str
+    seed: int | None = None
+    prompt: str | None = None
+    file: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Spend:
     """What the images of one currency cost, spent for real or only emulated."""
 
@@ -182,6 +214,7 @@ class Stats:
     ambiguous: int
     regenerated: int
     due_pending: int = 0
+    reviews: dict[str, int] = field(default_factory=dict)  # "approved" / "rejected" -> count
 
     @property
     def total(self) -> int:
@@ -913,32 +946,188 @@ class JobStore:
             return int(n)
 
     async def retry_failed(self, *, code: str | None = None) -> int:
-        """``failed -> pending`` for every failed job (or those with error ``code``)."""
-        cond = jobs.c.state == State.FAILED.value
+        """``failed -> pending`` for every failed job (or those with error ``code``); to
+        ``generated`` instead when the image was paid for and its URL is still valid.
+
+        The failed record is kept in ``job_history`` (reason ``retry``): the same mechanism as
+        :meth:`redo`. Returns the jobs put back.
+        """
+        select_failed = "SELECT id FROM jobs WHERE state = 'failed'"
+        params: dict[str, Any] = {}
         if code is not None:
-            cond = cond & (jobs.c.error_code == code)
+            select_failed += " AND error_code = :code"
+            params = {"code": code}
         async with self._write() as conn:
-            n = (
-                await conn.execute(
-                    update(jobs)
-                    .where(cond)
-                    .values(
-                        state=case(
-                            (
-                                jobs.c.image_url.is_not(None)
-                                & (jobs.c.url_expires_at > self.clock()),
-                                State.GENERATED.value,
-                            ),
-                            else_=State.PENDING.value,
-                        ),
-                        attempts=0,
-                        download_attempts=0,
-                        next_attempt_at=0,
-                        finished_at=None,
+            await conn.exec_driver_sql(_REQUEUE_DDL)
+            await conn.exec_driver_sql("DELETE FROM requeue")
+            await conn.execute(text(f"INSERT INTO requeue (id) {select_failed}"), params)
+            now = float(self.clock())
+            live_url = f"jobs.image_url IS NOT NULL AND jobs.url_expires_at > {now!r}"
+            return await self._send_back(
+                conn,
+                reason="retry",
+                src=State.FAILED,
+                dst={State.GENERATED: live_url, State.PENDING: "1 = 1"},
+                values="attempts = 0, download_attempts = 0, next_attempt_at = 0, "
+                "finished_at = NULL",
+            )
+
+    async def redo(self, items: Sequence[Redo]) -> int:
+        """``done -> pending`` for each of ``items``, with its new seed or prompt; the done
+        record goes to ``job_history`` (reason ``redo``, with where its image was kept).
+
+        All or nothing: if any job is not done (a run took it, or it has no image), nothing
+        changes and :class:`IllegalTransition` names it. Returns the jobs put back.
+        """
+        if not items:
+            return 0
+        resets = ", ".join(
+            f"{col} = NULL"
+            for col in (*_RESULT_RESET, *_REVIEW_RESET, "error_code", "error_message")
+        )
+        async with self._write() as conn:
+            await conn.exec_driver_sql(_REQUEUE_DDL)
+            await conn.exec_driver_sql("DELETE FROM requeue")
+            await conn.execute(
+                text(
+                    "INSERT INTO requeue (id, seed, prompt, file) "
+                    "VALUES (:id, :seed, :prompt, :file)"
+                ),
+                [{"id": r.id, "seed": r.seed, "prompt": r.prompt, "file": r.file} for r in items],
+            )
+            # All or nothing: refuse (and roll back) if any is not done, naming the first one.
+            redoable = sources_of(State.PENDING) & {State.DONE}
+            marks = ", ".join(f"'{st.value}'" for st in sorted(redoable))
+            wrong = (
+                (
+                    await conn.exec_driver_sql(
+                        "SELECT r.id, j.state FROM requeue r LEFT JOIN jobs j ON j.id = r.id "
+                        f"WHERE j.state IS NULL OR j.state NOT IN ({marks or 'NULL'}) LIMIT 1"
                     )
                 )
-            ).rowcount
-            return int(n)
+                .mappings()
+                .first()
+            )
+            if wrong is not None:
+                job_id, state = wrong["id"], wrong["state"]
+                what = "does not exist" if state is None else f"is {state}"
+                raise IllegalTransition(f"job {job_id!r} {what}: only a done job can be redone")
+            return await self._send_back(
+                conn,
+                reason="redo",
+                src=State.DONE,
+                dst={State.PENDING: "1 = 1"},
+                values=(
+                    # the manifest's values are kept once, from before the first redo
+                    "manifest_seed = coalesce(manifest_seed, seed), "
+                    "manifest_prompt = coalesce(manifest_prompt, prompt), "
+                    "seed = coalesce((SELECT r.seed FROM requeue r WHERE r.id = jobs.id), seed), "
+                    "prompt = coalesce((SELECT r.prompt FROM requeue r WHERE r.id = jobs.id), "
+                    "prompt), attempts = 0, download_attempts = 0, next_attempt_at = 0, "
+                    f"{resets}"
+                ),
+            )
+
+    async def _send_back(
+        self,
+        conn: AsyncConnection,
+        *,
+        reason: str,
+        src: State,
+        dst: dict[State, str],
+        values: str,
+    ) -> int:
+        """Move the jobs listed in the temporary ``requeue`` table from ``src`` back to the
+        first state of ``dst`` whose SQL condition holds (on the old row of ``jobs``), after
+        copying each old record to ``job_history`` with ``reason`` and the ``requeue.file``.
+
+        The one mechanism of retry and redo: which moves are allowed comes from the state
+        table (``sources_of``), never from literals here. ``values`` is the rest of the SET.
+        """
+        allowed: set[State] = set()
+        for target in dst:
+            allowed |= sources_of(target) & {src}
+        if not allowed:
+            raise IllegalTransition(f"a job cannot go from {src} to {', '.join(dst)}")
+        states = ", ".join(f"'{s.value}'" for s in sorted(allowed))
+        now = float(self.clock())
+        old = (
+            await conn.exec_driver_sql(
+                "SELECT r.file AS requeue_file, j.* FROM requeue r JOIN jobs j ON j.id = r.id "
+                f"WHERE j.state IN ({states}) ORDER BY j.{self._backend.order_column}"
+            )
+        ).mappings()
+        kept = []
+        for row in old:
+            rec = dict(row)
+            file = rec.pop("requeue_file")
+            record = json.dumps(rec, ensure_ascii=False, default=str)
+            kept.append({"job_id": rec["id"], "replaced_at": now, "record": record, "file": file})
+        if kept:
+            await conn.execute(history.insert().values(reason=reason), kept)
+        cases = " ".join(
+            f"WHEN {cond} THEN '{target.value}'"
+            for target, cond in dst.items()
+            if src in sources_of(target)
+        )
+        result = await conn.exec_driver_sql(
+            f"UPDATE jobs SET state = CASE {cases} END, lease_expires_at = NULL, "
+            f"claim_token = NULL, {values} "
+            f"WHERE id IN (SELECT id FROM requeue) AND state IN ({states})"
+        )
+        await conn.exec_driver_sql("DELETE FROM requeue")
+        return int(result.rowcount)
+
+    async def set_review(
+        self, job_id: str, review: str | None, *, note: str | None = None, keep_note: bool = True
+    ) -> dict[str, Any]:
+        """Mark a done job's image ``approved`` or ``rejected`` (None clears the mark); with
+        ``keep_note`` False, set its note to ``note`` too. Returns the job's new record.
+
+        One short write of the review columns only, never a state move: a run writing the same
+        folder at the same time waits for it no longer than one statement.
+        """
+        if review is not None and review not in REVIEW_MARKS:
+            raise ValueError(f"review must be one of {REVIEW_MARKS} or None, not {review!r}")
+        return await self._review(
+            job_id,
+            {"review": review} if keep_note else {"review": review, "review_note": note},
+            done_only=review is not None,
+        )
+
+    async def set_note(self, job_id: str, note: str | None) -> dict[str, Any]:
+        """Set (or with None or "", clear) a person's note on any job; returns its record."""
+        return await self._review(job_id, {"review_note": note or None}, done_only=False)
+
+    async def _review(
+        self, job_id: str, values: dict[str, Any], *, done_only: bool
+    ) -> dict[str, Any]:
+        cond = jobs.c.id == job_id
+        if done_only:
+            cond = cond & (jobs.c.state == State.DONE.value)
+        async with self._write() as conn:
+            row = (
+                (
+                    await conn.execute(
+                        update(jobs)
+                        .where(cond)
+                        .values(**values, reviewed_at=self.clock())
+                        .returning(jobs)
+                    )
+                )
+                .mappings()
+                .first()
+            )
+            if row is None:
+                state = (
+                    await conn.execute(select(jobs.c.state).where(jobs.c.id == job_id))
+                ).scalar()
+                if state is None:
+                    raise UnknownJob(f"no job has the id {job_id!r}")
+                raise IllegalTransition(
+                    f"job {job_id!r} is {state}: only a done image can be approved or rejected"
+                )
+            return _public(dict(row))
 
     # --------------------------------------------------------------------- reads
 
@@ -989,6 +1178,18 @@ class JobStore:
                     )
                 )
             ).scalar_one()
+            reviews: dict[str, int] = {}
+            if totals:
+                reviews = {
+                    str(mark): int(n)
+                    for mark, n in (
+                        await conn.execute(
+                            select(jobs.c.review, func.count())
+                            .where(jobs.c.review.is_not(None))
+                            .group_by(jobs.c.review)
+                        )
+                    ).all()
+                }
         for s in State:
             by_state.setdefault(s.value, 0)
         return Stats(
@@ -1000,6 +1201,7 @@ class JobStore:
             ambiguous=int(sums[2]),
             regenerated=int(sums[3]),
             due_pending=int(due),
+            reviews=reviews,
         )
 
     async def spend(self) -> tuple[Spend, ...]:
@@ -1172,14 +1374,76 @@ class JobStore:
                 query = query.where(jobs.c.finished_at >= finished_since)
             async with self._read() as conn:
                 result = await conn.execute(query)
-                names = list(result.keys())
+                keys = list(result.keys())
                 rows = result.all()
             if not rows:
                 return
             for row in rows:
-                rec = dict(zip(names, row, strict=True))
+                rec = dict(zip(keys, row, strict=True))  # cheaper than row._mapping per row
                 last = rec.pop("_order")
                 yield _public(rec)
+
+    async def records(
+        self, *, ids: Sequence[str] | None = None, review: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The records of ``ids`` (in that order; unknown ids are left out), or of every job
+        marked ``review``, in manifest order."""
+        out: list[dict[str, Any]] = []
+        async with self._read() as conn:
+            if ids is not None:
+                found: dict[str, dict[str, Any]] = {}
+                unique = list(dict.fromkeys(ids))
+                for at in range(0, len(unique), _IN_MAX):
+                    part = unique[at : at + _IN_MAX]
+                    rows = (await conn.execute(select(jobs).where(jobs.c.id.in_(part)))).mappings()
+                    found.update((r["id"], _public(dict(r))) for r in rows)
+                out = [found[i] for i in unique if i in found]
+            if review is not None:
+                rowid: Any = literal_column(f"jobs.{self._backend.order_column}")
+                query = select(jobs).where(jobs.c.review == review).order_by(rowid)
+                out += [_public(dict(r)) for r in (await conn.execute(query)).mappings()]
+        return out
+
+    async def changed_since(self, since: float) -> list[dict[str, Any]]:
+        """Every job created, started, generated, finished or reviewed at or after ``since``
+        (a page that shows the table polls this while a run writes)."""
+        stamps = (
+            jobs.c.created_at,
+            jobs.c.started_at,
+            jobs.c.generated_at,
+            jobs.c.finished_at,
+            jobs.c.reviewed_at,
+        )
+        rowid: Any = literal_column(f"jobs.{self._backend.order_column}")
+        query = select(jobs).where(or_(*(c >= since for c in stamps))).order_by(rowid)
+        async with self._read() as conn:
+            return [_public(dict(r)) for r in (await conn.execute(query)).mappings()]
+
+    async def iter_history(
+        self, *, batch: int = 2000, job_ids: Sequence[str] | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Every record set aside (by a redo, a retry or ``--replace``), oldest first, or
+        those of ``job_ids``: ``seq``, ``job_id``, ``replaced_at``, ``reason``, ``file``
+        (where its image was kept, relative to the run folder, or None) and ``record``, the
+        job's row as it was (a dict)."""
+        last = 0
+        while True:
+            query = select(history).where(history.c.seq > last).order_by(history.c.seq)
+            if job_ids is not None:
+                query = query.where(history.c.job_id.in_(list(job_ids)[:_IN_MAX]))
+            async with self._read() as conn:
+                rows = (await conn.execute(query.limit(batch))).mappings().all()
+            if not rows:
+                return
+            for row in rows:
+                rec = dict(row)
+                last = rec["seq"]
+                try:
+                    old = json.loads(rec["record"])
+                except ValueError:
+                    old = {}
+                rec["record"] = _public(old) if "cost_micros" in old else old
+                yield rec
 
 
 async def _read_version(conn: AsyncConnection) -> int | None:

@@ -108,6 +108,23 @@ def test_a_paid_run_into_a_folder_of_emulated_images_refuses_clearly(tmp_path, e
     assert "--out" in one_error_line(again.stderr)
 
 
+def test_a_rehearsal_in_the_paid_default_folder_is_not_told_to_use_that_folder(tmp_path, emulator):
+    """Rehearsed with ``--out out/m`` (the paid run's default), then run paid without --out:
+    the refusal told the user to run "without --out (into out/<name>)", which is what they
+    did. It says to give the paid run a folder of its own instead."""
+    m = write_manifest(tmp_path / "m.csv", rows(2))
+    first = run_cli("run", m, "--out", "out/m", *QUICK_EMULATE, "--no-progress", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    paid = run_cli(
+        "run", m, "--base-url", emulator.base_url, "--no-progress", env=ENV, cwd=tmp_path
+    )
+    assert paid.returncode == 2
+    line = one_error_line(paid.stderr)
+    assert "without --out" not in line and "out/<name>" not in line, line
+    assert "--emulate" in line and "--out DIR" in line, line
+    assert emulator.stats()["generate_requests"] == 0
+
+
 def test_emulated_money_is_shown_as_emulated_never_as_spent(tmp_path):
     m = write_manifest(tmp_path / "m.csv", rows(2))
     out = tmp_path / "o"
@@ -230,6 +247,25 @@ def test_changing_only_the_output_moves_the_image_instead_of_paying_again(tmp_pa
     meta = (out / "images" / "metadata.jsonl").read_text(encoding="utf-8").splitlines()
     names = sorted(json.loads(x)["file_name"] for x in meta)
     assert names == ["new/p01.png", "old/p00.png", "old/p02.png"]
+
+
+def test_the_run_s_first_line_counts_replaced_and_moved_jobs_too(tmp_path, emulator):
+    """It said "0 new jobs, 1 already imported" of 3 jobs: the replaced and the moved ones
+    were in no count."""
+    header = "id,prompt,size,output"
+    m = write_manifest(tmp_path / "m.csv", [(*r, f"{r[0]}.png") for r in rows(3)], header)
+    out = tmp_path / "o"
+    assert run_cli(*run_args(m, out, emulator.base_url), env=ENV).returncode == 0
+    edited = [
+        ("p00", "an edited prompt", "512*512", "p00.png"),
+        ("p01", "a product photo of item 1", "512*512", "moved/p01.png"),
+        ("p02", "a product photo of item 2", "512*512", "p02.png"),
+    ]
+    write_manifest(m, edited, header)
+    r = run_cli(*run_args(m, out, emulator.base_url, "--replace"), env=ENV)
+    assert r.returncode == 0, r.stderr
+    first = r.stderr.splitlines()[0]
+    assert "0 new jobs, 1 already imported, 1 replaced, 1 moved;" in first, first
 
 
 # ------------------------------------------------------------ 4. money per currency, budget

@@ -99,7 +99,10 @@ async def test_a_failing_step_leaves_version_1_intact(
     v1: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     db = v1 / "run" / "batcher.db"
-    broken = {2: (*migrations.STEPS[2], "ALTER TABLE no_such_table ADD COLUMN x TEXT")}
+    broken = {
+        **migrations.STEPS,
+        2: (*migrations.STEPS[2], "ALTER TABLE no_such_table ADD COLUMN x TEXT"),
+    }
     monkeypatch.setattr(migrations, "STEPS", broken)
     with pytest.raises(Exception, match="no_such_table"):
         await JobStore.open(db, create=False)

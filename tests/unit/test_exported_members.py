@@ -39,6 +39,7 @@ def test_jobs_exports():
         [
             "DEFAULT_MODEL",
             "EMULATOR_ENDPOINT",
+            "REVIEW_MARKS",
             "TERMINAL",
             "TRANSITIONS",
             "Claim",
@@ -53,12 +54,14 @@ def test_jobs_exports():
             "ManifestError",
             "ManifestInvalid",
             "Moved",
+            "Redo",
             "SchemaMismatch",
             "Spend",
             "State",
             "Stats",
             "StoreUnavailable",
             "StoredFile",
+            "UnknownJob",
             "check_transition",
             "open_manifest",
         ]

@@ -175,3 +175,11 @@ def test_the_first_summary_line_says_in_words_how_the_run_ended(reason, opening)
         rps=2,
     )
     assert lines[0].startswith(opening), lines[0]
+
+
+def test_a_rehearsal_s_progress_never_labels_its_emulated_money_spent():
+    """It read "spent=US$0.06 emulated": a rehearsal spends nothing."""
+    line = _line(snapshot(spent="US$0.06", emulated=True))
+    assert "spent=" not in line
+    assert "emulated=US$0.06 (not billed)" in line
+    assert "spent=US$0.08" in _line(snapshot())

@@ -36,6 +36,7 @@ ALLOWED = {
     (W, G),
     (W, D),
     (W, F),
+    (D, P),  # `batcher redo`: the image is kept under history/, the job made again
 }
 ALL_PAIRS = list(itertools.product(State, State))
 DISALLOWED = [pair for pair in ALL_PAIRS if pair not in ALLOWED]
@@ -82,7 +83,7 @@ def test_every_pair_is_classified_once() -> None:
 
 def test_terminal_states() -> None:
     assert frozenset({D, F}) == TERMINAL
-    assert TRANSITIONS[D] == frozenset({W})  # done leaves only with the manifest's row
+    assert TRANSITIONS[D] == frozenset({P, W})  # a redo, or the manifest losing the row
     # failed leaves only when the user asks for a retry, or with the manifest's row
     assert TRANSITIONS[F] <= {P, G, W}
     assert R not in sources_of(W)  # a job a live run holds is never withdrawn under it
@@ -121,7 +122,7 @@ def test_sources_of_inverts_the_table(dst: State) -> None:
 def test_sources_of_spot_values() -> None:
     assert sources_of(R) == {P}
     assert sources_of(D) == {G, W}
-    assert sources_of(P) == {R, G, F, W}
+    assert sources_of(P) == {R, G, F, W, D}
     assert sources_of(G) == {R, G, F, W}
     assert sources_of(F) == {R, G, W}
     assert sources_of(W) == {P, G, D, F}

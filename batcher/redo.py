@@ -1,0 +1,295 @@
+"""``batcher redo``: done jobs made again, with their previous image and record kept.
+
+A person who rejected an image (``batcher review``) or names a job by id puts it back to
+``pending`` with a new seed, a given seed, or a new prompt; the next ``batcher run`` makes it.
+Nothing is lost: the previous image moves under ``DIR/history/`` (the same sub-folders as under
+``images/``, a name made unique with the time and the image's hash, never overwriting), and
+the job's previous record goes to the ``job_history`` table with reason ``redo`` and the path of
+that file. ``batcher retry`` is the same mechanism for failed jobs (:meth:`JobStore.redo` and
+:meth:`JobStore.retry_failed` share it).
+
+Order of the steps, so a crash at any point loses nothing: the image is first *linked* under
+``history/`` (both names on one file), then the job table is changed in one transaction, then
+the name under ``images/`` is removed. A crash before the transaction leaves an extra name in
+``history/``; a crash after it leaves the old image at its path until the next run writes the
+new one over it, while the history name still holds the old one.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from jobs import EMULATOR_ENDPOINT, JobStore, Redo, State
+from jobs.fields import MAX_SEED, PROMPT_LIMIT, text_problem
+
+from .errors import ConfigError
+from .layout import RunLayout, RunLock
+from .metadata import MetadataWriter
+from .pricing import Money, price_per_image
+
+__all__ = ["RedoItem", "RedoOptions", "cmd_redo", "plan_redo", "redo"]
+
+# The currency a job was billed in says which region's prices apply to making it again.
+_REGION_OF_CURRENCY = {"USD": "intl", "CNY": "cn"}
+_SHOWN = 20  # jobs listed one by one before "... and N more"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RedoOptions:
+    """Which done jobs to make again, and how."""
+
+    ids: tuple[str, ...] = ()
+    rejected: bool = False
+    seed: int | None = None
+    new_seed: bool = False
+    prompt: str | None = None
+    dry_run: bool = False
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RedoItem:
+    """One job to redo: its record now, the seed and prompt it will be made with, and the
+    image file that will be kept."""
+
+    record: dict[str, Any]
+    seed: int
+    prompt: str
+    image: Path
+    cost: Money
+    kept: Path | None = field(default=None)  # where the image went, once kept
+
+    @property
+    def id(self) -> str:
+        return str(self.record["id"])
+
+
+def _cost(record: dict[str, Any]) -> Money:
+    region = _REGION_OF_CURRENCY.get(record.get("currency") or "", "intl")
+    try:
+        return price_per_image(record["model"], region, bool(record["prompt_extend"]))
+    except ValueError:  # a model with no known price: say nothing rather than guess
+        return Money.zero("USD" if region == "intl" else "CNY")
+
+
+def _check_options(opt: RedoOptions) -> None:
+    if not opt.ids and not opt.rejected:
+        raise ConfigError("say which jobs to redo: --rejected, or --id ID (repeatable)")
+    if opt.seed is not None and not 0 <= opt.seed <= MAX_SEED:
+        raise ConfigError(f"--seed must be within 0..{MAX_SEED}, got {opt.seed}")
+    if opt.prompt is not None:
+        if not opt.prompt.strip():
+            raise ConfigError("--prompt must not be empty")
+        problem = text_problem(opt.prompt)
+        if problem:
+            raise ConfigError(f"--prompt {problem}")
+        if len(opt.prompt) > PROMPT_LIMIT:
+            raise ConfigError(
+                f"--prompt has {len(opt.prompt)} characters; the service cuts prompts at "
+                f"{PROMPT_LIMIT}"
+            )
+
+
+def _new_seed(old: int) -> int:
+    while (seed := secrets.randbelow(MAX_SEED + 1)) == old:
+        pass
+    return seed
+
+
+async def plan_redo(store: JobStore, layout: RunLayout, opt: RedoOptions) -> list[RedoItem]:
+    """The jobs ``opt`` names, checked: each must be done with its image in place, else a
+    :class:`ConfigError` names the first that is not (one line)."""
+    _check_options(opt)
+    records: list[dict[str, Any]] = []
+    if opt.ids:
+        found = await store.records(ids=opt.ids)
+        known = {r["id"] for r in found}
+        for job_id in opt.ids:
+            if job_id not in known:
+                raise ConfigError(f"no job has the id {job_id!r} in {layout.root}")
+        records += found
+    if opt.rejected:
+        seen = {r["id"] for r in records}
+        records += [r for r in await store.records(review="rejected") if r["id"] not in seen]
+    items = []
+    for rec in records:
+        state = rec["state"]
+        if state == State.RUNNING.value:
+            raise ConfigError(
+                f"job {rec['id']!r} is running: a run is making it now; redo it once it is done"
+            )
+        if state != State.DONE.value:
+            hint = "; `batcher retry` puts failed jobs back" if state == State.FAILED.value else ""
+            raise ConfigError(f"job {rec['id']!r} is {state} and has no image to redo{hint}")
+        image = layout.image_path(rec["output"], create_parents=False)
+        if not image.is_file():
+            raise ConfigError(
+                f"job {rec['id']!r} is done but its image {layout.relative(rec['output'])} "
+                "is missing; nothing to keep (run `batcher run` to check the folder)"
+            )
+        if opt.seed is not None:
+            seed = opt.seed
+        elif opt.new_seed or opt.prompt is None:
+            seed = _new_seed(int(rec["seed"]))
+        else:  # a new prompt alone keeps the seed: one change at a time
+            seed = int(rec["seed"])
+        items.append(
+            RedoItem(
+                record=rec,
+                seed=seed,
+                prompt=opt.prompt if opt.prompt is not None else rec["prompt"],
+                image=image,
+                cost=_cost(rec),
+            )
+        )
+    return items
+
+
+def _sync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _keep(layout: RunLayout, item: RedoItem, stamp: str) -> Path:
+    """A new, unique name for ``item``'s image under ``history/``: a hard link (the same file
+    under two names), or a copy where the file system has no links. Never overwrites."""
+    folder = layout.history_folder(item.record["output"])
+    name = PurePosixPath(item.record["output"]).name
+    stem, suffix = os.path.splitext(name)
+    tag = (item.record.get("sha256") or "")[:8]
+    for n in range(1, 10_000):
+        extra = "" if n == 1 else f"-{n}"
+        dest = folder / f"{stem}.{stamp}{('.' + tag) if tag else ''}{extra}{suffix}"
+        try:
+            os.link(item.image, dest, follow_symlinks=False)
+            return dest
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EMLINK, errno.EXDEV):
+                raise
+        try:  # no hard links here: copy into a file that did not exist
+            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            continue
+        with os.fdopen(fd, "wb") as out, item.image.open("rb") as src:
+            shutil.copyfileobj(src, out)
+            out.flush()
+            os.fsync(out.fileno())
+        return dest
+    raise ConfigError(f"no free name for {name} under {folder}")
+
+
+async def redo(store: JobStore, layout: RunLayout, items: Sequence[RedoItem]) -> list[RedoItem]:
+    """Keep each item's image under ``history/``, put the jobs back to pending, then remove
+    the images from ``images/`` (see the module docstring for the order). Returns the items
+    with ``kept`` set. The caller holds the run folder's lock."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(store.clock()))
+    kept: list[RedoItem] = []
+    try:
+        for item in items:
+            dest = _keep(layout, item, stamp)
+            kept.append(_with_kept(item, dest))
+        for folder in {k.kept.parent for k in kept if k.kept is not None}:
+            _sync_dir(folder)
+        await store.redo(
+            [
+                Redo(
+                    id=k.id,
+                    seed=k.seed,
+                    prompt=k.prompt,
+                    file=k.kept.relative_to(layout.root).as_posix(),
+                )
+                for k in kept
+                if k.kept is not None
+            ]
+        )
+    except BaseException:
+        for k in kept:  # the table did not change: the extra names go
+            if k.kept is not None:
+                k.kept.unlink(missing_ok=True)
+        raise
+    for k in kept:
+        k.image.unlink(missing_ok=True)
+    for folder in {k.image.parent for k in kept}:
+        _sync_dir(folder)
+    return kept
+
+
+def _with_kept(item: RedoItem, dest: Path) -> RedoItem:
+    return RedoItem(
+        record=item.record,
+        seed=item.seed,
+        prompt=item.prompt,
+        image=item.image,
+        cost=item.cost,
+        kept=dest,
+    )
+
+
+def _costs(items: Sequence[RedoItem]) -> str:
+    """What making ``items`` again costs, per currency (never summed across currencies)."""
+    totals: dict[tuple[str, bool], Money] = {}
+    for item in items:
+        key = (item.cost.currency, item.record.get("endpoint") == EMULATOR_ENDPOINT)
+        totals[key] = totals.get(key, Money.zero(key[0])) + item.cost
+    parts = [
+        f"{m} (emulated, not billed)" if emulated else str(m)
+        for (_, emulated), m in sorted(totals.items())
+    ]
+    return " + ".join(parts) or "nothing"
+
+
+def _jobs(n: int) -> str:
+    return f"{n} job" if n == 1 else f"{n} jobs"
+
+
+async def cmd_redo(folder: Path, opt: RedoOptions) -> int:
+    """``batcher redo DIR ...``: print what will be redone and its cost, then do it (unless
+    ``dry_run``). Returns the exit code."""
+    layout = RunLayout(folder)
+    if not layout.db.is_file():
+        raise ConfigError(f"{folder} is not a batcher run folder (no batcher.db)")
+    _check_options(opt)
+    lock = None if opt.dry_run else RunLock(layout.lock)
+    if lock is not None:
+        lock.acquire()
+    try:
+        async with await JobStore.open(layout.db, create=False) as store:
+            items = await plan_redo(store, layout, opt)
+            if not items:
+                print(f"no rejected jobs in {layout.root}: nothing to redo")
+                return 0
+            for item in items[:_SHOWN]:
+                rec = item.record
+                change = f"seed {rec['seed']} -> {item.seed}" if item.seed != rec["seed"] else ""
+                if item.prompt != rec["prompt"]:
+                    change += ("; " if change else "") + "new prompt"
+                print(f"  {rec['id']}  {layout.relative(rec['output'])}  {change or 'same seed'}")
+            if len(items) > _SHOWN:
+                print(f"  ... and {len(items) - _SHOWN} more")
+            cost = _costs(items)
+            if opt.dry_run:
+                print(f"would redo {_jobs(len(items))} for about {cost} (dry run: nothing changed)")
+                return 0
+            done = await redo(store, layout, items)
+            # metadata.jsonl lists done images only: these are no longer done
+            await MetadataWriter(store, layout).refresh()
+        print(
+            f"{_jobs(len(done))} back to pending (about {cost} to make again); previous images "
+            f"kept under {layout.history}/; the next `batcher run` makes them"
+        )
+        return 0
+    finally:
+        if lock is not None:
+            lock.release()
