@@ -13,7 +13,9 @@ the main surface; these names are for programs that drive a run themselves::
 
 from __future__ import annotations
 
-from .client import REGIONS, DashScopeClient, ImageResult
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     ApiError,
     BatcherError,
@@ -25,8 +27,11 @@ from .errors import (
     TransportError,
 )
 from .layout import RunLayout
-from .pool import Runner, RunOptions, RunResult, StopReason
-from .pricing import Money, price_per_image
+
+if TYPE_CHECKING:
+    from .client import REGIONS, DashScopeClient, ImageResult
+    from .pool import Runner, RunOptions, RunResult, StopReason
+    from .pricing import Money, price_per_image
 
 __all__ = [
     "REGIONS",
@@ -51,3 +56,26 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+# The client and the pool (aiohttp) are imported on first use, so that commands which never
+# call the service (``batcher export``, ``status``) start without them.
+_LAZY = {
+    "REGIONS": "client",
+    "DashScopeClient": "client",
+    "ImageResult": "client",
+    "Runner": "pool",
+    "RunOptions": "pool",
+    "RunResult": "pool",
+    "StopReason": "pool",
+    "Money": "pricing",
+    "price_per_image": "pricing",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value

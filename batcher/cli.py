@@ -30,23 +30,10 @@ import anyio
 from jobs import JobStoreError, ManifestInvalid, StoreUnavailable
 from jobs.backends import is_database_url
 
-from .commands import (
-    PlanOptions,
-    RunCommand,
-    cmd_export,
-    cmd_plan,
-    cmd_retry,
-    cmd_run,
-    cmd_status,
-    parse_budget,
-)
+from .commands import cmd_export, cmd_plan, cmd_retry, cmd_run, cmd_status, parse_budget
 from .errors import BatcherError, ConfigError
 from .exitcodes import ExitCode
 from .export import ExportOptions, parse_shard_size
-from .gallery.server import cmd_review
-from .gallery.site import cmd_report
-from .pool import RunOptions, model_rates
-from .redo import RedoOptions, cmd_redo
 
 if TYPE_CHECKING:
     from _typeshed import SupportsWrite
@@ -295,6 +282,8 @@ def _database(args: argparse.Namespace) -> str | None:
 async def _dispatch(args: argparse.Namespace) -> int:
     database = _database(args) if hasattr(args, "db") else None
     if args.command == "plan":
+        from .planning import PlanOptions  # plan and run only: the pool, aiohttp
+
         return await cmd_plan(
             PlanOptions(
                 manifest=args.manifest,
@@ -308,6 +297,9 @@ async def _dispatch(args: argparse.Namespace) -> int:
             )
         )
     if args.command == "run":
+        from .pool import RunOptions, model_rates
+        from .session import RunCommand
+
         budget, budget_currency = parse_budget(args.budget)
         options = RunOptions(
             rps=args.rps or 2.0,
@@ -371,10 +363,16 @@ async def _dispatch(args: argparse.Namespace) -> int:
         )
         return 0 if not report.errors else 1
     if args.command == "report":
+        from .gallery.site import cmd_report
+
         return await cmd_report(args.folder, output=args.output)
     if args.command == "review":
+        from .gallery.server import cmd_review  # aiohttp's server: review only
+
         return await cmd_review(args.folder, host=args.host, port=args.port)
     if args.command == "redo":
+        from .redo import RedoOptions, cmd_redo
+
         return await cmd_redo(
             args.folder,
             RedoOptions(

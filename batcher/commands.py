@@ -15,25 +15,26 @@ import os
 import sys
 from decimal import Decimal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from jobs import JobStore
 
 from .errors import ConfigError
 from .exitcodes import ExitCode, exit_code_for
 from .export import ExportOptions, check_output, run_export
-from .folder import is_rehearsal_folder, resolve_target
-from .importing import import_manifest
 from .layout import RunLayout, RunLock
-from .planning import PlanOptions, make_plan
-from .pool import StopReason
 from .pricing import currency_of
-from .session import RunCommand, RunOutcome, execute_run
 from .summary import achieved_rate, run_json, status_json, status_text, summary_lines
 from .wording import plural
 
+if TYPE_CHECKING:
+    from .planning import PlanOptions
+    from .session import RunCommand, RunOutcome
+
+# plan and run import what they need (the importer, the pool, aiohttp) when called, so
+# that export, status and retry start without them.
+
 __all__ = [
-    "PlanOptions",
-    "RunCommand",
     "cmd_export",
     "cmd_plan",
     "cmd_retry",
@@ -87,6 +88,10 @@ def _need_writable(layout: RunLayout) -> None:
 
 async def cmd_plan(opt: PlanOptions) -> ExitCode:
     """Validate and import; no API call. Prints what a run would do."""
+    from .folder import is_rehearsal_folder, resolve_target
+    from .importing import import_manifest
+    from .planning import make_plan
+
     target = await resolve_target(opt.manifest, opt.out, emulate=opt.emulate, database=opt.database)
     _need_writable(target.layout)
     async with await JobStore.open(target.layout.store) as store:
@@ -149,6 +154,8 @@ async def cmd_retry(folder: Path, *, code: str | None, database: str | None = No
 
 async def cmd_run(cmd: RunCommand) -> ExitCode:
     """Generate every job of the manifest that is due; print the summary."""
+    from .session import execute_run
+
     outcome = await execute_run(cmd)
     code = exit_code_for(outcome.result, outcome.stats)
     _report(cmd, outcome, code)
@@ -156,6 +163,8 @@ async def cmd_run(cmd: RunCommand) -> ExitCode:
 
 
 def _report(cmd: RunCommand, outcome: RunOutcome, code: ExitCode) -> None:
+    from .pool import StopReason
+
     result, stats, layout = outcome.result, outcome.stats, outcome.layout
     lines = summary_lines(
         stats=stats,

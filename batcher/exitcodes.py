@@ -15,11 +15,13 @@
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
 from jobs import State, Stats
 from jobs.states import ACTIVE
 
-from .pool import RunResult, StopReason
+if TYPE_CHECKING:  # the pool (and aiohttp) only when a run's exit code is asked for
+    from .pool import RunResult
 
 __all__ = ["ExitCode", "exit_code_for"]
 
@@ -42,6 +44,8 @@ def exit_code_for(result: RunResult, stats: Stats) -> ExitCode:
     A stop the user asked for (``--limit``, ``--budget``) with jobs left outranks failures;
     failures outrank jobs merely left waiting.
     """
+    from .pool import StopReason
+
     left = sum(stats.count(state) for state in ACTIVE)
     if result.reason in (StopReason.ABORTED, StopReason.UNREACHABLE):
         return ExitCode.ABORTED

@@ -13,11 +13,11 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Protocol, TextIO
+from typing import TYPE_CHECKING, Protocol, TextIO
 
-from rich.console import Console
-from rich.live import Live
-from rich.table import Table
+if TYPE_CHECKING:  # rich is imported by the live view alone (format_duration is not)
+    from rich.console import Console
+    from rich.table import Table
 
 __all__ = [
     "PlainProgress",
@@ -152,11 +152,16 @@ class RichProgress:
     """A live panel on a terminal."""
 
     def __init__(self, console: Console | None = None) -> None:
+        from rich.console import Console
+        from rich.live import Live
+
         self._console = console or Console(stderr=True)
         self._live = Live(console=self._console, refresh_per_second=4, transient=False)
         self._live.start()
 
     def _render(self, s: Snapshot) -> Table:
+        from rich.table import Table
+
         table = Table.grid(padding=(0, 2))
         table.add_column(justify="right", style="bold")
         table.add_column()

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import io
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jobs import State, Stats
 from jobs.states import ACTIVE
 
 from .layout import RunLayout
-from .pool import RunCounters, RunResult
 from .pricing import Money
 from .progress import format_duration
 from .wording import plural
+
+if TYPE_CHECKING:
+    from .pool import RunCounters, RunResult
 
 __all__ = [
     "achieved_rate",

@@ -9,6 +9,7 @@ the rest under ``test/``, with two manifest variables (``label``, an integer, an
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -23,9 +24,10 @@ import anyio
 from batcher.layout import RunLayout
 from jobs import Generated, JobStore, StoredFile
 
-__all__ = ["fabricate", "small_png"]
+__all__ = ["emulator_png", "fabricate", "small_png"]
 
 CHUNK = 2000
+EMULATOR_VARIANTS = 256
 
 
 def small_png(n: int, side: int = 16, *, noise: bool = False) -> bytes:
@@ -52,6 +54,25 @@ def small_png(n: int, side: int = 16, *, noise: bool = False) -> bytes:
     return buf.getvalue()
 
 
+@functools.lru_cache(maxsize=EMULATOR_VARIANTS)
+def _emulator_variant(variant: int, side: int) -> bytes:
+    from batcher.emulator.images import render_png
+
+    prompt = _prompt(variant * 7 + 1)
+    return render_png(prompt=prompt, seed=variant, width=side, height=side)
+
+
+def emulator_png(n: int, side: int = 1328) -> bytes:
+    """The emulator's own PNG for a job like ``n`` (its prompt wrapped on a colour, about
+    11 kB at 1328 x 1328): :data:`EMULATOR_VARIANTS` different images drawn once each and
+    reused, as drawing 20,000 would take minutes; every file is still written separately."""
+    return _emulator_variant(n % EMULATOR_VARIANTS, side)
+
+
+def _prompt(i: int) -> str:
+    return f"a small test picture number {i}" if i % 4 else f"第 {i} 张测试图片"
+
+
 def _rows(n: int, side: int) -> list[tuple[object, ...]]:
     rows = []
     for i in range(n):
@@ -59,7 +80,7 @@ def _rows(n: int, side: int) -> list[tuple[object, ...]]:
         job_id = f"img-{i:07d}"
         output = f"{split}/{job_id}.png"
         variables = json.dumps({"label": i % 10, "style": "photo" if i % 3 else "sketch"})
-        prompt = f"a small test picture number {i}" if i % 4 else f"第 {i} 张测试图片"
+        prompt = _prompt(i)
         size = f"{side}*{side}"
         rows.append(
             (
@@ -80,9 +101,12 @@ def _rows(n: int, side: int) -> list[tuple[object, ...]]:
     return rows
 
 
-async def fabricate(root: Path, n: int, *, side: int = 16, noise: bool = False) -> RunLayout:
+async def fabricate(
+    root: Path, n: int, *, side: int = 16, noise: bool = False, emulator: bool = False
+) -> RunLayout:
     """Make ``root`` a run folder of ``n`` done jobs with their images (``side`` pixels
-    square, random pixels with ``noise``); returns its layout."""
+    square: random pixels with ``noise``, the emulator's drawing with ``emulator``); returns
+    its layout."""
     layout = RunLayout(root)
     layout.images.mkdir(parents=True, exist_ok=True)
     for split in ("train", "test"):
@@ -112,7 +136,10 @@ async def fabricate(root: Path, n: int, *, side: int = 16, noise: bool = False) 
             files = []
             for claim in claims:
                 number = int(claim.id.split("-")[1])
-                data = small_png(number, side, noise=noise)
+                if emulator:
+                    data = emulator_png(number, side)
+                else:
+                    data = small_png(number, side, noise=noise)
                 split = "train" if number % 2 == 0 else "test"
                 (layout.images / split / f"{claim.id}.png").write_bytes(data)
                 stored = StoredFile(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))

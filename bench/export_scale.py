@@ -1,27 +1,42 @@
 """Benchmark: ``batcher export`` of a big run folder, in flat memory and near ``tar``'s speed.
 
 The run folders are made by :mod:`bench.dataset_fixture` (jobs moved to ``done`` through the
-job store, one small real PNG each, half under ``train/`` and half under ``test/``, two
-manifest variables), not by generating 100,000 images.
+job store, one real PNG each, half under ``train/`` and half under ``test/``, two manifest
+variables), not by generating the images through the service.
 
 - Memory: peak RSS (``ru_maxrss`` of the export process alone, from ``wait4``) of
   ``batcher export DIR --format parquet`` and ``--format webdataset`` over 100,000 images.
   Goal: under 300 MB each.
-- Speed: ``batcher export DIR --format webdataset -o OUT`` over 20,000 images against
-  ``tar cf OUT.tar -C DIR/images .`` over the same files, the best of three runs each with the
-  files in the page cache, wall time of the whole command (batcher's start-up included).
-  Goal: batcher at >= 0.8x tar's speed (tar's time / batcher's time). The rate of the export
-  alone (images per second once started) is printed beside it, and the same ratio over 1,000
-  photograph-sized images (512*512 random pixels, about 790 kB each), where reading the bytes
-  rather than the count of files decides.
+- Speed: ``batcher export DIR --format webdataset -o OUT`` against
+  ``tar cf OUT.tar -C DIR/images .`` over the same files, wall time of the whole command
+  (batcher's start-up included). Both are run once first (the files in the page cache for
+  both), then in alternating order, best of N each, after a ``sync`` (so neither pays for
+  writing back what the one before left dirty; batcher's one fsync per shard is counted).
+  Goal: batcher at >= 0.8x tar's speed (tar's time / batcher's time) over 20,000 images,
+  judged on realistic images. Three sizes:
 
-``--quick`` uses 5,000 and 20,000 images.
+  * 20,000 tiny images (16 x 16, about 1 kB): the per-file cost alone;
+  * 20,000 of the emulator's images (its own drawing at 1328 x 1328, about 10 kB, as a
+    rehearsal run writes them);
+  * 2,000 photograph-like images (400 x 400 random pixels stored uncompressed, about 480 kB:
+    a photo's PNG does not deflate), where reading and writing the bytes decides.
+
+  The start-up alone (an export of no job) is measured beside them, and the rate of the
+  export once started.
+
+Batcher's and the repository's bytecode is compiled first (as an installed package has it), so
+a ``PYTHONDONTWRITEBYTECODE`` environment does not charge compiling to every start.
+
+``--quick`` uses 5,000 images (500 photographs) and 20,000 for memory, best of 3 (else 5).
 """
 
 from __future__ import annotations
 
+import compileall
 import functools
+import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,19 +48,50 @@ from .report import Goal, Result, bench_main, fmt, table
 
 MEMORY_GOAL_MB = 300.0
 SPEED_GOAL = 0.8
-PHOTOS = 1_000  # photograph-sized images for the second speed figure
+ROOT = Path(__file__).resolve().parent.parent
 
 
-def _fixture(n: int, *, side: int = 16) -> Path:
-    """A run folder of ``n`` done images, made once and kept in bench/_work (``side`` over 16:
-    photograph-sized PNGs of random pixels)."""
-    name = f"export_fixture_{n}" if side == 16 else f"export_fixture_{n}_{side}px"
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Case:
+    """One image size of the speed comparison."""
+
+    label: str
+    count: int
+    side: int
+    kind: str  # "flat" (tiny), "emulator", "noise" (photograph-like)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Speed:
+    case: Case
+    tar: float
+    export: float
+    tar_cpu: float
+    export_cpu: float
+    megabytes: float
+
+    @property
+    def ratio(self) -> float:
+        return self.tar / self.export
+
+
+def _fixture(n: int, *, side: int = 16, kind: str = "flat") -> Path:
+    """A run folder of ``n`` done images, made once and kept in bench/_work."""
+    name = f"export_fixture_{n}" if kind == "flat" else f"export_fixture_{n}_{kind}_{side}px"
     root = work_dir(name, fresh=False)
     marker = root / "complete"
     if not marker.is_file():
         shutil.rmtree(root)
         root.mkdir(parents=True)
-        anyio.run(functools.partial(fabricate, root / "run", n, side=side, noise=side > 16))
+        make = functools.partial(
+            fabricate,
+            root / "run",
+            n,
+            side=side,
+            noise=kind == "noise",
+            emulator=kind == "emulator",
+        )
+        anyio.run(make)
         marker.write_text(str(n))
     return root / "run"
 
@@ -69,8 +115,45 @@ def _startup(run: Path, logs: Path) -> Measured:
     return run_measured(command, cwd=run.parent, timeout=300, logs=logs).check()
 
 
+def _speed(case: Case, work: Path, repeats: int, commands: list[str]) -> Speed:
+    """tar and the export over ``case``'s folder: one warm-up each, then ``repeats`` rounds in
+    alternating order; the best wall time of each (and the CPU of that run)."""
+    run = _fixture(case.count, side=case.side, kind=case.kind)
+    tar_out, wds_out = work / f"{case.kind}.tar", work / f"wds-{case.kind}"
+    _tar(run, tar_out, work / f"tar-{case.kind}-warm")
+    _export(run, wds_out, "webdataset", work / f"wds-{case.kind}-warm")
+    best: dict[str, Measured] = {}
+    for i in range(repeats):
+        order = ("tar", "export") if i % 2 == 0 else ("export", "tar")
+        for what in order:
+            logs = work / f"{what}-{case.kind}-{i}"
+            os.sync()  # no dirty pages of the previous command written back during this one
+            m = (
+                _tar(run, tar_out, logs)
+                if what == "tar"
+                else _export(run, wds_out, "webdataset", logs)
+            )
+            if what not in best or m.wall < best[what].wall:
+                best[what] = m
+    commands += [shown(best["tar"].command), shown(best["export"].command)]
+    megabytes = sum(p.stat().st_size for p in (run / "images").rglob("*.png")) / 1e6
+    tar_out.unlink(missing_ok=True)
+    shutil.rmtree(wds_out, ignore_errors=True)
+    return Speed(
+        case=case,
+        tar=best["tar"].wall,
+        export=best["export"].wall,
+        tar_cpu=best["tar"].cpu,
+        export_cpu=best["export"].cpu,
+        megabytes=megabytes,
+    )
+
+
 def body(quick: bool, args: Any) -> Result:
-    speed_n, memory_n = (5_000, 20_000) if quick else (20_000, 100_000)
+    speed_n, memory_n, photos_n = (5_000, 20_000, 500) if quick else (20_000, 100_000, 2_000)
+    repeats = 3 if quick else 5
+    for package in ("batcher", "jobs"):
+        compileall.compile_dir(ROOT / package, quiet=1)
     work = work_dir("export_scale")
     rows: list[list[Any]] = []
     commands: list[str] = []
@@ -81,78 +164,84 @@ def body(quick: bool, args: Any) -> Result:
         m = _export(big, work / f"mem-{kind}", kind, work / f"mem-{kind}")
         peaks[kind] = m.maxrss_mb
         commands.append(shown(m.command))
-        rows.append([f"export {memory_n:,} images, {kind}", fmt(m.wall), fmt(m.maxrss_mb, 0)])
+        rows.append([f"export {memory_n:,} images, {kind}", fmt(m.wall), "-", fmt(m.maxrss_mb, 0)])
+    shutil.rmtree(work / "mem-parquet", ignore_errors=True)
+    shutil.rmtree(work / "mem-webdataset", ignore_errors=True)
 
+    cases = [
+        Case(label="tiny (16 x 16)", count=speed_n, side=16, kind="flat"),
+        Case(label="emulator's (1328 x 1328)", count=speed_n, side=1328, kind="emulator"),
+        Case(label="photograph-like (400 x 400 noise)", count=photos_n, side=400, kind="noise"),
+    ]
+    speeds = [_speed(case, work, repeats, commands) for case in cases]
     small = _fixture(speed_n)
-    tar_best = export_best = float("inf")
-    for i in range(3):
-        t = _tar(small, work / "all.tar", work / f"tar-{i}")
-        e = _export(small, work / "wds", "webdataset", work / f"wds-{i}")
-        tar_best, export_best = min(tar_best, t.wall), min(export_best, e.wall)
-        if i == 0:
-            commands += [shown(t.command), shown(e.command)]
-    start = min(_startup(small, work / f"start-{i}").wall for i in range(3))
-    # The same with photograph-sized images (512*512 random pixels, about 790 kB each).
-    photos = _fixture(PHOTOS, side=512)
-    tar_photos = export_photos = float("inf")
-    for i in range(3):
-        t = _tar(photos, work / "photos.tar", work / f"tar-photos-{i}")
-        e = _export(photos, work / "wds-photos", "webdataset", work / f"wds-photos-{i}")
-        tar_photos, export_photos = min(tar_photos, t.wall), min(export_photos, e.wall)
-    (work / "photos.tar").unlink(missing_ok=True)
-    shutil.rmtree(work / "wds-photos", ignore_errors=True)
-    photo_ratio = tar_photos / export_photos
-    ratio = tar_best / export_best
-    rate = speed_n / max(export_best - start, 1e-9)
-    rows.append([f"tar cf over {speed_n:,} images", fmt(tar_best, 3), "-"])
-    rows.append([f"export {speed_n:,} images, webdataset", fmt(export_best, 3), "-"])
-    rows.append(["batcher export start-up alone", fmt(start, 3), "-"])
-    rows.append([f"tar cf over {PHOTOS:,} 512*512 photos", fmt(tar_photos, 3), "-"])
-    rows.append([f"export {PHOTOS:,} 512*512 photos, webdataset", fmt(export_photos, 3), "-"])
+    start = min(_startup(small, work / f"start-{i}").wall for i in range(repeats))
+    for sp in speeds:
+        each = sp.megabytes / sp.case.count * 1000
+        what = f"{sp.case.count:,} {sp.case.label} images, {each:,.1f} kB each"
+        rows.append([f"tar cf over {what}", fmt(sp.tar, 3), fmt(sp.tar_cpu, 3), "-"])
+        rows.append([f"export webdataset of {what}", fmt(sp.export, 3), fmt(sp.export_cpu, 3), "-"])
+    rows.append(["batcher export start-up alone (no job)", fmt(start, 3), "-", "-"])
+
+    def said(sp: Speed) -> str:
+        rate = sp.case.count / max(sp.export - start, 1e-9)
+        return (
+            f"{sp.case.label}, {sp.case.count:,} x {sp.megabytes / sp.case.count * 1000:,.1f} kB: "
+            f"{sp.ratio:.2f}x (tar {sp.tar:.3f} s, batcher {sp.export:.3f} s, "
+            f"{rate:,.0f} images/s after start-up)"
+        )
 
     worst = max(peaks.values())
+    realistic = speeds[1:]
     goals = [
         Goal(
             text=f"peak RSS exporting {memory_n:,} images < {MEMORY_GOAL_MB:.0f} MB",
             met=worst < MEMORY_GOAL_MB,
             measured=", ".join(f"{k} {v:.0f} MB" for k, v in peaks.items()),
         ),
+    ]
+    goals += [
         Goal(
-            text=f"WebDataset export of {speed_n:,} images >= {SPEED_GOAL}x tar's speed",
-            met=ratio >= SPEED_GOAL,
-            measured=(
-                f"{ratio:.2f}x: tar {tar_best:.3f} s, batcher {export_best:.3f} s "
-                f"({start:.3f} s of it start-up; {rate:,.0f} images/s once started, "
-                f"{speed_n / tar_best:,.0f} files/s for tar); with {PHOTOS:,} "
-                f"photograph-sized images {photo_ratio:.2f}x"
-            ),
-        ),
+            text=f"WebDataset export >= {SPEED_GOAL}x tar's speed, {sp.case.label} images",
+            met=sp.ratio >= SPEED_GOAL,
+            measured=said(sp),
+        )
+        for sp in speeds
     ]
     print(f"memory: peak RSS {worst:.0f} MB against a goal of {MEMORY_GOAL_MB:.0f} MB")
-    print(f"speed: batcher / tar = {ratio:.2f} (goal {SPEED_GOAL})")
-    print(f"speed with {PHOTOS:,} photograph-sized images: batcher / tar = {photo_ratio:.2f}")
+    for sp in speeds:
+        print(f"speed: {said(sp)} (goal {SPEED_GOAL})")
+    print(f"start-up alone: {start:.3f} s")
     return Result(
         name="export_scale",
         title="Export: flat memory at 100,000 images, WebDataset speed against tar",
         quick=quick,
-        sizes=f"{memory_n:,} images for memory, {speed_n:,} for speed",
-        table=table(["what", "wall s", "peak RSS MB"], rows),
+        sizes=(
+            f"{memory_n:,} images for memory; {speed_n:,} tiny, {speed_n:,} emulator's and "
+            f"{photos_n:,} photograph-like for speed, best of {repeats}"
+        ),
+        table=table(["what", "wall s", "CPU s", "peak RSS MB"], rows),
         goals=goals,
         notes=[
-            "tar spends a few microseconds of C per file; batcher reads each job's row from "
-            "SQLite, builds its JSON record and writes three members (png, json, txt) per "
-            f"image in Python: about {1e6 / rate:.0f} us per image here, besides "
-            f"{start:.2f} s of interpreter start-up and imports (aiohttp, SQLAlchemy). With "
-            "images of a few kB the ratio measures that per-file overhead; with the service's "
-            "real images (hundreds of kB to MBs each) both are bound by reading the bytes.",
+            "tar spends a few microseconds of C per file; batcher also starts Python and "
+            f"SQLAlchemy ({start:.2f} s for an export of nothing), reads each job's row from "
+            "the job table, builds its JSON record and writes three members (png, json, txt) "
+            "per image. With tiny images the ratio measures that fixed and per-file cost; the "
+            "goal is judged on the realistic sizes ("
+            + ", ".join(f"{sp.ratio:.2f}x" for sp in realistic)
+            + ").",
         ],
         commands=commands,
         figures={
-            "photo_speed_ratio": photo_ratio,
             "peaks_mb": peaks,
-            "speed_ratio": ratio,
-            "tar_s": tar_best,
-            "export_s": export_best,
+            "startup_s": start,
+            "speed_ratio": speeds[0].ratio,
+            "emulator_speed_ratio": speeds[1].ratio,
+            "photo_speed_ratio": speeds[2].ratio,
+            "speeds": {
+                sp.case.kind: {"tar_s": sp.tar, "export_s": sp.export, "ratio": sp.ratio}
+                for sp in speeds
+            },
         },
     )
 

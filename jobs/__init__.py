@@ -5,6 +5,8 @@ Knows nothing about HTTP or images. ``batcher`` builds on it.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     IllegalTransition,
     JobStoreError,
@@ -15,7 +17,6 @@ from .errors import (
     StoreUnavailable,
     UnknownJob,
 )
-from .manifest import Manifest, open_manifest
 from .params import ModelRules
 from .spec import JobSpec
 from .states import TERMINAL, TRANSITIONS, State, check_transition
@@ -32,6 +33,9 @@ from .store import (
     Stats,
     StoredFile,
 )
+
+if TYPE_CHECKING:
+    from .manifest import Manifest, open_manifest
 
 __all__ = [
     "EMULATOR_ENDPOINT",
@@ -62,3 +66,13 @@ __all__ = [
     "check_transition",
     "open_manifest",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """The manifest readers (YAML, CSV, JSONL), imported on first use: commands that only read
+    the job table (``batcher export``, ``status``) start without them."""
+    if name in ("Manifest", "open_manifest"):
+        from . import manifest
+
+        return getattr(manifest, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

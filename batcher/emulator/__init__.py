@@ -25,7 +25,21 @@ Example::
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from batcher.emulator.config import EmulatorConfig, FaultKind
-from batcher.emulator.server import Emulator, EmulatorThread, running_emulator
+
+if TYPE_CHECKING:
+    from batcher.emulator.server import Emulator, EmulatorThread, running_emulator
 
 __all__ = ["Emulator", "EmulatorConfig", "EmulatorThread", "FaultKind", "running_emulator"]
+
+
+def __getattr__(name: str) -> Any:
+    """The server's names, imported on first use: ``batcher emulate``'s options are read
+    without loading aiohttp's server."""
+    if name in ("Emulator", "EmulatorThread", "running_emulator"):
+        from batcher.emulator import server
+
+        return getattr(server, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

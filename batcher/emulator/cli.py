@@ -17,7 +17,6 @@ import signal
 import sys
 
 from batcher.emulator.config import EmulatorConfig
-from batcher.emulator.server import running_emulator
 from batcher.wording import plural
 
 __all__ = ["config_from_args", "configure_parser", "run"]
@@ -148,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _serve(config: EmulatorConfig) -> int:
+    from batcher.emulator.server import running_emulator  # aiohttp: only to serve
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

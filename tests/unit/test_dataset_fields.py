@@ -133,3 +133,32 @@ def test_tar_headers_are_the_ones_tarfile_writes(name, size):
     info = tarfile.TarInfo(name)
     info.size, info.mode = size, 0o644
     assert tar_header(name, size) == info.tobuf(tarfile.PAX_FORMAT, "utf-8", "strict")
+
+
+def test_iso_utc_is_the_datetime_text() -> None:
+    """The cached form writes what ``datetime.isoformat`` writes, at the edges of rounding."""
+    from datetime import UTC, datetime
+    from random import Random
+
+    rng = Random(7)
+    stamps: list[float] = [0, 0.0005, 0.9995, 1.9999995, 1_795_942_375.6777, 2**31 - 0.5]
+    for _ in range(5000):
+        whole = rng.randrange(0, 4_000_000_000)
+        stamps += [whole, whole + rng.random(), whole + rng.choice([0.0005, 0.9999995, 0.4995])]
+    for stamp in stamps:
+        moment = datetime.fromtimestamp(stamp, UTC).isoformat(timespec="milliseconds")
+        assert iso_utc(stamp) == moment.replace("+00:00", "Z"), stamp
+
+
+def test_read_file_reads_whole_files(tmp_path: Path) -> None:
+    """Whatever size the job table recorded (none, too small, too large), the file's bytes."""
+    from batcher.shardexport import read_file
+
+    for size in (0, 1, 511, 4096, 3 << 20):
+        path = tmp_path / f"f{size}"
+        data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+        path.write_bytes(data)
+        for recorded in (None, 0, size, max(size - 7, 0), size + 1000):
+            assert read_file(str(path), recorded) == data
+    with pytest.raises(FileNotFoundError):
+        read_file(str(tmp_path / "missing"), 10)
