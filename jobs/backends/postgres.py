@@ -68,11 +68,11 @@ _TAKE_EXPIRED = text(
     "UPDATE jobs SET claim_token = :token, lease_expires_at = :lease, worker = :worker, "
     "ambiguous = jobs.ambiguous + CASE WHEN jobs.task_id = '' THEN 1 ELSE 0 END, "
     "task_id = CASE WHEN jobs.task_id = '' THEN NULL ELSE jobs.task_id END "
-    f"FROM (SELECT id FROM jobs WHERE state = '{State.RUNNING.value}' "
+    f"FROM (SELECT id, lease_expires_at AS ran_out FROM jobs WHERE state = '{State.RUNNING.value}' "
     "AND lease_expires_at < :now "
     f"AND {_ACTIVE} ORDER BY lease_expires_at, seq LIMIT :limit FOR UPDATE SKIP LOCKED) "
-    f"AS picked WHERE jobs.id = picked.id RETURNING {_RETURNING}, jobs.lease_expires_at, "
-    "jobs.seq"
+    # ordered by when the old lease ran out: RETURNING gives the new lease, the same for all
+    f"AS picked WHERE jobs.id = picked.id RETURNING {_RETURNING}, picked.ran_out, jobs.seq"
 )
 _TAKE_PENDING = text(
     f"UPDATE jobs SET state = '{State.RUNNING.value}', claim_token = :token, "

@@ -222,6 +222,20 @@ async def test_a_shared_table_takes_over_a_running_job_only_once_its_lease_expir
     await store.record_generated("a", again[0].token, generated(), lease_seconds=LEASE)
 
 
+async def test_a_shared_table_takes_over_expired_jobs_in_the_order_their_leases_ran_out(
+    store: JobStore, clock: FakeClock
+) -> None:
+    if not store.shared:
+        pytest.skip("SQLite reclaims a dead run's jobs at the start of the next run")
+    [a] = await store.claim(limit=1, lease_seconds=20)  # runs out last
+    clock.advance(1)
+    [b] = await store.claim(limit=1, lease_seconds=5)  # runs out first
+    clock.advance(60)
+    again = await store.claim(limit=2, lease_seconds=LEASE)
+    # ordered by the old leases, not by the new one they now share
+    assert [c.id for c in again] == [b.id, a.id]
+
+
 # ------------------------------------------------------------------ heartbeat, reclaim
 
 
