@@ -1,8 +1,9 @@
-"""batcher's built-in DashScope emulator: a faithful local ``z-image-turbo`` server.
+"""batcher's built-in DashScope emulator: a faithful local text-to-image server.
 
-It serves the synchronous generation API of the contract (``/work/shared/dashscope-api.md``,
-sections 1 to 4 and 8) on loopback, with seeded fault injection, a per-key rate quota, signed
-image URLs and ``GET /_emulator/stats``. Modules:
+It serves the API as the README's "Models" section describes it, on loopback: the
+synchronous generation call of every model in the registry, the asynchronous task API (create,
+poll, cancel), the error envelope, seeded fault injection, per-key and per-model quotas, signed
+expiring image URLs and ``GET /_emulator/stats``. Modules:
 
     config    EmulatorConfig and the --latency / --faults specs (pure)
     codes     the documented error codes and the error envelope (pure)
