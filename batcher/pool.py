@@ -570,16 +570,22 @@ class Runner:
             return False  # a run-level stop: give the job back untouched
         return await self._download(generated, fresh=True)
 
+    def _note_call(self, model: str) -> float:
+        """Count a call that goes out now (its model's pacer, the counters, the span of the
+        achieved rate); returns its send time on the event loop's clock."""
+        sent = anyio.current_time()
+        self.pacer_for(model).control.sent(at=sent)
+        self.counters.calls += 1
+        now = time.time()
+        self.first_call_at = self.first_call_at or now
+        self.last_call_at = now
+        return sent
+
     async def _call_and_record(self, claim: Claim) -> Claim | None:
         """Call the API and write the outcome. Returns the generated claim, None when the
         outcome was recorded (retry or failure), or ``claim`` itself when it must be released."""
         try:
-            sent = anyio.current_time()
-            self.pacer_for(claim.model).control.sent(at=sent)
-            self.counters.calls += 1
-            now = time.time()
-            self.first_call_at = self.first_call_at or now
-            self.last_call_at = now
+            sent = self._note_call(claim.model)
             try:
                 result = await self.client.generate(
                     model=claim.model,
@@ -920,12 +926,7 @@ class Runner:
         try:
             with anyio.CancelScope(shield=True):
                 await self.store.mark_creating(claim.id, claim.token)
-            sent = anyio.current_time()
-            self.pacer_for(claim.model).control.sent(at=sent)
-            self.counters.calls += 1
-            now = time.time()
-            self.first_call_at = self.first_call_at or now
-            self.last_call_at = now
+            sent = self._note_call(claim.model)
             try:
                 created = await self.client.create_task(
                     model=claim.model,
