@@ -11,6 +11,7 @@ session, watch Ctrl-C / SIGTERM, show progress, run, and at the end, whatever ha
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -61,7 +62,7 @@ class RunCommand:
     emulate: bool = False
     emulate_latency: str = "lognormal:2000:0.4"
     emulate_faults: str = ""
-    emulate_rps: float = 2.0
+    emulate_rps: float | None = None  # None: the emulator's own per-model quotas
     replace: bool = False
     progress: bool = True
     as_json: bool = False
@@ -288,9 +289,9 @@ async def _api_endpoint(cmd: RunCommand) -> AsyncIterator[tuple[str, str]]:
     if cmd.emulate:
         from .emulator import EmulatorConfig, running_emulator
 
-        config = EmulatorConfig(
-            latency=cmd.emulate_latency, faults=cmd.emulate_faults, rps=cmd.emulate_rps
-        )
+        config = EmulatorConfig(latency=cmd.emulate_latency, faults=cmd.emulate_faults)
+        if cmd.emulate_rps is not None:  # --rps R with --emulate rehearses an R/s quota
+            config = dataclasses.replace(config, rps=cmd.emulate_rps)
         async with running_emulator(config) as emu:
             yield emu.base_url, EMULATOR_KEY
         return
