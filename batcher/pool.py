@@ -40,12 +40,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from enum import StrEnum
+from urllib.parse import urlsplit
 
 import aiohttp
 import anyio
 from anyio.abc import TaskGroup
 
-from jobs import Claim, Generated, JobStore, LeaseLost, State, StoredFile
+from jobs import EMULATOR_ENDPOINT, Claim, Generated, JobStore, LeaseLost, State, StoredFile
 from jobs.params import load_params
 
 from .backoff import next_delay, parse_retry_after
@@ -846,6 +847,10 @@ class Runner:
             # Only for URLs from an earlier run: a fresh one is tried whatever our clock says
             # (a skewed clock must not throw paid images away); storage has the last word.
             return await self._regenerate(claim, "URLExpired", "the image URL expired")
+        if not fresh and self._from_a_gone_emulator(claim.image_url):
+            return await self._regenerate(
+                claim, "URLExpired", "the image URL came from an emulator that has stopped"
+            )
         try:
             item = await download_image(
                 self.session,
@@ -883,6 +888,13 @@ class Runner:
                 return False
         self.counters.done += 1
         return True
+
+    def _from_a_gone_emulator(self, url: str) -> bool:
+        """Whether ``url`` was issued by an earlier rehearsal's emulator: each rehearsal starts
+        its own on a new port, so such a URL can never be downloaded (emulated, not paid)."""
+        if self.endpoint != EMULATOR_ENDPOINT:
+            return False
+        return urlsplit(url)[:2] != urlsplit(self.client.base_url)[:2]
 
     async def _regenerate(self, claim: Claim, code: str, message: str) -> bool:
         """The image URL is dead: generate again (paid again), at most ``max_attempts`` times.
