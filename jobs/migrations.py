@@ -99,6 +99,11 @@ STEPS: dict[int, Step] = {
             ),
         ),
     ),
+    5: (
+        # a job of n > 1 images: what it did not get (its images are rows of job_images,
+        # a new table made with the others on open)
+        "ALTER TABLE jobs ADD COLUMN shortfall TEXT",
+    ),
 }
 
 

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any, Self, TypeVar
 
 import anyio
-from sqlalchemy import and_, case, func, inspect, literal_column, or_, select, text, update
+from sqlalchemy import and_, case, delete, func, inspect, literal_column, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from . import migrations, schema
@@ -65,8 +65,16 @@ from .errors import (
     UnknownJob,
 )
 from .group import GroupCommit
-from .merge import MOVE, MOVED, RESULT_RESET, ImportReport, merge_staging
-from .schema import EMULATOR_ENDPOINT, history, jobs, meta
+from .merge import (
+    MOVE,
+    MOVED,
+    RESULT_RESET,
+    ImportReport,
+    attach_images,
+    drop_images,
+    merge_staging,
+)
+from .schema import EMULATOR_ENDPOINT, history, images, jobs, meta
 from .spec import JobRow, JobSpec
 from .states import LEASED, State, check_transition, sources_of
 
@@ -76,6 +84,7 @@ __all__ = [
     "Claim",
     "Generated",
     "ImportReport",
+    "JobImage",
     "JobStore",
     "Moved",
     "Redo",
@@ -107,7 +116,8 @@ _SET_META = text(
 )
 _DONE_NAMES = (
     "id", "state", "output", "prompt", "seed", "size", "width", "height", "prompt_extend",
-    "actual_prompt", "request_id", "sha256", "vars", "generated_at",
+    "actual_prompt", "request_id", "sha256", "vars", "generated_at", "model", "n", "params",
+    "review",
 )  # fmt: skip
 _DONE_COLUMNS = ", ".join(_DONE_NAMES)
 # The summary of every job's variables (JobStore.variables) is kept in meta until an import
@@ -146,8 +156,28 @@ class Claim:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class JobImage:
+    """One image of a job of several (``n > 1``): its place in the service's answer
+    (``index``, 1..n, which names its file: :func:`jobs.naming.image_output`), where to fetch
+    it, and once its verified file is being put in place, ``sha256`` and ``bytes``."""
+
+    index: int
+    url: str
+    url_expires_at: float | None = None
+    actual_prompt: str | None = None
+    width: int | None = None
+    height: int | None = None
+    sha256: str | None = None
+    bytes: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Generated:
-    """What a successful generation call returned, recorded before any download."""
+    """What a successful generation call returned, recorded before any download.
+
+    A job of several images (``n > 1``) lists them in ``images`` (``image_url`` is the first
+    one's); ``billed`` is the images the service billed (its ``usage.image_count``), and
+    ``shortfall`` says which of the n did not come, when some did not."""
 
     request_id: str | None
     width: int | None
@@ -164,6 +194,9 @@ class Generated:
     cost: Decimal
     currency: str
     endpoint: str | None = None  # EMULATOR_ENDPOINT, or the API base URL; never the key
+    images: tuple[JobImage, ...] = ()
+    billed: int = 1
+    shortfall: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -329,6 +362,14 @@ def _complete_op(job_id: str, token: str, stored: StoredFile, now: float) -> _Op
         },
         src={State.GENERATED},
     )
+
+
+async def _apply_fenced(conn: AsyncConnection, op: _Op) -> None:
+    """Run a fenced move inside ``conn``'s transaction (beside other writes of one step);
+    raise :class:`LeaseLost` when it matched no row."""
+    result = await conn.execute(text(op.sql), op.params or {})
+    if result.rowcount != 1:
+        raise LeaseLost(op.lost)
 
 
 def _claim_from_row(row: tuple[Any, ...], token: str) -> Claim:
@@ -739,9 +780,12 @@ class JobStore:
     async def record_generated(
         self, job_id: str, token: str, gen: Generated, *, lease_seconds: float
     ) -> None:
-        """``running -> generated``: the API answered; the download may start."""
+        """``running -> generated``: the API answered; the download may start.
+
+        The images of a job of several are recorded in the same transaction (any recorded
+        before, of an earlier generation, are replaced)."""
         now = self.clock()
-        await self._transition(
+        fenced = _fenced_op(
             job_id,
             token,
             State.GENERATED,
@@ -759,7 +803,7 @@ class JobStore:
                 "url_expires_at": gen.url_expires_at,
                 "latency_ms": gen.latency_ms,
                 "attempts": _Add(1),
-                "billed": _Add(1),
+                "billed": _Add(gen.billed),
                 "cost_micros": _Add(int(gen.cost * MICROS)),
                 "currency": gen.currency,
                 "endpoint": gen.endpoint,
@@ -770,9 +814,95 @@ class JobStore:
                 "bytes": None,
                 "error_code": None,
                 "error_message": None,
+                "shortfall": gen.shortfall,
             },
             src={State.RUNNING, State.SUBMITTED},
         )
+        if not gen.images:
+            await self._submit(fenced)
+            return
+        rows = [
+            {
+                "job_id": job_id,
+                "idx": image.index,
+                "url": image.url,
+                "url_expires_at": image.url_expires_at,
+                "actual_prompt": image.actual_prompt,
+                "width": image.width,
+                "height": image.height,
+            }
+            for image in gen.images
+        ]
+
+        async def op(conn: AsyncConnection) -> None:
+            await _apply_fenced(conn, fenced)
+            await conn.execute(delete(images).where(images.c.job_id == job_id))
+            await conn.execute(images.insert(), rows)
+
+        await self._batched(op)
+
+    async def job_images(self, job_id: str) -> list[JobImage]:
+        """The images recorded for a job of several, in order (none for a job of one)."""
+        async with self._read() as conn:
+            rows = await conn.execute(
+                select(images).where(images.c.job_id == job_id).order_by(images.c.idx)
+            )
+            return [
+                JobImage(
+                    index=r.idx,
+                    url=r.url,
+                    url_expires_at=r.url_expires_at,
+                    actual_prompt=r.actual_prompt,
+                    width=r.width,
+                    height=r.height,
+                    sha256=r.sha256,
+                    bytes=r.bytes,
+                )
+                for r in rows
+            ]
+
+    async def record_image_file(
+        self, job_id: str, token: str, index: int, stored: StoredFile
+    ) -> None:
+        """:meth:`record_file` for image ``index`` of a job of several: its hash is durable
+        before its file is renamed into place. Raises :class:`LeaseLost` unless ``token``
+        still holds the job, generated."""
+        held = (
+            select(jobs.c.id)
+            .where(
+                jobs.c.id == job_id,
+                jobs.c.claim_token == token,
+                jobs.c.state == State.GENERATED.value,
+            )
+            .exists()
+        )
+
+        async def op(conn: AsyncConnection) -> None:
+            result = await conn.execute(
+                update(images)
+                .where(images.c.job_id == job_id, images.c.idx == index, held)
+                .values(sha256=stored.sha256, bytes=stored.bytes)
+            )
+            if result.rowcount != 1:
+                raise LeaseLost(f"job {job_id!r}: lease lost, image {index} was not recorded")
+
+        await self._batched(op)
+
+    async def done_images(self) -> int:
+        """Image files the done jobs have: one a job of one image, the recorded ones of a job
+        of several (``metadata.jsonl`` has a line for each)."""
+        async with self._read() as conn:
+            single = await conn.execute(
+                select(func.count())
+                .select_from(jobs)
+                .where(jobs.c.state == State.DONE.value, jobs.c.n <= 1)
+            )
+            several = await conn.execute(
+                select(func.count())
+                .select_from(images.join(jobs, jobs.c.id == images.c.job_id))
+                .where(jobs.c.state == State.DONE.value, jobs.c.n > 1, images.c.sha256.is_not(None))
+            )
+            return int(single.scalar_one()) + int(several.scalar_one())
 
     async def mark_creating(self, job_id: str, token: str) -> None:
         """Note that a task create is about to be sent (``task_id`` = ``""``), so a crash
@@ -954,8 +1084,9 @@ class JobStore:
     async def regenerate(self, job_id: str, token: str, *, code: str, message: str) -> None:
         """``generated -> pending``: the image URL expired before the file was saved; or
         ``submitted -> pending``: the service no longer knows the task (expired, UNKNOWN).
-        Either way the image is generated (and paid) again; counted in ``regenerated``."""
-        await self._transition(
+        Either way the image is generated (and paid) again; counted in ``regenerated``; the
+        images recorded of a job of several are forgotten with the rest of the result."""
+        fenced = _fenced_op(
             job_id,
             token,
             State.PENDING,
@@ -972,6 +1103,12 @@ class JobStore:
             },
             src={State.GENERATED, State.SUBMITTED},
         )
+
+        async def op(conn: AsyncConnection) -> None:
+            await _apply_fenced(conn, fenced)
+            await drop_images(conn, [job_id])
+
+        await self._batched(op)
 
     async def fail(
         self,
@@ -1185,13 +1322,16 @@ class JobStore:
             )
         ).mappings()
         kept = []
-        for row in old:
-            rec = dict(row)
+        old_records = [dict(row) for row in old]
+        await attach_images(conn, old_records)
+        for rec in old_records:
             file = rec.pop("requeue_file")
             record = json.dumps(rec, ensure_ascii=False, default=str)
             kept.append({"job_id": rec["id"], "replaced_at": now, "record": record, "file": file})
         if kept:
             await conn.execute(history.insert().values(reason=reason), kept)
+            if reason == "redo":  # the images are made again (a retried job keeps its own)
+                await drop_images(conn, [k["job_id"] for k in kept])
         cases = " ".join(
             f"WHEN {cond} THEN '{target.value}'"
             for target, cond in dst.items()
@@ -1455,10 +1595,15 @@ class JobStore:
             return None if value is None else float(value)
 
     async def get(self, job_id: str) -> dict[str, Any] | None:
-        """One job's full record (claim token and worker omitted)."""
+        """One job's full record (claim token and worker omitted; a job of several images
+        has its ``images``, see :func:`jobs.merge.attach_images`)."""
         async with self._read() as conn:
             row = (await conn.execute(select(jobs).where(jobs.c.id == job_id))).mappings().first()
-            return None if row is None else _public(dict(row))
+            if row is None:
+                return None
+            found = [_public(dict(row))]
+            await attach_images(conn, found)
+            return found[0]
 
     async def variables(self) -> dict[str, frozenset[str]]:
         """The manifest variables stored with any job, in the order they first appear (by
@@ -1483,8 +1628,8 @@ class JobStore:
     async def done_records(self, ids: Sequence[str]) -> list[dict[str, Any]]:
         """The records of those of ``ids`` that are done, in manifest order, with only what
         ``metadata.jsonl`` shows (id, state, output, prompt, seed, size, width, height,
-        prompt_extend, actual_prompt, request_id, sha256, vars): the run asks for every batch
-        of images it saves."""
+        prompt_extend, actual_prompt, request_id, sha256, vars, model, n, params, review, and
+        the ``images`` of a job of several): the run asks for every batch of images it saves."""
         found: list[dict[str, Any]] = []
         for start in range(0, len(ids), 500):
             part = list(ids[start : start + 500])
@@ -1495,7 +1640,9 @@ class JobStore:
                     .where(jobs.c.id.in_(part), jobs.c.state == State.DONE.value)
                     .order_by(order)
                 )
-                found += [dict(zip(_DONE_NAMES, row, strict=True)) for row in rows]
+                part_found = [dict(zip(_DONE_NAMES, row, strict=True)) for row in rows]
+                await attach_images(conn, part_found)
+                found += part_found
         for rec in found:
             rec["prompt_extend"] = bool(rec["prompt_extend"])
         return found
@@ -1507,8 +1654,9 @@ class JobStore:
         state: State | None = None,
         finished_since: float | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
-        """Every job in manifest order, streamed in batches (claim token and worker omitted);
-        only those in ``state``, or finished at or after ``finished_since``, when given."""
+        """Every job in manifest order, streamed in batches (claim token and worker omitted;
+        a job of several images has its ``images``); only those in ``state``, or finished at
+        or after ``finished_since``, when given."""
         last = 0
         while True:
             order: Any = literal_column(f"jobs.{self._backend.order_column}")
@@ -1522,10 +1670,11 @@ class JobStore:
                 result = await conn.execute(query)
                 keys = list(result.keys())
                 rows = result.all()
-            if not rows:
+                recs = [dict(zip(keys, row, strict=True)) for row in rows]  # cheaper than _mapping
+                await attach_images(conn, recs)
+            if not recs:
                 return
-            for row in rows:
-                rec = dict(zip(keys, row, strict=True))  # cheaper than row._mapping per row
+            for rec in recs:
                 last = rec.pop("_order")
                 yield _public(rec)
 
@@ -1548,6 +1697,7 @@ class JobStore:
                 rowid: Any = literal_column(f"jobs.{self._backend.order_column}")
                 query = select(jobs).where(jobs.c.review == review).order_by(rowid)
                 out += [_public(dict(r)) for r in (await conn.execute(query)).mappings()]
+            await attach_images(conn, out)
         return out
 
     async def changed_since(self, since: float) -> list[dict[str, Any]]:
@@ -1563,7 +1713,9 @@ class JobStore:
         rowid: Any = literal_column(f"jobs.{self._backend.order_column}")
         query = select(jobs).where(or_(*(c >= since for c in stamps))).order_by(rowid)
         async with self._read() as conn:
-            return [_public(dict(r)) for r in (await conn.execute(query)).mappings()]
+            out = [_public(dict(r)) for r in (await conn.execute(query)).mappings()]
+            await attach_images(conn, out)
+            return out
 
     async def iter_history(
         self, *, batch: int = 2000, job_ids: Sequence[str] | None = None
