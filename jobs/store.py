@@ -255,6 +255,10 @@ class Stats:
     # jobs per model and state (only with totals: it reads the whole table)
     by_model: dict[str, dict[str, int]] = field(default_factory=dict)
     reviews: dict[str, int] = field(default_factory=dict)  # "approved" / "rejected" -> count
+    # done jobs of several images that got fewer than n (a partial success), and the images
+    # they lack (only with totals)
+    short_jobs: int = 0
+    images_short: int = 0
 
     @property
     def total(self) -> int:
@@ -1455,7 +1459,18 @@ class JobStore:
                 )
             ).scalar_one()
             reviews: dict[str, int] = {}
+            short: Any = (0, 0)
             if totals:
+                short = (
+                    await conn.execute(
+                        select(
+                            func.count(),
+                            func.coalesce(
+                                func.sum(jobs.c.n - func.coalesce(jobs.c.image_count, 0)), 0
+                            ),
+                        ).where(jobs.c.state == State.DONE.value, jobs.c.shortfall.is_not(None))
+                    )
+                ).one()
                 reviews = {
                     str(mark): int(n)
                     for mark, n in (
@@ -1478,6 +1493,8 @@ class JobStore:
             regenerated=int(sums[3]),
             due_pending=int(due),
             by_model=by_model,
+            short_jobs=int(short[0]),
+            images_short=int(short[1]),
             reviews=reviews,
         )
 
