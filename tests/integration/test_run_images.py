@@ -15,6 +15,7 @@ import anyio
 import pytest
 
 from batcher.emulator import EmulatorConfig, running_emulator
+from batcher.gallery.data import collect
 from batcher.layout import RunLayout
 from batcher.pool import StopReason
 from batcher.pricing import price_per_image
@@ -60,6 +61,14 @@ async def test_a_job_of_three_images_makes_three_files_billed_three(tmp_path: Pa
         assert [i["index"] for i in record["images"]] == [1, 2, 3]
         stats = await store.stats()
         assert stats.images_billed == 4
+        # the report: the first image in the grid, every one in the detail view
+        data = await collect(store, layout, tmp_path / "report")
+        [shown] = [r for r in data.records if r["id"] == "wan-00000"]
+        assert [i["file"] for i in shown["images"]] == [
+            f"images/wan/wan-00000-{i}.png" for i in (1, 2, 3)
+        ]
+        assert shown["image"].endswith("wan/wan-00000-1.png") and shown["n"] == 3
+        assert all(i["thumb"][len("thumbs/") :] in data.thumbs_wanted for i in shown["images"])
     names = sorted(p.name for p in layout.images.rglob("*.png"))
     assert names == ["one-00000.png", "wan-00000-1.png", "wan-00000-2.png", "wan-00000-3.png"]
     # three different images, each hash recorded
