@@ -238,6 +238,8 @@ class Moved:
     job_id: str
     old: str
     new: str
+    n: int = 1  # a job of several images moves each of its files (``indexes``)
+    indexes: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -1522,13 +1524,19 @@ class JobStore:
         async with self._read() as conn:
             rows = (
                 await conn.execute(
-                    select(history.c.seq, history.c.job_id, history.c.file, jobs.c.output)
+                    select(history.c.seq, history.c.job_id, history.c.file, jobs.c.output, jobs.c.n)
                     .join(jobs, jobs.c.id == history.c.job_id)
                     .where(history.c.reason == MOVE)
                     .order_by(history.c.seq)
                 )
             ).all()
-        return [Moved(seq=seq, job_id=j, old=old, new=new) for seq, j, old, new in rows]
+            several = [{"id": j, "n": n} for _, j, _, _, n in rows if n > 1]
+            await attach_images(conn, several)
+        indexes = {r["id"]: tuple(i["index"] for i in r.get("images", ())) for r in several}
+        return [
+            Moved(seq=seq, job_id=j, old=old, new=new, n=n, indexes=indexes.get(j, ()))
+            for seq, j, old, new, n in rows
+        ]
 
     async def finish_moves(self, seqs: Sequence[int]) -> None:
         """Mark recorded moves as carried out."""

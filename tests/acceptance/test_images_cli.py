@@ -108,14 +108,26 @@ def test_a_job_of_three_images_from_manifest_to_export_and_redo(
         == 4
     )
 
+    # a new output path in the manifest moves every file of the job
+    before = {
+        name.replace("lamp", "desk-lamp"): sha(out / "images" / "shop" / name) for name in names
+    }
+    manifest.write_text(MANIFEST.replace("shop/lamp.png", "shop/desk-lamp.png"), encoding="utf-8")
+    r = run_cli(*run_args(manifest, out, emulator.base_url), env=ENV)
+    assert r.returncode == 0, r.stderr
+    names = sorted(p.name for p in (out / "images" / "shop").glob("*.png"))
+    assert names == ["desk-lamp-1.png", "desk-lamp-2.png", "desk-lamp-3.png", "mug.png"]
+    assert {name: sha(out / "images" / "shop" / name) for name in names} == before
+    assert emulator.stats()["images_billed"] == 4  # moved, not made again
+    assert check_invariants(out) == {"done": 2}
+
     # redo: all three files go to history/, the job goes back to pending
-    before = {name: sha(out / "images" / "shop" / name) for name in names}
     r = run_cli("redo", out, "--id", "lamp")
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in (out / "images" / "shop").glob("*.png")) == ["mug.png"]
     kept = sorted((out / "history" / "shop").glob("*.png"))
-    assert [p.name.split(".")[0] for p in kept] == ["lamp-1", "lamp-2", "lamp-3"]
-    assert {sha(p) for p in kept} == {before[f"lamp-{i}.png"] for i in (1, 2, 3)}
+    assert [p.name.split(".")[0] for p in kept] == ["desk-lamp-1", "desk-lamp-2", "desk-lamp-3"]
+    assert {sha(p) for p in kept} == {before[f"desk-lamp-{i}.png"] for i in (1, 2, 3)}
     with sqlite3.connect(out / "batcher.db") as con:
         assert con.execute("SELECT state FROM jobs WHERE id = 'lamp'").fetchone() == ("pending",)
         assert con.execute("SELECT count(*) FROM job_images").fetchone() == (0,)
