@@ -46,7 +46,7 @@ def test_jobs_exports():
             "IllegalTransition",
             "ImportReport",
             "JobImage",
-                "JobSpec",
+            "JobSpec",
             "JobStore",
             "JobStoreError",
             "LeaseLost",

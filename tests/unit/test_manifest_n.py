@@ -175,3 +175,37 @@ def test_a_done_job_of_several_images_is_a_row_per_image_with_its_parameters() -
     assert one[0]["output"] == "train/lamp.png" and one[0]["image_index"] == 1
     assert metadata_row(one[0], "lamp.png", [])["watermark"] is False
     assert doctest.testmod(batcher.records).failed == 0
+
+
+@pytest.mark.parametrize(
+    ("rows", "expected"),
+    [
+        (
+            "a,x,wan2.2-t2i-flash,3,shop/cat.png\nb,y,z-image-turbo,1,shop/Cat-2.png\n",
+            "m.csv:3: output: 'shop/Cat-2.png' collides with line 2: a job of n > 1 images "
+            "writes <stem>-1.png .. <stem>-n.png, and both would write shop/cat-2.png",
+        ),
+        (
+            "b,y,z-image-turbo,1,shop/cat-4.png\na,x,wan2.5-t2i-preview,4,shop/cat.png\n",
+            "m.csv:3: output: 'shop/cat.png' collides with line 2: a job of n > 1 images "
+            "writes <stem>-1.png .. <stem>-n.png, and both would write shop/cat-4.png",
+        ),
+    ],
+)
+def test_a_row_writing_a_file_of_a_job_of_several_images_is_refused(
+    tmp_path: Path, rows: str, expected: str
+) -> None:
+    path = write(tmp_path, "m.csv", "id,prompt,model,n,output\n" + rows)
+    assert error(path) == expected
+
+
+def test_jobs_of_several_images_with_other_stems_do_not_collide(tmp_path: Path) -> None:
+    rows = (
+        "a,x,wan2.2-t2i-flash,3,shop/cat.png\n"
+        "c,z,wan2.2-t2i-flash,2,shop/cat-3.png\n"  # writes cat-3-1.png, cat-3-2.png
+        "d,w,z-image-turbo,1,shop/cat-5.png\n"
+        "e,v,wan2.2-t2i-flash,2,shop/dog-2.png\n"  # writes dog-2-1.png, dog-2-2.png
+        "f,u,wan2.2-t2i-flash,3,shop/dog.png\n"  # writes dog-1.png .. dog-3.png
+    )
+    path = write(tmp_path, "m.csv", "id,prompt,model,n,output\n" + rows)
+    assert read(path) == {"a": 3, "c": 2, "d": 1, "e": 2, "f": 3}
