@@ -21,6 +21,7 @@ from batcher.pool import StopReason
 from batcher.pricing import price_per_image
 from jobs import JobSpec, JobStore, State
 
+from ..pgsupport import fresh, query
 from ..support import FAST, ImageRelay, check_invariants, make_specs, run_once, serving
 
 pytestmark = pytest.mark.anyio
@@ -156,3 +157,31 @@ async def test_the_records_of_a_job_of_several_images_list_each_image(tmp_path: 
         done = await store.done_records([r["id"] for r in records])
         assert all(len(r["images"]) == 2 and r["model"] == "wan2.2-t2i-flash" for r in done)
         assert all(image["sha256"] for r in done for image in r["images"])
+
+
+async def test_jobs_of_several_images_on_postgresql(tmp_path: Path) -> None:
+    """The shared job table keeps the images of a job the same way: recorded with the
+    generation, each hash before its file is in place, a partial success kept."""
+    url = fresh()
+    layout = RunLayout(tmp_path / "run")
+    cfg = EmulatorConfig(
+        latency="0", rps=math.inf, seed=25, task_seconds="0.2", faults="task-partial=0.5"
+    )
+    async with await JobStore.open(url) as store, running_emulator(cfg) as emu:
+        await store.import_specs(wan(4, count=4), source="m.csv")
+        _, result = await run_once(store, layout, emu.base_url, options=TASKS)
+        assert result.reason is StopReason.FINISHED
+        s = emu.stats()
+        records = [r async for r in store.iter_records(state=State.DONE)]
+        assert len(records) == 4
+        came = sum(len(r["images"]) for r in records)
+        assert came == s["images_billed"] == sum(r["billed"] for r in records)
+        short = [r for r in records if r["shortfall"]]
+        assert 0 < len(short) < 4 and all(len(r["images"]) == 3 for r in short)
+        assert await store.done_images() == came
+        stats = await store.stats()
+        assert (stats.short_jobs, stats.images_short) == (len(short), len(short))
+    files = sorted(p.name for p in layout.images.rglob("*.png"))
+    assert len(files) == came
+    rows = query(url, "SELECT count(*) AS c FROM job_images WHERE sha256 IS NOT NULL")
+    assert rows == [{"c": came}]
