@@ -29,6 +29,14 @@ manifest error anywhere rolls the whole import back. The backend loads the rows 
 database thread, PostgreSQL by COPY); a big manifest is read and checked meanwhile by a helper
 process (``jobs.readahead``), so the two use two cores.
 
+A job of several images (``n > 1``) keeps them in ``job_images``: written in the transaction
+that moves the job to ``generated`` (and bills every image that came), then each image's
+sha256 before its file is renamed into place (:meth:`record_image_file`), as ``jobs.sha256``
+is for a job of one image; the job is completed once every recorded image is in place. A
+regeneration forgets the images with the rest of the result; a redo keeps them in the
+history record. Readers (:meth:`iter_records`, :meth:`get`, ...) give such a job its
+``images``.
+
 Sending jobs back (``retry_failed``, ``redo``) is one mechanism: the chosen ids go into a
 temporary ``requeue`` table, each old record is copied to ``job_history`` with the reason (and,
 for a redo, where its image was kept), and one ``UPDATE ... WHERE state IN (...)`` moves them,

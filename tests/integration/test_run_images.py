@@ -19,6 +19,8 @@ from batcher.gallery.data import collect
 from batcher.layout import RunLayout
 from batcher.pool import StopReason
 from batcher.pricing import price_per_image
+from batcher.records import export_row, image_records
+from batcher.summary import status_json, status_text
 from jobs import JobSpec, JobStore, State
 
 from ..pgsupport import fresh, query
@@ -103,7 +105,15 @@ async def test_a_partial_success_keeps_the_images_that_came_and_bills_only_those
         price = price_per_image("wan2.2-t2i-flash", "intl", False).amount
         assert Decimal(record["cost"]) == price * 3
         assert runner.counters.cost == price * 3
-        assert (await store.stats()).images_billed == 3
+        stats = await store.stats()
+        assert stats.images_billed == 3 and (stats.short_jobs, stats.images_short) == (1, 1)
+        text = status_text(stats, layout)
+        assert "short of images: 1 done job made fewer images than asked (1 image failed" in text
+        assert status_json(stats)["short_jobs"] == 1
+        [row] = [
+            export_row(r, []) async for job in store.iter_records() for r in image_records(job)
+        ][:1]
+        assert row["shortfall"] == record["shortfall"] and row["image_index"] == 1
     names = sorted(p.name for p in layout.images.rglob("*.png"))
     # the emulator fails the last slot: files keep their place in the answer
     assert names == ["wan-00000-1.png", "wan-00000-2.png", "wan-00000-3.png"]
