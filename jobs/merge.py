@@ -47,6 +47,7 @@ __all__ = [
     "ImportReport",
     "attach_images",
     "drop_images",
+    "images_of",
     "merge_staging",
 ]
 
@@ -161,6 +162,14 @@ async def attach_images(conn: AsyncConnection, records: list[dict[str, Any]]) ->
     wanted = [rec["id"] for rec in records if (rec.get("n") or 1) > 1]
     if not wanted:
         return
+    found = await images_of(conn, wanted)
+    for rec in records:
+        if (rec.get("n") or 1) > 1:
+            rec["images"] = found.get(rec["id"], [])
+
+
+async def images_of(conn: AsyncConnection, wanted: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """The ``job_images`` rows of the jobs ``wanted``, by job, in order, as dicts."""
     found: dict[str, list[dict[str, Any]]] = {}
     for at in range(0, len(wanted), 500):
         query = (
@@ -172,9 +181,7 @@ async def attach_images(conn: AsyncConnection, records: list[dict[str, Any]]) ->
             image = dict(row)
             image["index"] = image.pop("idx")
             found.setdefault(image.pop("job_id"), []).append(image)
-    for rec in records:
-        if (rec.get("n") or 1) > 1:
-            rec["images"] = found.get(rec["id"], [])
+    return found
 
 
 async def drop_images(conn: AsyncConnection, ids: list[str]) -> None:

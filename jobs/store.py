@@ -80,6 +80,7 @@ from .merge import (
     ImportReport,
     attach_images,
     drop_images,
+    images_of,
     merge_staging,
 )
 from .schema import EMULATOR_ENDPOINT, history, images, jobs, meta
@@ -1703,12 +1704,16 @@ class JobStore:
                 result = await conn.execute(query)
                 keys = list(result.keys())
                 rows = result.all()
-                recs = [dict(zip(keys, row, strict=True)) for row in rows]  # cheaper than _mapping
-                await attach_images(conn, recs)
-            if not recs:
+                at_n = keys.index("n")
+                several = [row[1] for row in rows if row[at_n] > 1]  # row[1]: the id
+                found = await images_of(conn, several) if several else {}
+            if not rows:
                 return
-            for rec in recs:
+            for row in rows:
+                rec = dict(zip(keys, row, strict=True))  # cheaper than row._mapping per row
                 last = rec.pop("_order")
+                if rec["n"] > 1:
+                    rec["images"] = found.get(rec["id"], [])
                 yield _public(rec)
 
     async def records(
