@@ -172,7 +172,9 @@ class _Sink:
             members["png"] = image
         members["json"] = _JSON.encode(row).encode()
         members["txt"] = rec["prompt"].encode()
-        self.writer.add(split, sample_key(number, rec["id"]), members)
+        # a job of several images is a sample per image: its id and the image's number
+        name = rec["id"] if (rec.get("n") or 1) == 1 else f"{rec['id']}-{rec['image_index']}"
+        self.writer.add(split, sample_key(number, name), members)
 
 
 def read_file(path: str, size: int | None) -> bytes:

@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import sqlite3
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,18 @@ def test_a_job_of_three_images_from_manifest_to_export_and_redo(
     table = list(csv.DictReader(io.StringIO(r.stdout)))
     assert [x["file"] for x in table][:2] == ["images/shop/lamp-1.png", "images/shop/lamp-2.png"]
     assert table[0]["model"] == "wan2.2-t2i-flash" and table[0]["shortfall"] == ""
+
+    r = run_cli("export", out, "--format", "webdataset", "-o", tmp_path / "wds")
+    assert r.returncode == 0, r.stderr
+    [shard] = sorted((tmp_path / "wds").glob("*.tar"))
+    with tarfile.open(shard) as tar:
+        pngs = [m.name for m in tar.getmembers() if m.name.endswith(".png")]
+    assert sorted(name.split("_", 1)[1] for name in pngs) == [
+        "lamp-1.png",
+        "lamp-2.png",
+        "lamp-3.png",
+        "mug.png",
+    ]
 
     status = run_cli("status", out, "--json")
     assert (
