@@ -1561,11 +1561,14 @@ class JobStore:
         async with self._read() as conn:
             return int((await conn.execute(select(func.count()).select_from(jobs))).scalar_one())
 
-    async def pending_by_kind(self, *, live_run: bool = True) -> dict[tuple[str, bool], int]:
+    async def pending_by_kind(
+        self, *, live_run: bool = True, calls: bool = False
+    ) -> dict[tuple[str, bool], int]:
         """Images still to generate (``n`` a job), counted by (model, prompt_extend): of
         pending jobs, running ones whose lease expired (a dead run's), and submitted ones (their
         task is created, its image not yet billed). A job a live run holds is being generated.
-        ``live_run=False``: no run holds the folder, so every running job is a dead run's."""
+        ``live_run=False``: no run holds the folder, so every running job is a dead run's.
+        ``calls``: count the jobs (one call each, whatever their ``n``) instead."""
         now = self.clock()
         running = jobs.c.state == State.RUNNING.value
         if live_run:
@@ -1576,7 +1579,11 @@ class JobStore:
         async with self._read() as conn:
             rows = (
                 await conn.execute(
-                    select(jobs.c.model, jobs.c.prompt_extend, func.sum(jobs.c.n))
+                    select(
+                        jobs.c.model,
+                        jobs.c.prompt_extend,
+                        func.count() if calls else func.sum(jobs.c.n),
+                    )
                     .where(
                         schema.ACTIVE,
                         or_(

@@ -59,6 +59,11 @@ def test_a_job_of_three_images_from_manifest_to_export_and_redo(
     manifest = tmp_path / "shop.yaml"
     manifest.write_text(MANIFEST, encoding="utf-8")
     out = tmp_path / "out"
+    plan = run_cli("plan", manifest, "--out", out, "--json")
+    assert plan.returncode == 0, plan.stderr
+    planned = json.loads(plan.stdout)
+    assert (planned["to_generate"], planned["calls_to_make"]) == (4, 2)
+    assert planned["estimated_cost"] == "0.090"  # 3 x 0.025 + 0.015
     r = run_cli(*run_args(manifest, out, emulator.base_url), env=ENV)
     assert r.returncode == 0, r.stderr
     names = sorted(p.name for p in (out / "images" / "shop").glob("*.png"))
