@@ -252,6 +252,7 @@ class Runner:
         # Generation calls dispatched and not yet answered: counted from the dispatch (not
         # when the worker task first runs), so --budget sees every call already committed.
         self._generating = 0
+        self._generating_images = 0  # the images those calls make (n a job)
         self._started: set[str] = set()  # jobs this run has called the API for (--limit)
         self._abandoned: set[str] = set()  # jobs whose call was cut short after it was sent
         self._stop = anyio.Event()
@@ -432,6 +433,7 @@ class Runner:
             if probe:
                 self._probe = claim.id
             self._generating += 1  # until _call_and_record / _create_task has the answer
+            self._generating_images += claim.n
             if self._is_task_model(claim.model):
                 self._tasks_open[claim.model] = self._tasks_open.get(claim.model, 0) + 1
                 self._start(tg, self._task, claim)
@@ -503,7 +505,7 @@ class Runner:
         if self.opt.budget is not None:
             price = self.price(claim.model, claim.prompt_extend)
             spent = self._spent_before + self.counters.cost
-            committed = spent + price.amount * self._generating
+            committed = spent + price.amount * self._generating_images
             if committed + price.amount * claim.n > self.opt.budget:
                 budget = Money(self.opt.budget, price.currency)
                 total = Money(committed, price.currency)
@@ -666,6 +668,7 @@ class Runner:
             return generated
         finally:
             self._generating -= 1
+            self._generating_images -= claim.n
             if self._probe == claim.id:
                 self._probe = None
 
@@ -1139,6 +1142,7 @@ class Runner:
             )
         finally:
             self._generating -= 1
+            self._generating_images -= claim.n
             if self._probe == claim.id:
                 self._probe = None
 

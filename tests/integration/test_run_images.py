@@ -195,3 +195,17 @@ async def test_jobs_of_several_images_on_postgresql(tmp_path: Path) -> None:
     assert len(files) == came
     rows = query(url, "SELECT count(*) AS c FROM job_images WHERE sha256 IS NOT NULL")
     assert rows == [{"c": came}]
+
+
+async def test_the_budget_counts_every_image_of_a_job(tmp_path: Path) -> None:
+    """--budget: a job of n images costs n images; the job that would pass it is not started."""
+    layout = RunLayout(tmp_path / "run")
+    cfg = EmulatorConfig(latency="0", rps=math.inf, seed=26, task_seconds="0.2")
+    async with await JobStore.open(layout.db) as store, running_emulator(cfg) as emu:
+        await store.import_specs(wan(2, count=2), source="m.csv")
+        options = dataclasses.replace(TASKS, budget=Decimal("0.06"), concurrency=1)
+        runner, result = await run_once(store, layout, emu.base_url, options=options)
+        assert result.reason is StopReason.BUDGET
+        assert result.abort_message is not None and "x 2 image(s)" in result.abort_message
+        assert emu.stats()["images_billed"] == 2 and runner.counters.cost == Decimal("0.050")
+        assert (await store.stats()).count(State.DONE) == 1
