@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 The URL (``postgresql://user@host:5432/name``) names a database that holds one run: its
-``jobs``, ``job_history`` and ``meta`` tables, created on first open. Workers on several hosts
+``jobs``, ``job_images``, ``job_history`` and ``meta`` tables, created on first open. Workers on several hosts
 open the same URL and work the same table at once:
 
 * A claim is one ``UPDATE ... FROM (SELECT ... FOR UPDATE SKIP LOCKED) RETURNING``: each
