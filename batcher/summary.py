@@ -87,6 +87,7 @@ _ENDED = {
     "limit": "stopped at --limit",
     "budget": "stopped at --budget",
     "unreachable": "stopped (the service could not be reached)",
+    "database": "stopped (the job database could not be reached)",
 }
 
 

@@ -19,7 +19,12 @@ open the same URL and work the same table at once:
 * A first import loads the rows with ``COPY`` (asyncpg's ``copy_records_to_table``), pulling
   the manifest's rows in chunks on a worker thread meanwhile; later imports ``COPY`` into a
   temporary staging table and merge as on SQLite.
-* Errors are translated by SQLSTATE, never by message text.
+* Errors are translated by SQLSTATE, never by message text. A lost or refused connection
+  (SQLSTATE class 08, the server shutting down or starting up: 57P01-57P03, a socket error, a
+  connection SQLAlchemy found dead) is :class:`jobs.errors.StoreUnreachable`, a condition a
+  run waits out; anything else is :class:`jobs.errors.StoreUnavailable`. The engine pings a
+  pooled connection before handing it out, so once the server is back the next write gets a
+  new connection instead of the dead one.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 from .. import schema
-from ..errors import LeaseLost, StoreUnavailable
+from ..errors import LeaseLost, StoreUnavailable, StoreUnreachable
 from ..spec import JobRow
 from ..states import State
 from .base import CLAIM_COLUMNS, LEASED_ORDER, Backend, Clock, Op
@@ -106,6 +111,8 @@ _BY_CLASS = {
     "53": "the job database server at {label} is out of resources (disk, memory or connections)",
     "57": "the job database server at {label} is shutting down or restarting",
 }
+# The server is going away or not yet there: the connection will come back (a restart).
+_GONE = frozenset({"57P01", "57P02", "57P03"})
 _BY_CODE = {
     "3D000": "there is no database named by {label}: create it first (createdb)",
     "25006": "the job database at {label} is read-only",
@@ -161,15 +168,19 @@ class PostgresBackend(Backend):
         try:
             yield
         except DBAPIError as exc:
-            raise StoreUnavailable(self._message(exc.orig or exc)) from exc
+            cause = exc.orig or exc
+            if exc.connection_invalidated and not _lost(cause):  # closed under a statement
+                message = f"lost the connection to the job database at {self.label}"
+                raise StoreUnreachable(message) from exc
+            raise _error(_lost(cause))(self._message(cause)) from exc
         except SQLAlchemyError as exc:
             raise StoreUnavailable(f"the job database failed: {type(exc).__name__}") from exc
         except OSError as exc:  # the server could not be reached at all
-            raise StoreUnavailable(self._message(exc)) from exc
+            raise StoreUnreachable(self._message(exc)) from exc
         except Exception as exc:
             if _sqlstate(exc) is None:
                 raise
-            raise StoreUnavailable(self._message(exc)) from exc
+            raise _error(_lost(exc))(self._message(exc)) from exc
 
     def _message(self, exc: BaseException) -> str:
         state = _sqlstate(exc)
@@ -293,6 +304,18 @@ def _text(sql: str) -> Any:
     if found is None:
         found = _TEXTS[sql] = text(sql)
     return found
+
+
+def _lost(exc: BaseException) -> bool:
+    """Whether ``exc`` says the connection to the server is gone (or cannot be made now)."""
+    if isinstance(exc, OSError):
+        return True
+    state = _sqlstate(exc)
+    return state is not None and (state.startswith("08") or state in _GONE)
+
+
+def _error(lost: bool) -> type[StoreUnavailable]:
+    return StoreUnreachable if lost else StoreUnavailable
 
 
 def _sqlstate(exc: BaseException) -> str | None:
