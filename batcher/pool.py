@@ -160,6 +160,7 @@ class RunCounters:
     download_retries: int = 0
     downloads_skipped: int = 0
     lease_lost: int = 0
+    database_outages: int = 0  # times the job database went away and the run paused
     released: int = 0
     tasks_created: int = 0
     task_polls: int = 0
@@ -260,7 +261,6 @@ class Runner:
         )
         self._db_probe = anyio.Lock()  # one ping at a time; the other waiters find it back
         self._db_gone = False  # gave up: every store call fails at once
-        self._db_leases_out = False  # this outage outlasted the lease (said once)
         self._recheck_leases = False  # renew every held lease before the next call
         self._cut = anyio.Event()  # cancel_in_flight: stop waiting for the database too
 
@@ -601,7 +601,7 @@ class Runner:
                 exc,
                 self.database.window,
             )
-            self._db_leases_out = False
+            self.counters.database_outages += 1
         async with self._db_probe:
             while self.database.paused and not self._db_gone:
                 now = anyio.current_time()
@@ -616,14 +616,6 @@ class Runner:
                         "database is back",
                     )
                     break
-                if down > self.opt.lease_seconds and not self._db_leases_out:
-                    self._db_leases_out = True
-                    log.warning(
-                        "the job database has been unreachable for longer than the lease "
-                        "(%gs): other workers may take over this worker's jobs, and its late "
-                        "writes of them will be refused",
-                        self.opt.lease_seconds,
-                    )
                 left = self.database.window - down + 0.01
                 with anyio.move_on_after(max(0.01, min(self.database.probe_wait(now=now), left))):
                     await self._cut.wait()
@@ -636,7 +628,14 @@ class Runner:
                     self.database.probe_failed(now=anyio.current_time())
                     continue
                 down = self.database.down_for(now=anyio.current_time())
-                log.warning("the job database is back after %.1fs: going on", down)
+                log.warning(
+                    "the job database is back after %.1fs: going on%s",
+                    down,
+                    f" (longer than the lease, {self.opt.lease_seconds:g}s: jobs other "
+                    "workers took over meanwhile are dropped, and late writes of them refused)"
+                    if down > self.opt.lease_seconds
+                    else "",
+                )
                 self.database.answered(now=anyio.current_time())
                 self._recheck_leases = True
                 self._notify()

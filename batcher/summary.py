@@ -285,6 +285,8 @@ def run_json(
             "emulated": emulated,
             "accepted": c.accepted,
             "unreached": c.unreached,
+            "lease_lost": c.lease_lost,
+            "database_outages": c.database_outages,
             "calls_per_second": achieved_rate(result),
             "sending_seconds": (
                 round(result.last_call_at - result.first_call_at, 3)
