@@ -98,7 +98,7 @@ def test_a_worker_cut_off_past_its_lease_loses_its_jobs_and_its_late_writes_are_
             ),
         )
         proxy.restore()
-        (a_out, a_err), (b_out, b_err) = (p.communicate(timeout=60) for p in (a, b))
+        (a_out, a_err), (_, b_err) = (p.communicate(timeout=60) for p in (a, b))
         stats = emu.stats()
     assert a.returncode == 0, a_err
     assert b.returncode == 0, b_err
