@@ -20,6 +20,9 @@ Pure arithmetic on times the caller passes in (no clock, no I/O), like the pacer
 (True, 0.5, True)
 >>> r.answered(now=61.5); r.paused
 False
+>>> db = Reachability(window=60.0, streak=1, probe_cap=5.0)
+>>> db.failed(now=0.0), [db.probe_failed(now=t) for t in range(4)] and db.probe_wait(now=3.0)
+(True, 5.0)
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ from __future__ import annotations
 import functools
 import json
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -276,8 +276,8 @@ class Stats:
 
 
 def _rides_out(
-    method: Callable[Concatenate[JobStore, _P], Awaitable[_T]],
-) -> Callable[Concatenate[JobStore, _P], Awaitable[_T]]:
+    method: Callable[Concatenate[JobStore, _P], Coroutine[Any, Any, _T]],
+) -> Callable[Concatenate[JobStore, _P], Coroutine[Any, Any, _T]]:
     """A read or a one-transaction write that waits out an outage (see :attr:`JobStore.outage`)."""
 
     @functools.wraps(method)

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Coroutine
 from types import TracebackType
+from typing import Any, TypeVar
 
 __all__ = ["TcpProxy"]
+
+_T = TypeVar("_T")
 
 _CHUNK = 65536
 
@@ -67,9 +71,8 @@ class TcpProxy:
         """Forward new connections again."""
         self._cut = False
 
-    def _call(self, coro: object) -> object:
-        future = asyncio.run_coroutine_threadsafe(coro, self._loop)  # type: ignore[arg-type]
-        return future.result(timeout=10)
+    def _call(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=10)
 
     async def _listen(self) -> asyncio.Server:
         server = await asyncio.start_server(self._serve, "127.0.0.1", 0)

@@ -50,6 +50,7 @@ from .base import CLAIM_COLUMNS, LEASED_ORDER, Backend, Clock, Op
 __all__ = ["PostgresBackend", "is_database_url"]
 
 COPY_CHUNK = 20_000  # rows pulled from the manifest per trip to the worker thread
+CONNECT_TIMEOUT = 10.0  # s: a new connection that takes longer fails (StoreUnreachable)
 _LOCK_KEY = 0x62617463  # the advisory lock of the store's exclusive writes ("batc")
 _ACTIVE = schema.ACTIVE.text
 _RETURNING = ", ".join(f"jobs.{c}" for c in CLAIM_COLUMNS)
@@ -160,7 +161,15 @@ class PostgresBackend(Backend):
         self.label = url.set(drivername="postgresql").render_as_string(hide_password=True)
         # pre_ping: a pooled connection the server dropped (a restart, a failover) is replaced
         # on checkout rather than failing the next write.
-        self.engine = create_async_engine(url, pool_size=4, max_overflow=8, pool_pre_ping=True)
+        # A connection attempt gives up after CONNECT_TIMEOUT: a run pinging a server that
+        # went away must get an answer (asyncpg's own default is a minute).
+        self.engine = create_async_engine(
+            url,
+            pool_size=4,
+            max_overflow=8,
+            pool_pre_ping=True,
+            connect_args={"timeout": CONNECT_TIMEOUT},
+        )
         self._offset = 0.0
 
     @contextmanager

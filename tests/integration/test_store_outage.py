@@ -13,7 +13,7 @@ import pytest
 
 from jobs.errors import LeaseLost, StoreUnavailable, StoreUnreachable
 from jobs.states import State
-from jobs.store import JobStore
+from jobs.store import Claim, JobStore
 from tests.pgsupport import fresh, query
 from tests.tcpproxy import TcpProxy
 
@@ -89,15 +89,23 @@ async def test_an_outage_hook_waits_and_every_write_lands_once(db: str, proxy: T
         held = await store.claim(limit=3, lease_seconds=60)
         store.outage = outage
         proxy.cut()
+
+        async def record(c: Claim) -> None:
+            await store.record_generated(
+                c.id, c.token, generated(request_id=f"r-{c.id}"), lease_seconds=60
+            )
+
+        async def renew() -> None:
+            assert await store.heartbeat(held[0].token, [held[0].id], lease_seconds=60) == set()
+
+        async def claim_more() -> None:
+            assert await store.claim(limit=1, lease_seconds=60) == []  # all three are held
+
         async with anyio.create_task_group() as tg:  # writes, a heartbeat and a claim at once
             for claim in held:
-                tg.start_soon(
-                    lambda c=claim: store.record_generated(
-                        c.id, c.token, generated(request_id=f"r-{c.id}"), lease_seconds=60
-                    )
-                )
-            tg.start_soon(lambda: store.heartbeat(held[0].token, [held[0].id], lease_seconds=60))
-            tg.start_soon(lambda: store.claim(limit=1, lease_seconds=60))
+                tg.start_soon(record, claim)
+            tg.start_soon(renew)
+            tg.start_soon(claim_more)
         assert calls, "the hook was never asked"
     rows = query(db, "SELECT id, state, billed, attempts, request_id FROM jobs ORDER BY seq")
     assert [(r["state"], r["billed"], r["attempts"]) for r in rows] == [("generated", 1, 1)] * 3
