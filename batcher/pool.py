@@ -550,6 +550,8 @@ class Runner:
 
     async def _release(self, claim: Claim) -> None:
         self._held.pop(claim.id, None)
+        if self._db_gone:
+            return  # the run gave up on the database: left as it is, its lease runs out
         abandoned = claim.id in self._abandoned
         try:
             await self.store.release(claim.id, claim.token, ambiguous=abandoned)
@@ -559,7 +561,7 @@ class Runner:
             self.counters.lease_lost += 1
         except StoreUnreachable:
             if not self._db_gone:
-                raise  # else left as it is: its lease runs out
+                raise  # else (given up meanwhile) left as it is: its lease runs out
 
     async def _heartbeat_loop(self) -> None:
         period = max(0.5, self.opt.lease_seconds / 3)

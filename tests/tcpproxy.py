@@ -2,9 +2,10 @@
 
 :class:`TcpProxy` listens on 127.0.0.1 (a port of its own) and forwards every connection to
 the target, on an event loop in a thread of the test process. :meth:`TcpProxy.cut` is a
-network partition as the worker sees it: every open connection is reset and new ones are
-reset as soon as they are accepted, until :meth:`TcpProxy.restore`. The server itself never
-notices more than clients that went away.
+network partition that says so: every open connection is reset and new ones are reset as soon
+as they are accepted, until :meth:`TcpProxy.restore`. :meth:`TcpProxy.freeze` is one that
+says nothing (packets dropped silently): connections stay open and new ones are accepted, but
+no byte goes through either way until :meth:`TcpProxy.thaw`; what was held then goes on.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ class TcpProxy:
         self.accepted = 0  # connections accepted while not cut
         self.refused = 0  # connections reset because the proxy was cut
         self._cut = False
+        self._flowing = asyncio.Event()  # cleared while frozen
+        self._flowing.set()
         self._open: set[asyncio.StreamWriter] = set()
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.Server | None = None
@@ -71,6 +74,20 @@ class TcpProxy:
         """Forward new connections again."""
         self._cut = False
 
+    def freeze(self) -> None:
+        """Hold every byte, both ways, on every connection, until :meth:`thaw`."""
+        self._call(self._flow(False))
+
+    def thaw(self) -> None:
+        """Let the bytes held, and what follows, through."""
+        self._call(self._flow(True))
+
+    async def _flow(self, on: bool) -> None:
+        if on:
+            self._flowing.set()
+        else:
+            self._flowing.clear()
+
     def _call(self, coro: Coroutine[Any, Any, _T]) -> _T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=10)
 
@@ -81,6 +98,7 @@ class TcpProxy:
 
     async def _close(self) -> None:
         await self._cut_all()
+        self._flowing.set()  # held pipes wake, find the proxy cut, and end
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -113,6 +131,7 @@ class TcpProxy:
     async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
         try:
             while data := await src.read(_CHUNK):
+                await self._flowing.wait()
                 if self._cut:
                     return
                 dst.write(data)

@@ -29,6 +29,7 @@ open the same URL and work the same table at once:
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -51,6 +52,12 @@ __all__ = ["PostgresBackend", "is_database_url"]
 
 COPY_CHUNK = 20_000  # rows pulled from the manifest per trip to the worker thread
 CONNECT_TIMEOUT = 10.0  # s: a new connection that takes longer fails (StoreUnreachable)
+# s: a statement unanswered for this long means the connection is gone (a network that drops
+# packets silently gives no error); the URL's ?command_timeout=S sets another (and bounds
+# connecting too, when shorter than CONNECT_TIMEOUT). The import's
+# COPY and the wait for the store's advisory lock are exempt: they may rightly take long.
+COMMAND_TIMEOUT = 60.0
+_LONG = 7 * 86_400.0  # s: "no limit" for asyncpg, which reads a timeout of None as the default
 _LOCK_KEY = 0x62617463  # the advisory lock of the store's exclusive writes ("batc")
 _ACTIVE = schema.ACTIVE.text
 _RETURNING = ", ".join(f"jobs.{c}" for c in CLAIM_COLUMNS)
@@ -127,6 +134,22 @@ def is_database_url(target: str) -> bool:
     return target.startswith(("postgresql://", "postgres://", "postgresql+asyncpg://"))
 
 
+def _command_timeout(url: URL) -> float:
+    """The URL's ``?command_timeout=S`` (seconds), else :data:`COMMAND_TIMEOUT`."""
+    given = url.query.get("command_timeout")
+    if given is None:
+        return COMMAND_TIMEOUT
+    try:
+        value = float(given if isinstance(given, str) else given[-1])
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise StoreUnavailable(
+            f"the database URL's command_timeout must be a number of seconds above 0: {given!r}"
+        )
+    return value
+
+
 def engine_url(target: str) -> URL:
     """The SQLAlchemy URL of a ``postgresql://`` URL, through asyncpg."""
     try:
@@ -158,17 +181,19 @@ class PostgresBackend(Backend):
 
     def __init__(self, target: str) -> None:
         url = engine_url(target)
+        timeout = _command_timeout(url)
+        url = url.difference_update_query(["command_timeout"])
         self.label = url.set(drivername="postgresql").render_as_string(hide_password=True)
         # pre_ping: a pooled connection the server dropped (a restart, a failover) is replaced
-        # on checkout rather than failing the next write.
-        # A connection attempt gives up after CONNECT_TIMEOUT: a run pinging a server that
-        # went away must get an answer (asyncpg's own default is a minute).
+        # on checkout rather than failing the next write. Connecting and every statement give
+        # up in time (CONNECT_TIMEOUT, COMMAND_TIMEOUT): a server cut off without a word must
+        # still turn into an error the run can wait out, never a worker hung for good.
         self.engine = create_async_engine(
             url,
             pool_size=4,
             max_overflow=8,
             pool_pre_ping=True,
-            connect_args={"timeout": CONNECT_TIMEOUT},
+            connect_args={"timeout": min(CONNECT_TIMEOUT, timeout), "command_timeout": timeout},
         )
         self._offset = 0.0
 
@@ -196,6 +221,8 @@ class PostgresBackend(Backend):
         if state is None:
             if isinstance(exc, OSError):
                 reason = exc.strerror or type(exc).__name__
+                if isinstance(exc, TimeoutError) and not exc.strerror:
+                    reason = "no answer in time (the network or the server is not responding)"
                 return f"cannot reach the job database at {self.label}: {reason}"
             return f"the job database at {self.label} failed: {type(exc).__name__}"
         found = _BY_CODE.get(state) or _BY_CLASS.get(state[:2])
@@ -220,7 +247,10 @@ class PostgresBackend(Backend):
         self._offset = float(server) - (before + after) / 2
 
     async def exclusive(self, conn: AsyncConnection) -> None:
-        await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK_KEY})
+        # another worker may hold it through a long import: no statement timeout on the wait
+        driver = (await conn.get_raw_connection()).driver_connection
+        assert driver is not None
+        await driver.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_KEY, timeout=_LONG)
 
     async def before_migrating(self, version: int) -> None:
         # No copy: the steps run in one transaction, so a failure leaves the old version; a
@@ -296,7 +326,9 @@ class PostgresBackend(Backend):
                     yield record
 
         try:
-            await driver.copy_records_to_table(table, records=records(), columns=columns)
+            await driver.copy_records_to_table(
+                table, records=records(), columns=columns, timeout=_LONG
+            )
         finally:
             close = getattr(source, "close", None)
             if close is not None:  # a generator: stop it now (a helper process with it)

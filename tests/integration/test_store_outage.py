@@ -64,6 +64,26 @@ async def test_a_cut_connection_is_store_unreachable_and_the_engine_reconnects(
     assert proxy.refused >= 1
 
 
+async def test_a_silent_network_times_out_as_store_unreachable(db: str, proxy: TcpProxy) -> None:
+    """Packets dropped without a word (the proxy frozen): a statement gives up after the URL's
+    command_timeout instead of hanging, and once the network is back the store goes on."""
+    async with await JobStore.open(through(db, proxy) + "?command_timeout=1") as store:
+        await store.import_specs(numbered(2), source="m.csv")
+        held = await store.claim(limit=2, lease_seconds=60)
+        proxy.freeze()
+        with anyio.fail_after(10):  # shielded group commit: only the statement timeout ends it
+            with pytest.raises(StoreUnreachable, match="no answer in time"):
+                await store.heartbeat(held[0].token, [c.id for c in held], lease_seconds=60)
+        proxy.thaw()
+        assert await store.heartbeat(held[0].token, [c.id for c in held], lease_seconds=60) == set()
+
+
+async def test_a_bad_command_timeout_in_the_url_is_one_line(db: str) -> None:
+    for bad in ("0", "-1", "soon", "inf"):
+        with pytest.raises(StoreUnavailable, match="command_timeout must be a number"):
+            await JobStore.open(f"{db}?command_timeout={bad}")
+
+
 async def test_a_store_error_that_is_not_the_network_stays_store_unavailable(db: str) -> None:
     async with await JobStore.open(db) as store:
         await store.import_specs(numbered(1), source="m.csv")
