@@ -10,6 +10,7 @@ Marked ``pg_restart`` (``-m "not pg_restart"`` leaves it out).
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import time
@@ -84,8 +85,8 @@ def test_workers_ride_out_a_postgresql_restart_and_finish_everything_once(
     n = 60
     m = manifest(tmp_path, n)
     out = tmp_path / "out"
-    cfg = EmulatorConfig(latency="300", rps=100_000.0, seed=7, api_key=KEY)
-    common = ("--concurrency", "4", "--lease", "20", "--unreachable-timeout", "60")
+    cfg = EmulatorConfig(latency="600", rps=100_000.0, seed=7, api_key=KEY)
+    common = ("--concurrency", "4", "--lease", "20", "--unreachable-timeout", "60", "--json")
     with EmulatorThread(cfg) as emu:
         assert run_cli("plan", m, "--out", out, "--db", db).returncode == 0
         workers = [start(m, out, emu.base_url, db, *common) for _ in range(2)]
@@ -105,15 +106,17 @@ def test_workers_ride_out_a_postgresql_restart_and_finish_everything_once(
         restarted = time.monotonic() - t0
         results = [w.communicate(timeout=60) for w in workers]
         stats = emu.stats()
-    for w, (_, err) in zip(workers, results, strict=True):
+    for w, (stdout, err) in zip(workers, results, strict=True):
         assert w.returncode == 0, err
         assert "Traceback" not in err, err
+        # each worker paused once, for the one restart
+        assert json.loads(stdout)["this_run"]["database_outages"] == 1, stdout
     check_done(db, out, n)
     # nothing generated twice, nothing billed and left unrecorded
     assert stats["images_billed"] == n and stats["duplicate_billed"] == 0, stats
     assert query(db, "SELECT sum(billed) AS n FROM jobs")[0]["n"] == n
     log = (out / "batcher.log").read_text(encoding="utf-8")
-    # each worker: one outage, said once, then back (both log to the run folder's file)
+    # said once per outage, then back (both workers log to the run folder's file)
     assert log.count("the job database is unreachable") == 2, log
     backs = [line for line in log.splitlines() if "the job database is back after" in line]
     assert len(backs) == 2, log
