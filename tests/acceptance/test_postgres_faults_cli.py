@@ -150,7 +150,8 @@ def test_a_worker_gives_up_on_a_silent_database_after_the_window_and_nothing_is_
         again = start(m, out, emu.base_url, db, *common)
         _, err = again.communicate(timeout=60)
         assert again.returncode == 0, err
-        print(f"gave up {gave_up:.1f}s after the freeze; the next run took {time.monotonic() - t1:.1f}s")
+        took = time.monotonic() - t1
+        print(f"gave up {gave_up:.1f}s after the freeze; the next run took {took:.1f}s")
         stats = emu.stats()
     check_done(db, out, n, after_kill=True)  # a .part of the worker that gave up may stay
     assert query(db, "SELECT sum(billed) AS n FROM jobs")[0]["n"] == n
