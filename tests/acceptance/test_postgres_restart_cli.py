@@ -53,7 +53,7 @@ def _accepts(url: str) -> bool:
 
     try:
         pg_call(ping)
-    except (OSError, asyncpg.PostgresError, TimeoutError):
+    except Exception:  # refused, starting up, reset: any failure means not yet
         return False
     return True
 
