@@ -31,7 +31,7 @@ from jobs import JobStoreError, ManifestInvalid, StoreUnavailable
 from jobs.backends import is_database_url
 
 from .commands import cmd_export, cmd_plan, cmd_retry, cmd_run, cmd_status, parse_budget
-from .errors import BatcherError, ConfigError
+from .errors import BatcherError, ConfigError, LanesInvalid
 from .exitcodes import ExitCode
 from .export import ExportOptions, parse_shard_size
 
@@ -140,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--request-timeout", type=_positive(float), default=120.0, metavar="S")
     run.add_argument("--region", choices=["intl", "cn"], default="intl")
     run.add_argument("--base-url", help="API base URL ending in /api/v1 (overrides --region)")
+    run.add_argument(
+        "--lanes",
+        type=Path,
+        metavar="FILE",
+        help="several API keys, each paced on its own: a YAML file of lanes (name, key_env, "
+        "region or base_url, quota, models, weight); see the README",
+    )
     run.add_argument(
         "--emulate", action="store_true", help="run against the built-in emulator (no key needed)"
     )
@@ -333,6 +340,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
                 as_json=args.json,
                 grace=args.grace,
                 database=database,
+                lanes=args.lanes,
             )
         )
     if args.command == "status":
@@ -426,7 +434,7 @@ def _main(argv: Sequence[str] | None) -> int:
             raise _leaf(group) from group
     except BrokenPipeError:
         raise
-    except ManifestInvalid as exc:
+    except (ManifestInvalid, LanesInvalid) as exc:  # located lines: file:line: field: message
         for line in str(exc).splitlines():
             print(line, file=sys.stderr)
         return ExitCode.USAGE

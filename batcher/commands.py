@@ -29,6 +29,7 @@ from .wording import plural
 
 if TYPE_CHECKING:
     from .planning import PlanOptions
+    from .pool import RunResult
     from .session import RunCommand, RunOutcome
 
 # plan and run import what they need (the importer, the pool, aiohttp) when called, so
@@ -172,9 +173,10 @@ def _report(cmd: RunCommand, outcome: RunOutcome, code: ExitCode) -> None:
         elapsed=result.elapsed,
         reason=result.reason.value,
         calls_per_second=achieved_rate(result),
-        rps=cmd.options.rps,
+        rps=_run_quota(cmd, result),
         currency=currency_of(cmd.options.region),
         emulated=cmd.emulate,
+        lanes=result.lanes,
     )
     for line in lines:
         log.info("summary: %s", line)
@@ -205,6 +207,15 @@ def _report(cmd: RunCommand, outcome: RunOutcome, code: ExitCode) -> None:
     _warn(f"images are in {layout.images}")
     if outcome.report is not None:
         _warn(f"report: {outcome.report}")
+
+
+def _run_quota(cmd: RunCommand, result: RunResult) -> float:
+    """What the achieved rate is measured against: ``--rps``, or with a lanes file, the
+    quotas of the lanes and models the run sent, together."""
+    if cmd.lanes is None:
+        return cmd.options.rps
+    quotas = {(r.lane, r.model): r.quota or 0.0 for r in result.lanes if r.calls}
+    return sum(quotas.values()) or cmd.options.rps
 
 
 _CURRENCY_NAMES = {"USD": "USD", "US$": "USD", "$": "USD", "CNY": "CNY", "RMB": "CNY", "¥": "CNY"}

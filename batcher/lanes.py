@@ -39,7 +39,7 @@ from yaml.nodes import Node, SequenceNode
 from jobs.errors import ManifestError
 from jobs.yamlnodes import Nodes, compose, decode
 
-from .errors import ConfigError
+from .errors import ConfigError, LanesInvalid
 from .models import MODELS
 
 __all__ = [
@@ -64,10 +64,6 @@ _KEY_FIELDS = frozenset(
 )
 _KEY_LIKE = re.compile(r"(?i)^\s*(sk-|bearer\s)")
 _REGIONS = ("intl", "cn")
-
-
-class LanesInvalid(ConfigError):
-    """The lanes file is invalid; nothing was run."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -234,6 +234,7 @@ class RunResult:
     last_call_at: float | None
     first_accepted_at: float | None = None
     last_accepted_at: float | None = None
+    lanes: tuple[LaneCalls, ...] = ()  # this run's figures per lane and model
 
     @property
     def accepted_per_second(self) -> float | None:
@@ -451,6 +452,7 @@ class Runner:
             last_call_at=self.last_call_at,
             first_accepted_at=self.first_accepted_at,
             last_accepted_at=self.last_accepted_at,
+            lanes=tuple(self.lane_rows()),
         )
 
     async def _dispatch(self, tg: TaskGroup) -> None:
@@ -720,10 +722,10 @@ class Runner:
         except LeaseLost:
             self.counters.lease_lost += 1
 
-    async def save_lanes(self) -> None:
-        """Write this run's figures per lane and model (``lane_calls``)."""
+    def lane_rows(self) -> list[LaneCalls]:
+        """This run's figures per lane and model, as ``lane_calls`` keeps them."""
         emulated = self.endpoint == EMULATOR_ENDPOINT
-        rows = [
+        return [
             LaneCalls(
                 run=self.run_id,
                 lane=lane,
@@ -741,6 +743,10 @@ class Runner:
             )
             for (lane, model), t in self.counters.lanes.items()
         ]
+
+    async def save_lanes(self) -> None:
+        """Write this run's figures per lane and model (``lane_calls``)."""
+        rows = self.lane_rows()
         try:
             await self.store.save_lane_calls(rows, worker=WORKER, started_at=self._started_wall)
         except (OSError, JobStoreError) as exc:  # figures only: never the run's failure
