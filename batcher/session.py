@@ -38,7 +38,7 @@ from .importing import ImportSummary, import_manifest
 from .lanes import Lane, default_lane, lane_keys, load_lanes, rehearsal_keys
 from .layout import RunLayout, RunLock
 from .metadata import MetadataWriter
-from .pool import RunLane, Runner, RunOptions, RunResult, StopReason
+from .pool import RunCounters, RunLane, Runner, RunOptions, RunResult, StopReason
 from .pricing import Money, currency_of, price_per_image
 from .progress import ProgressView, Snapshot, Throughput, make_view
 from .wording import plural
@@ -552,13 +552,25 @@ def _snapshot(
         per_minute=meter.per_minute(c.generated),
         quota_per_minute=rate * 60,
         eta_seconds=pace.eta(remaining=remaining),
-        spent=str(Money(c.cost, currency)),
+        spent=_run_money(c, currency),
         emulated=emulated,
         elapsed=runner.elapsed,
         stopping=reason.value if reason is not None else None,
         run_done=c.done,
         run_failed=c.failed,
     )
+
+
+def _run_money(counters: RunCounters, currency: str) -> str:
+    """This run's cost for the progress line: per currency when its lanes are in both regions
+    (never one sum)."""
+    amounts: dict[str, Decimal] = {}
+    for tally in counters.lanes.values():
+        if tally.currency is not None and tally.images:
+            amounts[tally.currency] = amounts.get(tally.currency, Decimal(0)) + tally.cost
+    if len(amounts) > 1:
+        return " + ".join(str(Money(amounts[c], c)) for c in sorted(amounts))
+    return str(Money(counters.cost, currency))
 
 
 async def _progress_loop(view: ProgressView, make: Callable[[], Snapshot]) -> None:
