@@ -71,7 +71,8 @@ from .client import DashScopeClient, ImageResult, TaskReport
 from .committer import ImageCommitter
 from .download import download_image, hash_file
 from .errors import ApiError, DownloadError, RunAborted, TransportError
-from .lanes import Lane, default_lane
+from .lanebook import LaneBook, LaneTally, RunLane, accepted_rate
+from .lanes import default_lane
 from .layout import RunLayout, UnsafeOutputPath
 from .models import MODELS, ApiProtocol
 from .pacing import DEFAULT_QUOTA, LatencyTracker, Pacer, auto_concurrency
@@ -79,15 +80,7 @@ from .pricing import Money, price_per_image
 from .reach import Reachability
 from .taskpolls import PollGate, TaskClock, poll_delay
 
-__all__ = [
-    "LaneTally",
-    "RunCounters",
-    "RunLane",
-    "RunOptions",
-    "RunResult",
-    "Runner",
-    "StopReason",
-]
+__all__ = ["RunCounters", "RunOptions", "RunResult", "Runner", "StopReason"]
 
 log = logging.getLogger("batcher.run")
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
@@ -146,49 +139,6 @@ class RunOptions:
     seed: int | None = None  # for the retry jitter, so tests can reproduce a run
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class RunLane:
-    """A lane as a run uses it: its settings, a client with its key and base URL (all lanes
-    share one HTTP session), and what its images record as their endpoint."""
-
-    lane: Lane
-    client: DashScopeClient
-    endpoint: str
-
-    @property
-    def name(self) -> str:
-        return self.lane.name
-
-
-@dataclass(kw_only=True, slots=True)
-class LaneTally:
-    """What one lane's calls of one model did in this run (see ``jobs.LaneCalls``)."""
-
-    quota: float
-    calls: int = 0
-    accepted: int = 0
-    throttled: int = 0
-    first_accepted_at: float | None = None  # Unix send times of accepted calls
-    last_accepted_at: float | None = None
-    images: int = 0
-    cost: Decimal = Decimal(0)
-    currency: str | None = None
-
-    @property
-    def accepted_per_second(self) -> float | None:
-        """Calls accepted per second while sending (as :attr:`RunResult.accepted_per_second`)."""
-        return _rate(self.accepted, self.first_accepted_at, self.last_accepted_at)
-
-
-def _rate(n: int, first: float | None, last: float | None) -> float | None:
-    """``n`` calls sent between ``first`` and ``last``, per second; None when too few to say
-    (fewer than three, or within a second: a rate of a burst means nothing)."""
-    if first is None or last is None or n < 3:
-        return None
-    span = last - first
-    return (n - 1) / span if span >= 1.0 else None
-
-
 @dataclass(kw_only=True, slots=True)
 class RunCounters:
     """What happened in this run (the database holds the totals over all runs)."""
@@ -240,7 +190,7 @@ class RunResult:
     def accepted_per_second(self) -> float | None:
         """Calls the service accepted per second while sending; None when too few to say
         (fewer than three, or sent within a second: a rate of a burst means nothing)."""
-        return _rate(self.counters.accepted, self.first_accepted_at, self.last_accepted_at)
+        return accepted_rate(self.counters.accepted, self.first_accepted_at, self.last_accepted_at)
 
 
 class Runner:
@@ -277,15 +227,13 @@ class Runner:
                     lane=default_lane(options.region, None), client=client, endpoint=self.endpoint
                 )
             ]
-        if not lanes:
-            raise ValueError("a run needs at least one lane")
-        self.lanes: dict[str, RunLane] = {lane.name: lane for lane in lanes}
+        self.book = LaneBook(lanes, lambda model: options.model_rps.get(model, options.rps))
+        self.lanes = self.book.lanes
         self._on_notice = on_notice
-        self._lane_calls: dict[str, int] = dict.fromkeys(self.lanes, 0)  # for the weights
         self.run_id = uuid.uuid4().hex
         self._started_wall = time.time()
         self._spent_before = spent
-        self.counters = RunCounters()
+        self.counters = RunCounters(lanes=self.book.tallies, disabled=self.book.disabled)
         self.committer = ImageCommitter(store, on_done)
         self._on_done = on_done  # hears the ids of jobs this run completes
         self._pacers: dict[tuple[str, str], Pacer] = {}
@@ -350,7 +298,7 @@ class Runner:
     def rate(self) -> float:
         """Calls a second the run is paced at: every enabled lane's pacers together (``rps``
         before the first call)."""
-        disabled = self.counters.disabled
+        disabled = self.book.disabled
         live = (p.rate for (lane, _), p in self._pacers.items() if lane not in disabled)
         return sum(live) or self.opt.rps
 
@@ -362,31 +310,17 @@ class Runner:
             return self.pacer_for(next(iter(self.lanes)), "z-image-turbo")
         return next(reversed(self._pacers.values()))
 
-    def quota_of(self, lane: str, model: str) -> float:
-        """The requests/s ``lane`` sends ``model`` at: the lane's own quota, else the run's
-        rate for the model (``model_rps``, else ``rps``)."""
-        fallback = self.opt.model_rps.get(model, self.opt.rps)
-        return self.lanes[lane].lane.rate_for(model, fallback)
-
     def pacer_for(self, lane: str, model: str) -> Pacer:
         """The pacer of ``model`` on ``lane`` (the service counts per account and model)."""
         pacer = self._pacers.get((lane, model))
         if pacer is None:
             pacer = Pacer(
-                self.quota_of(lane, model),
+                self.book.quota_of(lane, model),
                 adaptive=self.opt.adaptive,
                 start_rate=self.opt.start_rps,
             )
             self._pacers[(lane, model)] = pacer
         return pacer
-
-    def tally(self, lane: str, model: str) -> LaneTally:
-        """This run's figures of ``lane``'s calls of ``model``."""
-        found = self.counters.lanes.get((lane, model))
-        if found is None:
-            found = LaneTally(quota=self.quota_of(lane, model))
-            self.counters.lanes[(lane, model)] = found
-        return found
 
     def request_stop(self, reason: StopReason, message: str | None = None) -> None:
         """Stop claiming; in-flight work goes on. The first reason given is kept."""
@@ -505,7 +439,7 @@ class Runner:
                 self._buffer.appendleft(claim)
                 return
             self.pacer_for(lane.name, claim.model).control.reserve(now=anyio.current_time())
-            self._lane_calls[lane.name] += 1
+            self.book.sent(lane)
             if self.opt.limit is not None:
                 self._started.add(claim.id)
             if probe:
@@ -521,34 +455,13 @@ class Runner:
         key = (lane, model)
         self._tasks_open[key] = self._tasks_open.get(key, 0) + change
 
-    def _serving(self, model: str) -> list[RunLane]:
-        """The enabled lanes that serve ``model``."""
-        disabled = self.counters.disabled
-        return [
-            lane
-            for lane in self.lanes.values()
-            if lane.name not in disabled and lane.lane.serves(model)
-        ]
-
-    def _task_lane(self, claim: Claim) -> RunLane | None:
-        """The lane to poll a submitted job's task with: the lane that created it (a task is
-        its account's). A job from before lanes were recorded is polled with the run's lane
-        for its model."""
-        if claim.lane is None:
-            serving = self._serving(claim.model)
-            return serving[0] if serving else None
-        lane = self.lanes.get(claim.lane)
-        if lane is None or lane.name in self.counters.disabled:
-            return None
-        return lane
-
     async def _task_without_lane(self, claim: Claim) -> None:
         """A submitted job whose task was created on a lane this run does not have (or has
         disabled): its task can only be polled with that lane's key, so it waits, its task id
         kept, for a run that has the lane."""
         why = (
             f"its task was created on lane {claim.lane!r}, which this run "
-            + ("has disabled" if claim.lane in self.counters.disabled else "does not have")
+            + ("has disabled" if claim.lane in self.book.disabled else "does not have")
             + "; it is polled by a run with that lane (--lanes)"
         )
         log.warning("job %s: %s", claim.id, why)
@@ -581,8 +494,8 @@ class Runner:
                 return claim, None, 0.0
             if claim.state is State.SUBMITTED:
                 del self._buffer[index]
-                return claim, self._task_lane(claim), 0.0
-            serving = self._serving(claim.model)
+                return claim, self.book.task_lane(claim.lane, claim.model), 0.0
+            serving = self.book.serving(claim.model)
             if not serving:
                 self._no_lane_left(claim.model)
                 return None, None, None
@@ -595,20 +508,16 @@ class Runner:
                 wait = self.pacer_for(lane.name, claim.model).control.wait_needed(now=now)
                 if wait > 0:
                     earliest = wait if earliest is None else min(earliest, wait)
-                elif best is None or self._share(lane) < self._share(best):
+                elif best is None or self.book.share(lane) < self.book.share(best):
                     best = lane
             if best is not None:
                 del self._buffer[index]
                 return claim, best, 0.0
         return None, None, earliest
 
-    def _share(self, lane: RunLane) -> float:
-        """Calls sent on ``lane`` for its weight: the least loaded lane gets the next job."""
-        return self._lane_calls[lane.name] / lane.lane.weight
-
     def _no_lane_left(self, model: str) -> None:
         """No enabled lane serves ``model``: stop (exit 3), saying why each lane went."""
-        why = "; ".join(f"lane {name}: {text}" for name, text in self.counters.disabled.items())
+        why = self.book.why_disabled()
         self.request_stop(
             StopReason.ABORTED,
             f"no lane is left for {model}: {why or 'none serves it'}; "
@@ -623,18 +532,13 @@ class Runner:
         if len(self.lanes) == 1:
             self.request_stop(StopReason.ABORTED, f"{code}: {message} -- {advice}")
             return
-        if lane.name in self.counters.disabled:
-            return
-        advice = advice.replace("DASHSCOPE_API_KEY", lane.lane.key_env)
-        self.counters.disabled[lane.name] = f"{code} ({advice})"
-        line = (
-            f"lane {lane.name} disabled: {code}: {message} -- {advice}; "
-            "the other lanes go on, and its jobs go to them"
-        )
+        line = self.book.disable(lane, code, message, advice)
+        if line is None:
+            return  # disabled already
         log.warning("%s", line)
         if self._on_notice is not None:
             self._on_notice(line)
-        if not any(name not in self.counters.disabled for name in self.lanes):
+        if self.book.all_disabled:
             self._no_lane_left("any model")
         self._notify()
 
@@ -724,25 +628,7 @@ class Runner:
 
     def lane_rows(self) -> list[LaneCalls]:
         """This run's figures per lane and model, as ``lane_calls`` keeps them."""
-        emulated = self.endpoint == EMULATOR_ENDPOINT
-        return [
-            LaneCalls(
-                run=self.run_id,
-                lane=lane,
-                model=model,
-                quota=t.quota,
-                calls=t.calls,
-                accepted=t.accepted,
-                throttled=t.throttled,
-                first_accepted_at=t.first_accepted_at,
-                last_accepted_at=t.last_accepted_at,
-                images=t.images,
-                cost=t.cost,
-                currency=t.currency,
-                emulated=emulated,
-            )
-            for (lane, model), t in self.counters.lanes.items()
-        ]
+        return self.book.rows(self.run_id, emulated=self.endpoint == EMULATOR_ENDPOINT)
 
     async def save_lanes(self) -> None:
         """Write this run's figures per lane and model (``lane_calls``)."""
@@ -816,7 +702,7 @@ class Runner:
         sent = anyio.current_time()
         self.pacer_for(lane.name, model).control.sent(at=sent)
         self.counters.calls += 1
-        self.tally(lane.name, model).calls += 1
+        self.book.tally(lane.name, model).calls += 1
         now = time.time()
         self.first_call_at = self.first_call_at or now
         self.last_call_at = now
@@ -879,7 +765,7 @@ class Runner:
             # answers come back out of order: the span is from the earliest send to the latest
             self.first_accepted_at = min(self.first_accepted_at or wall, wall)
             self.last_accepted_at = max(self.last_accepted_at or wall, wall)
-            t = self.tally(lane.name, model)
+            t = self.book.tally(lane.name, model)
             t.accepted += 1
             t.first_accepted_at = min(t.first_accepted_at or wall, wall)
             t.last_accepted_at = max(t.last_accepted_at or wall, wall)
@@ -940,7 +826,7 @@ class Runner:
         )
         self.counters.generated += 1
         self.counters.cost += price.amount
-        t = self.tally(lane.name, claim.model)
+        t = self.book.tally(lane.name, claim.model)
         t.images += 1
         t.cost += price.amount
         t.currency = price.currency
@@ -967,7 +853,7 @@ class Runner:
             quota = (err.code or "").casefold() in QUOTA_CODES
             self.pacer_for(lane.name, claim.model).throttled(sent, quota=quota)
             self.counters.throttled += 1
-            self.tally(lane.name, claim.model).throttled += 1
+            self.book.tally(lane.name, claim.model).throttled += 1
             retry_after = parse_retry_after(err.retry_after, now=time.time())
             delay = retry_after if retry_after is not None else self._rng.uniform(0.0, 1.0)
             await self.store.retry_later(

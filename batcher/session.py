@@ -35,10 +35,11 @@ from .errors import ConfigError
 from .folder import Target, check_folder_endpoint, endpoint_label, resolve_target
 from .gallery.site import build_report, check_output, follow_thumbnails
 from .importing import ImportSummary, import_manifest
+from .lanebook import RunLane
 from .lanes import Lane, default_lane, lane_keys, load_lanes, rehearsal_keys
 from .layout import RunLayout, RunLock
 from .metadata import MetadataWriter
-from .pool import RunCounters, RunLane, Runner, RunOptions, RunResult, StopReason
+from .pool import RunCounters, Runner, RunOptions, RunResult, StopReason
 from .pricing import Money, currency_of, price_per_image
 from .progress import ProgressView, Snapshot, Throughput, make_view
 from .wording import plural
