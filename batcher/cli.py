@@ -115,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument(
         "--emulate", action="store_true", help="plan the rehearsal (out/<name>.emulated)"
     )
+    plan.add_argument(
+        "--lanes",
+        type=Path,
+        metavar="FILE",
+        help="estimate with the lanes of this file (their region's prices, their quotas)",
+    )
     plan.add_argument("--json", action="store_true", help="print a JSON object")
     _add_db(plan)
 
@@ -301,6 +307,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
                 emulate=args.emulate,
                 as_json=args.json,
                 database=database,
+                lanes=args.lanes,
             )
         )
     if args.command == "run":

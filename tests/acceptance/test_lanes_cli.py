@@ -188,3 +188,29 @@ def test_a_rehearsal_gives_each_lane_its_own_emulated_account(tmp_path):
     assert payload["this_run"]["throttled"] == 0
     assert set(payload["this_run"]["lanes"]) == {"a", "b"}
     assert {lane for _, lane, _ in jobs(out / "batcher.db")} == {"a", "b"}
+
+
+def test_plan_estimates_with_the_lanes(tmp_path):
+    m, out = manifest(tmp_path, 8), tmp_path / "out"
+    lanes = lanes_file(tmp_path, "http://127.0.0.1:9/api/v1")
+    r = run_cli("plan", m, "--out", out, "--lanes", lanes, "--json")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert plan["lane_rates"]["z-image-turbo"] == 4.0 and plan["seconds_at_quota"] == 2
+    mixed = tmp_path / "mixed.yaml"
+    mixed.write_text(
+        "lanes:\n  - {name: a, key_env: KA, quota: 2}\n  - {name: b, key_env: KB, quota: 2, "
+        "region: cn}\n",
+        encoding="utf-8",
+    )
+    r = run_cli("plan", m, "--out", tmp_path / "out2", "--lanes", mixed)
+    assert r.returncode == 2 and "plan prices one region" in r.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lanes:\n  - {name: a, key_env: KA}\n", encoding="utf-8")
+    r = run_cli("plan", m, "--out", tmp_path / "out3", "--lanes", bad)
+    assert (
+        r.returncode == 2
+        and r.stderr.strip()
+        == f"{bad}:2: quota: missing: the lane's requests/s (e.g. 2), or one per model"
+    )
+    assert not (tmp_path / "out3").exists()
