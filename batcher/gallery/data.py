@@ -140,6 +140,7 @@ def job_record(
                 "review_note": old.get("review_note"),
                 "cost": old.get("cost"),
                 "currency": old.get("currency"),
+                "lane": old.get("lane"),
                 "file": file,
                 "image": f"{links.root}/{quote(file)}" if file else None,
                 "thumb": f"thumbs/{thumb_name(sha)}" if sha else None,
