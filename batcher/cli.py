@@ -265,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("folder", type=Path)
     cancel.add_argument("--region", choices=["intl", "cn"], default="intl")
     cancel.add_argument("--base-url", help="API base URL ending in /api/v1 (overrides --region)")
+    cancel.add_argument(
+        "--lanes", type=Path, metavar="FILE", help="cancel each task with its lane's key"
+    )
     _add_db(cancel)
 
     emulate = sub.add_parser("emulate", help="serve the built-in DashScope emulator")
@@ -370,7 +373,11 @@ async def _dispatch(args: argparse.Namespace) -> int:
         from .cancelling import cancel_pending_tasks
 
         report = await cancel_pending_tasks(
-            args.folder, region=args.region, base_url=args.base_url, database=database
+            args.folder,
+            region=args.region,
+            base_url=args.base_url,
+            database=database,
+            lanes=args.lanes,
         )
         print(
             f"{report.cancelled} tasks cancelled; {report.running} already running (the next "

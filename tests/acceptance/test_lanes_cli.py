@@ -7,13 +7,18 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
+import os
+import signal
 import sqlite3
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from batcher.emulator import EmulatorConfig, EmulatorThread
-from tests.support import run_cli
+from tests.support import REPO, batcher_cmd, run_cli
 
 KEY_A = "sk-lane-a-5d1f0c9e77"
 KEY_B = "sk-lane-b-93e2aa41c6"
@@ -214,3 +219,82 @@ def test_plan_estimates_with_the_lanes(tmp_path):
         == f"{bad}:2: quota: missing: the lane's requests/s (e.g. 2), or one per model"
     )
     assert not (tmp_path / "out3").exists()
+
+
+def wan_manifest(tmp_path: Path, n: int) -> Path:
+    path = tmp_path / "wan.jsonl"
+    rows = [{"id": f"w{i}", "prompt": f"a lighthouse, study {i}", "model": "wan2.2-t2i-flash"}
+            for i in range(n)]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def start(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+    full = {k: v for k, v in os.environ.items() if k != "DASHSCOPE_API_KEY"} | env
+    return subprocess.Popen(
+        batcher_cmd(*args), cwd=REPO, env=full, stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+
+
+def submitted_lanes(db: Path) -> list[str]:
+    try:
+        with sqlite3.connect(db, timeout=30) as con:
+            query = "SELECT lane FROM jobs WHERE state = 'submitted' ORDER BY lane"
+            return [lane for (lane,) in con.execute(query)]
+    except sqlite3.OperationalError:  # the run has not made its tables yet
+        return []
+
+
+def wait_for(condition, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def task_accounts(task_seconds: str) -> EmulatorConfig:
+    accounts = {"acct-a": (KEY_A,), "acct-b": (KEY_B,)}
+    return EmulatorConfig(latency="0", rps=math.inf, seed=5, task_seconds=task_seconds,
+                          accounts=accounts)  # fmt: skip
+
+
+def test_kill_9_with_tasks_on_two_lanes_then_each_is_polled_on_its_lane(tmp_path):
+    out, env = tmp_path / "out", {"LANE_KEY_A": KEY_A, "LANE_KEY_B": KEY_B}
+    with EmulatorThread(task_accounts("3")) as emu:
+        lanes = lanes_file(tmp_path, emu.base_url, quota=20)
+        args = ["run", str(wan_manifest(tmp_path, 4)), "--out", str(out), "--lanes", str(lanes),
+                "--no-progress", "--request-timeout", "10"]  # fmt: skip
+        proc = start(args, env)
+        try:
+            wait_for(lambda: len(submitted_lanes(out / "batcher.db")) == 4)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        assert set(submitted_lanes(out / "batcher.db")) == {"a", "b"}
+        done = run_cli(*args, env=env)
+        assert done.returncode == 0, done.stderr
+        stats = emu.stats()
+        assert stats["tasks_created"] == 4  # reattached on their own lanes, none made again
+        assert stats["duplicate_billed"] == 0
+    assert sorted(lane for _, lane, _ in jobs(out / "batcher.db")) == ["a", "a", "b", "b"]
+
+
+def test_cancel_with_lanes_uses_each_tasks_lane(tmp_path):
+    out, env = tmp_path / "out", {"LANE_KEY_A": KEY_A, "LANE_KEY_B": KEY_B}
+    with EmulatorThread(task_accounts("400")) as emu:
+        lanes = lanes_file(tmp_path, emu.base_url, quota=20)
+        args = ["run", str(wan_manifest(tmp_path, 4)), "--out", str(out), "--lanes", str(lanes),
+                "--no-progress", "--request-timeout", "10", "--grace", "0.5"]  # fmt: skip
+        proc = start(args, env)
+        try:
+            wait_for(lambda: len(submitted_lanes(out / "batcher.db")) == 4)
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=30) == 130
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        cancelled = run_cli("cancel", out, "--lanes", lanes, env=env)
+        assert cancelled.returncode == 0, cancelled.stderr
+        assert cancelled.stdout.startswith("4 tasks cancelled; 0 already running")
+        assert emu.stats()["tasks_cancelled"] == 4
