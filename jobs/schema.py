@@ -1,7 +1,8 @@
 """The SQLite schema of a run folder's ``batcher.db``: tables, indexes and pragmas.
 
 One row per job in ``jobs``; the previous record of a job replaced by ``--replace`` (or
-redone) in ``job_history``; ``meta`` holds the schema version. A run folder made by an older
+redone) in ``job_history``; what each lane's (API key's) calls did per run and model in
+``lane_calls``; ``meta`` holds the schema version. A run folder made by an older
 release is upgraded in place on first open by the numbered steps of :mod:`jobs.migrations`;
 ``SCHEMA_VERSION`` is the version those steps end at, and the tables below are that version.
 """
