@@ -187,7 +187,7 @@ def _report(cmd: RunCommand, outcome: RunOutcome, code: ExitCode) -> None:
         counters=result.counters,
         elapsed=result.elapsed,
         reason=result.reason.value,
-        calls_per_second=achieved_rate(result),
+        calls_per_second=_run_rate(cmd, result),
         rps=_run_quota(cmd, result),
         currency=currency_of(cmd.options.region),
         emulated=cmd.emulate,
@@ -222,6 +222,21 @@ def _report(cmd: RunCommand, outcome: RunOutcome, code: ExitCode) -> None:
     _warn(f"images are in {layout.images}")
     if outcome.report is not None:
         _warn(f"report: {outcome.report}")
+
+
+def _run_rate(cmd: RunCommand, result: RunResult) -> float | None:
+    """The achieved rate: with a lanes file, the sum of each lane's (its calls interleave
+    with the other lanes', so one span over all of them would overstate it)."""
+    if cmd.lanes is None:
+        return achieved_rate(result)
+    from .lanebook import accepted_rate
+
+    rates = [
+        rate
+        for r in result.lanes
+        if (rate := accepted_rate(r.accepted, r.first_accepted_at, r.last_accepted_at)) is not None
+    ]
+    return sum(rates) if rates else None
 
 
 def _run_quota(cmd: RunCommand, result: RunResult) -> float:
