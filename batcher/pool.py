@@ -15,10 +15,12 @@ account: the dispatcher starts whichever buffered job has a lane serving its mod
 send slot (the lane with the fewest calls for its weight when several have one). A run without
 ``--lanes`` has one lane, ``default``. An error fatal to an account (a bad key, arrears, the
 free quota used up) disables its lane alone: the job goes back to pending with no attempt
-charged, the other lanes go on, and the run stops (exit 3) only when no lane is left for a
-job's model. A model called as an asynchronous task (see ``batcher.models``) also has a limit
-of tasks at once per lane; its worker creates the task, commits the ``task_id`` and the lane
-(state ``submitted``) before anything else, then polls it with that lane's key
+charged, the other lanes go on, and the run stops (exit 3) when jobs are left that no lane can
+take (once the others are done), or at once when every lane is disabled.
+
+A model called as an asynchronous task (see ``batcher.models``) also has a limit of tasks at
+once per lane; its worker creates the task, commits the ``task_id`` and the lane (state
+``submitted``) before anything else, then polls it with that lane's key
 (``batcher.taskpolls``) and downloads the result like any other image. A ``submitted`` job
 claimed by a later run is polled (with the lane recorded), never created again.
 
@@ -248,6 +250,7 @@ class Runner:
         self.job_time = LatencyTracker(initial=2.0)
         self._rng = random.Random(options.seed)
         self._buffer: deque[Claim] = deque()
+        self._orphans: dict[str, list[Claim]] = {}  # by model: jobs no enabled lane serves
         self._held: dict[str, Claim] = {}
         self._in_flight = 0
         # Generation calls dispatched and not yet answered: counted from the dispatch (not
@@ -416,6 +419,10 @@ class Runner:
                 if not self._buffer:
                     if self._in_flight == 0:
                         due = await self.store.next_due_at()
+                        if self._orphans and (due is None or self.store.shared):
+                            # every job a lane could take is done: those left have none
+                            self._no_lane_left(", ".join(sorted(self._orphans)))
+                            return
                         if due is None:
                             return  # every job is done or failed
                         await self._sleep(min(1.0, max(0.01, due - self.store.clock())))
@@ -484,8 +491,8 @@ class Runner:
         such lanes, the one with the fewest calls for its weight. Otherwise (None, None,
         seconds until the earliest send slot, or None).
 
-        A job whose model no enabled lane serves any more stops the run (every lane that
-        could was disabled)."""
+        A job whose model no enabled lane serves any more (every lane that could was disabled)
+        is held aside; the run stops (exit 3) once the other lanes have nothing left to do."""
         now = anyio.current_time()
         earliest: float | None = None
         for index, claim in enumerate(self._buffer):
@@ -497,8 +504,11 @@ class Runner:
                 return claim, self.book.task_lane(claim.lane, claim.model), 0.0
             serving = self.book.serving(claim.model)
             if not serving:
-                self._no_lane_left(claim.model)
-                return None, None, None
+                # Every lane for its model was disabled: held aside (released at the end, no
+                # attempt charged) while the other lanes finish what they can.
+                del self._buffer[index]
+                self._orphans.setdefault(claim.model, []).append(claim)
+                return None, None, 0.0
             entry = MODELS.get(claim.model)
             limit = entry.quota.concurrent_tasks if entry is not None else None
             best: RunLane | None = None
@@ -615,6 +625,9 @@ class Runner:
         while self._buffer:
             claim = self._buffer.popleft()
             await self._release(claim)
+        for claims in self._orphans.values():
+            while claims:
+                await self._release(claims.pop())
 
     async def _release(self, claim: Claim) -> None:
         self._held.pop(claim.id, None)

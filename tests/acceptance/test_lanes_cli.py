@@ -298,3 +298,31 @@ def test_cancel_with_lanes_uses_each_tasks_lane(tmp_path):
         assert cancelled.returncode == 0, cancelled.stderr
         assert cancelled.stdout.startswith("4 tasks cancelled; 0 already running")
         assert emu.stats()["tasks_cancelled"] == 4
+
+
+def test_jobs_no_lane_can_take_wait_while_the_other_lanes_finish_then_exit_3(tmp_path):
+    """Lane a (the only one for z-image-turbo) has a bad key: lane b still makes every Wan
+    image, then the run stops (exit 3) with the z-image jobs pending, no attempt charged."""
+    out = tmp_path / "out"
+    rows = [{"id": f"z{i}", "prompt": f"item {i}"} for i in range(3)]
+    rows += [{"id": f"w{i}", "prompt": f"study {i}", "model": "wan2.2-t2i-flash"} for i in range(2)]
+    m = tmp_path / "mixed.jsonl"
+    m.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    with EmulatorThread(task_accounts("0.3")) as emu:
+        lanes = tmp_path / "lanes.yaml"
+        lanes.write_text(
+            "lanes:\n"
+            f"  - {{name: a, key_env: LANE_KEY_A, base_url: {emu.base_url}, quota: 20, "
+            "models: [z-image-turbo]}\n"
+            f"  - {{name: b, key_env: LANE_KEY_B, base_url: {emu.base_url}, quota: 20, "
+            "models: [wan2.2-t2i-flash]}\n",
+            encoding="utf-8",
+        )
+        r = run_lanes(m, out, lanes, {"LANE_KEY_A": KEY_BAD, "LANE_KEY_B": KEY_B})
+    assert r.returncode == 3, r.stderr
+    assert "lane a disabled: InvalidApiKey" in r.stderr
+    assert "no lane is left for z-image-turbo" in r.stderr
+    with sqlite3.connect(out / "batcher.db") as con:
+        got = dict(con.execute("SELECT id, state || ':' || attempts FROM jobs").fetchall())
+    assert got == {"z0": "pending:0", "z1": "pending:0", "z2": "pending:0",
+                   "w0": "done:1", "w1": "done:1"}  # fmt: skip
