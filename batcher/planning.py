@@ -35,6 +35,7 @@ class PlanOptions:
     emulate: bool = False
     as_json: bool = False
     database: str | None = None  # a postgresql:// URL holding the run's table
+    lanes: Path | None = None  # a lanes file: its region's prices, its lanes' quotas
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -61,6 +62,12 @@ class Plan:
         """Jobs still to generate (fewer than :attr:`to_generate` images with ``n > 1``)."""
         return sum(self.calls.values()) if self.calls else self.to_generate
 
+    # with lanes: each model's rate, every lane serving it together (None: ``rps``)
+    lane_rates: dict[str, float] | None = None
+
+    def _rates(self) -> dict[str, float]:
+        return self.lane_rates if self.lane_rates is not None else model_rates(self.rps)
+
     @property
     def in_progress(self) -> int:
         """Jobs a live run is generating now (running, their lease held): not to do."""
@@ -72,7 +79,7 @@ class Plan:
         """How long generating what is pending takes at the quota, at best (None when too
         long to say): models are paced apart, each at ``rps`` or (without one) its published
         quota, so the slowest decides."""
-        rates = model_rates(self.rps)
+        rates = self._rates()
         if not self.by_model:
             seconds = self.jobs_to_generate / (self.rps or 2.0)
         else:
@@ -86,6 +93,13 @@ class Plan:
         return math.ceil(seconds) if math.isfinite(seconds) else None
 
     def _rate_text(self) -> str:
+        if self.lane_rates is not None:
+            found = sorted({self.lane_rates.get(m, 0.0) for m in self.by_model})
+            if len(found) == 1:
+                return f"{found[0]:g}/s over the lanes" + (
+                    " per model" if len(self.by_model) > 1 else ""
+                )
+            return "the lanes' quotas"
         if self.rps is not None:
             return f"{self.rps:g}/s" + (" per model" if len(self.by_model) > 1 else "")
         rates = model_rates(None)
@@ -124,6 +138,7 @@ class Plan:
             "currency": self.cost.currency,
             "emulated": self.emulate,
             "rps": self.rps,
+            "lane_rates": self.lane_rates,
             "seconds_at_quota": self.seconds_at_quota,
             "spent": {c: amount_text(a) for c, a in sorted(self._spent(False).items())},
             "spent_emulated": {c: amount_text(a) for c, a in sorted(self._spent(True).items())},
@@ -167,7 +182,7 @@ class Plan:
         ]
         if len(self.by_model) > 1:
             for model, (count, money) in sorted(self.by_model.items()):
-                rate = model_rates(self.rps).get(model, self.rps or 2.0)
+                rate = self._rates().get(model, self.rps or 2.0)
                 made = self.calls.get(model, count)
                 lines.append(
                     f"    {model:<20} {count} images"
@@ -250,4 +265,19 @@ async def make_plan(
         to_generate=found["to_generate"],
         by_model=found["by_model"],
         calls=found["calls"],
+        lane_rates=lane_rates(opt.lanes) if opt.lanes is not None else None,
     )
+
+
+def lane_rates(path: Path) -> dict[str, float]:
+    """Each model's rate over the lanes of a lanes file: the quotas of every lane serving it,
+    together (the lanes send at once, each paced on its own)."""
+    from .lanes import load_lanes
+    from .models import MODELS
+
+    rates: dict[str, float] = {}
+    for lane in load_lanes(path):
+        for model, entry in MODELS.items():
+            if lane.serves(model):
+                rates[model] = rates.get(model, 0.0) + lane.rate_for(model, entry.quota.rps)
+    return rates

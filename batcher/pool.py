@@ -9,13 +9,20 @@ Every worker ends its attempt with exactly one final store write, run under a sh
 scope so an interrupt cannot leave a job half-recorded; if it is cancelled before it could
 decide, it releases the job (back to pending, no attempt charged).
 
-Every model has its own pacer (the service counts requests per account *and model*), so a mixed
-manifest keeps every model's quota busy: the dispatcher starts whichever buffered job's model
-has a free send slot. A model called as an asynchronous task (see ``batcher.models``) also has
-a limit of tasks at once; its worker creates the task, commits the ``task_id`` (state
-``submitted``) before anything else, then polls it (``batcher.taskpolls``) and downloads the
-result like any other image. A ``submitted`` job claimed by a later run is polled, never
-created again.
+Every lane (an API key: :mod:`batcher.lanes`) has its own pacer per model (the service counts
+requests per account *and model*), so a mixed manifest keeps every model's quota busy on every
+account: the dispatcher starts whichever buffered job has a lane serving its model with a free
+send slot (the lane with the fewest calls for its weight when several have one). A run without
+``--lanes`` has one lane, ``default``. An error fatal to an account (a bad key, arrears, the
+free quota used up) disables its lane alone: the job goes back to pending with no attempt
+charged, the other lanes go on, and the run stops (exit 3) when jobs are left that no lane can
+take (once the others are done), or at once when every lane is disabled.
+
+A model called as an asynchronous task (see ``batcher.models``) also has a limit of tasks at
+once per lane; its worker creates the task, commits the ``task_id`` and the lane (state
+``submitted``) before anything else, then polls it with that lane's key
+(``batcher.taskpolls``) and downloads the result like any other image. A ``submitted`` job
+claimed by a later run is polled (with the lane recorded), never created again.
 
 A job of several images (``n > 1``) records every image the answer carries (URL, and a
 shortfall note when some of the n failed: a task's partial success) with the generation,
@@ -30,6 +37,16 @@ when such failures follow one another across the run the dispatcher stops starti
 lets one probe at a time go, with backoff; past ``unreachable_timeout`` it stops the run
 (:attr:`StopReason.UNREACHABLE`) with every job left pending.
 
+A job database that cannot be reached (a PostgreSQL server restarting, the network to it cut:
+:class:`jobs.StoreUnreachable`) is the same kind of condition. The runner is the store's
+``outage`` hook: a write, claim or read that fails waits there while one probe at a time pings
+the database with backoff; the dispatcher starts no call meanwhile, and answers already in
+hand wait in memory to be written. Once the database answers, every waiting write goes on,
+and before any new call the leases of the jobs held are renewed: those another worker took
+over meanwhile (the outage outlasted the lease) leave the buffer, and a late write of one in
+flight is refused by its claim token (a lost lease, counted). Past ``unreachable_timeout``
+the run stops (:attr:`StopReason.DATABASE`), leaving every job as the database has it.
+
 Stopping: :meth:`Runner.request_stop` stops claiming (within a second: every wait in the
 dispatcher watches the stop event) and lets in-flight calls finish; :meth:`Runner.cancel_in_flight`
 cuts them short. A run-level API error (bad key, arrears, ...) does the former by itself.
@@ -42,6 +59,7 @@ import os
 import random
 import socket
 import time
+import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -59,9 +77,12 @@ from jobs import (
     Generated,
     JobImage,
     JobStore,
+    JobStoreError,
+    LaneCalls,
     LeaseLost,
     State,
     StoredFile,
+    StoreUnreachable,
 )
 from jobs.naming import image_output
 from jobs.params import load_params
@@ -72,6 +93,8 @@ from .client import DashScopeClient, ImageResult, TaskReport, url_expiry
 from .committer import ImageCommitter
 from .download import Downloaded, commit, discard, download_image, hash_file
 from .errors import ApiError, DownloadError, RunAborted, TransportError
+from .lanebook import LaneBook, LaneTally, RunLane, accepted_rate
+from .lanes import default_lane
 from .layout import RunLayout, UnsafeOutputPath
 from .models import MODELS, ApiProtocol
 from .pacing import DEFAULT_QUOTA, LatencyTracker, Pacer, auto_concurrency
@@ -91,6 +114,7 @@ QUOTA_CODES = frozenset({"throttling.ratequota", "limitrequests", "limit_request
 BUFFER_MAX = 256  # claimed jobs held while their models wait for a send slot
 FILL_AHEAD = 0.25  # s: claim more only when no send slot is due sooner (a claim is a write)
 MAX_POLL_FAILURES = 8  # polls of one task failing in a row before it is left for later
+DB_PROBE_CAP = 5.0  # s: the longest wait between pings of a job database that went away
 
 
 class StopReason(StrEnum):
@@ -102,6 +126,7 @@ class StopReason(StrEnum):
     BUDGET = "budget"  # --budget reached
     LIMIT = "limit"  # --limit reached
     UNREACHABLE = "unreachable"  # the service could not be reached for --unreachable-timeout
+    DATABASE = "database"  # the job database could not be reached for --unreachable-timeout
 
 
 def shortfall_note(n: int, came: int, failed: Sequence[tuple[str, str]]) -> str | None:
@@ -150,7 +175,7 @@ class RunOptions:
     # Each model's own send rate (requests/s); a model not listed is paced at ``rps``.
     # ``model_rates(None)`` gives every known model its published quota.
     model_rps: Mapping[str, float] = field(default_factory=dict)
-    unreachable_timeout: float = 180.0  # seconds the service may stay unreachable
+    unreachable_timeout: float = 180.0  # seconds the service (or the database) may be away
     seed: int | None = None  # for the retry jitter, so tests can reproduce a run
 
 
@@ -172,12 +197,16 @@ class RunCounters:
     download_retries: int = 0
     downloads_skipped: int = 0
     lease_lost: int = 0
+    database_outages: int = 0  # times the job database went away and the run paused
     released: int = 0
     tasks_created: int = 0
     task_polls: int = 0
     tasks_reattached: int = 0
     failures: dict[str, int] = field(default_factory=dict)
     cost: Decimal = Decimal(0)
+    # per (lane, model): calls, throttled, rate, cost
+    lanes: dict[tuple[str, str], LaneTally] = field(default_factory=dict)
+    disabled: dict[str, str] = field(default_factory=dict)  # lane -> why it was disabled
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -196,16 +225,13 @@ class RunResult:
     last_call_at: float | None
     first_accepted_at: float | None = None
     last_accepted_at: float | None = None
+    lanes: tuple[LaneCalls, ...] = ()  # this run's figures per lane and model
 
     @property
     def accepted_per_second(self) -> float | None:
         """Calls the service accepted per second while sending; None when too few to say
         (fewer than three, or sent within a second: a rate of a burst means nothing)."""
-        n = self.counters.accepted
-        if self.first_accepted_at is None or self.last_accepted_at is None or n < 3:
-            return None
-        span = self.last_accepted_at - self.first_accepted_at
-        return (n - 1) / span if span >= 1.0 else None
+        return accepted_rate(self.counters.accepted, self.first_accepted_at, self.last_accepted_at)
 
 
 class Runner:
@@ -222,22 +248,38 @@ class Runner:
         endpoint: str | None = None,
         spent: Decimal = Decimal(0),
         on_done: Callable[[list[str]], Awaitable[None]] | None = None,
+        lanes: Sequence[RunLane] | None = None,
+        on_notice: Callable[[str], None] | None = None,
     ) -> None:
         """``endpoint`` is what each image records as its origin (default: the client's base
         URL); ``spent`` what the run folder spent before, in the region's currency, which
-        ``--budget`` counts against."""
+        ``--budget`` counts against. ``lanes``: the keys to send through (default: one lane,
+        ``default``, with ``client``); ``on_notice`` hears the lines a person must see while
+        the run goes on (a lane disabled)."""
         self.store = store
         self.client = client
         self.session = session
         self.layout = layout
         self.opt = options
         self.endpoint = endpoint if endpoint is not None else client.base_url
+        if lanes is None:
+            lanes = [
+                RunLane(
+                    lane=default_lane(options.region, None), client=client, endpoint=self.endpoint
+                )
+            ]
+        self.book = LaneBook(lanes, lambda model: options.model_rps.get(model, options.rps))
+        self.lanes = self.book.lanes
+        self._on_notice = on_notice
+        self.run_id = uuid.uuid4().hex
+        self._started_wall = time.time()
         self._spent_before = spent
-        self.counters = RunCounters()
+        self.counters = RunCounters(lanes=self.book.tallies, disabled=self.book.disabled)
         self.committer = ImageCommitter(store, on_done)
         self._on_done = on_done  # hears the ids of jobs this run completes
-        self._pacers: dict[str, Pacer] = {}
-        self._tasks_open: dict[str, int] = {}  # tasks this run is creating or polling, by model
+        self._pacers: dict[tuple[str, str], Pacer] = {}
+        # tasks this run is creating or polling, by lane and model
+        self._tasks_open: dict[tuple[str, str], int] = {}
         self._polls = PollGate()
         self._next_fill = 0.0
         self.reach = Reachability(window=options.unreachable_timeout)
@@ -247,6 +289,7 @@ class Runner:
         self.job_time = LatencyTracker(initial=2.0)
         self._rng = random.Random(options.seed)
         self._buffer: deque[Claim] = deque()
+        self._orphans: dict[str, list[Claim]] = {}  # by model: jobs no enabled lane serves
         self._held: dict[str, Claim] = {}
         self._in_flight = 0
         # Generation calls dispatched and not yet answered: counted from the dispatch (not
@@ -260,13 +303,21 @@ class Runner:
         self._reason = StopReason.FINISHED
         self._abort_message: str | None = None
         self._work_scope: anyio.CancelScope | None = None
-        self._prices: dict[tuple[str, bool], Money] = {}
+        self._prices: dict[tuple[str, bool, str], Money] = {}
         self._t0 = time.monotonic()
         self.first_call_at: float | None = None
         self.last_call_at: float | None = None
         self.first_accepted_at: float | None = None
         self.last_accepted_at: float | None = None
         self._unreached_detail = ""
+        # the job database (see the module docstring)
+        self.database = Reachability(
+            window=options.unreachable_timeout, streak=1, probe_cap=DB_PROBE_CAP
+        )
+        self._db_probe = anyio.Lock()  # one ping at a time; the other waiters find it back
+        self._db_gone = False  # gave up: every store call fails at once
+        self._recheck_leases = False  # renew every held lease before the next call
+        self._cut = anyio.Event()  # cancel_in_flight: stop waiting for the database too
 
     # ------------------------------------------------------------------ control
 
@@ -296,25 +347,30 @@ class Runner:
 
     @property
     def rate(self) -> float:
-        """Calls a second the run is paced at: every model's pacer together (``rps`` before
-        the first call)."""
-        return sum(p.rate for p in self._pacers.values()) or self.opt.rps
+        """Calls a second the run is paced at: every enabled lane's pacers together (``rps``
+        before the first call)."""
+        disabled = self.book.disabled
+        live = (p.rate for (lane, _), p in self._pacers.items() if lane not in disabled)
+        return sum(live) or self.opt.rps
 
     @property
     def pacer(self) -> Pacer:
         """The pacer set up last (a single-model run's one pacer); see :meth:`pacer_for` and
         :attr:`rate` for a mixed run."""
         if not self._pacers:
-            return self.pacer_for("z-image-turbo")
+            return self.pacer_for(next(iter(self.lanes)), "z-image-turbo")
         return next(reversed(self._pacers.values()))
 
-    def pacer_for(self, model: str) -> Pacer:
-        """The pacer of ``model``, at its rate in ``model_rps`` (else ``rps``)."""
-        pacer = self._pacers.get(model)
+    def pacer_for(self, lane: str, model: str) -> Pacer:
+        """The pacer of ``model`` on ``lane`` (the service counts per account and model)."""
+        pacer = self._pacers.get((lane, model))
         if pacer is None:
-            rate = self.opt.model_rps.get(model, self.opt.rps)
-            pacer = Pacer(rate, adaptive=self.opt.adaptive, start_rate=self.opt.start_rps)
-            self._pacers[model] = pacer
+            pacer = Pacer(
+                self.book.quota_of(lane, model),
+                adaptive=self.opt.adaptive,
+                start_rate=self.opt.start_rps,
+            )
+            self._pacers[(lane, model)] = pacer
         return pacer
 
     def request_stop(self, reason: StopReason, message: str | None = None) -> None:
@@ -329,6 +385,7 @@ class Runner:
     def cancel_in_flight(self) -> None:
         """Cut in-flight calls short; their jobs are released to pending."""
         self.request_stop(StopReason.INTERRUPTED)
+        self._cut.set()
         if self._work_scope is not None:
             self._work_scope.cancel()
 
@@ -350,26 +407,34 @@ class Runner:
                 await wake.wait()
                 tg.cancel_scope.cancel()
 
-    def price(self, model: str, prompt_extend: bool) -> Money:
-        key = (model, prompt_extend)
+    def price(self, model: str, prompt_extend: bool, region: str | None = None) -> Money:
+        """One image's price in ``region`` (default: the run's ``--region``)."""
+        key = (model, prompt_extend, region or self.opt.region)
         if key not in self._prices:
-            self._prices[key] = price_per_image(model, self.opt.region, prompt_extend)
+            self._prices[key] = price_per_image(model, key[2], prompt_extend)
         return self._prices[key]
 
     # ---------------------------------------------------------------------- run
 
     async def run(self) -> RunResult:
         """Work until nothing is left or a stop; release whatever is still held."""
+        outage, self.store.outage = self.store.outage, self._database_outage
         try:
             async with anyio.create_task_group() as outer:
                 outer.start_soon(self._heartbeat_loop)
                 with anyio.CancelScope() as self._work_scope:
                     async with anyio.create_task_group() as tg:
-                        await self._dispatch(tg)
+                        try:
+                            await self._dispatch(tg)
+                        except StoreUnreachable:
+                            if not self._db_gone:
+                                raise  # the stop is requested; the workers end
                 outer.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
                 await self._release_buffer()
+                await self.save_lanes()
+            self.store.outage = outage
         return RunResult(
             reason=self._reason,
             counters=self.counters,
@@ -379,10 +444,18 @@ class Runner:
             last_call_at=self.last_call_at,
             first_accepted_at=self.first_accepted_at,
             last_accepted_at=self.last_accepted_at,
+            lanes=tuple(self.lane_rows()),
         )
 
     async def _dispatch(self, tg: TaskGroup) -> None:
         while not self.stopping:
+            if self.database.paused:
+                await self._sleep(1.0)  # no new call; the database coming back wakes this
+                continue
+            if self._recheck_leases:
+                self._recheck_leases = False
+                await self._renew_leases()
+                continue
             if self._in_flight >= self.concurrency:
                 await self._sleep(1.0)
                 continue
@@ -391,7 +464,7 @@ class Runner:
                 if not await self._may_probe():
                     continue
                 probe = True
-            claim, wait = self._pick_ready()
+            claim, lane, wait = self._pick_ready()
             if claim is None:
                 # Nothing buffered can start now: claim more (other models may be free), unless
                 # a send slot is so near that the claim's write would make that send late; or
@@ -408,6 +481,10 @@ class Runner:
                 if not self._buffer:
                     if self._in_flight == 0:
                         due = await self.store.next_due_at()
+                        if self._orphans and (due is None or self.store.shared):
+                            # every job a lane could take is done: those left have none
+                            self._no_lane_left(", ".join(sorted(self._orphans)))
+                            return
                         if due is None:
                             return  # every job is done or failed
                         await self._sleep(min(1.0, max(0.01, due - self.store.clock())))
@@ -417,17 +494,21 @@ class Runner:
                 await self._sleep(min(1.0, wait if wait is not None else 1.0))
                 continue
             if claim.state is State.GENERATED:
-                self._start(tg, self._download_only, claim)
+                self._start(tg, self._download_only, claim, None)
+                continue
+            if lane is None:  # a task created on a lane this run cannot use
+                await self._task_without_lane(claim)
                 continue
             if claim.state is State.SUBMITTED:
-                self._tasks_open[claim.model] = self._tasks_open.get(claim.model, 0) + 1
+                self._open_task(lane.name, claim.model, +1)
                 self.counters.tasks_reattached += 1
-                self._start(tg, self._task, claim)
+                self._start(tg, self._task, claim, lane)
                 continue
-            if not self._within_limits(claim):
+            if not self._within_limits(claim, lane):
                 self._buffer.appendleft(claim)
                 return
-            self.pacer_for(claim.model).control.reserve(now=anyio.current_time())
+            self.pacer_for(lane.name, claim.model).control.reserve(now=anyio.current_time())
+            self.book.sent(lane)
             if self.opt.limit is not None:
                 self._started.add(claim.id)
             if probe:
@@ -435,35 +516,104 @@ class Runner:
             self._generating += 1  # until _call_and_record / _create_task has the answer
             self._generating_images += claim.n
             if self._is_task_model(claim.model):
-                self._tasks_open[claim.model] = self._tasks_open.get(claim.model, 0) + 1
-                self._start(tg, self._task, claim)
+                self._open_task(lane.name, claim.model, +1)
+                self._start(tg, self._task, claim, lane)
             else:
-                self._start(tg, self._generate, claim)
+                self._start(tg, self._generate, claim, lane)
+
+    def _open_task(self, lane: str, model: str, change: int) -> None:
+        key = (lane, model)
+        self._tasks_open[key] = self._tasks_open.get(key, 0) + change
+
+    async def _task_without_lane(self, claim: Claim) -> None:
+        """A submitted job whose task was created on a lane this run does not have (or has
+        disabled): its task can only be polled with that lane's key, so it waits, its task id
+        kept, for a run that has the lane."""
+        why = (
+            f"its task was created on lane {claim.lane!r}, which this run "
+            + ("has disabled" if claim.lane in self.book.disabled else "does not have")
+            + "; it is polled by a run with that lane (--lanes)"
+        )
+        log.warning("job %s: %s", claim.id, why)
+        self._held.pop(claim.id, None)
+        try:
+            await self.store.poll_later(
+                claim.id, claim.token, delay=self.opt.backoff_cap, code="LaneMissing", message=why
+            )
+        except LeaseLost:
+            self.counters.lease_lost += 1
 
     def _is_task_model(self, model: str) -> bool:
         entry = MODELS.get(model)
         return entry is not None and entry.protocol is ApiProtocol.TASK
 
-    def _pick_ready(self) -> tuple[Claim | None, float | None]:
-        """Take the first buffered job that can start now: a download or a task to poll, or a
-        generation whose model has a free send slot (and, for a task model, room for one
-        more task). Otherwise (None, seconds until the earliest send slot, or None)."""
+    def _pick_ready(self) -> tuple[Claim | None, RunLane | None, float | None]:
+        """Take the first buffered job that can start now, with its lane: a download, a task
+        to poll (on the lane that created it), or a generation with a lane serving its model
+        that has a free send slot (and, for a task model, room for one more task); of several
+        such lanes, the one with the fewest calls for its weight. Otherwise (None, None,
+        seconds until the earliest send slot, or None).
+
+        A job whose model no enabled lane serves any more (every lane that could was disabled)
+        is held aside; the run stops (exit 3) once the other lanes have nothing left to do."""
         now = anyio.current_time()
         earliest: float | None = None
         for index, claim in enumerate(self._buffer):
-            if claim.state is not State.RUNNING:
+            if claim.state is State.GENERATED:
                 del self._buffer[index]
-                return claim, 0.0
+                return claim, None, 0.0
+            if claim.state is State.SUBMITTED:
+                del self._buffer[index]
+                return claim, self.book.task_lane(claim.lane, claim.model), 0.0
+            serving = self.book.serving(claim.model)
+            if not serving:
+                # Every lane for its model was disabled: held aside (released at the end, no
+                # attempt charged) while the other lanes finish what they can.
+                del self._buffer[index]
+                self._orphans.setdefault(claim.model, []).append(claim)
+                return None, None, 0.0
             entry = MODELS.get(claim.model)
             limit = entry.quota.concurrent_tasks if entry is not None else None
-            if limit is not None and self._tasks_open.get(claim.model, 0) >= limit:
-                continue  # a worker's end wakes the dispatcher
-            wait = self.pacer_for(claim.model).control.wait_needed(now=now)
-            if wait <= 0:
+            best: RunLane | None = None
+            for lane in serving:
+                if limit is not None and self._tasks_open.get((lane.name, claim.model), 0) >= limit:
+                    continue  # a worker's end wakes the dispatcher
+                wait = self.pacer_for(lane.name, claim.model).control.wait_needed(now=now)
+                if wait > 0:
+                    earliest = wait if earliest is None else min(earliest, wait)
+                elif best is None or self.book.share(lane) < self.book.share(best):
+                    best = lane
+            if best is not None:
                 del self._buffer[index]
-                return claim, 0.0
-            earliest = wait if earliest is None else min(earliest, wait)
-        return None, earliest
+                return claim, best, 0.0
+        return None, None, earliest
+
+    def _no_lane_left(self, model: str) -> None:
+        """No enabled lane serves ``model``: stop (exit 3), saying why each lane went."""
+        why = self.book.why_disabled()
+        self.request_stop(
+            StopReason.ABORTED,
+            f"no lane is left for {model}: {why or 'none serves it'}; "
+            "the jobs are left pending with no attempt charged: fix the keys, then run the "
+            "same command again",
+        )
+
+    def _lane_fatal(self, lane: RunLane, code: str, message: str, advice: str) -> None:
+        """An error fatal to ``lane``'s account. A run of one lane stops (exit 3), as a run
+        always did; of several, the lane alone is disabled with one line, and the others go
+        on (the dispatcher stops the run when no lane is left for a job's model)."""
+        if len(self.lanes) == 1:
+            self.request_stop(StopReason.ABORTED, f"{code}: {message} -- {advice}")
+            return
+        line = self.book.disable(lane, code, message, advice)
+        if line is None:
+            return  # disabled already
+        log.warning("%s", line)
+        if self._on_notice is not None:
+            self._on_notice(line)
+        if self.book.all_disabled:
+            self._no_lane_left("any model")
+        self._notify()
 
     async def _may_probe(self) -> bool:
         """While the service is unreachable: True when one probing call may go now; else wait
@@ -497,13 +647,13 @@ class Runner:
             with anyio.move_on_after(left):
                 await self._stop.wait()
 
-    def _within_limits(self, claim: Claim) -> bool:
+    def _within_limits(self, claim: Claim, lane: RunLane) -> bool:
         limit = self.opt.limit
         if limit is not None and claim.id not in self._started and len(self._started) >= limit:
             self.request_stop(StopReason.LIMIT, f"--limit {self.opt.limit} reached")
             return False
         if self.opt.budget is not None:
-            price = self.price(claim.model, claim.prompt_extend)
+            price = self.price(claim.model, claim.prompt_extend, lane.lane.region)
             spent = self._spent_before + self.counters.cost
             committed = spent + price.amount * self._generating_images
             if committed + price.amount * claim.n > self.opt.budget:
@@ -517,9 +667,9 @@ class Runner:
                 return False
         return True
 
-    def _start(self, tg: TaskGroup, fn: object, claim: Claim) -> None:
+    def _start(self, tg: TaskGroup, fn: object, claim: Claim, lane: RunLane | None) -> None:
         self._in_flight += 1
-        tg.start_soon(fn, claim)  # type: ignore[arg-type]
+        tg.start_soon(fn, claim, lane)  # type: ignore[arg-type]
 
     async def _fill_buffer(self) -> int:
         """Claim a batch into the buffer; how many were claimed."""
@@ -538,9 +688,14 @@ class Runner:
         while self._buffer:
             claim = self._buffer.popleft()
             await self._release(claim)
+        for claims in self._orphans.values():
+            while claims:
+                await self._release(claims.pop())
 
     async def _release(self, claim: Claim) -> None:
         self._held.pop(claim.id, None)
+        if self._db_gone:
+            return  # the run gave up on the database: left as it is, its lease runs out
         abandoned = claim.id in self._abandoned
         try:
             await self.store.release(claim.id, claim.token, ambiguous=abandoned)
@@ -548,33 +703,119 @@ class Runner:
             self.counters.abandoned += int(abandoned)
         except LeaseLost:
             self.counters.lease_lost += 1
+        except StoreUnreachable:
+            if not self._db_gone:
+                raise  # else (given up meanwhile) left as it is: its lease runs out
+
+    def lane_rows(self) -> list[LaneCalls]:
+        """This run's figures per lane and model, as ``lane_calls`` keeps them."""
+        return self.book.rows(self.run_id, emulated=self.endpoint == EMULATOR_ENDPOINT)
+
+    async def save_lanes(self) -> None:
+        """Write this run's figures per lane and model (``lane_calls``)."""
+        if self.database.paused or self._db_gone:
+            return  # the database is away: the next save writes them
+        rows = self.lane_rows()
+        try:
+            await self.store.save_lane_calls(rows, worker=WORKER, started_at=self._started_wall)
+        except (OSError, JobStoreError) as exc:  # figures only: never the run's failure
+            log.warning("could not save the lanes' figures: %s", exc)
 
     async def _heartbeat_loop(self) -> None:
         period = max(0.5, self.opt.lease_seconds / 3)
         while True:
             await anyio.sleep(period)
-            by_token: dict[str, list[str]] = {}
-            for claim in list(self._held.values()):
-                by_token.setdefault(claim.token, []).append(claim.id)
-            for token, ids in by_token.items():
-                lost = await self.store.heartbeat(token, ids, lease_seconds=self.opt.lease_seconds)
-                for job_id in lost:
-                    log.warning("job %s: lease lost to another worker", job_id)
+            await self.save_lanes()
+            try:
+                await self._renew_leases()
+            except StoreUnreachable:
+                if not self._db_gone:
+                    raise
+                return
+
+    async def _renew_leases(self) -> None:
+        """Extend the lease of every job held. A job another worker holds now (this worker
+        lost the database for longer than the lease) leaves the buffer if it is still there;
+        one in flight finds out at its next write."""
+        by_token: dict[str, list[str]] = {}
+        for claim in list(self._held.values()):
+            by_token.setdefault(claim.token, []).append(claim.id)
+        for token, ids in by_token.items():
+            lost = await self.store.heartbeat(token, ids, lease_seconds=self.opt.lease_seconds)
+            for job_id in lost:
+                log.warning("job %s: lease lost to another worker", job_id)
+                for claim in self._buffer:
+                    if claim.id == job_id:
+                        self._buffer.remove(claim)
+                        self._held.pop(job_id, None)
+                        self.counters.lease_lost += 1
+                        break
+
+    async def _database_outage(self, exc: StoreUnreachable) -> bool:
+        """The store's ``outage`` hook (see the module docstring): True once the database
+        answers again, False when the run gives up on it."""
+        if self._db_gone:
+            return False
+        if self.database.failed(now=anyio.current_time()):
+            log.warning(
+                "the job database is unreachable (%s): pausing, reconnecting for up to %gs",
+                exc,
+                self.database.window,
+            )
+            self.counters.database_outages += 1
+        async with self._db_probe:
+            while self.database.paused and not self._db_gone:
+                now = anyio.current_time()
+                down = self.database.down_for(now=now)
+                if self.database.gave_up(now=now) or self._cut.is_set():
+                    self._db_gone = True
+                    self.request_stop(
+                        StopReason.DATABASE,
+                        f"the job database could not be reached for {down:.0f}s ({exc}); every "
+                        "job is left as the database has it (a job this worker held is taken "
+                        "over once its lease runs out): run the same command again once the "
+                        "database is back",
+                    )
+                    break
+                left = self.database.window - down + 0.01
+                with anyio.move_on_after(max(0.01, min(self.database.probe_wait(now=now), left))):
+                    await self._cut.wait()
+                if self._cut.is_set():
+                    continue
+                try:
+                    await self.store.ping()
+                except StoreUnreachable as again:
+                    exc = again
+                    self.database.probe_failed(now=anyio.current_time())
+                    continue
+                down = self.database.down_for(now=anyio.current_time())
+                log.warning(
+                    "the job database is back after %.1fs: going on%s",
+                    down,
+                    f" (longer than the lease, {self.opt.lease_seconds:g}s: jobs other "
+                    "workers took over meanwhile are dropped, and late writes of them refused)"
+                    if down > self.opt.lease_seconds
+                    else "",
+                )
+                self.database.answered(now=anyio.current_time())
+                self._recheck_leases = True
+                self._notify()
+        return not self._db_gone
 
     # ------------------------------------------------------------------ workers
 
-    async def _generate(self, claim: Claim) -> None:
-        await self._guarded(claim, self._generate_and_download)
+    async def _generate(self, claim: Claim, lane: RunLane) -> None:
+        await self._guarded(claim, lambda c: self._generate_and_download(c, lane))
 
-    async def _task(self, claim: Claim) -> None:
+    async def _task(self, claim: Claim, lane: RunLane) -> None:
         """A task model's job: create (unless submitted already), poll, download."""
         try:
-            await self._guarded(claim, self._task_work)
+            await self._guarded(claim, lambda c: self._task_work(c, lane))
         finally:
-            self._tasks_open[claim.model] = self._tasks_open.get(claim.model, 1) - 1
+            self._open_task(lane.name, claim.model, -1)
             self._notify()
 
-    async def _download_only(self, claim: Claim) -> None:
+    async def _download_only(self, claim: Claim, _lane: None) -> None:
         await self._guarded(claim, self._download)
 
     async def _guarded(self, claim: Claim, work: Callable[[Claim], Awaitable[bool]]) -> None:
@@ -591,6 +832,10 @@ class Runner:
             settled = True
             self.counters.lease_lost += 1
             log.warning("%s", exc)
+        except StoreUnreachable:
+            if not self._db_gone:
+                raise
+            settled = True  # the run gave up on the database: the job stays as it is there
         finally:
             with anyio.CancelScope(shield=True):
                 if not settled:
@@ -598,32 +843,33 @@ class Runner:
             self.job_time.add(anyio.current_time() - began)
             self._finish(claim)
 
-    async def _generate_and_download(self, claim: Claim) -> bool:
-        generated = await self._call_and_record(claim)
+    async def _generate_and_download(self, claim: Claim, lane: RunLane) -> bool:
+        generated = await self._call_and_record(claim, lane)
         if generated is None:
             return True  # the outcome (retry, failure) is recorded
         if generated is claim:
             return False  # a run-level stop: give the job back untouched
         return await self._download(generated, fresh=True)
 
-    def _note_call(self, model: str) -> float:
-        """Count a call that goes out now (its model's pacer, the counters, the span of the
-        achieved rate); returns its send time on the event loop's clock."""
+    def _note_call(self, lane: RunLane, model: str) -> float:
+        """Count a call that goes out now (its lane and model's pacer, the counters, the span
+        of the achieved rate); returns its send time on the event loop's clock."""
         sent = anyio.current_time()
-        self.pacer_for(model).control.sent(at=sent)
+        self.pacer_for(lane.name, model).control.sent(at=sent)
         self.counters.calls += 1
+        self.book.tally(lane.name, model).calls += 1
         now = time.time()
         self.first_call_at = self.first_call_at or now
         self.last_call_at = now
         return sent
 
-    async def _call_and_record(self, claim: Claim) -> Claim | None:
+    async def _call_and_record(self, claim: Claim, lane: RunLane) -> Claim | None:
         """Call the API and write the outcome. Returns the generated claim, None when the
         outcome was recorded (retry or failure), or ``claim`` itself when it must be released."""
         try:
-            sent = self._note_call(claim.model)
+            sent = self._note_call(lane, claim.model)
             try:
-                result = await self.client.generate(
+                result = await lane.client.generate(
                     model=claim.model,
                     prompt=claim.prompt,
                     size=claim.size,
@@ -638,7 +884,7 @@ class Runner:
                 raise
             except ApiError as err:
                 with anyio.CancelScope(shield=True):
-                    recorded = await self._on_api_error(claim, err, sent)
+                    recorded = await self._on_api_error(claim, err, sent, lane)
                 return None if recorded else claim
             except TransportError as err:
                 if err.fault is TransportFault.CONNECT:
@@ -655,7 +901,7 @@ class Runner:
                         retry_after=None,
                     )
                 return None
-            self._on_answered(sent, accepted=True, model=claim.model)
+            self._on_answered(sent, accepted=True, lane=lane, model=claim.model)
             several: tuple[ImageResult, ...] = ()
             if claim.n > 1:
                 more = [
@@ -664,7 +910,7 @@ class Runner:
                 ]
                 several = (result, *more)
             with anyio.CancelScope(shield=True):
-                generated = await self._record(claim, result, several=several)
+                generated = await self._record(claim, result, lane, several=several)
             return generated
         finally:
             self._generating -= 1
@@ -672,17 +918,21 @@ class Runner:
             if self._probe == claim.id:
                 self._probe = None
 
-    def _on_answered(self, sent: float, *, accepted: bool, model: str) -> None:
+    def _on_answered(self, sent: float, *, accepted: bool, lane: RunLane, model: str) -> None:
         """The service answered a call sent at ``sent`` (monotonic): it is reachable, and
         unless it throttled the call, the call counts towards the achieved rate."""
         self.reach.answered(now=anyio.current_time())
         if accepted:
-            self.pacer_for(model).accepted(sent)
+            self.pacer_for(lane.name, model).accepted(sent)
             self.counters.accepted += 1
             wall = time.time() - (anyio.current_time() - sent)
             # answers come back out of order: the span is from the earliest send to the latest
             self.first_accepted_at = min(self.first_accepted_at or wall, wall)
             self.last_accepted_at = max(self.last_accepted_at or wall, wall)
+            t = self.book.tally(lane.name, model)
+            t.accepted += 1
+            t.first_accepted_at = min(t.first_accepted_at or wall, wall)
+            t.last_accepted_at = max(t.last_accepted_at or wall, wall)
 
     async def _on_unreached(self, claim: Claim, err: TransportError) -> None:
         """The call never reached the service: no attempt is charged. Across the run, such
@@ -717,13 +967,14 @@ class Runner:
         self,
         claim: Claim,
         result: ImageResult,
+        lane: RunLane,
         *,
         several: Sequence[ImageResult] = (),
         failed: Sequence[tuple[str, str]] = (),
     ) -> Claim:
         """Record a generation: one image (``result``), or for a job of n > 1 images every
         image that came (``several``, ``result`` the first) and the slots that failed."""
-        price = self.price(claim.model, claim.prompt_extend)
+        price = self.price(claim.model, claim.prompt_extend, lane.lane.region)
         billed = 1
         images: tuple[JobImage, ...] = ()
         shortfall: str | None = None
@@ -761,7 +1012,8 @@ class Runner:
                 latency_ms=result.latency_ms,
                 cost=price.amount * billed,
                 currency=price.currency,
-                endpoint=self.endpoint,
+                endpoint=lane.endpoint,
+                lane=lane.name,
                 images=images,
                 billed=billed,
                 shortfall=shortfall,
@@ -770,6 +1022,10 @@ class Runner:
         )
         self.counters.generated += 1
         self.counters.cost += price.amount * billed
+        t = self.book.tally(lane.name, claim.model)
+        t.images += billed
+        t.cost += price.amount * billed
+        t.currency = price.currency
         return replace(
             claim,
             state=State.GENERATED,
@@ -784,14 +1040,16 @@ class Runner:
             bytes=None,
         )
 
-    async def _on_api_error(self, claim: Claim, err: ApiError, sent: float) -> bool:
+    async def _on_api_error(self, claim: Claim, err: ApiError, sent: float, lane: RunLane) -> bool:
         verdict = err.classification.verdict
         code = err.code or f"HTTP{err.status}"
-        self._on_answered(sent, accepted=verdict is not Verdict.THROTTLED, model=claim.model)
+        accepted = verdict is not Verdict.THROTTLED
+        self._on_answered(sent, accepted=accepted, lane=lane, model=claim.model)
         if verdict is Verdict.THROTTLED:
             quota = (err.code or "").casefold() in QUOTA_CODES
-            self.pacer_for(claim.model).throttled(sent, quota=quota)
+            self.pacer_for(lane.name, claim.model).throttled(sent, quota=quota)
             self.counters.throttled += 1
+            self.book.tally(lane.name, claim.model).throttled += 1
             retry_after = parse_retry_after(err.retry_after, now=time.time())
             delay = retry_after if retry_after is not None else self._rng.uniform(0.0, 1.0)
             await self.store.retry_later(
@@ -806,8 +1064,7 @@ class Runner:
             )
             return True
         if verdict is Verdict.ABORT_RUN:
-            advice = err.classification.advice
-            self.request_stop(StopReason.ABORTED, f"{code}: {err.message or ''} -- {advice}")
+            self._lane_fatal(lane, code, err.message or "", err.classification.advice)
             return False  # released by the caller, no attempt charged
         if verdict is Verdict.FAIL_JOB:
             await self._fail(claim, code, err.message or "", request_id=err.request_id)
@@ -1072,27 +1329,28 @@ class Runner:
 
     # ------------------------------------------------------------------ tasks
 
-    async def _task_work(self, claim: Claim) -> bool:
-        """Create the job's task unless it has one, then poll it to its end."""
+    async def _task_work(self, claim: Claim, lane: RunLane) -> bool:
+        """Create the job's task unless it has one, then poll it to its end (with the key of
+        the lane that created it)."""
         reattached = claim.state is State.SUBMITTED
         if not reattached:
-            created = await self._create_task(claim)
+            created = await self._create_task(claim, lane)
             if created is None:
                 return True  # the outcome (retry, failure) is recorded
             if created is claim:
                 return False  # a run-level stop: give the job back untouched
             claim = created
-        return await self._poll_to_end(claim, at_once=reattached)
+        return await self._poll_to_end(claim, lane, at_once=reattached)
 
-    async def _create_task(self, claim: Claim) -> Claim | None:
+    async def _create_task(self, claim: Claim, lane: RunLane) -> Claim | None:
         """Create the task and commit its id; the submitted claim, None when the outcome was
         recorded, or ``claim`` itself when it must be released."""
         try:
             with anyio.CancelScope(shield=True):
                 await self.store.mark_creating(claim.id, claim.token)
-            sent = self._note_call(claim.model)
+            sent = self._note_call(lane, claim.model)
             try:
-                created = await self.client.create_task(
+                created = await lane.client.create_task(
                     model=claim.model,
                     prompt=claim.prompt,
                     size=claim.size,
@@ -1106,7 +1364,7 @@ class Runner:
                 raise
             except ApiError as err:
                 with anyio.CancelScope(shield=True):
-                    recorded = await self._on_api_error(claim, err, sent)
+                    recorded = await self._on_api_error(claim, err, sent, lane)
                 return None if recorded else claim
             except TransportError as err:
                 if err.fault is TransportFault.CONNECT:  # never reached the service
@@ -1123,7 +1381,7 @@ class Runner:
                         retry_after=None,
                     )
                 return None
-            self._on_answered(sent, accepted=True, model=claim.model)
+            self._on_answered(sent, accepted=True, lane=lane, model=claim.model)
             with anyio.CancelScope(shield=True):
                 await self.store.record_submitted(
                     claim.id,
@@ -1131,6 +1389,7 @@ class Runner:
                     task_id=created.task_id,
                     request_id=created.request_id,
                     lease_seconds=self.opt.lease_seconds,
+                    lane=lane.name,
                 )
             self.counters.tasks_created += 1
             return replace(
@@ -1139,6 +1398,7 @@ class Runner:
                 task_id=created.task_id,
                 task_submitted_at=self.store.clock(),
                 request_id=created.request_id,
+                lane=lane.name,
             )
         finally:
             self._generating -= 1
@@ -1146,7 +1406,7 @@ class Runner:
             if self._probe == claim.id:
                 self._probe = None
 
-    async def _poll_to_end(self, claim: Claim, *, at_once: bool) -> bool:
+    async def _poll_to_end(self, claim: Claim, lane: RunLane, *, at_once: bool) -> bool:
         """Poll the task until it ends and record the end; True once the job is settled.
 
         Polls are spaced by ``poll_delay`` (suited to tasks of 10 s to minutes) and by one
@@ -1164,15 +1424,12 @@ class Runner:
             polls += 1
             self.counters.task_polls += 1
             try:
-                report = await self.client.poll_task(claim.task_id)
+                report = await lane.client.poll_task(claim.task_id)
             except ApiError as err:
                 verdict = err.classification.verdict
                 if verdict is Verdict.ABORT_RUN:
-                    advice = err.classification.advice
                     code = err.code or f"HTTP{err.status}"
-                    self.request_stop(
-                        StopReason.ABORTED, f"{code}: {err.message or ''} -- {advice}"
-                    )
+                    self._lane_fatal(lane, code, err.message or "", err.classification.advice)
                     return False  # released: still submitted
                 failures += verdict is not Verdict.THROTTLED
                 report = None
@@ -1195,12 +1452,12 @@ class Runner:
             if report.running and not clock.expired(self.store.clock()):
                 continue
             with anyio.CancelScope(shield=True):
-                generated = await self._task_ended(claim, report)
+                generated = await self._task_ended(claim, report, lane)
             if generated is None:
                 return True  # the outcome is recorded
             return await self._download(generated, fresh=True)
 
-    async def _task_ended(self, claim: Claim, report: TaskReport) -> Claim | None:
+    async def _task_ended(self, claim: Claim, report: TaskReport, lane: RunLane) -> Claim | None:
         """Record how a task ended. Returns the generated claim when its image is recorded
         and must be downloaded, else None (the outcome is recorded)."""
         if report.running or report.status == "UNKNOWN":
@@ -1214,7 +1471,9 @@ class Runner:
             sized = [replace(i, width=width, height=height) for i in report.images]
             image = replace(sized[0], image_count=count)
             if claim.n > 1:
-                return await self._record(claim, image, several=sized, failed=report.failed_slots)
+                return await self._record(
+                    claim, image, lane, several=sized, failed=report.failed_slots
+                )
             if report.failed_slots:
                 code, message = report.failed_slots[0]
                 log.warning(
@@ -1224,7 +1483,7 @@ class Runner:
                     code,
                     message,
                 )
-            return await self._record(claim, image)
+            return await self._record(claim, image, lane)
         if report.status == "CANCELED":
             await self._fail(claim, "TaskCanceled", f"task {claim.task_id} was cancelled")
             return None
@@ -1237,7 +1496,10 @@ class Runner:
             await self._fail(claim, code, message, request_id=report.request_id)
             return None
         if verdict is Verdict.ABORT_RUN:
-            self.request_stop(StopReason.ABORTED, f"{code}: {message}")
+            if len(self.lanes) == 1:
+                self.request_stop(StopReason.ABORTED, f"{code}: {message}")
+            else:
+                self._lane_fatal(lane, code, message, classify_api_error(500, code, message).advice)
             await self.store.retry_later(
                 claim.id, claim.token, delay=0, code=code, message=message, charge_attempt=False
             )

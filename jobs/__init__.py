@@ -15,6 +15,7 @@ from .errors import (
     ManifestInvalid,
     SchemaMismatch,
     StoreUnavailable,
+    StoreUnreachable,
     UnknownJob,
 )
 from .params import ModelRules
@@ -28,6 +29,7 @@ from .store import (
     ImportReport,
     JobImage,
     JobStore,
+    LaneCalls,
     Moved,
     Redo,
     Spend,
@@ -51,6 +53,7 @@ __all__ = [
     "JobSpec",
     "JobStore",
     "JobStoreError",
+    "LaneCalls",
     "LeaseLost",
     "Manifest",
     "ManifestError",
@@ -63,6 +66,7 @@ __all__ = [
     "State",
     "Stats",
     "StoreUnavailable",
+    "StoreUnreachable",
     "StoredFile",
     "UnknownJob",
     "check_transition",

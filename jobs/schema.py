@@ -2,10 +2,11 @@
 
 One row per job in ``jobs``; one row per image of a job of several images (``n > 1``) in
 ``job_images`` (a job of one image keeps its image in its own row); the previous record of a
-job replaced by ``--replace`` (or redone) in ``job_history``; ``meta`` holds the schema
-version. A run folder made by an older release is upgraded in place on first open by the
-numbered steps of :mod:`jobs.migrations`; ``SCHEMA_VERSION`` is the version those steps end
-at, and the tables below are that version.
+job replaced by ``--replace`` (or redone) in ``job_history``; what each lane's (API key's)
+calls did per run and model in ``lane_calls``; ``meta`` holds the schema version. A run folder
+made by an older release is upgraded in place on first open by the numbered steps of
+:mod:`jobs.migrations`; ``SCHEMA_VERSION`` is the version those steps end at, and the tables
+below are that version.
 """
 
 from __future__ import annotations
@@ -33,11 +34,12 @@ __all__ = [
     "history",
     "images",
     "jobs",
+    "lane_calls",
     "meta",
     "metadata",
 ]
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 EMULATOR_ENDPOINT = "emulator"
 """``jobs.endpoint`` of an image made by an emulator (``--emulate``): a rehearsal, whose cost
@@ -129,8 +131,11 @@ jobs = Table(
     # flight), and when it was created  [v4]
     Column("task_id", Text),
     Column("task_submitted_at", Float),
+    # the lane (API key) whose call generated the image, or created the task that must be
+    # polled with that same key; its name, never the key  [v5]
+    Column("lane", Text),
     # what a job of n > 1 images did not get: "2 of 4 images failed: <code>: <message>"
-    # (NULL when every image came)  [v5]
+    # (NULL when every image came)  [v6]
     Column("shortfall", Text),
     sqlite_autoincrement=False,
 )
@@ -147,7 +152,7 @@ Index("ix_jobs_failed_code", jobs.c.error_code, sqlite_where=text("state = 'fail
 images = Table(
     "job_images",
     metadata,
-    # One image of a job of n > 1 images  [v5]. Written with the generation's record (its
+    # One image of a job of n > 1 images  [v6]. Written with the generation's record (its
     # URL; its file is jobs.naming.image_output of the job's output, so a moved job needs no
     # update here), then ``sha256``/``bytes`` once its verified file is about to be renamed into
     # place (as ``jobs.sha256`` for a job of one image), so a run that died between two
@@ -173,6 +178,30 @@ history = Table(
     # why the record was set aside ("replace", "redo", ...) and where its image went  [v2]
     Column("reason", Text),
     Column("file", Text),
+)
+
+lane_calls = Table(
+    "lane_calls",
+    metadata,
+    # What each lane's calls of one model did in one run (a row per run, lane and model,
+    # written as the run goes): the per-lane figures of status, the summary and the report.
+    # A run on a shared table writes its own rows; the folder's figures are their sums.  [v5]
+    Column("run", Text, primary_key=True),
+    Column("lane", Text, primary_key=True),
+    Column("model", Text, primary_key=True),
+    Column("worker", Text),
+    Column("started_at", Float, nullable=False),
+    Column("quota", Float),  # the lane's requests/s for the model
+    Column("calls", Integer, nullable=False, server_default=text("0")),
+    Column("accepted", Integer, nullable=False, server_default=text("0")),
+    Column("throttled", Integer, nullable=False, server_default=text("0")),
+    # send times (Unix s) of the first and last accepted call: the span of the achieved rate
+    Column("first_accepted_at", Float),
+    Column("last_accepted_at", Float),
+    Column("images", Integer, nullable=False, server_default=text("0")),
+    Column("cost_micros", Integer, nullable=False, server_default=text("0")),
+    Column("currency", Text),
+    Column("emulated", Integer, nullable=False, server_default=text("0")),
 )
 
 STAGING_DDL = """

@@ -15,6 +15,13 @@ error translation) is the backend's: :mod:`jobs.backends.sqlite` for a run folde
 transactions serialised in this process by one lock; no network call ever runs inside a
 transaction: callers do their HTTP between writes.
 
+Outages: a database server that cannot be reached (:class:`StoreUnreachable`: restarted,
+the network cut) fails every command at once, unless its caller set :attr:`JobStore.outage`:
+then a write, a claim or a run's read waits there and is tried again once the hook returns
+True (the run pauses meanwhile: see ``batcher.pool``). A write is one transaction, so trying
+it again is safe; one whose commit went through with its answer lost finds its row moved on
+and is refused as a lost lease, never applied twice.
+
 Leases: ``claim`` hands out rows with a fresh token and ``lease_expires_at``; ``heartbeat``
 extends them. A process that dies leaves ``running`` rows whose lease runs out; ``reclaim``
 puts them back to ``pending`` (no attempt charged: whether the call went out is unknown, and
@@ -51,12 +58,12 @@ from __future__ import annotations
 import functools
 import json
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Self, TypeVar
+from typing import Any, Concatenate, ParamSpec, Self, TypeVar
 
 import anyio
 from sqlalchemy import and_, case, delete, func, inspect, literal_column, or_, select, text, update
@@ -70,6 +77,7 @@ from .errors import (
     LeaseLost,
     SchemaMismatch,
     StoreUnavailable,
+    StoreUnreachable,
     UnknownJob,
 )
 from .group import GroupCommit
@@ -83,7 +91,7 @@ from .merge import (
     images_of,
     merge_staging,
 )
-from .schema import EMULATOR_ENDPOINT, history, images, jobs, meta
+from .schema import EMULATOR_ENDPOINT, history, images, jobs, lane_calls, meta
 from .spec import JobRow, JobSpec
 from .states import LEASED, State, check_transition, sources_of
 
@@ -95,6 +103,7 @@ __all__ = [
     "ImportReport",
     "JobImage",
     "JobStore",
+    "LaneCalls",
     "Moved",
     "Redo",
     "Spend",
@@ -103,7 +112,9 @@ __all__ = [
 ]
 
 Clock = Callable[[], float]
+Outage = Callable[[StoreUnreachable], Awaitable[bool]]
 _T = TypeVar("_T")
+_P = ParamSpec("_P")
 MICROS = Decimal(1_000_000)
 # Built after a first import rather than row by row (1M rows: 0.6-0.8 s at the end, 1.9 s
 # more in the inserts). ix_jobs_failed_code stays: no new row is failed, so it costs the
@@ -162,6 +173,7 @@ class Claim:
     params: str | None = None  # optional model parameters as JSON (jobs.params)
     task_id: str | None = None  # the service's task, once created (asynchronous models)
     task_submitted_at: float | None = None
+    lane: str | None = None  # the lane that created its task (polled with that lane's key)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -206,6 +218,30 @@ class Generated:
     images: tuple[JobImage, ...] = ()
     billed: int = 1
     shortfall: str | None = None
+    lane: str | None = None  # the lane (named key) that made it; never the key
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LaneCalls:
+    """What one lane's calls of one model did in one run (a row of ``lane_calls``).
+
+    ``first_accepted_at`` / ``last_accepted_at``: Unix send times of the first and last call
+    the service accepted; the lane's achieved rate is measured between them.
+    """
+
+    run: str
+    lane: str
+    model: str
+    quota: float | None
+    calls: int = 0
+    accepted: int = 0
+    throttled: int = 0
+    first_accepted_at: float | None = None
+    last_accepted_at: float | None = None
+    images: int = 0
+    cost: Decimal = Decimal(0)
+    currency: str | None = None
+    emulated: bool = False
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -270,6 +306,7 @@ class Stats:
     # they lack (only with totals)
     short_jobs: int = 0
     images_short: int = 0
+    lanes: tuple[LaneCalls, ...] = ()  # every run's calls per lane and model (with totals)
 
     @property
     def total(self) -> int:
@@ -311,6 +348,23 @@ class Stats:
         if len({s.currency for s in self.spend}) > 1:
             raise ValueError("amounts in several currencies: read Stats.spent() per currency")
         return sum((s.amount for s in self.spend), Decimal(0))
+
+
+def _rides_out(
+    method: Callable[Concatenate[JobStore, _P], Coroutine[Any, Any, _T]],
+) -> Callable[Concatenate[JobStore, _P], Coroutine[Any, Any, _T]]:
+    """A read or a one-transaction write that waits out an outage (see :attr:`JobStore.outage`)."""
+
+    @functools.wraps(method)
+    async def wrapper(self: JobStore, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        while True:
+            try:
+                return await method(self, *args, **kwargs)
+            except StoreUnreachable as exc:
+                if not await self._wait_out(exc):
+                    raise
+
+    return wrapper
 
 
 class _Add(int):
@@ -412,6 +466,7 @@ def _claim_from_row(row: tuple[Any, ...], token: str) -> Claim:
         params,
         task_id,
         task_submitted_at,
+        lane,
     ) = row
     return Claim(
         id=job_id,
@@ -437,6 +492,7 @@ def _claim_from_row(row: tuple[Any, ...], token: str) -> Claim:
         params=params,
         task_id=task_id,
         task_submitted_at=task_submitted_at,
+        lane=lane,
     )
 
 
@@ -455,6 +511,10 @@ class JobStore:
         self.clock = clock
         self._lock = anyio.Lock()  # every write transaction, grouped or not, holds it
         self._group = GroupCommit(self._run_batch, lock=self._lock)
+        self.outage: Outage | None = None
+        """Called when the database server cannot be reached, by the write, claim or read that
+        failed: it returns True once the server may be back (the operation is tried again),
+        False to give up (the error is raised). None: give up at once."""
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -607,6 +667,15 @@ class JobStore:
             raise op.error
         return op.result
 
+    async def _wait_out(self, exc: StoreUnreachable) -> bool:
+        return self.outage is not None and await self.outage(exc)
+
+    async def ping(self) -> None:
+        """One round trip to the database (raises :class:`StoreUnreachable` while it cannot
+        be reached); never waits out an outage."""
+        async with self._read() as conn:
+            await conn.execute(text("SELECT 1"))
+
     async def _submit_all(self, ops: list[_Op]) -> None:
         """Run ``ops`` in a write transaction shared with whatever else is queued (group commit).
 
@@ -615,8 +684,19 @@ class JobStore:
         :class:`JobStoreError` (a lost lease: its UPDATE matched nothing) fails alone; a
         database error fails the whole batch. Each op's outcome is left in its ``error`` and
         ``result``.
+
+        A batch that failed because the server could not be reached is submitted again once
+        :attr:`outage` says so (the transaction was rolled back, or its commit's answer lost:
+        then each fenced write finds its row moved on and is refused).
         """
-        await self._group.submit(ops)
+        while True:
+            await self._group.submit(ops)
+            lost = next((o.error for o in ops if isinstance(o.error, StoreUnreachable)), None)
+            if lost is None or not await self._wait_out(lost):
+                return
+            for o in ops:
+                o.taken = o.done = False
+                o.error = o.result = None
 
     async def _run_batch(self, batch: list[_Op]) -> None:
         backend = self._backend
@@ -727,6 +807,7 @@ class JobStore:
 
     # --------------------------------------------------------------------- claims
 
+    @_rides_out
     async def claim(self, *, limit: int, lease_seconds: float, worker: str = "") -> list[Claim]:
         """Lease up to ``limit`` due jobs: generated and submitted ones (download, or poll the
         task) first, then pending.
@@ -822,6 +903,7 @@ class JobStore:
                 "cost_micros": _Add(int(gen.cost * MICROS)),
                 "currency": gen.currency,
                 "endpoint": gen.endpoint,
+                "lane": gen.lane,
                 "generated_at": now,
                 "lease_expires_at": now + lease_seconds,
                 "download_attempts": 0,
@@ -939,10 +1021,18 @@ class JobStore:
         await self._batched(op)
 
     async def record_submitted(
-        self, job_id: str, token: str, *, task_id: str, request_id: str | None, lease_seconds: float
+        self,
+        job_id: str,
+        token: str,
+        *,
+        task_id: str,
+        request_id: str | None,
+        lease_seconds: float,
+        lane: str | None = None,
     ) -> None:
         """``running -> submitted``: the service created the task; its id is kept until the
-        task ends, whatever happens to this process."""
+        task ends, whatever happens to this process, with the ``lane`` that created it (a task
+        is the account's: it is polled with that lane's key)."""
         now = self.clock()
         await self._transition(
             job_id,
@@ -951,6 +1041,7 @@ class JobStore:
             {
                 "task_id": task_id,
                 "task_submitted_at": now,
+                "lane": lane,
                 "request_id": request_id,
                 "lease_expires_at": now + lease_seconds,
                 "error_code": None,
@@ -1439,6 +1530,7 @@ class JobStore:
             }
             sums: Any = (0, 0, 0, 0)
             spend: list[Spend] = []
+            lanes: tuple[LaneCalls, ...] = ()
             by_model: dict[str, dict[str, int]] = {}
             if totals:
                 sums = (
@@ -1452,6 +1544,7 @@ class JobStore:
                     )
                 ).one()
                 spend = await _spend(conn)
+                lanes = await _lane_calls(conn)
                 for model, state, n in (
                     await conn.execute(
                         select(jobs.c.model, jobs.c.state, func.count()).group_by(
@@ -1507,7 +1600,44 @@ class JobStore:
             short_jobs=int(short[0]),
             images_short=int(short[1]),
             reviews=reviews,
+            lanes=lanes,
         )
+
+    async def save_lane_calls(
+        self, rows: Sequence[LaneCalls], *, worker: str = "", started_at: float
+    ) -> None:
+        """Write this run's figures per lane and model (each row replaces the run's earlier
+        write of it): a run saves them as it goes, so a killed run loses only the last few
+        seconds of them."""
+        if not rows:
+            return
+        params = [
+            {
+                "run": r.run,
+                "lane": r.lane,
+                "model": r.model,
+                "worker": worker,
+                "started_at": started_at,
+                "quota": r.quota,
+                "calls": r.calls,
+                "accepted": r.accepted,
+                "throttled": r.throttled,
+                "first_accepted_at": r.first_accepted_at,
+                "last_accepted_at": r.last_accepted_at,
+                "images": r.images,
+                "cost_micros": int(r.cost * MICROS),
+                "currency": r.currency,
+                "emulated": int(r.emulated),
+            }
+            for r in rows
+        ]
+        async with self._write() as conn:
+            await conn.execute(_SAVE_LANE_CALLS, params)
+
+    async def lane_calls(self) -> tuple[LaneCalls, ...]:
+        """Every run's figures per lane and model, oldest run first."""
+        async with self._read() as conn:
+            return await _lane_calls(conn)
 
     async def spend(self) -> tuple[Spend, ...]:
         """What the folder's images cost, per currency, real apart from emulated."""
@@ -1609,6 +1739,7 @@ class JobStore:
         async with self._write() as conn:
             await conn.execute(_SET_META, {"key": key, "value": value})
 
+    @_rides_out
     async def next_due_at(self) -> float | None:
         """When the earliest waiting job becomes due (None when no job waits). On a shared
         table a job another worker runs waits too: until its lease expires, when a claim may
@@ -1666,6 +1797,7 @@ class JobStore:
             rows: list[Any] = list(await conn.exec_driver_sql(self._backend.variables_sql))
             return {str(key): frozenset(str(kinds).split(",")) for key, kinds in rows}
 
+    @_rides_out
     async def done_records(self, ids: Sequence[str]) -> list[dict[str, Any]]:
         """The records of those of ``ids`` that are done, in manifest order, with only what
         ``metadata.jsonl`` shows (id, state, output, prompt, seed, size, width, height,
@@ -1787,6 +1919,43 @@ class JobStore:
                     old = {}
                 rec["record"] = _public(old) if "cost_micros" in old else old
                 yield rec
+
+
+_LANE_FIELDS = tuple(c.name for c in lane_calls.columns)
+_SAVE_LANE_CALLS = text(
+    f"INSERT INTO lane_calls ({', '.join(_LANE_FIELDS)}) "
+    f"VALUES ({', '.join(':' + c for c in _LANE_FIELDS)}) "
+    "ON CONFLICT (run, lane, model) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in _LANE_FIELDS if c not in ("run", "lane", "model"))
+)
+
+
+async def _lane_calls(conn: AsyncConnection) -> tuple[LaneCalls, ...]:
+    rows = (
+        await conn.execute(
+            select(lane_calls).order_by(
+                lane_calls.c.started_at, lane_calls.c.lane, lane_calls.c.model
+            )
+        )
+    ).mappings()
+    return tuple(
+        LaneCalls(
+            run=r["run"],
+            lane=r["lane"],
+            model=r["model"],
+            quota=r["quota"],
+            calls=int(r["calls"]),
+            accepted=int(r["accepted"]),
+            throttled=int(r["throttled"]),
+            first_accepted_at=r["first_accepted_at"],
+            last_accepted_at=r["last_accepted_at"],
+            images=int(r["images"]),
+            cost=Decimal(int(r["cost_micros"])) / MICROS,
+            currency=r["currency"],
+            emulated=bool(r["emulated"]),
+        )
+        for r in rows
+    )
 
 
 async def _read_version(conn: AsyncConnection) -> int | None:

@@ -87,8 +87,9 @@ async def test_a_migrated_database_has_the_columns_of_a_new_one(v1: Path, tmp_pa
     new = tmp_path / "new" / "batcher.db"
     async with await JobStore.open(new):
         pass
-    for table in ("jobs", "job_images", "job_history", "meta"):
+    for table in ("jobs", "job_images", "job_history", "meta", "lane_calls"):
         assert columns(old, table) == columns(new, table), table
+    assert "lane" in columns(old, "jobs")
 
 
 async def test_opening_again_does_not_migrate_or_back_up_again(v1: Path) -> None:
@@ -140,7 +141,7 @@ async def test_step_4_gives_old_jobs_one_image_no_parameters_and_no_task(v1: Pat
     assert rows == [(1, None, None)]
 
 
-async def test_step_5_adds_the_images_table_and_old_jobs_keep_one_file_each(v1: Path) -> None:
+async def test_step_6_adds_the_images_table_and_old_jobs_keep_one_file_each(v1: Path) -> None:
     db = v1 / "run" / "batcher.db"
     async with await JobStore.open(db, create=False) as store:
         assert await store.done_images() == 5
@@ -204,8 +205,9 @@ async def test_a_version_3_postgresql_table_migrates_to_the_latest(tmp_path: Pat
         try:
             await con.execute(
                 "ALTER TABLE jobs DROP COLUMN n, DROP COLUMN params, DROP COLUMN task_id, "
-                "DROP COLUMN task_submitted_at, DROP COLUMN shortfall"
+                "DROP COLUMN task_submitted_at, DROP COLUMN lane, DROP COLUMN shortfall"
             )
+            await con.execute("DROP TABLE lane_calls")
             await con.execute("DROP TABLE job_images")
             await con.execute("DROP INDEX ix_jobs_due")
             await con.execute(
@@ -225,6 +227,20 @@ async def test_a_version_3_postgresql_table_migrates_to_the_latest(tmp_path: Pat
     assert meta["value"] == str(schema.SCHEMA_VERSION)
     [index] = query(url, "SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_jobs_due'")
     assert "submitted" in index["indexdef"]
-    # step 5: a job of one image has no shortfall, and the table of several images is there
+    lane_columns = query(
+        url,
+        "SELECT column_name FROM information_schema.columns WHERE table_name = 'lane_calls' "
+        "ORDER BY column_name",
+    )
+    assert sorted(r["column_name"] for r in lane_columns) == sorted(
+        c.name for c in schema.lane_calls.columns
+    )
+    [lane] = query(
+        url,
+        "SELECT count(*) AS n FROM information_schema.columns WHERE table_name = 'jobs' "
+        "AND column_name = 'lane'",
+    )
+    assert lane["n"] == 1
+    # step 6: a job of one image has no shortfall, and the table of several images is there
     assert query(url, "SELECT count(*) AS c FROM job_images") == [{"c": 0}]
     assert {r["shortfall"] for r in query(url, "SELECT shortfall FROM jobs")} == {None}
