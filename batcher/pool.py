@@ -57,9 +57,10 @@ from .download import download_image, hash_file
 from .errors import ApiError, DownloadError, RunAborted, TransportError
 from .layout import RunLayout, UnsafeOutputPath
 from .models import MODELS, ApiProtocol
-from .pacing import DEFAULT_QUOTA, LatencyTracker, Pacer, auto_concurrency
+from .pacing import DEFAULT_QUOTA, LatencyTracker, Pacer, Pacing, auto_concurrency
 from .pricing import Money, price_per_image
 from .reach import Reachability
+from .sharedpacing import DEFAULT_LANE, SharedPacer
 from .taskpolls import PollGate, TaskClock, poll_delay
 
 __all__ = ["RunCounters", "RunOptions", "RunResult", "Runner", "StopReason"]
@@ -203,7 +204,9 @@ class Runner:
         self.counters = RunCounters()
         self.committer = ImageCommitter(store, on_done)
         self._on_done = on_done  # hears the ids of jobs this run completes
-        self._pacers: dict[str, Pacer] = {}
+        self._pacers: dict[str, Pacing] = {}
+        self._services: TaskGroup | None = None  # where shared pacers talk to the database
+        self._unserved: list[SharedPacer] = []  # shared pacers made before the run started
         self._tasks_open: dict[str, int] = {}  # tasks this run is creating or polling, by model
         self._polls = PollGate()
         self._next_fill = 0.0
@@ -267,19 +270,38 @@ class Runner:
         return sum(p.rate for p in self._pacers.values()) or self.opt.rps
 
     @property
-    def pacer(self) -> Pacer:
+    def pacer(self) -> Pacing:
         """The pacer set up last (a single-model run's one pacer); see :meth:`pacer_for` and
         :attr:`rate` for a mixed run."""
         if not self._pacers:
             return self.pacer_for("z-image-turbo")
         return next(reversed(self._pacers.values()))
 
-    def pacer_for(self, model: str) -> Pacer:
-        """The pacer of ``model``, at its rate in ``model_rps`` (else ``rps``)."""
+    def pacer_for(self, model: str) -> Pacing:
+        """The pacer of ``model``, at its rate in ``model_rps`` (else ``rps``).
+
+        On a table other workers share (PostgreSQL), the pacer keeps to the schedule all of
+        them share (:mod:`batcher.sharedpacing`), even while this worker is alone: another
+        may join at any time."""
         pacer = self._pacers.get(model)
         if pacer is None:
             rate = self.opt.model_rps.get(model, self.opt.rps)
-            pacer = Pacer(rate, adaptive=self.opt.adaptive, start_rate=self.opt.start_rps)
+            schedule = self.store.quota_schedule(lane=DEFAULT_LANE, model=model)
+            if schedule is None:
+                pacer = Pacer(rate, adaptive=self.opt.adaptive, start_rate=self.opt.start_rps)
+            else:
+                shared = SharedPacer(
+                    schedule,
+                    rate,
+                    adaptive=self.opt.adaptive,
+                    start_rate=self.opt.start_rps,
+                    on_slot=self._notify,
+                )
+                if self._services is None:
+                    self._unserved.append(shared)
+                else:
+                    self._services.start_soon(shared.serve)
+                pacer = shared
             self._pacers[model] = pacer
         return pacer
 
@@ -329,6 +351,10 @@ class Runner:
         try:
             async with anyio.create_task_group() as outer:
                 outer.start_soon(self._heartbeat_loop)
+                self._services = outer
+                for shared in self._unserved:
+                    outer.start_soon(shared.serve)
+                self._unserved.clear()
                 with anyio.CancelScope() as self._work_scope:
                     async with anyio.create_task_group() as tg:
                         await self._dispatch(tg)

@@ -99,6 +99,20 @@ STEPS: dict[int, Step] = {
             ),
         ),
     ),
+    # (a step of another change: numbered here so that the steps run in order)
+    5: (),
+    6: (
+        # the send schedule that workers sharing a PostgreSQL run keep to together, per lane
+        # (API key) and model, and the slots it handed out lately (see jobs.quota)
+        "CREATE TABLE IF NOT EXISTS quota_schedule (lane TEXT NOT NULL, model TEXT NOT NULL, "
+        "next_at FLOAT NOT NULL, last_slot FLOAT NOT NULL, interval_s FLOAT NOT NULL, "
+        "slow_start INTEGER NOT NULL, known_good FLOAT NOT NULL, raised_at FLOAT NOT NULL, "
+        "cut_at FLOAT NOT NULL, probe_at FLOAT NOT NULL, probe_every FLOAT NOT NULL, "
+        "ceiling FLOAT, cuts INTEGER NOT NULL, updated_at FLOAT NOT NULL, "
+        "PRIMARY KEY (lane, model))",
+        "CREATE TABLE IF NOT EXISTS quota_sends (lane TEXT NOT NULL, model TEXT NOT NULL, "
+        "at FLOAT NOT NULL, throttled INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (lane, model, at))",
+    ),
 }
 
 
