@@ -11,8 +11,12 @@ The dispatcher's calls stay synchronous and cheap: :meth:`SharedPacer.wait_neede
 worker with nothing to send holds no slot, so it takes none from the others). The slot's
 server time becomes a local monotonic one through an offset measured at every round trip
 (the sample of the fastest recent round trip, whose midpoint is known best). A slot the
-dispatcher reaches more than ``LATE`` after its time is given back, never sent late: a late
-send would bunch up with the next worker's slot and overfill the service's window.
+dispatcher reaches more than ``LATE_SHARED`` after its time is given back, never sent late: a
+late send would bunch up with the slots other workers hold already and overfill the service's
+window (a single process re-anchors its grid on a late send instead, see
+:meth:`batcher.pacing.RateController.sent`; a shared grid cannot move the slots handed out).
+The shared schedule keeps a wider margin under the stated rate than a single process
+(``SHARED_MARGIN``), so that a slot reached a little late (a busy host) is still safe to use.
 
 The adaptive part is :class:`batcher.pacing.RateController`'s, acting on the shared row:
 :func:`on_throttled` and :func:`on_accepted` are its rules as pure functions of the row and
@@ -40,7 +44,6 @@ from .pacing import (
     DEFAULT_QUOTA,
     FLOOR_STEP,
     JITTER,
-    LATE,
     MARGIN,
     PROBE_FIRST,
     PROBE_MAX,
@@ -58,6 +61,8 @@ log = logging.getLogger("batcher.run")
 
 DEFAULT_LANE = "default"
 """The lane of a run with one account (one API key)."""
+SHARED_MARGIN = 0.975  # of the stated rate: ~25 ms of slack per window (see LATE_SHARED)
+LATE_SHARED = 0.015  # s: how late a slot may still be used (within the margin's slack)
 ASKING = 0.05  # s: what wait_needed says while a reservation is on its way (it wakes us)
 LEAD_MAX = 0.05  # s: the most a slot is reserved ahead of the server's now
 RETRY = 1.0  # s: between attempts when the database cannot be reached
@@ -73,6 +78,7 @@ def on_throttled(
     slot: float,
     quota: bool,
     min_rate: float,
+    margin: float = MARGIN,
 ) -> QuotaState | None:
     """The row after a call sent at ``slot`` was throttled (None: nothing to change).
 
@@ -108,7 +114,7 @@ def on_throttled(
     same = state.ceiling is not None and abs(estimate - state.ceiling) < 0.5
     probe_every = min(PROBE_MAX, state.probe_every * 2) if same else PROBE_FIRST
     if state.slow_start:
-        target = max(1.0 / state.known_good, min(estimate * MARGIN, rate * STEP_DOWN))
+        target = max(1.0 / state.known_good, min(estimate * margin, rate * STEP_DOWN))
         rate = max(min_rate, min(rate, target))
         # leaving slow start, the window still holds the burst sent at the doubled rate
         room = max(1, int(estimate))
@@ -118,9 +124,9 @@ def on_throttled(
             next_at = max(next_at, recent[len(recent) - room] + span)
         probe_every = max(probe_every, 2 * PROBE_FIRST)
     else:
-        target = min(rate * STEP_DOWN, max(estimate * MARGIN, rate * FLOOR_STEP))
-        if same and rate > estimate * MARGIN * PROBE_UP**0.5:
-            target = estimate * MARGIN  # a probe met the ceiling found before
+        target = min(rate * STEP_DOWN, max(estimate * margin, rate * FLOOR_STEP))
+        if same and rate > estimate * margin * PROBE_UP**0.5:
+            target = estimate * margin  # a probe met the ceiling found before
         rate = max(min_rate, target)
     return replace(
         state,
@@ -183,9 +189,11 @@ class SharedPacer:
         self._clock = clock or anyio.current_time
         local = RateController(stated_rate, now=0.0, adaptive=adaptive, start_rate=start_rate)
         self.adaptive = adaptive
-        self.max_rate = local.max_rate
+        scale = SHARED_MARGIN / MARGIN
+        self.max_rate = local.max_rate * scale
         self.min_rate = local.min_rate
-        self._start = local  # the row a first worker makes: its rate and slow start
+        self._start_rate = local.rate * scale  # the row a first worker makes
+        self._start_slow = local.slow_start
         self._state: QuotaState | None = None
         self._on_slot = on_slot
         self.control = self
@@ -200,6 +208,7 @@ class SharedPacer:
         self._kick = anyio.Event()
         self._offsets: deque[tuple[float, float]] = deque(maxlen=SAMPLES)  # (rtt, offset)
         self.given_back = 0  # slots reached too late to use
+        self.late = 0  # sends that went out late (the schedule was pushed after them)
         self.reserved = 0
 
     # ------------------------------------------------------------- the dispatcher's side
@@ -208,7 +217,7 @@ class SharedPacer:
     def rate(self) -> float:
         """The rate every worker of the schedule keeps to together."""
         if self._state is None:
-            return self._start.rate
+            return self._start_rate
         return min(self.max_rate, self._state.rate)
 
     @property
@@ -220,7 +229,7 @@ class SharedPacer:
         """Seconds until the slot in hand is due; while none is, ask for one."""
         if self._slot is not None:
             local, server = self._slot
-            if now - local <= LATE:
+            if now - local <= LATE_SHARED:
                 return max(0.0, local - now)
             self._slot = None  # too late to send on it without crowding the next one
             self._unused.append(server)
@@ -247,7 +256,8 @@ class SharedPacer:
         self._sent[at] = server
         while len(self._sent) > REMEMBERED:
             self._sent.popitem(last=False)
-        if at - local > LATE:  # a busy event loop: the next slot must not crowd this send
+        if at - local > LATE_SHARED:  # a busy event loop: the next slot must not crowd this send
+            self.late += 1
             self._late.append(at + self.offset)
             self._kick.set()
 
@@ -288,15 +298,27 @@ class SharedPacer:
 
         A database that cannot be reached holds the slots back (nothing is sent without one)
         and is tried again every second."""
-        while True:
-            try:
-                if self._state is None:
-                    await self._join()
-                await self._work()
-                continue
-            except StoreUnavailable as exc:
-                log.warning("the shared send schedule of %s: %s", self.schedule.model, exc)
-            await anyio.sleep(RETRY)
+        try:
+            while True:
+                try:
+                    if self._state is None:
+                        await self._join()
+                    await self._work()
+                    continue
+                except StoreUnavailable as exc:
+                    log.warning("the shared send schedule of %s: %s", self.schedule.model, exc)
+                await anyio.sleep(RETRY)
+        finally:
+            log.info(
+                "shared send schedule of %s on lane %s: %d slots reserved, %d given back "
+                "(reached too late), %d sent late, %.2f/s at the end",
+                self.schedule.model,
+                self.schedule.lane,
+                self.reserved,
+                self.given_back,
+                self.late,
+                self.rate,
+            )
 
     async def _work(self) -> None:
         while True:
@@ -316,10 +338,9 @@ class SharedPacer:
                     self._kick.set()
 
     async def _join(self) -> None:
-        start = self._start
         before = self._clock()
         server, state = await self.schedule.join(
-            interval_s=1.0 / start.rate, slow_start=start.slow_start, probe_every=PROBE_FIRST
+            interval_s=1.0 / self._start_rate, slow_start=self._start_slow, probe_every=PROBE_FIRST
         )
         self._sample(before, server)
         self._state = state
@@ -343,7 +364,9 @@ class SharedPacer:
             return
         while self._throttled:
             slot, quota = self._throttled.pop(0)
-            decide = partial(on_throttled, slot=slot, quota=quota, min_rate=self.min_rate)
+            decide = partial(
+                on_throttled, slot=slot, quota=quota, min_rate=self.min_rate, margin=SHARED_MARGIN
+            )
             self._state = await self.schedule.adapt(decide, throttled_at=slot)
         if self._raise_at is not None:
             slot, self._raise_at = self._raise_at, None

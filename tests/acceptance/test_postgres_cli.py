@@ -154,3 +154,32 @@ def test_a_killed_worker_s_jobs_are_finished_by_the_other_after_its_lease(
     # nothing generated twice beyond the dead worker's calls in flight (--concurrency 4)
     assert stats["duplicate_billed"] <= 4, stats
     assert stats["images_billed"] - stats["duplicate_billed"] == n
+
+
+def test_three_workers_on_one_account_keep_to_its_quota_together(tmp_path: Path, db: str) -> None:
+    """Three workers told the account's quota share one schedule in the database: together
+    they send at the quota, not three times it, and are (almost) never throttled."""
+    n, quota = 60, 6.0
+    m = manifest(tmp_path, n)
+    out = tmp_path / "out"
+    cfg = EmulatorConfig(latency="200", rps=quota, seed=4, api_key=KEY)
+    with EmulatorThread(cfg) as emu:
+        assert run_cli("plan", m, "--out", out, "--db", db).returncode == 0
+        workers = [
+            start(m, out, emu.base_url, db, "--rps", str(quota), "--concurrency", "8", "--json")
+            for _ in range(3)
+        ]
+        results = [w.communicate(timeout=100) for w in workers]
+        for w, (_, err) in zip(workers, results, strict=True):
+            assert w.returncode == 0, err
+        stats = emu.stats()
+    check_done(db, out, n)
+    runs = [json.loads(o)["this_run"] for o, _ in results]
+    assert sum(r["done"] for r in runs) == n
+    assert sum(r["calls"] > 0 for r in runs) >= 2, runs  # (a late starter may find none left)
+    assert stats["throttled"] <= stats["generate_requests"] // 100, stats
+    # together near the quota (first to last accepted call at the emulator), not above it
+    accepted = stats["accepted_by_model"]["z-image-turbo"]
+    rate = (accepted["requests"] - 1) / (accepted["last"] - accepted["first"])
+    print(f"combined {rate:.2f}/s of {quota}/s; {stats['throttled']} throttled; {runs}")
+    assert 0.8 * quota <= rate <= quota * 1.01, (rate, stats)
