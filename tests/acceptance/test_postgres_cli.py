@@ -181,5 +181,4 @@ def test_three_workers_on_one_account_keep_to_its_quota_together(tmp_path: Path,
     # together near the quota (first to last accepted call at the emulator), not above it
     accepted = stats["accepted_by_model"]["z-image-turbo"]
     rate = (accepted["requests"] - 1) / (accepted["last"] - accepted["first"])
-    print(f"combined {rate:.2f}/s of {quota}/s; {stats['throttled']} throttled; {runs}")
     assert 0.8 * quota <= rate <= quota * 1.01, (rate, stats)

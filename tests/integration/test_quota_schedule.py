@@ -1,0 +1,111 @@
+"""The shared send schedule in a real PostgreSQL: concurrent reservers from several stores (each
+with its own connections, as workers on several hosts), the log of sends, a cut made once
+for every worker, and an idle schedule starting over."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import anyio
+import pytest
+
+from batcher.sharedpacing import on_throttled
+from jobs.quota import STALE, QuotaSchedule
+from jobs.store import JobStore
+
+from ..pgsupport import fresh, query
+
+pytestmark = pytest.mark.anyio
+
+MODEL = "z-image-turbo"
+
+
+async def schedules(url: str, n: int) -> tuple[list[JobStore], list[QuotaSchedule]]:
+    stores = [await JobStore.open(url) for _ in range(n)]
+    found = [s.quota_schedule(lane="default", model=MODEL) for s in stores]
+    assert all(f is not None for f in found)
+    return stores, [f for f in found if f is not None]
+
+
+async def test_concurrent_reservers_never_get_two_slots_closer_than_the_interval() -> None:
+    url = fresh()
+    stores, workers = await schedules(url, 4)
+    try:
+        for w in workers:
+            await w.join(interval_s=0.01, slow_start=False, probe_every=5.0)
+        slots: list[float] = []
+
+        async def reserver(w: QuotaSchedule, least: float) -> None:
+            for _ in range(25):
+                got = await w.reserve(min_interval=least, lead=0.003, probe_up=1.02)
+                assert got.slot >= got.server_now  # never in the past
+                slots.append(got.slot)
+
+        async with anyio.create_task_group() as tg:
+            # one worker was told a lower rate: its own reservations are spaced wider
+            for w, least in zip(workers, (0.01, 0.01, 0.01, 0.02), strict=True):
+                tg.start_soon(reserver, w, least)
+    finally:
+        for s in stores:
+            await s.close()
+    slots.sort()
+    assert len(slots) == len(set(slots)) == 100
+    gaps = [b - a for a, b in zip(slots, slots[1:], strict=False)]
+    assert min(gaps) >= 0.01 - 1e-6  # float8 epoch seconds: ~1e-7 s of rounding
+    logged = query(url, "SELECT at FROM quota_sends ORDER BY at")
+    assert [r["at"] for r in logged] == slots  # every slot logged once, for the window counts
+
+
+async def test_a_throttled_send_cuts_the_shared_rate_once_for_every_worker() -> None:
+    url = fresh()
+    stores, (a, b) = await schedules(url, 2)
+    try:
+        await a.join(interval_s=0.02, slow_start=False, probe_every=5.0)  # 50/s
+        _, joined = await b.join(interval_s=1.0, slow_start=True, probe_every=5.0)
+        assert joined.interval_s == 0.02 and not joined.slow_start  # the first worker's row
+        got = [await w.reserve(min_interval=0.02, lead=0.0, probe_up=1.02) for w in (a, b) * 15]
+        slots = [g.slot for g in got]
+        await anyio.sleep(max(0.0, slots[-1] - got[-1].server_now) + 0.05)  # all sent by now
+        # the last send was throttled: the 29 accepted before it estimate the quota
+        late = slots[-1]
+        cut = partial(on_throttled, slot=late, quota=True, min_rate=0.05)
+        after = await a.adapt(cut, throttled_at=late)
+        assert after.cuts == 1 and after.ceiling == 29
+        assert after.rate < 50 * 0.96  # lower, for both: the row is shared
+        assert after.next_at >= got[-1].state.next_at
+        # b was throttled for a send before that cut: nothing new, no second cut
+        earlier = slots[-2]
+        again = await b.adapt(
+            partial(on_throttled, slot=earlier, quota=True, min_rate=0.05), throttled_at=earlier
+        )
+        assert again == after
+        marked = query(url, "SELECT at FROM quota_sends WHERE throttled = 1 ORDER BY at")
+        assert [r["at"] for r in marked] == [earlier, late]
+        # b's next reservation keeps to the new spacing
+        one = await b.reserve(min_interval=0.02, lead=0.0, probe_up=1.02)
+        two = await a.reserve(min_interval=0.02, lead=0.0, probe_up=1.02)
+        assert two.slot - one.slot >= after.interval_s - 1e-6
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def test_an_idle_schedule_starts_over_and_a_live_one_is_kept() -> None:
+    url = fresh()
+    stores, (a,) = await schedules(url, 1)
+    try:
+        await a.join(interval_s=0.5, slow_start=True, probe_every=5.0)
+        _, kept = await a.join(interval_s=0.1, slow_start=False, probe_every=5.0)
+        assert kept.interval_s == 0.5 and kept.slow_start
+        query(url, f"UPDATE quota_schedule SET updated_at = updated_at - {STALE + 1}")
+        _, over = await a.join(interval_s=0.1, slow_start=False, probe_every=5.0)
+        assert over.interval_s == 0.1 and not over.slow_start
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def test_a_sqlite_run_folder_paces_itself(tmp_path: Path) -> None:
+    async with await JobStore.open(tmp_path / "batcher.db") as store:
+        assert store.quota_schedule(lane="default", model=MODEL) is None
