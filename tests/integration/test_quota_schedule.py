@@ -4,6 +4,7 @@ for every worker, and an idle schedule starting over."""
 
 from __future__ import annotations
 
+import itertools
 from functools import partial
 from pathlib import Path
 
@@ -51,7 +52,7 @@ async def test_concurrent_reservers_never_get_two_slots_closer_than_the_interval
             await s.close()
     slots.sort()
     assert len(slots) == len(set(slots)) == 100
-    gaps = [b - a for a, b in zip(slots, slots[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(slots)]
     assert min(gaps) >= 0.01 - 1e-6  # float8 epoch seconds: ~1e-7 s of rounding
     logged = query(url, "SELECT at FROM quota_sends ORDER BY at")
     assert [r["at"] for r in logged] == slots  # every slot logged once, for the window counts
