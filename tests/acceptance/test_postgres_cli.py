@@ -159,7 +159,7 @@ def test_a_killed_worker_s_jobs_are_finished_by_the_other_after_its_lease(
 def test_three_workers_on_one_account_keep_to_its_quota_together(tmp_path: Path, db: str) -> None:
     """Three workers told the account's quota share one schedule in the database: together
     they send at the quota, not three times it, and are (almost) never throttled."""
-    n, quota = 60, 6.0
+    n, quota = 40, 8.0
     m = manifest(tmp_path, n)
     out = tmp_path / "out"
     cfg = EmulatorConfig(latency="200", rps=quota, seed=4, api_key=KEY)
