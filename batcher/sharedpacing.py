@@ -152,6 +152,7 @@ def on_accepted(
     """
     if not state.slow_start or slot < state.raised_at:
         return None
+    max_rate = min(max_rate, 1.0 / state.least_s)
     window = [s for s in sends if s.at >= state.raised_at and slot - WINDOW < s.at <= slot]
     if any(s.throttled for s in window):
         return None
@@ -340,7 +341,10 @@ class SharedPacer:
     async def _join(self) -> None:
         before = self._clock()
         server, state = await self.schedule.join(
-            interval_s=1.0 / self._start_rate, slow_start=self._start_slow, probe_every=PROBE_FIRST
+            interval_s=1.0 / self._start_rate,
+            least_s=1.0 / self.max_rate,
+            slow_start=self._start_slow,
+            probe_every=PROBE_FIRST,
         )
         self._sample(before, server)
         self._state = state

@@ -13,6 +13,8 @@ is that schedule, a lane being an account (an API key) by name:
   (``slot = greatest(next_at, now + lead)``, ``next_at = slot + interval``): the row lock
   orders concurrent reservers, so no two slots are ever closer than the interval, whichever
   workers hold them. The statement also logs the slot in ``quota_sends``.
+* Workers may be told different rates (``--rps``): the row keeps the spacing of the lowest
+  (``least_s``), and no reservation, raise or probe goes faster.
 * The adaptive state of the rate (slow start, the last cut, the next probe, the last quota
   estimate) sits in the same row, so one worker throttled lowers the rate of all, and slow
   start raises it for all. The decisions themselves are the caller's (pure functions of the
@@ -55,6 +57,7 @@ class QuotaState:
 
     next_at: float
     interval_s: float
+    least_s: float  # the spacing of the lowest rate any worker was told (none goes faster)
     slow_start: bool
     known_good: float
     raised_at: float
@@ -66,7 +69,8 @@ class QuotaState:
 
     @property
     def rate(self) -> float:
-        return 1.0 / self.interval_s
+        """Sends a second, every worker together."""
+        return 1.0 / max(self.interval_s, self.least_s)
 
 
 _STATE_COLUMNS = tuple(f.name for f in fields(QuotaState))
@@ -94,25 +98,33 @@ Decide = Callable[[QuotaState, list[Send], float], QuotaState | None]
 """A decision: (the row, the logged sends of the last seconds in time order, the server's
 clock) -> the new row, or None to leave it as it is."""
 
+# A worker joining a live schedule keeps it, only slowing it to its own stated rate if that is
+# lower; one joining a schedule idle for STALE seconds starts it over from its own values.
+_IDLE = "quota_schedule.updated_at < EXCLUDED.updated_at - :stale"
 _JOIN = text(
     f"INSERT INTO quota_schedule (lane, model, last_slot, updated_at, {', '.join(_STATE_COLUMNS)}) "
-    "SELECT :lane, :model, t.c, t.c, t.c, :interval_s, :slow_start, :known_good, t.c, "
+    "SELECT :lane, :model, t.c, t.c, t.c, :interval_s, :least_s, :slow_start, :known_good, t.c, "
     "'-Infinity'::float8, 'Infinity'::float8, :probe_every, NULL, 0 FROM " + _NOW + " "
-    "ON CONFLICT (lane, model) DO UPDATE SET last_slot = EXCLUDED.last_slot, "
-    + ", ".join(f"{c} = EXCLUDED.{c}" for c in _STATE_COLUMNS)
-    + ", updated_at = EXCLUDED.updated_at "
-    "WHERE quota_schedule.updated_at < EXCLUDED.updated_at - :stale"
+    "ON CONFLICT (lane, model) DO UPDATE SET "
+    + ", ".join(
+        f"{c} = CASE WHEN {_IDLE} THEN EXCLUDED.{c} ELSE quota_schedule.{c} END"
+        for c in ("last_slot", "updated_at", *_STATE_COLUMNS)
+        if c != "least_s"
+    )
+    + f", least_s = CASE WHEN {_IDLE} THEN EXCLUDED.least_s "
+    "ELSE greatest(quota_schedule.least_s, EXCLUDED.least_s) END"
 )
 _RETURN_STATE = ", ".join(f"r.{c}" for c in _STATE_COLUMNS)
 # Probing rides on the reservation: past ``probe_at`` (and out of slow start) the spacing
-# shrinks by ``probe_up``, never below this worker's least interval.
+# shrinks by ``probe_up``, never below the least spacing (of this worker, or of any).
 _RESERVE = text(
     "WITH r AS (UPDATE quota_schedule AS q SET "
     "last_slot = greatest(q.next_at, t.c + :lead), "
-    "next_at = greatest(q.next_at, t.c + :lead) + greatest(q.interval_s, :min_interval), "
+    "next_at = greatest(q.next_at, t.c + :lead) "
+    "+ greatest(q.interval_s, q.least_s, :min_interval), "
     "interval_s = CASE WHEN q.slow_start = 0 AND t.c >= q.probe_at "
-    "AND q.interval_s > :min_interval "
-    "THEN greatest(:min_interval, q.interval_s / :probe_up) ELSE q.interval_s END, "
+    "AND q.interval_s > greatest(:min_interval, q.least_s) "
+    "THEN greatest(:min_interval, q.least_s, q.interval_s / :probe_up) ELSE q.interval_s END, "
     "probe_at = CASE WHEN q.slow_start = 0 AND t.c >= q.probe_at "
     "THEN t.c + q.probe_every ELSE q.probe_at END, "
     "updated_at = t.c "
@@ -166,13 +178,16 @@ class QuotaSchedule:
         self._reserved = 0
 
     async def join(
-        self, *, interval_s: float, slow_start: bool, probe_every: float
+        self, *, interval_s: float, least_s: float, slow_start: bool, probe_every: float
     ) -> tuple[float, QuotaState]:
         """Make the row unless it exists (or start an idle one over, from these values);
-        returns the server's clock as it was read, and the row."""
+        ``least_s`` is this worker's spacing at the rate it was told: the schedule never goes
+        faster than the lowest rate any of its workers was told. Returns the server's clock as
+        it was read, and the row."""
         params = {
             **self._key,
             "interval_s": interval_s,
+            "least_s": least_s,
             "slow_start": int(slow_start),
             "known_good": interval_s,
             "probe_every": probe_every,
@@ -234,6 +249,7 @@ def _state(values: Any) -> QuotaState:
     return QuotaState(
         next_at=float(data["next_at"]),
         interval_s=float(data["interval_s"]),
+        least_s=float(data["least_s"]),
         slow_start=bool(data["slow_start"]),
         known_good=float(data["known_good"]),
         raised_at=float(data["raised_at"]),

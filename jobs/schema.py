@@ -165,6 +165,7 @@ quota_schedule = Table(
     Column("next_at", Float, nullable=False),  # the next free send slot
     Column("last_slot", Float, nullable=False),  # the slot reserved last
     Column("interval_s", Float, nullable=False),  # the spacing all workers keep together
+    Column("least_s", Float, nullable=False),  # the spacing of the lowest rate a worker was told
     Column("slow_start", Integer, nullable=False),  # 1 while the rate doubles per window
     Column("known_good", Float, nullable=False),  # the interval last fully accepted
     Column("raised_at", Float, nullable=False),  # when slow start last raised the rate

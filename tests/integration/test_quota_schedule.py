@@ -34,7 +34,7 @@ async def test_concurrent_reservers_never_get_two_slots_closer_than_the_interval
     stores, workers = await schedules(url, 4)
     try:
         for w in workers:
-            await w.join(interval_s=0.01, slow_start=False, probe_every=5.0)
+            await w.join(interval_s=0.01, least_s=0.01, slow_start=False, probe_every=5.0)
         slots: list[float] = []
 
         async def reserver(w: QuotaSchedule, least: float) -> None:
@@ -44,7 +44,7 @@ async def test_concurrent_reservers_never_get_two_slots_closer_than_the_interval
                 slots.append(got.slot)
 
         async with anyio.create_task_group() as tg:
-            # one worker was told a lower rate: its own reservations are spaced wider
+            # one worker asks for a wider spacing after its own slots
             for w, least in zip(workers, (0.01, 0.01, 0.01, 0.02), strict=True):
                 tg.start_soon(reserver, w, least)
     finally:
@@ -62,8 +62,8 @@ async def test_a_throttled_send_cuts_the_shared_rate_once_for_every_worker() -> 
     url = fresh()
     stores, (a, b) = await schedules(url, 2)
     try:
-        await a.join(interval_s=0.02, slow_start=False, probe_every=5.0)  # 50/s
-        _, joined = await b.join(interval_s=1.0, slow_start=True, probe_every=5.0)
+        await a.join(interval_s=0.02, least_s=0.01, slow_start=False, probe_every=5.0)  # 50/s
+        _, joined = await b.join(interval_s=1.0, least_s=0.01, slow_start=True, probe_every=5.0)
         assert joined.interval_s == 0.02 and not joined.slow_start  # the first worker's row
         got = [await w.reserve(min_interval=0.02, lead=0.0, probe_up=1.02) for w in (a, b) * 15]
         slots = [g.slot for g in got]
@@ -96,12 +96,15 @@ async def test_an_idle_schedule_starts_over_and_a_live_one_is_kept() -> None:
     url = fresh()
     stores, (a,) = await schedules(url, 1)
     try:
-        await a.join(interval_s=0.5, slow_start=True, probe_every=5.0)
-        _, kept = await a.join(interval_s=0.1, slow_start=False, probe_every=5.0)
+        await a.join(interval_s=0.5, least_s=0.1, slow_start=True, probe_every=5.0)
+        _, kept = await a.join(interval_s=0.1, least_s=0.1, slow_start=False, probe_every=5.0)
         assert kept.interval_s == 0.5 and kept.slow_start
+        # a worker told a lower rate slows the live schedule to it
+        _, slower = await a.join(interval_s=0.1, least_s=0.25, slow_start=False, probe_every=5.0)
+        assert slower.interval_s == 0.5 and slower.least_s == 0.25
         query(url, f"UPDATE quota_schedule SET updated_at = updated_at - {STALE + 1}")
-        _, over = await a.join(interval_s=0.1, slow_start=False, probe_every=5.0)
-        assert over.interval_s == 0.1 and not over.slow_start
+        _, over = await a.join(interval_s=0.1, least_s=0.1, slow_start=False, probe_every=5.0)
+        assert over.interval_s == 0.1 and over.least_s == 0.1 and not over.slow_start
     finally:
         for s in stores:
             await s.close()

@@ -21,6 +21,7 @@ def row(rate: float, *, slow_start: bool = False, known_good: float | None = Non
     return QuotaState(
         next_at=0.0,
         interval_s=1.0 / rate,
+        least_s=1e-3,
         slow_start=slow_start,
         known_good=1.0 / (known_good or rate),
         raised_at=0.0,
@@ -102,6 +103,10 @@ def test_slow_start_doubles_for_all_after_a_window_of_accepted_sends() -> None:
     top = on_accepted(replace(state, interval_s=1 / 8.0), grid(8.0, 10, 11.2), 12.0,
                       slot=11.2, max_rate=9.75)  # fmt: skip
     assert top is not None and top.rate == pytest.approx(9.75) and not top.slow_start
+    # nor above the lowest rate any worker of the schedule was told
+    low = on_accepted(replace(state, least_s=1 / 3.0), sends, 12.0, slot=sends[-1].at,
+                      max_rate=10.0)  # fmt: skip
+    assert low is not None and low.rate == pytest.approx(3.0) and not low.slow_start
 
 
 def simulate(
