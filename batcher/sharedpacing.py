@@ -66,6 +66,7 @@ LATE_SHARED = 0.015  # s: how late a slot may still be used (within the margin's
 ASKING = 0.05  # s: what wait_needed says while a reservation is on its way (it wakes us)
 LEAD_MAX = 0.05  # s: the most a slot is reserved ahead of the server's now
 RETRY = 1.0  # s: between attempts when the database cannot be reached
+HOLD = 2 * PROBE_FIRST  # s: a second 429 of a full window within this is the rate's
 SAMPLES = 32  # round trips the clock offset is chosen from
 REMEMBERED = 4096  # sends whose slot is remembered for their answer
 
@@ -111,6 +112,18 @@ def on_throttled(
     if accepted:
         # the window is full until its oldest accepted send ages out
         next_at = max(next_at, accepted[0] + WINDOW * (2 - MARGIN))
+    if (
+        not state.slow_start
+        and len(accepted) >= math.ceil(rate * WINDOW) - 1
+        and now - state.held_at > HOLD
+    ):
+        # The window was as full as the rate makes it, every send accepted: either the rate
+        # is a little over the quota, or it is right and a busy host sent one late, bunched
+        # with the next (the window's count cannot tell). The first time, hold the schedule
+        # back until the window has room and keep the rate: cutting every worker's rate for
+        # one late arrival costs far more than the 429 did. A second such 429 within HOLD
+        # seconds is the rate's: it is cut as usual.
+        return replace(state, next_at=next_at, cut_at=now, held_at=now)
     same = state.ceiling is not None and abs(estimate - state.ceiling) < 0.5
     probe_every = min(PROBE_MAX, state.probe_every * 2) if same else PROBE_FIRST
     if state.slow_start:

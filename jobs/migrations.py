@@ -108,7 +108,8 @@ STEPS: dict[int, Step] = {
         "next_at FLOAT NOT NULL, last_slot FLOAT NOT NULL, interval_s FLOAT NOT NULL, "
         "least_s FLOAT NOT NULL, "
         "slow_start INTEGER NOT NULL, known_good FLOAT NOT NULL, raised_at FLOAT NOT NULL, "
-        "cut_at FLOAT NOT NULL, probe_at FLOAT NOT NULL, probe_every FLOAT NOT NULL, "
+        "cut_at FLOAT NOT NULL, held_at FLOAT NOT NULL, probe_at FLOAT NOT NULL, "
+        "probe_every FLOAT NOT NULL, "
         "ceiling FLOAT, cuts INTEGER NOT NULL, updated_at FLOAT NOT NULL, "
         "PRIMARY KEY (lane, model))",
         "CREATE TABLE IF NOT EXISTS quota_sends (lane TEXT NOT NULL, model TEXT NOT NULL, "

@@ -62,6 +62,7 @@ class QuotaState:
     known_good: float
     raised_at: float
     cut_at: float
+    held_at: float  # when a throttled answer last held the schedule back without a cut
     probe_at: float
     probe_every: float
     ceiling: float | None
@@ -104,7 +105,8 @@ _IDLE = "quota_schedule.updated_at < EXCLUDED.updated_at - :stale"
 _JOIN = text(
     f"INSERT INTO quota_schedule (lane, model, last_slot, updated_at, {', '.join(_STATE_COLUMNS)}) "
     "SELECT :lane, :model, t.c, t.c, t.c, :interval_s, :least_s, :slow_start, :known_good, t.c, "
-    "'-Infinity'::float8, 'Infinity'::float8, :probe_every, NULL, 0 FROM " + _NOW + " "
+    "'-Infinity'::float8, '-Infinity'::float8, 'Infinity'::float8, :probe_every, NULL, 0 "
+    "FROM " + _NOW + " "
     "ON CONFLICT (lane, model) DO UPDATE SET "
     + ", ".join(
         f"{c} = CASE WHEN {_IDLE} THEN EXCLUDED.{c} ELSE quota_schedule.{c} END"
@@ -254,6 +256,7 @@ def _state(values: Any) -> QuotaState:
         known_good=float(data["known_good"]),
         raised_at=float(data["raised_at"]),
         cut_at=float(data["cut_at"]),
+        held_at=float(data["held_at"]),
         probe_at=float(data["probe_at"]),
         probe_every=float(data["probe_every"]),
         ceiling=None if ceiling is None else float(ceiling),

@@ -169,7 +169,8 @@ quota_schedule = Table(
     Column("slow_start", Integer, nullable=False),  # 1 while the rate doubles per window
     Column("known_good", Float, nullable=False),  # the interval last fully accepted
     Column("raised_at", Float, nullable=False),  # when slow start last raised the rate
-    Column("cut_at", Float, nullable=False),  # when a throttled answer last cut it
+    Column("cut_at", Float, nullable=False),  # when a throttled answer last acted on it
+    Column("held_at", Float, nullable=False),  # when one last held it back without a cut
     Column("probe_at", Float, nullable=False),  # when the next probe may raise it
     Column("probe_every", Float, nullable=False),
     Column("ceiling", Float),  # the last estimate of the quota (requests per window)

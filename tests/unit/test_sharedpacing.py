@@ -26,6 +26,7 @@ def row(rate: float, *, slow_start: bool = False, known_good: float | None = Non
         known_good=1.0 / (known_good or rate),
         raised_at=0.0,
         cut_at=-math.inf,
+        held_at=-math.inf,
         probe_at=math.inf,
         probe_every=PROBE_FIRST,
         ceiling=None,
@@ -39,8 +40,9 @@ def grid(rate: float, start: float, end: float, throttled: Collection[int] = ())
 
 
 def test_a_throttle_sets_the_rate_under_the_window_s_accepted_count_of_every_worker() -> None:
-    state = row(20.0)
-    sends = grid(20.0, 0.0, 3.0)  # every worker's sends, 20/s, the last one throttled
+    # every worker's sends, 20/s, the last one throttled; a 429 held the schedule back lately
+    state = replace(row(20.0), held_at=2.5)
+    sends = grid(20.0, 0.0, 3.0)
     sends[-1] = replace(sends[-1], throttled=True)
     slot = sends[-1].at
     cut = on_throttled(state, sends, 3.01, slot=slot, quota=True, min_rate=0.05)
@@ -52,6 +54,27 @@ def test_a_throttle_sets_the_rate_under_the_window_s_accepted_count_of_every_wor
     assert cut.next_at >= sends[-21].at + 1.0
     # a send before the cut says nothing new; nor does a second one in the same window
     assert on_throttled(cut, sends, 3.02, slot=slot - 0.05, quota=True, min_rate=0.05) is None
+
+
+def test_a_429_of_a_late_arrival_holds_the_schedule_back_without_a_cut() -> None:
+    state = row(10 * SHARED_MARGIN)
+    sends = grid(10 * SHARED_MARGIN, 0.0, 3.0)  # the rate is right: 10 accepted a second
+    sends[-1] = replace(sends[-1], throttled=True)  # but one arrived late, bunched
+    slot = sends[-1].at
+    held = on_throttled(
+        state, sends, 3.01, slot=slot, quota=True, min_rate=0.05, margin=SHARED_MARGIN
+    )
+    assert held is not None and held.rate == state.rate and held.cuts == 0
+    assert held.next_at > slot and held.cut_at == held.held_at == 3.01
+    # the bunch's other 429s are no news; another full window soon after is the rate's
+    later = grid(10 * SHARED_MARGIN, 3.0, 5.0)
+    later[-1] = replace(later[-1], throttled=True)
+    cut = on_throttled(
+        held, sends + later, 5.01, slot=later[-1].at, quota=True, min_rate=0.05,
+        margin=SHARED_MARGIN,
+    )  # fmt: skip
+    assert cut is not None and cut.cuts == 1 and cut.rate < state.rate
+    assert on_throttled(held, sends, 3.02, slot=slot - 0.1, quota=True, min_rate=0.05) is None
 
 
 def test_told_twice_the_quota_one_cut_lands_just_under_it() -> None:
