@@ -23,7 +23,10 @@ The adaptive part is :class:`batcher.pacing.RateController`'s, acting on the sha
 the sends every worker logged in the last seconds, run by :meth:`jobs.quota.QuotaSchedule.adapt`
 under the row's lock. So a throttled worker lowers the rate for all (once per cut: a 429 for
 a send before the last cut says nothing new), slow start doubles the rate of all, and probes
-raise it for all, never above the rate this worker was told.
+raise it for all, never above the rate this worker was told. One rule differs: a 429 from a
+window no fuller than the rate makes it (one send arrived late, bunched with the next: with
+several processes on busy hosts that happens) first only holds the schedule back; a second
+such 429 within ``HOLD`` seconds cuts, as the rate is then over the quota.
 """
 
 from __future__ import annotations
