@@ -71,6 +71,7 @@ LEAD_MAX = 0.05  # s: the most a slot is reserved ahead of the server's now
 RETRY = 1.0  # s: between attempts when the database cannot be reached
 HOLD = 2 * PROBE_FIRST  # s: a second 429 of a full window within this is the rate's
 SAMPLES = 32  # round trips the clock offset is chosen from
+FORGOTTEN = 5.0  # s: a handed slot whose call has not gone out by then never will
 REMEMBERED = 4096  # sends whose slot is remembered for their answer
 
 
@@ -267,6 +268,8 @@ class SharedPacer:
 
     def sent(self, *, at: float) -> None:
         """The call of the oldest handed slot went out at ``at`` (local monotonic)."""
+        while len(self._handed) > 1 and self._handed[0][0] < at - FORGOTTEN:
+            self._handed.popleft()  # a call that never went out (its job was lost before)
         if not self._handed:
             return
         local, server = self._handed.popleft()

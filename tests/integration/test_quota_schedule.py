@@ -5,13 +5,15 @@ for every worker, and an idle schedule starting over."""
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import anyio
 import pytest
 
-from batcher.sharedpacing import on_throttled
+from batcher.pacing import FLOOR_STEP
+from batcher.sharedpacing import ASKING, LATE_SHARED, SHARED_MARGIN, SharedPacer, on_throttled
 from jobs.quota import STALE, QuotaSchedule
 from jobs.store import JobStore
 
@@ -113,3 +115,59 @@ async def test_an_idle_schedule_starts_over_and_a_live_one_is_kept() -> None:
 async def test_a_sqlite_run_folder_paces_itself(tmp_path: Path) -> None:
     async with await JobStore.open(tmp_path / "batcher.db") as store:
         assert store.quota_schedule(lane="default", model=MODEL) is None
+
+
+async def soon(check: Callable[[], bool]) -> None:
+    """Wait (up to 5 s) until ``check()`` holds: the pacer writes in its own task."""
+    for _ in range(250):
+        if check():
+            return
+        await anyio.sleep(0.02)
+    pytest.fail("the shared pacer did not write it in 5 s")
+
+
+async def test_a_shared_pacer_hands_out_slots_gives_late_ones_back_and_reports_429s() -> None:
+    url = fresh()
+    async with await JobStore.open(url) as store:
+        schedule = store.quota_schedule(lane="default", model=MODEL)
+        assert schedule is not None
+        arrived = anyio.Event()
+
+        def on_slot() -> None:
+            arrived.set()
+
+        pacer = SharedPacer(schedule, 10.0, start_rate=None, on_slot=on_slot)
+
+        async def slot() -> float:
+            """Ask, as the dispatcher does, until a slot is in hand; seconds until it is due."""
+            nonlocal arrived
+            arrived = anyio.Event()
+            assert pacer.wait_needed(now=anyio.current_time()) == ASKING  # asking
+            with anyio.fail_after(5):
+                await arrived.wait()
+            return pacer.wait_needed(now=anyio.current_time())
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pacer.serve)
+            # a slot on time: taken, sent
+            await anyio.sleep(await slot())
+            due = pacer.reserve(now=anyio.current_time())
+            sent = anyio.current_time()
+            pacer.sent(at=sent)
+            assert sent - due <= LATE_SHARED
+            # a slot reached too late: given back, and no longer in the log of sends
+            wait = await slot()
+            [late] = [r["at"] for r in query(url, "SELECT max(at) AS at FROM quota_sends")]
+            await anyio.sleep(wait + LATE_SHARED + 0.05)
+            assert pacer.wait_needed(now=anyio.current_time()) == ASKING  # and asks again
+            assert pacer.given_back == 1
+            await soon(lambda: not query(url, "SELECT 1 FROM quota_sends WHERE at = $1", late))
+            # the service throttled the call that went out: the shared row hears of it
+            pacer.throttled(sent)
+            await soon(lambda: bool(query(url, "SELECT 1 FROM quota_sends WHERE throttled = 1")))
+            tg.cancel_scope.cancel()
+        [row] = query(url, "SELECT held_at, cut_at, cuts FROM quota_schedule")
+        # one send in the window, throttled: the quota looks far lower, so the rate is cut
+        # (by the largest step one throttle may make), for every worker of the run
+        assert row["cuts"] == 1 and row["cut_at"] > 0
+        assert pacer.rate == pytest.approx(10 * SHARED_MARGIN * FLOOR_STEP)
