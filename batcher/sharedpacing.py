@@ -65,7 +65,7 @@ log = logging.getLogger("batcher.run")
 DEFAULT_LANE = "default"
 """The lane of a run with one account (one API key)."""
 SHARED_MARGIN = 0.975  # of the stated rate: ~25 ms of slack per window (see LATE_SHARED)
-LATE_SHARED = 0.015  # s: how late a slot may still be used (within the margin's slack)
+LATE_SHARED = 0.020  # s: how late a slot may still be used (the margin leaves ~25 ms of slack)
 ASKING = 0.05  # s: what wait_needed says while a reservation is on its way (it wakes us)
 LEAD_MAX = 0.05  # s: the most a slot is reserved ahead of the server's now
 RETRY = 1.0  # s: between attempts when the database cannot be reached

@@ -195,7 +195,7 @@ def measure(quick: bool, args: Any) -> Result:
             f"Each side has its own emulator: `python -m batcher.emulator --latency {LATENCY} "
             f"--rps {Q:g} --seed 7`; the shared run's import (`batcher plan --db`) runs first.",
             "The shared schedule keeps 97.5% of the rate told (a single process 98.5%): the "
-            "wider margin lets a slot that a busy host reaches up to 15 ms late still go out; "
+            "wider margin lets a slot that a busy host reaches up to 20 ms late still go out; "
             "a slot reached later is given back (a hole in the schedule, never a 429).",
             "Not measured: two lanes (two API keys) of Q/2 each in one run, together >= 0.95 "
             "Q: a run has no lanes yet.",
