@@ -58,12 +58,10 @@ from .pacing import (
     RateController,
 )
 
-__all__ = ["DEFAULT_LANE", "SharedPacer", "on_accepted", "on_throttled"]
+__all__ = ["SharedPacer", "on_accepted", "on_throttled"]
 
 log = logging.getLogger("batcher.run")
 
-DEFAULT_LANE = "default"
-"""The lane of a run with one account (one API key)."""
 SHARED_MARGIN = 0.975  # of the stated rate: ~25 ms of slack per window (see LATE_SHARED)
 LATE_SHARED = 0.020  # s: how late a slot may still be used (the margin leaves ~25 ms of slack)
 ASKING = 0.05  # s: what wait_needed says while a reservation is on its way (it wakes us)

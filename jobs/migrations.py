@@ -99,21 +99,17 @@ STEPS: dict[int, Step] = {
             ),
         ),
     ),
-    # (a step of another change: numbered here so that the steps run in order)
-    5: (),
+    5: (
+        # the lane (named API key) each job's image or task came from; older jobs used the one
+        # key of their run (NULL: the default lane). The new table lane_calls (per-lane call
+        # figures) holds nothing for older runs and is made with the other tables.
+        "ALTER TABLE jobs ADD COLUMN lane TEXT",
+    ),
     6: (
-        # the send schedule that workers sharing a PostgreSQL run keep to together, per lane
-        # (API key) and model, and the slots it handed out lately (see jobs.quota)
-        "CREATE TABLE IF NOT EXISTS quota_schedule (lane TEXT NOT NULL, model TEXT NOT NULL, "
-        "next_at FLOAT NOT NULL, last_slot FLOAT NOT NULL, interval_s FLOAT NOT NULL, "
-        "least_s FLOAT NOT NULL, "
-        "slow_start INTEGER NOT NULL, known_good FLOAT NOT NULL, raised_at FLOAT NOT NULL, "
-        "cut_at FLOAT NOT NULL, held_at FLOAT NOT NULL, probe_at FLOAT NOT NULL, "
-        "probe_every FLOAT NOT NULL, "
-        "ceiling FLOAT, cuts INTEGER NOT NULL, updated_at FLOAT NOT NULL, "
-        "PRIMARY KEY (lane, model))",
-        "CREATE TABLE IF NOT EXISTS quota_sends (lane TEXT NOT NULL, model TEXT NOT NULL, "
-        "at FLOAT NOT NULL, throttled INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (lane, model, at))",
+        # The send schedule that the workers of a PostgreSQL run keep to together, per lane
+        # and model (quota_schedule), and the slots it handed out lately (quota_sends): new
+        # tables, made with the other tables. The version still moves on, so that a batcher
+        # that paces each process alone refuses a table whose workers share a schedule.
     ),
 }
 
