@@ -297,18 +297,6 @@ class SharedPacer:
         self._throttled.append((slot, quota))
         self._kick.set()
 
-    async def wait_turn(self) -> float:
-        """Wait for a send slot and take it; returns the send time (for :meth:`throttled`).
-        For a caller without a dispatcher (the dispatcher uses :meth:`wait_needed`)."""
-        while True:
-            wait = self.wait_needed(now=self._clock())
-            if wait <= 0 and self._slot is not None:
-                self.reserve(now=self._clock())
-                sent = self._clock()
-                self.sent(at=sent)
-                return sent
-            await anyio.sleep(min(wait, 0.005) if self._asking else wait)
-
     # --------------------------------------------------------------- the database side
 
     async def serve(self) -> None:
