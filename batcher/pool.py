@@ -15,10 +15,10 @@ account: the dispatcher starts whichever buffered job has a lane serving its mod
 send slot (the lane with the fewest calls for its weight when several have one). A run without
 ``--lanes`` has one lane, ``default``. On a PostgreSQL table the pacer of a lane and model
 keeps to the schedule every worker of the run shares (:mod:`batcher.sharedpacing`), so
-workers on one account together stay under its quota. An error fatal to an account (a bad key, arrears, the
-free quota used up) disables its lane alone: the job goes back to pending with no attempt
-charged, the other lanes go on, and the run stops (exit 3) when jobs are left that no lane can
-take (once the others are done), or at once when every lane is disabled.
+workers on one account together stay under its quota. An error fatal to an account (a bad
+key, arrears, the free quota used up) disables its lane alone: the job goes back to pending
+with no attempt charged, the other lanes go on, and the run stops (exit 3) when jobs are left
+that no lane can take (once the others are done), or at once when every lane is disabled.
 
 A model called as an asynchronous task (see ``batcher.models``) also has a limit of tasks at
 once per lane; its worker creates the task, commits the ``task_id`` and the lane (state
