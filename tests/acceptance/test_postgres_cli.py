@@ -182,3 +182,55 @@ def test_three_workers_on_one_account_keep_to_its_quota_together(tmp_path: Path,
     accepted = stats["accepted_by_model"]["z-image-turbo"]
     rate = (accepted["requests"] - 1) / (accepted["last"] - accepted["first"])
     assert 0.8 * quota <= rate <= quota * 1.01, (rate, stats)
+
+
+def test_two_workers_share_each_lane_s_schedule(tmp_path: Path, db: str) -> None:
+    """Two lanes (two accounts of quota 4) through two workers: each lane's schedule is shared,
+    so together they send near 8 a second, never above either account's quota."""
+    n, quota = 32, 4.0
+    m = manifest(tmp_path, n)
+    out = tmp_path / "out"
+    keys = {"LANE_KEY_A": "sk-pg-lane-a-51c0e2", "LANE_KEY_B": "sk-pg-lane-b-9d33f7"}
+    accounts = {"a": (keys["LANE_KEY_A"],), "b": (keys["LANE_KEY_B"],)}
+    cfg = EmulatorConfig(latency="200", rps=quota, seed=5, accounts=accounts)
+    with EmulatorThread(cfg) as emu:
+        lanes = tmp_path / "lanes.yaml"
+        lanes.write_text(
+            "lanes:\n"
+            + "".join(
+                f"  - name: {x}\n    key_env: LANE_KEY_{x.upper()}\n"
+                f"    base_url: {emu.base_url}\n    quota: {quota:g}\n"
+                for x in ("a", "b")
+            ),
+            encoding="utf-8",
+        )
+        assert run_cli("plan", m, "--out", out, "--db", db).returncode == 0
+        env = {k: v for k, v in os.environ.items() if k != "BATCHER_DATABASE_URL"} | keys
+        command = batcher_cmd(
+            "run", m, "--out", out, "--lanes", lanes, "--db", db, "--no-progress",
+            "--concurrency", "8", "--request-timeout", "10", "--backoff-base", "0.01",
+            "--start-rps", "1000", "--json",
+        )  # fmt: skip
+        workers = [
+            subprocess.Popen(
+                command,
+                cwd=REPO,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(2)
+        ]
+        results = [w.communicate(timeout=100) for w in workers]
+        for w, (_, err) in zip(workers, results, strict=True):
+            assert w.returncode == 0, err
+        stats = emu.stats()
+    check_done(db, out, n)
+    assert stats["throttled"] <= 1, stats
+    lanes_used = query(db, "SELECT lane, count(*) AS n FROM jobs GROUP BY lane ORDER BY lane")
+    assert [r["lane"] for r in lanes_used] == ["a", "b"], lanes_used
+    accepted = stats["accepted_by_model"]["z-image-turbo"]
+    rate = (accepted["requests"] - 1) / (accepted["last"] - accepted["first"])
+    assert 0.7 * 2 * quota <= rate <= 2 * quota * 1.01, (rate, stats)
