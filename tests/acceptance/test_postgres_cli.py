@@ -1,5 +1,6 @@
 """The real CLI with the run's table in a real PostgreSQL (``--db``), against the emulator:
-one worker, two workers on one run, and one of two killed with SIGKILL."""
+one worker, two workers on one run, one of two killed with SIGKILL, and workers sharing an
+account's quota (one lane, then two) through the schedule in the database."""
 
 from __future__ import annotations
 
