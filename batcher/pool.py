@@ -32,6 +32,16 @@ when such failures follow one another across the run the dispatcher stops starti
 lets one probe at a time go, with backoff; past ``unreachable_timeout`` it stops the run
 (:attr:`StopReason.UNREACHABLE`) with every job left pending.
 
+A job database that cannot be reached (a PostgreSQL server restarting, the network to it cut:
+:class:`jobs.StoreUnreachable`) is the same kind of condition. The runner is the store's
+``outage`` hook: a write, claim or read that fails waits there while one probe at a time pings
+the database with backoff; the dispatcher starts no call meanwhile, and answers already in
+hand wait in memory to be written. Once the database answers, every waiting write goes on,
+and before any new call the leases of the jobs held are renewed: those another worker took
+over meanwhile (the outage outlasted the lease) leave the buffer, and a late write of one in
+flight is refused by its claim token (a lost lease, counted). Past ``unreachable_timeout``
+the run stops (:attr:`StopReason.DATABASE`), leaving every job as the database has it.
+
 Stopping: :meth:`Runner.request_stop` stops claiming (within a second: every wait in the
 dispatcher watches the stop event) and lets in-flight calls finish; :meth:`Runner.cancel_in_flight`
 cuts them short. A run-level API error (bad key, arrears, ...) does the former by itself.
@@ -66,6 +76,7 @@ from jobs import (
     LeaseLost,
     State,
     StoredFile,
+    StoreUnreachable,
 )
 from jobs.params import load_params
 
@@ -97,6 +108,7 @@ QUOTA_CODES = frozenset({"throttling.ratequota", "limitrequests", "limit_request
 BUFFER_MAX = 256  # claimed jobs held while their models wait for a send slot
 FILL_AHEAD = 0.25  # s: claim more only when no send slot is due sooner (a claim is a write)
 MAX_POLL_FAILURES = 8  # polls of one task failing in a row before it is left for later
+DB_PROBE_CAP = 5.0  # s: the longest wait between pings of a job database that went away
 
 
 class StopReason(StrEnum):
@@ -108,6 +120,7 @@ class StopReason(StrEnum):
     BUDGET = "budget"  # --budget reached
     LIMIT = "limit"  # --limit reached
     UNREACHABLE = "unreachable"  # the service could not be reached for --unreachable-timeout
+    DATABASE = "database"  # the job database could not be reached for --unreachable-timeout
 
 
 def model_rates(rps: float | None) -> dict[str, float]:
@@ -140,7 +153,7 @@ class RunOptions:
     # Each model's own send rate (requests/s); a model not listed is paced at ``rps``.
     # ``model_rates(None)`` gives every known model its published quota.
     model_rps: Mapping[str, float] = field(default_factory=dict)
-    unreachable_timeout: float = 180.0  # seconds the service may stay unreachable
+    unreachable_timeout: float = 180.0  # seconds the service (or the database) may be away
     seed: int | None = None  # for the retry jitter, so tests can reproduce a run
 
 
@@ -162,6 +175,7 @@ class RunCounters:
     download_retries: int = 0
     downloads_skipped: int = 0
     lease_lost: int = 0
+    database_outages: int = 0  # times the job database went away and the run paused
     released: int = 0
     tasks_created: int = 0
     task_polls: int = 0
@@ -275,6 +289,14 @@ class Runner:
         self.first_accepted_at: float | None = None
         self.last_accepted_at: float | None = None
         self._unreached_detail = ""
+        # the job database (see the module docstring)
+        self.database = Reachability(
+            window=options.unreachable_timeout, streak=1, probe_cap=DB_PROBE_CAP
+        )
+        self._db_probe = anyio.Lock()  # one ping at a time; the other waiters find it back
+        self._db_gone = False  # gave up: every store call fails at once
+        self._recheck_leases = False  # renew every held lease before the next call
+        self._cut = anyio.Event()  # cancel_in_flight: stop waiting for the database too
 
     # ------------------------------------------------------------------ control
 
@@ -358,6 +380,7 @@ class Runner:
     def cancel_in_flight(self) -> None:
         """Cut in-flight calls short; their jobs are released to pending."""
         self.request_stop(StopReason.INTERRUPTED)
+        self._cut.set()
         if self._work_scope is not None:
             self._work_scope.cancel()
 
@@ -390,6 +413,7 @@ class Runner:
 
     async def run(self) -> RunResult:
         """Work until nothing is left or a stop; release whatever is still held."""
+        outage, self.store.outage = self.store.outage, self._database_outage
         try:
             async with anyio.create_task_group() as outer:
                 outer.start_soon(self._heartbeat_loop)
@@ -399,12 +423,17 @@ class Runner:
                 self._unserved.clear()
                 with anyio.CancelScope() as self._work_scope:
                     async with anyio.create_task_group() as tg:
-                        await self._dispatch(tg)
+                        try:
+                            await self._dispatch(tg)
+                        except StoreUnreachable:
+                            if not self._db_gone:
+                                raise  # the stop is requested; the workers end
                 outer.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
                 await self._release_buffer()
                 await self.save_lanes()
+            self.store.outage = outage
         return RunResult(
             reason=self._reason,
             counters=self.counters,
@@ -419,6 +448,13 @@ class Runner:
 
     async def _dispatch(self, tg: TaskGroup) -> None:
         while not self.stopping:
+            if self.database.paused:
+                await self._sleep(1.0)  # no new call; the database coming back wakes this
+                continue
+            if self._recheck_leases:
+                self._recheck_leases = False
+                await self._renew_leases()
+                continue
             if self._in_flight >= self.concurrency:
                 await self._sleep(1.0)
                 continue
@@ -656,6 +692,8 @@ class Runner:
 
     async def _release(self, claim: Claim) -> None:
         self._held.pop(claim.id, None)
+        if self._db_gone:
+            return  # the run gave up on the database: left as it is, its lease runs out
         abandoned = claim.id in self._abandoned
         try:
             await self.store.release(claim.id, claim.token, ambiguous=abandoned)
@@ -663,6 +701,9 @@ class Runner:
             self.counters.abandoned += int(abandoned)
         except LeaseLost:
             self.counters.lease_lost += 1
+        except StoreUnreachable:
+            if not self._db_gone:
+                raise  # else (given up meanwhile) left as it is: its lease runs out
 
     def lane_rows(self) -> list[LaneCalls]:
         """This run's figures per lane and model, as ``lane_calls`` keeps them."""
@@ -670,6 +711,8 @@ class Runner:
 
     async def save_lanes(self) -> None:
         """Write this run's figures per lane and model (``lane_calls``)."""
+        if self.database.paused or self._db_gone:
+            return  # the database is away: the next save writes them
         rows = self.lane_rows()
         try:
             await self.store.save_lane_calls(rows, worker=WORKER, started_at=self._started_wall)
@@ -681,13 +724,81 @@ class Runner:
         while True:
             await anyio.sleep(period)
             await self.save_lanes()
-            by_token: dict[str, list[str]] = {}
-            for claim in list(self._held.values()):
-                by_token.setdefault(claim.token, []).append(claim.id)
-            for token, ids in by_token.items():
-                lost = await self.store.heartbeat(token, ids, lease_seconds=self.opt.lease_seconds)
-                for job_id in lost:
-                    log.warning("job %s: lease lost to another worker", job_id)
+            try:
+                await self._renew_leases()
+            except StoreUnreachable:
+                if not self._db_gone:
+                    raise
+                return
+
+    async def _renew_leases(self) -> None:
+        """Extend the lease of every job held. A job another worker holds now (this worker
+        lost the database for longer than the lease) leaves the buffer if it is still there;
+        one in flight finds out at its next write."""
+        by_token: dict[str, list[str]] = {}
+        for claim in list(self._held.values()):
+            by_token.setdefault(claim.token, []).append(claim.id)
+        for token, ids in by_token.items():
+            lost = await self.store.heartbeat(token, ids, lease_seconds=self.opt.lease_seconds)
+            for job_id in lost:
+                log.warning("job %s: lease lost to another worker", job_id)
+                for claim in self._buffer:
+                    if claim.id == job_id:
+                        self._buffer.remove(claim)
+                        self._held.pop(job_id, None)
+                        self.counters.lease_lost += 1
+                        break
+
+    async def _database_outage(self, exc: StoreUnreachable) -> bool:
+        """The store's ``outage`` hook (see the module docstring): True once the database
+        answers again, False when the run gives up on it."""
+        if self._db_gone:
+            return False
+        if self.database.failed(now=anyio.current_time()):
+            log.warning(
+                "the job database is unreachable (%s): pausing, reconnecting for up to %gs",
+                exc,
+                self.database.window,
+            )
+            self.counters.database_outages += 1
+        async with self._db_probe:
+            while self.database.paused and not self._db_gone:
+                now = anyio.current_time()
+                down = self.database.down_for(now=now)
+                if self.database.gave_up(now=now) or self._cut.is_set():
+                    self._db_gone = True
+                    self.request_stop(
+                        StopReason.DATABASE,
+                        f"the job database could not be reached for {down:.0f}s ({exc}); every "
+                        "job is left as the database has it (a job this worker held is taken "
+                        "over once its lease runs out): run the same command again once the "
+                        "database is back",
+                    )
+                    break
+                left = self.database.window - down + 0.01
+                with anyio.move_on_after(max(0.01, min(self.database.probe_wait(now=now), left))):
+                    await self._cut.wait()
+                if self._cut.is_set():
+                    continue
+                try:
+                    await self.store.ping()
+                except StoreUnreachable as again:
+                    exc = again
+                    self.database.probe_failed(now=anyio.current_time())
+                    continue
+                down = self.database.down_for(now=anyio.current_time())
+                log.warning(
+                    "the job database is back after %.1fs: going on%s",
+                    down,
+                    f" (longer than the lease, {self.opt.lease_seconds:g}s: jobs other "
+                    "workers took over meanwhile are dropped, and late writes of them refused)"
+                    if down > self.opt.lease_seconds
+                    else "",
+                )
+                self.database.answered(now=anyio.current_time())
+                self._recheck_leases = True
+                self._notify()
+        return not self._db_gone
 
     # ------------------------------------------------------------------ workers
 
@@ -719,6 +830,10 @@ class Runner:
             settled = True
             self.counters.lease_lost += 1
             log.warning("%s", exc)
+        except StoreUnreachable:
+            if not self._db_gone:
+                raise
+            settled = True  # the run gave up on the database: the job stays as it is there
         finally:
             with anyio.CancelScope(shield=True):
                 if not settled:

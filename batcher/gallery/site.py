@@ -31,7 +31,7 @@ from typing import Any
 
 import anyio
 
-from jobs import JobStore, State
+from jobs import JobStore, State, StoreUnreachable
 
 from ..errors import ConfigError
 from ..layout import RunLayout
@@ -327,10 +327,13 @@ async def follow_thumbnails(
         await anyio.sleep(every)
         now = store.clock()
         wanted = []
-        async for rec in store.iter_records(state=State.DONE, finished_since=since - 1.0):
-            if rec["sha256"]:
-                dest = thumbs / thumb_name(rec["sha256"])
-                wanted.append(ThumbJob(layout.images / rec["output"], dest))
+        try:
+            async for rec in store.iter_records(state=State.DONE, finished_since=since - 1.0):
+                if rec["sha256"]:
+                    dest = thumbs / thumb_name(rec["sha256"])
+                    wanted.append(ThumbJob(layout.images / rec["output"], dest))
+        except StoreUnreachable:
+            continue  # the database went away: the run waits for it; so does this, from `since`
         since = now
         if wanted:  # at most a few seconds of work a round: the run's end waits for it
             await anyio.to_thread.run_sync(_make_missing, wanted[:FOLLOW_BATCH])
