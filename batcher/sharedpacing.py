@@ -223,6 +223,7 @@ class SharedPacer:
         self._unused: list[float] = []
         self._kick = anyio.Event()
         self._offsets: deque[tuple[float, float]] = deque(maxlen=SAMPLES)  # (rtt, offset)
+        self._failing = False  # the database failed and has not answered since
         self.given_back = 0  # slots reached too late to use
         self.late = 0  # sends that went out late (the schedule was pushed after them)
         self.reserved = 0
@@ -312,7 +313,11 @@ class SharedPacer:
                     await self._work()
                     continue
                 except StoreUnavailable as exc:
-                    log.warning("the shared send schedule of %s: %s", self.schedule.model, exc)
+                    # once per outage (a slot reserved again ends it): the run's own outage
+                    # handling says the rest
+                    level = logging.DEBUG if self._failing else logging.WARNING
+                    log.log(level, "the shared send schedule of %s: %s", self.schedule.model, exc)
+                    self._failing = True
                 await anyio.sleep(RETRY)
         finally:
             log.info(
@@ -383,6 +388,7 @@ class SharedPacer:
             self._state = await self.schedule.adapt(decide_up)
 
     def _sample(self, before: float, server: float) -> None:
+        self._failing = False
         after = self._clock()
         self._offsets.append((after - before, server - (before + after) / 2))
 
