@@ -123,6 +123,13 @@ def test_two_workers_share_one_run_and_generate_nothing_twice(tmp_path: Path, db
     check_done(db, out, n)
     by_worker = query(db, "SELECT count(DISTINCT worker) AS n FROM jobs")[0]["n"]
     assert by_worker == 2, "both workers should have taken jobs"
+    # Both workers wrote the dataset's metadata and the report into the one folder, each
+    # under temporary names of its own: every job is listed once, no temporary file is left.
+    for r in results:
+        assert "could not update" not in r[1], r[1]
+    lines = (out / "images" / "metadata.jsonl").read_text(encoding="utf-8").splitlines()
+    assert sorted(json.loads(line)["id"] for line in lines) == [f"q{i:03d}" for i in range(n)]
+    assert not [p for p in out.rglob(".*.part")], list(out.rglob(".*.part"))
 
 
 def test_a_killed_worker_s_jobs_are_finished_by_the_other_after_its_lease(
