@@ -13,10 +13,12 @@ Every lane (an API key: :mod:`batcher.lanes`) has its own pacer per model (the s
 requests per account *and model*), so a mixed manifest keeps every model's quota busy on every
 account: the dispatcher starts whichever buffered job has a lane serving its model with a free
 send slot (the lane with the fewest calls for its weight when several have one). A run without
-``--lanes`` has one lane, ``default``. An error fatal to an account (a bad key, arrears, the
-free quota used up) disables its lane alone: the job goes back to pending with no attempt
-charged, the other lanes go on, and the run stops (exit 3) when jobs are left that no lane can
-take (once the others are done), or at once when every lane is disabled.
+``--lanes`` has one lane, ``default``. On a PostgreSQL table the pacer of a lane and model
+keeps to the schedule every worker of the run shares (:mod:`batcher.sharedpacing`), so
+workers on one account together stay under its quota. An error fatal to an account (a bad
+key, arrears, the free quota used up) disables its lane alone: the job goes back to pending
+with no attempt charged, the other lanes go on, and the run stops (exit 3) when jobs are left
+that no lane can take (once the others are done), or at once when every lane is disabled.
 
 A model called as an asynchronous task (see ``batcher.models``) also has a limit of tasks at
 once per lane; its worker creates the task, commits the ``task_id`` and the lane (state
@@ -97,9 +99,10 @@ from .lanebook import LaneBook, LaneTally, RunLane, accepted_rate
 from .lanes import default_lane
 from .layout import RunLayout, UnsafeOutputPath
 from .models import MODELS, ApiProtocol
-from .pacing import DEFAULT_QUOTA, LatencyTracker, Pacer, auto_concurrency
+from .pacing import DEFAULT_QUOTA, LatencyTracker, Pacer, Pacing, auto_concurrency
 from .pricing import Money, price_per_image
 from .reach import Reachability
+from .sharedpacing import SharedPacer
 from .taskpolls import PollGate, TaskClock, poll_delay
 
 __all__ = ["RunCounters", "RunOptions", "RunResult", "Runner", "StopReason", "shortfall_note"]
@@ -277,7 +280,9 @@ class Runner:
         self.counters = RunCounters(lanes=self.book.tallies, disabled=self.book.disabled)
         self.committer = ImageCommitter(store, on_done)
         self._on_done = on_done  # hears the ids of jobs this run completes
-        self._pacers: dict[tuple[str, str], Pacer] = {}
+        self._pacers: dict[tuple[str, str], Pacing] = {}
+        self._services: TaskGroup | None = None  # where shared pacers talk to the database
+        self._unserved: list[SharedPacer] = []  # shared pacers made before the run started
         # tasks this run is creating or polling, by lane and model
         self._tasks_open: dict[tuple[str, str], int] = {}
         self._polls = PollGate()
@@ -354,22 +359,38 @@ class Runner:
         return sum(live) or self.opt.rps
 
     @property
-    def pacer(self) -> Pacer:
+    def pacer(self) -> Pacing:
         """The pacer set up last (a single-model run's one pacer); see :meth:`pacer_for` and
         :attr:`rate` for a mixed run."""
         if not self._pacers:
             return self.pacer_for(next(iter(self.lanes)), "z-image-turbo")
         return next(reversed(self._pacers.values()))
 
-    def pacer_for(self, lane: str, model: str) -> Pacer:
-        """The pacer of ``model`` on ``lane`` (the service counts per account and model)."""
+    def pacer_for(self, lane: str, model: str) -> Pacing:
+        """The pacer of ``model`` on ``lane`` (the service counts per account and model).
+
+        On a table other workers share (PostgreSQL), the pacer keeps to the schedule of the
+        lane and model that all of them share (:mod:`batcher.sharedpacing`), even while this
+        worker is alone: another may join at any time."""
         pacer = self._pacers.get((lane, model))
         if pacer is None:
-            pacer = Pacer(
-                self.book.quota_of(lane, model),
-                adaptive=self.opt.adaptive,
-                start_rate=self.opt.start_rps,
-            )
+            rate = self.book.quota_of(lane, model)
+            schedule = self.store.quota_schedule(lane=lane, model=model)
+            if schedule is None:
+                pacer = Pacer(rate, adaptive=self.opt.adaptive, start_rate=self.opt.start_rps)
+            else:
+                shared = SharedPacer(
+                    schedule,
+                    rate,
+                    adaptive=self.opt.adaptive,
+                    start_rate=self.opt.start_rps,
+                    on_slot=self._notify,
+                )
+                if self._services is None:
+                    self._unserved.append(shared)
+                else:
+                    self._services.start_soon(shared.serve)
+                pacer = shared
             self._pacers[(lane, model)] = pacer
         return pacer
 
@@ -422,6 +443,10 @@ class Runner:
         try:
             async with anyio.create_task_group() as outer:
                 outer.start_soon(self._heartbeat_loop)
+                self._services = outer
+                for shared in self._unserved:
+                    outer.start_soon(shared.serve)
+                self._unserved.clear()
                 with anyio.CancelScope() as self._work_scope:
                     async with anyio.create_task_group() as tg:
                         try:

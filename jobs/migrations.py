@@ -106,6 +106,12 @@ STEPS: dict[int, Step] = {
         "ALTER TABLE jobs ADD COLUMN lane TEXT",
     ),
     6: (
+        # The send schedule that the workers of a PostgreSQL run keep to together, per lane
+        # and model (quota_schedule), and the slots it handed out lately (quota_sends): new
+        # tables, made with the other tables. The version still moves on, so that a batcher
+        # that paces each process alone refuses a table whose workers share a schedule.
+    ),
+    7: (
         # a job of n > 1 images: what it did not get (its images are rows of job_images,
         # a new table made with the others on open)
         "ALTER TABLE jobs ADD COLUMN shortfall TEXT",

@@ -91,6 +91,7 @@ from .merge import (
     images_of,
     merge_staging,
 )
+from .quota import QuotaSchedule
 from .schema import EMULATOR_ENDPOINT, history, images, jobs, lane_calls, meta
 from .spec import JobRow, JobSpec
 from .states import LEASED, State, check_transition, sources_of
@@ -591,6 +592,14 @@ class JobStore:
         """Whether other processes may work on this table at once (PostgreSQL): a run must
         then never reclaim jobs whose lease has not expired."""
         return self._backend.shared
+
+    def quota_schedule(self, *, lane: str, model: str) -> QuotaSchedule | None:
+        """The send schedule of ``model`` on ``lane`` (an account) that every worker of this
+        table keeps to together (see :mod:`jobs.quota`); None for a SQLite run folder, which
+        one process works and paces alone."""
+        if not self.shared:
+            return None
+        return QuotaSchedule(self._backend, lane=lane, model=model)
 
     async def _ensure_schema(self) -> None:
         """Create the tables, or bring an older database up to this schema (a SQLite file is

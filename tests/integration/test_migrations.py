@@ -87,7 +87,8 @@ async def test_a_migrated_database_has_the_columns_of_a_new_one(v1: Path, tmp_pa
     new = tmp_path / "new" / "batcher.db"
     async with await JobStore.open(new):
         pass
-    for table in ("jobs", "job_images", "job_history", "meta", "lane_calls"):
+    tables = ("jobs", "job_images", "job_history", "meta", "lane_calls")
+    for table in (*tables, "quota_schedule", "quota_sends"):
         assert columns(old, table) == columns(new, table), table
     assert "lane" in columns(old, "jobs")
 
@@ -141,7 +142,7 @@ async def test_step_4_gives_old_jobs_one_image_no_parameters_and_no_task(v1: Pat
     assert rows == [(1, None, None)]
 
 
-async def test_step_6_adds_the_images_table_and_old_jobs_keep_one_file_each(v1: Path) -> None:
+async def test_step_7_adds_the_images_table_and_old_jobs_keep_one_file_each(v1: Path) -> None:
     db = v1 / "run" / "batcher.db"
     async with await JobStore.open(db, create=False) as store:
         assert await store.done_images() == 5
@@ -241,6 +242,6 @@ async def test_a_version_3_postgresql_table_migrates_to_the_latest(tmp_path: Pat
         "AND column_name = 'lane'",
     )
     assert lane["n"] == 1
-    # step 6: a job of one image has no shortfall, and the table of several images is there
+    # step 7: a job of one image has no shortfall, and the table of several images is there
     assert query(url, "SELECT count(*) AS c FROM job_images") == [{"c": 0}]
     assert {r["shortfall"] for r in query(url, "SELECT shortfall FROM jobs")} == {None}
