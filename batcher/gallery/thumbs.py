@@ -72,8 +72,9 @@ def fit(width: int, height: int) -> tuple[int, int]:
 def _to_8bit(im: Any) -> Any:
     """16-bit and float greyscale scaled to 0..255 (``convert`` would clip them: a 16-bit
     image turned white wherever it was above 255)."""
-    if im.mode.startswith("I;16"):
-        return im.point(lambda v: v * (1 / 257)).convert("L")
+    if im.mode.startswith("I;16"):  # any byte order: as 32-bit integers first
+        wide = im if im.mode == "I;16" else im.convert("I")
+        return wide.point(lambda v: v * (1 / 257)).convert("L")
     if im.mode in ("I", "F"):
         top = im.getextrema()[1] or 0
         scale = 255.0 if im.mode == "F" and top <= 1.0 else 1 / 257 if top > 255 else 1.0
