@@ -319,6 +319,9 @@ class SharedPacer:
                     log.log(level, "the shared send schedule of %s: %s", self.schedule.model, exc)
                     self._failing = True
                 await anyio.sleep(RETRY)
+                # What was asked for before the failure (a slot, a cut, a push) is asked again:
+                # the dispatcher asks once and then waits for the slot.
+                self._kick.set()
         finally:
             log.info(
                 "shared send schedule of %s on lane %s: %d slots reserved, %d given back "
@@ -377,11 +380,12 @@ class SharedPacer:
             self._raise_at = None
             return
         while self._throttled:
-            slot, quota = self._throttled.pop(0)
+            slot, quota = self._throttled[0]  # taken off once written: a failure keeps it
             decide = partial(
                 on_throttled, slot=slot, quota=quota, min_rate=self.min_rate, margin=SHARED_MARGIN
             )
             self._state = await self.schedule.adapt(decide, throttled_at=slot)
+            self._throttled.pop(0)
         if self._raise_at is not None:
             slot, self._raise_at = self._raise_at, None
             decide_up = partial(on_accepted, slot=slot, max_rate=self.max_rate)

@@ -8,16 +8,25 @@ import itertools
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import anyio
 import pytest
 
 from batcher.pacing import FLOOR_STEP
-from batcher.sharedpacing import ASKING, LATE_SHARED, SHARED_MARGIN, SharedPacer, on_throttled
+from batcher.sharedpacing import (
+    ASKING,
+    LATE_SHARED,
+    RETRY,
+    SHARED_MARGIN,
+    SharedPacer,
+    on_throttled,
+)
 from jobs.quota import STALE, QuotaSchedule
 from jobs.store import JobStore
 
 from ..pgsupport import fresh, query
+from ..tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.anyio
 
@@ -171,3 +180,44 @@ async def test_a_shared_pacer_hands_out_slots_gives_late_ones_back_and_reports_4
         # (by the largest step one throttle may make), for every worker of the run
         assert row["cuts"] == 1 and row["cut_at"] > 0
         assert pacer.rate == pytest.approx(10 * SHARED_MARGIN * FLOOR_STEP)
+
+
+async def test_a_slot_asked_for_while_the_database_is_cut_arrives_once_it_is_back() -> None:
+    """The dispatcher asks for a slot once, then waits for it: a reservation that failed
+    (the connection cut) is made again when the database answers, not forgotten."""
+    url = fresh()
+    parts = urlsplit(url)
+    with TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432) as proxy:
+        async with await JobStore.open(proxy.url(url)) as store:
+            schedule = store.quota_schedule(lane="default", model=MODEL)
+            assert schedule is not None
+            slots: list[float] = []
+            arrived = anyio.Event()
+
+            def on_slot() -> None:
+                slots.append(anyio.current_time())
+                arrived.set()
+
+            pacer = SharedPacer(schedule, 10.0, start_rate=None, on_slot=on_slot)
+
+            async def slots_reach(n: int, seconds: float) -> None:
+                nonlocal arrived
+                with anyio.fail_after(seconds):
+                    while len(slots) < n:
+                        await arrived.wait()
+                        arrived = anyio.Event()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(pacer.serve)
+                assert pacer.wait_needed(now=anyio.current_time()) == ASKING
+                await slots_reach(1, 5)  # joined the schedule; a first slot, taken
+                pacer.reserve(now=anyio.current_time())
+                proxy.cut()
+                assert pacer.wait_needed(now=anyio.current_time()) == ASKING
+                await anyio.sleep(RETRY + 0.5)  # the reservation failed at least once
+                assert len(slots) == 1
+                assert pacer.wait_needed(now=anyio.current_time()) == ASKING  # asks no more
+                proxy.restore()
+                await slots_reach(2, RETRY * 5)
+                assert pacer.wait_needed(now=anyio.current_time()) < 1.0
+                tg.cancel_scope.cancel()
