@@ -19,11 +19,23 @@ The messages are framed: a kind and a length, then the chunk's rows in ``marshal
 (tuples of str, int and bool: a third cheaper to write and read than pickle, and the helper is
 the busier process) or the end, pickled. Both are safe to load here: the only writer is our
 own child, the same interpreter.
+
+For PostgreSQL the helper can write the rows in the form ``COPY ... (FORMAT csv)`` reads
+instead (:meth:`HelperRows.copy_csv`): ``csv.writer`` encodes a chunk in C, so the importing
+process only passes bytes from the pipe to the server and spends no Python on a row at all
+(asyncpg's ``copy_records_to_table`` costs a Python step and an encoder call per row). The
+encoding is exact: every text column the rows give is ``NOT NULL`` but ``params`` and ``vars``
+(JSON objects, never empty), so an empty cell reads back as NULL only in those two, and the
+``COPY`` names the others ``FORCE_NOT_NULL``; a field holding a line break, a comma or a quote
+is quoted (the lines end in CRLF, so a lone CR is quoted too).
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
+import json
 import marshal
 import pickle
 import struct
@@ -37,12 +49,14 @@ from typing import IO, Any
 from jobs.errors import JobStoreError, ManifestError, ManifestInvalid
 from jobs.spec import JobRow
 
-__all__ = ["CHUNK", "helper_rows"]
+__all__ = ["CHUNK", "HelperRows", "helper_rows"]
 
 CHUNK = 1024  # rows per message, ~180 KB: five fit in the widened pipe (see _widen)
 _PIPE_BYTES = 1 << 20  # the most Linux gives an unprivileged process by default
-_HEADER = struct.Struct("<cI")  # the kind of message (_ROWS or _END) and its length
-_ROWS, _END = b"R", b"E"
+_HEADER = struct.Struct("<cI")  # the kind of message (_ROWS, _CSV or _END) and its length
+_COUNT = struct.Struct("<I")  # a _CSV message starts with the number of rows it holds
+_ROWS, _CSV, _END = b"R", b"C", b"E"
+_PROMPT_EXTEND = 6  # JobRow's bool column: COPY reads it into an integer, as 0 or 1
 _PACKAGE = str(Path(__file__).resolve().parent)  # this very jobs package, wherever it is
 # The helper's entry point. Default SIGINT and SIGPIPE actions: an interrupted or orphaned
 # helper ends quietly, like any Unix filter. The package is registered without running its
@@ -65,9 +79,7 @@ _BOOT = "; ".join(  # one line: it is the helper's command line in ps and py-spy
 Done = Callable[[list[ManifestError], int], None]
 
 
-def helper_rows(
-    shown: str, max_errors: int, done: Done, rules: tuple[str, str, str]
-) -> Iterator[JobRow]:
+def helper_rows(shown: str, max_errors: int, done: Done, rules: tuple[str, str, str]) -> HelperRows:
     """The rows of the manifest at ``shown``, read and checked by a helper process.
 
     The process starts when the first row is asked for. ``done(warnings, warning_count)`` is
@@ -75,39 +87,86 @@ def helper_rows(
     iteration raises it. ``rules`` is the model rules' ``reference``: the folder holding their
     package, the module and the attribute the helper imports them from.
     """
-    command = [sys.executable, "-c", _BOOT, _PACKAGE, shown, str(max_errors), *rules]
-    try:
-        proc = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, bufsize=1 << 16
-        )
-    except OSError as exc:
-        raise JobStoreError(f"cannot start a helper process to read {shown}: {exc}") from exc
-    stream = proc.stdout
-    assert stream is not None
-    try:
-        _widen(stream)
-        while True:
-            header = stream.read(_HEADER.size)
-            kind, size = _HEADER.unpack(header) if len(header) == _HEADER.size else (b"", 0)
-            payload = stream.read(size)
-            if kind not in (_ROWS, _END) or len(payload) != size:
-                status = proc.wait()
-                raise JobStoreError(
-                    f"the helper process reading {shown} stopped (exit status {status})"
-                )
-            if kind == _ROWS:
-                yield from marshal.loads(payload)
-                continue
-            end, detail = pickle.loads(payload)
-            if end == "invalid":
-                raise detail
-            done(*detail)
-            return
-    finally:
-        if proc.poll() is None:
-            proc.kill()  # stopped early (an error, a cancelled import), or already done
-        proc.wait()
-        stream.close()
+    return HelperRows(shown, max_errors, done, rules)
+
+
+class HelperRows(Iterator[JobRow]):
+    """An iterator of a manifest's rows that a helper process reads (see the module
+    docstring); or, through :meth:`copy_csv` before the first row, the same rows as CSV."""
+
+    def __init__(self, shown: str, max_errors: int, done: Done, rules: tuple[str, str, str]):
+        self._shown = shown
+        self._args = [shown, str(max_errors), *rules]
+        self._done = done
+        self._rows: Iterator[JobRow] | None = None
+
+    def __iter__(self) -> HelperRows:
+        return self
+
+    def __next__(self) -> JobRow:
+        if self._rows is None:
+            self._rows = self._messages(None)
+        return next(self._rows)
+
+    def close(self) -> None:
+        """Stop reading: the helper, if it was started, is ended."""
+        if self._rows is not None:
+            close = getattr(self._rows, "close", None)
+            if close is not None:
+                close()
+        self._rows = iter(())
+
+    def copy_csv(self, tail: tuple[str | float, ...]) -> Iterator[tuple[int, bytes]]:
+        """The rows as ``(count, data)`` chunks of UTF-8 CSV lines (CRLF), each row's columns
+        (``prompt_extend`` as 0 or 1) followed by the constants of ``tail``, for ``COPY ...
+        (FORMAT csv)`` with ``FORCE_NOT_NULL`` on every text column but ``params`` and
+        ``vars``. Only before the first row was taken; closing it stops the helper."""
+        if self._rows is not None:
+            raise RuntimeError("the rows were already taken one by one")
+        self._rows = iter(())
+        return self._messages(tail)
+
+    def _messages(self, tail: tuple[str | float, ...] | None) -> Iterator[Any]:
+        """Start the helper and yield its rows (``tail`` None), or its CSV chunks."""
+        shown = self._shown
+        command = [sys.executable, "-c", _BOOT, _PACKAGE, *self._args]
+        if tail is not None:
+            command.append(json.dumps(list(tail)))
+        try:
+            proc = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, bufsize=1 << 16
+            )
+        except OSError as exc:
+            raise JobStoreError(f"cannot start a helper process to read {shown}: {exc}") from exc
+        stream = proc.stdout
+        assert stream is not None
+        try:
+            _widen(stream)
+            while True:
+                header = stream.read(_HEADER.size)
+                kind, size = _HEADER.unpack(header) if len(header) == _HEADER.size else (b"", 0)
+                payload = stream.read(size)
+                if kind not in (_ROWS, _CSV, _END) or len(payload) != size:
+                    status = proc.wait()
+                    raise JobStoreError(
+                        f"the helper process reading {shown} stopped (exit status {status})"
+                    )
+                if kind == _ROWS:
+                    yield from marshal.loads(payload)
+                    continue
+                if kind == _CSV:
+                    yield _COUNT.unpack_from(payload)[0], payload[_COUNT.size :]
+                    continue
+                end, detail = pickle.loads(payload)
+                if end == "invalid":
+                    raise detail
+                self._done(*detail)
+                return
+        finally:
+            if proc.poll() is None:
+                proc.kill()  # stopped early (an error, a cancelled import), or already done
+            proc.wait()
+            stream.close()
 
 
 def _widen(pipe: IO[bytes]) -> None:
@@ -130,12 +189,15 @@ def _helper_main(argv: list[str]) -> int:
 
     shown, max_errors = argv[0], int(argv[1])
     rules = _load_rules(*argv[2:5])
+    tail = tuple(json.loads(argv[5])) if len(argv) > 5 else None
     out = sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing else may write to the data stream
     end: tuple[str, Any]
     try:
         manifest = open_manifest(shown, rules=rules, max_errors=max_errors)
         rows = manifest.rows(helper=False)
+        if tail is not None:
+            _send_csv(out, rows, tail)
         while chunk := list(islice(rows, CHUNK)):
             _send(out, _ROWS, marshal.dumps(chunk))
         end = ("done", (manifest.warnings, manifest.warning_count))
@@ -162,6 +224,19 @@ def _load_rules(folder: str, module: str, attribute: str) -> Any:
             raise ImportError(f"no package {package} in {folder}")
         sys.modules[package] = module_from_spec(spec)
     return getattr(importlib.import_module(module), attribute)
+
+
+def _send_csv(out: IO[bytes], rows: Iterator[JobRow], tail: tuple[Any, ...]) -> None:
+    """Every row, as CSV chunks (see :meth:`HelperRows.copy_csv`)."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\r\n")
+    cut = _PROMPT_EXTEND
+    while chunk := list(islice(rows, CHUNK)):
+        writer.writerows([(*r[:cut], 1 if r[cut] else 0, *r[cut + 1 :], *tail) for r in chunk])
+        data = text.getvalue().encode()
+        text.seek(0)
+        text.truncate()
+        _send(out, _CSV, _COUNT.pack(len(chunk)) + data)
 
 
 def _send(out: IO[bytes], kind: bytes, payload: bytes) -> None:

@@ -16,9 +16,17 @@ open the same URL and work the same table at once:
 * The store's exclusive writes (schema set-up, imports, reclaims) first take a transaction
   advisory lock, so two workers starting at once do not both create the tables or both import
   the manifest; the hot path's fenced writes do not take it.
-* A first import loads the rows with ``COPY`` (asyncpg's ``copy_records_to_table``), pulling
-  the manifest's rows in chunks on a worker thread meanwhile; later imports ``COPY`` into a
-  temporary staging table and merge as on SQLite.
+* A first import loads the rows with ``COPY`` into the empty table, later imports into a
+  temporary staging table, merged as on SQLite. A big manifest's helper process
+  (:mod:`jobs.readahead`) writes the rows as CSV, which goes to the server as it comes (the
+  importing process spends nothing per row); other rows go through asyncpg's binary
+  ``copy_records_to_table``, pulled in chunks on a worker thread. A first import (see
+  :meth:`PostgresBackend.before_bulk_load`) truncates the empty table in its transaction so
+  the ``COPY`` may ``FREEZE`` the rows (no hint bits for the first reads to write, the pages
+  all-visible at once), builds the secondary indexes and unique constraints once at the end
+  (a sort each instead of a million insertions each), and commits without waiting for the WAL
+  flush (``synchronous_commit = off`` for that one transaction; why that is safe is said
+  there).
 * Errors are translated by SQLSTATE, never by message text.
 """
 
@@ -45,6 +53,18 @@ from .base import CLAIM_COLUMNS, LEASED_ORDER, Backend, Clock, Op
 __all__ = ["PostgresBackend", "is_database_url"]
 
 COPY_CHUNK = 20_000  # rows pulled from the manifest per trip to the worker thread
+COPY_BYTES = 1 << 20  # CSV from a helper process pulled per trip to the worker thread
+# The text columns of the import that are NOT NULL: an empty CSV cell there is ''.
+_NOT_NULL_TEXT = ["id", "model", "prompt", "size", "output", "output_key"]
+# Secondary indexes and unique constraints of jobs (not the primary key, nor the deferred
+# indexes the store drops itself), to drop before a first bulk load and build after it.
+_SECONDARY = text(
+    "SELECT i.relname, c.conname, pg_get_indexdef(i.oid), "
+    "pg_get_constraintdef(c.oid) FROM pg_index x "
+    "JOIN pg_class i ON i.oid = x.indexrelid "
+    "LEFT JOIN pg_constraint c ON c.conindid = x.indexrelid AND c.conrelid = x.indrelid "
+    "WHERE x.indrelid = 'jobs'::regclass AND NOT x.indisprimary ORDER BY i.relname"
+)
 _LOCK_KEY = 0x62617463  # the advisory lock of the store's exclusive writes ("batc")
 _ACTIVE = schema.ACTIVE.text
 _RETURNING = ", ".join(f"jobs.{c}" for c in CLAIM_COLUMNS)
@@ -149,6 +169,8 @@ class PostgresBackend(Backend):
     deferred_indexes = (_DUE_INDEX,)
 
     def __init__(self, target: str) -> None:
+        self._rebuild: list[str] = []  # what before_bulk_load dropped, to build again
+        self._bulk = False  # inside a first import's bulk load: COPY into jobs may FREEZE
         url = engine_url(target)
         self.label = url.set(drivername="postgresql").render_as_string(hide_password=True)
         # pre_ping: a pooled connection the server dropped (a restart, a failover) is replaced
@@ -214,6 +236,36 @@ class PostgresBackend(Backend):
     def staging_ddl(self) -> str:
         return _STAGING_DDL
 
+    async def before_bulk_load(self, conn: AsyncConnection) -> None:
+        """Ready the empty ``jobs`` for a first import's ``COPY`` (see the module docstring).
+
+        ``synchronous_commit = off`` (this transaction only) lets its commit return before
+        its WAL is flushed. The import is still atomic, and it is still durable before
+        anything can depend on it: WAL is one sequence, so the first later transaction that
+        commits normally (setting the manifest's digest, a worker's claim) flushes it too; a
+        server crash in between loses the whole import and nothing else, and the next ``plan``
+        or ``run`` imports the manifest again (nothing was claimed from it)."""
+        await conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
+        await conn.exec_driver_sql("SET LOCAL maintenance_work_mem = '256MB'")
+        rebuild: list[str] = []
+        for index, constraint, index_def, constraint_def in await conn.execute(_SECONDARY):
+            if constraint is not None:
+                await conn.exec_driver_sql(f'ALTER TABLE jobs DROP CONSTRAINT "{constraint}"')
+                rebuild.append(f'ALTER TABLE jobs ADD CONSTRAINT "{constraint}" {constraint_def}')
+            else:
+                await conn.exec_driver_sql(f'DROP INDEX "{index}"')
+                rebuild.append(index_def)
+        # Truncated in this transaction, the table may be loaded with COPY ... FREEZE.
+        await conn.exec_driver_sql("TRUNCATE jobs")
+        self._rebuild = rebuild
+        self._bulk = True
+
+    async def after_bulk_load(self, conn: AsyncConnection) -> None:
+        """Build what :meth:`before_bulk_load` dropped, each in one pass over the table."""
+        rebuild, self._rebuild = self._rebuild, []
+        for statement in rebuild:
+            await conn.exec_driver_sql(statement)
+
     async def run_updates(self, conn: AsyncConnection, ops: list[Op]) -> None:
         for o in ops:
             if o.sync is not None:
@@ -254,7 +306,7 @@ class PostgresBackend(Backend):
         self, conn: AsyncConnection, rows: Iterable[JobRow], table: str, now: float | None
     ) -> int:
         """``COPY`` every row into ``table``; the manifest is read on a worker thread, a chunk
-        at a time, as asyncpg sends the rows."""
+        at a time, as asyncpg sends the rows (a helper process's CSV as it is)."""
         driver = (await conn.get_raw_connection()).driver_connection
         assert driver is not None
         columns = list(schema.STAGING_COLUMNS)
@@ -262,6 +314,10 @@ class PostgresBackend(Backend):
         if now is not None:
             columns += ["state", "created_at"]
             tail = ("pending", now)
+        copy_csv = getattr(rows, "copy_csv", None)
+        freeze, self._bulk = self._bulk and table == "jobs", False
+        if copy_csv is not None:
+            return await _copy_csv(driver, copy_csv(tail), table, columns, freeze=freeze)
         total = 0
         source = iter(rows)
 
@@ -282,6 +338,52 @@ class PostgresBackend(Backend):
             if close is not None:  # a generator: stop it now (a helper process with it)
                 close()
         return total
+
+
+async def _copy_csv(
+    driver: Any,
+    chunks: Iterator[tuple[int, bytes]],
+    table: str,
+    columns: list[str],
+    *,
+    freeze: bool,
+) -> int:
+    """``COPY table (columns) FROM STDIN (FORMAT csv)`` of ``(count, data)`` chunks, pulled
+    from their iterator (a helper process's pipe) on a worker thread, about a megabyte a
+    trip; the number of rows."""
+    total = 0
+
+    def take() -> list[bytes]:
+        nonlocal total
+        got: list[bytes] = []
+        size = 0
+        for count, data in chunks:
+            total += count
+            got.append(data)
+            size += len(data)
+            if size >= COPY_BYTES:
+                break
+        return got
+
+    async def source() -> AsyncIterator[bytes]:
+        while got := await anyio.to_thread.run_sync(take):
+            for data in got:
+                yield data
+
+    try:
+        await driver.copy_to_table(
+            table,
+            source=source(),
+            columns=columns,
+            format="csv",
+            freeze=freeze or None,
+            force_not_null=[c for c in _NOT_NULL_TEXT if c in columns],
+        )
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:  # stop the helper process now
+            close()
+    return total
 
 
 _TEXTS: dict[str, Any] = {}
