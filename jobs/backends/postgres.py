@@ -18,8 +18,8 @@ open the same URL and work the same table at once:
   the manifest; the hot path's fenced writes do not take it.
 * A first import loads the rows with ``COPY`` into the empty table, later imports into a
   temporary staging table, merged as on SQLite. A big manifest's helper process
-  (:mod:`jobs.readahead`) writes the rows as CSV, which goes to the server as it comes (the
-  importing process spends nothing per row); other rows go through asyncpg's binary
+  (:mod:`jobs.readahead`) writes the rows as ``COPY`` text, which goes to the server as it
+  comes (the importing process spends nothing per row); other rows go through asyncpg's binary
   ``copy_records_to_table``, pulled in chunks on a worker thread. A first import (see
   :meth:`PostgresBackend.before_bulk_load`) truncates the empty table in its transaction so
   the ``COPY`` may ``FREEZE`` the rows (no hint bits for the first reads to write, the pages
@@ -53,9 +53,7 @@ from .base import CLAIM_COLUMNS, LEASED_ORDER, Backend, Clock, Op
 __all__ = ["PostgresBackend", "is_database_url"]
 
 COPY_CHUNK = 20_000  # rows pulled from the manifest per trip to the worker thread
-COPY_BYTES = 1 << 20  # CSV from a helper process pulled per trip to the worker thread
-# The text columns of the import that are NOT NULL: an empty CSV cell there is ''.
-_NOT_NULL_TEXT = ["id", "model", "prompt", "size", "output", "output_key"]
+COPY_BYTES = 1 << 20  # COPY text from a helper process pulled per trip to the worker thread
 # Secondary indexes and unique constraints of jobs (not the primary key, nor the deferred
 # indexes the store drops itself), to drop before a first bulk load and build after it.
 _SECONDARY = text(
@@ -306,7 +304,7 @@ class PostgresBackend(Backend):
         self, conn: AsyncConnection, rows: Iterable[JobRow], table: str, now: float | None
     ) -> int:
         """``COPY`` every row into ``table``; the manifest is read on a worker thread, a chunk
-        at a time, as asyncpg sends the rows (a helper process's CSV as it is)."""
+        at a time, as asyncpg sends the rows (a helper process's ``COPY`` text as it is)."""
         driver = (await conn.get_raw_connection()).driver_connection
         assert driver is not None
         columns = list(schema.STAGING_COLUMNS)
@@ -314,10 +312,10 @@ class PostgresBackend(Backend):
         if now is not None:
             columns += ["state", "created_at"]
             tail = ("pending", now)
-        copy_csv = getattr(rows, "copy_csv", None)
+        copy_text = getattr(rows, "copy_text", None)
         freeze, self._bulk = self._bulk and table == "jobs", False
-        if copy_csv is not None:
-            return await _copy_csv(driver, copy_csv(tail), table, columns, freeze=freeze)
+        if copy_text is not None:
+            return await _copy_text(driver, copy_text(tail), table, columns, freeze=freeze)
         total = 0
         source = iter(rows)
 
@@ -340,7 +338,7 @@ class PostgresBackend(Backend):
         return total
 
 
-async def _copy_csv(
+async def _copy_text(
     driver: Any,
     chunks: Iterator[tuple[int, bytes]],
     table: str,
@@ -348,7 +346,7 @@ async def _copy_csv(
     *,
     freeze: bool,
 ) -> int:
-    """``COPY table (columns) FROM STDIN (FORMAT csv)`` of ``(count, data)`` chunks, pulled
+    """``COPY table (columns) FROM STDIN`` of ``(count, data)`` text chunks, pulled
     from their iterator (a helper process's pipe) on a worker thread, about a megabyte a
     trip; the number of rows."""
     total = 0
@@ -375,9 +373,8 @@ async def _copy_csv(
             table,
             source=source(),
             columns=columns,
-            format="csv",
+            format="text",
             freeze=freeze or None,
-            force_not_null=[c for c in _NOT_NULL_TEXT if c in columns],
         )
     finally:
         close = getattr(chunks, "close", None)

@@ -20,6 +20,7 @@ from batcher.modelrules import RULES
 from jobs import manifest as manifest_module
 from jobs.errors import JobStoreError, ManifestError, ManifestInvalid
 from jobs.manifest import open_manifest
+from jobs.readahead import CHUNK
 from jobs.schema import STAGING_COLUMNS
 from jobs.spec import JobRow
 from jobs.store import JobStore
@@ -115,19 +116,34 @@ async def test_an_error_on_the_last_row_imports_nothing(
         assert report.added == n - 1
 
 
-# Cells the CSV a helper writes for PostgreSQL's COPY must carry exactly: commas, quotes, line
-# breaks (a lone CR too), backslashes, COPY's end-of-data marker, text that looks like its NULL,
-# empty and blank variables, parameters, non-ASCII text, and an id that needs quoting.
+# Cells the text a helper writes for PostgreSQL's COPY must carry exactly: commas, quotes, tabs,
+# line breaks (a lone CR too), backslashes, COPY's end-of-data marker, text that looks like its
+# NULL, empty and blank variables, parameters, non-ASCII text, an id with a comma and quotes.
+# Each odd row starts a chunk of jobs.readahead.CHUNK rows, the rest of it plain, so that each
+# check that sends a chunk to be escaped is needed on its own; the first chunk is all plain.
+ODD_ROWS = [
+    'tab,"a\tb",10,,,',
+    'a,"hello, ""world""",1,"x,y",,',
+    'b,"line one\nline two",2,,qwen-image,"blurry, low"',
+    'b1,p,12,,qwen-image,"blurry, ""low"""',
+    'b2,p,11,"quote "" and \\N",,',
+    'c,"carriage\rreturn",3,,,',
+    "d,\\N,4,\\.,,",
+    'e,"\\.",5,"",qwen-image,\\N',
+    'f,"  trailing space  ",6,  ,,',
+    "g,青花瓷茶壶 ,7,第,,",
+    '"h,""x""",\\,8,\\,,',
+]
+
+
+def plain(start: int, n: int) -> str:
+    return "".join(f"plain{i},a plain prompt {i},{i},c{i % 3},,\n" for i in range(start, start + n))
+
+
 TRICKY = (
     "id,prompt,seed,caption,model,negative_prompt\n"
-    'a,"hello, ""world""",1,"x,y",,\n'
-    'b,"line one\nline two",2,"quote "" and \\N",qwen-image,"blurry, ""low"""\n'
-    'c,"carriage\rreturn",3,,,\n'
-    "d,\\N,4,\\.,,\n"
-    'e,"\\.",5,"",qwen-image,\\N\n'
-    'f,"  trailing space  ",6,  ,,\n'
-    "g,青花瓷茶壶 ,7,第,,\n"
-    '"h,""x""",\\,8,\\,,\n'
+    + plain(0, CHUNK)
+    + "".join(odd + "\n" + plain(CHUNK * (n + 1), CHUNK - 1) for n, odd in enumerate(ODD_ROWS))
 )
 
 
@@ -150,7 +166,7 @@ async def test_a_helper_imports_exactly_what_is_read_in_process(
         first = await store.import_rows(
             open_manifest(path, rules=RULES).rows(helper=True), source=str(path)
         )
-        assert first.added == len(expected()) == 8
+        assert first.added == len(expected()) == CHUNK * (1 + len(ODD_ROWS))
         assert stored() == expected()
         assert {(r["state"], r["created_at"]) for r in table(db)} == {("pending", T0)}
         # A later import goes through the staging table: new variables update a job, a new
@@ -160,7 +176,7 @@ async def test_a_helper_imports_exactly_what_is_read_in_process(
         again = await store.import_rows(
             open_manifest(path, rules=RULES).rows(helper=True), source=str(path)
         )
-        assert (again.added, again.updated, again.unchanged) == (1, 1, 8)
+        assert (again.added, again.updated, again.unchanged) == (1, 1, first.added)
         assert stored() == expected()
 
 
