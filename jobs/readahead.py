@@ -40,7 +40,7 @@ import struct
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 from typing import IO, Any
 
@@ -126,12 +126,25 @@ class HelperRows(Iterator[JobRow]):
         self._rows = iter(())
         return self._messages(tail)
 
-    def _messages(self, tail: tuple[str | float, ...] | None) -> Iterator[Any]:
-        """Start the helper and yield its rows (``tail`` None), or its CSV chunks."""
+    def flat(self, width: int) -> Iterator[tuple[Any, ...]]:
+        """The rows ``width`` at a time, each group's values in one flat tuple (the parameters
+        of a multi-row ``INSERT``), the last group shorter if the rows run out; ``width`` must
+        divide :data:`CHUNK`. Only before the first row was taken; closing it stops the
+        helper."""
+        if self._rows is not None:
+            raise RuntimeError("the rows were already taken one by one")
+        if width < 1 or CHUNK % width:
+            raise ValueError(f"{width} rows a group does not divide {CHUNK}")
+        self._rows = iter(())
+        return self._messages({"flat": width})
+
+    def _messages(self, form: tuple[str | float, ...] | dict[str, int] | None) -> Iterator[Any]:
+        """Start the helper and yield its rows (``form`` None), its ``COPY`` chunks (``form``
+        the tail) or its flat groups (``{"flat": width}``)."""
         shown = self._shown
         command = [sys.executable, "-c", _BOOT, _PACKAGE, *self._args]
-        if tail is not None:
-            command.append(json.dumps(list(tail)))
+        if form is not None:
+            command.append(json.dumps(form if isinstance(form, dict) else list(form)))
         try:
             proc = subprocess.Popen(
                 command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, bufsize=1 << 16
@@ -152,7 +165,7 @@ class HelperRows(Iterator[JobRow]):
                         f"the helper process reading {shown} stopped (exit status {status})"
                     )
                 if kind == _ROWS:
-                    yield from marshal.loads(payload)
+                    yield from marshal.loads(payload)  # rows, or flat groups of rows
                     continue
                 if kind == _COPY:
                     yield _COUNT.unpack_from(payload)[0], payload[_COUNT.size :]
@@ -189,17 +202,23 @@ def _helper_main(argv: list[str]) -> int:
 
     shown, max_errors = argv[0], int(argv[1])
     rules = _load_rules(*argv[2:5])
-    tail = tuple(json.loads(argv[5])) if len(argv) > 5 else None
+    form = json.loads(argv[5]) if len(argv) > 5 else None
     out = sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing else may write to the data stream
     end: tuple[str, Any]
     try:
         manifest = open_manifest(shown, rules=rules, max_errors=max_errors)
         rows = manifest.rows(helper=False)
-        if tail is not None:
-            _send_copy(out, rows, tail)
+        if isinstance(form, list):
+            _send_copy(out, rows, tuple(form))
+        width = form["flat"] if isinstance(form, dict) else 0
         while chunk := list(islice(rows, CHUNK)):
-            _send(out, _ROWS, marshal.dumps(chunk))
+            if width:  # one flat tuple a group: fewer objects to write and to read
+                flat = chain.from_iterable
+                groups = [tuple(flat(chunk[i : i + width])) for i in range(0, len(chunk), width)]
+                _send(out, _ROWS, marshal.dumps(groups))
+            else:
+                _send(out, _ROWS, marshal.dumps(chunk))
         end = ("done", (manifest.warnings, manifest.warning_count))
     except ManifestInvalid as exc:
         end = ("invalid", exc)
