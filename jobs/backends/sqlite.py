@@ -286,8 +286,8 @@ class SQLiteBackend(Backend):
                 while chunk := list(islice(source, IMPORT_CHUNK)):
                     if stop.is_set():
                         raise _ImportCancelled
-                    total += len(chunk)
                     whole = len(chunk) - len(chunk) % width
+                    total += whole  # the leftover is counted as it goes in
                     for i in range(0, whole, width):
                         yield [*head, *chain.from_iterable(chunk[i : i + width])]
                     leftover.extend(chain.from_iterable(chunk[whole:]))  # only the last chunk
