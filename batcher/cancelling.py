@@ -6,6 +6,10 @@ does, for the tasks still ``PENDING`` at the service: each one is cancelled
 (``POST /tasks/{id}/cancel``) and its job recorded ``failed`` with code ``TaskCanceled``
 (``batcher retry DIR --code TaskCanceled`` puts them back). A task already running cannot be
 cancelled: it is left, and the next run collects its image.
+
+A task belongs to the account that created it: with ``--lanes``, each task is cancelled with
+the key of the lane its job records (a task of a lane the file does not name is counted as
+not reached); without, with ``DASHSCOPE_API_KEY``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from jobs import JobStore
 
 from .client import DashScopeClient, base_url_for
 from .errors import ApiError, ConfigError, TransportError
+from .lanes import DEFAULT_LANE, lane_keys, load_lanes
 from .layout import RunLayout, RunLock
 
 __all__ = ["CancelReport", "cancel_pending_tasks"]
@@ -42,16 +47,26 @@ async def cancel_pending_tasks(
     base_url: str | None,
     request_timeout: float = 30.0,
     database: str | None = None,
+    lanes: Path | None = None,
 ) -> CancelReport:
     """Cancel every submitted task of ``folder`` (or of the run's table in ``database``, a
-    PostgreSQL URL) still PENDING at the service."""
+    PostgreSQL URL) still PENDING at the service, each with its lane's key (``lanes``, a
+    lanes file) or ``DASHSCOPE_API_KEY``."""
     layout = RunLayout(folder, database)
     if not layout.has_store():
         raise ConfigError(f"{folder} is not a batcher run folder (no batcher.db)")
-    url = base_url_for(region, base_url)
-    key = os.environ.get("DASHSCOPE_API_KEY", "").strip()
-    if not key:
-        raise ConfigError("DASHSCOPE_API_KEY is not set; export your Model Studio key")
+    endpoints: dict[str | None, tuple[str, str]] = {}  # lane -> (base URL, key)
+    if lanes is not None:
+        found = load_lanes(lanes)
+        keys = lane_keys(found)
+        for lane in found:
+            endpoints[lane.name] = (base_url_for(lane.region, lane.base_url), keys[lane.name])
+    else:
+        url = base_url_for(region, base_url)
+        key = os.environ.get("DASHSCOPE_API_KEY", "").strip()
+        if not key:
+            raise ConfigError("DASHSCOPE_API_KEY is not set; export your Model Studio key")
+        endpoints[None] = endpoints[DEFAULT_LANE] = (url, key)
     cancelled = running = errors = 0
     # A shared table's workers may be running: the folder's lock is not theirs to take (a
     # submitted job a worker is polling is cancelled all the same; its poll then sees it).
@@ -59,10 +74,18 @@ async def cancel_pending_tasks(
         async with await JobStore.open(layout.store, create=False) as store:
             tasks = await store.submitted_tasks()
             async with aiohttp.ClientSession() as session:
-                client = DashScopeClient(
-                    session, base_url=url, api_key=key, request_timeout=request_timeout
-                )
+                clients = {
+                    lane: DashScopeClient(
+                        session, base_url=url, api_key=key, request_timeout=request_timeout
+                    )
+                    for lane, (url, key) in endpoints.items()
+                }
                 for job_id, task_id, _model in tasks:
+                    record = await store.get(job_id) or {}
+                    client = clients.get(record.get("lane"))
+                    if client is None:  # created on a lane not given: its key is not known
+                        errors += 1
+                        continue
                     try:
                         await client.cancel_task(task_id)
                     except ApiError as err:

@@ -31,7 +31,7 @@ from jobs import JobStoreError, ManifestInvalid, StoreUnavailable
 from jobs.backends import is_database_url
 
 from .commands import cmd_export, cmd_plan, cmd_retry, cmd_run, cmd_status, parse_budget
-from .errors import BatcherError, ConfigError
+from .errors import BatcherError, ConfigError, LanesInvalid
 from .exitcodes import ExitCode
 from .export import ExportOptions, parse_shard_size
 
@@ -115,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument(
         "--emulate", action="store_true", help="plan the rehearsal (out/<name>.emulated)"
     )
+    plan.add_argument(
+        "--lanes",
+        type=Path,
+        metavar="FILE",
+        help="estimate with the lanes of this file (their region's prices, their quotas)",
+    )
     plan.add_argument("--json", action="store_true", help="print a JSON object")
     _add_db(plan)
 
@@ -140,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--request-timeout", type=_positive(float), default=120.0, metavar="S")
     run.add_argument("--region", choices=["intl", "cn"], default="intl")
     run.add_argument("--base-url", help="API base URL ending in /api/v1 (overrides --region)")
+    run.add_argument(
+        "--lanes",
+        type=Path,
+        metavar="FILE",
+        help="several API keys, each paced on its own: a YAML file of lanes (name, key_env, "
+        "region or base_url, quota, models, weight); see the README",
+    )
     run.add_argument(
         "--emulate", action="store_true", help="run against the built-in emulator (no key needed)"
     )
@@ -252,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("folder", type=Path)
     cancel.add_argument("--region", choices=["intl", "cn"], default="intl")
     cancel.add_argument("--base-url", help="API base URL ending in /api/v1 (overrides --region)")
+    cancel.add_argument(
+        "--lanes", type=Path, metavar="FILE", help="cancel each task with its lane's key"
+    )
     _add_db(cancel)
 
     emulate = sub.add_parser("emulate", help="serve the built-in DashScope emulator")
@@ -294,6 +310,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
                 emulate=args.emulate,
                 as_json=args.json,
                 database=database,
+                lanes=args.lanes,
             )
         )
     if args.command == "run":
@@ -333,6 +350,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
                 as_json=args.json,
                 grace=args.grace,
                 database=database,
+                lanes=args.lanes,
             )
         )
     if args.command == "status":
@@ -355,7 +373,11 @@ async def _dispatch(args: argparse.Namespace) -> int:
         from .cancelling import cancel_pending_tasks
 
         report = await cancel_pending_tasks(
-            args.folder, region=args.region, base_url=args.base_url, database=database
+            args.folder,
+            region=args.region,
+            base_url=args.base_url,
+            database=database,
+            lanes=args.lanes,
         )
         print(
             f"{report.cancelled} tasks cancelled; {report.running} already running (the next "
@@ -426,7 +448,7 @@ def _main(argv: Sequence[str] | None) -> int:
             raise _leaf(group) from group
     except BrokenPipeError:
         raise
-    except ManifestInvalid as exc:
+    except (ManifestInvalid, LanesInvalid) as exc:  # located lines: file:line: field: message
         for line in str(exc).splitlines():
             print(line, file=sys.stderr)
         return ExitCode.USAGE

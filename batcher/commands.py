@@ -29,6 +29,7 @@ from .wording import plural
 
 if TYPE_CHECKING:
     from .planning import PlanOptions
+    from .pool import RunResult
     from .session import RunCommand, RunOutcome
 
 # plan and run import what they need (the importer, the pool, aiohttp) when called, so
@@ -92,6 +93,8 @@ async def cmd_plan(opt: PlanOptions) -> ExitCode:
     from .importing import import_manifest
     from .planning import make_plan
 
+    if opt.lanes is not None:  # a bad lanes file before anything is written
+        opt = dataclasses.replace(opt, region=_lanes_region(opt.lanes))
     target = await resolve_target(opt.manifest, opt.out, emulate=opt.emulate, database=opt.database)
     _need_writable(target.layout)
     async with await JobStore.open(target.layout.store) as store:
@@ -101,6 +104,19 @@ async def cmd_plan(opt: PlanOptions) -> ExitCode:
         plan = await make_plan(store, target.layout, target.manifest, imported, opt)
     print(json.dumps(plan.as_dict()) if opt.as_json else plan.text())
     return ExitCode.OK
+
+
+def _lanes_region(path: Path) -> str:
+    """The one region a lanes file's lanes are priced in (``plan`` prices one region)."""
+    from .lanes import load_lanes
+
+    regions = sorted({lane.region for lane in load_lanes(path)})
+    if len(regions) > 1:
+        raise ConfigError(
+            f"{path}: lanes in {' and '.join(regions)}: plan prices one region; plan with "
+            "--region for each (the run records what each lane spent)"
+        )
+    return regions[0]
 
 
 async def cmd_status(folder: Path, *, as_json: bool, database: str | None = None) -> ExitCode:
@@ -171,10 +187,11 @@ def _report(cmd: RunCommand, outcome: RunOutcome, code: ExitCode) -> None:
         counters=result.counters,
         elapsed=result.elapsed,
         reason=result.reason.value,
-        calls_per_second=achieved_rate(result),
-        rps=cmd.options.rps,
+        calls_per_second=_run_rate(cmd, result),
+        rps=_run_quota(cmd, result),
         currency=currency_of(cmd.options.region),
         emulated=cmd.emulate,
+        lanes=result.lanes,
     )
     for line in lines:
         log.info("summary: %s", line)
@@ -205,6 +222,30 @@ def _report(cmd: RunCommand, outcome: RunOutcome, code: ExitCode) -> None:
     _warn(f"images are in {layout.images}")
     if outcome.report is not None:
         _warn(f"report: {outcome.report}")
+
+
+def _run_rate(cmd: RunCommand, result: RunResult) -> float | None:
+    """The achieved rate: with a lanes file, the sum of each lane's (its calls interleave
+    with the other lanes', so one span over all of them would overstate it)."""
+    if cmd.lanes is None:
+        return achieved_rate(result)
+    from .lanebook import accepted_rate
+
+    rates = [
+        rate
+        for r in result.lanes
+        if (rate := accepted_rate(r.accepted, r.first_accepted_at, r.last_accepted_at)) is not None
+    ]
+    return sum(rates) if rates else None
+
+
+def _run_quota(cmd: RunCommand, result: RunResult) -> float:
+    """What the achieved rate is measured against: ``--rps``, or with a lanes file, the
+    quotas of the lanes and models the run sent, together."""
+    if cmd.lanes is None:
+        return cmd.options.rps
+    quotas = {(r.lane, r.model): r.quota or 0.0 for r in result.lanes if r.calls}
+    return sum(quotas.values()) or cmd.options.rps
 
 
 _CURRENCY_NAMES = {"USD": "USD", "US$": "USD", "$": "USD", "CNY": "CNY", "RMB": "CNY", "¥": "CNY"}

@@ -10,6 +10,7 @@ The tree::
     ├── TransportError       no usable HTTP answer (connect, send, reset, timeout, bad response)
     ├── DownloadError        an image could not be downloaded, or failed verification
     └── ConfigError          bad command-line options or environment
+        └── LanesInvalid     a bad lanes file (one located line: file:line: field: message)
 
 The three families name what the run does; the concrete leaves name what happened and carry a
 ``classification`` (or ``verdict``) from :mod:`batcher.classify` that maps them to a family.
@@ -39,6 +40,7 @@ __all__ = [
     "BatcherError",
     "ConfigError",
     "DownloadError",
+    "LanesInvalid",
     "PermanentJobError",
     "RunAborted",
     "TransientError",
@@ -141,3 +143,7 @@ class DownloadError(BatcherError):
 
 class ConfigError(BatcherError):
     """The configuration is invalid."""
+
+
+class LanesInvalid(ConfigError):
+    """The lanes file is invalid; nothing was run."""

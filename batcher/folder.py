@@ -155,21 +155,28 @@ async def check_manifest(store: JobStore, target: Target) -> str | None:
 
 
 async def check_folder_endpoint(
-    store: JobStore, endpoint: str, root: Path, *, default: bool = False
+    store: JobStore,
+    endpoint: str,
+    root: Path,
+    *,
+    default: bool = False,
+    siblings: frozenset[str] = frozenset(),
 ) -> None:
-    """:func:`check_endpoint` for the folder of ``store``, then remember ``endpoint`` as one of
-    its own. The jobs are scanned only for a folder that has no list yet, or when the list
-    names another endpoint (to count its images for the refusal)."""
+    """:func:`check_endpoint` for the folder of ``store``, then remember ``endpoint`` (and
+    ``siblings``, the endpoints of the run's other lanes) as its own. The jobs are scanned only
+    for a folder that has no list yet, or when the list names another endpoint (to count its
+    images for the refusal)."""
     known_text = await store.get_meta(ENDPOINTS_KEY)
     known: set[str | None] = set(json.loads(known_text)) if known_text else set()
     # images of an unrecorded endpoint (None) were paid: any paid run may go on with them
-    compatible = {endpoint} if endpoint == EMULATOR_ENDPOINT else {endpoint, None}
+    compatible = {endpoint} if endpoint == EMULATOR_ENDPOINT else {endpoint, None, *siblings}
     if known_text is None or known - compatible:
         found = await store.endpoints()
-        check_endpoint(found, endpoint, root, default=default)
+        check_endpoint(found, endpoint, root, default=default, siblings=siblings)
         known = set(found)
-    if endpoint not in known or known_text is None:
-        listed = sorted(known | {endpoint}, key=lambda e: (e is None, e or ""))
+    mine = {endpoint, *siblings}
+    if mine - known or known_text is None:
+        listed = sorted(known | mine, key=lambda e: (e is None, e or ""))
         await store.set_meta(ENDPOINTS_KEY, json.dumps(listed))
 
 
@@ -182,12 +189,23 @@ async def is_rehearsal_folder(store: JobStore) -> bool:
 
 
 def check_endpoint(
-    found: dict[str | None, int], endpoint: str, root: Path, *, default: bool = False
+    found: dict[str | None, int],
+    endpoint: str,
+    root: Path,
+    *,
+    default: bool = False,
+    siblings: frozenset[str] = frozenset(),
 ) -> None:
     """Refuse a run whose images would be mixed with another endpoint's (see the module
     docstring); ``found`` is :meth:`JobStore.endpoints`. ``default``: ``root`` is the paid
-    run's default folder (``out/<stem>``), which the advice then does not point back to."""
-    others = {e: n for e, n in found.items() if e is not None and e != endpoint}
+    run's default folder (``out/<stem>``), which the advice then does not point back to.
+    ``siblings``: the endpoints of the run's other lanes (a paid run with lanes in both
+    regions), whose images count as the run's own."""
+    others = {
+        e: n
+        for e, n in found.items()
+        if e is not None and e != endpoint and (e not in siblings or e == EMULATOR_ENDPOINT)
+    }
     legacy = found.get(None, 0)
     if endpoint == EMULATOR_ENDPOINT:
         paid = sum(others.values()) + legacy

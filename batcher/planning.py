@@ -35,6 +35,7 @@ class PlanOptions:
     emulate: bool = False
     as_json: bool = False
     database: str | None = None  # a postgresql:// URL holding the run's table
+    lanes: Path | None = None  # a lanes file: its region's prices, its lanes' quotas
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -53,6 +54,11 @@ class Plan:
     to_generate: int = 0  # pending, and running left by a dead run (lease expired, or no lock)
     # model -> (images still to generate, their cost)
     by_model: dict[str, tuple[int, Money]] = field(default_factory=dict)
+    # with lanes: each model's rate, every lane serving it together (None: ``rps``)
+    lane_rates: dict[str, float] | None = None
+
+    def _rates(self) -> dict[str, float]:
+        return self.lane_rates if self.lane_rates is not None else model_rates(self.rps)
 
     @property
     def in_progress(self) -> int:
@@ -65,7 +71,7 @@ class Plan:
         """How long generating what is pending takes at the quota, at best (None when too
         long to say): models are paced apart, each at ``rps`` or (without one) its published
         quota, so the slowest decides."""
-        rates = model_rates(self.rps)
+        rates = self._rates()
         if not self.by_model:
             seconds = self.to_generate / (self.rps or 2.0)
         else:
@@ -76,6 +82,13 @@ class Plan:
         return math.ceil(seconds) if math.isfinite(seconds) else None
 
     def _rate_text(self) -> str:
+        if self.lane_rates is not None:
+            found = sorted({self.lane_rates.get(m, 0.0) for m in self.by_model})
+            if len(found) == 1:
+                return f"{found[0]:g}/s over the lanes" + (
+                    " per model" if len(self.by_model) > 1 else ""
+                )
+            return "the lanes' quotas"
         if self.rps is not None:
             return f"{self.rps:g}/s" + (" per model" if len(self.by_model) > 1 else "")
         rates = model_rates(None)
@@ -113,6 +126,7 @@ class Plan:
             "currency": self.cost.currency,
             "emulated": self.emulate,
             "rps": self.rps,
+            "lane_rates": self.lane_rates,
             "seconds_at_quota": self.seconds_at_quota,
             "spent": {c: amount_text(a) for c, a in sorted(self._spent(False).items())},
             "spent_emulated": {c: amount_text(a) for c, a in sorted(self._spent(True).items())},
@@ -153,7 +167,7 @@ class Plan:
         ]
         if len(self.by_model) > 1:
             for model, (count, money) in sorted(self.by_model.items()):
-                rate = model_rates(self.rps).get(model, self.rps or 2.0)
+                rate = self._rates().get(model, self.rps or 2.0)
                 lines.append(
                     f"    {model:<20} {count} images, about {money}, "
                     f"~{format_duration(math.ceil(count / rate))} at {rate:g}/s"
@@ -226,4 +240,19 @@ async def make_plan(
         emulate=opt.emulate,
         to_generate=found["to_generate"],
         by_model=found["by_model"],
+        lane_rates=lane_rates(opt.lanes) if opt.lanes is not None else None,
     )
+
+
+def lane_rates(path: Path) -> dict[str, float]:
+    """Each model's rate over the lanes of a lanes file: the quotas of every lane serving it,
+    together (the lanes send at once, each paced on its own)."""
+    from .lanes import load_lanes
+    from .models import MODELS
+
+    rates: dict[str, float] = {}
+    for lane in load_lanes(path):
+        for model, entry in MODELS.items():
+            if lane.serves(model):
+                rates[model] = rates.get(model, 0.0) + lane.rate_for(model, entry.quota.rps)
+    return rates

@@ -9,13 +9,20 @@ Every worker ends its attempt with exactly one final store write, run under a sh
 scope so an interrupt cannot leave a job half-recorded; if it is cancelled before it could
 decide, it releases the job (back to pending, no attempt charged).
 
-Every model has its own pacer (the service counts requests per account *and model*), so a mixed
-manifest keeps every model's quota busy: the dispatcher starts whichever buffered job's model
-has a free send slot. A model called as an asynchronous task (see ``batcher.models``) also has
-a limit of tasks at once; its worker creates the task, commits the ``task_id`` (state
-``submitted``) before anything else, then polls it (``batcher.taskpolls``) and downloads the
-result like any other image. A ``submitted`` job claimed by a later run is polled, never
-created again.
+Every lane (an API key: :mod:`batcher.lanes`) has its own pacer per model (the service counts
+requests per account *and model*), so a mixed manifest keeps every model's quota busy on every
+account: the dispatcher starts whichever buffered job has a lane serving its model with a free
+send slot (the lane with the fewest calls for its weight when several have one). A run without
+``--lanes`` has one lane, ``default``. An error fatal to an account (a bad key, arrears, the
+free quota used up) disables its lane alone: the job goes back to pending with no attempt
+charged, the other lanes go on, and the run stops (exit 3) when jobs are left that no lane can
+take (once the others are done), or at once when every lane is disabled.
+
+A model called as an asynchronous task (see ``batcher.models``) also has a limit of tasks at
+once per lane; its worker creates the task, commits the ``task_id`` and the lane (state
+``submitted``) before anything else, then polls it with that lane's key
+(``batcher.taskpolls``) and downloads the result like any other image. A ``submitted`` job
+claimed by a later run is polled (with the lane recorded), never created again.
 
 An unreachable service is one condition, not a failure per job (:mod:`batcher.reach`): a call
 that fails to connect is retried with no attempt charged (it never reached the service), and
@@ -35,8 +42,9 @@ import os
 import random
 import socket
 import time
+import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from enum import StrEnum
@@ -46,7 +54,17 @@ import aiohttp
 import anyio
 from anyio.abc import TaskGroup
 
-from jobs import EMULATOR_ENDPOINT, Claim, Generated, JobStore, LeaseLost, State, StoredFile
+from jobs import (
+    EMULATOR_ENDPOINT,
+    Claim,
+    Generated,
+    JobStore,
+    JobStoreError,
+    LaneCalls,
+    LeaseLost,
+    State,
+    StoredFile,
+)
 from jobs.params import load_params
 
 from .backoff import next_delay, parse_retry_after
@@ -55,6 +73,8 @@ from .client import DashScopeClient, ImageResult, TaskReport
 from .committer import ImageCommitter
 from .download import download_image, hash_file
 from .errors import ApiError, DownloadError, RunAborted, TransportError
+from .lanebook import LaneBook, LaneTally, RunLane, accepted_rate
+from .lanes import default_lane
 from .layout import RunLayout, UnsafeOutputPath
 from .models import MODELS, ApiProtocol
 from .pacing import DEFAULT_QUOTA, LatencyTracker, Pacer, auto_concurrency
@@ -145,6 +165,9 @@ class RunCounters:
     tasks_reattached: int = 0
     failures: dict[str, int] = field(default_factory=dict)
     cost: Decimal = Decimal(0)
+    # per (lane, model): calls, throttled, rate, cost
+    lanes: dict[tuple[str, str], LaneTally] = field(default_factory=dict)
+    disabled: dict[str, str] = field(default_factory=dict)  # lane -> why it was disabled
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -163,16 +186,13 @@ class RunResult:
     last_call_at: float | None
     first_accepted_at: float | None = None
     last_accepted_at: float | None = None
+    lanes: tuple[LaneCalls, ...] = ()  # this run's figures per lane and model
 
     @property
     def accepted_per_second(self) -> float | None:
         """Calls the service accepted per second while sending; None when too few to say
         (fewer than three, or sent within a second: a rate of a burst means nothing)."""
-        n = self.counters.accepted
-        if self.first_accepted_at is None or self.last_accepted_at is None or n < 3:
-            return None
-        span = self.last_accepted_at - self.first_accepted_at
-        return (n - 1) / span if span >= 1.0 else None
+        return accepted_rate(self.counters.accepted, self.first_accepted_at, self.last_accepted_at)
 
 
 class Runner:
@@ -189,22 +209,38 @@ class Runner:
         endpoint: str | None = None,
         spent: Decimal = Decimal(0),
         on_done: Callable[[list[str]], Awaitable[None]] | None = None,
+        lanes: Sequence[RunLane] | None = None,
+        on_notice: Callable[[str], None] | None = None,
     ) -> None:
         """``endpoint`` is what each image records as its origin (default: the client's base
         URL); ``spent`` what the run folder spent before, in the region's currency, which
-        ``--budget`` counts against."""
+        ``--budget`` counts against. ``lanes``: the keys to send through (default: one lane,
+        ``default``, with ``client``); ``on_notice`` hears the lines a person must see while
+        the run goes on (a lane disabled)."""
         self.store = store
         self.client = client
         self.session = session
         self.layout = layout
         self.opt = options
         self.endpoint = endpoint if endpoint is not None else client.base_url
+        if lanes is None:
+            lanes = [
+                RunLane(
+                    lane=default_lane(options.region, None), client=client, endpoint=self.endpoint
+                )
+            ]
+        self.book = LaneBook(lanes, lambda model: options.model_rps.get(model, options.rps))
+        self.lanes = self.book.lanes
+        self._on_notice = on_notice
+        self.run_id = uuid.uuid4().hex
+        self._started_wall = time.time()
         self._spent_before = spent
-        self.counters = RunCounters()
+        self.counters = RunCounters(lanes=self.book.tallies, disabled=self.book.disabled)
         self.committer = ImageCommitter(store, on_done)
         self._on_done = on_done  # hears the ids of jobs this run completes
-        self._pacers: dict[str, Pacer] = {}
-        self._tasks_open: dict[str, int] = {}  # tasks this run is creating or polling, by model
+        self._pacers: dict[tuple[str, str], Pacer] = {}
+        # tasks this run is creating or polling, by lane and model
+        self._tasks_open: dict[tuple[str, str], int] = {}
         self._polls = PollGate()
         self._next_fill = 0.0
         self.reach = Reachability(window=options.unreachable_timeout)
@@ -214,6 +250,7 @@ class Runner:
         self.job_time = LatencyTracker(initial=2.0)
         self._rng = random.Random(options.seed)
         self._buffer: deque[Claim] = deque()
+        self._orphans: dict[str, list[Claim]] = {}  # by model: jobs no enabled lane serves
         self._held: dict[str, Claim] = {}
         self._in_flight = 0
         # Generation calls dispatched and not yet answered: counted from the dispatch (not
@@ -226,7 +263,7 @@ class Runner:
         self._reason = StopReason.FINISHED
         self._abort_message: str | None = None
         self._work_scope: anyio.CancelScope | None = None
-        self._prices: dict[tuple[str, bool], Money] = {}
+        self._prices: dict[tuple[str, bool, str], Money] = {}
         self._t0 = time.monotonic()
         self.first_call_at: float | None = None
         self.last_call_at: float | None = None
@@ -262,25 +299,30 @@ class Runner:
 
     @property
     def rate(self) -> float:
-        """Calls a second the run is paced at: every model's pacer together (``rps`` before
-        the first call)."""
-        return sum(p.rate for p in self._pacers.values()) or self.opt.rps
+        """Calls a second the run is paced at: every enabled lane's pacers together (``rps``
+        before the first call)."""
+        disabled = self.book.disabled
+        live = (p.rate for (lane, _), p in self._pacers.items() if lane not in disabled)
+        return sum(live) or self.opt.rps
 
     @property
     def pacer(self) -> Pacer:
         """The pacer set up last (a single-model run's one pacer); see :meth:`pacer_for` and
         :attr:`rate` for a mixed run."""
         if not self._pacers:
-            return self.pacer_for("z-image-turbo")
+            return self.pacer_for(next(iter(self.lanes)), "z-image-turbo")
         return next(reversed(self._pacers.values()))
 
-    def pacer_for(self, model: str) -> Pacer:
-        """The pacer of ``model``, at its rate in ``model_rps`` (else ``rps``)."""
-        pacer = self._pacers.get(model)
+    def pacer_for(self, lane: str, model: str) -> Pacer:
+        """The pacer of ``model`` on ``lane`` (the service counts per account and model)."""
+        pacer = self._pacers.get((lane, model))
         if pacer is None:
-            rate = self.opt.model_rps.get(model, self.opt.rps)
-            pacer = Pacer(rate, adaptive=self.opt.adaptive, start_rate=self.opt.start_rps)
-            self._pacers[model] = pacer
+            pacer = Pacer(
+                self.book.quota_of(lane, model),
+                adaptive=self.opt.adaptive,
+                start_rate=self.opt.start_rps,
+            )
+            self._pacers[(lane, model)] = pacer
         return pacer
 
     def request_stop(self, reason: StopReason, message: str | None = None) -> None:
@@ -316,10 +358,11 @@ class Runner:
                 await wake.wait()
                 tg.cancel_scope.cancel()
 
-    def price(self, model: str, prompt_extend: bool) -> Money:
-        key = (model, prompt_extend)
+    def price(self, model: str, prompt_extend: bool, region: str | None = None) -> Money:
+        """One image's price in ``region`` (default: the run's ``--region``)."""
+        key = (model, prompt_extend, region or self.opt.region)
         if key not in self._prices:
-            self._prices[key] = price_per_image(model, self.opt.region, prompt_extend)
+            self._prices[key] = price_per_image(model, key[2], prompt_extend)
         return self._prices[key]
 
     # ---------------------------------------------------------------------- run
@@ -336,6 +379,7 @@ class Runner:
         finally:
             with anyio.CancelScope(shield=True):
                 await self._release_buffer()
+                await self.save_lanes()
         return RunResult(
             reason=self._reason,
             counters=self.counters,
@@ -345,6 +389,7 @@ class Runner:
             last_call_at=self.last_call_at,
             first_accepted_at=self.first_accepted_at,
             last_accepted_at=self.last_accepted_at,
+            lanes=tuple(self.lane_rows()),
         )
 
     async def _dispatch(self, tg: TaskGroup) -> None:
@@ -357,7 +402,7 @@ class Runner:
                 if not await self._may_probe():
                     continue
                 probe = True
-            claim, wait = self._pick_ready()
+            claim, lane, wait = self._pick_ready()
             if claim is None:
                 # Nothing buffered can start now: claim more (other models may be free), unless
                 # a send slot is so near that the claim's write would make that send late; or
@@ -374,6 +419,10 @@ class Runner:
                 if not self._buffer:
                     if self._in_flight == 0:
                         due = await self.store.next_due_at()
+                        if self._orphans and (due is None or self.store.shared):
+                            # every job a lane could take is done: those left have none
+                            self._no_lane_left(", ".join(sorted(self._orphans)))
+                            return
                         if due is None:
                             return  # every job is done or failed
                         await self._sleep(min(1.0, max(0.01, due - self.store.clock())))
@@ -383,52 +432,125 @@ class Runner:
                 await self._sleep(min(1.0, wait if wait is not None else 1.0))
                 continue
             if claim.state is State.GENERATED:
-                self._start(tg, self._download_only, claim)
+                self._start(tg, self._download_only, claim, None)
+                continue
+            if lane is None:  # a task created on a lane this run cannot use
+                await self._task_without_lane(claim)
                 continue
             if claim.state is State.SUBMITTED:
-                self._tasks_open[claim.model] = self._tasks_open.get(claim.model, 0) + 1
+                self._open_task(lane.name, claim.model, +1)
                 self.counters.tasks_reattached += 1
-                self._start(tg, self._task, claim)
+                self._start(tg, self._task, claim, lane)
                 continue
-            if not self._within_limits(claim):
+            if not self._within_limits(claim, lane):
                 self._buffer.appendleft(claim)
                 return
-            self.pacer_for(claim.model).control.reserve(now=anyio.current_time())
+            self.pacer_for(lane.name, claim.model).control.reserve(now=anyio.current_time())
+            self.book.sent(lane)
             if self.opt.limit is not None:
                 self._started.add(claim.id)
             if probe:
                 self._probe = claim.id
             self._generating += 1  # until _call_and_record / _create_task has the answer
             if self._is_task_model(claim.model):
-                self._tasks_open[claim.model] = self._tasks_open.get(claim.model, 0) + 1
-                self._start(tg, self._task, claim)
+                self._open_task(lane.name, claim.model, +1)
+                self._start(tg, self._task, claim, lane)
             else:
-                self._start(tg, self._generate, claim)
+                self._start(tg, self._generate, claim, lane)
+
+    def _open_task(self, lane: str, model: str, change: int) -> None:
+        key = (lane, model)
+        self._tasks_open[key] = self._tasks_open.get(key, 0) + change
+
+    async def _task_without_lane(self, claim: Claim) -> None:
+        """A submitted job whose task was created on a lane this run does not have (or has
+        disabled): its task can only be polled with that lane's key, so it waits, its task id
+        kept, for a run that has the lane."""
+        why = (
+            f"its task was created on lane {claim.lane!r}, which this run "
+            + ("has disabled" if claim.lane in self.book.disabled else "does not have")
+            + "; it is polled by a run with that lane (--lanes)"
+        )
+        log.warning("job %s: %s", claim.id, why)
+        self._held.pop(claim.id, None)
+        try:
+            await self.store.poll_later(
+                claim.id, claim.token, delay=self.opt.backoff_cap, code="LaneMissing", message=why
+            )
+        except LeaseLost:
+            self.counters.lease_lost += 1
 
     def _is_task_model(self, model: str) -> bool:
         entry = MODELS.get(model)
         return entry is not None and entry.protocol is ApiProtocol.TASK
 
-    def _pick_ready(self) -> tuple[Claim | None, float | None]:
-        """Take the first buffered job that can start now: a download or a task to poll, or a
-        generation whose model has a free send slot (and, for a task model, room for one
-        more task). Otherwise (None, seconds until the earliest send slot, or None)."""
+    def _pick_ready(self) -> tuple[Claim | None, RunLane | None, float | None]:
+        """Take the first buffered job that can start now, with its lane: a download, a task
+        to poll (on the lane that created it), or a generation with a lane serving its model
+        that has a free send slot (and, for a task model, room for one more task); of several
+        such lanes, the one with the fewest calls for its weight. Otherwise (None, None,
+        seconds until the earliest send slot, or None).
+
+        A job whose model no enabled lane serves any more (every lane that could was disabled)
+        is held aside; the run stops (exit 3) once the other lanes have nothing left to do."""
         now = anyio.current_time()
         earliest: float | None = None
         for index, claim in enumerate(self._buffer):
-            if claim.state is not State.RUNNING:
+            if claim.state is State.GENERATED:
                 del self._buffer[index]
-                return claim, 0.0
+                return claim, None, 0.0
+            if claim.state is State.SUBMITTED:
+                del self._buffer[index]
+                return claim, self.book.task_lane(claim.lane, claim.model), 0.0
+            serving = self.book.serving(claim.model)
+            if not serving:
+                # Every lane for its model was disabled: held aside (released at the end, no
+                # attempt charged) while the other lanes finish what they can.
+                del self._buffer[index]
+                self._orphans.setdefault(claim.model, []).append(claim)
+                return None, None, 0.0
             entry = MODELS.get(claim.model)
             limit = entry.quota.concurrent_tasks if entry is not None else None
-            if limit is not None and self._tasks_open.get(claim.model, 0) >= limit:
-                continue  # a worker's end wakes the dispatcher
-            wait = self.pacer_for(claim.model).control.wait_needed(now=now)
-            if wait <= 0:
+            best: RunLane | None = None
+            for lane in serving:
+                if limit is not None and self._tasks_open.get((lane.name, claim.model), 0) >= limit:
+                    continue  # a worker's end wakes the dispatcher
+                wait = self.pacer_for(lane.name, claim.model).control.wait_needed(now=now)
+                if wait > 0:
+                    earliest = wait if earliest is None else min(earliest, wait)
+                elif best is None or self.book.share(lane) < self.book.share(best):
+                    best = lane
+            if best is not None:
                 del self._buffer[index]
-                return claim, 0.0
-            earliest = wait if earliest is None else min(earliest, wait)
-        return None, earliest
+                return claim, best, 0.0
+        return None, None, earliest
+
+    def _no_lane_left(self, model: str) -> None:
+        """No enabled lane serves ``model``: stop (exit 3), saying why each lane went."""
+        why = self.book.why_disabled()
+        self.request_stop(
+            StopReason.ABORTED,
+            f"no lane is left for {model}: {why or 'none serves it'}; "
+            "the jobs are left pending with no attempt charged: fix the keys, then run the "
+            "same command again",
+        )
+
+    def _lane_fatal(self, lane: RunLane, code: str, message: str, advice: str) -> None:
+        """An error fatal to ``lane``'s account. A run of one lane stops (exit 3), as a run
+        always did; of several, the lane alone is disabled with one line, and the others go
+        on (the dispatcher stops the run when no lane is left for a job's model)."""
+        if len(self.lanes) == 1:
+            self.request_stop(StopReason.ABORTED, f"{code}: {message} -- {advice}")
+            return
+        line = self.book.disable(lane, code, message, advice)
+        if line is None:
+            return  # disabled already
+        log.warning("%s", line)
+        if self._on_notice is not None:
+            self._on_notice(line)
+        if self.book.all_disabled:
+            self._no_lane_left("any model")
+        self._notify()
 
     async def _may_probe(self) -> bool:
         """While the service is unreachable: True when one probing call may go now; else wait
@@ -462,13 +584,13 @@ class Runner:
             with anyio.move_on_after(left):
                 await self._stop.wait()
 
-    def _within_limits(self, claim: Claim) -> bool:
+    def _within_limits(self, claim: Claim, lane: RunLane) -> bool:
         limit = self.opt.limit
         if limit is not None and claim.id not in self._started and len(self._started) >= limit:
             self.request_stop(StopReason.LIMIT, f"--limit {self.opt.limit} reached")
             return False
         if self.opt.budget is not None:
-            price = self.price(claim.model, claim.prompt_extend)
+            price = self.price(claim.model, claim.prompt_extend, lane.lane.region)
             spent = self._spent_before + self.counters.cost
             committed = spent + price.amount * self._generating
             if committed + price.amount > self.opt.budget:
@@ -482,9 +604,9 @@ class Runner:
                 return False
         return True
 
-    def _start(self, tg: TaskGroup, fn: object, claim: Claim) -> None:
+    def _start(self, tg: TaskGroup, fn: object, claim: Claim, lane: RunLane | None) -> None:
         self._in_flight += 1
-        tg.start_soon(fn, claim)  # type: ignore[arg-type]
+        tg.start_soon(fn, claim, lane)  # type: ignore[arg-type]
 
     async def _fill_buffer(self) -> int:
         """Claim a batch into the buffer; how many were claimed."""
@@ -503,6 +625,9 @@ class Runner:
         while self._buffer:
             claim = self._buffer.popleft()
             await self._release(claim)
+        for claims in self._orphans.values():
+            while claims:
+                await self._release(claims.pop())
 
     async def _release(self, claim: Claim) -> None:
         self._held.pop(claim.id, None)
@@ -514,10 +639,23 @@ class Runner:
         except LeaseLost:
             self.counters.lease_lost += 1
 
+    def lane_rows(self) -> list[LaneCalls]:
+        """This run's figures per lane and model, as ``lane_calls`` keeps them."""
+        return self.book.rows(self.run_id, emulated=self.endpoint == EMULATOR_ENDPOINT)
+
+    async def save_lanes(self) -> None:
+        """Write this run's figures per lane and model (``lane_calls``)."""
+        rows = self.lane_rows()
+        try:
+            await self.store.save_lane_calls(rows, worker=WORKER, started_at=self._started_wall)
+        except (OSError, JobStoreError) as exc:  # figures only: never the run's failure
+            log.warning("could not save the lanes' figures: %s", exc)
+
     async def _heartbeat_loop(self) -> None:
         period = max(0.5, self.opt.lease_seconds / 3)
         while True:
             await anyio.sleep(period)
+            await self.save_lanes()
             by_token: dict[str, list[str]] = {}
             for claim in list(self._held.values()):
                 by_token.setdefault(claim.token, []).append(claim.id)
@@ -528,18 +666,18 @@ class Runner:
 
     # ------------------------------------------------------------------ workers
 
-    async def _generate(self, claim: Claim) -> None:
-        await self._guarded(claim, self._generate_and_download)
+    async def _generate(self, claim: Claim, lane: RunLane) -> None:
+        await self._guarded(claim, lambda c: self._generate_and_download(c, lane))
 
-    async def _task(self, claim: Claim) -> None:
+    async def _task(self, claim: Claim, lane: RunLane) -> None:
         """A task model's job: create (unless submitted already), poll, download."""
         try:
-            await self._guarded(claim, self._task_work)
+            await self._guarded(claim, lambda c: self._task_work(c, lane))
         finally:
-            self._tasks_open[claim.model] = self._tasks_open.get(claim.model, 1) - 1
+            self._open_task(lane.name, claim.model, -1)
             self._notify()
 
-    async def _download_only(self, claim: Claim) -> None:
+    async def _download_only(self, claim: Claim, _lane: None) -> None:
         await self._guarded(claim, self._download)
 
     async def _guarded(self, claim: Claim, work: Callable[[Claim], Awaitable[bool]]) -> None:
@@ -563,32 +701,33 @@ class Runner:
             self.job_time.add(anyio.current_time() - began)
             self._finish(claim)
 
-    async def _generate_and_download(self, claim: Claim) -> bool:
-        generated = await self._call_and_record(claim)
+    async def _generate_and_download(self, claim: Claim, lane: RunLane) -> bool:
+        generated = await self._call_and_record(claim, lane)
         if generated is None:
             return True  # the outcome (retry, failure) is recorded
         if generated is claim:
             return False  # a run-level stop: give the job back untouched
         return await self._download(generated, fresh=True)
 
-    def _note_call(self, model: str) -> float:
-        """Count a call that goes out now (its model's pacer, the counters, the span of the
-        achieved rate); returns its send time on the event loop's clock."""
+    def _note_call(self, lane: RunLane, model: str) -> float:
+        """Count a call that goes out now (its lane and model's pacer, the counters, the span
+        of the achieved rate); returns its send time on the event loop's clock."""
         sent = anyio.current_time()
-        self.pacer_for(model).control.sent(at=sent)
+        self.pacer_for(lane.name, model).control.sent(at=sent)
         self.counters.calls += 1
+        self.book.tally(lane.name, model).calls += 1
         now = time.time()
         self.first_call_at = self.first_call_at or now
         self.last_call_at = now
         return sent
 
-    async def _call_and_record(self, claim: Claim) -> Claim | None:
+    async def _call_and_record(self, claim: Claim, lane: RunLane) -> Claim | None:
         """Call the API and write the outcome. Returns the generated claim, None when the
         outcome was recorded (retry or failure), or ``claim`` itself when it must be released."""
         try:
-            sent = self._note_call(claim.model)
+            sent = self._note_call(lane, claim.model)
             try:
-                result = await self.client.generate(
+                result = await lane.client.generate(
                     model=claim.model,
                     prompt=claim.prompt,
                     size=claim.size,
@@ -602,7 +741,7 @@ class Runner:
                 raise
             except ApiError as err:
                 with anyio.CancelScope(shield=True):
-                    recorded = await self._on_api_error(claim, err, sent)
+                    recorded = await self._on_api_error(claim, err, sent, lane)
                 return None if recorded else claim
             except TransportError as err:
                 if err.fault is TransportFault.CONNECT:
@@ -619,26 +758,30 @@ class Runner:
                         retry_after=None,
                     )
                 return None
-            self._on_answered(sent, accepted=True, model=claim.model)
+            self._on_answered(sent, accepted=True, lane=lane, model=claim.model)
             with anyio.CancelScope(shield=True):
-                generated = await self._record(claim, result)
+                generated = await self._record(claim, result, lane)
             return generated
         finally:
             self._generating -= 1
             if self._probe == claim.id:
                 self._probe = None
 
-    def _on_answered(self, sent: float, *, accepted: bool, model: str) -> None:
+    def _on_answered(self, sent: float, *, accepted: bool, lane: RunLane, model: str) -> None:
         """The service answered a call sent at ``sent`` (monotonic): it is reachable, and
         unless it throttled the call, the call counts towards the achieved rate."""
         self.reach.answered(now=anyio.current_time())
         if accepted:
-            self.pacer_for(model).accepted(sent)
+            self.pacer_for(lane.name, model).accepted(sent)
             self.counters.accepted += 1
             wall = time.time() - (anyio.current_time() - sent)
             # answers come back out of order: the span is from the earliest send to the latest
             self.first_accepted_at = min(self.first_accepted_at or wall, wall)
             self.last_accepted_at = max(self.last_accepted_at or wall, wall)
+            t = self.book.tally(lane.name, model)
+            t.accepted += 1
+            t.first_accepted_at = min(t.first_accepted_at or wall, wall)
+            t.last_accepted_at = max(t.last_accepted_at or wall, wall)
 
     async def _on_unreached(self, claim: Claim, err: TransportError) -> None:
         """The call never reached the service: no attempt is charged. Across the run, such
@@ -669,8 +812,8 @@ class Runner:
         self._in_flight -= 1
         self._notify()
 
-    async def _record(self, claim: Claim, result: ImageResult) -> Claim:
-        price = self.price(claim.model, claim.prompt_extend)
+    async def _record(self, claim: Claim, result: ImageResult, lane: RunLane) -> Claim:
+        price = self.price(claim.model, claim.prompt_extend, lane.lane.region)
         await self.store.record_generated(
             claim.id,
             claim.token,
@@ -689,12 +832,17 @@ class Runner:
                 latency_ms=result.latency_ms,
                 cost=price.amount,
                 currency=price.currency,
-                endpoint=self.endpoint,
+                endpoint=lane.endpoint,
+                lane=lane.name,
             ),
             lease_seconds=self.opt.lease_seconds,
         )
         self.counters.generated += 1
         self.counters.cost += price.amount
+        t = self.book.tally(lane.name, claim.model)
+        t.images += 1
+        t.cost += price.amount
+        t.currency = price.currency
         return replace(
             claim,
             state=State.GENERATED,
@@ -709,14 +857,16 @@ class Runner:
             bytes=None,
         )
 
-    async def _on_api_error(self, claim: Claim, err: ApiError, sent: float) -> bool:
+    async def _on_api_error(self, claim: Claim, err: ApiError, sent: float, lane: RunLane) -> bool:
         verdict = err.classification.verdict
         code = err.code or f"HTTP{err.status}"
-        self._on_answered(sent, accepted=verdict is not Verdict.THROTTLED, model=claim.model)
+        accepted = verdict is not Verdict.THROTTLED
+        self._on_answered(sent, accepted=accepted, lane=lane, model=claim.model)
         if verdict is Verdict.THROTTLED:
             quota = (err.code or "").casefold() in QUOTA_CODES
-            self.pacer_for(claim.model).throttled(sent, quota=quota)
+            self.pacer_for(lane.name, claim.model).throttled(sent, quota=quota)
             self.counters.throttled += 1
+            self.book.tally(lane.name, claim.model).throttled += 1
             retry_after = parse_retry_after(err.retry_after, now=time.time())
             delay = retry_after if retry_after is not None else self._rng.uniform(0.0, 1.0)
             await self.store.retry_later(
@@ -731,8 +881,7 @@ class Runner:
             )
             return True
         if verdict is Verdict.ABORT_RUN:
-            advice = err.classification.advice
-            self.request_stop(StopReason.ABORTED, f"{code}: {err.message or ''} -- {advice}")
+            self._lane_fatal(lane, code, err.message or "", err.classification.advice)
             return False  # released by the caller, no attempt charged
         if verdict is Verdict.FAIL_JOB:
             await self._fail(claim, code, err.message or "", request_id=err.request_id)
@@ -920,27 +1069,28 @@ class Runner:
 
     # ------------------------------------------------------------------ tasks
 
-    async def _task_work(self, claim: Claim) -> bool:
-        """Create the job's task unless it has one, then poll it to its end."""
+    async def _task_work(self, claim: Claim, lane: RunLane) -> bool:
+        """Create the job's task unless it has one, then poll it to its end (with the key of
+        the lane that created it)."""
         reattached = claim.state is State.SUBMITTED
         if not reattached:
-            created = await self._create_task(claim)
+            created = await self._create_task(claim, lane)
             if created is None:
                 return True  # the outcome (retry, failure) is recorded
             if created is claim:
                 return False  # a run-level stop: give the job back untouched
             claim = created
-        return await self._poll_to_end(claim, at_once=reattached)
+        return await self._poll_to_end(claim, lane, at_once=reattached)
 
-    async def _create_task(self, claim: Claim) -> Claim | None:
+    async def _create_task(self, claim: Claim, lane: RunLane) -> Claim | None:
         """Create the task and commit its id; the submitted claim, None when the outcome was
         recorded, or ``claim`` itself when it must be released."""
         try:
             with anyio.CancelScope(shield=True):
                 await self.store.mark_creating(claim.id, claim.token)
-            sent = self._note_call(claim.model)
+            sent = self._note_call(lane, claim.model)
             try:
-                created = await self.client.create_task(
+                created = await lane.client.create_task(
                     model=claim.model,
                     prompt=claim.prompt,
                     size=claim.size,
@@ -954,7 +1104,7 @@ class Runner:
                 raise
             except ApiError as err:
                 with anyio.CancelScope(shield=True):
-                    recorded = await self._on_api_error(claim, err, sent)
+                    recorded = await self._on_api_error(claim, err, sent, lane)
                 return None if recorded else claim
             except TransportError as err:
                 if err.fault is TransportFault.CONNECT:  # never reached the service
@@ -971,7 +1121,7 @@ class Runner:
                         retry_after=None,
                     )
                 return None
-            self._on_answered(sent, accepted=True, model=claim.model)
+            self._on_answered(sent, accepted=True, lane=lane, model=claim.model)
             with anyio.CancelScope(shield=True):
                 await self.store.record_submitted(
                     claim.id,
@@ -979,6 +1129,7 @@ class Runner:
                     task_id=created.task_id,
                     request_id=created.request_id,
                     lease_seconds=self.opt.lease_seconds,
+                    lane=lane.name,
                 )
             self.counters.tasks_created += 1
             return replace(
@@ -987,13 +1138,14 @@ class Runner:
                 task_id=created.task_id,
                 task_submitted_at=self.store.clock(),
                 request_id=created.request_id,
+                lane=lane.name,
             )
         finally:
             self._generating -= 1
             if self._probe == claim.id:
                 self._probe = None
 
-    async def _poll_to_end(self, claim: Claim, *, at_once: bool) -> bool:
+    async def _poll_to_end(self, claim: Claim, lane: RunLane, *, at_once: bool) -> bool:
         """Poll the task until it ends and record the end; True once the job is settled.
 
         Polls are spaced by ``poll_delay`` (suited to tasks of 10 s to minutes) and by one
@@ -1011,15 +1163,12 @@ class Runner:
             polls += 1
             self.counters.task_polls += 1
             try:
-                report = await self.client.poll_task(claim.task_id)
+                report = await lane.client.poll_task(claim.task_id)
             except ApiError as err:
                 verdict = err.classification.verdict
                 if verdict is Verdict.ABORT_RUN:
-                    advice = err.classification.advice
                     code = err.code or f"HTTP{err.status}"
-                    self.request_stop(
-                        StopReason.ABORTED, f"{code}: {err.message or ''} -- {advice}"
-                    )
+                    self._lane_fatal(lane, code, err.message or "", err.classification.advice)
                     return False  # released: still submitted
                 failures += verdict is not Verdict.THROTTLED
                 report = None
@@ -1042,12 +1191,12 @@ class Runner:
             if report.running and not clock.expired(self.store.clock()):
                 continue
             with anyio.CancelScope(shield=True):
-                generated = await self._task_ended(claim, report)
+                generated = await self._task_ended(claim, report, lane)
             if generated is None:
                 return True  # the outcome is recorded
             return await self._download(generated, fresh=True)
 
-    async def _task_ended(self, claim: Claim, report: TaskReport) -> Claim | None:
+    async def _task_ended(self, claim: Claim, report: TaskReport, lane: RunLane) -> Claim | None:
         """Record how a task ended. Returns the generated claim when its image is recorded
         and must be downloaded, else None (the outcome is recorded)."""
         if report.running or report.status == "UNKNOWN":
@@ -1069,7 +1218,7 @@ class Runner:
                     code,
                     message,
                 )
-            return await self._record(claim, image)
+            return await self._record(claim, image, lane)
         if report.status == "CANCELED":
             await self._fail(claim, "TaskCanceled", f"task {claim.task_id} was cancelled")
             return None
@@ -1082,7 +1231,10 @@ class Runner:
             await self._fail(claim, code, message, request_id=report.request_id)
             return None
         if verdict is Verdict.ABORT_RUN:
-            self.request_stop(StopReason.ABORTED, f"{code}: {message}")
+            if len(self.lanes) == 1:
+                self.request_stop(StopReason.ABORTED, f"{code}: {message}")
+            else:
+                self._lane_fatal(lane, code, message, classify_api_error(500, code, message).advice)
             await self.store.retry_later(
                 claim.id, claim.token, delay=0, code=code, message=message, charge_attempt=False
             )

@@ -70,6 +70,7 @@ EXPORT_FIELDS = (
     "cost",
     "currency",
     "endpoint",
+    "lane",
     "actual_prompt",
     "input_tokens",
     "output_tokens",

@@ -1,7 +1,8 @@
 """A run's set-up and tear-down, around :class:`batcher.pool.Runner`.
 
-``batcher run`` is :func:`execute_run`: take the run folder's lock, log to ``batcher.log``
-(the key filtered out), import the manifest, reclaim jobs a dead process held, sweep its
+``batcher run`` is :func:`execute_run`: read the lanes (``--lanes``, else the one ``default``
+lane of ``DASHSCOPE_API_KEY``) and their keys, take the run folder's lock, log to ``batcher.log``
+(the keys filtered out), import the manifest, reclaim jobs a dead process held, sweep its
 temporary files, start the endpoint (the in-process emulator with ``--emulate``) and the HTTP
 session, watch Ctrl-C / SIGTERM, show progress, run, and at the end, whatever happened, bring
 ``metadata.jsonl`` up to date. What to print and which exit code follow from the
@@ -34,9 +35,11 @@ from .errors import ConfigError
 from .folder import Target, check_folder_endpoint, endpoint_label, resolve_target
 from .gallery.site import build_report, check_output, follow_thumbnails
 from .importing import ImportSummary, import_manifest
+from .lanebook import RunLane
+from .lanes import Lane, default_lane, lane_keys, load_lanes, rehearsal_keys
 from .layout import RunLayout, RunLock
 from .metadata import MetadataWriter
-from .pool import Runner, RunOptions, RunResult, StopReason
+from .pool import RunCounters, Runner, RunOptions, RunResult, StopReason
 from .pricing import Money, currency_of, price_per_image
 from .progress import ProgressView, Snapshot, Throughput, make_view
 from .wording import plural
@@ -68,6 +71,7 @@ class RunCommand:
     as_json: bool = False
     grace: float = 10.0
     database: str | None = None  # a postgresql:// URL: the run's table is shared there
+    lanes: Path | None = None  # a lanes file (--lanes): several keys, each paced on its own
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -96,21 +100,50 @@ def _api_key() -> str:
 
 
 class _RedactKey(logging.Filter):
-    """Defence in depth: no log record may carry the API key, whatever code wrote it."""
+    """Defence in depth: no log record may carry an API key, whatever code wrote it."""
 
-    def __init__(self, secret: str) -> None:
+    def __init__(self, secrets: list[str]) -> None:
         super().__init__()
-        self._secret = secret
+        self._secrets = [s for s in secrets if s]
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self._secret and self._secret in record.getMessage():
-            record.msg = record.getMessage().replace(self._secret, "***")
+        message = record.getMessage()
+        if any(s in message for s in self._secrets):
+            for secret in self._secrets:
+                message = message.replace(secret, "***")
+            record.msg = message
             record.args = None
         return True
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Lanes:
+    """The run's lanes with their keys (never written anywhere) and base URLs."""
+
+    lanes: list[Lane]
+    keys: dict[str, str]
+    from_file: bool
+
+    def base_url(self, lane: Lane) -> str:
+        return base_url_for(lane.region, lane.base_url)
+
+
+def _lanes(cmd: RunCommand) -> _Lanes:
+    """The lanes of ``--lanes`` (a bad file is one located line), else the ``default`` lane;
+    their keys from the environment (a rehearsal makes its own: see :mod:`batcher.lanes`)."""
+    if cmd.lanes is None:
+        lane = default_lane(cmd.options.region, cmd.base_url)
+        key = "" if cmd.emulate else _api_key()
+        return _Lanes(lanes=[lane], keys={lane.name: key}, from_file=False)
+    if cmd.base_url is not None:
+        raise ConfigError("--base-url and --lanes: give each lane its base_url in the lanes file")
+    lanes = load_lanes(cmd.lanes)
+    keys = rehearsal_keys(lanes) if cmd.emulate else lane_keys(lanes)
+    return _Lanes(lanes=lanes, keys=keys, from_file=True)
+
+
 @contextlib.contextmanager
-def _file_logging(path: Path, secret: str) -> Iterator[None]:
+def _file_logging(path: Path, secret: list[str]) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     # backslashreplace: a file name that is not UTF-8 is logged escaped, not an error
     handler = logging.FileHandler(path, encoding="utf-8", errors="backslashreplace")
@@ -131,12 +164,20 @@ async def execute_run(cmd: RunCommand) -> RunOutcome:
 
     Raises :class:`ConfigError` (no key, a bad ``--base-url``) before the folder is touched.
     """
-    secret = "" if cmd.emulate else _api_key()  # fail fast on the key
+    lanes = _lanes(cmd)  # fail fast on the lanes file and the keys
+    if lanes.from_file:  # the run's prices and --budget follow the lanes' region
+        options = dataclasses.replace(cmd.options, region=lanes.lanes[0].region)
+        cmd = dataclasses.replace(cmd, options=options)
     base_url = base_url_for(cmd.options.region, cmd.base_url)  # validates --region / --base-url
-    _check_budget_currency(cmd)
+    for lane in lanes.lanes:
+        lanes.base_url(lane)
+    _check_budget_currency(cmd, lanes.lanes)
     target = await resolve_target(cmd.manifest, cmd.out, emulate=cmd.emulate, database=cmd.database)
     layout = target.layout
     endpoint = endpoint_label(emulate=cmd.emulate, base_url=base_url)
+    siblings = frozenset(
+        endpoint_label(emulate=cmd.emulate, base_url=lanes.base_url(lane)) for lane in lanes.lanes
+    )
     with contextlib.ExitStack() as held:
         try:
             layout.root.mkdir(parents=True, exist_ok=True)
@@ -144,7 +185,7 @@ async def execute_run(cmd: RunCommand) -> RunOutcome:
             # leases fence them; see jobs.store).
             if not layout.shared:
                 held.enter_context(RunLock(layout.lock))
-            held.enter_context(_file_logging(layout.log, secret))
+            held.enter_context(_file_logging(layout.log, list(lanes.keys.values())))
         except OSError as exc:  # a read-only folder or medium, a file in the way, ...
             raise ConfigError(
                 f"cannot write the run folder {layout.root}: {exc.strerror or exc}; "
@@ -152,9 +193,10 @@ async def execute_run(cmd: RunCommand) -> RunOutcome:
             ) from exc
         async with await JobStore.open(layout.store) as store:
             await check_folder_endpoint(
-                store, endpoint, layout.root, default=target.in_paid_default
+                store, endpoint, layout.root, default=target.in_paid_default, siblings=siblings
             )
             imported = await _prepare(store, cmd, target)
+            await _check_lanes_serve(store, lanes)
             spent = await _budget_spent(store, cmd)
             metadata = MetadataWriter(store, layout)
             try:
@@ -175,7 +217,7 @@ async def execute_run(cmd: RunCommand) -> RunOutcome:
                 )
             try:
                 on_done = _appender(metadata, layout)
-                result = await _drive(cmd, store, layout, start, endpoint, spent, on_done)
+                result = await _drive(cmd, store, layout, start, lanes, spent, on_done)
             finally:
                 with anyio.CancelScope(shield=True):
                     try:
@@ -206,7 +248,27 @@ async def _write_report(store: JobStore, layout: RunLayout, result: RunResult) -
     return done.index
 
 
-def _check_budget_currency(cmd: RunCommand) -> None:
+async def _check_lanes_serve(store: JobStore, lanes: _Lanes) -> None:
+    """Refuse, before any call, a lanes file that leaves a model of the jobs to do without a
+    lane serving it."""
+    if not lanes.from_file:
+        return
+    for model, _extend in await store.pending_by_kind():
+        if not any(lane.serves(model) for lane in lanes.lanes):
+            raise ConfigError(
+                f"no lane serves {model}, which jobs to do use: add it to a lane's models "
+                "(or leave models out to serve every model)"
+            )
+
+
+def _check_budget_currency(cmd: RunCommand, lanes: list[Lane]) -> None:
+    currencies = {currency_of(lane.region) for lane in lanes}
+    if cmd.options.budget is not None and len(currencies) > 1:
+        raise ConfigError(
+            "--budget with lanes priced in several currencies "
+            f"({', '.join(sorted(currencies))}): a budget is in one currency; run each "
+            "region's lanes on their own, or leave --budget out"
+        )
     currency = currency_of(cmd.options.region)
     if cmd.budget_currency is not None and cmd.budget_currency != currency:
         raise ConfigError(
@@ -284,18 +346,48 @@ async def _prepare(store: JobStore, cmd: RunCommand, target: Target) -> ImportSu
 
 
 @contextlib.asynccontextmanager
-async def _api_endpoint(cmd: RunCommand) -> AsyncIterator[tuple[str, str]]:
-    """(base_url, api_key): the in-process emulator with --emulate, the real service else."""
+async def _api_endpoint(
+    cmd: RunCommand, lanes: _Lanes
+) -> AsyncIterator[list[tuple[Lane, str, str]]]:
+    """(lane, base_url, api_key) of every lane: the in-process emulator with --emulate (each
+    lane of a lanes file its own emulated account, at the lane's quota), the real service
+    else."""
     if cmd.emulate:
         from .emulator import EmulatorConfig, running_emulator
 
         config = EmulatorConfig(latency=cmd.emulate_latency, faults=cmd.emulate_faults)
         if cmd.emulate_rps is not None:  # --rps R with --emulate rehearses an R/s quota
             config = dataclasses.replace(config, rps=cmd.emulate_rps)
+        if lanes.from_file:
+            accounts, rates = _rehearsal_accounts(lanes)
+            config = dataclasses.replace(config, accounts=accounts, account_rps=rates)
         async with running_emulator(config) as emu:
-            yield emu.base_url, EMULATOR_KEY
+            keys = lanes.keys if lanes.from_file else {lanes.lanes[0].name: EMULATOR_KEY}
+            yield [(lane, emu.base_url, keys[lane.name]) for lane in lanes.lanes]
         return
-    yield base_url_for(cmd.options.region, cmd.base_url), _api_key()
+    yield [(lane, lanes.base_url(lane), lanes.keys[lane.name]) for lane in lanes.lanes]
+
+
+def _rehearsal_accounts(
+    lanes: _Lanes,
+) -> tuple[dict[str, tuple[str, ...]], dict[str, dict[str, float]]]:
+    """The emulator's accounts for a rehearsal of a lanes file: one per key (lanes naming the
+    same variable share it, as on the service), each at its first lane's quota per model."""
+    from .models import MODELS
+
+    accounts: dict[str, tuple[str, ...]] = {}
+    rates: dict[str, dict[str, float]] = {}
+    for lane in lanes.lanes:
+        account = f"lane-{lane.key_env.lower()}"
+        if account in accounts:
+            continue
+        accounts[account] = (lanes.keys[lane.name],)
+        rates[account] = {
+            model: lane.rate_for(model, entry.quota.rps)
+            for model, entry in MODELS.items()
+            if lane.serves(model)
+        }
+    return accounts, rates
 
 
 async def _drive(
@@ -303,7 +395,7 @@ async def _drive(
     store: JobStore,
     layout: RunLayout,
     start: Stats,
-    endpoint: str,
+    lanes: _Lanes,
     spent: Decimal,
     on_done: Callable[[list[str]], Awaitable[None]],
 ) -> RunResult:
@@ -312,28 +404,37 @@ async def _drive(
     currency = currency_of(cmd.options.region)
     view = make_view(cmd.progress)
     try:
-        async with _api_endpoint(cmd) as (base_url, key):
+        async with _api_endpoint(cmd, lanes) as endpoints:
             connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
             # No cookie jar: neither the API nor image storage uses cookies, and a jar
             # costs a lookup per request and a parse per response.
             async with aiohttp.ClientSession(
                 connector=connector, cookie_jar=aiohttp.DummyCookieJar()
             ) as session:
-                client = DashScopeClient(
-                    session,
-                    base_url=base_url,
-                    api_key=key,
-                    request_timeout=cmd.options.request_timeout,
-                )
+                run_lanes = [
+                    RunLane(
+                        lane=lane,
+                        client=DashScopeClient(
+                            session,
+                            base_url=base_url,
+                            api_key=key,
+                            request_timeout=cmd.options.request_timeout,
+                        ),
+                        endpoint=endpoint_label(emulate=cmd.emulate, base_url=base_url),
+                    )
+                    for lane, base_url, key in endpoints
+                ]
                 runner = Runner(
                     store=store,
-                    client=client,
+                    client=run_lanes[0].client,
                     session=session,
                     layout=layout,
                     options=cmd.options,
-                    endpoint=endpoint,
+                    endpoint=run_lanes[0].endpoint,
                     spent=spent,
                     on_done=on_done,
+                    lanes=run_lanes,
+                    on_notice=_warn,
                 )
                 meter = _RateMeter()
                 pace = Throughput()
@@ -452,13 +553,25 @@ def _snapshot(
         per_minute=meter.per_minute(c.generated),
         quota_per_minute=rate * 60,
         eta_seconds=pace.eta(remaining=remaining),
-        spent=str(Money(c.cost, currency)),
+        spent=_run_money(c, currency),
         emulated=emulated,
         elapsed=runner.elapsed,
         stopping=reason.value if reason is not None else None,
         run_done=c.done,
         run_failed=c.failed,
     )
+
+
+def _run_money(counters: RunCounters, currency: str) -> str:
+    """This run's cost for the progress line: per currency when its lanes are in both regions
+    (never one sum)."""
+    amounts: dict[str, Decimal] = {}
+    for tally in counters.lanes.values():
+        if tally.currency is not None and tally.images:
+            amounts[tally.currency] = amounts.get(tally.currency, Decimal(0)) + tally.cost
+    if len(amounts) > 1:
+        return " + ".join(str(Money(amounts[c], c)) for c in sorted(amounts))
+    return str(Money(counters.cost, currency))
 
 
 async def _progress_loop(view: ProgressView, make: Callable[[], Snapshot]) -> None:

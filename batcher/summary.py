@@ -8,10 +8,11 @@ apart from what was spent: ``US$0.03 emulated`` is never money spent.
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable, Mapping, Sequence
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from jobs import State, Stats
+from jobs import LaneCalls, State, Stats
 from jobs.states import ACTIVE
 
 from .layout import RunLayout
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
 __all__ = [
     "achieved_rate",
     "amount_text",
+    "lane_lines",
+    "lanes_json",
     "money_text",
     "run_json",
     "status_json",
@@ -100,12 +103,20 @@ def summary_lines(
     rps: float,
     currency: str = "USD",
     emulated: bool = False,
+    lanes: Sequence[LaneCalls] = (),
 ) -> list[str]:
     """The end-of-run summary, a few lines for a person. ``currency`` is the run's (its
-    region's); ``emulated``: the run was a rehearsal, whose cost was not spent."""
+    region's); ``emulated``: the run was a rehearsal, whose cost was not spent. ``lanes``:
+    this run's figures per lane and model, shown per lane when the run had several lanes."""
     s = stats
     withdrawn = s.count(State.WITHDRAWN)
-    cost = str(Money(counters.cost, currency))
+    by_currency: dict[str, Decimal] = {}
+    for row in lanes:
+        if row.currency and row.images:
+            by_currency[row.currency] = by_currency.get(row.currency, Decimal(0)) + row.cost
+    # lanes in both regions: amounts per currency, never summed
+    several = len(by_currency) > 1
+    cost = money_text(by_currency) if several else str(Money(counters.cost, currency))
     cost = f"{cost} emulated (nothing spent)" if emulated else f"cost {cost}"
     lines = [
         f"run {_ENDED.get(reason, reason)} after {format_duration(elapsed)}: "
@@ -121,8 +132,11 @@ def summary_lines(
         + f"{counters.regenerated} regenerated after URL expiry, "
         f"{plural(counters.download_retries, 'download retry', 'download retries')}, {cost}",
     ]
+    several = _several_lanes(lanes) or bool(counters.disabled)
     if calls_per_second is not None:
-        lines.append(_achieved(calls_per_second, rps, counters.throttled))
+        lines.append(_achieved(calls_per_second, rps, counters.throttled, several))
+    if several:
+        lines += [f"  {line}" for line in lane_lines(lanes, counters.disabled)]
     lines.append(
         f"all runs: {_folder_money(s)}; "
         f"{s.throttled} throttled, {s.ambiguous} ambiguous, {s.regenerated} regenerated"
@@ -140,16 +154,121 @@ def summary_lines(
     return lines
 
 
-def _achieved(rate: float, rps: float, throttled: int) -> str:
+def _achieved(rate: float, rps: float, throttled: int, lanes: bool = False) -> str:
     """The achieved-rate line: calls the service accepted per second. Against ``--rps`` as a
     percentage only when the service took every call: a throttled run met the service's quota,
-    not the rate it was told, and a percentage of the latter would mislead."""
+    not the rate it was told, and a percentage of the latter would mislead. With lanes, against
+    the lanes' quotas together (each lane's line says its own)."""
+    if lanes:
+        return f"achieved {rate:.2f} calls/s over all lanes (their quotas add up to {rps:g}/s)"
     if not throttled:
         return f"achieved {rate:.2f} calls/s against --rps {rps:g} ({100 * rate / rps:.0f}%)"
     return (
         f"achieved {rate:.2f} calls/s accepted by the service "
         f"({plural(throttled, 'throttled call')} not counted; --rps {rps:g})"
     )
+
+
+def _lane_rate(rows: Iterable[LaneCalls]) -> float | None:
+    """Calls accepted per second while the lane sent them, over the rows (runs) that sent
+    enough to say (three calls over a second at least)."""
+    calls = span = 0.0
+    for r in rows:
+        if r.first_accepted_at is None or r.last_accepted_at is None or r.accepted < 3:
+            continue
+        if r.last_accepted_at - r.first_accepted_at >= 1.0:
+            calls += r.accepted - 1
+            span += r.last_accepted_at - r.first_accepted_at
+    return calls / span if span else None
+
+
+def _by_lane(rows: Iterable[LaneCalls]) -> dict[str, dict[str, list[LaneCalls]]]:
+    out: dict[str, dict[str, list[LaneCalls]]] = {}
+    for r in rows:
+        out.setdefault(r.lane, {}).setdefault(r.model, []).append(r)
+    return dict(sorted(out.items()))
+
+
+def _lane_money(rows: Sequence[LaneCalls]) -> tuple[dict[str, Decimal], dict[str, Decimal]]:
+    """(spent, emulated) per currency."""
+    spent: dict[str, Decimal] = {}
+    emulated: dict[str, Decimal] = {}
+    for r in rows:
+        if r.currency and r.images:
+            into = emulated if r.emulated else spent
+            into[r.currency] = into.get(r.currency, Decimal(0)) + r.cost
+    return spent, emulated
+
+
+def lane_lines(rows: Sequence[LaneCalls], disabled: Mapping[str, str] | None = None) -> list[str]:
+    """One line per lane: its calls, the rate they were accepted at against the lane's quota
+    (per model), its throttled answers and what its images cost per currency; ``disabled``
+    names the lanes a run disabled, and why."""
+    lines = []
+    for lane, models in _by_lane(rows).items():
+        every = [r for model_rows in models.values() for r in model_rows]
+        calls = sum(r.calls for r in every)
+        throttled = sum(r.throttled for r in every)
+        rates = []
+        for model, model_rows in sorted(models.items()):
+            quota = model_rows[-1].quota
+            rate = _lane_rate(model_rows)
+            label = f"{model} " if len(models) > 1 else ""
+            if rate is None:
+                rates.append(f"{label}quota {quota:g}/s" if quota else f"{label}rate n/a")
+            elif quota:
+                rates.append(f"{label}{rate:.2f}/s of its {quota:g}/s ({100 * rate / quota:.0f}%)")
+            else:
+                rates.append(f"{label}{rate:.2f}/s")
+        spent, emulated = _lane_money(every)
+        money = []
+        if spent:
+            money.append(f"spent {money_text(spent)}")
+        if emulated:
+            money.append(f"{money_text(emulated)} emulated")
+        line = (
+            f"lane {lane}: {plural(calls, 'call')}, {', '.join(rates)}, {throttled} throttled"
+            + (f", {', '.join(money)}" if money else ", nothing spent")
+        )
+        if disabled and lane in disabled:
+            line += f"; disabled: {disabled[lane]}"
+        lines.append(line)
+    for lane, why in (disabled or {}).items():
+        if lane not in {r.lane for r in rows}:
+            lines.append(f"lane {lane}: no call answered; disabled: {why}")
+    return lines
+
+
+def lanes_json(rows: Sequence[LaneCalls]) -> dict[str, Any]:
+    """Per lane: calls, accepted, throttled, per model the rate and quota, money per currency."""
+    out: dict[str, Any] = {}
+    for lane, models in _by_lane(rows).items():
+        every = [r for model_rows in models.values() for r in model_rows]
+        spent, emulated = _lane_money(every)
+        out[lane] = {
+            "calls": sum(r.calls for r in every),
+            "accepted": sum(r.accepted for r in every),
+            "throttled": sum(r.throttled for r in every),
+            "images": sum(r.images for r in every),
+            "models": {
+                model: {
+                    "quota": model_rows[-1].quota,
+                    "calls_per_second": _lane_rate(model_rows),
+                    "calls": sum(r.calls for r in model_rows),
+                    "throttled": sum(r.throttled for r in model_rows),
+                }
+                for model, model_rows in sorted(models.items())
+            },
+            "spent": _amounts_json(spent),
+            "emulated": _amounts_json(emulated),
+        }
+    return out
+
+
+def _several_lanes(rows: Sequence[LaneCalls]) -> bool:
+    """Whether lanes are worth a section: several, or one named in a lanes file."""
+    names = {r.lane for r in rows}
+    return len(names) > 1 or (bool(names) and names != {"default"})
 
 
 def status_text(stats: Stats, layout: RunLayout, *, live_run: bool = True) -> str:
@@ -179,6 +298,10 @@ def status_text(stats: Stats, layout: RunLayout, *, live_run: bool = True) -> st
     if len(stats.by_model) > 1 or any(m != "z-image-turbo" for m in stats.by_model):
         buf.write("  by model:\n")
         for line in model_lines(stats):
+            buf.write(f"    {line}\n")
+    if _several_lanes(stats.lanes):
+        buf.write("  by lane (all runs):\n")
+        for line in lane_lines(stats.lanes):
             buf.write(f"    {line}\n")
     if stats.reviews:
         marks = ", ".join(f"{n} {mark}" for mark, n in sorted(stats.reviews.items()))
@@ -245,6 +368,7 @@ def status_json(stats: Stats) -> dict[str, Any]:
         regenerated=stats.regenerated,
         models=models_json(stats),
         reviews=stats.reviews,
+        lanes=lanes_json(stats.lanes),
     )
     return out
 
@@ -290,6 +414,8 @@ def run_json(
                 if result.first_call_at and result.last_call_at
                 else None
             ),
+            "lanes": lanes_json(result.lanes),
+            "lanes_disabled": dict(c.disabled),
         },
         stop_message=result.abort_message,
     )

@@ -99,6 +99,12 @@ STEPS: dict[int, Step] = {
             ),
         ),
     ),
+    5: (
+        # the lane (named API key) each job's image or task came from; older jobs used the one
+        # key of their run (NULL: the default lane). The new table lane_calls (per-lane call
+        # figures) holds nothing for older runs and is made with the other tables.
+        "ALTER TABLE jobs ADD COLUMN lane TEXT",
+    ),
 }
 
 

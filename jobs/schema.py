@@ -1,7 +1,8 @@
 """The SQLite schema of a run folder's ``batcher.db``: tables, indexes and pragmas.
 
 One row per job in ``jobs``; the previous record of a job replaced by ``--replace`` (or
-redone) in ``job_history``; ``meta`` holds the schema version. A run folder made by an older
+redone) in ``job_history``; what each lane's (API key's) calls did per run and model in
+``lane_calls``; ``meta`` holds the schema version. A run folder made by an older
 release is upgraded in place on first open by the numbered steps of :mod:`jobs.migrations`;
 ``SCHEMA_VERSION`` is the version those steps end at, and the tables below are that version.
 """
@@ -30,11 +31,12 @@ __all__ = [
     "SCHEMA_VERSION",
     "history",
     "jobs",
+    "lane_calls",
     "meta",
     "metadata",
 ]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 EMULATOR_ENDPOINT = "emulator"
 """``jobs.endpoint`` of an image made by an emulator (``--emulate``): a rehearsal, whose cost
@@ -126,6 +128,9 @@ jobs = Table(
     # flight), and when it was created  [v4]
     Column("task_id", Text),
     Column("task_submitted_at", Float),
+    # the lane (API key) whose call generated the image, or created the task that must be
+    # polled with that same key; its name, never the key  [v5]
+    Column("lane", Text),
     sqlite_autoincrement=False,
 )
 
@@ -148,6 +153,30 @@ history = Table(
     # why the record was set aside ("replace", "redo", ...) and where its image went  [v2]
     Column("reason", Text),
     Column("file", Text),
+)
+
+lane_calls = Table(
+    "lane_calls",
+    metadata,
+    # What each lane's calls of one model did in one run (a row per run, lane and model,
+    # written as the run goes): the per-lane figures of status, the summary and the report.
+    # A run on a shared table writes its own rows; the folder's figures are their sums.  [v5]
+    Column("run", Text, primary_key=True),
+    Column("lane", Text, primary_key=True),
+    Column("model", Text, primary_key=True),
+    Column("worker", Text),
+    Column("started_at", Float, nullable=False),
+    Column("quota", Float),  # the lane's requests/s for the model
+    Column("calls", Integer, nullable=False, server_default=text("0")),
+    Column("accepted", Integer, nullable=False, server_default=text("0")),
+    Column("throttled", Integer, nullable=False, server_default=text("0")),
+    # send times (Unix s) of the first and last accepted call: the span of the achieved rate
+    Column("first_accepted_at", Float),
+    Column("last_accepted_at", Float),
+    Column("images", Integer, nullable=False, server_default=text("0")),
+    Column("cost_micros", Integer, nullable=False, server_default=text("0")),
+    Column("currency", Text),
+    Column("emulated", Integer, nullable=False, server_default=text("0")),
 )
 
 STAGING_DDL = """

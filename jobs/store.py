@@ -66,7 +66,7 @@ from .errors import (
 )
 from .group import GroupCommit
 from .merge import MOVE, MOVED, RESULT_RESET, ImportReport, merge_staging
-from .schema import EMULATOR_ENDPOINT, history, jobs, meta
+from .schema import EMULATOR_ENDPOINT, history, jobs, lane_calls, meta
 from .spec import JobRow, JobSpec
 from .states import LEASED, State, check_transition, sources_of
 
@@ -77,6 +77,7 @@ __all__ = [
     "Generated",
     "ImportReport",
     "JobStore",
+    "LaneCalls",
     "Moved",
     "Redo",
     "Spend",
@@ -143,6 +144,7 @@ class Claim:
     params: str | None = None  # optional model parameters as JSON (jobs.params)
     task_id: str | None = None  # the service's task, once created (asynchronous models)
     task_submitted_at: float | None = None
+    lane: str | None = None  # the lane that created its task (polled with that lane's key)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -164,6 +166,30 @@ class Generated:
     cost: Decimal
     currency: str
     endpoint: str | None = None  # EMULATOR_ENDPOINT, or the API base URL; never the key
+    lane: str | None = None  # the lane (named key) that made it; never the key
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LaneCalls:
+    """What one lane's calls of one model did in one run (a row of ``lane_calls``).
+
+    ``first_accepted_at`` / ``last_accepted_at``: Unix send times of the first and last call
+    the service accepted; the lane's achieved rate is measured between them.
+    """
+
+    run: str
+    lane: str
+    model: str
+    quota: float | None
+    calls: int = 0
+    accepted: int = 0
+    throttled: int = 0
+    first_accepted_at: float | None = None
+    last_accepted_at: float | None = None
+    images: int = 0
+    cost: Decimal = Decimal(0)
+    currency: str | None = None
+    emulated: bool = False
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -222,6 +248,7 @@ class Stats:
     # jobs per model and state (only with totals: it reads the whole table)
     by_model: dict[str, dict[str, int]] = field(default_factory=dict)
     reviews: dict[str, int] = field(default_factory=dict)  # "approved" / "rejected" -> count
+    lanes: tuple[LaneCalls, ...] = ()  # every run's calls per lane and model (with totals)
 
     @property
     def total(self) -> int:
@@ -356,6 +383,7 @@ def _claim_from_row(row: tuple[Any, ...], token: str) -> Claim:
         params,
         task_id,
         task_submitted_at,
+        lane,
     ) = row
     return Claim(
         id=job_id,
@@ -381,6 +409,7 @@ def _claim_from_row(row: tuple[Any, ...], token: str) -> Claim:
         params=params,
         task_id=task_id,
         task_submitted_at=task_submitted_at,
+        lane=lane,
     )
 
 
@@ -765,6 +794,7 @@ class JobStore:
                 "cost_micros": _Add(int(gen.cost * MICROS)),
                 "currency": gen.currency,
                 "endpoint": gen.endpoint,
+                "lane": gen.lane,
                 "generated_at": now,
                 "lease_expires_at": now + lease_seconds,
                 "download_attempts": 0,
@@ -796,10 +826,18 @@ class JobStore:
         await self._batched(op)
 
     async def record_submitted(
-        self, job_id: str, token: str, *, task_id: str, request_id: str | None, lease_seconds: float
+        self,
+        job_id: str,
+        token: str,
+        *,
+        task_id: str,
+        request_id: str | None,
+        lease_seconds: float,
+        lane: str | None = None,
     ) -> None:
         """``running -> submitted``: the service created the task; its id is kept until the
-        task ends, whatever happens to this process."""
+        task ends, whatever happens to this process, with the ``lane`` that created it (a task
+        is the account's: it is polled with that lane's key)."""
         now = self.clock()
         await self._transition(
             job_id,
@@ -808,6 +846,7 @@ class JobStore:
             {
                 "task_id": task_id,
                 "task_submitted_at": now,
+                "lane": lane,
                 "request_id": request_id,
                 "lease_expires_at": now + lease_seconds,
                 "error_code": None,
@@ -1286,6 +1325,7 @@ class JobStore:
             }
             sums: Any = (0, 0, 0, 0)
             spend: list[Spend] = []
+            lanes: tuple[LaneCalls, ...] = ()
             by_model: dict[str, dict[str, int]] = {}
             if totals:
                 sums = (
@@ -1299,6 +1339,7 @@ class JobStore:
                     )
                 ).one()
                 spend = await _spend(conn)
+                lanes = await _lane_calls(conn)
                 for model, state, n in (
                     await conn.execute(
                         select(jobs.c.model, jobs.c.state, func.count()).group_by(
@@ -1341,7 +1382,44 @@ class JobStore:
             due_pending=int(due),
             by_model=by_model,
             reviews=reviews,
+            lanes=lanes,
         )
+
+    async def save_lane_calls(
+        self, rows: Sequence[LaneCalls], *, worker: str = "", started_at: float
+    ) -> None:
+        """Write this run's figures per lane and model (each row replaces the run's earlier
+        write of it): a run saves them as it goes, so a killed run loses only the last few
+        seconds of them."""
+        if not rows:
+            return
+        params = [
+            {
+                "run": r.run,
+                "lane": r.lane,
+                "model": r.model,
+                "worker": worker,
+                "started_at": started_at,
+                "quota": r.quota,
+                "calls": r.calls,
+                "accepted": r.accepted,
+                "throttled": r.throttled,
+                "first_accepted_at": r.first_accepted_at,
+                "last_accepted_at": r.last_accepted_at,
+                "images": r.images,
+                "cost_micros": int(r.cost * MICROS),
+                "currency": r.currency,
+                "emulated": int(r.emulated),
+            }
+            for r in rows
+        ]
+        async with self._write() as conn:
+            await conn.execute(_SAVE_LANE_CALLS, params)
+
+    async def lane_calls(self) -> tuple[LaneCalls, ...]:
+        """Every run's figures per lane and model, oldest run first."""
+        async with self._read() as conn:
+            return await _lane_calls(conn)
 
     async def spend(self) -> tuple[Spend, ...]:
         """What the folder's images cost, per currency, real apart from emulated."""
@@ -1592,6 +1670,43 @@ class JobStore:
                     old = {}
                 rec["record"] = _public(old) if "cost_micros" in old else old
                 yield rec
+
+
+_LANE_FIELDS = tuple(c.name for c in lane_calls.columns)
+_SAVE_LANE_CALLS = text(
+    f"INSERT INTO lane_calls ({', '.join(_LANE_FIELDS)}) "
+    f"VALUES ({', '.join(':' + c for c in _LANE_FIELDS)}) "
+    "ON CONFLICT (run, lane, model) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in _LANE_FIELDS if c not in ("run", "lane", "model"))
+)
+
+
+async def _lane_calls(conn: AsyncConnection) -> tuple[LaneCalls, ...]:
+    rows = (
+        await conn.execute(
+            select(lane_calls).order_by(
+                lane_calls.c.started_at, lane_calls.c.lane, lane_calls.c.model
+            )
+        )
+    ).mappings()
+    return tuple(
+        LaneCalls(
+            run=r["run"],
+            lane=r["lane"],
+            model=r["model"],
+            quota=r["quota"],
+            calls=int(r["calls"]),
+            accepted=int(r["accepted"]),
+            throttled=int(r["throttled"]),
+            first_accepted_at=r["first_accepted_at"],
+            last_accepted_at=r["last_accepted_at"],
+            images=int(r["images"]),
+            cost=Decimal(int(r["cost_micros"])) / MICROS,
+            currency=r["currency"],
+            emulated=bool(r["emulated"]),
+        )
+        for r in rows
+    )
 
 
 async def _read_version(conn: AsyncConnection) -> int | None:

@@ -37,7 +37,6 @@ from batcher.emulator.taskroutes import add_task_routes
 from batcher.emulator.urls import image_path
 from batcher.emulator.validate import (
     GenerationRequest,
-    check_api_key,
     check_async_header,
     is_moderated,
     parse_body,
@@ -73,7 +72,7 @@ async def _generate(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     number = state.next_generation()
     request_id = new_request_id()
-    key = check_api_key(request.headers.get("Authorization"), state.config.api_key)
+    key = state.caller(request.headers.get("Authorization"))
     if isinstance(key, ApiError):
         return _error(state, key, request_id)
     refusal = check_async_header(request.headers.get("X-DashScope-Async"))

@@ -5,6 +5,12 @@ can find the port it picked; everything else goes to stderr. Example::
 
     $ batcher emulate --port 0 --latency 0 --faults 500=0.05,reset=0.01 --seed 7
     DashScope emulator listening on http://127.0.0.1:41837 (base URL http://127.0.0.1:41837/api/v1)
+
+Several accounts (``--account NAME=ENVVAR[,ENVVAR]``, repeatable) take their keys from the
+environment: keys of one account share its quota, each account has its own::
+
+    $ KEY_A1=sk-a1 KEY_A2=sk-a2 KEY_B=sk-b batcher emulate --account a=KEY_A1,KEY_A2 \
+        --account b=KEY_B
 """
 
 from __future__ import annotations
@@ -13,13 +19,15 @@ import argparse
 import asyncio
 import contextlib
 import ipaddress
+import os
 import signal
 import sys
+from collections.abc import Mapping
 
 from batcher.emulator.config import EmulatorConfig
 from batcher.wording import plural
 
-__all__ = ["config_from_args", "configure_parser", "run"]
+__all__ = ["accounts_from_env", "config_from_args", "configure_parser", "run"]
 
 _DEFAULTS = EmulatorConfig()
 
@@ -35,6 +43,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="KEY",
         help="accept only this key (default: any key that starts with sk-)",
+    )
+    parser.add_argument(
+        "--account",
+        action="append",
+        default=[],
+        metavar="NAME=ENVVAR[,ENVVAR]",
+        help="an account whose keys are in these environment variables (repeatable): keys of "
+        "one account share its quota, accounts have their own; any other key gets 401 "
+        "InvalidApiKey",
     )
     parser.add_argument(
         "--rps",
@@ -118,7 +135,36 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         max_images=args.max_images,
         task_seconds=args.task_seconds,
         task_ttl=args.task_ttl,
+        accounts=accounts_from_env(args.account),
     )
+
+
+def accounts_from_env(
+    specs: list[str], environ: Mapping[str, str] | None = None
+) -> dict[str, tuple[str, ...]]:
+    """``--account NAME=ENVVAR[,ENVVAR]`` items as accounts and their keys, read from the
+    environment (keys never go on a command line, where ``ps`` shows them). ``ValueError``
+    for a bad item or a variable that is not set (named, never its value)."""
+    env = os.environ if environ is None else environ
+    accounts: dict[str, tuple[str, ...]] = {}
+    for spec in specs:
+        name, sep, names = spec.partition("=")
+        name = name.strip()
+        variables = [v.strip() for v in names.split(",") if v.strip()]
+        if not sep or not name or not variables:
+            raise ValueError(f"invalid --account {spec!r}: expected NAME=ENVVAR[,ENVVAR]")
+        if name in accounts:
+            raise ValueError(f"invalid --account: account {name!r} is given twice")
+        keys = []
+        for variable in variables:
+            key = env.get(variable, "").strip()
+            if not key:
+                raise ValueError(
+                    f"--account {name}: the environment variable {variable} is not set"
+                )
+            keys.append(key)
+        accounts[name] = tuple(keys)
+    return accounts
 
 
 def run(args: argparse.Namespace) -> int:

@@ -36,6 +36,7 @@ Task time spec (``task_seconds``): ``S`` fixed, or ``lognormal:MEDIAN_S:SIGMA``.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from typing import Any
@@ -283,9 +284,17 @@ class EmulatorConfig:
         seed: makes fault decisions and latency draws reproducible per request number.
         retry_after: a literal Retry-After header value sent with every 429; None sends none.
         max_images: how many issued images stay downloadable (oldest forgotten first).
+        accounts: account name -> its keys. Keys of one account share its quota (per model);
+            keys of different accounts have quotas of their own, and a task belongs to its
+            account. With accounts, a key in none of them (nor ``api_key``) gets 401
+            ``InvalidApiKey``. Empty: every key is an account of its own.
+        account_rps: account name -> model -> requests/s, the account's quota of the models
+            listed in place of the emulator's own (``rps`` for z-image-turbo, else published).
 
     >>> EmulatorConfig(latency="0", faults="500=0.1").rps
     2.0
+    >>> EmulatorConfig(accounts={"a": ("sk-1", "sk-2"), "b": ("sk-3",)}).account_of("sk-2")
+    'a'
     """
 
     host: str = "127.0.0.1"
@@ -301,8 +310,11 @@ class EmulatorConfig:
     max_images: int = 100_000
     task_seconds: str = "lognormal:20:0.5"
     task_ttl: float = 86400.0
+    accounts: Mapping[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
+    account_rps: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._check_accounts()
         if not 0 <= self.port <= 65535:
             raise ValueError(f"invalid port {self.port}: must be between 0 and 65535")
         if self.api_key is not None and (not self.api_key or self.api_key != self.api_key.strip()):
@@ -330,6 +342,43 @@ class EmulatorConfig:
         parse_task_seconds(self.task_seconds)
         if not (math.isfinite(self.task_ttl) and self.task_ttl > 0):
             raise ValueError(f"invalid task_ttl {self.task_ttl}: must be a positive number")
+
+    def _check_accounts(self) -> None:
+        from batcher.models import MODELS
+
+        accounts = {name: tuple(keys) for name, keys in self.accounts.items()}
+        object.__setattr__(self, "accounts", accounts)
+        owner: dict[str, str] = {}
+        for name, keys in accounts.items():
+            if not isinstance(name, str) or not name.strip():
+                raise ValueError("invalid accounts: an account name must be non-empty text")
+            if not keys:
+                raise ValueError(f"invalid accounts: account {name!r} has no key")
+            for key in keys:
+                if not isinstance(key, str) or not key or key != key.strip():
+                    raise ValueError(
+                        f"invalid accounts: a key of account {name!r} is empty or has blanks"
+                    )
+                if key in owner and owner[key] != name:  # never echo the key itself
+                    raise ValueError(
+                        f"invalid accounts: one key is in accounts {owner[key]!r} and {name!r}"
+                    )
+                owner[key] = name
+        for name, rates in self.account_rps.items():
+            if name not in accounts:
+                raise ValueError(f"invalid account_rps: no account {name!r}")
+            for model, rate in rates.items():
+                if model not in MODELS:
+                    raise ValueError(f"invalid account_rps: unknown model {model!r}")
+                if not (isinstance(rate, int | float) and rate > 0 and not math.isnan(rate)):
+                    raise ValueError(f"invalid account_rps {name}.{model}: must be > 0")
+
+    def account_of(self, key: str) -> str | None:
+        """The account ``key`` belongs to (None: in no account)."""
+        for name, keys in self.accounts.items():
+            if key in keys:
+                return name
+        return None
 
     @property
     def latency_model(self) -> Latency:
@@ -370,6 +419,9 @@ class EmulatorConfig:
         data = asdict(self)
         del data["api_key"]
         data["api_key_set"] = self.api_key is not None
+        # the accounts by name and how many keys each has: never the keys
+        data["accounts"] = {name: len(keys) for name, keys in self.accounts.items()}
+        data["account_rps"] = {name: dict(r) for name, r in self.account_rps.items()}
         data["moderate"] = list(self.moderate)
         data["rps"] = None if math.isinf(self.rps) else self.rps
         return data

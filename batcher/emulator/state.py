@@ -13,6 +13,7 @@ number of billed images is the set of 64-bit billing keys behind ``duplicate_bil
 from __future__ import annotations
 
 import asyncio
+import hmac
 import math
 import secrets
 import time
@@ -21,11 +22,12 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from batcher.emulator.codes import ApiError, api_error
 from batcher.emulator.config import EmulatorConfig, FaultPlan, Latency
 from batcher.emulator.faults import SlidingWindowQuota
 from batcher.emulator.tasks import TaskBook
 from batcher.emulator.urls import UrlSigner, image_path
-from batcher.emulator.validate import GenerationRequest
+from batcher.emulator.validate import GenerationRequest, check_api_key
 from batcher.models import MODELS
 
 TASK_POLL_RPS = 20.0  # the task query endpoint's documented default limit, per key
@@ -56,6 +58,14 @@ class EmulatorState:
         self.model_quotas = {name: SlidingWindowQuota(m.quota.rps) for name, m in MODELS.items()}
         self.poll_quota = SlidingWindowQuota(TASK_POLL_RPS)
         self.tasks = TaskBook(ttl=config.task_ttl)
+        self._key_accounts = {
+            key: name for name, keys in config.accounts.items() for key in keys
+        }  # accounts are fixed for the emulator's life (not reconfigurable)
+        self._account_quotas = {
+            (f"account:{name}", model): SlidingWindowQuota(rate)
+            for name, rates in config.account_rps.items()
+            for model, rate in rates.items()
+        }
         self._task_count = 0
         self._poll_count = 0
         self.tasks_cancelled = 0
@@ -114,9 +124,25 @@ class EmulatorState:
         self._poll_count += 1
         return number
 
+    def caller(self, authorization: str | None) -> str | ApiError:
+        """Who calls: the account of the ``Authorization`` header's key (its keys share a
+        quota and their tasks), or the key itself without accounts; or 401 ``InvalidApiKey``."""
+        config = self.config
+        if not config.accounts:
+            return check_api_key(authorization, config.api_key)
+        key = check_api_key(authorization, None)
+        if isinstance(key, ApiError):
+            return key
+        if config.api_key is not None and hmac.compare_digest(key, config.api_key):
+            return key
+        account = self._key_accounts.get(key)
+        return f"account:{account}" if account is not None else api_error("InvalidApiKey")
+
     def try_quota(self, key: str, model: str, now: float) -> bool:
-        """Accept one request of ``key`` for ``model`` under that model's quota, or refuse."""
-        if not self.model_quotas[model].try_acquire(key, now):
+        """Accept one request of ``key`` (a caller: see :meth:`caller`) for ``model`` under
+        that model's quota (the account's own, if it has one), or refuse."""
+        quota = self._account_quotas.get((key, model), self.model_quotas[model])
+        if not quota.try_acquire(key, now):
             return False
         window = self.accepted_by_model.setdefault(model, [now, now, 0])
         window[1] = now

@@ -33,7 +33,7 @@ from batcher.emulator.faults import draw
 from batcher.emulator.responses import STATE, drop_connection, json_response
 from batcher.emulator.state import EmulatorState
 from batcher.emulator.tasks import Outcome, Task, TaskStatus, validate_task_payload
-from batcher.emulator.validate import check_api_key, is_moderated
+from batcher.emulator.validate import is_moderated
 from batcher.models import MODELS
 
 __all__ = ["TASK_CREATE_PATH", "add_task_routes"]
@@ -61,7 +61,7 @@ async def _create(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     number = state.next_generation()
     request_id = new_request_id()
-    key = check_api_key(request.headers.get("Authorization"), state.config.api_key)
+    key = state.caller(request.headers.get("Authorization"))
     if isinstance(key, ApiError):
         return _error(state, key, request_id)
     if (request.headers.get("X-DashScope-Async") or "").strip().lower() != "enable":
@@ -140,7 +140,7 @@ async def _poll(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     number = state.next_poll()
     request_id = new_request_id()
-    key = check_api_key(request.headers.get("Authorization"), state.config.api_key)
+    key = state.caller(request.headers.get("Authorization"))
     if isinstance(key, ApiError):
         return _error(state, key, request_id)
     now = time.monotonic()
@@ -195,7 +195,7 @@ def _stamp(wall: float) -> str:
 async def _cancel(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     request_id = new_request_id()
-    key = check_api_key(request.headers.get("Authorization"), state.config.api_key)
+    key = state.caller(request.headers.get("Authorization"))
     if isinstance(key, ApiError):
         return _error(state, key, request_id)
     now = time.monotonic()

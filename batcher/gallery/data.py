@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote
 
-from jobs import EMULATOR_ENDPOINT, JobStore
+from jobs import EMULATOR_ENDPOINT, JobStore, LaneCalls
 
 from ..layout import RunLayout
 from ..pricing import Money
@@ -57,6 +57,7 @@ _FIELDS = (
     "generated_at",
     "finished_at",
     "endpoint",
+    "lane",
     "review",
     "review_note",
     "reviewed_at",
@@ -94,6 +95,7 @@ class ReportData:
     # thumb name -> (from the run folder's images/, or else its root; the image's path there)
     thumbs_wanted: dict[str, tuple[bool, str]] = field(default_factory=dict)
     quota: float | None = None
+    lanes: tuple[LaneCalls, ...] = ()  # every run's calls per lane and model
 
 
 def job_record(
@@ -138,6 +140,7 @@ def job_record(
                 "review_note": old.get("review_note"),
                 "cost": old.get("cost"),
                 "currency": old.get("currency"),
+                "lane": old.get("lane"),
                 "file": file,
                 "image": f"{links.root}/{quote(file)}" if file else None,
                 "thumb": f"thumbs/{thumb_name(sha)}" if sha else None,
@@ -163,6 +166,7 @@ async def collect(store: JobStore, layout: RunLayout, out: Path) -> ReportData:
         for v, h in zip(record.get("history", ()), history.get(rec["id"], ()), strict=True):
             if v["thumb"] and h.get("file"):
                 data.thumbs_wanted[v["thumb"][len("thumbs/") :]] = (False, h["file"])
+    data.lanes = await store.lane_calls()
     quota = await store.get_meta("rps")
     try:
         data.quota = float(quota) if quota else None

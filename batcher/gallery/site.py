@@ -35,6 +35,7 @@ from jobs import JobStore, State
 
 from ..errors import ConfigError
 from ..layout import RunLayout
+from ..summary import lanes_json
 from .charts import latency_histogram, rate_chart
 from .data import ReportData, collect, summarize
 from .thumbs import ThumbJob, existing_thumbs, make_thumbs, thumb_name
@@ -106,6 +107,35 @@ def _figures_html(summary: dict[str, Any]) -> str:
         '<p class="muted">per currency, never summed across currencies</p></div>'
         f'<div class="card"><h2>Calls</h2><table id="calls">{retries}</table></div>'
         '<div class="card"><h2>Review</h2><table id="review-counts"></table></div>'
+        + _lanes_html(summary.get("lanes", {}))
+    )
+
+
+def _lanes_html(lanes: dict[str, Any]) -> str:
+    """The lanes card (several keys): per lane its calls, the rate achieved against its quota
+    per model, throttled answers and cost per currency. Nothing for a run of one key."""
+    if len(lanes) < 2 and set(lanes) <= {"default"}:
+        return ""
+    rows = []
+    for name, lane in lanes.items():
+        rates = []
+        for model, m in lane["models"].items():
+            rate = m["calls_per_second"]
+            quota = m["quota"]
+            shown = "n/a" if rate is None else f"{rate:.2f}/s"
+            rates.append(f"{model} {shown}" + (f" of {quota:g}/s" if quota else ""))
+        money = [f"{a} {c}" for c, a in lane["spent"].items()]
+        money += [f"{a} {c} emulated" for c, a in lane["emulated"].items()]
+        rows.append(
+            f"<tr><th>{escape(name)}</th><td>{lane['calls']:,}</td>"
+            f"<td>{escape(', '.join(rates))}</td><td>{lane['throttled']:,}</td>"
+            f"<td>{escape(', '.join(money) or 'nothing')}</td></tr>"
+        )
+    return (
+        '<div class="card"><h2>Lanes</h2><table id="lanes"><thead><tr><th>lane</th>'
+        "<th>calls</th><th>rate (quota)</th><th>throttled</th><th>cost</th></tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table>"
+        '<p class="muted">each key paced on its own, over all runs</p></div>'
     )
 
 
@@ -241,6 +271,7 @@ async def build_report(
     data = await collect(store, layout, out)
     summary = summarize(data.records)
     summary["quota"] = data.quota
+    summary["lanes"] = lanes_json(data.lanes)
     thumbs = out / "thumbs"
 
     def write_all() -> tuple[int, int]:

@@ -54,6 +54,7 @@ CLAIM_COLUMNS = (
     "params",
     "task_id",
     "task_submitted_at",
+    "lane",
 )
 """The columns a claim returns, in the order a backend's claim rows carry them."""
 

@@ -522,6 +522,36 @@ async def test_quota_burst(session: aiohttp.ClientSession) -> None:
         assert emu.stats()["throttled"] == 15
 
 
+async def test_keys_of_one_account_share_its_quota_and_accounts_do_not(
+    session: aiohttp.ClientSession,
+) -> None:
+    accounts = {"acct-a": ("sk-a-one", "sk-a-two"), "acct-b": ("sk-b-one",)}
+    config = EmulatorConfig(latency="0", rps=2, accounts=accounts)
+    async with running_emulator(config) as emu:
+        first = [await post(session, emu, key=k) for k in ("sk-a-one", "sk-a-two", "sk-a-two")]
+        assert [status for status, _, _ in first] == [200, 200, 429]  # one quota for both keys
+        status, _, _ = await post(session, emu, key="sk-b-one")
+        assert status == 200  # another account: a quota of its own
+        status, reply, _ = await post(session, emu, key="sk-in-no-account")
+        _assert_error(status, reply, 401, "InvalidApiKey")
+        assert "sk-in-no-account" not in reply["message"]
+        assert "sk-a-one" not in str(emu.config.public_dict())
+
+
+async def test_an_account_may_have_its_own_quota(session: aiohttp.ClientSession) -> None:
+    config = EmulatorConfig(
+        latency="0",
+        rps=2,
+        accounts={"slow": ("sk-slow",), "fast": ("sk-fast",)},
+        account_rps={"fast": {"z-image-turbo": 5}},
+    )
+    async with running_emulator(config) as emu:
+        fast = await asyncio.gather(*(post(session, emu, key="sk-fast") for _ in range(7)))
+        slow = await asyncio.gather(*(post(session, emu, key="sk-slow") for _ in range(4)))
+        assert collections.Counter(s for s, _, _ in fast) == {200: 5, 429: 2}
+        assert collections.Counter(s for s, _, _ in slow) == {200: 2, 429: 2}
+
+
 async def test_quota_slides_and_ignores_refusals(session: aiohttp.ClientSession) -> None:
     config = EmulatorConfig(latency="0", rps=2, retry_after="1")
     async with running_emulator(config) as emu:

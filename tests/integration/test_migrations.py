@@ -82,8 +82,9 @@ async def test_a_migrated_database_has_the_columns_of_a_new_one(v1: Path, tmp_pa
     new = tmp_path / "new" / "batcher.db"
     async with await JobStore.open(new):
         pass
-    for table in ("jobs", "job_history", "meta"):
+    for table in ("jobs", "job_history", "meta", "lane_calls"):
         assert columns(old, table) == columns(new, table), table
+    assert "lane" in columns(old, "jobs")
 
 
 async def test_opening_again_does_not_migrate_or_back_up_again(v1: Path) -> None:
@@ -188,8 +189,9 @@ async def test_a_version_3_postgresql_table_migrates_to_the_latest(tmp_path: Pat
         try:
             await con.execute(
                 "ALTER TABLE jobs DROP COLUMN n, DROP COLUMN params, DROP COLUMN task_id, "
-                "DROP COLUMN task_submitted_at"
+                "DROP COLUMN task_submitted_at, DROP COLUMN lane"
             )
+            await con.execute("DROP TABLE lane_calls")
             await con.execute("DROP INDEX ix_jobs_due")
             await con.execute(
                 f"CREATE INDEX ix_jobs_due ON jobs (state, next_attempt_at, seq) WHERE {old_active}"
@@ -208,3 +210,17 @@ async def test_a_version_3_postgresql_table_migrates_to_the_latest(tmp_path: Pat
     assert meta["value"] == str(schema.SCHEMA_VERSION)
     [index] = query(url, "SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_jobs_due'")
     assert "submitted" in index["indexdef"]
+    lane_columns = query(
+        url,
+        "SELECT column_name FROM information_schema.columns WHERE table_name = 'lane_calls' "
+        "ORDER BY column_name",
+    )
+    assert sorted(r["column_name"] for r in lane_columns) == sorted(
+        c.name for c in schema.lane_calls.columns
+    )
+    [lane] = query(
+        url,
+        "SELECT count(*) AS n FROM information_schema.columns WHERE table_name = 'jobs' "
+        "AND column_name = 'lane'",
+    )
+    assert lane["n"] == 1

@@ -10,12 +10,15 @@ import dataclasses
 import math
 from dataclasses import replace
 
+import aiohttp
 import anyio
 import pytest
 
+from batcher.client import DashScopeClient
 from batcher.emulator import EmulatorConfig, running_emulator
+from batcher.lanes import Lane
 from batcher.layout import RunLayout
-from batcher.pool import StopReason
+from batcher.pool import RunLane, Runner, RunResult, StopReason
 from jobs import JobSpec, JobStore, State
 
 from ..support import FAST, check_invariants, make_specs, run_once
@@ -127,3 +130,56 @@ async def test_failed_and_unknown_tasks(tmp_path) -> None:
         # the service forgot every task before it ended: created again each time, then given up
         assert record is not None and record["state"] == "failed"
         assert record["regenerated"] >= 2 and record["error_code"] == "TaskUnknown"
+
+
+async def run_on_lanes(
+    store: JobStore, layout: RunLayout, base_url: str, keys: dict[str, str]
+) -> tuple[Runner, RunResult]:
+    """A run over several lanes (one client each, one shared session), in ``keys``' order."""
+    async with aiohttp.ClientSession() as session:
+        lanes = [
+            RunLane(
+                lane=Lane(name=name, key_env=f"KEY_{name.upper()}", quota=100.0),
+                client=DashScopeClient(session, base_url=base_url, api_key=key),
+                endpoint=base_url,
+            )
+            for name, key in keys.items()
+        ]
+        runner = Runner(
+            store=store,
+            client=lanes[0].client,
+            session=session,
+            layout=layout,
+            options=TASKS,
+            lanes=lanes,
+        )
+        return runner, await runner.run()
+
+
+async def test_a_task_is_polled_with_the_key_of_the_lane_that_created_it(tmp_path) -> None:
+    """A task belongs to its account: after an interruption, the next run polls each task on
+    the lane recorded with it (the other account's key would find no such task and make it
+    again, paid twice)."""
+    layout = RunLayout(tmp_path / "run")
+    accounts = {"acct-a": ("sk-task-a",), "acct-b": ("sk-task-b",)}
+    cfg = EmulatorConfig(latency="0", rps=math.inf, seed=16, task_seconds="1.5", accounts=accounts)
+    keys = {"a": "sk-task-a", "b": "sk-task-b"}
+    async with await JobStore.open(layout.db) as store, running_emulator(cfg) as emu:
+        await store.import_specs(wan_specs(4), source="m.csv")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run_on_lanes, store, layout, emu.base_url, keys)
+            with anyio.fail_after(10):
+                while emu.stats()["tasks_created"] < 4:  # noqa: ASYNC110 - polls a counter
+                    await anyio.sleep(0.02)
+            await anyio.sleep(0.1)
+            tg.cancel_scope.cancel()
+        records = [await store.get(f"wan-{i:05d}") for i in range(4)]
+        assert {r["lane"] for r in records if r} == {"a", "b"}
+        assert all(r and r["state"] == "submitted" for r in records)
+        reverse = dict(reversed(keys.items()))
+        runner, result = await run_on_lanes(store, layout, emu.base_url, reverse)
+        assert result.reason is StopReason.FINISHED
+        assert runner.counters.tasks_reattached == 4 and runner.counters.regenerated == 0
+        assert emu.stats()["tasks_created"] == 4
+        assert (await store.stats()).count(State.DONE) == 4
+    check_invariants(layout.root)

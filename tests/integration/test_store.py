@@ -36,6 +36,7 @@ from jobs.store import ImportReport, JobStore
 from tests.conftest import store_target
 
 from .store_support import (
+    T0,
     FakeClock,
     generated,
     numbered,
@@ -683,3 +684,31 @@ async def test_stats_figures(store: JobStore, clock: FakeClock) -> None:
     assert stats.due_pending == 2  # f and h; e waits 30 s
     clock.advance(30)
     assert (await store.stats()).due_pending == 3
+
+
+# ------------------------------------------------------------------------------- lanes
+
+
+async def test_a_job_records_its_lane_and_a_run_its_figures_per_lane(store: JobStore) -> None:
+    from dataclasses import replace
+
+    from jobs import LaneCalls
+
+    await store.import_specs(specs(["a", "b"]), source=SOURCE)
+    claims = {c.id: c for c in await store.claim(limit=2, lease_seconds=60)}
+    await store.record_generated(
+        "a", claims["a"].token, replace(generated(), lane="team-a"), lease_seconds=60
+    )
+    await store.record_submitted(
+        "b", claims["b"].token, task_id="t-1", request_id=None, lease_seconds=60, lane="team-b"
+    )
+    assert (await store.get("a") or {})["lane"] == "team-a"
+    assert (await store.get("b") or {})["lane"] == "team-b"
+    row = LaneCalls(run="r1", lane="team-a", model="z-image-turbo", quota=2.0, calls=3)
+    await store.save_lane_calls([row], worker="w", started_at=T0)
+    later = replace(row, calls=5, accepted=4, throttled=1, images=4, cost=Decimal("0.06"),
+                    currency="USD", first_accepted_at=T0, last_accepted_at=T0 + 2)  # fmt: skip
+    other = replace(row, run="r2", lane="team-b", calls=2)
+    await store.save_lane_calls([later, other], worker="w", started_at=T0 + 1)
+    assert await store.lane_calls() == (later, other)  # the run's row replaced, not added
+    assert (await store.stats()).lanes == (later, other)

@@ -316,3 +316,33 @@ def test_task_seconds_and_the_new_fault_groups() -> None:
     with pytest.raises(ValueError, match="the poll fractions add up to more than 1"):
         parse_faults("poll-500=0.6,poll-reset=0.6")
     assert EmulatorConfig().with_changes(task_seconds="1", task_ttl="5").task_ttl == 5.0
+
+
+def test_accounts_are_checked_and_never_shown() -> None:
+    config = EmulatorConfig(
+        accounts={"a": ["sk-1", "sk-2"]}, account_rps={"a": {"z-image-turbo": 3}}
+    )
+    assert config.accounts == {"a": ("sk-1", "sk-2")}
+    assert config.account_of("sk-2") == "a" and config.account_of("sk-9") is None
+    assert config.public_dict()["accounts"] == {"a": 2}
+    assert "sk-1" not in repr(config)
+    with pytest.raises(ValueError, match="in accounts 'a' and 'b'") as found:
+        EmulatorConfig(accounts={"a": ("sk-1",), "b": ("sk-1",)})
+    assert "sk-1" not in str(found.value)
+    with pytest.raises(ValueError, match="has no key"):
+        EmulatorConfig(accounts={"a": ()})
+    with pytest.raises(ValueError, match="no account 'b'"):
+        EmulatorConfig(accounts={"a": ("sk-1",)}, account_rps={"b": {"z-image-turbo": 1}})
+    with pytest.raises(ValueError, match="unknown model"):
+        EmulatorConfig(accounts={"a": ("sk-1",)}, account_rps={"a": {"nope": 1}})
+
+
+def test_accounts_from_the_environment() -> None:
+    from batcher.emulator.cli import accounts_from_env
+
+    env = {"KA": "sk-a", "KB": "sk-b", "KC": "sk-c"}
+    assert accounts_from_env(["a=KA,KB", "c=KC"], env) == {"a": ("sk-a", "sk-b"), "c": ("sk-c",)}
+    with pytest.raises(ValueError, match="KZ is not set"):
+        accounts_from_env(["a=KZ"], env)
+    with pytest.raises(ValueError, match="NAME=ENVVAR"):
+        accounts_from_env(["a"], env)

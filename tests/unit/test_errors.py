@@ -15,6 +15,7 @@ from batcher.errors import (
     BatcherError,
     ConfigError,
     DownloadError,
+    LanesInvalid,
     PermanentJobError,
     RunAborted,
     TransientError,
@@ -38,7 +39,10 @@ def test_the_tree() -> None:
     assert issubclass(BatcherError, Exception)
     for leaf in LEAVES:
         assert leaf.__bases__ == (BatcherError,)
-    assert sorted(batcher.errors.__all__) == sorted(["BatcherError", *(c.__name__ for c in LEAVES)])
+    assert issubclass(LanesInvalid, ConfigError)  # a bad lanes file is a configuration error
+    assert sorted(batcher.errors.__all__) == sorted(
+        ["BatcherError", "LanesInvalid", *(c.__name__ for c in LEAVES)]
+    )
 
 
 def test_the_module_docstring_draws_every_class() -> None:

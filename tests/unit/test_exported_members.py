@@ -48,6 +48,7 @@ def test_jobs_exports():
             "JobSpec",
             "JobStore",
             "JobStoreError",
+            "LaneCalls",
             "LeaseLost",
             "Manifest",
             "ManifestError",
