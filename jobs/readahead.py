@@ -20,20 +20,14 @@ The messages are framed: a kind and a length, then the chunk's rows in ``marshal
 the busier process) or the end, pickled. Both are safe to load here: the only writer is our
 own child, the same interpreter.
 
-For PostgreSQL the helper can write the rows in the text form ``COPY ... FROM STDIN`` reads
-instead (:meth:`HelperRows.copy_text`), so the importing process only passes bytes from the
-pipe to the server and spends no Python on a row (asyncpg's ``copy_records_to_table`` costs an
-async step and an encoder call per row). A row is one f-string, a chunk one ``encode``; then
-counting the chunk's tabs, line ends and backslashes (C scans) proves that no field held a
-tab, a line break or a backslash, the only characters the text form escapes. A chunk that
-holds any is written again field by field, escaped (``csv.writer``, for comparison, costs four
-times the f-string).
+For SQLite the helper can hand the rows over grouped (:meth:`HelperRows.flat`): each
+multi-row ``INSERT``'s parameters in one flat tuple, which is cheaper to write and to read than
+as many tuples as rows, and which the importing process binds as it is.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import marshal
 import pickle
 import struct
@@ -51,11 +45,8 @@ __all__ = ["CHUNK", "HelperRows", "helper_rows"]
 
 CHUNK = 1024  # rows per message, ~180 KB: five fit in the widened pipe (see _widen)
 _PIPE_BYTES = 1 << 20  # the most Linux gives an unprivileged process by default
-_HEADER = struct.Struct("<cI")  # the kind of message (_ROWS, _COPY or _END) and its length
-_COUNT = struct.Struct("<I")  # a _COPY message starts with the number of rows it holds
-_ROWS, _COPY, _END = b"R", b"C", b"E"
-_NULL = "\\N"  # COPY's text form: NULL; a backslash in a value is written as two
-_ESCAPE = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_HEADER = struct.Struct("<cI")  # the kind of message (_ROWS or _END) and its length
+_ROWS, _END = b"R", b"E"
 _PACKAGE = str(Path(__file__).resolve().parent)  # this very jobs package, wherever it is
 # The helper's entry point. Default SIGINT and SIGPIPE actions: an interrupted or orphaned
 # helper ends quietly, like any Unix filter. The package is registered without running its
@@ -91,8 +82,7 @@ def helper_rows(shown: str, max_errors: int, done: Done, rules: tuple[str, str, 
 
 class HelperRows(Iterator[JobRow]):
     """An iterator of a manifest's rows that a helper process reads (see the module
-    docstring); or, through :meth:`copy_text` before the first row, the same rows as
-    ``COPY`` text."""
+    docstring); or, through :meth:`flat` before the first row, the same rows grouped."""
 
     def __init__(self, shown: str, max_errors: int, done: Done, rules: tuple[str, str, str]):
         self._shown = shown
@@ -116,16 +106,6 @@ class HelperRows(Iterator[JobRow]):
                 close()
         self._rows = iter(())
 
-    def copy_text(self, tail: tuple[str | float, ...]) -> Iterator[tuple[int, bytes]]:
-        """The rows as ``(count, data)`` chunks of ``COPY ... FROM STDIN`` text (UTF-8, tab
-        between fields, ``\\N`` for NULL), each row's columns (``prompt_extend`` as 0 or 1)
-        followed by the constants of ``tail``. Only before the first row was taken; closing
-        it stops the helper."""
-        if self._rows is not None:
-            raise RuntimeError("the rows were already taken one by one")
-        self._rows = iter(())
-        return self._messages(tail)
-
     def flat(self, width: int) -> Iterator[tuple[Any, ...]]:
         """The rows ``width`` at a time, each group's values in one flat tuple (the parameters
         of a multi-row ``INSERT``), the last group shorter if the rows run out; ``width`` must
@@ -136,15 +116,14 @@ class HelperRows(Iterator[JobRow]):
         if width < 1 or CHUNK % width:
             raise ValueError(f"{width} rows a group does not divide {CHUNK}")
         self._rows = iter(())
-        return self._messages({"flat": width})
+        return self._messages(width)
 
-    def _messages(self, form: tuple[str | float, ...] | dict[str, int] | None) -> Iterator[Any]:
-        """Start the helper and yield its rows (``form`` None), its ``COPY`` chunks (``form``
-        the tail) or its flat groups (``{"flat": width}``)."""
+    def _messages(self, width: int | None) -> Iterator[Any]:
+        """Start the helper and yield its rows (``width`` None), or its flat groups."""
         shown = self._shown
         command = [sys.executable, "-c", _BOOT, _PACKAGE, *self._args]
-        if form is not None:
-            command.append(json.dumps(form if isinstance(form, dict) else list(form)))
+        if width is not None:
+            command.append(str(width))
         try:
             proc = subprocess.Popen(
                 command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, bufsize=1 << 16
@@ -159,16 +138,13 @@ class HelperRows(Iterator[JobRow]):
                 header = stream.read(_HEADER.size)
                 kind, size = _HEADER.unpack(header) if len(header) == _HEADER.size else (b"", 0)
                 payload = stream.read(size)
-                if kind not in (_ROWS, _COPY, _END) or len(payload) != size:
+                if kind not in (_ROWS, _END) or len(payload) != size:
                     status = proc.wait()
                     raise JobStoreError(
                         f"the helper process reading {shown} stopped (exit status {status})"
                     )
                 if kind == _ROWS:
                     yield from marshal.loads(payload)  # rows, or flat groups of rows
-                    continue
-                if kind == _COPY:
-                    yield _COUNT.unpack_from(payload)[0], payload[_COUNT.size :]
                     continue
                 end, detail = pickle.loads(payload)
                 if end == "invalid":
@@ -202,16 +178,13 @@ def _helper_main(argv: list[str]) -> int:
 
     shown, max_errors = argv[0], int(argv[1])
     rules = _load_rules(*argv[2:5])
-    form = json.loads(argv[5]) if len(argv) > 5 else None
+    width = int(argv[5]) if len(argv) > 5 else 0
     out = sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing else may write to the data stream
     end: tuple[str, Any]
     try:
         manifest = open_manifest(shown, rules=rules, max_errors=max_errors)
         rows = manifest.rows(helper=False)
-        if isinstance(form, list):
-            _send_copy(out, rows, tuple(form))
-        width = form["flat"] if isinstance(form, dict) else 0
         while chunk := list(islice(rows, CHUNK)):
             if width:  # one flat tuple a group: fewer objects to write and to read
                 flat = chain.from_iterable
@@ -243,39 +216,6 @@ def _load_rules(folder: str, module: str, attribute: str) -> Any:
             raise ImportError(f"no package {package} in {folder}")
         sys.modules[package] = module_from_spec(spec)
     return getattr(importlib.import_module(module), attribute)
-
-
-def _send_copy(out: IO[bytes], rows: Iterator[JobRow], tail: tuple[Any, ...]) -> None:
-    """Every row, as chunks of ``COPY`` text (see :meth:`HelperRows.copy_text`)."""
-    end = "".join(f"\t{value}" for value in tail) + "\n"
-    tabs = 11 + len(tail)  # between a JobRow's 12 fields and the tail's
-    while chunk := list(islice(rows, CHUNK)):
-        data = "".join(
-            [
-                f"{r[0]}\t{r[1]}\t{r[2]}\t{r[3]}\t{r[4]}\t{r[5]}\t{1 if r[6] else 0}\t{r[7]}\t"
-                f"{r[8]}\t{r[9]}\t{_NULL if r[10] is None else r[10]}\t"
-                f"{_NULL if r[11] is None else r[11]}{end}"
-                for r in chunk
-            ]
-        ).encode()
-        nulls = [r[10] for r in chunk].count(None) + [r[11] for r in chunk].count(None)
-        if (
-            data.count(b"\\") != nulls
-            or data.count(b"\t") != tabs * len(chunk)
-            or data.count(b"\n") != len(chunk)
-            or b"\r" in data
-        ):
-            data = "".join([_escaped(r, end) for r in chunk]).encode()
-        _send(out, _COPY, _COUNT.pack(len(chunk)) + data)
-
-
-def _escaped(row: JobRow, end: str) -> str:
-    """One row of ``COPY`` text, every value escaped."""
-    fields = [
-        _NULL if v is None else v.translate(_ESCAPE) if isinstance(v, str) else str(int(v))
-        for v in row
-    ]
-    return "\t".join(fields) + end
 
 
 def _send(out: IO[bytes], kind: bytes, payload: bytes) -> None:

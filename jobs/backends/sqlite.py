@@ -266,9 +266,10 @@ class SQLiteBackend(Backend):
         thread too: one hand-over for the whole import instead of one per chunk. (A second
         thread would not overlap them anyway: the ``sqlite3`` module binds parameters holding
         the GIL. A big manifest is read by a helper process, which hands over each statement's
-        rows as one flat tuple: see ``jobs.readahead``.) A ManifestInvalid raised by the iterator propagates out of ``executemany`` and rolls
-        everything back. When this task is cancelled (Ctrl-C), the iterator stops at its next
-        chunk, so the rollback does not wait for the whole manifest.
+        rows as one flat tuple: see ``jobs.readahead``.) A ManifestInvalid raised by the
+        iterator propagates out of ``executemany`` and rolls everything back. When this task
+        is cancelled (Ctrl-C), the iterator stops at its next chunk, so the rollback does not
+        wait for the whole manifest.
         """
         driver = (await conn.get_raw_connection()).driver_connection
         assert driver is not None
