@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_non_negative(float),
         default=180.0,
         metavar="S",
-        help="stop (exit 3) when the service cannot be reached for this long (default 180)",
+        help="stop (exit 3) when the service or the job database cannot be reached for this "
+        "long (default 180)",
     )
     run.add_argument("--no-progress", action="store_true", help="no progress display")
     run.add_argument("--json", action="store_true", help="print a JSON summary on stdout")

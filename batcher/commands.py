@@ -208,7 +208,7 @@ def _report(cmd: RunCommand, outcome: RunOutcome, code: ExitCode) -> None:
         print(json.dumps(payload))
     for line in lines:
         _warn(line)
-    if result.reason in (StopReason.ABORTED, StopReason.UNREACHABLE):
+    if result.reason in (StopReason.ABORTED, StopReason.UNREACHABLE, StopReason.DATABASE):
         _warn(f"stopped: {result.abort_message}")
     elif result.reason is StopReason.BUDGET:
         _warn(

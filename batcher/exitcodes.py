@@ -5,7 +5,7 @@
  1     the run ended with failed jobs (``batcher retry`` puts them back)
  2     a usage or manifest error: nothing was run
  3     the run was stopped by a run-level problem (bad key, arrears, a full disk, the
-       service unreachable for ``--unreachable-timeout``, ...)
+       service or the job database unreachable for ``--unreachable-timeout``, ...)
  4     stopped early with jobs left (``--limit``, ``--budget``), or jobs still waiting
 130    interrupted (Ctrl-C / SIGTERM); the same command goes on where it stopped
 141    stdout was closed before everything was written (``batcher export DIR | head``)
@@ -47,7 +47,7 @@ def exit_code_for(result: RunResult, stats: Stats) -> ExitCode:
     from .pool import StopReason
 
     left = sum(stats.count(state) for state in ACTIVE)
-    if result.reason in (StopReason.ABORTED, StopReason.UNREACHABLE):
+    if result.reason in (StopReason.ABORTED, StopReason.UNREACHABLE, StopReason.DATABASE):
         return ExitCode.ABORTED
     if result.reason is StopReason.INTERRUPTED:
         return ExitCode.INTERRUPTED

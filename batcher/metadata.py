@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -124,7 +125,9 @@ class MetadataWriter:
                 if split not in temps:
                     target = self.path_for(split)
                     target.parent.mkdir(parents=True, exist_ok=True)
-                    temp = target.with_name(f".{NAME}.part")
+                    # A name of this process's own: workers sharing one run folder may
+                    # each rewrite the files (at start and at the end) at the same time.
+                    temp = target.with_name(f".{NAME}.{os.getpid()}.{secrets.token_hex(4)}.part")
                     temps[split] = (temp, temp.open("w", encoding="utf-8"))
                 temps[split][1].write(self._line(rec, split))
                 n += 1

@@ -22,10 +22,19 @@ import bisect
 import math
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
 import anyio
 
-__all__ = ["DEFAULT_QUOTA", "LatencyTracker", "Pacer", "RateController", "auto_concurrency"]
+__all__ = [
+    "DEFAULT_QUOTA",
+    "LatencyTracker",
+    "Pacer",
+    "Pacing",
+    "RateController",
+    "SlotSource",
+    "auto_concurrency",
+]
 
 MARGIN = 0.985  # send at 98.5% of the rate: ~15 ms of slack per window for arrival jitter
 LATE = 0.005  # a send this late re-anchors the schedule (see RateController.sent)
@@ -253,6 +262,32 @@ class RateController:
         self._probe_at = now + self._probe_every
         self.cuts += 1  # a slot reserved before this cut is void: see Pacer.wait_turn
         return True
+
+
+class SlotSource(Protocol):
+    """What the dispatcher asks of a pacer's schedule, synchronously: when the next slot is
+    due, take it, and when its call went out."""
+
+    def wait_needed(self, *, now: float) -> float: ...
+
+    def reserve(self, *, now: float) -> float: ...
+
+    def sent(self, *, at: float) -> None: ...
+
+
+class Pacing(Protocol):
+    """A model's pacer as the pool uses it: :class:`Pacer` (one process pacing itself) or
+    ``batcher.sharedpacing.SharedPacer`` (workers sharing a schedule in PostgreSQL)."""
+
+    @property
+    def control(self) -> SlotSource: ...
+
+    @property
+    def rate(self) -> float: ...
+
+    def accepted(self, sent_at: float) -> None: ...
+
+    def throttled(self, sent_at: float, *, quota: bool = True) -> None: ...
 
 
 class Pacer:

@@ -13,10 +13,12 @@ Every lane (an API key: :mod:`batcher.lanes`) has its own pacer per model (the s
 requests per account *and model*), so a mixed manifest keeps every model's quota busy on every
 account: the dispatcher starts whichever buffered job has a lane serving its model with a free
 send slot (the lane with the fewest calls for its weight when several have one). A run without
-``--lanes`` has one lane, ``default``. An error fatal to an account (a bad key, arrears, the
-free quota used up) disables its lane alone: the job goes back to pending with no attempt
-charged, the other lanes go on, and the run stops (exit 3) when jobs are left that no lane can
-take (once the others are done), or at once when every lane is disabled.
+``--lanes`` has one lane, ``default``. On a PostgreSQL table the pacer of a lane and model
+keeps to the schedule every worker of the run shares (:mod:`batcher.sharedpacing`), so
+workers on one account together stay under its quota. An error fatal to an account (a bad
+key, arrears, the free quota used up) disables its lane alone: the job goes back to pending
+with no attempt charged, the other lanes go on, and the run stops (exit 3) when jobs are left
+that no lane can take (once the others are done), or at once when every lane is disabled.
 
 A model called as an asynchronous task (see ``batcher.models``) also has a limit of tasks at
 once per lane; its worker creates the task, commits the ``task_id`` and the lane (state
@@ -29,6 +31,16 @@ that fails to connect is retried with no attempt charged (it never reached the s
 when such failures follow one another across the run the dispatcher stops starting calls and
 lets one probe at a time go, with backoff; past ``unreachable_timeout`` it stops the run
 (:attr:`StopReason.UNREACHABLE`) with every job left pending.
+
+A job database that cannot be reached (a PostgreSQL server restarting, the network to it cut:
+:class:`jobs.StoreUnreachable`) is the same kind of condition. The runner is the store's
+``outage`` hook: a write, claim or read that fails waits there while one probe at a time pings
+the database with backoff; the dispatcher starts no call meanwhile, and answers already in
+hand wait in memory to be written. Once the database answers, every waiting write goes on,
+and before any new call the leases of the jobs held are renewed: those another worker took
+over meanwhile (the outage outlasted the lease) leave the buffer, and a late write of one in
+flight is refused by its claim token (a lost lease, counted). Past ``unreachable_timeout``
+the run stops (:attr:`StopReason.DATABASE`), leaving every job as the database has it.
 
 Stopping: :meth:`Runner.request_stop` stops claiming (within a second: every wait in the
 dispatcher watches the stop event) and lets in-flight calls finish; :meth:`Runner.cancel_in_flight`
@@ -64,6 +76,7 @@ from jobs import (
     LeaseLost,
     State,
     StoredFile,
+    StoreUnreachable,
 )
 from jobs.params import load_params
 
@@ -77,9 +90,10 @@ from .lanebook import LaneBook, LaneTally, RunLane, accepted_rate
 from .lanes import default_lane
 from .layout import RunLayout, UnsafeOutputPath
 from .models import MODELS, ApiProtocol
-from .pacing import DEFAULT_QUOTA, LatencyTracker, Pacer, auto_concurrency
+from .pacing import DEFAULT_QUOTA, LatencyTracker, Pacer, Pacing, auto_concurrency
 from .pricing import Money, price_per_image
 from .reach import Reachability
+from .sharedpacing import SharedPacer
 from .taskpolls import PollGate, TaskClock, poll_delay
 
 __all__ = ["RunCounters", "RunOptions", "RunResult", "Runner", "StopReason"]
@@ -94,6 +108,7 @@ QUOTA_CODES = frozenset({"throttling.ratequota", "limitrequests", "limit_request
 BUFFER_MAX = 256  # claimed jobs held while their models wait for a send slot
 FILL_AHEAD = 0.25  # s: claim more only when no send slot is due sooner (a claim is a write)
 MAX_POLL_FAILURES = 8  # polls of one task failing in a row before it is left for later
+DB_PROBE_CAP = 5.0  # s: the longest wait between pings of a job database that went away
 
 
 class StopReason(StrEnum):
@@ -105,6 +120,7 @@ class StopReason(StrEnum):
     BUDGET = "budget"  # --budget reached
     LIMIT = "limit"  # --limit reached
     UNREACHABLE = "unreachable"  # the service could not be reached for --unreachable-timeout
+    DATABASE = "database"  # the job database could not be reached for --unreachable-timeout
 
 
 def model_rates(rps: float | None) -> dict[str, float]:
@@ -137,7 +153,7 @@ class RunOptions:
     # Each model's own send rate (requests/s); a model not listed is paced at ``rps``.
     # ``model_rates(None)`` gives every known model its published quota.
     model_rps: Mapping[str, float] = field(default_factory=dict)
-    unreachable_timeout: float = 180.0  # seconds the service may stay unreachable
+    unreachable_timeout: float = 180.0  # seconds the service (or the database) may be away
     seed: int | None = None  # for the retry jitter, so tests can reproduce a run
 
 
@@ -159,6 +175,7 @@ class RunCounters:
     download_retries: int = 0
     downloads_skipped: int = 0
     lease_lost: int = 0
+    database_outages: int = 0  # times the job database went away and the run paused
     released: int = 0
     tasks_created: int = 0
     task_polls: int = 0
@@ -238,7 +255,9 @@ class Runner:
         self.counters = RunCounters(lanes=self.book.tallies, disabled=self.book.disabled)
         self.committer = ImageCommitter(store, on_done)
         self._on_done = on_done  # hears the ids of jobs this run completes
-        self._pacers: dict[tuple[str, str], Pacer] = {}
+        self._pacers: dict[tuple[str, str], Pacing] = {}
+        self._services: TaskGroup | None = None  # where shared pacers talk to the database
+        self._unserved: list[SharedPacer] = []  # shared pacers made before the run started
         # tasks this run is creating or polling, by lane and model
         self._tasks_open: dict[tuple[str, str], int] = {}
         self._polls = PollGate()
@@ -270,6 +289,14 @@ class Runner:
         self.first_accepted_at: float | None = None
         self.last_accepted_at: float | None = None
         self._unreached_detail = ""
+        # the job database (see the module docstring)
+        self.database = Reachability(
+            window=options.unreachable_timeout, streak=1, probe_cap=DB_PROBE_CAP
+        )
+        self._db_probe = anyio.Lock()  # one ping at a time; the other waiters find it back
+        self._db_gone = False  # gave up: every store call fails at once
+        self._recheck_leases = False  # renew every held lease before the next call
+        self._cut = anyio.Event()  # cancel_in_flight: stop waiting for the database too
 
     # ------------------------------------------------------------------ control
 
@@ -306,22 +333,38 @@ class Runner:
         return sum(live) or self.opt.rps
 
     @property
-    def pacer(self) -> Pacer:
+    def pacer(self) -> Pacing:
         """The pacer set up last (a single-model run's one pacer); see :meth:`pacer_for` and
         :attr:`rate` for a mixed run."""
         if not self._pacers:
             return self.pacer_for(next(iter(self.lanes)), "z-image-turbo")
         return next(reversed(self._pacers.values()))
 
-    def pacer_for(self, lane: str, model: str) -> Pacer:
-        """The pacer of ``model`` on ``lane`` (the service counts per account and model)."""
+    def pacer_for(self, lane: str, model: str) -> Pacing:
+        """The pacer of ``model`` on ``lane`` (the service counts per account and model).
+
+        On a table other workers share (PostgreSQL), the pacer keeps to the schedule of the
+        lane and model that all of them share (:mod:`batcher.sharedpacing`), even while this
+        worker is alone: another may join at any time."""
         pacer = self._pacers.get((lane, model))
         if pacer is None:
-            pacer = Pacer(
-                self.book.quota_of(lane, model),
-                adaptive=self.opt.adaptive,
-                start_rate=self.opt.start_rps,
-            )
+            rate = self.book.quota_of(lane, model)
+            schedule = self.store.quota_schedule(lane=lane, model=model)
+            if schedule is None:
+                pacer = Pacer(rate, adaptive=self.opt.adaptive, start_rate=self.opt.start_rps)
+            else:
+                shared = SharedPacer(
+                    schedule,
+                    rate,
+                    adaptive=self.opt.adaptive,
+                    start_rate=self.opt.start_rps,
+                    on_slot=self._notify,
+                )
+                if self._services is None:
+                    self._unserved.append(shared)
+                else:
+                    self._services.start_soon(shared.serve)
+                pacer = shared
             self._pacers[(lane, model)] = pacer
         return pacer
 
@@ -337,6 +380,7 @@ class Runner:
     def cancel_in_flight(self) -> None:
         """Cut in-flight calls short; their jobs are released to pending."""
         self.request_stop(StopReason.INTERRUPTED)
+        self._cut.set()
         if self._work_scope is not None:
             self._work_scope.cancel()
 
@@ -369,17 +413,27 @@ class Runner:
 
     async def run(self) -> RunResult:
         """Work until nothing is left or a stop; release whatever is still held."""
+        outage, self.store.outage = self.store.outage, self._database_outage
         try:
             async with anyio.create_task_group() as outer:
                 outer.start_soon(self._heartbeat_loop)
+                self._services = outer
+                for shared in self._unserved:
+                    outer.start_soon(shared.serve)
+                self._unserved.clear()
                 with anyio.CancelScope() as self._work_scope:
                     async with anyio.create_task_group() as tg:
-                        await self._dispatch(tg)
+                        try:
+                            await self._dispatch(tg)
+                        except StoreUnreachable:
+                            if not self._db_gone:
+                                raise  # the stop is requested; the workers end
                 outer.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
                 await self._release_buffer()
                 await self.save_lanes()
+            self.store.outage = outage
         return RunResult(
             reason=self._reason,
             counters=self.counters,
@@ -394,6 +448,13 @@ class Runner:
 
     async def _dispatch(self, tg: TaskGroup) -> None:
         while not self.stopping:
+            if self.database.paused:
+                await self._sleep(1.0)  # no new call; the database coming back wakes this
+                continue
+            if self._recheck_leases:
+                self._recheck_leases = False
+                await self._renew_leases()
+                continue
             if self._in_flight >= self.concurrency:
                 await self._sleep(1.0)
                 continue
@@ -631,6 +692,8 @@ class Runner:
 
     async def _release(self, claim: Claim) -> None:
         self._held.pop(claim.id, None)
+        if self._db_gone:
+            return  # the run gave up on the database: left as it is, its lease runs out
         abandoned = claim.id in self._abandoned
         try:
             await self.store.release(claim.id, claim.token, ambiguous=abandoned)
@@ -638,6 +701,9 @@ class Runner:
             self.counters.abandoned += int(abandoned)
         except LeaseLost:
             self.counters.lease_lost += 1
+        except StoreUnreachable:
+            if not self._db_gone:
+                raise  # else (given up meanwhile) left as it is: its lease runs out
 
     def lane_rows(self) -> list[LaneCalls]:
         """This run's figures per lane and model, as ``lane_calls`` keeps them."""
@@ -645,6 +711,8 @@ class Runner:
 
     async def save_lanes(self) -> None:
         """Write this run's figures per lane and model (``lane_calls``)."""
+        if self.database.paused or self._db_gone:
+            return  # the database is away: the next save writes them
         rows = self.lane_rows()
         try:
             await self.store.save_lane_calls(rows, worker=WORKER, started_at=self._started_wall)
@@ -656,13 +724,81 @@ class Runner:
         while True:
             await anyio.sleep(period)
             await self.save_lanes()
-            by_token: dict[str, list[str]] = {}
-            for claim in list(self._held.values()):
-                by_token.setdefault(claim.token, []).append(claim.id)
-            for token, ids in by_token.items():
-                lost = await self.store.heartbeat(token, ids, lease_seconds=self.opt.lease_seconds)
-                for job_id in lost:
-                    log.warning("job %s: lease lost to another worker", job_id)
+            try:
+                await self._renew_leases()
+            except StoreUnreachable:
+                if not self._db_gone:
+                    raise
+                return
+
+    async def _renew_leases(self) -> None:
+        """Extend the lease of every job held. A job another worker holds now (this worker
+        lost the database for longer than the lease) leaves the buffer if it is still there;
+        one in flight finds out at its next write."""
+        by_token: dict[str, list[str]] = {}
+        for claim in list(self._held.values()):
+            by_token.setdefault(claim.token, []).append(claim.id)
+        for token, ids in by_token.items():
+            lost = await self.store.heartbeat(token, ids, lease_seconds=self.opt.lease_seconds)
+            for job_id in lost:
+                log.warning("job %s: lease lost to another worker", job_id)
+                for claim in self._buffer:
+                    if claim.id == job_id:
+                        self._buffer.remove(claim)
+                        self._held.pop(job_id, None)
+                        self.counters.lease_lost += 1
+                        break
+
+    async def _database_outage(self, exc: StoreUnreachable) -> bool:
+        """The store's ``outage`` hook (see the module docstring): True once the database
+        answers again, False when the run gives up on it."""
+        if self._db_gone:
+            return False
+        if self.database.failed(now=anyio.current_time()):
+            log.warning(
+                "the job database is unreachable (%s): pausing, reconnecting for up to %gs",
+                exc,
+                self.database.window,
+            )
+            self.counters.database_outages += 1
+        async with self._db_probe:
+            while self.database.paused and not self._db_gone:
+                now = anyio.current_time()
+                down = self.database.down_for(now=now)
+                if self.database.gave_up(now=now) or self._cut.is_set():
+                    self._db_gone = True
+                    self.request_stop(
+                        StopReason.DATABASE,
+                        f"the job database could not be reached for {down:.0f}s ({exc}); every "
+                        "job is left as the database has it (a job this worker held is taken "
+                        "over once its lease runs out): run the same command again once the "
+                        "database is back",
+                    )
+                    break
+                left = self.database.window - down + 0.01
+                with anyio.move_on_after(max(0.01, min(self.database.probe_wait(now=now), left))):
+                    await self._cut.wait()
+                if self._cut.is_set():
+                    continue
+                try:
+                    await self.store.ping()
+                except StoreUnreachable as again:
+                    exc = again
+                    self.database.probe_failed(now=anyio.current_time())
+                    continue
+                down = self.database.down_for(now=anyio.current_time())
+                log.warning(
+                    "the job database is back after %.1fs: going on%s",
+                    down,
+                    f" (longer than the lease, {self.opt.lease_seconds:g}s: jobs other "
+                    "workers took over meanwhile are dropped, and late writes of them refused)"
+                    if down > self.opt.lease_seconds
+                    else "",
+                )
+                self.database.answered(now=anyio.current_time())
+                self._recheck_leases = True
+                self._notify()
+        return not self._db_gone
 
     # ------------------------------------------------------------------ workers
 
@@ -694,6 +830,10 @@ class Runner:
             settled = True
             self.counters.lease_lost += 1
             log.warning("%s", exc)
+        except StoreUnreachable:
+            if not self._db_gone:
+                raise
+            settled = True  # the run gave up on the database: the job stays as it is there
         finally:
             with anyio.CancelScope(shield=True):
                 if not settled:

@@ -1,4 +1,5 @@
-"""Whether the service can be reached: one condition for the run, not a failure per job.
+"""Whether the service (or the job database) can be reached: one condition for the run, not a
+failure per job.
 
 A call that fails at the connection level (refused, DNS, no route, TLS handshake) never reached
 the service: it cannot have been billed, and it says nothing about the job. When such failures
@@ -6,6 +7,9 @@ follow one another across the run (``STREAK`` in a row, with no answer between t
 service is *unreachable*: the pool stops claiming, lets one call at a time probe it with
 backoff, and gives up once it has been unreachable for longer than the window the user
 allowed (``--unreachable-timeout``). Any answer, even an error, ends the outage.
+
+The run tracks its job database the same way (``streak=1``: one lost connection is an
+outage, since a database error is never one job's).
 
 Pure arithmetic on times the caller passes in (no clock, no I/O), like the pacer.
 
@@ -16,6 +20,9 @@ Pure arithmetic on times the caller passes in (no clock, no I/O), like the pacer
 (True, 0.5, True)
 >>> r.answered(now=61.5); r.paused
 False
+>>> db = Reachability(window=60.0, streak=1, probe_cap=5.0)
+>>> db.failed(now=0.0), [db.probe_failed(now=t) for t in range(4)] and db.probe_wait(now=3.0)
+(True, 5.0)
 """
 
 from __future__ import annotations
@@ -35,10 +42,16 @@ class Reachability:
     ``window`` is how long the service may stay unreachable before the run gives up.
     """
 
-    def __init__(self, *, window: float) -> None:
+    def __init__(
+        self, *, window: float, streak: int = STREAK, probe_cap: float = PROBE_CAP
+    ) -> None:
+        """``streak``: failures in a row that make an outage; ``probe_cap``: the longest wait
+        between probes."""
         if not (window >= 0 and math.isfinite(window)):
             raise ValueError("the unreachable window must be a finite number of seconds")
         self.window = window
+        self.needed = streak
+        self.cap = probe_cap
         self.streak = 0
         self.down_since: float | None = None  # the first failure of the current streak
         self.paused = False
@@ -53,7 +66,7 @@ class Reachability:
             self.down_since = now
         if self.paused:
             return False  # a call sent before the pause: the probes' backoff is unchanged
-        if self.streak >= STREAK:
+        if self.streak >= self.needed:
             self.paused = True
             self.outages += 1
             self._interval = PROBE_FIRST
@@ -77,7 +90,7 @@ class Reachability:
     def probe_failed(self, *, now: float) -> None:
         """The probe got no answer: the next one waits twice as long (up to ``PROBE_CAP``)."""
         self.streak += 1
-        self._interval = min(PROBE_CAP, self._interval * 2)
+        self._interval = min(self.cap, self._interval * 2)
         self._next_probe = now + self._interval
 
     def down_for(self, *, now: float) -> float:

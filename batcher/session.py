@@ -27,7 +27,7 @@ from pathlib import Path
 import aiohttp
 import anyio
 
-from jobs import JobStore, State, Stats
+from jobs import JobStore, State, Stats, StoreUnavailable
 
 from .client import DashScopeClient, base_url_for
 from .download import sweep_partials
@@ -225,6 +225,10 @@ async def execute_run(cmd: RunCommand) -> RunOutcome:
                         log.info("metadata.jsonl: %d images", lines)
                     except OSError as exc:
                         _metadata_problem(layout, exc)
+                    except StoreUnavailable as exc:  # the database went away: said below
+                        log.warning("metadata.jsonl not brought up to date: %s", exc)
+            if result.reason is StopReason.DATABASE:  # one line, exit 3 (see batcher.cli)
+                raise StoreUnavailable(result.abort_message)
             await store.set_meta("last_run", "clean")
             stats = await store.stats()
             report = await _write_report(store, layout, result)

@@ -176,13 +176,15 @@ class _Sink:
 
 
 def read_file(path: str, size: int | None) -> bytes:
-    """The whole file at ``path``, read with one ``read`` of its expected ``size`` (as the
-    job table recorded it) and one more that finds its end: no buffered file object."""
+    """The whole file at ``path``, read with one ``read`` of one byte more than its expected
+    ``size`` (as the job table recorded it): fewer bytes back means the end was reached, so a
+    file of the recorded size costs one ``read`` (more only when it grew). No buffered file
+    object."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         want = (size or 0) + 1
         data = os.read(fd, want)
-        if not data:
+        if len(data) < want:
             return data
         parts = [data]
         while chunk := os.read(fd, max(want, 1 << 20)):

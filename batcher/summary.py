@@ -90,6 +90,7 @@ _ENDED = {
     "limit": "stopped at --limit",
     "budget": "stopped at --budget",
     "unreachable": "stopped (the service could not be reached)",
+    "database": "stopped (the job database could not be reached)",
 }
 
 
@@ -408,6 +409,8 @@ def run_json(
             "emulated": emulated,
             "accepted": c.accepted,
             "unreached": c.unreached,
+            "lease_lost": c.lease_lost,
+            "database_outages": c.database_outages,
             "calls_per_second": achieved_rate(result),
             "sending_seconds": (
                 round(result.last_call_at - result.first_call_at, 3)

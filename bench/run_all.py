@@ -47,6 +47,7 @@ PLAN: list[tuple[str, list[str], int, int]] = [
     ("download", [], 80, 25),
     ("export_scale", [], 150, 40),  # the 100,000-image folder is made once, then kept
     ("report_scale", [], 240, 60),
+    ("workers_shared", [], 170, 90),
 ]
 
 

@@ -15,6 +15,7 @@ from .errors import (
     ManifestInvalid,
     SchemaMismatch,
     StoreUnavailable,
+    StoreUnreachable,
     UnknownJob,
 )
 from .params import ModelRules
@@ -63,6 +64,7 @@ __all__ = [
     "State",
     "Stats",
     "StoreUnavailable",
+    "StoreUnreachable",
     "StoredFile",
     "UnknownJob",
     "check_transition",

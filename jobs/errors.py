@@ -9,7 +9,8 @@ The tree::
     ├── IllegalTransition         a state change the transition table does not allow
     ├── UnknownJob                no job has the id asked for
     ├── SchemaMismatch            the run folder's database was written by an unknown schema
-    └── StoreUnavailable          SQLite could not be opened or written (locked, disk full, ...)
+    └── StoreUnavailable          the database could not be opened or written (locked, full, ...)
+        └── StoreUnreachable      the connection to the database server was lost or refused
 
 Each class's docstring is its default message.
 """
@@ -28,6 +29,7 @@ __all__ = [
     "ManifestInvalid",
     "SchemaMismatch",
     "StoreUnavailable",
+    "StoreUnreachable",
     "UnknownJob",
 ]
 
@@ -92,6 +94,13 @@ class SchemaMismatch(JobStoreError):
 
 class StoreUnavailable(JobStoreError):
     """The job database could not be read or written."""
+
+
+class StoreUnreachable(StoreUnavailable):
+    """The job database server could not be reached (the connection was lost or refused, or
+    the server is restarting): a condition that may pass, unlike a full disk or a refused
+    login. A run waits for the server to come back (``JobStore.outage``); any other command
+    stops with the message."""
 
 
 def rebuild_error(cls: type[_E], args: tuple[object, ...], state: dict[str, object]) -> _E:

@@ -105,6 +105,12 @@ STEPS: dict[int, Step] = {
         # figures) holds nothing for older runs and is made with the other tables.
         "ALTER TABLE jobs ADD COLUMN lane TEXT",
     ),
+    6: (
+        # The send schedule that the workers of a PostgreSQL run keep to together, per lane
+        # and model (quota_schedule), and the slots it handed out lately (quota_sends): new
+        # tables, made with the other tables. The version still moves on, so that a batcher
+        # that paces each process alone refuses a table whose workers share a schedule.
+    ),
 }
 
 

@@ -2,7 +2,9 @@
 
 One row per job in ``jobs``; the previous record of a job replaced by ``--replace`` (or
 redone) in ``job_history``; what each lane's (API key's) calls did per run and model in
-``lane_calls``; ``meta`` holds the schema version. A run folder made by an older
+``lane_calls``; ``meta`` holds the schema version. ``quota_schedule`` and ``quota_sends``
+hold the send schedule that workers sharing a PostgreSQL run keep to together (see
+:mod:`jobs.quota`); a SQLite run folder has them, empty. A run folder made by an older
 release is upgraded in place on first open by the numbered steps of :mod:`jobs.migrations`;
 ``SCHEMA_VERSION`` is the version those steps end at, and the tables below are that version.
 """
@@ -34,9 +36,11 @@ __all__ = [
     "lane_calls",
     "meta",
     "metadata",
+    "quota_schedule",
+    "quota_sends",
 ]
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 EMULATOR_ENDPOINT = "emulator"
 """``jobs.endpoint`` of an image made by an emulator (``--emulate``): a rehearsal, whose cost
@@ -177,6 +181,41 @@ lane_calls = Table(
     Column("cost_micros", Integer, nullable=False, server_default=text("0")),
     Column("currency", Text),
     Column("emulated", Integer, nullable=False, server_default=text("0")),
+)
+
+# The send schedule of one (lane, model) quota, shared by every worker of a PostgreSQL run
+# (see jobs.quota). Times are on the database server's clock (epoch seconds); intervals are
+# seconds between sends.  [v6]
+quota_schedule = Table(
+    "quota_schedule",
+    metadata,
+    Column("lane", Text, primary_key=True),  # an account (API key) by name: "default"
+    Column("model", Text, primary_key=True),
+    Column("next_at", Float, nullable=False),  # the next free send slot
+    Column("last_slot", Float, nullable=False),  # the slot reserved last
+    Column("interval_s", Float, nullable=False),  # the spacing all workers keep together
+    Column("least_s", Float, nullable=False),  # the spacing of the lowest rate a worker was told
+    Column("slow_start", Integer, nullable=False),  # 1 while the rate doubles per window
+    Column("known_good", Float, nullable=False),  # the interval last fully accepted
+    Column("raised_at", Float, nullable=False),  # when slow start last raised the rate
+    Column("cut_at", Float, nullable=False),  # when a throttled answer last acted on it
+    Column("held_at", Float, nullable=False),  # when one last held it back without a cut
+    Column("probe_at", Float, nullable=False),  # when the next probe may raise it
+    Column("probe_every", Float, nullable=False),
+    Column("ceiling", Float),  # the last estimate of the quota (requests per window)
+    Column("cuts", Integer, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+# The slots reserved over the last seconds, so that a throttled answer can count the sends
+# every worker made in the service's window.  [v6]
+quota_sends = Table(
+    "quota_sends",
+    metadata,
+    Column("lane", Text, primary_key=True),
+    Column("model", Text, primary_key=True),
+    Column("at", Float, primary_key=True),
+    Column("throttled", Integer, nullable=False, server_default=text("0")),
 )
 
 STAGING_DDL = """

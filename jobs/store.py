@@ -15,6 +15,13 @@ error translation) is the backend's: :mod:`jobs.backends.sqlite` for a run folde
 transactions serialised in this process by one lock; no network call ever runs inside a
 transaction: callers do their HTTP between writes.
 
+Outages: a database server that cannot be reached (:class:`StoreUnreachable`: restarted,
+the network cut) fails every command at once, unless its caller set :attr:`JobStore.outage`:
+then a write, a claim or a run's read waits there and is tried again once the hook returns
+True (the run pauses meanwhile: see ``batcher.pool``). A write is one transaction, so trying
+it again is safe; one whose commit went through with its answer lost finds its row moved on
+and is refused as a lost lease, never applied twice.
+
 Leases: ``claim`` hands out rows with a fresh token and ``lease_expires_at``; ``heartbeat``
 extends them. A process that dies leaves ``running`` rows whose lease runs out; ``reclaim``
 puts them back to ``pending`` (no attempt charged: whether the call went out is unknown, and
@@ -43,12 +50,12 @@ from __future__ import annotations
 import functools
 import json
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Self, TypeVar
+from typing import Any, Concatenate, ParamSpec, Self, TypeVar
 
 import anyio
 from sqlalchemy import and_, case, func, inspect, literal_column, or_, select, text, update
@@ -62,10 +69,12 @@ from .errors import (
     LeaseLost,
     SchemaMismatch,
     StoreUnavailable,
+    StoreUnreachable,
     UnknownJob,
 )
 from .group import GroupCommit
 from .merge import MOVE, MOVED, RESULT_RESET, ImportReport, merge_staging
+from .quota import QuotaSchedule
 from .schema import EMULATOR_ENDPOINT, history, jobs, lane_calls, meta
 from .spec import JobRow, JobSpec
 from .states import LEASED, State, check_transition, sources_of
@@ -86,7 +95,9 @@ __all__ = [
 ]
 
 Clock = Callable[[], float]
+Outage = Callable[[StoreUnreachable], Awaitable[bool]]
 _T = TypeVar("_T")
+_P = ParamSpec("_P")
 MICROS = Decimal(1_000_000)
 # Built after a first import rather than row by row (1M rows: 0.6-0.8 s at the end, 1.9 s
 # more in the inserts). ix_jobs_failed_code stays: no new row is failed, so it costs the
@@ -292,6 +303,23 @@ class Stats:
         return sum((s.amount for s in self.spend), Decimal(0))
 
 
+def _rides_out(
+    method: Callable[Concatenate[JobStore, _P], Coroutine[Any, Any, _T]],
+) -> Callable[Concatenate[JobStore, _P], Coroutine[Any, Any, _T]]:
+    """A read or a one-transaction write that waits out an outage (see :attr:`JobStore.outage`)."""
+
+    @functools.wraps(method)
+    async def wrapper(self: JobStore, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        while True:
+            try:
+                return await method(self, *args, **kwargs)
+            except StoreUnreachable as exc:
+                if not await self._wait_out(exc):
+                    raise
+
+    return wrapper
+
+
 class _Add(int):
     """In a transition's values: add this to the column rather than set it."""
 
@@ -428,6 +456,10 @@ class JobStore:
         self.clock = clock
         self._lock = anyio.Lock()  # every write transaction, grouped or not, holds it
         self._group = GroupCommit(self._run_batch, lock=self._lock)
+        self.outage: Outage | None = None
+        """Called when the database server cannot be reached, by the write, claim or read that
+        failed: it returns True once the server may be back (the operation is tried again),
+        False to give up (the error is raised). None: give up at once."""
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -505,6 +537,14 @@ class JobStore:
         then never reclaim jobs whose lease has not expired."""
         return self._backend.shared
 
+    def quota_schedule(self, *, lane: str, model: str) -> QuotaSchedule | None:
+        """The send schedule of ``model`` on ``lane`` (an account) that every worker of this
+        table keeps to together (see :mod:`jobs.quota`); None for a SQLite run folder, which
+        one process works and paces alone."""
+        if not self.shared:
+            return None
+        return QuotaSchedule(self._backend, lane=lane, model=model)
+
     async def _ensure_schema(self) -> None:
         """Create the tables, or bring an older database up to this schema (a SQLite file is
         copied aside first; then every step in one transaction; see :mod:`jobs.migrations`)."""
@@ -580,6 +620,15 @@ class JobStore:
             raise op.error
         return op.result
 
+    async def _wait_out(self, exc: StoreUnreachable) -> bool:
+        return self.outage is not None and await self.outage(exc)
+
+    async def ping(self) -> None:
+        """One round trip to the database (raises :class:`StoreUnreachable` while it cannot
+        be reached); never waits out an outage."""
+        async with self._read() as conn:
+            await conn.execute(text("SELECT 1"))
+
     async def _submit_all(self, ops: list[_Op]) -> None:
         """Run ``ops`` in a write transaction shared with whatever else is queued (group commit).
 
@@ -588,8 +637,19 @@ class JobStore:
         :class:`JobStoreError` (a lost lease: its UPDATE matched nothing) fails alone; a
         database error fails the whole batch. Each op's outcome is left in its ``error`` and
         ``result``.
+
+        A batch that failed because the server could not be reached is submitted again once
+        :attr:`outage` says so (the transaction was rolled back, or its commit's answer lost:
+        then each fenced write finds its row moved on and is refused).
         """
-        await self._group.submit(ops)
+        while True:
+            await self._group.submit(ops)
+            lost = next((o.error for o in ops if isinstance(o.error, StoreUnreachable)), None)
+            if lost is None or not await self._wait_out(lost):
+                return
+            for o in ops:
+                o.taken = o.done = False
+                o.error = o.result = None
 
     async def _run_batch(self, batch: list[_Op]) -> None:
         backend = self._backend
@@ -702,6 +762,7 @@ class JobStore:
 
     # --------------------------------------------------------------------- claims
 
+    @_rides_out
     async def claim(self, *, limit: int, lease_seconds: float, worker: str = "") -> list[Claim]:
         """Lease up to ``limit`` due jobs: generated and submitted ones (download, or poll the
         task) first, then pending.
@@ -1508,6 +1569,7 @@ class JobStore:
         async with self._write() as conn:
             await conn.execute(_SET_META, {"key": key, "value": value})
 
+    @_rides_out
     async def next_due_at(self) -> float | None:
         """When the earliest waiting job becomes due (None when no job waits). On a shared
         table a job another worker runs waits too: until its lease expires, when a claim may
@@ -1560,6 +1622,7 @@ class JobStore:
             rows: list[Any] = list(await conn.exec_driver_sql(self._backend.variables_sql))
             return {str(key): frozenset(str(kinds).split(",")) for key, kinds in rows}
 
+    @_rides_out
     async def done_records(self, ids: Sequence[str]) -> list[dict[str, Any]]:
         """The records of those of ``ids`` that are done, in manifest order, with only what
         ``metadata.jsonl`` shows (id, state, output, prompt, seed, size, width, height,

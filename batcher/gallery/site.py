@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import sys
 import time
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from typing import Any
 
 import anyio
 
-from jobs import JobStore, State
+from jobs import JobStore, State, StoreUnreachable
 
 from ..errors import ConfigError
 from ..layout import RunLayout
@@ -50,7 +51,7 @@ __all__ = [
 
 CHUNK = 5000  # jobs per data file
 # What a report folder holds (thumbs/ may come first: a run makes thumbnails as it goes).
-_REPORT_ENTRIES = frozenset({"index.html", ".index.html.part", "assets", "data", "thumbs"})
+_REPORT_ENTRIES = frozenset({"index.html", "assets", "data", "thumbs"})
 ASSETS = ("app.js", "style.css")
 
 
@@ -65,11 +66,22 @@ class ReportResult:
     seconds: float
 
 
+def _ours(name: str) -> bool:
+    """An entry a report folder holds: its files, or a temporary one of a build."""
+    return name in _REPORT_ENTRIES or (name.startswith(".") and name.endswith(".part"))
+
+
 def _write(path: Path, text: str) -> None:
+    """Write ``path`` under a temporary name of this process's own, then rename it: workers
+    sharing one run folder may each write the report as they finish."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.part")
-    temp.write_text(text, encoding="utf-8")
-    os.replace(temp, path)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
+    try:
+        temp.write_text(text, encoding="utf-8")
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
 
 
 def _js(payload: Any) -> str:
@@ -327,10 +339,13 @@ async def follow_thumbnails(
         await anyio.sleep(every)
         now = store.clock()
         wanted = []
-        async for rec in store.iter_records(state=State.DONE, finished_since=since - 1.0):
-            if rec["sha256"]:
-                dest = thumbs / thumb_name(rec["sha256"])
-                wanted.append(ThumbJob(layout.images / rec["output"], dest))
+        try:
+            async for rec in store.iter_records(state=State.DONE, finished_since=since - 1.0):
+                if rec["sha256"]:
+                    dest = thumbs / thumb_name(rec["sha256"])
+                    wanted.append(ThumbJob(layout.images / rec["output"], dest))
+        except StoreUnreachable:
+            continue  # the database went away: the run waits for it; so does this, from `since`
         since = now
         if wanted:  # at most a few seconds of work a round: the run's end waits for it
             await anyio.to_thread.run_sync(_make_missing, wanted[:FOLLOW_BATCH])
@@ -346,7 +361,7 @@ def check_output(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} exists and is not a folder")
     if out.is_dir():
-        foreign = [p.name for p in out.iterdir() if p.name not in _REPORT_ENTRIES]
+        foreign = [p.name for p in out.iterdir() if not _ours(p.name)]
         if foreign and not (out / "index.html").is_file():
             raise ConfigError(
                 f"{out} is not empty and holds no report (it has {foreign[0]!r}); "

@@ -28,11 +28,17 @@ open the same URL and work the same table at once:
   (a sort each instead of a million insertions each), and commits without waiting for the WAL
   flush (``synchronous_commit = off`` for that one transaction; why that is safe is said
   there).
-* Errors are translated by SQLSTATE, never by message text.
+* Errors are translated by SQLSTATE, never by message text. A lost or refused connection
+  (SQLSTATE class 08, the server shutting down or starting up: 57P01-57P03, a socket error, a
+  connection SQLAlchemy found dead) is :class:`jobs.errors.StoreUnreachable`, a condition a
+  run waits out; anything else is :class:`jobs.errors.StoreUnavailable`. The engine pings a
+  pooled connection before handing it out, so once the server is back the next write gets a
+  new connection instead of the dead one.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -46,7 +52,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 from .. import schema
-from ..errors import LeaseLost, StoreUnavailable
+from ..errors import LeaseLost, StoreUnavailable, StoreUnreachable
 from ..spec import JobRow
 from ..states import State
 from .base import CLAIM_COLUMNS, LEASED_ORDER, Backend, Clock, Op
@@ -65,6 +71,13 @@ _SECONDARY = text(
     "LEFT JOIN pg_constraint c ON c.conindid = x.indexrelid AND c.conrelid = x.indrelid "
     "WHERE x.indrelid = 'jobs'::regclass AND NOT x.indisprimary ORDER BY i.relname"
 )
+CONNECT_TIMEOUT = 10.0  # s: a new connection that takes longer fails (StoreUnreachable)
+# s: a statement unanswered for this long means the connection is gone (a network that drops
+# packets silently gives no error); the URL's ?command_timeout=S sets another (and bounds
+# connecting too, when shorter than CONNECT_TIMEOUT). The import's
+# COPY and the wait for the store's advisory lock are exempt: they may rightly take long.
+COMMAND_TIMEOUT = 60.0
+_LONG = 7 * 86_400.0  # s: "no limit" for asyncpg, which reads a timeout of None as the default
 _LOCK_KEY = 0x62617463  # the advisory lock of the store's exclusive writes ("batc")
 _ACTIVE = schema.ACTIVE.text
 _RETURNING = ", ".join(f"jobs.{c}" for c in CLAIM_COLUMNS)
@@ -126,6 +139,8 @@ _BY_CLASS = {
     "53": "the job database server at {label} is out of resources (disk, memory or connections)",
     "57": "the job database server at {label} is shutting down or restarting",
 }
+# The server is going away or not yet there: the connection will come back (a restart).
+_GONE = frozenset({"57P01", "57P02", "57P03"})
 _BY_CODE = {
     "3D000": "there is no database named by {label}: create it first (createdb)",
     "25006": "the job database at {label} is read-only",
@@ -137,6 +152,22 @@ _BY_CODE = {
 def is_database_url(target: str) -> bool:
     """Whether ``target`` names a PostgreSQL database rather than a SQLite file."""
     return target.startswith(("postgresql://", "postgres://", "postgresql+asyncpg://"))
+
+
+def _command_timeout(url: URL) -> float:
+    """The URL's ``?command_timeout=S`` (seconds), else :data:`COMMAND_TIMEOUT`."""
+    given = url.query.get("command_timeout")
+    if given is None:
+        return COMMAND_TIMEOUT
+    try:
+        value = float(given if isinstance(given, str) else given[-1])
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise StoreUnavailable(
+            f"the database URL's command_timeout must be a number of seconds above 0: {given!r}"
+        )
+    return value
 
 
 def engine_url(target: str) -> URL:
@@ -172,10 +203,20 @@ class PostgresBackend(Backend):
         self._rebuild: list[str] = []  # what before_bulk_load dropped, to build again
         self._bulk = False  # inside a first import's bulk load: COPY into jobs may FREEZE
         url = engine_url(target)
+        timeout = _command_timeout(url)
+        url = url.difference_update_query(["command_timeout"])
         self.label = url.set(drivername="postgresql").render_as_string(hide_password=True)
         # pre_ping: a pooled connection the server dropped (a restart, a failover) is replaced
-        # on checkout rather than failing the next write.
-        self.engine = create_async_engine(url, pool_size=4, max_overflow=8, pool_pre_ping=True)
+        # on checkout rather than failing the next write. Connecting and every statement give
+        # up in time (CONNECT_TIMEOUT, COMMAND_TIMEOUT): a server cut off without a word must
+        # still turn into an error the run can wait out, never a worker hung for good.
+        self.engine = create_async_engine(
+            url,
+            pool_size=4,
+            max_overflow=8,
+            pool_pre_ping=True,
+            connect_args={"timeout": min(CONNECT_TIMEOUT, timeout), "command_timeout": timeout},
+        )
         self._offset = 0.0
 
     @contextmanager
@@ -183,21 +224,27 @@ class PostgresBackend(Backend):
         try:
             yield
         except DBAPIError as exc:
-            raise StoreUnavailable(self._message(exc.orig or exc)) from exc
+            cause = exc.orig or exc
+            if exc.connection_invalidated and not _lost(cause):  # closed under a statement
+                message = f"lost the connection to the job database at {self.label}"
+                raise StoreUnreachable(message) from exc
+            raise _error(_lost(cause))(self._message(cause)) from exc
         except SQLAlchemyError as exc:
             raise StoreUnavailable(f"the job database failed: {type(exc).__name__}") from exc
         except OSError as exc:  # the server could not be reached at all
-            raise StoreUnavailable(self._message(exc)) from exc
+            raise StoreUnreachable(self._message(exc)) from exc
         except Exception as exc:
             if _sqlstate(exc) is None:
                 raise
-            raise StoreUnavailable(self._message(exc)) from exc
+            raise _error(_lost(exc))(self._message(exc)) from exc
 
     def _message(self, exc: BaseException) -> str:
         state = _sqlstate(exc)
         if state is None:
             if isinstance(exc, OSError):
                 reason = exc.strerror or type(exc).__name__
+                if isinstance(exc, TimeoutError) and not exc.strerror:
+                    reason = "no answer in time (the network or the server is not responding)"
                 return f"cannot reach the job database at {self.label}: {reason}"
             return f"the job database at {self.label} failed: {type(exc).__name__}"
         found = _BY_CODE.get(state) or _BY_CLASS.get(state[:2])
@@ -222,7 +269,10 @@ class PostgresBackend(Backend):
         self._offset = float(server) - (before + after) / 2
 
     async def exclusive(self, conn: AsyncConnection) -> None:
-        await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK_KEY})
+        # another worker may hold it through a long import: no statement timeout on the wait
+        driver = (await conn.get_raw_connection()).driver_connection
+        assert driver is not None
+        await driver.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_KEY, timeout=_LONG)
 
     async def before_migrating(self, version: int) -> None:
         # No copy: the steps run in one transaction, so a failure leaves the old version; a
@@ -263,8 +313,10 @@ class PostgresBackend(Backend):
     async def after_bulk_load(self, conn: AsyncConnection) -> None:
         """Build what :meth:`before_bulk_load` dropped, each in one pass over the table."""
         rebuild, self._rebuild = self._rebuild, []
-        for statement in rebuild:
-            await conn.exec_driver_sql(statement)
+        driver = (await conn.get_raw_connection()).driver_connection
+        assert driver is not None
+        for statement in rebuild:  # a sort of the whole table each: exempt from the timeout
+            await driver.execute(statement, timeout=_LONG)
 
     async def run_updates(self, conn: AsyncConnection, ops: list[Op]) -> None:
         for o in ops:
@@ -330,7 +382,12 @@ class PostgresBackend(Backend):
 
         try:
             await driver.copy_to_table(
-                table, source=text(), columns=columns, format="text", freeze=freeze or None
+                table,
+                source=text(),
+                columns=columns,
+                format="text",
+                freeze=freeze or None,
+                timeout=_LONG,
             )
         finally:
             close = getattr(source, "close", None)
@@ -383,6 +440,18 @@ def _text(sql: str) -> Any:
     if found is None:
         found = _TEXTS[sql] = text(sql)
     return found
+
+
+def _lost(exc: BaseException) -> bool:
+    """Whether ``exc`` says the connection to the server is gone (or cannot be made now)."""
+    if isinstance(exc, OSError):
+        return True
+    state = _sqlstate(exc)
+    return state is not None and (state.startswith("08") or state in _GONE)
+
+
+def _error(lost: bool) -> type[StoreUnavailable]:
+    return StoreUnreachable if lost else StoreUnavailable
 
 
 def _sqlstate(exc: BaseException) -> str | None:

@@ -1,5 +1,6 @@
 """The real CLI with the run's table in a real PostgreSQL (``--db``), against the emulator:
-one worker, two workers on one run, and one of two killed with SIGKILL."""
+one worker, two workers on one run, one of two killed with SIGKILL, and workers sharing an
+account's quota (one lane, then two) through the schedule in the database."""
 
 from __future__ import annotations
 
@@ -122,6 +123,13 @@ def test_two_workers_share_one_run_and_generate_nothing_twice(tmp_path: Path, db
     check_done(db, out, n)
     by_worker = query(db, "SELECT count(DISTINCT worker) AS n FROM jobs")[0]["n"]
     assert by_worker == 2, "both workers should have taken jobs"
+    # Both workers wrote the dataset's metadata and the report into the one folder, each
+    # under temporary names of its own: every job is listed once, no temporary file is left.
+    for r in results:
+        assert "could not update" not in r[1], r[1]
+    lines = (out / "images" / "metadata.jsonl").read_text(encoding="utf-8").splitlines()
+    assert sorted(json.loads(line)["id"] for line in lines) == [f"q{i:03d}" for i in range(n)]
+    assert not [p for p in out.rglob(".*.part")], list(out.rglob(".*.part"))
 
 
 def test_a_killed_worker_s_jobs_are_finished_by_the_other_after_its_lease(
@@ -154,3 +162,83 @@ def test_a_killed_worker_s_jobs_are_finished_by_the_other_after_its_lease(
     # nothing generated twice beyond the dead worker's calls in flight (--concurrency 4)
     assert stats["duplicate_billed"] <= 4, stats
     assert stats["images_billed"] - stats["duplicate_billed"] == n
+
+
+def test_three_workers_on_one_account_keep_to_its_quota_together(tmp_path: Path, db: str) -> None:
+    """Three workers told the account's quota share one schedule in the database: together
+    they send at the quota, not three times it, and are (almost) never throttled."""
+    n, quota = 40, 8.0
+    m = manifest(tmp_path, n)
+    out = tmp_path / "out"
+    cfg = EmulatorConfig(latency="200", rps=quota, seed=4, api_key=KEY)
+    with EmulatorThread(cfg) as emu:
+        assert run_cli("plan", m, "--out", out, "--db", db).returncode == 0
+        workers = [
+            start(m, out, emu.base_url, db, "--rps", str(quota), "--concurrency", "8", "--json")
+            for _ in range(3)
+        ]
+        results = [w.communicate(timeout=100) for w in workers]
+        for w, (_, err) in zip(workers, results, strict=True):
+            assert w.returncode == 0, err
+        stats = emu.stats()
+    check_done(db, out, n)
+    runs = [json.loads(o)["this_run"] for o, _ in results]
+    assert sum(r["done"] for r in runs) == n
+    assert sum(r["calls"] > 0 for r in runs) >= 2, runs  # (a late starter may find none left)
+    assert stats["throttled"] <= stats["generate_requests"] // 100, stats
+    # together near the quota (first to last accepted call at the emulator), not above it
+    accepted = stats["accepted_by_model"]["z-image-turbo"]
+    rate = (accepted["requests"] - 1) / (accepted["last"] - accepted["first"])
+    assert 0.8 * quota <= rate <= quota * 1.01, (rate, stats)
+
+
+def test_two_workers_share_each_lane_s_schedule(tmp_path: Path, db: str) -> None:
+    """Two lanes (two accounts of quota 4) through two workers: each lane's schedule is shared,
+    so together they send near 8 a second, never above either account's quota."""
+    n, quota = 32, 4.0
+    m = manifest(tmp_path, n)
+    out = tmp_path / "out"
+    keys = {"LANE_KEY_A": "sk-pg-lane-a-51c0e2", "LANE_KEY_B": "sk-pg-lane-b-9d33f7"}
+    accounts = {"a": (keys["LANE_KEY_A"],), "b": (keys["LANE_KEY_B"],)}
+    cfg = EmulatorConfig(latency="200", rps=quota, seed=5, accounts=accounts)
+    with EmulatorThread(cfg) as emu:
+        lanes = tmp_path / "lanes.yaml"
+        lanes.write_text(
+            "lanes:\n"
+            + "".join(
+                f"  - name: {x}\n    key_env: LANE_KEY_{x.upper()}\n"
+                f"    base_url: {emu.base_url}\n    quota: {quota:g}\n"
+                for x in ("a", "b")
+            ),
+            encoding="utf-8",
+        )
+        assert run_cli("plan", m, "--out", out, "--db", db).returncode == 0
+        env = {k: v for k, v in os.environ.items() if k != "BATCHER_DATABASE_URL"} | keys
+        command = batcher_cmd(
+            "run", m, "--out", out, "--lanes", lanes, "--db", db, "--no-progress",
+            "--concurrency", "8", "--request-timeout", "10", "--backoff-base", "0.01",
+            "--start-rps", "1000", "--json",
+        )  # fmt: skip
+        workers = [
+            subprocess.Popen(
+                command,
+                cwd=REPO,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(2)
+        ]
+        results = [w.communicate(timeout=100) for w in workers]
+        for w, (_, err) in zip(workers, results, strict=True):
+            assert w.returncode == 0, err
+        stats = emu.stats()
+    check_done(db, out, n)
+    assert stats["throttled"] <= 1, stats
+    lanes_used = query(db, "SELECT lane, count(*) AS n FROM jobs GROUP BY lane ORDER BY lane")
+    assert [r["lane"] for r in lanes_used] == ["a", "b"], lanes_used
+    accepted = stats["accepted_by_model"]["z-image-turbo"]
+    rate = (accepted["requests"] - 1) / (accepted["last"] - accepted["first"])
+    assert 0.7 * 2 * quota <= rate <= 2 * quota * 1.01, (rate, stats)

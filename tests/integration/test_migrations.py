@@ -82,7 +82,7 @@ async def test_a_migrated_database_has_the_columns_of_a_new_one(v1: Path, tmp_pa
     new = tmp_path / "new" / "batcher.db"
     async with await JobStore.open(new):
         pass
-    for table in ("jobs", "job_history", "meta", "lane_calls"):
+    for table in ("jobs", "job_history", "meta", "lane_calls", "quota_schedule", "quota_sends"):
         assert columns(old, table) == columns(new, table), table
     assert "lane" in columns(old, "jobs")
 

@@ -104,3 +104,45 @@ def test_the_output_folder_checks(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="not a folder"):
         check_output(tmp_path / "file")
+
+
+def test_thumbnail_files_of_every_kind(tmp_path: Path) -> None:
+    """Real files through the thumbnail maker, two worker processes: a JPEG (decoded at a
+    fraction of its size), a 16-bit PNG (scaled, not clipped), a palette PNG with a transparent
+    colour (on white), the emulator's own picture; a file that is no image is left out."""
+    from PIL import Image
+
+    from batcher.emulator.images import render_png
+    from batcher.gallery.thumbs import ThumbJob, make_thumbs
+
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.new("RGB", (1600, 1200), (30, 120, 200)).save(src / "photo.jpg", quality=90)
+    Image.new("I;16", (700, 700), 257 * 100).save(src / "deep.png")
+    pal = Image.new("P", (1280, 1280), 1)
+    pal.putpalette([250, 0, 0, 0, 250, 0])
+    pal.paste(0, (0, 0, 640, 1280))
+    pal.save(src / "clear.png", transparency=1)
+    (src / "emulator.png").write_bytes(render_png(prompt="a lamp", seed=1, width=1328, height=1328))
+    (src / "broken.png").write_bytes(b"not an image")
+    names = ["photo.jpg", "deep.png", "clear.png", "emulator.png", "broken.png"]
+    jobs = [ThumbJob(src / n, tmp_path / "thumbs" / n[:2] / f"{n}.jpg") for n in names] * 52
+    assert make_thumbs(jobs, processes=2) == 4 * 52  # over 256: made by worker processes
+
+    def thumb(name: str) -> Image.Image:
+        with Image.open(tmp_path / "thumbs" / name[:2] / f"{name}.jpg") as im:
+            return im.copy()
+
+    photo = thumb("photo.jpg")
+    assert photo.size == (320, 240)
+    r, g, b = photo.getpixel((160, 120))  # type: ignore[misc]
+    assert abs(r - 30) <= 3 and abs(g - 120) <= 3 and abs(b - 200) <= 3
+    deep = thumb("deep.png")
+    assert deep.size == (320, 320) and abs(deep.getpixel((160, 160)) - 100) <= 2  # type: ignore[operator]
+    clear = thumb("clear.png")
+    red, white = clear.getpixel((60, 160)), clear.getpixel((260, 160))
+    assert isinstance(red, tuple) and isinstance(white, tuple)
+    assert red[0] >= 245 and min(white) >= 250
+    assert thumb("emulator.png").size == (320, 320)
+    assert not (tmp_path / "thumbs" / "br" / "broken.png.jpg").exists()
+    assert not list((tmp_path / "thumbs").rglob("*.part"))

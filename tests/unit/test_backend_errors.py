@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy.exc import DBAPIError
 
 from jobs.backends import PostgresBackend, SQLiteBackend, is_database_url
-from jobs.errors import StoreUnavailable
+from jobs.errors import StoreUnavailable, StoreUnreachable
 
 pytestmark = pytest.mark.anyio
 
@@ -48,6 +48,46 @@ async def test_postgresql_errors_are_translated_by_sqlstate(sqlstate: str, says:
             assert says in message and "\n" not in message
             assert "s3cret-pw" not in message  # the URL's password never shows
             assert info.value.__cause__ is raised
+    finally:
+        await backend.close()
+
+
+@pytest.mark.parametrize(
+    ("sqlstate", "lost"),
+    [
+        ("08006", True),  # connection_failure
+        ("08003", True),  # connection_does_not_exist (asyncpg: closed under a statement)
+        ("57P01", True),  # admin_shutdown: the server is stopping or restarting
+        ("57P02", True),  # crash_shutdown
+        ("57P03", True),  # cannot_connect_now: starting up
+        ("57014", False),  # query_canceled: not the connection
+        ("53300", False),  # too many connections: a limit to raise, not an outage
+        ("28P01", False),
+        ("40P01", False),
+    ],
+)
+async def test_a_lost_connection_is_store_unreachable_and_nothing_else_is(
+    sqlstate: str, lost: bool
+) -> None:
+    backend = PostgresBackend(URL)
+    try:
+        for raised in (_PgError(sqlstate), DBAPIError("SELECT 1", {}, _PgError(sqlstate))):
+            with pytest.raises(StoreUnavailable) as info, backend.translated():
+                raise raised
+            assert isinstance(info.value, StoreUnreachable) is lost, sqlstate
+    finally:
+        await backend.close()
+
+
+async def test_a_connection_sqlalchemy_found_dead_or_a_socket_error_is_store_unreachable() -> None:
+    backend = PostgresBackend(URL)
+    closed = DBAPIError("SELECT 1", {}, Exception("closed"), connection_invalidated=True)
+    try:
+        for raised in (closed, ConnectionResetError(104, "Connection reset by peer")):
+            with pytest.raises(StoreUnreachable) as info, backend.translated():
+                raise raised
+            assert "s3cret-pw" not in str(info.value) and "\n" not in str(info.value)
+            assert "db.example.internal:5432" in str(info.value)
     finally:
         await backend.close()
 

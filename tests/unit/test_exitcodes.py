@@ -40,6 +40,7 @@ def result(reason: StopReason) -> RunResult:
         (StopReason.FINISHED, {"done": 2, "pending": 1}, ExitCode.STOPPED_EARLY),
         (StopReason.ABORTED, {"pending": 3}, ExitCode.ABORTED),
         (StopReason.UNREACHABLE, {"done": 1, "pending": 3}, ExitCode.ABORTED),
+        (StopReason.DATABASE, {"done": 1, "running": 2, "pending": 3}, ExitCode.ABORTED),
         (StopReason.INTERRUPTED, {"done": 3}, ExitCode.INTERRUPTED),
         (StopReason.LIMIT, {"done": 1, "failed": 1, "pending": 1}, ExitCode.STOPPED_EARLY),
         (StopReason.BUDGET, {"done": 1, "generated": 1}, ExitCode.STOPPED_EARLY),

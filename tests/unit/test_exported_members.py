@@ -61,6 +61,7 @@ def test_jobs_exports():
             "State",
             "Stats",
             "StoreUnavailable",
+            "StoreUnreachable",
             "StoredFile",
             "UnknownJob",
             "check_transition",

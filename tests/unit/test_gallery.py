@@ -1,15 +1,20 @@
-"""The report's pure parts: the charts (SVG text, escaped) and the figures from records (money
-per currency, never summed across currencies; failures grouped by code)."""
+"""The report's pure parts: the charts (SVG text, escaped), the figures from records (money
+per currency, never summed across currencies; failures grouped by code) and the thumbnails'
+scaling of images in memory, in every mode a run folder may hold."""
 
 from __future__ import annotations
 
 import doctest
 import xml.etree.ElementTree as ET
 
+import pytest
+from PIL import Image
+
 import batcher.gallery.charts
 import batcher.gallery.thumbs
 from batcher.gallery.charts import latency_histogram, percentile, rate_chart
 from batcher.gallery.data import summarize
+from batcher.gallery.thumbs import scaled
 
 
 def record(job_id: str, state: str = "done", **kw: object) -> dict[str, object]:
@@ -91,3 +96,59 @@ def test_money_is_per_currency_and_per_model_never_summed_across() -> None:
 def test_doctests() -> None:
     for module in (batcher.gallery.charts, batcher.gallery.thumbs):
         assert doctest.testmod(module).failed == 0
+
+
+def _halves(mode: str, size: tuple[int, int], left: object, right: object) -> Image.Image:
+    """An image of ``mode``: its left half ``left``, its right half ``right``."""
+    im = Image.new(mode, size, left)  # type: ignore[arg-type]
+    im.paste(right, (size[0] // 2, 0, size[0], size[1]))  # type: ignore[arg-type]
+    return im
+
+
+def _palette(size: tuple[int, int], *, transparent: bool = False) -> Image.Image:
+    im = _halves("P", size, 0, 1)
+    im.putpalette([200, 30, 30, 20, 20, 200, 0, 0, 0])
+    if transparent:
+        im.info["transparency"] = 1
+    return im
+
+
+@pytest.mark.parametrize(
+    ("make", "size", "left", "right"),
+    [
+        # the emulator's palette images: sampled, converted, box-reduced
+        (lambda: _palette((1328, 1328)), (320, 320), (200, 30, 30), (20, 20, 200)),
+        (lambda: _palette((1024, 1024)), (320, 320), (200, 30, 30), (20, 20, 200)),
+        (lambda: _palette((2048, 1024)), (320, 160), (200, 30, 30), (20, 20, 200)),
+        (lambda: _palette((1280, 1280), transparent=True), (320, 320), (200, 30, 30), (255,) * 3),
+        (lambda: _palette((500, 400)), (320, 256), (200, 30, 30), (20, 20, 200)),
+        (lambda: _halves("RGB", (1024, 1024), (10, 200, 10), (250, 250, 0)), (320, 320),
+         (10, 200, 10), (250, 250, 0)),
+        (lambda: _halves("RGBA", (960, 1280), (10, 200, 10, 255), (0, 0, 0, 0)), (240, 320),
+         (10, 200, 10), (255,) * 3),
+        (lambda: _halves("LA", (700, 700), (40, 255), (40, 0)), (320, 320), (40,) * 3, (255,) * 3),
+        (lambda: _halves("L", (1000, 300), 30, 220), (320, 96), 30, 220),
+        (lambda: _halves("1", (640, 640), 0, 1), (320, 320), 0, 255),
+        (lambda: _halves("I;16", (800, 800), 0, 65535), (320, 320), 0, 255),
+        (lambda: _halves("I;16", (800, 800), 257 * 10, 257 * 128), (320, 320), 10, 128),
+        (lambda: _halves("I;16B", (800, 800), 257 * 10, 257 * 128), (320, 320), 10, 128),
+        (lambda: _halves("I", (640, 640), 0, 65535), (320, 320), 0, 255),
+        (lambda: _halves("F", (640, 640), 0.0, 1.0), (320, 320), 0, 255),
+        (lambda: _halves("CMYK", (900, 900), (0, 0, 0, 0), (0, 0, 0, 255)), (320, 320),
+         (255,) * 3, (0,) * 3),
+        (lambda: _halves("RGB", (200, 100), (1, 2, 3), (4, 5, 6)), (200, 100), (1, 2, 3),
+         (4, 5, 6)),
+    ],
+)  # fmt: skip
+def test_thumbnails_fit_the_box_and_keep_the_colours(
+    make: object, size: tuple[int, int], left: object, right: object
+) -> None:
+    """Whatever the mode: the size fits 320 px with the proportions kept, the result is a mode
+    a JPEG stores, transparency lies on white, 16-bit values are scaled (not clipped), and
+    each half keeps its colour away from the edge between them."""
+    thumb = scaled(make())  # type: ignore[operator]
+    assert thumb.size == size
+    assert thumb.mode in ("RGB", "L")
+    w, h = size
+    assert thumb.getpixel((w // 8, h // 2)) == left
+    assert thumb.getpixel((w - 1 - w // 8, h // 2)) == right

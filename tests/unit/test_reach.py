@@ -73,3 +73,17 @@ def test_an_answer_ends_the_outage():
 def test_the_window_must_be_a_finite_number_of_seconds(window):
     with pytest.raises(ValueError):
         Reachability(window=window)
+
+
+def test_the_job_database_pauses_at_its_first_failure_and_probes_up_to_its_own_cap():
+    db = Reachability(window=30.0, streak=1, probe_cap=5.0)
+    assert db.failed(now=0.0) and db.paused and db.outages == 1
+    assert not db.failed(now=0.1)  # another write failing in the same outage starts none
+    waits = []
+    for i in range(6):
+        db.probe_failed(now=float(i))
+        waits.append(db.probe_wait(now=float(i)))
+    assert waits == [1.0, 2.0, 4.0, 5.0, 5.0, 5.0]
+    assert not db.gave_up(now=30.0) and db.gave_up(now=30.5)
+    db.answered(now=31.0)
+    assert not db.paused and db.down_for(now=31.0) == 0.0
