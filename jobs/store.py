@@ -739,7 +739,6 @@ class JobStore:
                     await conn.run_sync(index.create)
                 for _, ddl in backend_indexes:
                     await conn.exec_driver_sql(ddl)
-                await self._backend.after_bulk_load(conn)
                 await conn.exec_driver_sql(_FORGET_VARIABLES)
                 return ImportReport(total=total, added=total, unchanged=0, replaced=0)
             await conn.exec_driver_sql(self._backend.staging_ddl())

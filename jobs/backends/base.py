@@ -154,9 +154,6 @@ class Backend(abc.ABC):
         """Anything to do in a first import's transaction before the rows go straight into
         the empty ``jobs`` (after the store dropped its deferred indexes)."""
 
-    async def after_bulk_load(self, conn: AsyncConnection) -> None:  # noqa: B027 (optional hook)
-        """Anything to do after a first import's rows are in (the deferred indexes built)."""
-
     @abc.abstractmethod
     def staging_ddl(self) -> str:
         """``CREATE TEMP TABLE IF NOT EXISTS staging (...)`` with an order column."""
