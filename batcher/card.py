@@ -56,6 +56,7 @@ class CardFacts:
     image_bytes: int = 0
     first: float | None = None
     last: float | None = None
+    last_job: str | None = None
 
     def add(self, rec: dict[str, Any], split: str, image_bytes: int) -> None:
         self.states[rec["state"]] += 1
@@ -65,7 +66,11 @@ class CardFacts:
         self.image_bytes += image_bytes
         if rec["state"] == State.DONE.value:
             self.sizes[rec["size"]] += 1
-        if rec.get("currency"):
+        # a job of several images is a row per image, one after another; its cost is the
+        # job's, counted once
+        first_row = rec["id"] != self.last_job
+        self.last_job = rec["id"]
+        if rec.get("currency") and first_row:
             amount = Decimal(rec["cost"])
             self.cost[rec["currency"]] = self.cost.get(rec["currency"], Decimal(0)) + amount
         for stamp in (rec.get("created_at"), rec.get("finished_at")):

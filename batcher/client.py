@@ -65,7 +65,11 @@ def base_url_for(region: str, override: str | None = None) -> str:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ImageResult:
-    """What a successful generation returned."""
+    """What a successful generation returned: its (first) image.
+
+    ``slot`` is the image's place (from 1) in the answer's list of results, failed ones
+    included; ``more_urls`` are the URLs of further images of one synchronous answer (a call
+    made with ``n > 1``), slots 2, 3, ..."""
 
     request_id: str | None
     image_url: str
@@ -79,6 +83,8 @@ class ImageResult:
     total_tokens: int | None
     reasoning_tokens: int | None
     latency_ms: float
+    slot: int = 1
+    more_urls: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -122,6 +128,7 @@ class SyncApi(Protocol):
         seed: int | None,
         prompt_extend: bool,
         params: Mapping[str, object] | None = None,
+        n: int = 1,
     ) -> ImageResult:
         """One call; raises ApiError or TransportError."""
 
@@ -203,13 +210,17 @@ def parse_success(body: Any, latency_ms: float) -> ImageResult:
     choices = _list(output.get("choices"))
     image_url: str | None = None
     text: str | None = None
+    more: list[str] = []
     for choice in choices:
         message = _dict(_dict(choice).get("message"))
         for item in _list(message.get("content")):
             if not isinstance(item, dict):
                 continue
-            if image_url is None and isinstance(item.get("image"), str):
-                image_url = item["image"]
+            if isinstance(item.get("image"), str):
+                if image_url is None:
+                    image_url = item["image"]
+                else:
+                    more.append(item["image"])
             if text is None and isinstance(item.get("text"), str):
                 text = item["text"]
     if image_url is None:
@@ -237,6 +248,7 @@ def parse_success(body: Any, latency_ms: float) -> ImageResult:
         total_tokens=_int(usage.get("total_tokens")),
         reasoning_tokens=reasoning,
         latency_ms=latency_ms,
+        more_urls=tuple(more),
     )
 
 
@@ -253,7 +265,7 @@ def parse_task(body: Any, latency_ms: float) -> TaskReport:
     usage = _dict(body.get("usage"))
     images: list[ImageResult] = []
     failed: list[tuple[str, str]] = []
-    for item in _list(output.get("results")):
+    for slot, item in enumerate(_list(output.get("results")), start=1):
         result = _dict(item)
         url = result.get("url")
         if isinstance(url, str) and url:
@@ -272,6 +284,7 @@ def parse_task(body: Any, latency_ms: float) -> TaskReport:
                     total_tokens=None,
                     reasoning_tokens=None,
                     latency_ms=latency_ms,
+                    slot=slot,
                 )
             )
         else:
@@ -372,13 +385,17 @@ class DashScopeClient:
         seed: int | None,
         prompt_extend: bool,
         params: Mapping[str, object] | None = None,
+        n: int = 1,
     ) -> ImageResult:
         """One synchronous text-to-image call. Raises ApiError or TransportError.
 
         ``params`` are the job's optional model parameters (``negative_prompt``,
-        ``watermark``), sent in ``parameters``.
+        ``watermark``), sent in ``parameters``; ``n`` is sent only when it is not 1 (a model
+        of one image a call may refuse the field itself).
         """
         parameters: dict[str, Any] = {"size": size, "prompt_extend": prompt_extend}
+        if n != 1:
+            parameters["n"] = n
         if seed is not None:
             parameters["seed"] = seed
         parameters.update(params or {})

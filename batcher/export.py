@@ -1,6 +1,7 @@
 """``batcher export``: the run folder's jobs as JSONL, CSV, Parquet or WebDataset shards.
 
-- ``jsonl`` / ``csv``: one record per job (:func:`batcher.records.export_row`) to stdout or
+- ``jsonl`` / ``csv``: one record per job, or per image of a done job of several
+  (:func:`batcher.records.image_records`, :func:`batcher.records.export_row`) to stdout or
   to ``-o FILE`` (written under a temporary name, then renamed);
 - ``parquet``: shards in ``-o FOLDER`` named as Hugging Face names them
   (``train-00000-of-00002.parquet``; ``data-...`` for images outside split folders), the image
@@ -32,7 +33,7 @@ from jobs import JobStore, State
 
 from .errors import ConfigError
 from .layout import RunLayout
-from .records import EXPORT_FIELDS, export_row, variable_keys
+from .records import EXPORT_FIELDS, export_row, image_records, variable_keys
 from .shardexport import export_shards
 
 __all__ = [
@@ -186,13 +187,14 @@ async def _export_text(
             names = [*EXPORT_FIELDS, *(key for _, key in keys)]
             writer = csv.writer(out)
             writer.writerow(names)
-        async for rec in store.iter_records(state=state):
-            row = export_row(rec, keys)
-            if writer is not None:
-                writer.writerow([_csv_cell(v) for v in row.values()])
-            else:
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
-            n += 1
+        async for job in store.iter_records(state=state):
+            for rec in image_records(job):
+                row = export_row(rec, keys)
+                if writer is not None:
+                    writer.writerow([_csv_cell(v) for v in row.values()])
+                else:
+                    out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                n += 1
         out.flush()
         if temp is not None:
             os.fsync(out.fileno())

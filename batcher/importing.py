@@ -15,12 +15,13 @@ import hashlib
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import anyio
 
 from jobs import JobStore, Moved, State, Stats, open_manifest
+from jobs.naming import image_output
 
 from . import __version__
 from .folder import MANIFEST_KEY, Target, check_manifest
@@ -155,16 +156,22 @@ async def import_manifest(store: JobStore, target: Target, *, replace: bool) -> 
 
 
 async def apply_moves(store: JobStore, layout: RunLayout) -> int:
-    """Move the images of done jobs whose output path changed; returns the jobs moved."""
+    """Move the images of done jobs whose output path changed; returns the jobs moved. Each
+    file of a job of several images moves with it (``cat-2.png`` to ``new-2.png``)."""
     moves = await store.pending_moves()
     if not moves:
         return 0
-    by_job: dict[str, list[Moved]] = {}
+    by_job: dict[tuple[str, int], list[Moved]] = {}  # (job, image of several or 0): moves
     for m in moves:
-        by_job.setdefault(m.job_id, []).append(m)
+        if m.n > 1:
+            for k in m.indexes:
+                each = replace(m, old=image_output(m.old, k, m.n), new=image_output(m.new, k, m.n))
+                by_job.setdefault((m.job_id, k), []).append(each)
+        else:
+            by_job.setdefault((m.job_id, 0), []).append(m)
     await anyio.to_thread.run_sync(_move_files, layout, by_job)
     await store.finish_moves([m.seq for m in moves])
-    return len(by_job)
+    return len({m.job_id for m in moves})
 
 
 def _prune_empty_folders(layout: RunLayout, old: str) -> None:
@@ -178,12 +185,13 @@ def _prune_empty_folders(layout: RunLayout, old: str) -> None:
         folder = folder.parent
 
 
-def _move_files(layout: RunLayout, by_job: dict[str, list[Moved]]) -> None:
+def _move_files(layout: RunLayout, by_job: dict[tuple[str, int], list[Moved]]) -> None:
     aside = layout.root / ".moving"
-    temps: dict[str, Path] = {}
-    for job_id, chain in by_job.items():
-        temp = aside / f"{chain[0].seq}.png"
-        temps[job_id] = temp
+    temps: dict[tuple[str, int], Path] = {}
+    for key, chain in by_job.items():
+        image = key[1]  # one file of a job of several images, or 0
+        temp = aside / (f"{chain[0].seq}-{image}.png" if image else f"{chain[0].seq}.png")
+        temps[key] = temp
         if temp.exists():
             continue  # set aside by an earlier attempt
         for m in reversed(chain):  # the latest old path that still holds the image
@@ -195,8 +203,9 @@ def _move_files(layout: RunLayout, by_job: dict[str, list[Moved]]) -> None:
                 aside.mkdir(exist_ok=True)
                 os.replace(source, temp)
                 break
-    for job_id, chain in by_job.items():
-        temp = temps[job_id]
+    for key, chain in by_job.items():
+        job_id = key[0]
+        temp = temps[key]
         if not temp.exists():
             log.warning("job %s: its image was not found to move to %s", job_id, chain[-1].new)
             continue

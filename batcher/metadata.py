@@ -7,7 +7,9 @@ An image whose output path starts with a split folder (``train/``, ``test/``,
 is listed in that folder's own ``metadata.jsonl``, its ``file_name`` relative to it
 (``images/train/metadata.jsonl``: ``{"file_name": "photo/ds-0001.png", ...}``): that is
 where ``load_dataset("imagefolder", data_dir=...)`` looks for each split's metadata. Every
-other image is listed in ``images/metadata.jsonl``. Each line carries the built-in fields of
+other image is listed in ``images/metadata.jsonl``. A job of several images (``n > 1``) has
+a line for each of its files (``cat-1.png``, ``cat-2.png``, ...; ``image_index`` 1, 2, ...).
+Each line carries the built-in fields of
 :data:`batcher.records.METADATA_FIELDS` and then every manifest variable
 (:func:`batcher.records.metadata_row`).
 
@@ -15,8 +17,8 @@ Kept current during a run
 -------------------------
 The files are appended to as the images are committed, one write per batch of images, so a
 long run's dataset can be loaded while it runs. ``meta`` records whether the files are known
-to list exactly the done jobs: ``metadata_files`` is ``clean:N`` after a run ended cleanly
-with N lines in all. A run that starts on anything else (a crash, ``--replace``, a variable
+to list exactly the done jobs' images: ``metadata_files`` is ``clean:N`` after a run ended
+cleanly with N lines in all. A run that starts on anything else (a crash, ``--replace``, a variable
 edited in the manifest, a batcher that wrote no per-split files) rewrites every file from the
 job table first, each under a temporary name then renamed; a clean start only appends. So
 after ``kill -9`` the files still parse (each batch is one ``write`` of whole lines) and the
@@ -37,7 +39,7 @@ import anyio
 from jobs import JobStore, State
 
 from .layout import RunLayout
-from .records import METADATA_FIELDS, metadata_row, variable_keys
+from .records import METADATA_FIELDS, image_records, metadata_row, variable_keys
 
 __all__ = ["SPLIT_FOLDERS", "MetadataWriter", "split_of"]
 
@@ -88,7 +90,7 @@ class MetadataWriter:
         """
         await self._load_variables()
         state = await self._store.get_meta(STATE_KEY)
-        done = (await self._store.stats(totals=False)).count(State.DONE)
+        done = await self._store.done_images()
         await self._store.set_meta(STATE_KEY, "")
         if not rewrite and state == f"clean:{done}" and await self._keys_unchanged():
             self._lines = done
@@ -120,17 +122,20 @@ class MetadataWriter:
         temps: dict[str | None, tuple[Path, Any]] = {}
         n = 0
         try:
-            async for rec in self._store.iter_records(state=State.DONE):
-                split = split_of(rec["output"])
-                if split not in temps:
-                    target = self.path_for(split)
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    # A name of this process's own: workers sharing one run folder may
-                    # each rewrite the files (at start and at the end) at the same time.
-                    temp = target.with_name(f".{NAME}.{os.getpid()}.{secrets.token_hex(4)}.part")
-                    temps[split] = (temp, temp.open("w", encoding="utf-8"))
-                temps[split][1].write(self._line(rec, split))
-                n += 1
+            async for job in self._store.iter_records(state=State.DONE):
+                for rec in image_records(job):
+                    split = split_of(rec["output"])
+                    if split not in temps:
+                        target = self.path_for(split)
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        # A name of this process's own: workers sharing one run folder may
+                        # each rewrite the files (at start and at the end) at the same time.
+                        temp = target.with_name(
+                            f".{NAME}.{os.getpid()}.{secrets.token_hex(4)}.part"
+                        )
+                        temps[split] = (temp, temp.open("w", encoding="utf-8"))
+                    temps[split][1].write(self._line(rec, split))
+                    n += 1
             for _temp, fh in temps.values():
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -165,8 +170,10 @@ class MetadataWriter:
             return
         records = await self._store.done_records(list(ids))
         by_file: dict[str | None, list[str]] = {}
-        for rec in records:
-            if rec["state"] == State.DONE.value:
+        for job in records:
+            if job["state"] != State.DONE.value:
+                continue
+            for rec in image_records(job):
                 split = split_of(rec["output"])
                 by_file.setdefault(split, []).append(self._line(rec, split))
         async with self._lock:
@@ -202,9 +209,9 @@ class MetadataWriter:
                 os.close(fd)
 
     async def finish(self) -> int:
-        """Mark the files clean if they list exactly the done jobs (rewriting them if not);
-        returns the lines they hold."""
-        done = (await self._store.stats(totals=False)).count(State.DONE)
+        """Mark the files clean if they list exactly the done jobs' images (rewriting them if
+        not); returns the lines they hold."""
+        done = await self._store.done_images()
         if self._broken or self._lines != done:
             self._lines = await self.rewrite()
         else:

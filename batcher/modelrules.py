@@ -107,17 +107,12 @@ class RegistryRules:
                 problems.append(("n", f"{entry.name} makes 1 image a call, not {n}{hint}"))
             else:
                 problems.append(
-                    ("n", f"{n} is outside {entry.n_min}..{entry.n_max} for {entry.name}")
+                    (
+                        "n",
+                        f"{n} is outside {entry.n_min}..{entry.n_max} for {entry.name} "
+                        f"(it makes {entry.n_min} to {entry.n_max} images a call)",
+                    )
                 )
-        elif n is not None and n > 1:
-            # The model makes several images a call, but a job here is one output file.
-            problems.append(
-                (
-                    "n",
-                    f"{entry.name} can make {n} images a call, but batcher makes one image a "
-                    "job for now: write variants: N instead (N jobs, each its own seed)",
-                )
-            )
         if negative_prompt is not None:
             limit = entry.negative_prompt_limit
             if limit is None:

@@ -26,6 +26,13 @@ once per lane; its worker creates the task, commits the ``task_id`` and the lane
 (``batcher.taskpolls``) and downloads the result like any other image. A ``submitted`` job
 claimed by a later run is polled (with the lane recorded), never created again.
 
+A job of several images (``n > 1``) records every image the answer carries (URL, and a
+shortfall note when some of the n failed: a task's partial success) with the generation,
+billed per image; then each image is downloaded, its hash recorded, and its file put in place
+in turn, and the job is done once every recorded image is (:meth:`Runner._download_several`).
+A later run that finds the job generated re-downloads only the images whose verified file is
+not in place: the URLs are recorded, nothing is generated (or paid) again.
+
 An unreachable service is one condition, not a failure per job (:mod:`batcher.reach`): a call
 that fails to connect is retried with no attempt charged (it never reached the service), and
 when such failures follow one another across the run the dispatcher stops starting calls and
@@ -70,6 +77,7 @@ from jobs import (
     EMULATOR_ENDPOINT,
     Claim,
     Generated,
+    JobImage,
     JobStore,
     JobStoreError,
     LaneCalls,
@@ -78,13 +86,14 @@ from jobs import (
     StoredFile,
     StoreUnreachable,
 )
+from jobs.naming import image_output
 from jobs.params import load_params
 
 from .backoff import next_delay, parse_retry_after
 from .classify import DownloadVerdict, TransportFault, Verdict, classify_api_error
-from .client import DashScopeClient, ImageResult, TaskReport
+from .client import DashScopeClient, ImageResult, TaskReport, url_expiry
 from .committer import ImageCommitter
-from .download import download_image, hash_file
+from .download import Downloaded, commit, discard, download_image, hash_file
 from .errors import ApiError, DownloadError, RunAborted, TransportError
 from .lanebook import LaneBook, LaneTally, RunLane, accepted_rate
 from .lanes import default_lane
@@ -96,7 +105,7 @@ from .reach import Reachability
 from .sharedpacing import SharedPacer
 from .taskpolls import PollGate, TaskClock, poll_delay
 
-__all__ = ["RunCounters", "RunOptions", "RunResult", "Runner", "StopReason"]
+__all__ = ["RunCounters", "RunOptions", "RunResult", "Runner", "StopReason", "shortfall_note"]
 
 log = logging.getLogger("batcher.run")
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
@@ -121,6 +130,22 @@ class StopReason(StrEnum):
     LIMIT = "limit"  # --limit reached
     UNREACHABLE = "unreachable"  # the service could not be reached for --unreachable-timeout
     DATABASE = "database"  # the job database could not be reached for --unreachable-timeout
+
+
+def shortfall_note(n: int, came: int, failed: Sequence[tuple[str, str]]) -> str | None:
+    """What a job of ``n`` images that got ``came`` of them records; None when all came.
+
+    >>> shortfall_note(4, 3, [("InternalError.Algo", "Inference error.")])
+    '1 of 4 images failed: InternalError.Algo: Inference error.'
+    >>> shortfall_note(4, 4, [])
+    """
+    missing = n - came
+    if missing <= 0:
+        return None
+    if not failed:
+        return f"{missing} of {n} images did not come (the answer listed {came})"
+    reasons = dict.fromkeys(f"{code}: {message}".rstrip(": ") for code, message in failed)
+    return f"{missing} of {n} images failed: {'; '.join(reasons)}"
 
 
 def model_rates(rps: float | None) -> dict[str, float]:
@@ -275,6 +300,7 @@ class Runner:
         # Generation calls dispatched and not yet answered: counted from the dispatch (not
         # when the worker task first runs), so --budget sees every call already committed.
         self._generating = 0
+        self._generating_images = 0  # the images those calls make (n a job)
         self._started: set[str] = set()  # jobs this run has called the API for (--limit)
         self._abandoned: set[str] = set()  # jobs whose call was cut short after it was sent
         self._stop = anyio.Event()
@@ -513,6 +539,7 @@ class Runner:
             if probe:
                 self._probe = claim.id
             self._generating += 1  # until _call_and_record / _create_task has the answer
+            self._generating_images += claim.n
             if self._is_task_model(claim.model):
                 self._open_task(lane.name, claim.model, +1)
                 self._start(tg, self._task, claim, lane)
@@ -653,14 +680,14 @@ class Runner:
         if self.opt.budget is not None:
             price = self.price(claim.model, claim.prompt_extend, lane.lane.region)
             spent = self._spent_before + self.counters.cost
-            committed = spent + price.amount * self._generating
-            if committed + price.amount > self.opt.budget:
+            committed = spent + price.amount * self._generating_images
+            if committed + price.amount * claim.n > self.opt.budget:
                 budget = Money(self.opt.budget, price.currency)
                 total = Money(committed, price.currency)
                 self.request_stop(
                     StopReason.BUDGET,
                     f"--budget {budget} reached: this run folder has spent (or has in flight) "
-                    f"{total}, and one more image costs {price}",
+                    f"{total}, and one more job costs {price} x {claim.n} image(s)",
                 )
                 return False
         return True
@@ -874,6 +901,7 @@ class Runner:
                     seed=claim.seed,
                     prompt_extend=claim.prompt_extend,
                     params=load_params(claim.params),
+                    n=claim.n,
                 )
             except anyio.get_cancelled_exc_class():
                 # Hung up on a call that was sent: the service may still bill it.
@@ -899,11 +927,19 @@ class Runner:
                     )
                 return None
             self._on_answered(sent, accepted=True, lane=lane, model=claim.model)
+            several: tuple[ImageResult, ...] = ()
+            if claim.n > 1:
+                more = [
+                    replace(result, image_url=url, url_expires_at=url_expiry(url), slot=slot)
+                    for slot, url in enumerate(result.more_urls, start=2)
+                ]
+                several = (result, *more)
             with anyio.CancelScope(shield=True):
-                generated = await self._record(claim, result, lane)
+                generated = await self._record(claim, result, lane, several=several)
             return generated
         finally:
             self._generating -= 1
+            self._generating_images -= claim.n
             if self._probe == claim.id:
                 self._probe = None
 
@@ -952,8 +988,37 @@ class Runner:
         self._in_flight -= 1
         self._notify()
 
-    async def _record(self, claim: Claim, result: ImageResult, lane: RunLane) -> Claim:
+    async def _record(
+        self,
+        claim: Claim,
+        result: ImageResult,
+        lane: RunLane,
+        *,
+        several: Sequence[ImageResult] = (),
+        failed: Sequence[tuple[str, str]] = (),
+    ) -> Claim:
+        """Record a generation: one image (``result``), or for a job of n > 1 images every
+        image that came (``several``, ``result`` the first) and the slots that failed."""
         price = self.price(claim.model, claim.prompt_extend, lane.lane.region)
+        billed = 1
+        images: tuple[JobImage, ...] = ()
+        shortfall: str | None = None
+        if several:
+            billed = result.image_count if result.image_count is not None else len(several)
+            images = tuple(
+                JobImage(
+                    index=image.slot,
+                    url=image.image_url,
+                    url_expires_at=image.url_expires_at,
+                    actual_prompt=image.actual_prompt if claim.prompt_extend else None,
+                    width=image.width if image.width is not None else result.width,
+                    height=image.height if image.height is not None else result.height,
+                )
+                for image in several
+            )
+            shortfall = shortfall_note(claim.n, len(several), failed)
+            if shortfall is not None:
+                log.warning("job %s: %s", claim.id, shortfall)
         await self.store.record_generated(
             claim.id,
             claim.token,
@@ -970,18 +1035,21 @@ class Runner:
                 image_url=result.image_url,
                 url_expires_at=result.url_expires_at,
                 latency_ms=result.latency_ms,
-                cost=price.amount,
+                cost=price.amount * billed,
                 currency=price.currency,
                 endpoint=lane.endpoint,
                 lane=lane.name,
+                images=images,
+                billed=billed,
+                shortfall=shortfall,
             ),
             lease_seconds=self.opt.lease_seconds,
         )
         self.counters.generated += 1
-        self.counters.cost += price.amount
+        self.counters.cost += price.amount * billed
         t = self.book.tally(lane.name, claim.model)
-        t.images += 1
-        t.cost += price.amount
+        t.images += billed
+        t.cost += price.amount * billed
         t.currency = price.currency
         return replace(
             claim,
@@ -1109,6 +1177,8 @@ class Runner:
 
     async def _download(self, claim: Claim, *, fresh: bool = False) -> bool:
         """Download a generated image and complete the job. True once the job is settled."""
+        if claim.n > 1:
+            return await self._download_several(claim, fresh=fresh)
         assert claim.image_url is not None
         try:
             dest = self.layout.image_path(claim.output)
@@ -1154,21 +1224,7 @@ class Runner:
             return False
         except DownloadError as exc:
             with anyio.CancelScope(shield=True):
-                if exc.verdict is DownloadVerdict.REGENERATE:
-                    return await self._regenerate(claim, f"Download.{exc.reason}", str(exc))
-                attempt = claim.download_attempts + 1
-                if attempt >= self.opt.max_attempts:
-                    await self._fail(claim, f"Download.{exc.reason}", str(exc), charge=False)
-                    return True
-                await self.store.retry_download_later(
-                    claim.id,
-                    claim.token,
-                    delay=self._delay(attempt, None),
-                    code=f"Download.{exc.reason}",
-                    message=str(exc),
-                )
-                self.counters.download_retries += 1
-                return True
+                return await self._on_download_error(claim, exc)
         with anyio.CancelScope(shield=True):
             try:
                 await self.committer.commit(claim.id, claim.token, item)
@@ -1176,6 +1232,95 @@ class Runner:
                 self.request_stop(StopReason.ABORTED, str(exc))
                 return False
         self.counters.done += 1
+        return True
+
+    async def _download_several(self, claim: Claim, *, fresh: bool) -> bool:
+        """Download the images of a job of several that are not in place yet, each verified,
+        its hash recorded, then put in place; complete the job once all are. True once the
+        job is settled (done, or a retry, a regeneration or a failure recorded)."""
+        images = await self.store.job_images(claim.id)
+        if not images:  # generated, yet no image recorded: nothing to download
+            return await self._regenerate(claim, "ImagesMissing", "no image URL was recorded")
+        kept: list[StoredFile] = []
+        for image in images:
+            try:
+                dest = self.layout.image_path(image_output(claim.output, image.index, claim.n))
+            except UnsafeOutputPath as exc:
+                with anyio.CancelScope(shield=True):
+                    await self._fail(claim, "UnsafeOutputPath", str(exc), charge=False)
+                return True
+            if image.sha256 is not None and image.bytes is not None:
+                found = await anyio.to_thread.run_sync(hash_file, dest)
+                if found == (image.sha256, image.bytes):
+                    self.counters.downloads_skipped += 1
+                    kept.append(StoredFile(sha256=image.sha256, bytes=image.bytes))
+                    continue
+            if not fresh and (
+                image.url_expires_at is not None and image.url_expires_at <= time.time() + 5
+            ):
+                return await self._regenerate(
+                    claim, "URLExpired", f"the URL of image {image.index} expired"
+                )
+            if not fresh and self._from_a_gone_emulator(image.url):
+                return await self._regenerate(
+                    claim, "URLExpired", "the image URL came from an emulator that has stopped"
+                )
+            try:
+                item = await download_image(
+                    self.session,
+                    image.url,
+                    dest,
+                    expect_width=image.width,
+                    expect_height=image.height,
+                    timeout=self.opt.download_timeout,
+                )
+            except RunAborted as exc:
+                self.request_stop(StopReason.ABORTED, str(exc))
+                return False
+            except DownloadError as exc:
+                with anyio.CancelScope(shield=True):
+                    return await self._on_download_error(claim, exc)
+            with anyio.CancelScope(shield=True):
+                try:
+                    kept.append(await self._put_in_place(claim, image, item))
+                except RunAborted as exc:
+                    self.request_stop(StopReason.ABORTED, str(exc))
+                    return False
+        with anyio.CancelScope(shield=True):
+            await self.store.complete(claim.id, claim.token, kept[0])
+            if self._on_done is not None:
+                await self._on_done([claim.id])
+        self.counters.done += 1
+        return True
+
+    async def _put_in_place(self, claim: Claim, image: JobImage, item: Downloaded) -> StoredFile:
+        """Record a verified image's hash, then rename its file into place (the order of
+        :mod:`batcher.committer`, one image at a time)."""
+        stored = StoredFile(sha256=item.sha256, bytes=item.bytes)
+        try:
+            await self.store.record_image_file(claim.id, claim.token, image.index, stored)
+        except BaseException:
+            discard(item)
+            raise
+        await commit(item)
+        return stored
+
+    async def _on_download_error(self, claim: Claim, exc: DownloadError) -> bool:
+        """A download failed: generate again, retry the download later, or give up."""
+        if exc.verdict is DownloadVerdict.REGENERATE:
+            return await self._regenerate(claim, f"Download.{exc.reason}", str(exc))
+        attempt = claim.download_attempts + 1
+        if attempt >= self.opt.max_attempts:
+            await self._fail(claim, f"Download.{exc.reason}", str(exc), charge=False)
+            return True
+        await self.store.retry_download_later(
+            claim.id,
+            claim.token,
+            delay=self._delay(attempt, None),
+            code=f"Download.{exc.reason}",
+            message=str(exc),
+        )
+        self.counters.download_retries += 1
         return True
 
     def _from_a_gone_emulator(self, url: str) -> bool:
@@ -1282,6 +1427,7 @@ class Runner:
             )
         finally:
             self._generating -= 1
+            self._generating_images -= claim.n
             if self._probe == claim.id:
                 self._probe = None
 
@@ -1345,10 +1491,14 @@ class Runner:
             await self._regenerate(claim, "TaskUnknown", f"task {claim.task_id}: {why}")
             return None
         if report.status == "SUCCEEDED" and report.images:
-            image = report.images[0]
             count = report.image_count if report.image_count is not None else len(report.images)
             width, height = (int(v) for v in claim.size.split("*"))
-            image = replace(image, image_count=count, width=width, height=height)
+            sized = [replace(i, width=width, height=height) for i in report.images]
+            image = replace(sized[0], image_count=count)
+            if claim.n > 1:
+                return await self._record(
+                    claim, image, lane, several=sized, failed=report.failed_slots
+                )
             if report.failed_slots:
                 code, message = report.failed_slots[0]
                 log.warning(

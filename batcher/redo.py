@@ -2,11 +2,13 @@
 
 A person who rejected an image (``batcher review``) or names a job by id puts it back to
 ``pending`` with a new seed, a given seed, or a new prompt; the next ``batcher run`` makes it.
-Nothing is lost: the previous image moves under ``DIR/history/`` (the same sub-folders as under
-``images/``, a name made unique with the time and the image's hash, never overwriting), and
-the job's previous record goes to the ``job_history`` table with reason ``redo`` and the path of
-that file. ``batcher retry`` is the same mechanism for failed jobs (:meth:`JobStore.redo` and
-:meth:`JobStore.retry_failed` share it).
+Nothing is lost: the previous image (every image of a job of several, ``n > 1``) moves under
+``DIR/history/`` (the same sub-folders as under ``images/``, a name made unique with the time
+and the image's hash, never overwriting), and the job's previous record goes to the
+``job_history`` table with reason ``redo`` and the path of that file (of a job of several, the
+first image's; the record lists every image, and each kept file is named after its own,
+``cat-2.<time>.<hash>.png``). ``batcher retry`` is the same mechanism for failed jobs
+(:meth:`JobStore.redo` and :meth:`JobStore.retry_failed` share it).
 
 Order of the steps, so a crash at any point loses nothing: the image is first *linked* under
 ``history/`` (both names on one file), then the job table is changed in one transaction, then
@@ -29,6 +31,7 @@ from typing import Any
 
 from jobs import EMULATOR_ENDPOINT, JobStore, Redo, State
 from jobs.fields import MAX_SEED, text_problem
+from jobs.naming import image_output
 
 from .errors import ConfigError
 from .layout import RunLayout, RunLock
@@ -59,7 +62,8 @@ class RedoOptions:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class RedoItem:
     """One job to redo: its record now, the seed and prompt it will be made with, and the
-    image file that will be kept."""
+    image file that will be kept (``image``; every file of a job of several images in
+    ``files``, as (output path, file, sha256), the first one ``image``)."""
 
     record: dict[str, Any]
     seed: int
@@ -67,6 +71,8 @@ class RedoItem:
     image: Path
     cost: Money
     kept: Path | None = field(default=None)  # where the image went, once kept
+    files: tuple[tuple[str, Path, str | None], ...] = ()
+    kept_all: tuple[Path, ...] = ()  # where every file went, once kept
 
     @property
     def id(self) -> str:
@@ -139,12 +145,14 @@ async def plan_redo(store: JobStore, layout: RunLayout, opt: RedoOptions) -> lis
         if state != State.DONE.value:
             hint = "; `batcher retry` puts failed jobs back" if state == State.FAILED.value else ""
             raise ConfigError(f"job {rec['id']!r} is {state} and has no image to redo{hint}")
-        image = layout.image_path(rec["output"], create_parents=False)
-        if not image.is_file():
-            raise ConfigError(
-                f"job {rec['id']!r} is done but its image {layout.relative(rec['output'])} "
-                "is missing; nothing to keep (run `batcher run` to check the folder)"
-            )
+        files = _files(layout, rec)
+        for output, image, _ in files:
+            if not image.is_file():
+                raise ConfigError(
+                    f"job {rec['id']!r} is done but its image {layout.relative(output)} "
+                    "is missing; nothing to keep (run `batcher run` to check the folder)"
+                )
+        image = files[0][1]
         if opt.prompt is not None:
             _check_prompt_length(opt.prompt, rec)
         if opt.seed is not None:
@@ -160,9 +168,25 @@ async def plan_redo(store: JobStore, layout: RunLayout, opt: RedoOptions) -> lis
                 prompt=opt.prompt if opt.prompt is not None else rec["prompt"],
                 image=image,
                 cost=_cost(rec),
+                files=files,
             )
         )
     return items
+
+
+def _files(layout: RunLayout, rec: dict[str, Any]) -> tuple[tuple[str, Path, str | None], ...]:
+    """(output path, file, sha256) of each image of a done job: its one image, or every
+    image recorded for a job of several."""
+    images = rec.get("images")
+    if not images:
+        path = layout.image_path(rec["output"], create_parents=False)
+        return ((rec["output"], path, rec.get("sha256")),)
+    n = int(rec.get("n") or 1)
+    out = []
+    for image in images:
+        output = image_output(rec["output"], image["index"], n)
+        out.append((output, layout.image_path(output, create_parents=False), image["sha256"]))
+    return tuple(out)
 
 
 def _sync_dir(folder: Path) -> None:
@@ -173,18 +197,19 @@ def _sync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _keep(layout: RunLayout, item: RedoItem, stamp: str) -> Path:
-    """A new, unique name for ``item``'s image under ``history/``: a hard link (the same file
-    under two names), or a copy where the file system has no links. Never overwrites."""
-    folder = layout.history_folder(item.record["output"])
-    name = PurePosixPath(item.record["output"]).name
+def _keep(layout: RunLayout, output: str, image: Path, sha256: str | None, stamp: str) -> Path:
+    """A new, unique name for the image ``image`` (at ``output``) under ``history/``: a hard
+    link (the same file under two names), or a copy where the file system has no links.
+    Never overwrites."""
+    folder = layout.history_folder(output)
+    name = PurePosixPath(output).name
     stem, suffix = os.path.splitext(name)
-    tag = (item.record.get("sha256") or "")[:8]
+    tag = (sha256 or "")[:8]
     for n in range(1, 10_000):
         extra = "" if n == 1 else f"-{n}"
         dest = folder / f"{stem}.{stamp}{('.' + tag) if tag else ''}{extra}{suffix}"
         try:
-            os.link(item.image, dest, follow_symlinks=False)
+            os.link(image, dest, follow_symlinks=False)
             return dest
         except FileExistsError:
             continue
@@ -195,7 +220,7 @@ def _keep(layout: RunLayout, item: RedoItem, stamp: str) -> Path:
             fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             continue
-        with os.fdopen(fd, "wb") as out, item.image.open("rb") as src:
+        with os.fdopen(fd, "wb") as out, image.open("rb") as src:
             shutil.copyfileobj(src, out)
             out.flush()
             os.fsync(out.fileno())
@@ -211,9 +236,17 @@ async def redo(store: JobStore, layout: RunLayout, items: Sequence[RedoItem]) ->
     kept: list[RedoItem] = []
     try:
         for item in items:
-            dest = _keep(layout, item, stamp)
-            kept.append(_with_kept(item, dest))
-        for folder in {k.kept.parent for k in kept if k.kept is not None}:
+            files = item.files or ((item.record["output"], item.image, item.record.get("sha256")),)
+            names: list[Path] = []
+            try:
+                for output, image, sha256 in files:
+                    names.append(_keep(layout, output, image, sha256, stamp))
+            except BaseException:
+                for name in names:
+                    name.unlink(missing_ok=True)
+                raise
+            kept.append(_with_kept(item, tuple(names)))
+        for folder in {p.parent for k in kept for p in k.kept_all}:
             _sync_dir(folder)
         await store.redo(
             [
@@ -229,24 +262,27 @@ async def redo(store: JobStore, layout: RunLayout, items: Sequence[RedoItem]) ->
         )
     except BaseException:
         for k in kept:  # the table did not change: the extra names go
-            if k.kept is not None:
-                k.kept.unlink(missing_ok=True)
+            for name in k.kept_all:
+                name.unlink(missing_ok=True)
         raise
-    for k in kept:
-        k.image.unlink(missing_ok=True)
-    for folder in {k.image.parent for k in kept}:
+    gone = [image for k in kept for _, image, _ in k.files] or [k.image for k in kept]
+    for image in gone:
+        image.unlink(missing_ok=True)
+    for folder in {image.parent for image in gone}:
         _sync_dir(folder)
     return kept
 
 
-def _with_kept(item: RedoItem, dest: Path) -> RedoItem:
+def _with_kept(item: RedoItem, dest: tuple[Path, ...]) -> RedoItem:
     return RedoItem(
         record=item.record,
         seed=item.seed,
         prompt=item.prompt,
         image=item.image,
         cost=item.cost,
-        kept=dest,
+        kept=dest[0],
+        files=item.files,
+        kept_all=dest,
     )
 
 

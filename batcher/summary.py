@@ -304,6 +304,12 @@ def status_text(stats: Stats, layout: RunLayout, *, live_run: bool = True) -> st
         buf.write("  by lane (all runs):\n")
         for line in lane_lines(stats.lanes):
             buf.write(f"    {line}\n")
+    if stats.short_jobs:
+        buf.write(
+            f"  short of images: {plural(stats.short_jobs, 'done job')} made fewer images than "
+            f"asked ({plural(stats.images_short, 'image')} failed at the service, not billed; "
+            "the shortfall column of `batcher export` says why, `batcher redo` makes them again)\n"
+        )
     if stats.reviews:
         marks = ", ".join(f"{n} {mark}" for mark, n in sorted(stats.reviews.items()))
         buf.write(f"  reviewed: {marks}\n")
@@ -369,6 +375,8 @@ def status_json(stats: Stats) -> dict[str, Any]:
         regenerated=stats.regenerated,
         models=models_json(stats),
         reviews=stats.reviews,
+        short_jobs=stats.short_jobs,
+        images_short=stats.images_short,
         lanes=lanes_json(stats.lanes),
     )
     return out

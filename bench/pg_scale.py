@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import secrets
 import shutil
 import subprocess
 import sys
@@ -29,27 +27,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 from sqlalchemy import make_url
 
 from jobs.store import JobStore
 
 from .common import BenchError, batcher_command, child_env, work_dir
 from .manifests import cached_manifest
+from .pgdb import scratch_database
 
-ADMIN = os.environ.get("BATCHER_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 CLAIMERS = 8
 CLAIM_LIMIT = 16
 CLAIM_SECONDS = 5.0
-
-
-async def _admin(*statements: str) -> None:
-    con = await asyncpg.connect(ADMIN, timeout=10)
-    try:
-        for statement in statements:
-            await con.execute(statement)
-    finally:
-        await con.close()
 
 
 def _psql_copy(url: str, csv_path: Path) -> float:
@@ -123,16 +111,10 @@ def measure(quick: bool) -> dict[str, Any]:
     rows = 100_000 if quick else 1_000_000
     csv_path = cached_manifest(rows)
     work = work_dir("pg_scale")
-    name = f"batcher_bench_{secrets.token_hex(4)}"
-    base = ADMIN.rpartition("/")[0]
-    url = f"{base}/{name}"
-    asyncio.run(_admin(f"CREATE DATABASE {name}"))
-    try:
+    with scratch_database() as url:
         copy_s = _psql_copy(url, csv_path)
         plan_s = _batcher_plan(url, csv_path, work / "run")
         claimed, claim_s, twice = asyncio.run(_claims(url))
-    finally:
-        asyncio.run(_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
     return {
         "rows": rows,
         "psql_copy_s": copy_s,

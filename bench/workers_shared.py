@@ -29,15 +29,11 @@ The server is the one ``BATCHER_BENCH_PG`` names (default
 
 from __future__ import annotations
 
-import asyncio
 import os
-import secrets
 import sys
 import time
 from pathlib import Path
 from typing import Any
-
-import asyncpg
 
 from .common import (
     ROOT,
@@ -53,21 +49,12 @@ from .common import (
     work_dir,
 )
 from .manifests import cached_manifest
+from .pgdb import scratch_database
 from .report import Goal, Result, bench_main, table
 
 Q = 10.0
 WORKERS = 3
 LATENCY = "lognormal:1000:0.4"
-ADMIN = os.environ.get("BATCHER_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
-
-
-async def _admin(*statements: str) -> None:
-    con = await asyncpg.connect(ADMIN, timeout=10)
-    try:
-        for statement in statements:
-            await con.execute(statement)
-    finally:
-        await con.close()
 
 
 def _rate(stats: dict[str, Any]) -> tuple[float, int, int, int]:
@@ -100,40 +87,37 @@ def _two_lanes(manifest: Path, work: Path, n: int, core: int | None) -> dict[str
     emu = EmulatorProcess(
         latency=LATENCY, rps=f"{Q / 2:g}", core=core, extra=["--seed", "7", *accounts]
     )
-    name = f"batcher_bench_{secrets.token_hex(4)}"
-    url = f"{ADMIN.rpartition('/')[0]}/{name}"
     children: list[Child] = []
-    asyncio.run(_admin(f"CREATE DATABASE {name}"))
-    try:
-        emu.start()
-        out = work / "lanes"
-        out.mkdir()
-        lanes = work / "lanes.yaml"
-        lanes.write_text(LANES.format(base_url=emu.base_url, quota=Q / 2), encoding="utf-8")
-        _plan(manifest, out, url)
-        command = batcher_command(
-            "run", str(manifest), "--out", str(out), "--lanes", str(lanes), "--db", url,
-            "--json", "--no-progress",
-        )  # fmt: skip
-        for i in range(WORKERS):
-            children.append(
-                Child(
-                    command,
-                    cwd=ROOT,
-                    env=child_env(),
-                    stdout=work / f"lanes{i}.out",
-                    stderr=work / f"lanes{i}.err",
+    with scratch_database() as url:
+        try:
+            emu.start()
+            out = work / "lanes"
+            out.mkdir()
+            lanes = work / "lanes.yaml"
+            lanes.write_text(LANES.format(base_url=emu.base_url, quota=Q / 2), encoding="utf-8")
+            _plan(manifest, out, url)
+            command = batcher_command(
+                "run", str(manifest), "--out", str(out), "--lanes", str(lanes), "--db", url,
+                "--json", "--no-progress",
+            )  # fmt: skip
+            for i in range(WORKERS):
+                children.append(
+                    Child(
+                        command,
+                        cwd=ROOT,
+                        env=child_env(),
+                        stdout=work / f"lanes{i}.out",
+                        stderr=work / f"lanes{i}.err",
+                    )
                 )
-            )
-        deadline = time.perf_counter() + 4 * n / Q + 120
-        measured = [c.wait(max(1.0, deadline - time.perf_counter())).check() for c in children]
-        runs = [m.json() for m in measured]
-        rate, accepted, throttled, requests = _rate(emu.stats())
-    finally:
-        for c in children:
-            c.kill()
-        emu.stop()
-        asyncio.run(_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            deadline = time.perf_counter() + 4 * n / Q + 120
+            measured = [c.wait(max(1.0, deadline - time.perf_counter())).check() for c in children]
+            runs = [m.json() for m in measured]
+            rate, accepted, throttled, requests = _rate(emu.stats())
+        finally:
+            for c in children:
+                c.kill()
+            emu.stop()
     done = sum(r["this_run"]["done"] for r in runs)
     if done != n:
         raise BenchError(f"the two-lane run finished {done} of {n} jobs")
@@ -162,47 +146,46 @@ def measure(quick: bool, args: Any) -> Result:
     work = work_dir("workers_shared")
     manifest = cached_manifest(n)
     client_cores, server_core = split_cores()
-    name = f"batcher_bench_{secrets.token_hex(4)}"
-    url = f"{ADMIN.rpartition('/')[0]}/{name}"
     emu_args = ["--seed", "7"]
     shared_emu = EmulatorProcess(latency=LATENCY, rps=f"{Q:g}", core=server_core, extra=emu_args)
     single_emu = EmulatorProcess(latency=LATENCY, rps=f"{Q:g}", core=server_core, extra=emu_args)
     children: list[Child] = []
-    asyncio.run(_admin(f"CREATE DATABASE {name}"))
-    try:
-        shared_emu.start()
-        single_emu.start()
-        pin_self(client_cores)
-        out = work / "shared"
-        out.mkdir()
-        _plan(manifest, out, url)  # the import, once, before the workers start
-        commands = [
-            [*batcher_run(manifest, out, shared_emu.base_url, rps=f"{Q:g}"), "--db", url]
-            for _ in range(WORKERS)
-        ]
-        commands.append(batcher_run(manifest, work / "single", single_emu.base_url, rps=f"{Q:g}"))
-        timeout = 4 * n / Q + 120
-        for i, command in enumerate(commands):
-            children.append(
-                Child(
-                    command,
-                    cwd=ROOT,
-                    env=child_env(),
-                    stdout=work / f"client{i}.out",
-                    stderr=work / f"client{i}.err",
-                )
+    with scratch_database() as url:
+        try:
+            shared_emu.start()
+            single_emu.start()
+            pin_self(client_cores)
+            out = work / "shared"
+            out.mkdir()
+            _plan(manifest, out, url)  # the import, once, before the workers start
+            commands = [
+                [*batcher_run(manifest, out, shared_emu.base_url, rps=f"{Q:g}"), "--db", url]
+                for _ in range(WORKERS)
+            ]
+            commands.append(
+                batcher_run(manifest, work / "single", single_emu.base_url, rps=f"{Q:g}")
             )
-        deadline = time.perf_counter() + timeout
-        measured = [c.wait(max(1.0, deadline - time.perf_counter())).check() for c in children]
-        runs = [m.json() for m in measured]
-        shared_rate, shared_ok, shared_thr, shared_req = _rate(shared_emu.stats())
-        single_rate, single_ok, single_thr, single_req = _rate(single_emu.stats())
-    finally:
-        for c in children:
-            c.kill()
-        shared_emu.stop()
-        single_emu.stop()
-        asyncio.run(_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            timeout = 4 * n / Q + 120
+            for i, command in enumerate(commands):
+                children.append(
+                    Child(
+                        command,
+                        cwd=ROOT,
+                        env=child_env(),
+                        stdout=work / f"client{i}.out",
+                        stderr=work / f"client{i}.err",
+                    )
+                )
+            deadline = time.perf_counter() + timeout
+            measured = [c.wait(max(1.0, deadline - time.perf_counter())).check() for c in children]
+            runs = [m.json() for m in measured]
+            shared_rate, shared_ok, shared_thr, shared_req = _rate(shared_emu.stats())
+            single_rate, single_ok, single_thr, single_req = _rate(single_emu.stats())
+        finally:
+            for c in children:
+                c.kill()
+            shared_emu.stop()
+            single_emu.stop()
     done = sum(r["this_run"]["done"] for r in runs[:WORKERS])
     if done != n or runs[WORKERS]["done"] != n:
         raise BenchError(f"the shared run finished {done} of {n} jobs")

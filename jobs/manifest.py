@@ -35,7 +35,7 @@ from jobs.builder import JobBuilder
 from jobs.csvfile import iter_csv
 from jobs.errors import ManifestError, ManifestInvalid
 from jobs.jsonlfile import iter_jsonl
-from jobs.naming import DEFAULT_OUTPUT, compile_output
+from jobs.naming import DEFAULT_OUTPUT, compile_output, image_output
 from jobs.params import ModelRules
 from jobs.readahead import helper_rows
 from jobs.spec import JobRow, JobSpec
@@ -94,6 +94,13 @@ def open_manifest(
 
 def _fail(shown: str, message: str) -> NoReturn:
     raise ManifestInvalid([ManifestError(shown, None, None, message)])
+
+
+def _file_keys(row: JobRow) -> list[str]:
+    """The collision keys of the files a job writes: its output key, or for a job of several
+    images (``n > 1``) each image's (``cat-1.png`` ..), which no other job may write."""
+    key, n = row[8], row[9]
+    return [key] if n <= 1 else [image_output(key, k, n) for k in range(1, n + 1)]
 
 
 @dataclass(slots=True)
@@ -204,6 +211,7 @@ class Manifest:
         withheld: list[_Withheld] = []
         ids: set[int] = set()
         keys: set[int] = set()
+        files: set[int] = set()  # the files of jobs of several images
         limit = self._max_errors
         seq = 0
         outputs_from_id = False
@@ -223,9 +231,17 @@ class Manifest:
                         known = len(ids)
                         add_id(hash(row[0]) & mask)  # the id
                         id_seen = len(ids) == known
+                    key_hash = hash(row[8]) & mask  # the output key
                     known = len(keys)
-                    add_key(hash(row[8]) & mask)  # the output key
+                    add_key(key_hash)
                     key_seen = len(keys) == known
+                    if row[9] > 1:  # n: a job of several images writes <stem>-k.png files
+                        for file_key in _file_keys(row):
+                            file_hash = hash(file_key) & mask
+                            key_seen = key_seen or file_hash in keys
+                            files.add(file_hash)
+                    elif files:
+                        key_seen = key_seen or key_hash in files
                     if not (id_seen or key_seen):
                         yield row
                         continue
@@ -259,8 +275,10 @@ class Manifest:
         last = withheld[-1].seq
         want_ids = {w.spec.id for w in withheld if w.id_seen}
         want_keys = {w.spec.output_key for w in withheld if w.key_seen}
+        want_keys.update(k for w in withheld if w.key_seen for k in _file_keys(w.row))
         first_id: dict[str, tuple[int, JobSpec]] = {}
         first_key: dict[str, tuple[int, JobSpec]] = {}
+        first_file: dict[str, tuple[int, JobSpec]] = {}  # files of jobs of several images
         seq = 0
         try:
             for row in self._rows(self._builder([]), []):
@@ -274,6 +292,10 @@ class Manifest:
                     first_id[job_id] = (seq, JobSpec.from_row(row))
                 if key in want_keys and key not in first_key:
                     first_key[key] = (seq, JobSpec.from_row(row))
+                if row[9] > 1:
+                    for file_key in _file_keys(row):
+                        if file_key in want_keys and file_key not in first_file:
+                            first_file[file_key] = (seq, JobSpec.from_row(row))
         except (ManifestError, OSError):
             pass  # the file changed under us; what was found so far still stands
         for held in withheld:
@@ -284,6 +306,26 @@ class Manifest:
                 errors.append(ManifestError(self._shown, spec.line, "id", message))
                 continue
             earlier = first_key.get(spec.output_key) if held.key_seen else None
+            if held.key_seen and (earlier is None or earlier[0] >= held.seq):
+                # a file of a job of several images: this one's, written by an earlier job of
+                # one image, or this job's one file, written by an earlier job of several
+                if spec.n > 1:
+                    candidates = [(k, first_key.get(k)) for k in _file_keys(held.row)]
+                else:
+                    candidates = [(spec.output_key, first_file.get(spec.output_key))]
+                for file_key, found in candidates:
+                    if found is not None and found[0] < held.seq and 1 in (found[1].n, spec.n):
+                        other = found[1]
+                        message = (
+                            f"{_show(spec.output)} collides with line {other.line}: a job of "
+                            "n > 1 images writes <stem>-1.png .. <stem>-n.png, and both would "
+                            f"write {file_key}"
+                        )
+                        errors.append(ManifestError(self._shown, spec.line, "output", message))
+                        break
+                else:
+                    yield held.row  # the hash matched a different value
+                continue
             if earlier is not None and earlier[0] < held.seq:
                 other = earlier[1]
                 if other.output != spec.output:

@@ -33,14 +33,23 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select, text, update
+from sqlalchemy import delete, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .errors import ManifestError, ManifestInvalid
-from .schema import history, jobs
+from .schema import history, images, jobs
 from .states import State, sources_of
 
-__all__ = ["MOVE", "MOVED", "RESTORED_STATE", "ImportReport", "merge_staging"]
+__all__ = [
+    "MOVE",
+    "MOVED",
+    "RESTORED_STATE",
+    "ImportReport",
+    "attach_images",
+    "drop_images",
+    "images_of",
+    "merge_staging",
+]
 
 MOVE = "move"
 """``job_history.reason`` of a done job's image still to be moved to its new output path."""
@@ -103,6 +112,7 @@ RESULT_RESET: dict[str, Any] = {
     "finished_at": None,
     "task_id": None,  # a job started again creates a new task
     "task_submitted_at": None,
+    "shortfall": None,
 }
 
 
@@ -132,6 +142,7 @@ async def _to_history(
     """Copy the jobs ``j`` matching ``where`` (joined to staging ``s`` when it names it) to the
     history with ``reason``; returns their ids."""
     old = [dict(r) for r in (await conn.exec_driver_sql(f"SELECT j.* FROM {where}")).mappings()]
+    await attach_images(conn, old)
     for rec in old:
         await conn.execute(
             history.insert().values(
@@ -143,6 +154,40 @@ async def _to_history(
             )
         )
     return [rec["id"] for rec in old]
+
+
+async def attach_images(conn: AsyncConnection, records: list[dict[str, Any]]) -> None:
+    """Give each record of a job of several images (``n > 1``) its ``images``: the rows of
+    ``job_images``, in order, as dicts (``index``, ``url``, ``sha256``, ...)."""
+    wanted = [rec["id"] for rec in records if (rec.get("n") or 1) > 1]
+    if not wanted:
+        return
+    found = await images_of(conn, wanted)
+    for rec in records:
+        if (rec.get("n") or 1) > 1:
+            rec["images"] = found.get(rec["id"], [])
+
+
+async def images_of(conn: AsyncConnection, wanted: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """The ``job_images`` rows of the jobs ``wanted``, by job, in order, as dicts."""
+    found: dict[str, list[dict[str, Any]]] = {}
+    for at in range(0, len(wanted), 500):
+        query = (
+            select(images)
+            .where(images.c.job_id.in_(wanted[at : at + 500]))
+            .order_by(images.c.job_id, images.c.idx)
+        )
+        for row in (await conn.execute(query)).mappings():
+            image = dict(row)
+            image["index"] = image.pop("idx")
+            found.setdefault(image.pop("job_id"), []).append(image)
+    return found
+
+
+async def drop_images(conn: AsyncConnection, ids: list[str]) -> None:
+    """Forget the images recorded for ``ids`` (their results were reset)."""
+    for at in range(0, len(ids), 500):
+        await conn.execute(delete(images).where(images.c.job_id.in_(ids[at : at + 500])))
 
 
 async def merge_staging(
@@ -267,6 +312,7 @@ async def _replace_changed(conn: AsyncConnection, now: float) -> int:
         .where(jobs.c.id.in_(ids))
         .values(output_key=jobs.c.output_key + " (replacing) " + jobs.c.id)
     )
+    await drop_images(conn, ids)
     await conn.exec_driver_sql(
         "UPDATE jobs SET (line, model, prompt, size, seed, prompt_extend, output, output_key, "
         "n, params, vars) = (SELECT s.line, s.model, s.prompt, s.size, s.seed, "
@@ -305,7 +351,9 @@ async def _give_up_paths(conn: AsyncConnection, ids: list[str], now: float) -> N
     for at in range(0, len(ids), 500):
         part = ids[at : at + 500]
         old = (await conn.execute(select(jobs).where(jobs.c.id.in_(part)))).mappings()
-        for rec in [dict(r) for r in old]:
+        old_records = [dict(r) for r in old]
+        await attach_images(conn, old_records)
+        for rec in old_records:
             await conn.execute(
                 history.insert().values(
                     job_id=rec["id"],
@@ -320,6 +368,7 @@ async def _give_up_paths(conn: AsyncConnection, ids: list[str], now: float) -> N
             .where(jobs.c.id.in_(part))
             .values(output_key=jobs.c.output_key + " (withdrawn) " + jobs.c.id, **RESULT_RESET)
         )
+        await drop_images(conn, part)
 
 
 async def _withdraw_missing(conn: AsyncConnection) -> int:

@@ -111,6 +111,11 @@ STEPS: dict[int, Step] = {
         # tables, made with the other tables. The version still moves on, so that a batcher
         # that paces each process alone refuses a table whose workers share a schedule.
     ),
+    7: (
+        # a job of n > 1 images: what it did not get (its images are rows of job_images,
+        # a new table made with the others on open)
+        "ALTER TABLE jobs ADD COLUMN shortfall TEXT",
+    ),
 }
 
 

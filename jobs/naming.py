@@ -14,6 +14,10 @@ The rules, in the order they apply:
 - The path ends in ``.png``: appended when the template's file name has no extension, an error
   for any other extension. ``metadata.jsonl`` at the top is reserved for the run folder.
 
+A job of ``n`` images (``n > 1``) writes them next to its output path, numbered from 1 by
+their place in the service's answer: ``cat.png`` with ``n: 3`` is ``cat-1.png``, ``cat-2.png``
+and ``cat-3.png`` (:func:`image_output`). A job of one image keeps its output path as it is.
+
 ``render`` returns the path and its collision key (the case-folded path), so two jobs whose
 files would be the same on a case-insensitive file system can be refused up front::
 
@@ -36,6 +40,7 @@ __all__ = [
     "MAX_COMPONENT_BYTES",
     "OutputTemplate",
     "compile_output",
+    "image_output",
     "safe_component",
 ]
 
@@ -191,3 +196,23 @@ def _shorten(name: str, *, keep: int) -> str:
     if not cut:
         raise ValueError(f"{name[:40]!r}... is too long for a file name")
     return cut + suffix
+
+
+def image_output(output: str, index: int, n: int) -> str:
+    """The file of image ``index`` (1..n) of a job whose output path is ``output``.
+
+    ``output`` itself when the job makes one image; otherwise ``-<index>`` before ``.png``
+    (the stem cut, if need be, to keep the file name within 255 bytes).
+
+    >>> image_output("cats/tabby.png", 2, 4), image_output("cats/tabby.png", 1, 1)
+    ('cats/tabby-2.png', 'cats/tabby.png')
+    """
+    if n == 1:
+        return output
+    folder, slash, name = output.rpartition("/")
+    stem = name[: -len(".png")] if name.lower().endswith(".png") else name
+    suffix = f"-{index}{name[len(stem) :] or '.png'}"
+    budget = MAX_COMPONENT_BYTES - len(suffix.encode())
+    if len(stem.encode()) > budget:
+        stem = stem.encode()[:budget].decode("utf-8", "ignore").rstrip(". ")
+    return f"{folder}{slash}{stem}{suffix}"

@@ -1,12 +1,14 @@
 """The SQLite schema of a run folder's ``batcher.db``: tables, indexes and pragmas.
 
-One row per job in ``jobs``; the previous record of a job replaced by ``--replace`` (or
-redone) in ``job_history``; what each lane's (API key's) calls did per run and model in
-``lane_calls``; ``meta`` holds the schema version. ``quota_schedule`` and ``quota_sends``
-hold the send schedule that workers sharing a PostgreSQL run keep to together (see
-:mod:`jobs.quota`); a SQLite run folder has them, empty. A run folder made by an older
-release is upgraded in place on first open by the numbered steps of :mod:`jobs.migrations`;
-``SCHEMA_VERSION`` is the version those steps end at, and the tables below are that version.
+One row per job in ``jobs``; one row per image of a job of several images (``n > 1``) in
+``job_images`` (a job of one image keeps its image in its own row); the previous record of a
+job replaced by ``--replace`` (or redone) in ``job_history``; what each lane's (API key's)
+calls did per run and model in ``lane_calls``; ``meta`` holds the schema version.
+``quota_schedule`` and ``quota_sends`` hold the send schedule that workers sharing a
+PostgreSQL run keep to together (see :mod:`jobs.quota`); a SQLite run folder has them, empty.
+A run folder made by an older release is upgraded in place on first open by the numbered steps
+of :mod:`jobs.migrations`; ``SCHEMA_VERSION`` is the version those steps end at, and the tables
+below are that version.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ __all__ = [
     "PRAGMAS",
     "SCHEMA_VERSION",
     "history",
+    "images",
     "jobs",
     "lane_calls",
     "meta",
@@ -40,7 +43,7 @@ __all__ = [
     "quota_sends",
 ]
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 EMULATOR_ENDPOINT = "emulator"
 """``jobs.endpoint`` of an image made by an emulator (``--emulate``): a rehearsal, whose cost
@@ -135,6 +138,9 @@ jobs = Table(
     # the lane (API key) whose call generated the image, or created the task that must be
     # polled with that same key; its name, never the key  [v5]
     Column("lane", Text),
+    # what a job of n > 1 images did not get: "2 of 4 images failed: <code>: <message>"
+    # (NULL when every image came)  [v7]
+    Column("shortfall", Text),
     sqlite_autoincrement=False,
 )
 
@@ -146,6 +152,25 @@ ACTIVE_SQL = "state IN ({})".format(", ".join(f"'{s.value}'" for s in State if s
 ACTIVE = text(ACTIVE_SQL)
 Index("ix_jobs_active", jobs.c.state, jobs.c.next_attempt_at, sqlite_where=ACTIVE)
 Index("ix_jobs_failed_code", jobs.c.error_code, sqlite_where=text("state = 'failed'"))
+
+images = Table(
+    "job_images",
+    metadata,
+    # One image of a job of n > 1 images  [v7]. Written with the generation's record (its
+    # URL; its file is jobs.naming.image_output of the job's output, so a moved job needs no
+    # update here), then ``sha256``/``bytes`` once its verified file is about to be renamed into
+    # place (as ``jobs.sha256`` for a job of one image), so a run that died between two
+    # downloads fetches only the images still missing, and never generates them again.
+    Column("job_id", Text, primary_key=True),
+    Column("idx", Integer, primary_key=True),  # 1..n: the image's place in the answer
+    Column("url", Text, nullable=False),
+    Column("url_expires_at", Float),
+    Column("actual_prompt", Text),
+    Column("width", Integer),
+    Column("height", Integer),
+    Column("sha256", Text),
+    Column("bytes", Integer),
+)
 
 history = Table(
     "job_history",

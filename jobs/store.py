@@ -36,6 +36,14 @@ manifest error anywhere rolls the whole import back. The backend loads the rows 
 database thread, PostgreSQL by COPY); a big manifest is read and checked meanwhile by a helper
 process (``jobs.readahead``), so the two use two cores.
 
+A job of several images (``n > 1``) keeps them in ``job_images``: written in the transaction
+that moves the job to ``generated`` (and bills every image that came), then each image's
+sha256 before its file is renamed into place (:meth:`record_image_file`), as ``jobs.sha256``
+is for a job of one image; the job is completed once every recorded image is in place. A
+regeneration forgets the images with the rest of the result; a redo keeps them in the
+history record. Readers (:meth:`iter_records`, :meth:`get`, ...) give such a job its
+``images``.
+
 Sending jobs back (``retry_failed``, ``redo``) is one mechanism: the chosen ids go into a
 temporary ``requeue`` table, each old record is copied to ``job_history`` with the reason (and,
 for a redo, where its image was kept), and one ``UPDATE ... WHERE state IN (...)`` moves them,
@@ -58,7 +66,7 @@ from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, Self, TypeVar
 
 import anyio
-from sqlalchemy import and_, case, func, inspect, literal_column, or_, select, text, update
+from sqlalchemy import and_, case, delete, func, inspect, literal_column, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from . import migrations, schema
@@ -73,9 +81,18 @@ from .errors import (
     UnknownJob,
 )
 from .group import GroupCommit
-from .merge import MOVE, MOVED, RESULT_RESET, ImportReport, merge_staging
+from .merge import (
+    MOVE,
+    MOVED,
+    RESULT_RESET,
+    ImportReport,
+    attach_images,
+    drop_images,
+    images_of,
+    merge_staging,
+)
 from .quota import QuotaSchedule
-from .schema import EMULATOR_ENDPOINT, history, jobs, lane_calls, meta
+from .schema import EMULATOR_ENDPOINT, history, images, jobs, lane_calls, meta
 from .spec import JobRow, JobSpec
 from .states import LEASED, State, check_transition, sources_of
 
@@ -85,6 +102,7 @@ __all__ = [
     "Claim",
     "Generated",
     "ImportReport",
+    "JobImage",
     "JobStore",
     "LaneCalls",
     "Moved",
@@ -119,7 +137,8 @@ _SET_META = text(
 )
 _DONE_NAMES = (
     "id", "state", "output", "prompt", "seed", "size", "width", "height", "prompt_extend",
-    "actual_prompt", "request_id", "sha256", "vars", "generated_at",
+    "actual_prompt", "request_id", "sha256", "vars", "generated_at", "model", "n", "params",
+    "review",
 )  # fmt: skip
 _DONE_COLUMNS = ", ".join(_DONE_NAMES)
 # The summary of every job's variables (JobStore.variables) is kept in meta until an import
@@ -159,8 +178,28 @@ class Claim:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class JobImage:
+    """One image of a job of several (``n > 1``): its place in the service's answer
+    (``index``, 1..n, which names its file: :func:`jobs.naming.image_output`), where to fetch
+    it, and once its verified file is being put in place, ``sha256`` and ``bytes``."""
+
+    index: int
+    url: str
+    url_expires_at: float | None = None
+    actual_prompt: str | None = None
+    width: int | None = None
+    height: int | None = None
+    sha256: str | None = None
+    bytes: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Generated:
-    """What a successful generation call returned, recorded before any download."""
+    """What a successful generation call returned, recorded before any download.
+
+    A job of several images (``n > 1``) lists them in ``images`` (``image_url`` is the first
+    one's); ``billed`` is the images the service billed (its ``usage.image_count``), and
+    ``shortfall`` says which of the n did not come, when some did not."""
 
     request_id: str | None
     width: int | None
@@ -177,6 +216,9 @@ class Generated:
     cost: Decimal
     currency: str
     endpoint: str | None = None  # EMULATOR_ENDPOINT, or the API base URL; never the key
+    images: tuple[JobImage, ...] = ()
+    billed: int = 1
+    shortfall: str | None = None
     lane: str | None = None  # the lane (named key) that made it; never the key
 
 
@@ -242,6 +284,8 @@ class Moved:
     job_id: str
     old: str
     new: str
+    n: int = 1  # a job of several images moves each of its files (``indexes``)
+    indexes: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -259,6 +303,10 @@ class Stats:
     # jobs per model and state (only with totals: it reads the whole table)
     by_model: dict[str, dict[str, int]] = field(default_factory=dict)
     reviews: dict[str, int] = field(default_factory=dict)  # "approved" / "rejected" -> count
+    # done jobs of several images that got fewer than n (a partial success), and the images
+    # they lack (only with totals)
+    short_jobs: int = 0
+    images_short: int = 0
     lanes: tuple[LaneCalls, ...] = ()  # every run's calls per lane and model (with totals)
 
     @property
@@ -384,6 +432,14 @@ def _complete_op(job_id: str, token: str, stored: StoredFile, now: float) -> _Op
         },
         src={State.GENERATED},
     )
+
+
+async def _apply_fenced(conn: AsyncConnection, op: _Op) -> None:
+    """Run a fenced move inside ``conn``'s transaction (beside other writes of one step);
+    raise :class:`LeaseLost` when it matched no row."""
+    result = await conn.execute(text(op.sql), op.params or {})
+    if result.rowcount != 1:
+        raise LeaseLost(op.lost)
 
 
 def _claim_from_row(row: tuple[Any, ...], token: str) -> Claim:
@@ -830,9 +886,12 @@ class JobStore:
     async def record_generated(
         self, job_id: str, token: str, gen: Generated, *, lease_seconds: float
     ) -> None:
-        """``running -> generated``: the API answered; the download may start."""
+        """``running -> generated``: the API answered; the download may start.
+
+        The images of a job of several are recorded in the same transaction (any recorded
+        before, of an earlier generation, are replaced)."""
         now = self.clock()
-        await self._transition(
+        fenced = _fenced_op(
             job_id,
             token,
             State.GENERATED,
@@ -850,7 +909,7 @@ class JobStore:
                 "url_expires_at": gen.url_expires_at,
                 "latency_ms": gen.latency_ms,
                 "attempts": _Add(1),
-                "billed": _Add(1),
+                "billed": _Add(gen.billed),
                 "cost_micros": _Add(int(gen.cost * MICROS)),
                 "currency": gen.currency,
                 "endpoint": gen.endpoint,
@@ -862,9 +921,95 @@ class JobStore:
                 "bytes": None,
                 "error_code": None,
                 "error_message": None,
+                "shortfall": gen.shortfall,
             },
             src={State.RUNNING, State.SUBMITTED},
         )
+        if not gen.images:
+            await self._submit(fenced)
+            return
+        rows = [
+            {
+                "job_id": job_id,
+                "idx": image.index,
+                "url": image.url,
+                "url_expires_at": image.url_expires_at,
+                "actual_prompt": image.actual_prompt,
+                "width": image.width,
+                "height": image.height,
+            }
+            for image in gen.images
+        ]
+
+        async def op(conn: AsyncConnection) -> None:
+            await _apply_fenced(conn, fenced)
+            await conn.execute(delete(images).where(images.c.job_id == job_id))
+            await conn.execute(images.insert(), rows)
+
+        await self._batched(op)
+
+    async def job_images(self, job_id: str) -> list[JobImage]:
+        """The images recorded for a job of several, in order (none for a job of one)."""
+        async with self._read() as conn:
+            rows = await conn.execute(
+                select(images).where(images.c.job_id == job_id).order_by(images.c.idx)
+            )
+            return [
+                JobImage(
+                    index=r.idx,
+                    url=r.url,
+                    url_expires_at=r.url_expires_at,
+                    actual_prompt=r.actual_prompt,
+                    width=r.width,
+                    height=r.height,
+                    sha256=r.sha256,
+                    bytes=r.bytes,
+                )
+                for r in rows
+            ]
+
+    async def record_image_file(
+        self, job_id: str, token: str, index: int, stored: StoredFile
+    ) -> None:
+        """:meth:`record_file` for image ``index`` of a job of several: its hash is durable
+        before its file is renamed into place. Raises :class:`LeaseLost` unless ``token``
+        still holds the job, generated."""
+        held = (
+            select(jobs.c.id)
+            .where(
+                jobs.c.id == job_id,
+                jobs.c.claim_token == token,
+                jobs.c.state == State.GENERATED.value,
+            )
+            .exists()
+        )
+
+        async def op(conn: AsyncConnection) -> None:
+            result = await conn.execute(
+                update(images)
+                .where(images.c.job_id == job_id, images.c.idx == index, held)
+                .values(sha256=stored.sha256, bytes=stored.bytes)
+            )
+            if result.rowcount != 1:
+                raise LeaseLost(f"job {job_id!r}: lease lost, image {index} was not recorded")
+
+        await self._batched(op)
+
+    async def done_images(self) -> int:
+        """Image files the done jobs have: one a job of one image, the recorded ones of a job
+        of several (``metadata.jsonl`` has a line for each)."""
+        async with self._read() as conn:
+            single = await conn.execute(
+                select(func.count())
+                .select_from(jobs)
+                .where(jobs.c.state == State.DONE.value, jobs.c.n <= 1)
+            )
+            several = await conn.execute(
+                select(func.count())
+                .select_from(images.join(jobs, jobs.c.id == images.c.job_id))
+                .where(jobs.c.state == State.DONE.value, jobs.c.n > 1, images.c.sha256.is_not(None))
+            )
+            return int(single.scalar_one()) + int(several.scalar_one())
 
     async def mark_creating(self, job_id: str, token: str) -> None:
         """Note that a task create is about to be sent (``task_id`` = ``""``), so a crash
@@ -1055,8 +1200,9 @@ class JobStore:
     async def regenerate(self, job_id: str, token: str, *, code: str, message: str) -> None:
         """``generated -> pending``: the image URL expired before the file was saved; or
         ``submitted -> pending``: the service no longer knows the task (expired, UNKNOWN).
-        Either way the image is generated (and paid) again; counted in ``regenerated``."""
-        await self._transition(
+        Either way the image is generated (and paid) again; counted in ``regenerated``; the
+        images recorded of a job of several are forgotten with the rest of the result."""
+        fenced = _fenced_op(
             job_id,
             token,
             State.PENDING,
@@ -1073,6 +1219,12 @@ class JobStore:
             },
             src={State.GENERATED, State.SUBMITTED},
         )
+
+        async def op(conn: AsyncConnection) -> None:
+            await _apply_fenced(conn, fenced)
+            await drop_images(conn, [job_id])
+
+        await self._batched(op)
 
     async def fail(
         self,
@@ -1286,13 +1438,16 @@ class JobStore:
             )
         ).mappings()
         kept = []
-        for row in old:
-            rec = dict(row)
+        old_records = [dict(row) for row in old]
+        await attach_images(conn, old_records)
+        for rec in old_records:
             file = rec.pop("requeue_file")
             record = json.dumps(rec, ensure_ascii=False, default=str)
             kept.append({"job_id": rec["id"], "replaced_at": now, "record": record, "file": file})
         if kept:
             await conn.execute(history.insert().values(reason=reason), kept)
+            if reason == "redo":  # the images are made again (a retried job keeps its own)
+                await drop_images(conn, [k["job_id"] for k in kept])
         cases = " ".join(
             f"WHEN {cond} THEN '{target.value}'"
             for target, cond in dst.items()
@@ -1418,7 +1573,18 @@ class JobStore:
                 )
             ).scalar_one()
             reviews: dict[str, int] = {}
+            short: Any = (0, 0)
             if totals:
+                short = (
+                    await conn.execute(
+                        select(
+                            func.count(),
+                            func.coalesce(
+                                func.sum(jobs.c.n - func.coalesce(jobs.c.image_count, 0)), 0
+                            ),
+                        ).where(jobs.c.state == State.DONE.value, jobs.c.shortfall.is_not(None))
+                    )
+                ).one()
                 reviews = {
                     str(mark): int(n)
                     for mark, n in (
@@ -1441,6 +1607,8 @@ class JobStore:
             regenerated=int(sums[3]),
             due_pending=int(due),
             by_model=by_model,
+            short_jobs=int(short[0]),
+            images_short=int(short[1]),
             reviews=reviews,
             lanes=lanes,
         )
@@ -1505,13 +1673,19 @@ class JobStore:
         async with self._read() as conn:
             rows = (
                 await conn.execute(
-                    select(history.c.seq, history.c.job_id, history.c.file, jobs.c.output)
+                    select(history.c.seq, history.c.job_id, history.c.file, jobs.c.output, jobs.c.n)
                     .join(jobs, jobs.c.id == history.c.job_id)
                     .where(history.c.reason == MOVE)
                     .order_by(history.c.seq)
                 )
             ).all()
-        return [Moved(seq=seq, job_id=j, old=old, new=new) for seq, j, old, new in rows]
+            several = [{"id": j, "n": n} for _, j, _, _, n in rows if n > 1]
+            await attach_images(conn, several)
+        indexes = {r["id"]: tuple(i["index"] for i in r.get("images", ())) for r in several}
+        return [
+            Moved(seq=seq, job_id=j, old=old, new=new, n=n, indexes=indexes.get(j, ()))
+            for seq, j, old, new, n in rows
+        ]
 
     async def finish_moves(self, seqs: Sequence[int]) -> None:
         """Mark recorded moves as carried out."""
@@ -1527,11 +1701,14 @@ class JobStore:
         async with self._read() as conn:
             return int((await conn.execute(select(func.count()).select_from(jobs))).scalar_one())
 
-    async def pending_by_kind(self, *, live_run: bool = True) -> dict[tuple[str, bool], int]:
+    async def pending_by_kind(
+        self, *, live_run: bool = True, calls: bool = False
+    ) -> dict[tuple[str, bool], int]:
         """Images still to generate (``n`` a job), counted by (model, prompt_extend): of
         pending jobs, running ones whose lease expired (a dead run's), and submitted ones (their
         task is created, its image not yet billed). A job a live run holds is being generated.
-        ``live_run=False``: no run holds the folder, so every running job is a dead run's."""
+        ``live_run=False``: no run holds the folder, so every running job is a dead run's.
+        ``calls``: count the jobs (one call each, whatever their ``n``) instead."""
         now = self.clock()
         running = jobs.c.state == State.RUNNING.value
         if live_run:
@@ -1542,7 +1719,11 @@ class JobStore:
         async with self._read() as conn:
             rows = (
                 await conn.execute(
-                    select(jobs.c.model, jobs.c.prompt_extend, func.sum(jobs.c.n))
+                    select(
+                        jobs.c.model,
+                        jobs.c.prompt_extend,
+                        func.count() if calls else func.sum(jobs.c.n),
+                    )
                     .where(
                         schema.ACTIVE,
                         or_(
@@ -1596,10 +1777,15 @@ class JobStore:
             return None if value is None else float(value)
 
     async def get(self, job_id: str) -> dict[str, Any] | None:
-        """One job's full record (claim token and worker omitted)."""
+        """One job's full record (claim token and worker omitted; a job of several images
+        has its ``images``, see :func:`jobs.merge.attach_images`)."""
         async with self._read() as conn:
             row = (await conn.execute(select(jobs).where(jobs.c.id == job_id))).mappings().first()
-            return None if row is None else _public(dict(row))
+            if row is None:
+                return None
+            found = [_public(dict(row))]
+            await attach_images(conn, found)
+            return found[0]
 
     async def variables(self) -> dict[str, frozenset[str]]:
         """The manifest variables stored with any job, in the order they first appear (by
@@ -1625,8 +1811,8 @@ class JobStore:
     async def done_records(self, ids: Sequence[str]) -> list[dict[str, Any]]:
         """The records of those of ``ids`` that are done, in manifest order, with only what
         ``metadata.jsonl`` shows (id, state, output, prompt, seed, size, width, height,
-        prompt_extend, actual_prompt, request_id, sha256, vars): the run asks for every batch
-        of images it saves."""
+        prompt_extend, actual_prompt, request_id, sha256, vars, model, n, params, review, and
+        the ``images`` of a job of several): the run asks for every batch of images it saves."""
         found: list[dict[str, Any]] = []
         for start in range(0, len(ids), 500):
             part = list(ids[start : start + 500])
@@ -1637,7 +1823,9 @@ class JobStore:
                     .where(jobs.c.id.in_(part), jobs.c.state == State.DONE.value)
                     .order_by(order)
                 )
-                found += [dict(zip(_DONE_NAMES, row, strict=True)) for row in rows]
+                part_found = [dict(zip(_DONE_NAMES, row, strict=True)) for row in rows]
+                await attach_images(conn, part_found)
+                found += part_found
         for rec in found:
             rec["prompt_extend"] = bool(rec["prompt_extend"])
         return found
@@ -1649,8 +1837,9 @@ class JobStore:
         state: State | None = None,
         finished_since: float | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
-        """Every job in manifest order, streamed in batches (claim token and worker omitted);
-        only those in ``state``, or finished at or after ``finished_since``, when given."""
+        """Every job in manifest order, streamed in batches (claim token and worker omitted;
+        a job of several images has its ``images``); only those in ``state``, or finished at
+        or after ``finished_since``, when given."""
         last = 0
         while True:
             order: Any = literal_column(f"jobs.{self._backend.order_column}")
@@ -1664,11 +1853,16 @@ class JobStore:
                 result = await conn.execute(query)
                 keys = list(result.keys())
                 rows = result.all()
+                at_n = keys.index("n")
+                several = [row[1] for row in rows if row[at_n] > 1]  # row[1]: the id
+                found = await images_of(conn, several) if several else {}
             if not rows:
                 return
             for row in rows:
                 rec = dict(zip(keys, row, strict=True))  # cheaper than row._mapping per row
                 last = rec.pop("_order")
+                if rec["n"] > 1:
+                    rec["images"] = found.get(rec["id"], [])
                 yield _public(rec)
 
     async def records(
@@ -1690,6 +1884,7 @@ class JobStore:
                 rowid: Any = literal_column(f"jobs.{self._backend.order_column}")
                 query = select(jobs).where(jobs.c.review == review).order_by(rowid)
                 out += [_public(dict(r)) for r in (await conn.execute(query)).mappings()]
+            await attach_images(conn, out)
         return out
 
     async def changed_since(self, since: float) -> list[dict[str, Any]]:
@@ -1705,7 +1900,9 @@ class JobStore:
         rowid: Any = literal_column(f"jobs.{self._backend.order_column}")
         query = select(jobs).where(or_(*(c >= since for c in stamps))).order_by(rowid)
         async with self._read() as conn:
-            return [_public(dict(r)) for r in (await conn.execute(query)).mappings()]
+            out = [_public(dict(r)) for r in (await conn.execute(query)).mappings()]
+            await attach_images(conn, out)
+            return out
 
     async def iter_history(
         self, *, batch: int = 2000, job_ids: Sequence[str] | None = None

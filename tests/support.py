@@ -20,6 +20,7 @@ from batcher.layout import RunLayout
 from batcher.png import PngVerifier
 from batcher.pool import Runner, RunOptions, RunResult
 from jobs import JobSpec, JobStore
+from jobs.naming import image_output
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -93,17 +94,35 @@ def check_invariants(root: Path, *, after_kill: bool = False) -> dict[str, int]:
     try:
         assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         rows = con.execute(
-            "SELECT id, state, output, sha256, bytes, width, height FROM jobs"
+            "SELECT id, state, output, sha256, bytes, width, height, n FROM jobs"
         ).fetchall()
+        several: dict[str, list[tuple[int, str | None, int | None]]] = {}
+        for job_id, index, sha, size in con.execute(
+            "SELECT job_id, idx, sha256, bytes FROM job_images ORDER BY job_id, idx"
+        ):
+            several.setdefault(job_id, []).append((index, sha, size))
     finally:
         con.close()
     counts: dict[str, int] = {}
     outputs: set[str] = set()
-    for job_id, state, output, sha, size, width, height in rows:
+    for job_id, state, output, sha, size, width, height, n in rows:
         counts[state] = counts.get(state, 0) + 1
         assert output.casefold() not in outputs, f"two jobs share {output}"
         outputs.add(output.casefold())
-        if state == "done":
+        if state == "done" and n > 1:
+            # a job of several images: each recorded image's file, the first one's hash on
+            # the job's own row
+            found = several.get(job_id, [])
+            assert found, f"{job_id} is done with no image recorded"
+            assert found[0][1] == sha, f"{job_id}: the job's hash is not its first image's"
+            for index, image_sha, image_size in found:
+                path = layout.images / image_output(output, index, n)
+                assert path.is_file(), f"{job_id} is done but {path} is missing"
+                data = path.read_bytes()
+                assert hashlib.sha256(data).hexdigest() == image_sha, f"{path}: hash differs"
+                assert len(data) == image_size
+                assert png_size(path) == (width, height)
+        elif state == "done":
             path = layout.images / output
             assert path.is_file(), f"{job_id} is done but {path} is missing"
             data = path.read_bytes()
@@ -304,13 +323,15 @@ async def generate_only(
 class ImageRelay:
     """A relay in front of the emulator that controls how images download.
 
-    Generation calls (``POST /api/v1/...``) go through to the emulator at ``upstream`` unchanged
+    API calls (``POST`` and ``GET /api/v1/...``: generations, tasks and their polls) go
+    through to the emulator at ``upstream`` unchanged
     (so it still bills them), but the image URLs in its answers are rewritten to this relay's
     own host, whose ``GET /1d/...`` answers as ``mode`` says (it may be changed at any time,
     from any thread):
 
     - ``"pass"``: the emulator's image;
-    - ``"stall"``: nothing at all until the mode changes;
+    - ``"stall"``: nothing at all until the mode changes (but the first ``pass_first``
+      downloads, which pass);
     - ``"403"``: storage's 403 AccessDenied (not an expiry);
     - ``"body"``: ``body`` at once;
     - ``"slow"``: the first ``first`` bytes of ``body`` at once (Content-Length of all of it),
@@ -326,6 +347,7 @@ class ImageRelay:
         self.mode = "pass"
         self.body = b""
         self.first = 0
+        self.pass_first = 0
         self.downloads = 0
         self.stalled = 0
         self.closing = False
@@ -345,8 +367,8 @@ class ImageRelay:
             session = request.app[session_key]
             body = await request.read()
             headers = {k: v for k, v in request.headers.items() if k.lower() != "host"}
-            async with session.post(
-                self.upstream + request.path_qs, data=body, headers=headers
+            async with session.request(
+                request.method, self.upstream + request.path_qs, data=body, headers=headers
             ) as up:
                 text = (await up.read()).decode("utf-8")
                 out = {k: v for k, v in up.headers.items() if k.lower() == "retry-after"}
@@ -368,7 +390,7 @@ class ImageRelay:
 
         async def image(request: web.Request) -> web.StreamResponse:
             self.downloads += 1
-            if self.mode == "stall":
+            if self.mode == "stall" and self.downloads > self.pass_first:
                 await wait_while("stall")
             mode = self.mode
             if mode == "403":
@@ -394,6 +416,7 @@ class ImageRelay:
         app = web.Application()
         app.cleanup_ctx.append(session_ctx)
         app.router.add_post("/api/v1/{tail:.*}", api)
+        app.router.add_get("/api/v1/{tail:.*}", api)
         app.router.add_get("/1d/{tail:.*}", image)
         return app
 

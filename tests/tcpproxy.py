@@ -15,6 +15,7 @@ import threading
 from collections.abc import Coroutine
 from types import TracebackType
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 __all__ = ["TcpProxy"]
 
@@ -45,6 +46,12 @@ class TcpProxy:
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.Server | None = None
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    def url(self, target_url: str) -> str:
+        """``target_url`` (a database URL of the target) by way of this proxy."""
+        parts = urlsplit(target_url)
+        user = f"{parts.username}@" if parts.username else ""
+        return urlunsplit(parts._replace(netloc=f"{user}127.0.0.1:{self.port}"))
 
     def __enter__(self) -> TcpProxy:
         self._thread.start()

@@ -21,6 +21,7 @@ from jobs import EMULATOR_ENDPOINT, JobStore, LaneCalls
 
 from ..layout import RunLayout
 from ..pricing import Money
+from ..records import image_records
 from .thumbs import thumb_name
 
 __all__ = ["ReportData", "collect", "job_record", "summarize"]
@@ -63,6 +64,8 @@ _FIELDS = (
     "reviewed_at",
     "manifest_seed",
     "manifest_prompt",
+    "n",
+    "shortfall",
 )
 _SHOWN_IDS = 50  # job ids listed per failure code
 _SHOWN_REQUESTS = 10  # request ids listed per failure code
@@ -102,7 +105,8 @@ def job_record(
     rec: dict[str, Any], links: Links, layout: RunLayout, history: Iterable[dict[str, Any]] = ()
 ) -> dict[str, Any]:
     """One job as the page sees it: its fields, its folder, the URLs of its image and
-    thumbnail, and its earlier versions."""
+    thumbnail, and its earlier versions. A done job of several images (``n > 1``) shows its
+    first image in the grid and lists every one in ``images`` (file, image and thumbnail)."""
     # fields with no value are left out (the page reads a missing one as empty): a third less
     # data to write and to parse at 20,000 jobs
     out = {k: v for k in _FIELDS if (v := rec.get(k)) is not None}
@@ -116,7 +120,22 @@ def job_record(
     # string work, not pathlib: this runs once per job (20,000 jobs: pathlib took a second)
     out["folder"] = output.rpartition("/")[0]
     out["file"] = f"images/{output}"
-    if rec["state"] == "done" and rec.get("sha256"):
+    several = [r for r in image_records(dict(rec)) if "images" in rec]
+    if rec["state"] == "done" and several:
+        out["images"] = [
+            {
+                "index": r["image_index"],
+                "file": f"images/{r['output']}",
+                "image": f"{links.images}/{quote(r['output'])}",
+                "thumb": f"thumbs/{thumb_name(r['sha256'])}",
+                "output": r["output"],
+            }
+            for r in several
+        ]
+        out["file"] = out["images"][0]["file"]
+        out["image"] = out["images"][0]["image"]
+        out["thumb"] = out["images"][0]["thumb"]
+    elif rec["state"] == "done" and rec.get("sha256"):
         out["image"] = f"{links.images}/{quote(output)}"
         out["thumb"] = f"thumbs/{thumb_name(rec['sha256'])}"
     versions = []
@@ -161,7 +180,9 @@ async def collect(store: JobStore, layout: RunLayout, out: Path) -> ReportData:
     async for rec in store.iter_records():
         record = job_record(rec, links, layout, history.get(rec["id"], ()))
         data.records.append(record)
-        if "thumb" in record:
+        for image in record.get("images", ()):
+            data.thumbs_wanted[image["thumb"][len("thumbs/") :]] = (True, image["output"])
+        if "thumb" in record and "images" not in record:
             data.thumbs_wanted[record["thumb"][len("thumbs/") :]] = (True, rec["output"])
         for v, h in zip(record.get("history", ()), history.get(rec["id"], ()), strict=True):
             if v["thumb"] and h.get("file"):

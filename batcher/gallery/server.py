@@ -160,10 +160,16 @@ class ReviewServer:
             async for h in self.store.iter_history(job_ids=ids[at : at + 500]):
                 history.setdefault(h["job_id"], []).append(h)
         out = [job_record(r, self.links, self.layout, history.get(r["id"], ())) for r in recs]
-        wanted = [
-            ThumbJob(self.layout.images / r["output"], self.out / r["thumb"])
+        # every image of a job of several, else the job's one image
+        shown = [
+            (image["output"], image["thumb"])
             for r in out
-            if r.get("thumb") and not (self.out / r["thumb"]).exists()
+            for image in r.get("images") or ([r] if r.get("thumb") else [])
+        ]
+        wanted = [
+            ThumbJob(self.layout.images / output, self.out / thumb)
+            for output, thumb in shown
+            if not (self.out / thumb).exists()
         ][:_THUMBS_PER_POLL]
         if wanted:
             await anyio.to_thread.run_sync(lambda: make_thumbs(wanted, processes=1))

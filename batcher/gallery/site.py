@@ -244,7 +244,8 @@ def _page(layout: RunLayout, data: ReportData, summary: dict[str, Any], chunks: 
       <button type="button" id="d-close">Close (Esc)</button>
     </div>
     <div class="detail-body">
-      <div class="detail-image"><img id="d-img" alt=""><p id="d-img-note" class="muted"></p></div>
+      <div class="detail-image"><img id="d-img" alt=""><p id="d-img-note" class="muted"></p>
+        <div id="d-images" hidden></div></div>
       <div class="detail-fields">
         <div class="review-only note-box">
           <label for="d-note">note</label>

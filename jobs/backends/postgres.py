@@ -3,8 +3,8 @@
 Theory of operation
 -------------------
 The URL (``postgresql://user@host:5432/name``) names a database that holds one run: its
-``jobs``, ``job_history`` and ``meta`` tables, created on first open. Workers on several hosts
-open the same URL and work the same table at once:
+``jobs``, ``job_images``, ``job_history`` and ``meta`` tables, created on first open. Workers
+on several hosts open the same URL and work the same table at once:
 
 * A claim is one ``UPDATE ... FROM (SELECT ... FOR UPDATE SKIP LOCKED) RETURNING``: each
   worker locks the due rows it takes and passes over the rows another worker is taking, so

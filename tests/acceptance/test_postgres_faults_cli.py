@@ -11,7 +11,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -32,13 +32,6 @@ def proxy(db: str) -> Iterator[TcpProxy]:
     parts = urlsplit(db)
     with TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432) as p:
         yield p
-
-
-def through(db: str, proxy: TcpProxy) -> str:
-    """``db``'s URL, by way of the proxy."""
-    parts = urlsplit(db)
-    user = f"{parts.username}@" if parts.username else ""
-    return urlunsplit(parts._replace(netloc=f"{user}127.0.0.1:{proxy.port}"))
 
 
 def worker_of(proc: subprocess.Popen[str]) -> str:
@@ -73,7 +66,7 @@ def test_a_worker_cut_off_past_its_lease_loses_its_jobs_and_its_late_writes_are_
     common = ("--concurrency", "4", "--lease", "2", "--json")
     with EmulatorThread(cfg) as emu:
         assert run_cli("plan", m, "--out", out, "--db", db).returncode == 0
-        a = start(m, out, emu.base_url, through(db, proxy), *common, "--unreachable-timeout", "60")
+        a = start(m, out, emu.base_url, proxy.url(db), *common, "--unreachable-timeout", "60")
         me = worker_of(a)
         wait_for(
             "A has finished jobs and calls in flight", lambda: states(db, me).get("done", 0) >= 2
@@ -132,7 +125,7 @@ def test_a_worker_gives_up_on_a_silent_database_after_the_window_and_nothing_is_
     common = ("--concurrency", "4", "--lease", "2")
     with EmulatorThread(cfg) as emu:
         assert run_cli("plan", m, "--out", out, "--db", db).returncode == 0
-        silent = through(db, proxy) + "?command_timeout=1"
+        silent = proxy.url(db) + "?command_timeout=1"
         a = start(m, out, emu.base_url, silent, *common, "--unreachable-timeout", "2")
         wait_for("A has finished jobs", lambda: states(db).get("done", 0) >= 2)
         proxy.freeze()

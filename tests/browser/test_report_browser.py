@@ -212,3 +212,33 @@ def test_paging_keeps_a_few_hundred_tiles_in_the_page(page: Any, tmp_path: Path)
     assert len(tile_ids(page)) == 350 - 240
     assert "241–350 of 350 (page 3 of 3)" in page.inner_text("#pager-bottom")
     assert page.is_disabled("#pager-top .page-next")
+
+
+def test_a_job_of_several_images_shows_a_count_and_every_image(page: Any, tmp_path: Path) -> None:
+    """A job of n > 1 images: its first image with a count in the grid; in the detail view
+    every image, and a click on one shows it large; a partial success says what is missing."""
+    manifest, out = tmp_path / "m.jsonl", tmp_path / "run"
+    manifest.write_text(
+        '{"id": "lamp", "prompt": "a brass lamp", "model": "wan2.2-t2i-flash", "n": 4, '
+        '"size": "512*512", "output": "shop/lamp.png"}\n',
+        encoding="utf-8",
+    )
+    cfg = EmulatorConfig(
+        latency="0", rps=100_000.0, seed=6, api_key=KEY, task_seconds="0.2", faults="task-partial=1"
+    )
+    with EmulatorThread(cfg) as emu:
+        r = run_cli(*run_args(manifest, out, emu.base_url), env={"DASHSCOPE_API_KEY": KEY})
+        assert r.returncode == 0, r.stderr
+    open_report(page, out / "report" / "index.html")
+    assert tile_ids(page) == ["lamp"]
+    assert page.inner_text(".tile[data-id='lamp'] .count") == "×3"
+    page.click(".tile[data-id='lamp']")
+    shown = page.query_selector_all("#d-images a")
+    assert [a.get_attribute("data-index") for a in shown] == ["1", "2", "3"]
+    assert page.inner_text("#d-fields tr[data-field='shortfall'] td") == (
+        "1 of 4 images failed: InternalError.Algo: Inference error."
+    )
+    shown[2].click()
+    assert page.eval_on_selector("#d-img", "i => i.getAttribute('src')").endswith("lamp-3.png")
+    page.wait_for_function("document.querySelector('#d-img').complete")
+    assert page.eval_on_selector("#d-img", "i => i.naturalWidth") == 512

@@ -38,6 +38,11 @@ def columns(db: Path, table: str) -> list[str]:
         return sorted(r[1] for r in con.execute(f"PRAGMA table_info({table})"))
 
 
+def tables(db: Path) -> set[str]:
+    with sqlite3.connect(db) as con:
+        return {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
 def version(db: Path) -> str:
     with sqlite3.connect(db) as con:
         return str(con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
@@ -82,7 +87,8 @@ async def test_a_migrated_database_has_the_columns_of_a_new_one(v1: Path, tmp_pa
     new = tmp_path / "new" / "batcher.db"
     async with await JobStore.open(new):
         pass
-    for table in ("jobs", "job_history", "meta", "lane_calls", "quota_schedule", "quota_sends"):
+    tables = ("jobs", "job_images", "job_history", "meta", "lane_calls")
+    for table in (*tables, "quota_schedule", "quota_sends"):
         assert columns(old, table) == columns(new, table), table
     assert "lane" in columns(old, "jobs")
 
@@ -134,6 +140,17 @@ async def test_step_4_gives_old_jobs_one_image_no_parameters_and_no_task(v1: Pat
     with sqlite3.connect(db) as con:
         rows = con.execute("SELECT DISTINCT n, params, task_id FROM jobs").fetchall()
     assert rows == [(1, None, None)]
+
+
+async def test_step_7_adds_the_images_table_and_old_jobs_keep_one_file_each(v1: Path) -> None:
+    db = v1 / "run" / "batcher.db"
+    async with await JobStore.open(db, create=False) as store:
+        assert await store.done_images() == 5
+        records = [r async for r in store.iter_records(state=State.DONE)]
+        assert len(records) == 5
+        assert all("images" not in r and r["shortfall"] is None for r in records)
+    assert "job_images" in tables(db)
+    assert "shortfall" in columns(db, "jobs")
 
 
 async def test_the_old_manifest_imports_into_the_migrated_folder_unchanged(v1: Path) -> None:
@@ -189,9 +206,10 @@ async def test_a_version_3_postgresql_table_migrates_to_the_latest(tmp_path: Pat
         try:
             await con.execute(
                 "ALTER TABLE jobs DROP COLUMN n, DROP COLUMN params, DROP COLUMN task_id, "
-                "DROP COLUMN task_submitted_at, DROP COLUMN lane"
+                "DROP COLUMN task_submitted_at, DROP COLUMN lane, DROP COLUMN shortfall"
             )
             await con.execute("DROP TABLE lane_calls")
+            await con.execute("DROP TABLE job_images")
             await con.execute("DROP INDEX ix_jobs_due")
             await con.execute(
                 f"CREATE INDEX ix_jobs_due ON jobs (state, next_attempt_at, seq) WHERE {old_active}"
@@ -224,3 +242,6 @@ async def test_a_version_3_postgresql_table_migrates_to_the_latest(tmp_path: Pat
         "AND column_name = 'lane'",
     )
     assert lane["n"] == 1
+    # step 7: a job of one image has no shortfall, and the table of several images is there
+    assert query(url, "SELECT count(*) AS c FROM job_images") == [{"c": 0}]
+    assert {r["shortfall"] for r in query(url, "SELECT shortfall FROM jobs")} == {None}

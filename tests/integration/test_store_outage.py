@@ -6,7 +6,7 @@ lease another store took over meanwhile is refused by its claim token."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import anyio
 import pytest
@@ -34,20 +34,11 @@ def proxy(db: str) -> Iterator[TcpProxy]:
         yield p
 
 
-def through(db: str, proxy: TcpProxy) -> str:
-    """``db``'s URL, by way of the proxy."""
-    parts = urlsplit(db)
-    netloc = (
-        f"{parts.username}@127.0.0.1:{proxy.port}" if parts.username else f"127.0.0.1:{proxy.port}"
-    )
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 async def test_a_cut_connection_is_store_unreachable_and_the_engine_reconnects(
     db: str, proxy: TcpProxy
 ) -> None:
     clock = FakeClock()
-    async with await JobStore.open(through(db, proxy), clock=clock) as store:
+    async with await JobStore.open(proxy.url(db), clock=clock) as store:
         await store.import_specs(numbered(4), source="m.csv")
         held = await store.claim(limit=2, lease_seconds=60)
         proxy.cut()
@@ -67,7 +58,7 @@ async def test_a_cut_connection_is_store_unreachable_and_the_engine_reconnects(
 async def test_a_silent_network_times_out_as_store_unreachable(db: str, proxy: TcpProxy) -> None:
     """Packets dropped without a word (the proxy frozen): a statement gives up after the URL's
     command_timeout instead of hanging, and once the network is back the store goes on."""
-    async with await JobStore.open(through(db, proxy) + "?command_timeout=1") as store:
+    async with await JobStore.open(proxy.url(db) + "?command_timeout=1") as store:
         await store.import_specs(numbered(2), source="m.csv")
         held = await store.claim(limit=2, lease_seconds=60)
         proxy.freeze()
@@ -104,7 +95,7 @@ async def test_an_outage_hook_waits_and_every_write_lands_once(db: str, proxy: T
         await anyio.sleep(0.1)
         return True
 
-    async with await JobStore.open(through(db, proxy), clock=clock) as store:
+    async with await JobStore.open(proxy.url(db), clock=clock) as store:
         await store.import_specs(numbered(3), source="m.csv")
         held = await store.claim(limit=3, lease_seconds=60)
         store.outage = outage
@@ -138,7 +129,7 @@ async def test_an_outage_hook_that_gives_up_raises_and_writes_nothing(
     async def give_up(exc: StoreUnreachable) -> bool:
         return False
 
-    async with await JobStore.open(through(db, proxy), clock=FakeClock()) as store:
+    async with await JobStore.open(proxy.url(db), clock=FakeClock()) as store:
         await store.import_specs(numbered(1), source="m.csv")
         [claim] = await store.claim(limit=1, lease_seconds=60)
         store.outage = give_up
@@ -155,7 +146,7 @@ async def test_a_late_write_after_another_worker_took_the_job_over_is_refused(
     answer, written once the network is back, carries the old token and is refused."""
     clock_a, clock_b = FakeClock(), FakeClock()
     async with (
-        await JobStore.open(through(db, proxy), clock=clock_a) as a,
+        await JobStore.open(proxy.url(db), clock=clock_a) as a,
         await JobStore.open(db, clock=clock_b) as b,
     ):
         await a.import_specs(numbered(1), source="m.csv")

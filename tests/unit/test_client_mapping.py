@@ -11,7 +11,14 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from batcher.classify import TransportFault, Verdict
-from batcher.client import base_url_for, parse_error, parse_success, translate_exception, url_expiry
+from batcher.client import (
+    base_url_for,
+    parse_error,
+    parse_success,
+    parse_task,
+    translate_exception,
+    url_expiry,
+)
 from batcher.errors import ConfigError, TransportError
 
 REQ = aiohttp.RequestInfo(
@@ -103,6 +110,34 @@ def test_tolerant_parsing_of_variants():
     # an async-task shaped body is accepted too
     r2 = parse_success({"output": {"results": [{"url": "http://h/b.png"}]}}, 1.0)
     assert r2.image_url == "http://h/b.png" and r2.url_expires_at is None
+
+
+def test_several_images_of_one_answer_keep_their_places() -> None:
+    """A synchronous answer of n > 1 images lists them in one message; a task's results keep
+    the failed slots in place, so each image knows its place (its file's number)."""
+    content = [{"image": "http://h/1.png"}, {"text": "t"}, {"image": "http://h/2.png"}]
+    r = parse_success({"output": {"choices": [{"message": {"content": content}}]}}, 1.0)
+    assert (r.image_url, r.slot, r.more_urls) == ("http://h/1.png", 1, ("http://h/2.png",))
+    report = parse_task(
+        {
+            "output": {
+                "task_status": "SUCCEEDED",
+                "results": [
+                    {"url": "http://h/a.png"},
+                    {"code": "InternalError.Algo", "message": "Inference error."},
+                    {"url": "http://h/c.png"},
+                ],
+            },
+            "usage": {"image_count": 2},
+        },
+        1.0,
+    )
+    assert [(i.image_url, i.slot) for i in report.images] == [
+        ("http://h/a.png", 1),
+        ("http://h/c.png", 3),
+    ]
+    assert report.failed_slots == (("InternalError.Algo", "Inference error."),)
+    assert report.image_count == 2
 
 
 @pytest.mark.parametrize(

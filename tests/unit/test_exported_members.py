@@ -45,6 +45,7 @@ def test_jobs_exports():
             "Generated",
             "IllegalTransition",
             "ImportReport",
+            "JobImage",
             "JobSpec",
             "JobStore",
             "JobStoreError",

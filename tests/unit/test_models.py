@@ -123,8 +123,8 @@ def test_csv_and_jsonl_take_model_columns(tmp_path: Path) -> None:
         ),
         ("id,prompt,n\na,x,two\n", "m.csv:2: n: 'two' is not a whole number"),
         (
-            "id,prompt,model,n\na,x,wan2.2-t2i-flash,3\n",
-            "m.csv:2: n: wan2.2-t2i-flash can make 3 images a call, but batcher makes one image",
+            "id,prompt,model,n\na,x,qwen-image,2\n",
+            "m.csv:2: n: qwen-image makes 1 image a call, not 2 (several images a call: wan",
         ),
     ],
 )

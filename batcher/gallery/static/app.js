@@ -129,6 +129,10 @@ window.BATCHER = (function () {
       "data-id": job.id, "data-index": String(index), title: job.prompt });
     const box = el("div", { class: "thumb" });
     if (job.image) box.appendChild(thumbImage(job));
+    if (job.images && job.images.length > 1) {    // a job of several images: the first, and a count
+      box.appendChild(el("span", { class: "count", title: `${job.images.length} images` },
+        `×${job.images.length}`));
+    }
     else box.appendChild(el("div", { class: "noimg" },
       job.state === "failed" ? `failed: ${job.error_code || "unknown"}` : job.state));
     node.appendChild(box);
@@ -235,7 +239,8 @@ window.BATCHER = (function () {
   const FIELDS = [
     ["id", "id"], ["state", "state"], ["prompt", "prompt"], ["actual_prompt", "actual prompt"],
     ["seed", "seed"], ["size", "size"], ["width", "width"], ["height", "height"],
-    ["model", "model"], ["prompt_extend", "prompt extend"], ["file", "file"],
+    ["model", "model"], ["prompt_extend", "prompt extend"], ["n", "images asked (n)"],
+    ["shortfall", "images missing"], ["file", "file"],
     ["request_id", "request_id"], ["cost", "cost (every image billed)"], ["currency", "currency"],
     ["latency_ms", "latency (ms)"], ["attempts", "attempts"],
     ["download_attempts", "download attempts"], ["sha256", "sha256"], ["bytes", "bytes"],
@@ -299,6 +304,25 @@ window.BATCHER = (function () {
       tr.appendChild(el("th", {}, label));
       tr.appendChild(el("td", {}, text));
       table.appendChild(tr);
+    }
+    const all = $("d-images");
+    all.textContent = "";
+    all.hidden = !(job.images && job.images.length > 1);
+    for (const image of job.images || []) {
+      const a = el("a", { href: image.image, target: "_blank", rel: "noopener",
+        title: image.file, "data-index": String(image.index) });
+      const ii = el("img", { alt: `image ${image.index}`, loading: "lazy" });
+      ii.addEventListener("error", () => {
+        if (ii.getAttribute("src") !== image.image) ii.setAttribute("src", image.image);
+      }, { once: true });
+      ii.setAttribute("src", image.thumb);
+      a.appendChild(ii);
+      a.appendChild(el("span", {}, `${image.index}`));
+      a.addEventListener("click", (e) => {   // show it large in place of the first
+        e.preventDefault();
+        img.setAttribute("src", image.image);
+      });
+      all.appendChild(a);
     }
     const box = $("d-history");
     box.textContent = "";
