@@ -1,7 +1,8 @@
 """The benchmarks' manifests and run folders: generated CSVs and planned databases, cached.
 
-Every CSV is deterministic (``id,prompt,size,seed,category``; one prompt in eight in Chinese),
-so it is written once into ``bench/_work/manifests`` and reused. A planned run folder (the CSV
+Every CSV is deterministic (``id,prompt,size,seed,category``, ~90-character prompts, or with
+``short`` ``id,prompt,size,seed`` and ~50-character ones; one prompt in eight in Chinese), so it
+is written once into ``bench/_work/manifests`` and reused. A planned run folder (the CSV
 imported by ``batcher plan``) is kept in ``bench/_work/cache`` under a hash of batcher's and
 jobs' sources, so the million-row folder is built once per version of the code.
 """
@@ -61,6 +62,15 @@ _CHINESE = (
     "夜晚霓虹灯下的老街，雨后的倒影",
     "竹林中的古亭，晨雾缭绕，水墨风格",
 )
+_SHORT_STYLES = (
+    "studio light",
+    "at dawn",
+    "watercolour",
+    "flat vector",
+    "film photo",
+    "isometric 3D",
+    "at night",
+)
 _CATEGORIES = ("furniture", "kitchen", "animals", "outdoor", "fashion", "travel")
 MANIFEST_VERSION = 1  # bump when the generated rows change
 
@@ -75,27 +85,47 @@ def prompt_for(i: int) -> str:
     )
 
 
-def write_manifest(path: Path, n: int, *, size: str = "512*512", start: int = 0) -> Path:
-    """A CSV manifest of ``n`` jobs: ``id,prompt,size,seed,category`` (a template variable)."""
+def short_prompt_for(i: int) -> str:
+    """A shorter prompt (~50 characters; one in eight in Chinese), distinct for every ``i``."""
+    if i % 8 == 7:
+        return f"{_CHINESE[i // 8 % len(_CHINESE)]}，第{i}号"
+    return (
+        f"{_ADJECTIVES[i % len(_ADJECTIVES)]} {_SUBJECTS[i // 8 % len(_SUBJECTS)]}, "
+        f"{_SHORT_STYLES[i // 88 % len(_SHORT_STYLES)]}, variant {i}"
+    )
+
+
+def write_manifest(
+    path: Path, n: int, *, size: str = "512*512", start: int = 0, short: bool = False
+) -> Path:
+    """A CSV manifest of ``n`` jobs: ``id,prompt,size,seed,category`` (a template variable),
+    or with ``short`` ``id,prompt,size,seed`` and shorter prompts."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(path.name + ".part")
     with temp.open("w", encoding="utf-8", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["id", "prompt", "size", "seed", "category"])
-        writer.writerows(
-            (f"job{i:07d}", prompt_for(i), size, i, _CATEGORIES[i % len(_CATEGORIES)])
-            for i in range(start, start + n)
-        )
+        if short:
+            writer.writerow(["id", "prompt", "size", "seed"])
+            writer.writerows(
+                (f"job{i:07d}", short_prompt_for(i), size, i) for i in range(start, start + n)
+            )
+        else:
+            writer.writerow(["id", "prompt", "size", "seed", "category"])
+            writer.writerows(
+                (f"job{i:07d}", prompt_for(i), size, i, _CATEGORIES[i % len(_CATEGORIES)])
+                for i in range(start, start + n)
+            )
     temp.replace(path)
     return path
 
 
-def cached_manifest(n: int, *, size: str = "512*512") -> Path:
+def cached_manifest(n: int, *, size: str = "512*512", short: bool = False) -> Path:
     """``write_manifest`` kept in ``bench/_work/manifests`` (the rows are deterministic)."""
-    name = f"jobs-{n}-{size.replace('*', 'x')}-v{MANIFEST_VERSION}.csv"
+    kind = "-short" if short else ""
+    name = f"jobs-{n}-{size.replace('*', 'x')}{kind}-v{MANIFEST_VERSION}.csv"
     path = WORK / "manifests" / name
     if not path.exists():
-        write_manifest(path, n, size=size)
+        write_manifest(path, n, size=size, short=short)
     return path
 
 

@@ -41,7 +41,7 @@ PLAN: list[tuple[str, list[str], int, int]] = [
     ("pacing", ["--side-by-side"], 90, 50),
     ("slow_start", [], 170, 170),
     ("overhead", [], 60, 20),
-    ("import_scale", [], 110, 30),
+    ("import_scale", [], 130, 40),  # the short-prompt import too
     ("memory", ["--small", "4000", "--large", "40000"], 120, 120),
     ("resume", [], 110, 30),
     ("download", [], 80, 25),

@@ -174,7 +174,7 @@ def _csv_rows(
                         negative_prompt=extra.negative_prompt,
                         watermark=extra.watermark,
                     )
-            else:
+            elif params:
                 yield build(
                     errors,
                     start,
@@ -190,6 +190,19 @@ def _csv_rows(
                     n=extra.n,
                     negative_prompt=extra.negative_prompt,
                     watermark=extra.watermark,
+                )
+            else:  # the common row: no model fields to pass (keywords cost a dict a call)
+                yield build(
+                    errors,
+                    start,
+                    index,
+                    (row[i_id].strip() or None) if i_id is not None else None,
+                    prompt,
+                    (row[i_size] or None) if i_size is not None else None,
+                    seed,
+                    extend,
+                    (row[i_output] or None) if i_output is not None else None,
+                    variables(row),
                 )
             start = reader.line_num + 1
     except csv.Error as exc:

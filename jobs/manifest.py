@@ -216,6 +216,7 @@ class Manifest:
         seq = 0
         outputs_from_id = False
         mask = _MASK
+        add_id, add_key = ids.add, keys.add
         try:
             for row in self._rows(builder, errors):
                 seq += 1
@@ -223,15 +224,17 @@ class Manifest:
                     outputs_from_id = builder.outputs_from_id
                 if row is not None:
                     # Equal ids imply equal output keys when outputs are a function of the id,
-                    # so one set of hashes then finds both kinds of duplicate.
+                    # so one set of hashes then finds both kinds of duplicate. (A hash seen
+                    # before leaves its set as long as it was: one lookup instead of two.)
                     id_seen = False
                     if not outputs_from_id:
-                        id_hash = hash(row[0]) & mask  # the id
-                        id_seen = id_hash in ids
-                        ids.add(id_hash)
+                        known = len(ids)
+                        add_id(hash(row[0]) & mask)  # the id
+                        id_seen = len(ids) == known
                     key_hash = hash(row[8]) & mask  # the output key
-                    key_seen = key_hash in keys
-                    keys.add(key_hash)
+                    known = len(keys)
+                    add_key(key_hash)
+                    key_seen = len(keys) == known
                     if row[9] > 1:  # n: a job of several images writes <stem>-k.png files
                         for file_key in _file_keys(row):
                             file_hash = hash(file_key) & mask

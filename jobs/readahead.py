@@ -19,6 +19,10 @@ The messages are framed: a kind and a length, then the chunk's rows in ``marshal
 (tuples of str, int and bool: a third cheaper to write and read than pickle, and the helper is
 the busier process) or the end, pickled. Both are safe to load here: the only writer is our
 own child, the same interpreter.
+
+For SQLite the helper can hand the rows over grouped (:meth:`HelperRows.flat`): each
+multi-row ``INSERT``'s parameters in one flat tuple, which is cheaper to write and to read than
+as many tuples as rows, and which the importing process binds as it is.
 """
 
 from __future__ import annotations
@@ -30,14 +34,14 @@ import struct
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 from typing import IO, Any
 
 from jobs.errors import JobStoreError, ManifestError, ManifestInvalid
 from jobs.spec import JobRow
 
-__all__ = ["CHUNK", "helper_rows"]
+__all__ = ["CHUNK", "HelperRows", "helper_rows"]
 
 CHUNK = 1024  # rows per message, ~180 KB: five fit in the widened pipe (see _widen)
 _PIPE_BYTES = 1 << 20  # the most Linux gives an unprivileged process by default
@@ -65,9 +69,7 @@ _BOOT = "; ".join(  # one line: it is the helper's command line in ps and py-spy
 Done = Callable[[list[ManifestError], int], None]
 
 
-def helper_rows(
-    shown: str, max_errors: int, done: Done, rules: tuple[str, str, str]
-) -> Iterator[JobRow]:
+def helper_rows(shown: str, max_errors: int, done: Done, rules: tuple[str, str, str]) -> HelperRows:
     """The rows of the manifest at ``shown``, read and checked by a helper process.
 
     The process starts when the first row is asked for. ``done(warnings, warning_count)`` is
@@ -75,39 +77,85 @@ def helper_rows(
     iteration raises it. ``rules`` is the model rules' ``reference``: the folder holding their
     package, the module and the attribute the helper imports them from.
     """
-    command = [sys.executable, "-c", _BOOT, _PACKAGE, shown, str(max_errors), *rules]
-    try:
-        proc = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, bufsize=1 << 16
-        )
-    except OSError as exc:
-        raise JobStoreError(f"cannot start a helper process to read {shown}: {exc}") from exc
-    stream = proc.stdout
-    assert stream is not None
-    try:
-        _widen(stream)
-        while True:
-            header = stream.read(_HEADER.size)
-            kind, size = _HEADER.unpack(header) if len(header) == _HEADER.size else (b"", 0)
-            payload = stream.read(size)
-            if kind not in (_ROWS, _END) or len(payload) != size:
-                status = proc.wait()
-                raise JobStoreError(
-                    f"the helper process reading {shown} stopped (exit status {status})"
-                )
-            if kind == _ROWS:
-                yield from marshal.loads(payload)
-                continue
-            end, detail = pickle.loads(payload)
-            if end == "invalid":
-                raise detail
-            done(*detail)
-            return
-    finally:
-        if proc.poll() is None:
-            proc.kill()  # stopped early (an error, a cancelled import), or already done
-        proc.wait()
-        stream.close()
+    return HelperRows(shown, max_errors, done, rules)
+
+
+class HelperRows(Iterator[JobRow]):
+    """An iterator of a manifest's rows that a helper process reads (see the module
+    docstring); or, through :meth:`flat` before the first row, the same rows grouped."""
+
+    def __init__(self, shown: str, max_errors: int, done: Done, rules: tuple[str, str, str]):
+        self._shown = shown
+        self._args = [shown, str(max_errors), *rules]
+        self._done = done
+        self._rows: Iterator[JobRow] | None = None
+
+    def __iter__(self) -> HelperRows:
+        return self
+
+    def __next__(self) -> JobRow:
+        if self._rows is None:
+            self._rows = self._messages(None)
+        return next(self._rows)
+
+    def close(self) -> None:
+        """Stop reading: the helper, if it was started, is ended."""
+        if self._rows is not None:
+            close = getattr(self._rows, "close", None)
+            if close is not None:
+                close()
+        self._rows = iter(())
+
+    def flat(self, width: int) -> Iterator[tuple[Any, ...]]:
+        """The rows ``width`` at a time, each group's values in one flat tuple (the parameters
+        of a multi-row ``INSERT``), the last group shorter if the rows run out; ``width`` must
+        divide :data:`CHUNK`. Only before the first row was taken; closing it stops the
+        helper."""
+        if self._rows is not None:
+            raise RuntimeError("the rows were already taken one by one")
+        if width < 1 or CHUNK % width:
+            raise ValueError(f"{width} rows a group does not divide {CHUNK}")
+        self._rows = iter(())
+        return self._messages(width)
+
+    def _messages(self, width: int | None) -> Iterator[Any]:
+        """Start the helper and yield its rows (``width`` None), or its flat groups."""
+        shown = self._shown
+        command = [sys.executable, "-c", _BOOT, _PACKAGE, *self._args]
+        if width is not None:
+            command.append(str(width))
+        try:
+            proc = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, bufsize=1 << 16
+            )
+        except OSError as exc:
+            raise JobStoreError(f"cannot start a helper process to read {shown}: {exc}") from exc
+        stream = proc.stdout
+        assert stream is not None
+        try:
+            _widen(stream)
+            while True:
+                header = stream.read(_HEADER.size)
+                kind, size = _HEADER.unpack(header) if len(header) == _HEADER.size else (b"", 0)
+                payload = stream.read(size)
+                if kind not in (_ROWS, _END) or len(payload) != size:
+                    status = proc.wait()
+                    raise JobStoreError(
+                        f"the helper process reading {shown} stopped (exit status {status})"
+                    )
+                if kind == _ROWS:
+                    yield from marshal.loads(payload)  # rows, or flat groups of rows
+                    continue
+                end, detail = pickle.loads(payload)
+                if end == "invalid":
+                    raise detail
+                self._done(*detail)
+                return
+        finally:
+            if proc.poll() is None:
+                proc.kill()  # stopped early (an error, a cancelled import), or already done
+            proc.wait()
+            stream.close()
 
 
 def _widen(pipe: IO[bytes]) -> None:
@@ -130,6 +178,7 @@ def _helper_main(argv: list[str]) -> int:
 
     shown, max_errors = argv[0], int(argv[1])
     rules = _load_rules(*argv[2:5])
+    width = int(argv[5]) if len(argv) > 5 else 0
     out = sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing else may write to the data stream
     end: tuple[str, Any]
@@ -137,7 +186,12 @@ def _helper_main(argv: list[str]) -> int:
         manifest = open_manifest(shown, rules=rules, max_errors=max_errors)
         rows = manifest.rows(helper=False)
         while chunk := list(islice(rows, CHUNK)):
-            _send(out, _ROWS, marshal.dumps(chunk))
+            if width:  # one flat tuple a group: fewer objects to write and to read
+                flat = chain.from_iterable
+                groups = [tuple(flat(chunk[i : i + width])) for i in range(0, len(chunk), width)]
+                _send(out, _ROWS, marshal.dumps(groups))
+            else:
+                _send(out, _ROWS, marshal.dumps(chunk))
         end = ("done", (manifest.warnings, manifest.warning_count))
     except ManifestInvalid as exc:
         end = ("invalid", exc)

@@ -789,6 +789,7 @@ class JobStore:
                 backend_indexes = self._backend.deferred_indexes
                 for name in [i.name for i in _DEFERRED_INDEXES] + [n for n, _ in backend_indexes]:
                     await conn.exec_driver_sql(f"DROP INDEX IF EXISTS {name}")
+                await self._backend.before_bulk_load(conn)
                 total = await self._backend.stream_rows(conn, rows, "jobs", now)
                 for index in _DEFERRED_INDEXES:
                     await conn.run_sync(index.create)

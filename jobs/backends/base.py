@@ -150,6 +150,10 @@ class Backend(abc.ABC):
         """Load every row into ``table`` (``jobs`` as pending jobs created at ``now``, or
         ``staging`` with ``now`` None) inside ``conn``'s transaction; return the count."""
 
+    async def before_bulk_load(self, conn: AsyncConnection) -> None:  # noqa: B027 (optional hook)
+        """Anything to do in a first import's transaction before the rows go straight into
+        the empty ``jobs`` (after the store dropped its deferred indexes)."""
+
     @abc.abstractmethod
     def staging_ddl(self) -> str:
         """``CREATE TEMP TABLE IF NOT EXISTS staging (...)`` with an order column."""

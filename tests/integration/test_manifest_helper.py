@@ -1,5 +1,6 @@
 """A manifest read by a helper process (jobs.readahead): the same rows, warnings and errors as
-in process, imported by a real store into a real SQLite file, and no helper left behind.
+in process, imported by a real store into a real SQLite file or PostgreSQL database (there as
+CSV the helper writes), and no helper left behind.
 
 The helper is seen as a child of this process in /proc (Linux); tests that need that skip
 elsewhere.
@@ -19,10 +20,13 @@ from batcher.modelrules import RULES
 from jobs import manifest as manifest_module
 from jobs.errors import JobStoreError, ManifestError, ManifestInvalid
 from jobs.manifest import open_manifest
+from jobs.readahead import CHUNK
+from jobs.schema import STAGING_COLUMNS
 from jobs.spec import JobRow
 from jobs.store import JobStore
+from tests.conftest import store_target
 
-from .store_support import FakeClock, specs, table
+from .store_support import T0, FakeClock, specs, table
 
 SAMPLES = Path(__file__).resolve().parents[2] / "samples"
 HAVE_CHILDREN = any(Path("/proc/self/task").glob("*/children"))
@@ -89,11 +93,11 @@ def test_a_helper_reads_what_the_process_reads(tmp_path: Path, name: str) -> Non
     ids=["bad_seed", "duplicate_id"],
 )
 async def test_an_error_on_the_last_row_imports_nothing(
-    tmp_path: Path, first: bool, last: str, field: str
+    tmp_path: Path, backend: str, first: bool, last: str, field: str
 ) -> None:
     n = 60_000
     path = big_csv(tmp_path / "m.csv", n, last)
-    db = tmp_path / "run" / "batcher.db"
+    db = store_target(backend, tmp_path / "run" / "batcher.db")
     async with await JobStore.open(db, clock=FakeClock()) as store:
         if not first:
             await store.import_specs(specs(["keep"]), source=str(path))
@@ -110,6 +114,66 @@ async def test_an_error_on_the_last_row_imports_nothing(
             open_manifest(path, rules=RULES).rows(helper=True), source=str(path)
         )
         assert report.added == n - 1
+
+
+# Values the rows of a helper carry into either database exactly (PostgreSQL's COPY text is
+# escaped by jobs.backends.postgres.copy_text): commas, quotes, tabs, line breaks (a lone CR
+# too), backslashes, COPY's end-of-data marker, text that looks like its NULL, empty and blank
+# variables, parameters, non-ASCII text, an id with a comma and quotes; and plain rows enough
+# for the SQLite import's groups of rows (jobs.readahead.CHUNK, a last shorter group).
+ODD_ROWS = [
+    'tab,"a\tb",10,,,',
+    'a,"hello, ""world""",1,"x,y",,',
+    'b,"line one\nline two",2,,qwen-image,"blurry, low"',
+    'b1,p,12,,qwen-image,"blurry, ""low"""',
+    'b2,p,11,"quote "" and \\N",,',
+    'c,"carriage\rreturn",3,,,',
+    "d,\\N,4,\\.,,",
+    'e,"\\.",5,"",qwen-image,\\N',
+    'f,"  trailing space  ",6,  ,,',
+    "g,青花瓷茶壶 ,7,第,,",
+    '"h,""x""",\\,8,\\,,',
+]
+
+
+TRICKY = (
+    "id,prompt,seed,caption,model,negative_prompt\n"
+    + "".join(f"plain{i},a plain prompt {i},{i},c{i % 3},,\n" for i in range(CHUNK))
+    + "".join(odd + "\n" for odd in ODD_ROWS)
+)
+
+
+@pytest.mark.anyio
+async def test_a_helper_imports_exactly_what_is_read_in_process(
+    tmp_path: Path, backend: str
+) -> None:
+    path = tmp_path / "m.csv"
+    path.write_text(TRICKY, encoding="utf-8")
+    db = store_target(backend, tmp_path / "run" / "batcher.db")
+
+    def expected() -> list[tuple[object, ...]]:
+        rows = open_manifest(path, rules=RULES).rows(helper=False)
+        return [(*r[:6], int(r[6]), *r[7:]) for r in rows]
+
+    def stored() -> list[tuple[object, ...]]:
+        return [tuple(r[c] for c in STAGING_COLUMNS) for r in table(db)]
+
+    async with await JobStore.open(db, clock=FakeClock()) as store:
+        first = await store.import_rows(
+            open_manifest(path, rules=RULES).rows(helper=True), source=str(path)
+        )
+        assert first.added == len(expected()) == CHUNK + len(ODD_ROWS)
+        assert stored() == expected()
+        assert {(r["state"], r["created_at"]) for r in table(db)} == {("pending", T0)}
+        # A later import goes through the staging table: new variables update a job, a new
+        # row is added after the others, the rest is unchanged.
+        edited = TRICKY.replace('"x,y"', '"x,y,z"') + 'i,"new, one",9,"",,\n'
+        path.write_text(edited, encoding="utf-8")
+        again = await store.import_rows(
+            open_manifest(path, rules=RULES).rows(helper=True), source=str(path)
+        )
+        assert (again.added, again.updated, again.unchanged) == (1, 1, first.added)
+        assert stored() == expected()
 
 
 @needs_proc
