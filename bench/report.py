@@ -144,6 +144,7 @@ def commit() -> str:
 def note(text: str) -> None:
     """Append to the interim notes the lead reads while the benchmarks run."""
     stamp = dt.datetime.now(dt.UTC).strftime("%H:%M")
+    NOTES.parent.mkdir(parents=True, exist_ok=True)  # a new checkout has no bench/_work yet
     with NOTES.open("a", encoding="utf-8") as fh:
         fh.write(f"\n### {stamp} UTC\n{text.rstrip()}\n")
 
