@@ -67,6 +67,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from enum import StrEnum
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -1198,33 +1199,17 @@ class Runner:
                 self.counters.done += 1
                 self.counters.downloads_skipped += 1
                 return True
-        if (
-            not fresh
-            and claim.url_expires_at is not None
-            and claim.url_expires_at <= time.time() + 5
-        ):
-            # Only for URLs from an earlier run: a fresh one is tried whatever our clock says
-            # (a skewed clock must not throw paid images away); storage has the last word.
-            return await self._regenerate(claim, "URLExpired", "the image URL expired")
-        if not fresh and self._from_a_gone_emulator(claim.image_url):
-            return await self._regenerate(
-                claim, "URLExpired", "the image URL came from an emulator that has stopped"
-            )
-        try:
-            item = await download_image(
-                self.session,
-                claim.image_url,
-                dest,
-                expect_width=claim.width,
-                expect_height=claim.height,
-                timeout=self.opt.download_timeout,
-            )
-        except RunAborted as exc:
-            self.request_stop(StopReason.ABORTED, str(exc))
-            return False
-        except DownloadError as exc:
-            with anyio.CancelScope(shield=True):
-                return await self._on_download_error(claim, exc)
+        item = await self._fetch(
+            claim,
+            claim.image_url,
+            dest,
+            width=claim.width,
+            height=claim.height,
+            expires_at=claim.url_expires_at,
+            fresh=fresh,
+        )
+        if isinstance(item, bool):
+            return item
         with anyio.CancelScope(shield=True):
             try:
                 await self.committer.commit(claim.id, claim.token, item)
@@ -1233,6 +1218,47 @@ class Runner:
                 return False
         self.counters.done += 1
         return True
+
+    async def _fetch(
+        self,
+        claim: Claim,
+        url: str,
+        dest: Path,
+        *,
+        width: int | None,
+        height: int | None,
+        expires_at: float | None,
+        fresh: bool,
+        what: str = "the image URL",
+    ) -> Downloaded | bool:
+        """Download one image of ``claim`` to a verified temporary file beside ``dest``; or,
+        when that cannot be (its URL expired or came from a stopped emulator, the download
+        failed, the run must stop), settle the job instead and return what the download
+        returns: True once the job is settled, False when the run stops."""
+        # Expiry only for URLs from an earlier run: a fresh one is tried whatever our clock
+        # says (a skewed clock must not throw paid images away); storage has the last word.
+        if not fresh and expires_at is not None and expires_at <= time.time() + 5:
+            return await self._regenerate(claim, "URLExpired", f"{what} expired")
+        if not fresh and self._from_a_gone_emulator(url):
+            return await self._regenerate(
+                claim, "URLExpired", f"{what} came from an emulator that has stopped"
+            )
+        try:
+            return await download_image(
+                self.session,
+                url,
+                dest,
+                expect_width=width,
+                expect_height=height,
+                timeout=self.opt.download_timeout,
+            )
+        except RunAborted as exc:
+            self.request_stop(StopReason.ABORTED, str(exc))
+            return False
+        except DownloadError as exc:
+            with anyio.CancelScope(shield=True):
+                settled = await self._on_download_error(claim, exc)
+            return settled
 
     async def _download_several(self, claim: Claim, *, fresh: bool) -> bool:
         """Download the images of a job of several that are not in place yet, each verified,
@@ -1255,31 +1281,18 @@ class Runner:
                     self.counters.downloads_skipped += 1
                     kept.append(StoredFile(sha256=image.sha256, bytes=image.bytes))
                     continue
-            if not fresh and (
-                image.url_expires_at is not None and image.url_expires_at <= time.time() + 5
-            ):
-                return await self._regenerate(
-                    claim, "URLExpired", f"the URL of image {image.index} expired"
-                )
-            if not fresh and self._from_a_gone_emulator(image.url):
-                return await self._regenerate(
-                    claim, "URLExpired", "the image URL came from an emulator that has stopped"
-                )
-            try:
-                item = await download_image(
-                    self.session,
-                    image.url,
-                    dest,
-                    expect_width=image.width,
-                    expect_height=image.height,
-                    timeout=self.opt.download_timeout,
-                )
-            except RunAborted as exc:
-                self.request_stop(StopReason.ABORTED, str(exc))
-                return False
-            except DownloadError as exc:
-                with anyio.CancelScope(shield=True):
-                    return await self._on_download_error(claim, exc)
+            item = await self._fetch(
+                claim,
+                image.url,
+                dest,
+                width=image.width,
+                height=image.height,
+                expires_at=image.url_expires_at,
+                fresh=fresh,
+                what=f"the URL of image {image.index}",
+            )
+            if isinstance(item, bool):
+                return item
             with anyio.CancelScope(shield=True):
                 try:
                     kept.append(await self._put_in_place(claim, image, item))
