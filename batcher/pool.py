@@ -190,8 +190,10 @@ class RunCounters:
     calls: int = 0
     accepted: int = 0  # calls the service answered without throttling them
     unreached: int = 0  # calls that never reached the service (connection failures)
-    generated: int = 0
-    done: int = 0
+    generated: int = 0  # jobs generated (a job of several images counts once)
+    done: int = 0  # jobs done
+    images_generated: int = 0  # images the service made (and billed) for this run's calls
+    images_saved: int = 0  # image files this run verified and put in place
     failed: int = 0
     retries: int = 0
     throttled: int = 0
@@ -1047,6 +1049,7 @@ class Runner:
             lease_seconds=self.opt.lease_seconds,
         )
         self.counters.generated += 1
+        self.counters.images_generated += billed
         self.counters.cost += price.amount * billed
         t = self.book.tally(lane.name, claim.model)
         t.images += billed
@@ -1197,6 +1200,7 @@ class Runner:
                     if self._on_done is not None:
                         await self._on_done([claim.id])
                 self.counters.done += 1
+                self.counters.images_saved += 1
                 self.counters.downloads_skipped += 1
                 return True
         item = await self._fetch(
@@ -1217,6 +1221,7 @@ class Runner:
                 self.request_stop(StopReason.ABORTED, str(exc))
                 return False
         self.counters.done += 1
+        self.counters.images_saved += 1
         return True
 
     async def _fetch(
@@ -1304,6 +1309,7 @@ class Runner:
             if self._on_done is not None:
                 await self._on_done([claim.id])
         self.counters.done += 1
+        self.counters.images_saved += len(kept)
         return True
 
     async def _put_in_place(self, claim: Claim, image: JobImage, item: Downloaded) -> StoredFile:

@@ -125,7 +125,8 @@ def summary_lines(
         f"{sum(s.count(state) for state in ACTIVE)} "
         f"left, of {s.total - withdrawn}"
         + (f" ({withdrawn} withdrawn: no longer in the manifest)" if withdrawn else ""),
-        f"this run: {plural(counters.generated, 'image')} generated, {counters.done} saved, "
+        f"this run: {plural(counters.images_generated, 'image')} generated, "
+        f"{counters.images_saved} saved, "
         f"{counters.failed} failed, {plural(counters.calls, 'API call')}, "
         f"{plural(counters.retries, 'retry', 'retries')}, {counters.throttled} throttled, "
         f"{plural(counters.ambiguous, 'ambiguous re-send')} (may have been billed), "
@@ -405,6 +406,8 @@ def run_json(
             "calls": c.calls,
             "generated": c.generated,
             "done": c.done,
+            "images_generated": c.images_generated,
+            "images_saved": c.images_saved,
             "failed": c.failed,
             "retries": c.retries,
             "throttled": c.throttled,

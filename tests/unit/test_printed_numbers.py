@@ -118,7 +118,16 @@ def test_a_throttled_run_does_not_print_a_percentage_of_a_rate_it_was_never_allo
 
 def test_one_is_singular_everywhere_in_the_summary():
     text = summary(
-        RunCounters(calls=1, accepted=1, generated=1, done=1, retries=1, download_retries=1)
+        RunCounters(
+            calls=1,
+            accepted=1,
+            generated=1,
+            done=1,
+            images_generated=1,
+            images_saved=1,
+            retries=1,
+            download_retries=1,
+        )
     )
     assert re.search(r"\b1 (images|API calls|retries|download retries|re-sends)\b", text) is None
     assert "1 image generated" in text and "1 API call," in text and "1 retry," in text
@@ -168,7 +177,9 @@ def test_the_first_summary_line_says_in_words_how_the_run_ended(reason, opening)
     for ``--json``; a person reads a phrase."""
     lines = summary_lines(
         stats=stats(done=1),
-        counters=RunCounters(calls=1, accepted=1, generated=1, done=1),
+        counters=RunCounters(
+            calls=1, accepted=1, generated=1, done=1, images_generated=1, images_saved=1
+        ),
         elapsed=3.0,
         reason=reason,
         calls_per_second=None,
@@ -183,3 +194,10 @@ def test_a_rehearsal_s_progress_never_labels_its_emulated_money_spent():
     assert "spent=" not in line
     assert "emulated=US$0.06 (not billed)" in line
     assert "spent=US$0.08" in _line(snapshot())
+
+
+def test_a_job_of_several_images_counts_each_image_in_the_summary():
+    text = summary(
+        RunCounters(calls=2, accepted=2, generated=2, done=2, images_generated=5, images_saved=5)
+    )
+    assert "this run: 5 images generated, 5 saved," in text
