@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yarl
 
-from jobs import EMULATOR_ENDPOINT, JobStore
+from jobs import EMULATOR_ENDPOINT, JobStore, ManifestError, ManifestInvalid
 
 from .errors import ConfigError
 from .layout import RunLayout
@@ -114,6 +114,9 @@ async def resolve_target(
     """``MANIFEST [--out DIR]``, or a run folder ``DIR`` standing for its own manifest.
     ``database``: the run's table is in that PostgreSQL database, not in the folder."""
     if not target.is_dir():  # noqa: ASYNC240 (a stat, once per command)
+        if not os.path.lexists(target):  # noqa: ASYNC240 (the same stat)
+            # said before any folder or database is made: a missing manifest writes nothing
+            raise ManifestInvalid([ManifestError(os.fspath(target), None, None, "no such file")])
         layout = RunLayout(out or default_out(target, emulate=emulate), database)
         return Target(manifest=target, layout=layout, explicit=out is not None)
     layout = RunLayout(target, database)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import REPO, files_under
+from tests.support import REPO, files_under, run_cli
 
 PY = sys.executable
 FAST_RUN = ("--emulate", "--emulate-latency", "0", "--rps", "1000", "--start-rps", "1000")
@@ -450,3 +450,13 @@ def test_export_takes_the_format_from_the_extension_and_refuses_an_unknown_one(a
     r = cli("export", area / "done", "-o", tmp_path / "jobs.xlsx")
     assert_clean(r, USAGE)
     assert not (tmp_path / "jobs.xlsx").exists()
+
+
+def test_a_missing_manifest_makes_no_run_folder(tmp_path):
+    """``plan``/``run`` of a manifest that is not there say so in one line and write nothing:
+    not the default run folder under ``out/``, nor its database."""
+    for argv in (["plan", "gone.csv"], ["run", "gone.csv", "--emulate"], ["plan", "gone.yaml"]):
+        r = run_cli(*argv, cwd=tmp_path)
+        assert r.returncode == USAGE, (argv, r.stderr)
+        assert r.stderr.strip() == f"{argv[1]}: no such file", r.stderr
+    assert list(tmp_path.iterdir()) == []
