@@ -34,7 +34,6 @@ from jobs import JobStore, State
 from .errors import ConfigError
 from .layout import RunLayout
 from .records import EXPORT_FIELDS, export_row, image_records, variable_keys
-from .shardexport import export_shards
 
 __all__ = [
     "FORMATS",
@@ -133,6 +132,8 @@ async def run_export(
     if fmt in ("jsonl", "csv"):
         return await _export_text(store, layout, opt, fmt, keys, state, stdout)
     assert opt.output is not None
+    from .shardexport import export_shards  # here: plan and run import this module too
+
     done = await export_shards(
         store,
         layout,

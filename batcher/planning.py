@@ -11,10 +11,11 @@ from typing import Any
 import anyio
 
 from jobs import JobStore, Spend, State, Stats
+from jobs.spec import KindCounts
 
 from .importing import ImportSummary
 from .layout import RunLayout, RunLock
-from .pool import model_rates
+from .models import model_rates
 from .pricing import Money, price_per_image
 from .progress import format_duration
 from .summary import amount_text, money_text
