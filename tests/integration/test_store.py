@@ -89,7 +89,7 @@ async def test_open_creates_the_run_folder_and_the_schema(db: Path, store: JobSt
         ).fetchone()[0]
     assert {"jobs", "job_history", "meta", "ix_jobs_active", "ix_jobs_failed_code"} <= names
     assert [tuple(r) for r in version] == [("schema_version", str(schema.SCHEMA_VERSION))]
-    assert "WHERE state IN ('pending', 'running', 'generated', 'submitted')" in active
+    assert f"WHERE {schema.ACTIVE_SQL}" in active
 
 
 @pytest.mark.sqlite_only
