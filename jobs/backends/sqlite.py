@@ -32,7 +32,7 @@ from sqlalchemy.pool import AsyncAdaptedQueuePool
 
 from .. import migrations, schema
 from ..errors import JobStoreError, LeaseLost, StoreUnavailable
-from ..spec import JobRow
+from ..spec import JobRow, KindCounts
 from ..states import State
 from .base import CLAIM_COLUMNS, LEASED_ORDER, Backend, Clock, Op
 
@@ -102,7 +102,13 @@ def _apply(db: sqlite3.Connection, ops: list[Op]) -> None:
 @functools.lru_cache(maxsize=8)
 def _insert(table: str, rows: int, stamped: bool) -> str:
     """``INSERT`` of ``rows`` rows of the import columns into ``table``, with numbered
-    parameters; ``stamped``: each row also gets state ``pending`` and ``created_at = ?1``."""
+    parameters; ``stamped``: each row also gets state ``pending`` and ``created_at = ?1``.
+
+    ``OR FAIL``: a row breaking a constraint still fails the statement, and the import's
+    transaction is rolled back whole, as before; but SQLite no longer has to be able to undo
+    one statement's earlier rows alone (``ABORT``, the default), which it does by copying every
+    page the statement changes into a statement journal first: for 1M rows, 440 MB written to
+    a temporary file in 214,000 writes."""
     width = len(schema.STAGING_COLUMNS)
     first = 2 if stamped else 1
     tail = ", 'pending', ?1" if stamped else ""
@@ -111,7 +117,39 @@ def _insert(table: str, rows: int, stamped: bool) -> str:
         for r in range(rows)
     )
     columns = f"{_COLS}, state, created_at" if stamped else _COLS
-    return f"INSERT INTO {table} ({columns}) VALUES {values}"
+    return f"INSERT OR FAIL INTO {table} ({columns}) VALUES {values}"
+
+
+class _Tally:
+    """Jobs and images per (model, prompt_extend) of the rows an import loads, counted from
+    each statement's flat parameters as they go in. A manifest's statements almost always hold
+    one model and one prompt_extend, which a ``tuple.count`` each tells, so counting 1M rows
+    costs ~20 ms on the database thread instead of a scan of the table after the import."""
+
+    def __init__(self) -> None:
+        self.kinds: dict[tuple[str, bool], list[int]] = {}
+
+    def add(self, values: tuple[Any, ...] | list[Any]) -> None:
+        """Count the rows of ``values``: rows of the import columns, one after another."""
+        if not values:
+            return
+        models = values[2::_WIDTH]  # the columns' places in schema.STAGING_COLUMNS
+        extends = values[6::_WIDTH]
+        ns = values[9::_WIDTH]
+        rows = len(models)
+        if models.count(models[0]) == rows and extends.count(extends[0]) == rows:
+            self._add(models[0], extends[0], rows, sum(ns))
+            return
+        for model, extend, n in zip(models, extends, ns, strict=True):
+            self._add(model, extend, 1, n)
+
+    def _add(self, model: str, extend: Any, jobs: int, images: int) -> None:
+        got = self.kinds.setdefault((model, bool(extend)), [0, 0])
+        got[0] += jobs
+        got[1] += images
+
+    def counts(self) -> KindCounts:
+        return {kind: (jobs, images) for kind, (jobs, images) in self.kinds.items()}
 
 
 def _message(exc: BaseException) -> str:
@@ -276,6 +314,8 @@ class SQLiteBackend(Backend):
         width = _rows_per_insert(driver._conn)
         stop = threading.Event()
         total = 0
+        self.loaded = None
+        tally = _Tally() if table == "jobs" else None  # a first import: see Backend.loaded
         head: list[Any] = [] if now is None else [now]  # created_at, bound once as ?1
         leftover: list[Any] = []  # the last rows' values, fewer than a statement takes
         flat = getattr(rows, "flat", None)
@@ -290,7 +330,10 @@ class SQLiteBackend(Backend):
                     whole = len(chunk) - len(chunk) % width
                     total += whole  # the leftover is counted as it goes in
                     for i in range(0, whole, width):
-                        yield [*head, *chain.from_iterable(chunk[i : i + width])]
+                        values = [*head, *chain.from_iterable(chunk[i : i + width])]
+                        if tally is not None:
+                            tally.add(values[len(head) :])
+                        yield values
                     leftover.extend(chain.from_iterable(chunk[whole:]))  # only the last chunk
             finally:
                 close = getattr(source, "close", None)
@@ -309,6 +352,8 @@ class SQLiteBackend(Backend):
                         leftover.extend(group)  # the last group
                         continue
                     total += width
+                    if tally is not None:
+                        tally.add(group)
                     yield [*head, *group]
             finally:
                 close = getattr(groups, "close", None)
@@ -326,9 +371,13 @@ class SQLiteBackend(Backend):
                 last = (head + leftover[at : at + _WIDTH] for at in range(0, len(leftover), _WIDTH))
                 cursor = await driver.executemany(_insert(table, 1, stamped), last)
                 await cursor.close()
+                if tally is not None:
+                    tally.add(leftover)
         except BaseException:
             stop.set()
             raise
+        if tally is not None:
+            self.loaded = tally.counts()
         return total
 
 
