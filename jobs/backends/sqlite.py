@@ -62,10 +62,13 @@ _TAKE_LEASED = (
     "UPDATE jobs SET claim_token = ?, lease_expires_at = ?, worker = ? "
     f"WHERE id IN ({{marks}}) {_RETURNING}"
 )
+# ``+state``: the term is not one an index may serve. ``state = 'pending'`` implies the claim
+# index's condition (an OR of states), so SQLite would otherwise take every pending job from
+# that index (10,000 of a 1M table 99% done: 20-70 ms a claim) instead of the 64 ids by key.
 _TAKE_PENDING = (
     f"UPDATE jobs SET state = '{State.RUNNING.value}', claim_token = ?, lease_expires_at = ?, "
     "worker = ?, started_at = coalesce(started_at, ?) "
-    f"WHERE state = '{State.PENDING.value}' AND id IN ({{marks}}) {_RETURNING}"
+    f"WHERE +state = '{State.PENDING.value}' AND id IN ({{marks}}) {_RETURNING}"
 )
 _IN_MAX = 500  # ids per IN (...): well under SQLite's limit on bound parameters
 
