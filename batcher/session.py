@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -316,10 +317,17 @@ async def _prepare(store: JobStore, cmd: RunCommand, target: Target) -> ImportSu
     reclaimed = await store.reclaim(all_running=not store.shared)
     # Temporary files are left only by a run that did not end cleanly: walking a million
     # images to look for them on every start would dominate a resume. On a shared table a
-    # live worker's downloads are in flight: nothing is swept.
+    # live worker's downloads are in flight: only when a dead worker's jobs were taken back
+    # are the files nobody has written for two leases swept (a live worker renames its own
+    # within seconds, and one stalled that long has lost its jobs anyway).
     swept = 0
     if not store.shared and await store.get_meta("last_run") != "clean":
         swept = await anyio.to_thread.run_sync(sweep_partials, layout.images)
+    elif store.shared and reclaimed:
+        stale = functools.partial(
+            sweep_partials, layout.images, older_than=2 * cmd.options.lease_seconds
+        )
+        swept = await anyio.to_thread.run_sync(stale)
     await store.set_meta("last_run", "running")
     await store.set_meta("rps", repr(float(cmd.options.rps)))  # the report's quota line
     log.info(
