@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from batcher.emulator import EmulatorConfig, EmulatorThread
+from batcher.pricing import price_per_image
 from tests.support import REPO, batcher_cmd, run_cli
 
 KEY_A = "sk-lane-a-5d1f0c9e77"
@@ -212,8 +213,28 @@ def test_plan_estimates_with_the_lanes(tmp_path):
         "region: cn}\n",
         encoding="utf-8",
     )
-    r = run_cli("plan", m, "--out", tmp_path / "out2", "--lanes", mixed)
-    assert r.returncode == 2 and "plan prices one region" in r.stderr
+    # lanes in both regions: the 8 jobs go 6 to cn (quota 3) and 2 to intl (quota 1),
+    # each priced in its region's currency, never summed
+    mixed.write_text(
+        "lanes:\n  - {name: a, key_env: KA, quota: 1}\n  - {name: b, key_env: KB, quota: 3, "
+        "region: cn}\n",
+        encoding="utf-8",
+    )
+    r = run_cli("plan", m, "--out", tmp_path / "out2", "--lanes", mixed, "--json")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    cny, usd = (
+        price_per_image("z-image-turbo", "cn", False),
+        price_per_image("z-image-turbo", "intl", False),
+    )
+    assert plan["estimated_costs"] == {"CNY": str((cny * 6).amount), "USD": str((usd * 2).amount)}
+    assert plan["estimated_cost"] is None and plan["currency"] is None
+    assert plan["lane_rates"]["z-image-turbo"] == 4.0 and plan["seconds_at_quota"] == 2
+    r = run_cli("plan", tmp_path / "out2", "--lanes", mixed)
+    assert r.returncode == 0, r.stderr
+    assert f"for about {cny * 6} + {usd * 2} (the jobs shared by the lanes' quotas)" in r.stdout
+    one = run_cli("plan", tmp_path / "out2", "--json")  # without lanes: --region's prices
+    assert json.loads(one.stdout)["estimated_costs"] == {"USD": str((usd * 8).amount)}
     bad = tmp_path / "bad.yaml"
     bad.write_text("lanes:\n  - {name: a, key_env: KA}\n", encoding="utf-8")
     r = run_cli("plan", m, "--out", tmp_path / "out3", "--lanes", bad)

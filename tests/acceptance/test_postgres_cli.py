@@ -185,7 +185,9 @@ def test_three_workers_on_one_account_keep_to_its_quota_together(tmp_path: Path,
     runs = [json.loads(o)["this_run"] for o, _ in results]
     assert sum(r["done"] for r in runs) == n
     assert sum(r["calls"] > 0 for r in runs) >= 2, runs  # (a late starter may find none left)
-    assert stats["throttled"] <= stats["generate_requests"] // 100, stats
+    # sharing the schedule badly would meet dozens of 429s; one is allowed on a machine
+    # loaded to several times its cores (a send held back reaches the emulator in a burst)
+    assert stats["throttled"] <= max(1, stats["generate_requests"] // 100), stats
     # together at most the quota (first to last accepted call at the emulator), and well
     # above what one worker pacing alone at a third of it would give; how near the quota
     # they keep is measured by bench/workers_shared.py (a busy machine's late sends are
