@@ -10,6 +10,7 @@ import json
 import math
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import time
@@ -134,6 +135,59 @@ def test_all_lanes_bad_stops_with_every_job_pending_and_no_attempt_charged(tmp_p
     assert "no lane is left" in r.stderr
     assert jobs(out / "batcher.db") == [("pending", None, 0)] * 6
     assert_no_key_anywhere(out, r.stdout, r.stderr)
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on: bound, then closed."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def two_endpoints(tmp_path: Path, url_a: str, url_b: str) -> Path:
+    path = tmp_path / "lanes.yaml"
+    path.write_text(
+        "lanes:\n"
+        f"  - name: a\n    key_env: LANE_KEY_A\n    base_url: {url_a}\n    quota: 20\n"
+        f"  - name: b\n    key_env: LANE_KEY_B\n    base_url: {url_b}\n    quota: 20\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+def test_a_lane_whose_service_cannot_be_reached_pauses_alone_then_is_disabled(tmp_path, accounts):
+    """Lanes in two places: the one cut off pauses and probes on its own, the other goes on,
+    and past --unreachable-timeout the cut-off lane is disabled with one line."""
+    m, out = manifest(tmp_path, 30), tmp_path / "out"
+    accounts.reconfigure(rps=20)
+    dead = f"http://127.0.0.1:{closed_port()}/api/v1"
+    lanes = two_endpoints(tmp_path, accounts.base_url, dead)
+    env = {"LANE_KEY_A": KEY_A, "LANE_KEY_B": KEY_B}
+    r = run_lanes(m, out, lanes, env, "--unreachable-timeout", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    disabled = [line for line in r.stderr.splitlines() if "lane b disabled" in line]
+    assert len(disabled) == 1, r.stderr
+    assert "Unreachable: could not reach the service at" in disabled[0], disabled
+    assert "lane a disabled" not in r.stderr
+    # every job done on lane a, no attempt charged for the calls that never reached b
+    assert jobs(out / "batcher.db") == [("done", "a", 1)] * 30
+    summary = json.loads(r.stdout)["this_run"]
+    assert summary["unreached"] >= 3 and summary["failed"] == 0, summary
+
+
+def test_every_lane_unreachable_stops_with_exit_3_and_no_attempt_charged(tmp_path):
+    m, out = manifest(tmp_path, 6), tmp_path / "out"
+    lanes = two_endpoints(
+        tmp_path,
+        f"http://127.0.0.1:{closed_port()}/api/v1",
+        f"http://127.0.0.1:{closed_port()}/api/v1",
+    )
+    env = {"LANE_KEY_A": KEY_A, "LANE_KEY_B": KEY_B}
+    r = run_lanes(m, out, lanes, env, "--unreachable-timeout", "1")
+    assert r.returncode == 3, r.stderr
+    assert "lane a disabled: Unreachable" in r.stderr and "lane b disabled: Unreachable" in r.stderr
+    assert "no lane is left" in r.stderr.splitlines()[-1] or "no lane is left" in r.stderr
+    assert jobs(out / "batcher.db") == [("pending", None, 0)] * 6
 
 
 @pytest.mark.parametrize(
