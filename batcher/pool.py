@@ -104,6 +104,7 @@ from .models import MODELS, ApiProtocol
 from .pacing import DEFAULT_QUOTA, LatencyTracker, Pacer, Pacing, auto_concurrency
 from .pricing import Money, price_per_image
 from .reach import Reachability
+from .sendlog import SendLog
 from .sharedpacing import SharedPacer
 from .taskpolls import PollGate, TaskClock, poll_delay
 
@@ -257,13 +258,16 @@ class Runner:
         on_done: Callable[[list[str]], Awaitable[None]] | None = None,
         lanes: Sequence[RunLane] | None = None,
         on_notice: Callable[[str], None] | None = None,
+        sent_calls: SendLog | None = None,
     ) -> None:
         """``endpoint`` is what each image records as its origin (default: the client's base
         URL); ``spent`` what the run folder spent before, in the region's currency, which
         ``--budget`` counts against. ``lanes``: the keys to send through (default: one lane,
         ``default``, with ``client``); ``on_notice`` hears the lines a person must see while
-        the run goes on (a lane disabled)."""
+        the run goes on (a lane disabled). ``sent_calls`` notes each synchronous call sent
+        until its outcome is recorded (closed when the run ends)."""
         self.store = store
+        self._sent_calls = sent_calls
         self.client = client
         self.session = session
         self.layout = layout
@@ -470,6 +474,8 @@ class Runner:
                 await self._release_buffer()
                 await self.save_lanes()
             self.store.outage = outage
+            if self._sent_calls is not None:
+                self._sent_calls.close()  # every call answered or its job released
         return RunResult(
             reason=self._reason,
             counters=self.counters,
@@ -947,6 +953,8 @@ class Runner:
         outcome was recorded (retry or failure), or ``claim`` itself when it must be released."""
         try:
             sent = self._note_call(lane, claim.model)
+            if self._sent_calls is not None:
+                self._sent_calls.sent(claim.id, claim.token)
             try:
                 result = await lane.client.generate(
                     model=claim.model,
@@ -1001,6 +1009,8 @@ class Runner:
         self._lane_generating[lane.name] -= 1
         if self._probe.get(lane.name) == claim.id:
             del self._probe[lane.name]
+        if self._sent_calls is not None:
+            self._sent_calls.answered(claim.id)
 
     def _on_answered(self, sent: float, *, accepted: bool, lane: RunLane, model: str) -> None:
         """The service answered a call sent at ``sent`` (monotonic): it is reachable, and

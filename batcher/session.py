@@ -43,6 +43,7 @@ from .metadata import MetadataWriter
 from .pool import RunCounters, Runner, RunOptions, RunResult, StopReason
 from .pricing import Money, currency_of, price_per_image
 from .progress import ProgressView, Snapshot, Throughput, make_view
+from .sendlog import SendLog, lost_answers
 from .wording import plural
 
 __all__ = ["EMULATOR_KEY", "RunCommand", "RunOutcome", "execute_run"]
@@ -313,7 +314,11 @@ async def _prepare(store: JobStore, cmd: RunCommand, target: Target) -> ImportSu
     layout = target.layout
     imported = await import_manifest(store, target, replace=cmd.replace)
     # Holding the folder's lock, no live process can own a running job; on a shared table
-    # other workers may, so only expired leases are taken back.
+    # other workers may, so only expired leases are taken back. First, the calls a killed
+    # run sent and never had answered count as perhaps billed (see batcher.sendlog).
+    lost = 0
+    if not store.shared:
+        lost = await store.note_lost_answers(lost_answers(layout.sent_calls))
     reclaimed = await store.reclaim(all_running=not store.shared)
     # Temporary files are left only by a run that did not end cleanly: walking a million
     # images to look for them on every start would dominate a resume. On a shared table a
@@ -332,13 +337,15 @@ async def _prepare(store: JobStore, cmd: RunCommand, target: Target) -> ImportSu
     await store.set_meta("rps", repr(float(cmd.options.rps)))  # the report's quota line
     log.info(
         "run start: %d new jobs, %d already imported, %d replaced, %d withdrawn, %d moved, "
-        "%d reclaimed, %d partial files removed",
+        "%d reclaimed (%d with a call sent and its answer lost: perhaps billed), "
+        "%d partial files removed",
         imported.added,
         imported.unchanged,
         imported.replaced,
         imported.withdrawn,
         imported.moved,
         reclaimed,
+        lost,
         swept,
     )
     o = cmd.options
@@ -437,6 +444,7 @@ async def _drive(
                     for lane, base_url, key in endpoints
                 ]
                 runner = Runner(
+                    sent_calls=None if layout.shared else SendLog(layout.sent_calls),
                     store=store,
                     client=run_lanes[0].client,
                     session=session,

@@ -1291,6 +1291,26 @@ class JobStore:
 
         return await self._batched(op)
 
+    async def note_lost_answers(self, sent: Iterable[tuple[str, str]]) -> int:
+        """Count one ambiguous call for each ``(job id, claim token)`` of a dead run's calls
+        (``batcher.sendlog``) whose job is still ``running`` under that token: its call was
+        sent and its answer never recorded, so it may have been billed. Call it before
+        :meth:`reclaim` clears the tokens. Returns how many were counted."""
+        n = 0
+        async with self._write() as conn:
+            for job_id, token in sent:
+                result = await conn.execute(
+                    update(jobs)
+                    .where(
+                        jobs.c.id == job_id,
+                        jobs.c.claim_token == token,
+                        jobs.c.state == State.RUNNING.value,
+                    )
+                    .values(ambiguous=jobs.c.ambiguous + 1)
+                )
+                n += result.rowcount
+        return n
+
     async def reclaim(self, *, all_running: bool = False) -> int:
         """Put ``running`` jobs whose lease has expired (or all, with ``all_running``) back to
         ``pending`` and drop expired leases on ``generated`` jobs. Returns jobs reclaimed."""
