@@ -197,7 +197,7 @@ async def execute_run(cmd: RunCommand) -> RunOutcome:
             await check_folder_endpoint(
                 store, endpoint, layout.root, default=target.in_paid_default, siblings=siblings
             )
-            imported = await _prepare(store, cmd, target)
+            imported, lost = await _prepare(store, cmd, target)
             await _check_lanes_serve(store, lanes)
             spent = await _budget_spent(store, cmd)
             metadata = MetadataWriter(store, layout)
@@ -219,7 +219,7 @@ async def execute_run(cmd: RunCommand) -> RunOutcome:
                 )
             try:
                 on_done = _appender(metadata, layout)
-                result = await _drive(cmd, store, layout, start, lanes, spent, on_done)
+                result = await _drive(cmd, store, layout, start, lanes, spent, on_done, lost)
             finally:
                 with anyio.CancelScope(shield=True):
                     try:
@@ -309,8 +309,10 @@ async def _budget_spent(store: JobStore, cmd: RunCommand) -> Decimal:
     )
 
 
-async def _prepare(store: JobStore, cmd: RunCommand, target: Target) -> ImportSummary:
-    """Import, reclaim what a dead process held, sweep its temporary files, log the options."""
+async def _prepare(store: JobStore, cmd: RunCommand, target: Target) -> tuple[ImportSummary, int]:
+    """Import, reclaim what a dead process held, sweep its temporary files, log the options.
+    Returns the import and how many of the dead process's calls lost their answer (this run
+    sends them again: ambiguous re-sends)."""
     layout = target.layout
     imported = await import_manifest(store, target, replace=cmd.replace)
     # Holding the folder's lock, no live process can own a running job; on a shared table
@@ -361,7 +363,7 @@ async def _prepare(store: JobStore, cmd: RunCommand, target: Target) -> ImportSu
         o.limit,
         o.budget,
     )
-    return imported
+    return imported, lost
 
 
 @contextlib.asynccontextmanager
@@ -417,9 +419,11 @@ async def _drive(
     lanes: _Lanes,
     spent: Decimal,
     on_done: Callable[[list[str]], Awaitable[None]],
+    lost: int = 0,
 ) -> RunResult:
     """The endpoint, the HTTP session, the runner, the signal watcher and the progress view;
-    ``on_done`` hears the ids of the jobs the runner completes."""
+    ``on_done`` hears the ids of the jobs the runner completes; ``lost`` calls of a killed run
+    lost their answer, and this run sends them again (counted as ambiguous re-sends)."""
     currency = currency_of(cmd.options.region)
     view = make_view(cmd.progress)
     try:
@@ -456,6 +460,7 @@ async def _drive(
                     lanes=run_lanes,
                     on_notice=_warn,
                 )
+                runner.counters.ambiguous += lost
                 meter = _RateMeter()
                 pace = Throughput()
 

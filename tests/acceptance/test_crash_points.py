@@ -174,6 +174,7 @@ def test_kill_while_calls_are_in_flight_then_each_job_comes_back_once(tmp_path):
     con.close()
     assert sorted(ambiguous) == [0] * (n - conc) + [1] * conc
     assert f"({conc} with a call sent and its answer lost" in (out / "batcher.log").read_text()
+    assert f"{conc} ambiguous re-sends (may have been billed)" in r.stderr  # this run's
     assert json.loads(run_cli("status", out, "--json").stdout)["ambiguous"] == conc
     assert not (out / ".calls-in-flight").exists()  # a clean end removes it
     assert check_invariants(out) == {"done": n}
