@@ -33,12 +33,14 @@ from jobs.params import load_params
 __all__ = [
     "EXPORT_FIELDS",
     "METADATA_FIELDS",
+    "SPLIT_FOLDERS",
     "TIME_FIELDS",
     "actual_prompt",
     "export_row",
     "image_records",
     "iso_utc",
     "metadata_row",
+    "split_of",
     "variable_keys",
 ]
 
@@ -108,6 +110,22 @@ EXPORT_FIELDS = (
     "reviewed_at",
 )
 TIME_FIELDS = frozenset({"created_at", "started_at", "generated_at", "finished_at", "reviewed_at"})
+
+# The folder names Hugging Face ``datasets`` reads as a split (its ``SPLIT_KEYWORDS``).
+SPLIT_FOLDERS = frozenset(
+    {"train", "training", "validation", "valid", "dev", "val", "test", "testing", "eval"}
+    | {"evaluation"}
+)
+
+
+def split_of(output: str) -> str | None:
+    """The split folder an image's output path starts with, or None.
+
+    >>> split_of("train/photo/a.png"), split_of("photo/a.png"), split_of("test.png")
+    ('train', None, None)
+    """
+    head, sep, _ = output.partition("/")
+    return head if sep and head in SPLIT_FOLDERS else None
 
 
 def variable_keys(names: Sequence[str], builtin: Sequence[str]) -> list[tuple[str, str]]:

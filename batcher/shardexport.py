@@ -19,17 +19,17 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anyio
-
-from jobs import JobStore, State
+from jobs import State
 
 from .card import CardFacts, write_card
 from .layout import RunLayout
-from .metadata import split_of
-from .records import EXPORT_FIELDS, export_row, image_records
+from .records import EXPORT_FIELDS, export_row, image_records, split_of
 from .shards import ParquetShards, ShardSet, TarShards
+
+if TYPE_CHECKING:
+    from jobs import JobStore
 
 __all__ = ["ShardExport", "export_shards", "sample_key"]
 
@@ -226,6 +226,8 @@ async def export_shards(
 ) -> ShardExport:
     """Write the records of ``state`` (all with None) as ``fmt`` shards (``parquet`` or
     ``webdataset``) of about ``shard_size`` bytes in ``folder``, then the dataset card."""
+    import anyio  # here: the WebDataset export of a SQLite folder runs without an event loop
+
     parquet = fmt == "parquet"
     shards = ShardSet(folder=folder, ext="parquet" if parquet else "tar", with_count=parquet)
     await anyio.to_thread.run_sync(shards.prepare)
