@@ -10,10 +10,11 @@ builds each record in the order and with the values of :func:`batcher.records.ex
 (tests compare the two, and the shards with the general path's, byte for byte).
 
 It only takes what it is sure to do as the general path would: a run folder's own
-``batcher.db`` (no ``--db``, no ``BATCHER_DATABASE_URL``), at this batcher's schema version,
-with its variables already summarised in ``meta`` (every import leaves them there). Anything
-else, an older schema to migrate, a newer one to refuse, a damaged file, goes to the general
-path (:func:`export_webdataset` returns None), which says what is wrong as it always has.
+``batcher.db`` (no ``--db``, no ``BATCHER_DATABASE_URL``), at this batcher's schema
+version. Anything else, an older schema to migrate, a newer one to refuse, a damaged file,
+goes to the general path (:func:`export_webdataset` returns None), which says what is wrong
+as it always has. A job of several images, and a row whose numbers are not of the types the
+job store writes (a hand-edited table), are built by the general path's own functions.
 
 Splits are independent (numbered and sharded apart), so with more than one and a second
 core, one process writes every other split (:func:`_fork_splits`): each split's shards are
@@ -38,7 +39,13 @@ from urllib.parse import quote
 
 from jobs.errors import JobStoreError
 from jobs.params import load_params
-from jobs.version import MICROS, SCHEMA_VERSION, VARIABLES_KEY, VERSION_KEY
+from jobs.version import (
+    MICROS,
+    SCHEMA_VERSION,
+    SQLITE_VARIABLES_SQL,
+    VARIABLES_KEY,
+    VERSION_KEY,
+)
 
 from .card import CardFacts, prompt_language, write_card
 from .export import ExportOptions, ExportResult, selected_state
@@ -70,6 +77,27 @@ _COLUMNS = (
     "started_at, generated_at, finished_at, review, review_note, reviewed_at, vars"
 )
 _NAMES = tuple(c.strip() for c in _COLUMNS.split(","))
+# Numbers that only go into the record, read as their JSON text where SQLite's own text of
+# them is Python's (an integer; a finite real, whose repr str() is too): NULL as 'null'.
+_NUMBERS = frozenset(
+    {"seed", "width", "height", "attempts", "input_tokens", "output_tokens", "total_tokens"}
+    | {"latency_ms", "billed", "throttled", "ambiguous", "regenerated"}
+)
+_FAST_COLUMNS = ", ".join(f"ifnull({c}, 'null')" if c in _NUMBERS else c for c in _NAMES)
+# Whether a row's numbers are of the types the job store writes (anything else, which only
+# a hand-edited table holds, goes through the general path's record builder)
+_PLAIN = " AND ".join(
+    [
+        "typeof(seed) = 'integer'",
+        "typeof(n) = 'integer'",
+        *(
+            f"typeof({c}) IN ('integer', 'null')"
+            for c in sorted(_NUMBERS - {"seed", "latency_ms"} | {"bytes"})
+        ),
+        "typeof(latency_ms) IN ('real', 'null')",
+        "abs(ifnull(latency_ms, 0)) < 9e999",  # not an infinity (JSON's Infinity)
+    ]
+)
 _IMAGE_COLUMNS = "idx, url, url_expires_at, actual_prompt, width, height, sha256, bytes"
 
 
@@ -82,8 +110,6 @@ def export_webdataset(layout: RunLayout, opt: ExportOptions) -> ExportResult | N
         return None
     try:
         names = _variables(db)
-        if names is None:
-            return None
         keys = variable_keys(names, EXPORT_FIELDS)
         assert opt.output is not None
         return _export(db, layout, opt, keys)
@@ -110,13 +136,14 @@ def _connect(layout: RunLayout) -> sqlite3.Connection | None:
     return None
 
 
-def _variables(db: sqlite3.Connection) -> list[str] | None:
-    """The manifest variables' names from ``meta``, or None when not summarised there yet
-    (the general path works them out and keeps them)."""
+def _variables(db: sqlite3.Connection) -> list[str]:
+    """The manifest variables' names, as :meth:`jobs.JobStore.variables` gives them: from
+    their summary in ``meta``, else worked out from the table (the general path would also
+    keep the summary; this one writes nothing to the run folder)."""
     row = db.execute("SELECT value FROM meta WHERE key = ?", (VARIABLES_KEY,)).fetchone()
-    if row is None:
-        return None
-    return [str(name) for name, _kinds in json.loads(row[0])]
+    if row is not None:
+        return [str(name) for name, _kinds in json.loads(row[0])]
+    return [str(name) for name, _kinds in db.execute(SQLITE_VARIABLES_SQL)]
 
 
 # The split of a job's output in SQL, as batcher.records.split_of says it ("data" for none).
@@ -315,7 +342,7 @@ def _write(
     if splits:
         conditions.append(f"{_SPLIT_SQL} IN ({', '.join('?' * len(splits))})")
         params += splits
-    query = f"SELECT {_COLUMNS} FROM jobs"
+    query = f"SELECT {_FAST_COLUMNS}, ifnull(bytes, 'null'), {_PLAIN}, rowid FROM jobs"
     if conditions:
         query += " WHERE " + " AND ".join(conditions)
     query += " ORDER BY rowid"
@@ -348,15 +375,15 @@ def _write(
                 shortfall, micros, currency, endpoint, lane, actual, input_tokens, output_tokens,
                 total_tokens, latency_ms, billed, throttled, ambiguous, regenerated, created_at,
                 started_at, generated_at, finished_at, review, review_note, reviewed_at, vars_,
+                bytes_json, plain, rowid,
             ) = row  # fmt: skip
-            n = n or 1
             done = st == _DONE
-            if n > 1 and done:  # a sample per image: the general path's records, as they are
-                rec = _record(db, row)
-                for image_rec in image_records(rec):
+            if not plain or (n > 1 and done):  # the general path's records, as they are
+                for image_rec in image_records(_record(db, rowid)):
                     records += 1
                     missing += _general(image_rec, keys, images, writer, facts, numbers)
                 continue
+            n = n or 1
             if par is None:
                 negative = watermark = "null"
             else:
@@ -374,15 +401,15 @@ def _write(
                 actual = "null"
             else:
                 actual = enc(str(actual or prompt))
-            values: tuple[str, ...] = (
-                enc(job_id), enc(st), enc(model), enc(prompt), enc(size), jv(seed),
-                "true" if extend else "false", text(par), jv(n), negative, watermark,
+            values: tuple[object, ...] = (
+                enc(job_id), enc(st), enc(model), enc(prompt), enc(size), seed,
+                "true" if extend else "false", text(par), n, negative, watermark,
                 enc(f"images/{output}") if done else "null", "1", text(request_id),
-                text(task_id), jv(width), jv(height), text(sha256), jv(nbytes), jv(attempts),
+                text(task_id), width, height, text(sha256), bytes_json, attempts,
                 text(error_code), text(error_message), text(shortfall), cost, text(currency),
-                text(endpoint), text(lane), actual, jv(input_tokens), jv(output_tokens),
-                jv(total_tokens), jv(latency_ms), jv(billed), jv(throttled), jv(ambiguous),
-                jv(regenerated), iso(created_at), iso(started_at), iso(generated_at),
+                text(endpoint), text(lane), actual, input_tokens, output_tokens,
+                total_tokens, latency_ms, billed, throttled, ambiguous,
+                regenerated, iso(created_at), iso(started_at), iso(generated_at),
                 iso(finished_at), text(review), text(review_note), iso(reviewed_at),
             )  # fmt: skip
             if var_names:
@@ -461,19 +488,21 @@ def _json_time(stamp: float | None) -> str:
     return "null" if stamp is None else f'"{iso_utc(stamp)}"'
 
 
-def _record(db: sqlite3.Connection, row: tuple[Any, ...]) -> dict[str, Any]:
-    """A job of several images as :meth:`jobs.JobStore.iter_records` gives it, with only
-    the columns an export shows: its ``images`` from ``job_images``."""
+def _record(db: sqlite3.Connection, rowid: int) -> dict[str, Any]:
+    """A job as :meth:`jobs.JobStore.iter_records` gives it, with the columns an export
+    shows; a job of several images with its ``images`` from ``job_images``."""
+    row = db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE rowid = ?", (rowid,)).fetchone()
     rec = dict(zip(_NAMES, row, strict=True))
     rec["prompt_extend"] = bool(rec["prompt_extend"])
     rec["cost"] = str(Decimal(int(rec.pop("cost_micros") or 0)) / MICROS)
-    query = f"SELECT {_IMAGE_COLUMNS} FROM job_images WHERE job_id = ? ORDER BY idx"
-    names = [c.strip() for c in _IMAGE_COLUMNS.split(",")]
-    rec["images"] = []
-    for image_row in db.execute(query, (rec["id"],)):
-        image = dict(zip(names, image_row, strict=True))
-        image["index"] = image.pop("idx")
-        rec["images"].append(image)
+    if rec["n"] > 1:
+        query = f"SELECT {_IMAGE_COLUMNS} FROM job_images WHERE job_id = ? ORDER BY idx"
+        names = [c.strip() for c in _IMAGE_COLUMNS.split(",")]
+        rec["images"] = []
+        for image_row in db.execute(query, (rec["id"],)):
+            image = dict(zip(names, image_row, strict=True))
+            image["index"] = image.pop("idx")
+            rec["images"].append(image)
     return rec
 
 
@@ -485,20 +514,22 @@ def _general(
     facts: CardFacts,
     numbers: dict[str, int],
 ) -> int:
-    """One image's sample of a job of several, as :class:`batcher.shardexport._Sink` writes
-    it; returns 1 when its file was missing."""
+    """One record's sample as :class:`batcher.shardexport._Sink` writes it (an image of a
+    job of several, or a row whose numbers are of unexpected types); returns 1 when its
+    image file was missing."""
     row = export_row(rec, keys)
     split = split_of(rec["output"]) or "data"
     image: bytes | None = None
     lost = 0
-    try:
-        image = read_file(os.path.join(images, rec["output"]), rec.get("bytes"))
-    except FileNotFoundError:
-        lost = 1
+    if rec["state"] == _DONE:
+        try:
+            image = read_file(os.path.join(images, rec["output"]), rec.get("bytes"))
+        except FileNotFoundError:
+            lost = 1
     facts.add(rec, split, len(image) if image is not None else 0)
     number = numbers.get(split, 0)
     numbers[split] = number + 1
-    name = f"{rec['id']}-{rec['image_index']}"
+    name = rec["id"] if (rec.get("n") or 1) == 1 else f"{rec['id']}-{rec['image_index']}"
     record = _JSON.encode(row).encode()
     writer.add_sample(split, sample_key(number, name), image, record, rec["prompt"].encode())
     return lost

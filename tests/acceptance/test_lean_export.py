@@ -179,6 +179,30 @@ def _copy(run: Path, tmp: Path) -> Path:
     return copy
 
 
+def test_odd_values_and_no_variables_summary_still_give_the_general_paths_bytes(
+    run_folder, tmp_path
+):
+    """A hand-edited table (text in a number column, an infinite latency, a huge integer)
+    and no summary of the variables in meta (the lean path works them out, writing
+    nothing): the same bytes as the general path."""
+    run = _copy(run_folder, tmp_path)
+    with sqlite3.connect(run / "batcher.db") as db:
+        db.execute("UPDATE jobs SET width = 'wide', seed = 2.5 WHERE id = 'quote'")
+        db.execute("UPDATE jobs SET latency_ms = 9e999 WHERE id = 'loose'")
+        db.execute("UPDATE jobs SET input_tokens = 12345678901234567 WHERE id = 'dark'")
+        db.execute("DELETE FROM meta WHERE key = 'variables'")
+    lean, general = tmp_path / "lean", tmp_path / "general"
+    opt = ExportOptions(fmt="webdataset", output=lean, state="all")
+    assert export_webdataset(RunLayout(run), opt) is not None
+    with sqlite3.connect(run / "batcher.db") as db:
+        assert db.execute("SELECT 1 FROM meta WHERE key = 'variables'").fetchone() is None
+    _general(run, general, state="all")
+    assert _digest(lean) == _digest(general)
+    samples = {s["json"]["id"]: s for s in _read_wds(sorted(lean.glob("*.tar")))}
+    assert samples["quote"]["json"]["width"] == "wide"
+    assert samples["dark"]["json"]["input_tokens"] == 12345678901234567
+
+
 def test_a_newer_schema_is_refused_in_one_line(run_folder, tmp_path):
     run = _copy(run_folder, tmp_path)
     with sqlite3.connect(run / "batcher.db") as db:
