@@ -223,13 +223,12 @@ def body(quick: bool, args: Any) -> Result:
         table=table(["what", "wall s", "CPU s", "peak RSS MB"], rows),
         goals=goals,
         notes=[
-            "tar spends a few microseconds of C per file; batcher also starts Python and "
-            f"SQLAlchemy ({start:.2f} s for an export of nothing), reads each job's row from "
-            "the job table, builds its JSON record and writes three members (png, json, txt) "
-            "per image. With tiny images the ratio measures that fixed and per-file cost; the "
-            "goal is judged on the realistic sizes ("
-            + ", ".join(f"{sp.ratio:.2f}x" for sp in realistic)
-            + ").",
+            "tar spends a few microseconds of C per file; batcher also starts Python "
+            f"({start:.2f} s for an export of nothing, the job table read through sqlite3), "
+            "reads each job's row, builds its JSON record and writes three members (png, json, "
+            "txt) per image, the two splits in two processes when a second core is free. With "
+            "tiny images the ratio measures that fixed and per-file cost; the goal is judged "
+            "on the realistic sizes (" + ", ".join(f"{sp.ratio:.2f}x" for sp in realistic) + ").",
         ],
         commands=commands,
         figures={

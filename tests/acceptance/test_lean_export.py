@@ -315,3 +315,24 @@ def test_one_process_or_two_write_the_same_bytes(tmp_path):
     assert pinned.returncode == 0, pinned.stderr
     assert _digest(one) == _digest(two)
     assert len(list(two.glob("test-*.tar"))) > 1
+
+
+_PROBE = """
+import json, sys
+from batcher.cli import main
+code = main(sys.argv[1:])
+heavy = {"sqlalchemy", "aiosqlite", "anyio", "asyncio", "aiohttp", "pyarrow", "rich"}
+print(json.dumps([code, sorted(m for m in sys.modules if m.split(".")[0] in heavy)]))
+"""
+
+
+def test_the_export_starts_without_sqlalchemy_or_an_event_loop(run_folder, tmp_path):
+    """What made most of a small export's time: none of it is imported."""
+    out = tmp_path / "wds"
+    args = ["export", str(run_folder), "--format", "webdataset", "-o", str(out)]
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBE, *args], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [0, []]
+    assert "exported 8 records" in done.stderr  # the done ones
