@@ -193,7 +193,7 @@ def _split_groups(db: sqlite3.Connection, state: str | None) -> list[list[str]]:
     """The splits to export, in two groups of about as many jobs when there are several
     splits and a second core to write them (each split's shards are then written by one
     process, the same bytes as by one process for all); else one group, every split."""
-    if len(os.sched_getaffinity(0)) < 2:
+    if _cores() < 2:
         return [[]]
     where, params = ("WHERE state = ?", (state,)) if state is not None else ("", ())
     query = f"SELECT {_SPLIT_SQL} AS split, count(*) FROM jobs {where} GROUP BY split"
@@ -207,6 +207,12 @@ def _split_groups(db: sqlite3.Connection, state: str | None) -> list[list[str]]:
         groups[lighter].append(split)
         load[lighter] += count
     return list(groups)
+
+
+def _cores() -> int:
+    """The cores this process may run on (all of them where that cannot be asked)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
 
 
 @dataclass(frozen=True, slots=True)
