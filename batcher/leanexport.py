@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import sqlite3
@@ -55,9 +56,9 @@ from .records import (
     SPLIT_FOLDERS,
     export_row,
     image_records,
-    iso_utc,
     split_of,
     variable_keys,
+    whole_second,
 )
 from .shardexport import read_file, sample_key
 from .shards import ShardSet, TarShards
@@ -371,8 +372,14 @@ def _write(
     image_bytes = missing = records = 0
     enc, jv, text, iso = _enc, _json_value, _json_text, _json_time
     add = writer.add_sample
-    join = os.path.join
     loads = json.loads
+    vars_json: dict[str, tuple[str, ...]] = {}  # the variables' JSON of a vars text, kept
+    # the images folder open once, each file opened relative to it (as read_file says)
+    try:
+        folder: int | None = os.open(images, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        folder = None  # no image to read: each one is reported missing as it is looked for
+    where = None if folder is not None else images
     try:
         for row in db.execute(query, params):
             (
@@ -419,13 +426,19 @@ def _write(
                 iso(finished_at), text(review), text(review_note), iso(reviewed_at),
             )  # fmt: skip
             if var_names:
-                found = loads(vars_) if vars_ else {}
-                values += tuple([jv(found.get(name)) for name in var_names])
+                got_vars = vars_json.get(vars_)
+                if got_vars is None:
+                    found = loads(vars_) if vars_ else {}
+                    got_vars = tuple([jv(found.get(name)) for name in var_names])
+                    if len(vars_json) < 4096:  # rows share labels: most are found here
+                        vars_json[vars_] = got_vars
+                values += got_vars
             record = (template % values).encode()
             image: bytes | None = None
             if done:
                 try:
-                    image = read_file(join(images, output), nbytes)
+                    path = output if where is None else os.path.join(where, output)
+                    image = read_file(path, nbytes, folder)
                 except FileNotFoundError:
                     missing += 1
                 else:
@@ -452,6 +465,9 @@ def _write(
                 stamps[:] = [min(stamps), max(stamps)]
     except sqlite3.Error as exc:
         raise JobStoreError(f"the job database failed: {exc}") from exc
+    finally:
+        if folder is not None:
+            os.close(folder)
     facts.states.update(states)
     facts.splits.update(per_split)
     facts.models.update(models)
@@ -490,8 +506,15 @@ def _json_text(value: str | None) -> str:
 
 
 def _json_time(stamp: float | None) -> str:
-    """A time column as the JSON of :func:`batcher.records.iso_utc`'s text (ASCII only)."""
-    return "null" if stamp is None else f'"{iso_utc(stamp)}"'
+    """A time column as the JSON of :func:`batcher.records.iso_utc`'s text (ASCII only),
+    its arithmetic inline (four a record)."""
+    if stamp is None:
+        return "null"
+    second = math.floor(stamp)
+    micros = round((stamp - second) * 1e6)
+    if micros >= 1_000_000:
+        second, micros = second + 1, micros - 1_000_000
+    return f'"{whole_second(second)}.{micros // 1000:03d}Z"'
 
 
 def _record(db: sqlite3.Connection, rowid: int) -> dict[str, Any]:

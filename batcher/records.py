@@ -42,6 +42,7 @@ __all__ = [
     "metadata_row",
     "split_of",
     "variable_keys",
+    "whole_second",
 ]
 
 METADATA_FIELDS = (
@@ -161,11 +162,12 @@ def iso_utc(stamp: float | None) -> str | None:
     micros = round((stamp - second) * 1e6)
     if micros >= 1_000_000:
         second, micros = second + 1, micros - 1_000_000
-    return f"{_whole_second(second)}.{micros // 1000:03d}Z"
+    return f"{whole_second(second)}.{micros // 1000:03d}Z"
 
 
 @functools.lru_cache(maxsize=4096)
-def _whole_second(second: int) -> str:
+def whole_second(second: int) -> str:
+    """A whole Unix second as ISO 8601 UTC, to the second (``2026-11-29T08:52:55``)."""
     return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 

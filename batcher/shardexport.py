@@ -177,12 +177,13 @@ class _Sink:
         self.writer.add(split, sample_key(number, name), members)
 
 
-def read_file(path: str, size: int | None) -> bytes:
-    """The whole file at ``path``, read with one ``read`` of one byte more than its expected
-    ``size`` (as the job table recorded it): fewer bytes back means the end was reached, so a
-    file of the recorded size costs one ``read`` (more only when it grew). No buffered file
-    object."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+def read_file(path: str, size: int | None, dir_fd: int | None = None) -> bytes:
+    """The whole file at ``path`` (relative to the folder open as ``dir_fd`` when given: the
+    kernel then walks only the path's own folders), read with one ``read`` of one byte more
+    than its expected ``size`` (as the job table recorded it): fewer bytes back means the end
+    was reached, so a file of the recorded size costs one ``read`` (more only when it grew).
+    No buffered file object."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
         want = (size or 0) + 1
         data = os.read(fd, want)
