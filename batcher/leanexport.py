@@ -110,7 +110,10 @@ def export_webdataset(layout: RunLayout, opt: ExportOptions) -> ExportResult | N
     if db is None:
         return None
     try:
-        names = _variables(db)
+        try:
+            names = _variables(db)
+        except sqlite3.Error:
+            return None  # the general path says what is wrong with the table
         keys = variable_keys(names, EXPORT_FIELDS)
         assert opt.output is not None
         return _export(db, layout, opt, keys)
@@ -161,7 +164,10 @@ def _export(
     state = selected_state(opt, "webdataset")
     shards = ShardSet(folder=opt.output, ext="tar", with_count=False)
     shards.prepare()
-    groups = _split_groups(db, state)
+    try:
+        groups = _split_groups(db, state)
+    except sqlite3.Error as exc:
+        raise JobStoreError(f"the job database failed: {exc}") from exc
     facts = CardFacts()
     child: _Child | None = None
     writer = TarShards(shards, opt.shard_size)

@@ -336,3 +336,14 @@ def test_the_export_starts_without_sqlalchemy_or_an_event_loop(run_folder, tmp_p
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == [0, []]
     assert "exported 8 records" in done.stderr  # the done ones
+
+
+def test_a_database_url_is_the_general_paths(run_folder, tmp_path):
+    """--db names the run's table elsewhere: the folder's batcher.db is not read (here the
+    named database does not exist, so the general path says so)."""
+    out = tmp_path / "wds"
+    url = "postgresql://postgres@127.0.0.1:5432/batcher_test_lean_export_absent"
+    r = run_cli("export", run_folder, "--db", url, "--format", "webdataset", "-o", out)
+    assert r.returncode != 0 and r.stderr.startswith("batcher: error: "), r.stderr
+    assert "Traceback" not in r.stderr
+    assert not out.exists() or not list(out.glob("*.tar"))
