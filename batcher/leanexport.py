@@ -292,9 +292,14 @@ class _Child:
         import pickle
 
         with os.fdopen(self.pipe, "rb") as fh:
+            self.pipe = -1
             data = fh.read()
         _, status = os.waitpid(self.pid, 0)
-        report = pickle.loads(data) if data else None
+        self.pid = 0
+        try:
+            report = pickle.loads(data) if data else None
+        except Exception:  # cut short (the process was killed), or an error that cannot be
+            report = None  # rebuilt here: said below by its exit status
         if isinstance(report, BaseException):
             raise report
         if not isinstance(report, _Done) or status != 0:
@@ -302,11 +307,16 @@ class _Child:
         return report
 
     def stop(self) -> None:
-        """End the process (this one failed or was interrupted) and wait for it."""
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGKILL)
-        os.waitpid(self.pid, 0)
-        os.close(self.pipe)
+        """End the process (this one failed or was interrupted) and wait for it, unless
+        :meth:`result` already did."""
+        if self.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+            self.pid = 0
+        if self.pipe >= 0:
+            os.close(self.pipe)
+            self.pipe = -1
 
 
 def _die_with(parent: int) -> None:

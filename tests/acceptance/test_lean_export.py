@@ -347,3 +347,21 @@ def test_a_database_url_is_the_general_paths(run_folder, tmp_path):
     assert r.returncode != 0 and r.stderr.startswith("batcher: error: "), r.stderr
     assert "Traceback" not in r.stderr
     assert not out.exists() or not list(out.glob("*.tar"))
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_an_unreadable_image_in_either_process_is_one_line_and_leaves_nothing(tmp_path, split):
+    """A folder where an image should be, in the split of one process or the other: the
+    export stops with the error in one line, both processes end, and no shard (final or
+    temporary) is left."""
+    run = tmp_path / "run"
+    anyio.run(fabricate, run, 400)
+    image = run / "images" / split / ("img-0000300.png" if split == "train" else "img-0000301.png")
+    image.unlink()
+    image.mkdir()
+    out = tmp_path / "wds"
+    r = run_cli("export", run, "--format", "webdataset", "-o", out, "--shard-size", "30kB")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("batcher: error:") and "directory" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1
+    assert [p.name for p in out.iterdir()] == []
