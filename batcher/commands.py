@@ -21,7 +21,7 @@ from jobs import JobStore
 
 from .errors import ConfigError
 from .exitcodes import ExitCode, exit_code_for
-from .export import ExportOptions, check_output, run_export
+from .export import ExportOptions, check_output, run_export, tell_exported
 from .layout import RunLayout, RunLock
 from .pricing import currency_of
 from .summary import achieved_rate, run_json, status_json, status_text, summary_lines
@@ -128,15 +128,7 @@ async def cmd_export(folder: Path, opt: ExportOptions, *, database: str | None =
     async with await _open_existing(layout) as store:
         result = await run_export(store, layout, opt, sys.stdout)
     sys.stdout.flush()
-    where = f" to {opt.output}" if opt.output is not None else ""
-    records = plural(result.records, "record")
-    if result.fmt in ("parquet", "webdataset"):
-        shards = plural(len(result.files) - 1, f"{result.fmt} shard")
-        _warn(f"exported {records} in {shards}{where}")
-    else:
-        _warn(f"exported {records}{where}")
-    if result.missing:
-        _warn(f"warning: {plural(result.missing, 'done image')} not found; exported without")
+    tell_exported(result, opt)
     return ExitCode.OK
 
 

@@ -121,6 +121,7 @@ BUFFER_MAX = 256  # claimed jobs held while their models wait for a send slot
 FILL_AHEAD = 0.25  # s: claim more only when no send slot is due sooner (a claim is a write)
 MAX_POLL_FAILURES = 8  # polls of one task failing in a row before it is left for later
 DB_PROBE_CAP = 5.0  # s: the longest wait between pings of a job database that went away
+LANE_SAVE_PERIOD = 5.0  # s: how often the lanes' figures are saved while the run goes
 
 
 class StopReason(StrEnum):
@@ -447,6 +448,7 @@ class Runner:
         try:
             async with anyio.create_task_group() as outer:
                 outer.start_soon(self._heartbeat_loop)
+                outer.start_soon(self._lane_figures_loop)
                 self._services = outer
                 for shared in self._unserved:
                     outer.start_soon(shared.serve)
@@ -796,11 +798,17 @@ class Runner:
         except (OSError, JobStoreError) as exc:  # figures only: never the run's failure
             log.warning("could not save the lanes' figures: %s", exc)
 
+    async def _lane_figures_loop(self) -> None:
+        """Save the lanes' figures every ``LANE_SAVE_PERIOD`` seconds: a run killed with
+        ``kill -9`` loses at most that much of them (the run's end saves them too)."""
+        while True:
+            await anyio.sleep(LANE_SAVE_PERIOD)
+            await self.save_lanes()
+
     async def _heartbeat_loop(self) -> None:
         period = max(0.5, self.opt.lease_seconds / 3)
         while True:
             await anyio.sleep(period)
-            await self.save_lanes()
             try:
                 await self._renew_leases()
             except StoreUnreachable:

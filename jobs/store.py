@@ -96,6 +96,7 @@ from .quota import QuotaSchedule
 from .schema import EMULATOR_ENDPOINT, history, images, jobs, lane_calls, meta
 from .spec import JobRow, JobSpec
 from .states import LEASED, State, check_transition, sources_of
+from .version import MICROS, VARIABLES_KEY
 
 __all__ = [
     "EMULATOR_ENDPOINT",
@@ -117,7 +118,6 @@ Clock = Callable[[], float]
 Outage = Callable[[StoreUnreachable], Awaitable[bool]]
 _T = TypeVar("_T")
 _P = ParamSpec("_P")
-MICROS = Decimal(1_000_000)
 # Built after a first import rather than row by row (1M rows: 0.6-0.8 s at the end, 1.9 s
 # more in the inserts). ix_jobs_failed_code stays: no new row is failed, so it costs the
 # inserts nothing, while building it again would read the whole table (0.1 s at 1M).
@@ -144,7 +144,7 @@ _DONE_NAMES = (
 _DONE_COLUMNS = ", ".join(_DONE_NAMES)
 # The summary of every job's variables (JobStore.variables) is kept in meta until an import
 # changes them: at a million rows, working it out takes seconds.
-_VARIABLES_KEY = "variables"
+_VARIABLES_KEY = VARIABLES_KEY
 _FORGET_VARIABLES = f"DELETE FROM meta WHERE key = '{_VARIABLES_KEY}'"
 
 

@@ -405,3 +405,34 @@ def test_jobs_no_lane_can_take_wait_while_the_other_lanes_finish_then_exit_3(tmp
         got = dict(con.execute("SELECT id, state || ':' || attempts FROM jobs").fetchall())
     assert got == {"z0": "pending:0", "z1": "pending:0", "z2": "pending:0",
                    "w0": "done:1", "w1": "done:1"}  # fmt: skip
+
+
+def test_the_lanes_figures_are_saved_as_the_run_goes_and_survive_kill_9(tmp_path, accounts):
+    """Killed with SIGKILL some seconds in, the run leaves its lanes' figures up to its last
+    save (every 5 s), not nothing until its lease's third (20 s by default)."""
+    m, out = manifest(tmp_path, 60), tmp_path / "out"
+    env = {"LANE_KEY_A": KEY_A, "LANE_KEY_B": KEY_B}
+    lanes = lanes_file(tmp_path, accounts.base_url)
+    args = ["run", str(m), "--out", str(out), "--lanes", str(lanes), "--no-progress"]
+    proc = start(args, env)
+
+    def saved() -> int:
+        if not (out / "batcher.db").exists():
+            return 0
+        try:
+            with sqlite3.connect(out / "batcher.db", timeout=30) as con:
+                return int(
+                    con.execute("SELECT coalesce(sum(calls), 0) FROM lane_calls").fetchone()[0]
+                )
+        except sqlite3.OperationalError:  # the table is not made yet
+            return 0
+
+    try:
+        wait_for(lambda: saved() > 0, seconds=15)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    # two lanes at 2/s each for about 5 s: some 20 calls, all of one save's figures
+    assert 5 <= saved() <= accounts.stats()["generate_requests"]
+    status = json.loads(run_cli("status", out, "--json").stdout)
+    assert sum(status["lanes"][lane]["calls"] for lane in status["lanes"]) == saved()
