@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs import State
+from jobs.version import EMULATOR_ENDPOINT
 
 from .pricing import Money
 from .records import iso_utc
@@ -52,7 +53,8 @@ class CardFacts:
     models: Counter[str] = field(default_factory=Counter)
     sizes: Counter[str] = field(default_factory=Counter)
     languages: Counter[str] = field(default_factory=Counter)
-    cost: dict[str, Decimal] = field(default_factory=dict)
+    cost: dict[str, Decimal] = field(default_factory=dict)  # billed, per currency
+    emulated: dict[str, Decimal] = field(default_factory=dict)  # a rehearsal's: not billed
     image_bytes: int = 0
     first: float | None = None
     last: float | None = None
@@ -71,8 +73,9 @@ class CardFacts:
         first_row = rec["id"] != self.last_job
         self.last_job = rec["id"]
         if rec.get("currency") and first_row:
+            into = self.emulated if rec.get("endpoint") == EMULATOR_ENDPOINT else self.cost
             amount = Decimal(rec["cost"])
-            self.cost[rec["currency"]] = self.cost.get(rec["currency"], Decimal(0)) + amount
+            into[rec["currency"]] = into.get(rec["currency"], Decimal(0)) + amount
         for stamp in (rec.get("created_at"), rec.get("finished_at")):
             if stamp is not None:
                 self.first = stamp if self.first is None else min(self.first, stamp)
@@ -81,6 +84,25 @@ class CardFacts:
     @property
     def total(self) -> int:
         return sum(self.states.values())
+
+
+def _cost_text(facts: CardFacts) -> str:
+    """What the images cost, per currency (never summed across currencies); a rehearsal's
+    emulated amounts apart, since nobody paid them.
+
+    >>> _cost_text(CardFacts(cost={"USD": Decimal("0.03"), "CNY": Decimal("0.2")}))
+    'CN¥0.20 + US$0.03'
+    >>> _cost_text(CardFacts(emulated={"USD": Decimal("0.405")}))
+    'nothing billed; US$0.405 emulated (a rehearsal: not billed)'
+    """
+
+    def text(amounts: dict[str, Decimal]) -> str:
+        return " + ".join(str(Money(amounts[c], c)) for c in sorted(amounts))
+
+    if not facts.emulated:
+        return text(facts.cost) or "none recorded"
+    billed = text(facts.cost) or "nothing billed"
+    return f"{billed}; {text(facts.emulated)} emulated (a rehearsal: not billed)"
 
 
 def _size_category(n: int) -> str:
@@ -131,11 +153,7 @@ def _card_text(fmt: str, facts: CardFacts, files: list[Path], *, embed: bool) ->
         + ("" if embed or fmt != "parquet" else " (not embedded: the shards name the files)"),
         "- prompt languages: "
         + ", ".join(f"{lang} ({n})" for lang, n in sorted(facts.languages.items())),
-        "- cost: "
-        + (
-            ", ".join(str(Money(amount, cur)) for cur, amount in sorted(facts.cost.items()))
-            or "none recorded"
-        ),
+        "- cost: " + _cost_text(facts),
         f"- generated between {iso_utc(facts.first) or '-'} and {iso_utc(facts.last) or '-'}",
         "",
         "## Files",

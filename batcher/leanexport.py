@@ -41,6 +41,7 @@ from urllib.parse import quote
 from jobs.errors import JobStoreError
 from jobs.params import load_params
 from jobs.version import (
+    EMULATOR_ENDPOINT,
     MICROS,
     SCHEMA_VERSION,
     SQLITE_VARIABLES_SQL,
@@ -338,8 +339,9 @@ def _merge(facts: CardFacts, other: CardFacts) -> None:
     facts.sizes.update(other.sizes)
     facts.languages.update(other.languages)
     facts.image_bytes += other.image_bytes
-    for cur, amount in sorted(other.cost.items()):
-        facts.cost[cur] = facts.cost.get(cur, Decimal(0)) + amount
+    for mine, theirs in ((facts.cost, other.cost), (facts.emulated, other.emulated)):
+        for cur, amount in sorted(theirs.items()):
+            mine[cur] = mine.get(cur, Decimal(0)) + amount
     for stamp in (other.first, other.last):
         if stamp is not None:
             facts.first = stamp if facts.first is None else min(facts.first, stamp)
@@ -381,7 +383,7 @@ def _write(
     models: Counter[str] = Counter()
     sizes: Counter[str] = Counter()
     languages: Counter[str] = Counter()
-    costs: dict[tuple[str, int], int] = {}
+    costs: dict[tuple[str, int, bool], int] = {}  # (currency, micros, emulated) -> jobs
     params_of: dict[str, tuple[str, str]] = {}  # params -> negative_prompt, watermark as JSON
     cost_json: dict[int, str] = {}
     stamps: list[float] = []
@@ -472,7 +474,8 @@ def _write(
             models[model] += 1
             languages[prompt_language(prompt)] += 1
             if currency:
-                costs[currency, micros] = costs.get((currency, micros), 0) + 1
+                key = (currency, micros, endpoint == EMULATOR_ENDPOINT)
+                costs[key] = costs.get(key, 0) + 1
             if created_at is not None:
                 stamps.append(created_at)
             if finished_at is not None:
@@ -490,11 +493,12 @@ def _write(
     facts.sizes.update(sizes)
     facts.languages.update(languages)
     facts.image_bytes += image_bytes
-    for (cur, micros), count in sorted(costs.items()):
+    for (cur, micros, emulated), count in sorted(costs.items()):
         # the sum CardFacts.add makes one job at a time, in one step per amount: exact either
         # way, and with the same exponent (a Decimal sum keeps the smallest)
         amount = Decimal(int(micros or 0)) / MICROS * count
-        facts.cost[cur] = facts.cost.get(cur, Decimal(0)) + amount
+        into = facts.emulated if emulated else facts.cost
+        into[cur] = into.get(cur, Decimal(0)) + amount
     if stamps:
         low, high = min(stamps), max(stamps)
         facts.first = low if facts.first is None else min(facts.first, low)

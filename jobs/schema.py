@@ -28,7 +28,10 @@ from sqlalchemy import (
 from jobs.states import ACTIVE as ACTIVE_STATES
 from jobs.states import State
 
-from .version import SCHEMA_VERSION  # in a module of its own: sqlite3 readers check it too
+from .version import (  # in a module of its own: sqlite3 readers check them too
+    EMULATOR_ENDPOINT,
+    SCHEMA_VERSION,
+)
 
 __all__ = [
     "ACTIVE",
@@ -45,10 +48,6 @@ __all__ = [
     "quota_sends",
 ]
 
-
-EMULATOR_ENDPOINT = "emulator"
-"""``jobs.endpoint`` of an image made by an emulator (``--emulate``): a rehearsal, whose cost
-was never spent. A real image's endpoint is the API base URL it came from."""
 
 PRAGMAS = (
     "PRAGMA journal_mode=WAL",

@@ -9,13 +9,23 @@ variables, without importing SQLAlchemy.
 
 from __future__ import annotations
 
-__all__ = ["MICROS", "SCHEMA_VERSION", "SQLITE_VARIABLES_SQL", "VARIABLES_KEY", "VERSION_KEY"]
+__all__ = [
+    "EMULATOR_ENDPOINT",
+    "MICROS",
+    "SCHEMA_VERSION",
+    "SQLITE_VARIABLES_SQL",
+    "VARIABLES_KEY",
+    "VERSION_KEY",
+]
 
 from decimal import Decimal
 
 SCHEMA_VERSION = 8
 VERSION_KEY = "schema_version"  # meta: the schema version, as text
 VARIABLES_KEY = "variables"  # meta: the manifest variables and their JSON types, as JSON
+EMULATOR_ENDPOINT = "emulator"
+"""``jobs.endpoint`` of an image made by an emulator (``--emulate``): a rehearsal, whose cost
+was never spent. A real image's endpoint is the API base URL it came from."""
 MICROS = Decimal(1_000_000)  # jobs.cost_micros is in millionths of the currency
 # The manifest variables of a SQLite table, in the order they first appear (by manifest row,
 # then by position in the row), each with its JSON types (json_each's names, comma-separated)

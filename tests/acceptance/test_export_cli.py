@@ -246,3 +246,26 @@ def test_large_images_go_into_the_shards_byte_for_byte(tmp_path):
         assert pngs[f"{s['__key__']}.png"] == image and s["png"].size == (200, 200)
     run_cli(*args)
     assert _digest(out) == first
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
+def test_a_rehearsal_s_card_says_its_cost_was_emulated(tmp_path, fmt):
+    """A folder of emulated images (--emulate) cost nobody anything: its card says so, in
+    the lean WebDataset path and the general one alike; a paid folder's card shows no such
+    line (the run_folder fixture's, above)."""
+    m = tmp_path / "m.csv"
+    m.write_text("id,prompt,size\nr1,a red chair,512*512\nr2,一把椅子,512*512\n", "utf-8")
+    run = tmp_path / "run"
+    r = run_cli("run", m, "--out", run, "--emulate", "--emulate-latency", "0", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / fmt
+    assert run_cli("export", run, "--format", fmt, "-o", out).returncode == 0
+    card = (out / "README.md").read_text("utf-8")
+    assert "- cost: nothing billed; US$0.03 emulated (a rehearsal: not billed)" in card, card
+
+
+def test_a_paid_folder_s_card_shows_what_was_billed(run_folder, tmp_path):
+    out = tmp_path / "wds"
+    assert run_cli("export", run_folder, "--format", "webdataset", "-o", out).returncode == 0
+    card = (out / "README.md").read_text("utf-8")
+    assert "- cost: US$" in card and "emulated" not in card, card
