@@ -55,7 +55,7 @@ from jobs.spec import JobRow
 __all__ = ["CHUNK", "HelperRows", "helper_rows"]
 
 CHUNK = 1024  # rows per message, ~180 KB: five fit in the widened pipe (see _widen)
-EARLY_CHUNKS = 128  # chunks a helper started early keeps before it waits to be asked (~50 MB)
+EARLY_CHUNKS = 64  # chunks a helper started early keeps until asked: ~65,000 rows, ~46 MB
 _PIPE_BYTES = 1 << 20  # the most Linux gives an unprivileged process by default
 _HEADER = struct.Struct("<cI")  # the kind of message (_ROWS or _END) and its length
 _ROWS, _END = b"R", b"E"
