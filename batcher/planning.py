@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -15,7 +16,7 @@ from jobs import JobStore, Spend, State, Stats
 from .importing import ImportSummary
 from .layout import RunLayout, RunLock
 from .pool import model_rates
-from .pricing import Money, price_per_image
+from .pricing import currency_of, price_per_image
 from .progress import format_duration
 from .summary import amount_text, money_text
 from .wording import plural
@@ -35,7 +36,7 @@ class PlanOptions:
     emulate: bool = False
     as_json: bool = False
     database: str | None = None  # a postgresql:// URL holding the run's table
-    lanes: Path | None = None  # a lanes file: its region's prices, its lanes' quotas
+    lanes: Path | None = None  # a lanes file: its lanes' regions' prices, their quotas
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -47,13 +48,13 @@ class Plan:
     manifest: Path
     imported: ImportSummary
     stats: Stats
-    cost: Money
+    cost: dict[str, Decimal]  # currency -> what the pending jobs cost (two: lanes in both regions)
     spend: tuple[Spend, ...]
     rps: float | None
     emulate: bool = False
     to_generate: int = 0  # pending, and running left by a dead run (lease expired, or no lock)
-    # model -> (images still to generate, their cost)
-    by_model: dict[str, tuple[int, Money]] = field(default_factory=dict)
+    # model -> (images still to generate, their cost per currency)
+    by_model: dict[str, tuple[int, dict[str, Decimal]]] = field(default_factory=dict)
     # model -> calls still to make: jobs, one call (or task) each whatever their n
     calls: dict[str, int] = field(default_factory=dict)
 
@@ -134,8 +135,7 @@ class Plan:
             "withdrawn": s.count(State.WITHDRAWN),
             "moved": self.imported.moved,
             "updated": self.imported.updated,
-            "estimated_cost": str(self.cost.amount),
-            "currency": self.cost.currency,
+            **_cost_fields(self.cost),
             "emulated": self.emulate,
             "rps": self.rps,
             "lane_rates": self.lane_rates,
@@ -143,7 +143,7 @@ class Plan:
             "spent": {c: amount_text(a) for c, a in sorted(self._spent(False).items())},
             "spent_emulated": {c: amount_text(a) for c, a in sorted(self._spent(True).items())},
             "models": {
-                m: {"to_generate": n, "estimated_cost": str(c.amount), "currency": c.currency}
+                m: {"to_generate": n, **_cost_fields(c)}
                 for m, (n, c) in sorted(self.by_model.items())
             },
         }
@@ -158,7 +158,9 @@ class Plan:
         n = self.to_generate
         jobs = self.jobs_to_generate
         calls = f" in {plural(jobs, 'call')}" if jobs != n else ""
-        cost = f"{self.cost} emulated" if self.emulate else str(self.cost)
+        cost = money_text(self.cost) + (" emulated" if self.emulate else "")
+        if len(self.cost) > 1:
+            cost += " (the jobs shared by the lanes' quotas)"
         lines = [
             f"{self.manifest}: {i.added} new, {i.unchanged_of(s)} already imported, {i.replaced} "
             f"replaced{moved}; {plural(s.total - withdrawn, 'job')} in {self.layout.root}",
@@ -187,7 +189,8 @@ class Plan:
                 lines.append(
                     f"    {model:<20} {count} images"
                     + (f" in {plural(made, 'call')}" if made != count else "")
-                    + f", about {money}, ~{format_duration(math.ceil(made / rate))} at {rate:g}/s"
+                    + f", about {money_text(money)}, "
+                    + f"~{format_duration(math.ceil(made / rate))} at {rate:g}/s"
                 )
         spent, emulated = self._spent(False), self._spent(True)
         if spent or emulated:
@@ -198,22 +201,82 @@ class Plan:
         return "\n".join(lines)
 
 
+def _cost_fields(cost: dict[str, Decimal]) -> dict[str, Any]:
+    """``--json``'s cost fields: ``estimated_cost`` and ``currency`` when one currency (as
+    always), both null with two (lanes in both regions: never summed); ``estimated_costs`` per
+    currency in every case."""
+    one = next(iter(cost.items())) if len(cost) == 1 else None
+    return {
+        "estimated_cost": str(one[1]) if one else None,
+        "currency": one[0] if one else None,
+        "estimated_costs": {c: str(a) for c, a in sorted(cost.items())},
+    }
+
+
+Shares = Callable[[str], dict[str, float]]  # model -> region -> the part of its jobs sent there
+
+
+def _split(count: int, shares: dict[str, float]) -> dict[str, int]:
+    """``count`` jobs apportioned to regions by ``shares`` (largest remainders: whole jobs,
+    adding up to ``count``).
+
+    >>> _split(10, {"cn": 1 / 3, "intl": 2 / 3})
+    {'cn': 3, 'intl': 7}
+    """
+    total = sum(shares.values())
+    exact = {r: count * w / total for r, w in sorted(shares.items())}
+    out = {r: math.floor(x) for r, x in exact.items()}
+    left = count - sum(out.values())
+    for r in sorted(exact, key=lambda r: (out[r] - exact[r], r))[:left]:
+        out[r] += 1
+    return out
+
+
+def region_shares(opt: PlanOptions) -> Shares:
+    """Where each model's jobs would be sent: ``--region`` alone without lanes; with a lanes
+    file, to each region in proportion to the quotas of its lanes serving the model (a job
+    goes to whichever lane has a free send slot, so over a run each lane sends at its rate)."""
+    if opt.lanes is None:
+        region = opt.region
+        return lambda _model: {region: 1.0}
+    from .lanes import load_lanes
+    from .models import MODELS
+
+    lanes = load_lanes(opt.lanes)
+
+    def shares(model: str) -> dict[str, float]:
+        entry = MODELS.get(model)
+        fallback = entry.quota.rps if entry is not None else 2.0
+        out: dict[str, float] = {}
+        for lane in lanes:
+            if lane.serves(model):
+                out[lane.region] = out.get(lane.region, 0.0) + lane.rate_for(model, fallback)
+        return out or {lanes[0].region: 1.0}  # no lane serves it: a run refuses it anyway
+
+    return shares
+
+
 async def _pending_cost(
-    store: JobStore, region: str, *, live_run: bool
-) -> tuple[Money, int, dict[str, tuple[int, Money]]]:
-    """What generating every job still to do would cost, at the region's prices, how many
-    images they are, and both per model. A job a live run is generating now (running, its
-    lease held) is not to do; with no live run (``live_run`` False: the folder's lock is free),
-    every running job was left by a dead one, and the next run takes it back."""
-    total = Money.zero(price_per_image("z-image-turbo", region, False).currency)
+    store: JobStore, shares: Shares, *, live_run: bool
+) -> tuple[dict[str, Decimal], int, dict[str, tuple[int, dict[str, Decimal]]]]:
+    """What generating every job still to do would cost, at the prices of the regions they
+    would go to (per currency), how many images they are, and both per model. A job a live
+    run is generating now (running, its lease held) is not to do; with no live run
+    (``live_run`` False: the folder's lock is free), every running job was left by a dead
+    one, and the next run takes it back."""
+    first = shares("z-image-turbo")
+    total = {currency_of(r): Decimal(0) for r in first}
     n = 0
-    by_model: dict[str, tuple[int, Money]] = {}
+    by_model: dict[str, tuple[int, dict[str, Decimal]]] = {}
     for (model, extend), count in (await store.pending_by_kind(live_run=live_run)).items():
-        cost = price_per_image(model, region, extend) * count
-        total = total + cost
+        images, money = by_model.get(model, (0, {}))
+        for region, part in _split(count, shares(model)).items():
+            cost = (price_per_image(model, region, extend) * part).amount
+            currency = currency_of(region)
+            total[currency] = total.get(currency, Decimal(0)) + cost
+            money[currency] = money.get(currency, Decimal(0)) + cost
         n += count
-        images, money = by_model.get(model, (0, Money.zero(total.currency)))
-        by_model[model] = (images + count, money + cost)
+        by_model[model] = (images + count, money)
     return total, n, by_model
 
 
@@ -236,7 +299,7 @@ async def make_plan(
 
     async def pending() -> None:
         found["cost"], found["to_generate"], found["by_model"] = await _pending_cost(
-            store, opt.region, live_run=live_run
+            store, region_shares(opt), live_run=live_run
         )
 
     async def calls() -> None:

@@ -28,6 +28,8 @@ from sqlalchemy import (
 from jobs.states import ACTIVE as ACTIVE_STATES
 from jobs.states import State
 
+from .version import SCHEMA_VERSION  # in a module of its own: sqlite3 readers check it too
+
 __all__ = [
     "ACTIVE",
     "EMULATOR_ENDPOINT",
@@ -43,7 +45,6 @@ __all__ = [
     "quota_sends",
 ]
 
-SCHEMA_VERSION = 7
 
 EMULATOR_ENDPOINT = "emulator"
 """``jobs.endpoint`` of an image made by an emulator (``--emulate``): a rehearsal, whose cost

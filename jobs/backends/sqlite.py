@@ -34,6 +34,7 @@ from .. import migrations, schema
 from ..errors import JobStoreError, LeaseLost, StoreUnavailable
 from ..spec import JobRow
 from ..states import State
+from ..version import SQLITE_VARIABLES_SQL
 from .base import CLAIM_COLUMNS, LEASED_ORDER, Backend, Clock, Op
 
 __all__ = ["SQLiteBackend"]
@@ -128,11 +129,7 @@ class SQLiteBackend(Backend):
     order_column = "rowid"
     staging_order = "rowid"
     shared = False
-    variables_sql = (
-        "SELECT v.key, group_concat(DISTINCT v.type) "
-        "FROM jobs, json_each(jobs.vars) AS v WHERE jobs.vars IS NOT NULL "
-        "GROUP BY v.key ORDER BY MIN(jobs.rowid * 65536 + v.id)"
-    )
+    variables_sql = SQLITE_VARIABLES_SQL
 
     def __init__(self, path: Path, *, read_only: bool = False) -> None:
         self.path = path
