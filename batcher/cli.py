@@ -354,7 +354,8 @@ async def _dispatch(args: argparse.Namespace) -> int:
             )
         )
     if args.command == "run":
-        from .pool import RunOptions, model_rates
+        from .models import model_rates
+        from .pool import RunOptions
         from .session import RunCommand
 
         budget, budget_currency = parse_budget(args.budget)

@@ -99,7 +99,8 @@ async def cmd_plan(opt: PlanOptions) -> ExitCode:
     _need_writable(target.layout)
     async with await JobStore.open(target.layout.store) as store:
         imported = await import_manifest(store, target, replace=opt.replace)
-        if not opt.emulate and await is_rehearsal_folder(store):
+        fresh = imported.fresh is not None  # a first import: no job has an image yet
+        if not opt.emulate and await is_rehearsal_folder(store, nothing_billed=fresh):
             opt = dataclasses.replace(opt, emulate=True)  # only a rehearsal may go on there
         plan = await make_plan(store, target.layout, target.manifest, imported, opt)
     print(json.dumps(plan.as_dict()) if opt.as_json else plan.text())

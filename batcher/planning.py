@@ -12,10 +12,11 @@ from typing import Any
 import anyio
 
 from jobs import JobStore, Spend, State, Stats
+from jobs.spec import KindCounts
 
 from .importing import ImportSummary
 from .layout import RunLayout, RunLock
-from .pool import model_rates
+from .models import model_rates
 from .pricing import currency_of, price_per_image
 from .progress import format_duration
 from .summary import amount_text, money_text
@@ -264,11 +265,19 @@ async def _pending_cost(
     run is generating now (running, its lease held) is not to do; with no live run
     (``live_run`` False: the folder's lock is free), every running job was left by a dead
     one, and the next run takes it back."""
+    return _cost_of(await store.pending_by_kind(live_run=live_run), shares)
+
+
+def _cost_of(
+    images_by_kind: dict[tuple[str, bool], int], shares: Shares
+) -> tuple[dict[str, Decimal], int, dict[str, tuple[int, dict[str, Decimal]]]]:
+    """The cost of generating these images (per (model, prompt_extend)) at the prices of the
+    regions they would go to (per currency), how many they are, and both per model."""
     first = shares("z-image-turbo")
     total = {currency_of(r): Decimal(0) for r in first}
     n = 0
     by_model: dict[str, tuple[int, dict[str, Decimal]]] = {}
-    for (model, extend), count in (await store.pending_by_kind(live_run=live_run)).items():
+    for (model, extend), count in images_by_kind.items():
         images, money = by_model.get(model, (0, {}))
         for region, part in _split(count, shares(model)).items():
             cost = (price_per_image(model, region, extend) * part).amount
@@ -289,7 +298,12 @@ async def make_plan(
 ) -> Plan:
     """The counts by state, the cost of what is pending and what was spent: scans of the whole
     table at a million jobs, so they run at once, on the store's connections (SQLite scans
-    without the GIL). The sums of ``stats`` (retries, ...) are not computed."""
+    without the GIL). The sums of ``stats`` (retries, ...) are not computed. After a first
+    import into an empty table whose rows the store counted as they went in
+    (``imported.fresh``), the table holds those jobs alone, all pending and none billed: the
+    figures come from those counts, without reading the table again (see :func:`_fresh`)."""
+    if imported.fresh is not None:
+        return _fresh(layout, manifest, imported, imported.fresh, opt)
     found: dict[str, Any] = {}
     # On a shared table (PostgreSQL) workers hold no folder lock: their leases alone tell.
     live_run = layout.shared or RunLock.held(layout.lock)
@@ -328,6 +342,48 @@ async def make_plan(
         to_generate=found["to_generate"],
         by_model=found["by_model"],
         calls=found["calls"],
+        lane_rates=lane_rates(opt.lanes) if opt.lanes is not None else None,
+    )
+
+
+def _fresh(
+    layout: RunLayout, manifest: Path, imported: ImportSummary, fresh: KindCounts, opt: PlanOptions
+) -> Plan:
+    """The plan of a table that a first import has just filled (nothing else was in it): every
+    job pending and due (none running, so none in progress), nothing failed or billed, the
+    images and calls to make the import's own counts. The figures are the same a scan gives
+    (a test compares the two); a run working on the folder meanwhile may already have moved
+    some of them on, as it may between a scan and the printing of its figures."""
+    by_state = {s.value: 0 for s in State}
+    by_state[State.PENDING.value] = sum(jobs for jobs, _ in fresh.values())
+    stats = Stats(
+        by_state=by_state,
+        errors_by_code={},
+        spend=(),
+        attempts=0,
+        throttled=0,
+        ambiguous=0,
+        regenerated=0,
+        due_pending=by_state[State.PENDING.value],  # next_attempt_at 0: due at once
+    )
+    cost, to_generate, by_model = _cost_of(
+        {kind: images for kind, (_, images) in fresh.items()}, region_shares(opt)
+    )
+    calls: dict[str, int] = {}
+    for (model, _), (jobs, _) in fresh.items():
+        calls[model] = calls.get(model, 0) + jobs
+    return Plan(
+        layout=layout,
+        manifest=manifest,
+        imported=imported,
+        stats=stats,
+        cost=cost,
+        spend=(),
+        rps=opt.rps,
+        emulate=opt.emulate,
+        to_generate=to_generate,
+        by_model=by_model,
+        calls=calls,
         lane_rates=lane_rates(opt.lanes) if opt.lanes is not None else None,
     )
 

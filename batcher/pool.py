@@ -152,16 +152,6 @@ def shortfall_note(n: int, came: int, failed: Sequence[tuple[str, str]]) -> str 
     return f"{missing} of {n} images failed: {'; '.join(reasons)}"
 
 
-def model_rates(rps: float | None) -> dict[str, float]:
-    """Every registered model's send rate: ``rps`` when the user gave one (``--rps``), else the
-    model's published quota (the service counts each model's requests apart, per account).
-
-    >>> model_rates(None)["qwen-image-max"], model_rates(5.0)["qwen-image-max"]
-    (0.03333333333333333, 5.0)
-    """
-    return {name: rps or entry.quota.rps for name, entry in MODELS.items()}
-
-
 @dataclass(frozen=True, kw_only=True, slots=True)
 class RunOptions:
     """How a run behaves (the ``batcher run`` flags)."""

@@ -807,7 +807,12 @@ class JobStore:
                 for _, ddl in backend_indexes:
                     await conn.exec_driver_sql(ddl)
                 await conn.exec_driver_sql(_FORGET_VARIABLES)
-                return ImportReport(total=total, added=total, unchanged=0, replaced=0)
+                # The table is now these rows and nothing else (all pending, due, unbilled):
+                # the backend's counts of them, when it kept some that add up, say so.
+                fresh = self._backend.loaded
+                if fresh is not None and sum(n for n, _ in fresh.values()) != total:
+                    fresh = None
+                return ImportReport(total=total, added=total, unchanged=0, replaced=0, fresh=fresh)
             await conn.exec_driver_sql(self._backend.staging_ddl())
             await conn.exec_driver_sql("DELETE FROM staging")
             total = await self._backend.stream_rows(conn, rows, "staging", None)

@@ -13,7 +13,7 @@ __all__ = ["MICROS", "SCHEMA_VERSION", "SQLITE_VARIABLES_SQL", "VARIABLES_KEY", 
 
 from decimal import Decimal
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 VERSION_KEY = "schema_version"  # meta: the schema version, as text
 VARIABLES_KEY = "variables"  # meta: the manifest variables and their JSON types, as JSON
 MICROS = Decimal(1_000_000)  # jobs.cost_micros is in millionths of the currency
