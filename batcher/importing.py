@@ -15,14 +15,16 @@ import hashlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import anyio
 
 from jobs import JobStore, Moved, State, Stats, open_manifest
+from jobs.manifest import Manifest
 from jobs.naming import image_output
-from jobs.spec import KindCounts
+from jobs.spec import JobRow, KindCounts
 
 from . import __version__
 from .folder import MANIFEST_KEY, Target, check_manifest
@@ -99,25 +101,37 @@ async def import_manifest(store: JobStore, target: Target, *, replace: bool) -> 
     """
     manifest_path, layout = target.manifest, target.layout
     new_manifest = await check_manifest(store, target)
-    key = digest = None
-    with contextlib.suppress(OSError):  # open_manifest reports the problem, located
-        key, digest = await anyio.to_thread.run_sync(_manifest_identity, manifest_path)
-    if (
-        key is not None
-        and not replace
-        and new_manifest is None
-        and await store.get_meta(key) == digest
-    ):
-        total = await store.count()  # withdrawn ones included: see unchanged_of
-        log.info("%s unchanged since its last import: not read again", manifest_path)
-        moved = await apply_moves(store, layout)  # left by an import a crash cut short
-        if moved:
-            await MetadataWriter(store, layout).refresh()
-        return ImportSummary(added=0, unchanged=total, replaced=0, moved=moved, read=False)
-    manifest = open_manifest(manifest_path, rules=RULES)
-    report = await store.import_rows(
-        manifest.rows(), source=path_text(manifest_path), replace=replace, withdraw=True
-    )
+    manifest: Manifest | None = None
+    rows: Iterator[JobRow] | None = None
+    try:
+        if replace or new_manifest is not None:
+            # Imported whatever its digest says: a big manifest's helper process starts
+            # reading now, while the digest is computed (0.2 s for a million rows).
+            manifest = open_manifest(manifest_path, rules=RULES)
+            rows = manifest.rows()
+            start = getattr(rows, "start", None)
+            if start is not None:
+                start()
+        key = digest = None
+        with contextlib.suppress(OSError):  # open_manifest reports the problem, located
+            key, digest = await anyio.to_thread.run_sync(_manifest_identity, manifest_path)
+        if manifest is None and key is not None and await store.get_meta(key) == digest:
+            total = await store.count()  # withdrawn ones included: see unchanged_of
+            log.info("%s unchanged since its last import: not read again", manifest_path)
+            moved = await apply_moves(store, layout)  # left by an import a crash cut short
+            if moved:
+                await MetadataWriter(store, layout).refresh()
+            return ImportSummary(added=0, unchanged=total, replaced=0, moved=moved, read=False)
+        if manifest is None or rows is None:
+            manifest = open_manifest(manifest_path, rules=RULES)
+            rows = manifest.rows()
+        report = await store.import_rows(
+            rows, source=path_text(manifest_path), replace=replace, withdraw=True
+        )
+    finally:
+        close = getattr(rows, "close", None)
+        if close is not None:  # a helper process started early, its rows not all taken
+            close()
     if key is not None and digest is not None:
         await store.set_meta(key, digest)
     if new_manifest is not None:

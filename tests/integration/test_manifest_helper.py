@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import pickle
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from batcher.modelrules import RULES
 from jobs import manifest as manifest_module
 from jobs.errors import JobStoreError, ManifestError, ManifestInvalid
 from jobs.manifest import open_manifest
-from jobs.readahead import CHUNK
+from jobs.readahead import CHUNK, EARLY_CHUNKS, HelperRows
 from jobs.schema import STAGING_COLUMNS
 from jobs.spec import JobRow
 from jobs.store import JobStore
@@ -241,3 +242,71 @@ def test_manifest_errors_survive_pickling() -> None:
     assert type(clone) is ManifestInvalid and str(clone) == str(error)
     assert [vars(e) for e in clone.errors] == [vars(e) for e in error.errors]
     assert clone.truncated is False
+
+
+# A helper started before its rows are wanted (HelperRows.start: the import starts it while
+# it hashes the manifest) reads ahead, keeps what it read until asked in which form, and then
+# hands over exactly the rows, warnings and errors it would have if started on the first row.
+EARLY_CASES = {
+    "plain": None,  # more chunks than a helper keeps before it waits to be asked
+    "errors.csv": CASES["errors.csv"],
+    "warnings.csv": CASES["warnings.csv"],
+    "many_errors.jsonl": CASES["many_errors.jsonl"],
+}
+
+
+@needs_proc
+@pytest.mark.parametrize("form", ["rows", "flat"])
+@pytest.mark.parametrize("name", EARLY_CASES)
+def test_a_helper_started_early_hands_over_what_it_would_have(
+    tmp_path: Path, name: str, form: str
+) -> None:
+    data = EARLY_CASES[name]
+    if data is None:
+        path = big_csv(tmp_path / "m.csv", (EARLY_CHUNKS + 20) * CHUNK)
+    else:
+        path = tmp_path / name
+        path.write_text(data, encoding="utf-8")
+    in_process = read(path, helper=False)
+    width = 4 if form == "flat" else None
+    if width is not None and isinstance(in_process[0][-1], tuple):  # rows: as flat groups
+        rows = in_process[0]
+        groups = [rows[i : i + width] for i in range(0, len(rows), width)]
+        in_process = ([tuple(v for r in g for v in r) for g in groups], *in_process[1:])
+    before = children()
+    manifest = open_manifest(path, rules=RULES)
+    rows = manifest.rows(helper=True)
+    assert isinstance(rows, HelperRows)
+    rows.start()
+    assert len(children() - before) == 1
+    time.sleep(0.5 if data is not None else 2.0)  # let it read what it may
+    taken: list[object]
+    try:
+        taken = list(rows.flat(width) if width is not None else rows)
+    except ManifestInvalid as exc:
+        taken = [*(e.format() for e in exc.errors), f"truncated={exc.truncated}"]
+    assert (taken, [w.format() for w in manifest.warnings], manifest.warning_count) == in_process
+    assert children() == before
+
+
+@needs_proc
+def test_a_helper_started_early_but_not_wanted_ends(tmp_path: Path) -> None:
+    path = big_csv(tmp_path / "m.csv", 60_000)
+    before = children()
+    rows = open_manifest(path, rules=RULES).rows(helper=True)
+    assert isinstance(rows, HelperRows)
+    rows.start()
+    assert len(children() - before) == 1
+    rows.close()  # never asked for a row
+    assert children() == before
+    # The importing process that started it died: its end of the helper's stdin closes
+    # without a word, and the helper ends by itself (quietly, status 0).
+    rows = open_manifest(path, rules=RULES).rows(helper=True)
+    assert isinstance(rows, HelperRows)
+    rows.start()
+    proc = rows._proc
+    assert proc is not None and proc.stdin is not None
+    proc.stdin.close()
+    assert proc.wait(timeout=30) == 0
+    rows.close()
+    assert children() == before
