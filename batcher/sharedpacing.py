@@ -198,18 +198,22 @@ class SharedPacer:
         *,
         adaptive: bool = True,
         start_rate: float | None = DEFAULT_QUOTA,
+        known_good: float | None = None,
         on_slot: Callable[[], None] = lambda: None,
         clock: Callable[[], float] | None = None,
     ) -> None:
         self.schedule = schedule
         self._clock = clock or anyio.current_time
-        local = RateController(stated_rate, now=0.0, adaptive=adaptive, start_rate=start_rate)
+        local = RateController(
+            stated_rate, now=0.0, adaptive=adaptive, start_rate=start_rate, known_good=known_good
+        )
         self.adaptive = adaptive
         scale = SHARED_MARGIN / MARGIN
         self.max_rate = local.max_rate * scale
         self.min_rate = local.min_rate
         self._start_rate = local.rate * scale  # the row a first worker makes
         self._start_slow = local.slow_start
+        self._known_good = local.known_good * scale
         self._state: QuotaState | None = None
         self._on_slot = on_slot
         self.control = self
@@ -358,6 +362,7 @@ class SharedPacer:
             least_s=1.0 / self.max_rate,
             slow_start=self._start_slow,
             probe_every=PROBE_FIRST,
+            known_good_s=1.0 / self._known_good,
         )
         self._sample(before, server)
         self._state = state

@@ -180,18 +180,26 @@ class QuotaSchedule:
         self._reserved = 0
 
     async def join(
-        self, *, interval_s: float, least_s: float, slow_start: bool, probe_every: float
+        self,
+        *,
+        interval_s: float,
+        least_s: float,
+        slow_start: bool,
+        probe_every: float,
+        known_good_s: float | None = None,
     ) -> tuple[float, QuotaState]:
         """Make the row unless it exists (or start an idle one over, from these values);
         ``least_s`` is this worker's spacing at the rate it was told: the schedule never goes
-        faster than the lowest rate any of its workers was told. Returns the server's clock as
-        it was read, and the row."""
+        faster than the lowest rate any of its workers was told. ``known_good_s``: the spacing
+        a throttled slow start falls back to at worst (default ``interval_s``; wider for a
+        head start nothing has proven). Returns the server's clock as it was read, and the
+        row."""
         params = {
             **self._key,
             "interval_s": interval_s,
             "least_s": least_s,
             "slow_start": int(slow_start),
-            "known_good": interval_s,
+            "known_good": interval_s if known_good_s is None else known_good_s,
             "probe_every": probe_every,
             "stale": STALE,
         }
