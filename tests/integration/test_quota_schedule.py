@@ -121,6 +121,38 @@ async def test_an_idle_schedule_starts_over_and_a_live_one_is_kept() -> None:
             await s.close()
 
 
+async def test_an_idle_schedule_starts_over_from_the_rate_it_last_held() -> None:
+    """A later run's worker, starting slow (2/s), picks up the 9/s an earlier run held, not
+    proven yet (its first 429 falls back to the joiner's 2/s at worst); never above its own
+    rate, and never slower than its own start."""
+    url = fresh()
+    stores, (a,) = await schedules(url, 1)
+    try:
+        await a.join(interval_s=1 / 9, least_s=1 / 9, slow_start=False, probe_every=5.0)
+        stale = f"UPDATE quota_schedule SET updated_at = updated_at - {STALE + 1}"
+        query(url, stale)
+        _, held = await a.join(interval_s=0.5, least_s=0.1, slow_start=True, probe_every=5.0)
+        assert held.interval_s == pytest.approx(1 / 9) and held.slow_start
+        assert held.known_good == 0.5  # the joiner's: the rate held is not proven again yet
+        # (a row left unproven holds its known_good: see below; this one had proven 9/s)
+        query(url, f"UPDATE quota_schedule SET slow_start = 0, interval_s = {1 / 9}")
+        query(url, stale)
+        _, capped = await a.join(interval_s=0.5, least_s=0.2, slow_start=True, probe_every=5.0)
+        assert capped.interval_s == 0.2 and capped.slow_start  # told 5/s: no faster
+        # a schedule that ended in slow start held only what it had proven
+        query(url, "UPDATE quota_schedule SET slow_start = 1, known_good = 0.25, interval_s = 0.1")
+        query(url, stale)
+        _, proven = await a.join(interval_s=0.5, least_s=0.1, slow_start=True, probe_every=5.0)
+        assert proven.interval_s == 0.25 and proven.slow_start
+        # a joiner starting faster than the rate held keeps its own start
+        query(url, stale)
+        _, own = await a.join(interval_s=0.1, least_s=0.1, slow_start=False, probe_every=5.0)
+        assert own.interval_s == 0.1 and not own.slow_start
+    finally:
+        for s in stores:
+            await s.close()
+
+
 async def test_a_sqlite_run_folder_paces_itself(tmp_path: Path) -> None:
     async with await JobStore.open(tmp_path / "batcher.db") as store:
         assert store.quota_schedule(lane="default", model=MODEL) is None
