@@ -168,7 +168,7 @@ _WRITE = text(
     + " WHERE lane = :lane AND model = :model"
 )
 _PUSH = text(
-    "UPDATE quota_schedule SET next_at = greatest(next_at, :after + interval_s) "
+    "UPDATE quota_schedule SET next_at = greatest(next_at + :shift, :after + interval_s) "
     "WHERE lane = :lane AND model = :model"
 )
 _FORGET = text("DELETE FROM quota_sends WHERE lane = :lane AND model = :model AND at = :at")
@@ -255,11 +255,13 @@ class QuotaSchedule:
                 await conn.execute(_WRITE, {**self._key, **_params(decided)})
         return decided
 
-    async def push(self, *, after: float) -> None:
-        """A send went out late, at ``after``: the next slot is one interval after it."""
+    async def push(self, *, after: float, shift: float = 0.0) -> None:
+        """A send went out late, at ``after``: the next slot is one interval after it, and every
+        slot from the next free one on moves ``shift`` seconds later (the lateness past the
+        schedule's slack: the window one quota's worth of sends later must not hold it)."""
         with self._backend.translated():
             async with self._backend.engine.begin() as conn:
-                await conn.execute(_PUSH, {**self._key, "after": after})
+                await conn.execute(_PUSH, {**self._key, "after": after, "shift": shift})
 
     async def forget(self, slot: float) -> None:
         """A reserved slot was not used: it is no send (a window holding it is not full)."""
