@@ -25,15 +25,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import anyio
+from jobs.errors import JobStoreError, ManifestInvalid, StoreUnavailable
 
-from jobs import JobStoreError, ManifestInvalid, StoreUnavailable
-from jobs.backends import is_database_url
-
-from .commands import cmd_export, cmd_plan, cmd_retry, cmd_run, cmd_status, parse_budget
 from .errors import BatcherError, ConfigError, LanesInvalid
 from .exitcodes import ExitCode
 from .export import ExportOptions, parse_shard_size
+
+# The commands, anyio and the job store (SQLAlchemy) are imported when a command needs them:
+# ``batcher export --format webdataset`` of a run folder needs none of them
+# (:mod:`batcher.leanexport`), and their import was most of its start-up.
 
 if TYPE_CHECKING:
     from _typeshed import SupportsWrite
@@ -290,13 +290,52 @@ def _add_db(parser: argparse.ArgumentParser) -> None:
 def _database(args: argparse.Namespace) -> str | None:
     """``--db``, else ``BATCHER_DATABASE_URL``; None for the run folder's SQLite file."""
     url = args.db if args.db is not None else os.environ.get("BATCHER_DATABASE_URL") or None
+    from jobs.backends import is_database_url
+
     if url is not None and not is_database_url(url):
         where = "--db" if args.db is not None else "BATCHER_DATABASE_URL"
         raise ConfigError(f"{where} must be a postgresql://user@host/dbname URL")
     return url
 
 
+def _export_options(args: argparse.Namespace) -> ExportOptions:
+    return ExportOptions(
+        fmt=args.format,
+        output=args.output,
+        shard_size=parse_shard_size(args.shard_size),
+        state=args.state,
+        embed=not args.no_embed,
+    )
+
+
+def _lean_export(args: argparse.Namespace) -> int | None:
+    """``batcher export --format webdataset`` of a run folder's own ``batcher.db``, without
+    an event loop or SQLAlchemy (:mod:`batcher.leanexport`); None when that path does not take
+    it (the general one then does, and says what is wrong if anything is)."""
+    if args.db is not None or os.environ.get("BATCHER_DATABASE_URL"):
+        return None
+    from .export import check_output, format_for, tell_exported
+    from .layout import RunLayout
+
+    opt = _export_options(args)
+    if format_for(opt.fmt, opt.output) != "webdataset":
+        return None
+    layout = RunLayout(args.folder)
+    if not layout.has_store():
+        return None
+    check_output(opt)
+    from .leanexport import export_webdataset
+
+    result = export_webdataset(layout, opt)
+    if result is None:
+        return None
+    tell_exported(result, opt)
+    return 0
+
+
 async def _dispatch(args: argparse.Namespace) -> int:
+    from .commands import cmd_export, cmd_plan, cmd_retry, cmd_run, cmd_status, parse_budget
+
     database = _database(args) if hasattr(args, "db") else None
     if args.command == "plan":
         from .planning import PlanOptions  # plan and run only: the pool, aiohttp
@@ -315,7 +354,8 @@ async def _dispatch(args: argparse.Namespace) -> int:
             )
         )
     if args.command == "run":
-        from .pool import RunOptions, model_rates
+        from .models import model_rates
+        from .pool import RunOptions
         from .session import RunCommand
 
         budget, budget_currency = parse_budget(args.budget)
@@ -357,17 +397,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "status":
         return await cmd_status(args.folder, as_json=args.json, database=database)
     if args.command == "export":
-        return await cmd_export(
-            args.folder,
-            ExportOptions(
-                fmt=args.format,
-                output=args.output,
-                shard_size=parse_shard_size(args.shard_size),
-                state=args.state,
-                embed=not args.no_embed,
-            ),
-            database=database,
-        )
+        return await cmd_export(args.folder, _export_options(args), database=database)
     if args.command == "retry":
         return await cmd_retry(args.folder, code=args.code, database=database)
     if args.command == "cancel":
@@ -444,6 +474,10 @@ def _main(argv: Sequence[str] | None) -> int:
         return int(run_emulator(args))
     try:
         try:
+            if args.command == "export" and (code := _lean_export(args)) is not None:
+                return code
+            import anyio
+
             return anyio.run(_dispatch, args)
         except BaseExceptionGroup as group:
             raise _leaf(group) from group

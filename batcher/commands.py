@@ -21,7 +21,7 @@ from jobs import JobStore
 
 from .errors import ConfigError
 from .exitcodes import ExitCode, exit_code_for
-from .export import ExportOptions, check_output, run_export
+from .export import ExportOptions, check_output, run_export, tell_exported
 from .layout import RunLayout, RunLock
 from .pricing import currency_of
 from .summary import achieved_rate, run_json, status_json, status_text, summary_lines
@@ -91,32 +91,20 @@ async def cmd_plan(opt: PlanOptions) -> ExitCode:
     """Validate and import; no API call. Prints what a run would do."""
     from .folder import is_rehearsal_folder, resolve_target
     from .importing import import_manifest
-    from .planning import make_plan
+    from .planning import make_plan, region_shares
 
     if opt.lanes is not None:  # a bad lanes file before anything is written
-        opt = dataclasses.replace(opt, region=_lanes_region(opt.lanes))
+        region_shares(opt)
     target = await resolve_target(opt.manifest, opt.out, emulate=opt.emulate, database=opt.database)
     _need_writable(target.layout)
     async with await JobStore.open(target.layout.store) as store:
         imported = await import_manifest(store, target, replace=opt.replace)
-        if not opt.emulate and await is_rehearsal_folder(store):
+        fresh = imported.fresh is not None  # a first import: no job has an image yet
+        if not opt.emulate and await is_rehearsal_folder(store, nothing_billed=fresh):
             opt = dataclasses.replace(opt, emulate=True)  # only a rehearsal may go on there
         plan = await make_plan(store, target.layout, target.manifest, imported, opt)
     print(json.dumps(plan.as_dict()) if opt.as_json else plan.text())
     return ExitCode.OK
-
-
-def _lanes_region(path: Path) -> str:
-    """The one region a lanes file's lanes are priced in (``plan`` prices one region)."""
-    from .lanes import load_lanes
-
-    regions = sorted({lane.region for lane in load_lanes(path)})
-    if len(regions) > 1:
-        raise ConfigError(
-            f"{path}: lanes in {' and '.join(regions)}: plan prices one region; plan with "
-            "--region for each (the run records what each lane spent)"
-        )
-    return regions[0]
 
 
 async def cmd_status(folder: Path, *, as_json: bool, database: str | None = None) -> ExitCode:
@@ -140,15 +128,7 @@ async def cmd_export(folder: Path, opt: ExportOptions, *, database: str | None =
     async with await _open_existing(layout) as store:
         result = await run_export(store, layout, opt, sys.stdout)
     sys.stdout.flush()
-    where = f" to {opt.output}" if opt.output is not None else ""
-    records = plural(result.records, "record")
-    if result.fmt in ("parquet", "webdataset"):
-        shards = plural(len(result.files) - 1, f"{result.fmt} shard")
-        _warn(f"exported {records} in {shards}{where}")
-    else:
-        _warn(f"exported {records}{where}")
-    if result.missing:
-        _warn(f"warning: {plural(result.missing, 'done image')} not found; exported without")
+    tell_exported(result, opt)
     return ExitCode.OK
 
 

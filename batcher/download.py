@@ -17,6 +17,7 @@ import errno
 import hashlib
 import os
 import secrets
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -302,14 +303,25 @@ def _unlink(path: Path) -> None:
         pass  # best effort; the sweep at start removes leftovers
 
 
-def sweep_partials(root: Path) -> int:
-    """Remove temporary ``.*.part`` files left by a crash. Returns how many."""
+def sweep_partials(root: Path, *, older_than: float | None = None) -> int:
+    """Remove temporary ``.*.part`` files left by a crash. Returns how many.
+
+    ``older_than`` (seconds): only files not written for that long, for a folder that live
+    workers share: their own temporary files are being written, or renamed within seconds."""
     n = 0
     if not root.is_dir():
         return 0
+    cutoff = None if older_than is None else time.time() - older_than
     for dirpath, _dirs, files in os.walk(root, followlinks=False):
         for name in files:
             if name.startswith(".") and name.endswith(".part"):
-                _unlink(Path(dirpath) / name)
+                path = Path(dirpath) / name
+                if cutoff is not None:
+                    try:
+                        if path.stat().st_mtime >= cutoff:
+                            continue
+                    except OSError:
+                        continue  # renamed or removed by its worker meanwhile
+                _unlink(path)
                 n += 1
     return n

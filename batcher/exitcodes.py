@@ -17,10 +17,12 @@ from __future__ import annotations
 from enum import IntEnum
 from typing import TYPE_CHECKING
 
-from jobs import State, Stats
+from jobs import State
 from jobs.states import ACTIVE
 
 if TYPE_CHECKING:  # the pool (and aiohttp) only when a run's exit code is asked for
+    from jobs import Stats
+
     from .pool import RunResult
 
 __all__ = ["ExitCode", "exit_code_for"]

@@ -25,16 +25,20 @@ import csv
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from jobs import JobStore, State
+from jobs import State
 
 from .errors import ConfigError
 from .layout import RunLayout
 from .records import EXPORT_FIELDS, export_row, image_records, variable_keys
-from .shardexport import export_shards
+from .wording import plural
+
+if TYPE_CHECKING:
+    from jobs import JobStore
 
 __all__ = [
     "FORMATS",
@@ -44,6 +48,8 @@ __all__ = [
     "format_for",
     "parse_shard_size",
     "run_export",
+    "selected_state",
+    "tell_exported",
 ]
 
 FORMATS = ("jsonl", "csv", "parquet", "webdataset")
@@ -118,9 +124,16 @@ def parse_shard_size(text: str) -> int:
     return size
 
 
-def _states(opt: ExportOptions, fmt: str) -> State | None:
+def selected_state(opt: ExportOptions, fmt: str) -> str | None:
+    """The state of the jobs exported (``done`` by default for shards, every job by default
+    for records); None for every job."""
     wanted = opt.state or ("done" if fmt in ("parquet", "webdataset") else "all")
-    return None if wanted == "all" else State(wanted)
+    return None if wanted == "all" else State(wanted).value
+
+
+def _states(opt: ExportOptions, fmt: str) -> State | None:
+    wanted = selected_state(opt, fmt)
+    return None if wanted is None else State(wanted)
 
 
 async def run_export(
@@ -133,6 +146,8 @@ async def run_export(
     if fmt in ("jsonl", "csv"):
         return await _export_text(store, layout, opt, fmt, keys, state, stdout)
     assert opt.output is not None
+    from .shardexport import export_shards  # anyio, pyarrow for Parquet: shards only
+
     done = await export_shards(
         store,
         layout,
@@ -144,6 +159,20 @@ async def run_export(
         state=state,
     )
     return ExportResult(fmt=fmt, records=done.records, files=done.files, missing=done.missing)
+
+
+def tell_exported(result: ExportResult, opt: ExportOptions) -> None:
+    """Say on stderr what an export wrote, and how many done images were not found."""
+    where = f" to {opt.output}" if opt.output is not None else ""
+    records = plural(result.records, "record")
+    if result.fmt in ("parquet", "webdataset"):
+        shards = plural(len(result.files) - 1, f"{result.fmt} shard")
+        print(f"batcher: exported {records} in {shards}{where}", file=sys.stderr)
+    else:
+        print(f"batcher: exported {records}{where}", file=sys.stderr)
+    if result.missing:
+        lost = plural(result.missing, "done image")
+        print(f"batcher: warning: {lost} not found; exported without", file=sys.stderr)
 
 
 def check_output(opt: ExportOptions) -> None:

@@ -183,11 +183,16 @@ async def check_folder_endpoint(
         await store.set_meta(ENDPOINTS_KEY, json.dumps(listed))
 
 
-async def is_rehearsal_folder(store: JobStore) -> bool:
+async def is_rehearsal_folder(store: JobStore, *, nothing_billed: bool = False) -> bool:
     """Whether every image of the folder came from the emulator: only a rehearsal can go on
-    in it (a paid run is refused), so ``plan`` prices what is left as emulated."""
+    in it (a paid run is refused), so ``plan`` prices what is left as emulated.
+    ``nothing_billed``: the caller knows no job has an image (a first import just filled the
+    table), so the jobs need not be read (at a million rows, a scan)."""
     known_text = await store.get_meta(ENDPOINTS_KEY)
-    known = json.loads(known_text) if known_text else list(await store.endpoints())
+    if known_text:
+        known = json.loads(known_text)
+    else:
+        known = [] if nothing_billed else list(await store.endpoints())
     return bool(known) and set(known) == {EMULATOR_ENDPOINT}
 
 

@@ -22,6 +22,7 @@ import anyio
 
 from jobs import JobStore, Moved, State, Stats, open_manifest
 from jobs.naming import image_output
+from jobs.spec import KindCounts
 
 from . import __version__
 from .folder import MANIFEST_KEY, Target, check_manifest
@@ -49,6 +50,9 @@ class ImportSummary:
     moved: int = 0
     updated: int = 0  # rows whose manifest variables alone changed (their images stand)
     read: bool = True  # False: the manifest was unchanged, not read again
+    # A first import into an empty table: its jobs per (model, prompt_extend), all pending,
+    # none billed, as the store counted them loading (None: count over the table)
+    fresh: KindCounts | None = None
 
     def unchanged_of(self, stats: Stats) -> int:
         """Jobs already imported and still in the manifest. A manifest not read again
@@ -138,6 +142,7 @@ async def import_manifest(store: JobStore, target: Target, *, replace: bool) -> 
         restored=report.restored,
         moved=report.moved,
         updated=report.updated,
+        fresh=report.fresh,
     )
     await apply_moves(store, layout)
     if summary.done_set_changed or summary.updated:

@@ -131,10 +131,12 @@ class LaneBook:
             return None
         advice = advice.replace("DASHSCOPE_API_KEY", lane.lane.key_env)
         self.disabled[lane.name] = f"{code} ({advice})"
-        return (
-            f"lane {lane.name} disabled: {code}: {message} -- {advice}; "
-            "the other lanes go on, and its jobs go to them"
+        goes_on = (
+            "no lane is left"
+            if self.all_disabled
+            else "the other lanes go on, and its jobs go to them"
         )
+        return f"lane {lane.name} disabled: {code}: {message} -- {advice}; {goes_on}"
 
     @property
     def all_disabled(self) -> bool:

@@ -7,6 +7,7 @@
                           table is in PostgreSQL (``--db postgresql://...``)
       batcher.log         one line per notable event; never the API key
       .lock               held by the running process (a second run refuses clearly)
+      .calls-in-flight    the calls the running process sent (see ``batcher.sendlog``)
       images/             the images, following the manifest's output template
         metadata.jsonl    one line per done image (Hugging Face ``imagefolder`` layout)
         train/metadata.jsonl  ... or one per split folder (see ``batcher.metadata``)
@@ -75,6 +76,10 @@ class RunLayout:
     @property
     def lock(self) -> Path:
         return self.root / ".lock"
+
+    @property
+    def sent_calls(self) -> Path:
+        return self.root / ".calls-in-flight"
 
     @property
     def images(self) -> Path:

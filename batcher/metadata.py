@@ -32,34 +32,29 @@ import os
 import secrets
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from jobs import JobStore, State
+from jobs import State
 
 from .layout import RunLayout
-from .records import METADATA_FIELDS, image_records, metadata_row, variable_keys
+from .records import (
+    METADATA_FIELDS,
+    SPLIT_FOLDERS,
+    image_records,
+    metadata_row,
+    split_of,
+    variable_keys,
+)
+
+if TYPE_CHECKING:
+    from jobs import JobStore
 
 __all__ = ["SPLIT_FOLDERS", "MetadataWriter", "split_of"]
 
-# The folder names Hugging Face ``datasets`` reads as a split (its ``SPLIT_KEYWORDS``).
-SPLIT_FOLDERS = frozenset(
-    {"train", "training", "validation", "valid", "dev", "val", "test", "testing", "eval"}
-    | {"evaluation"}
-)
 STATE_KEY = "metadata_files"  # meta: "clean:N" when the files list exactly the N done jobs
 NAME = "metadata.jsonl"
-
-
-def split_of(output: str) -> str | None:
-    """The split folder an image's output path starts with, or None.
-
-    >>> split_of("train/photo/a.png"), split_of("photo/a.png"), split_of("test.png")
-    ('train', None, None)
-    """
-    head, sep, _ = output.partition("/")
-    return head if sep and head in SPLIT_FOLDERS else None
 
 
 class MetadataWriter:

@@ -34,6 +34,7 @@ __all__ = [
     "SizePolicy",
     "UnknownModel",
     "model",
+    "model_rates",
 ]
 
 
@@ -349,3 +350,13 @@ MODELS: MappingProxyType[str, Model] = MappingProxyType(
     }
 )
 DEFAULT_MODEL = "z-image-turbo"
+
+
+def model_rates(rps: float | None) -> dict[str, float]:
+    """Every registered model's send rate: ``rps`` when the user gave one (``--rps``), else the
+    model's published quota (the service counts each model's requests apart, per account).
+
+    >>> model_rates(None)["qwen-image-max"], model_rates(5.0)["qwen-image-max"]
+    (0.03333333333333333, 5.0)
+    """
+    return {name: rps or entry.quota.rps for name, entry in MODELS.items()}

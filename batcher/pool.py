@@ -35,9 +35,10 @@ not in place: the URLs are recorded, nothing is generated (or paid) again.
 
 An unreachable service is one condition, not a failure per job (:mod:`batcher.reach`): a call
 that fails to connect is retried with no attempt charged (it never reached the service), and
-when such failures follow one another across the run the dispatcher stops starting calls and
-lets one probe at a time go, with backoff; past ``unreachable_timeout`` it stops the run
-(:attr:`StopReason.UNREACHABLE`) with every job left pending.
+when such failures follow one another on a lane the dispatcher stops starting calls on it and
+lets one probe at a time go, with backoff (each lane on its own: lanes may send to two regions);
+past ``unreachable_timeout`` a run of one lane stops (:attr:`StopReason.UNREACHABLE`) with every
+job left pending, and of several the lane is disabled, the others going on.
 
 A job database that cannot be reached (a PostgreSQL server restarting, the network to it cut:
 :class:`jobs.StoreUnreachable`) is the same kind of condition. The runner is the store's
@@ -103,6 +104,7 @@ from .models import MODELS, ApiProtocol
 from .pacing import DEFAULT_QUOTA, LatencyTracker, Pacer, Pacing, auto_concurrency, head_start
 from .pricing import Money, price_per_image
 from .reach import Reachability
+from .sendlog import SendLog
 from .sharedpacing import SharedPacer
 from .taskpolls import PollGate, TaskClock, poll_delay
 
@@ -119,6 +121,7 @@ BUFFER_MAX = 256  # claimed jobs held while their models wait for a send slot
 FILL_AHEAD = 0.25  # s: claim more only when no send slot is due sooner (a claim is a write)
 MAX_POLL_FAILURES = 8  # polls of one task failing in a row before it is left for later
 DB_PROBE_CAP = 5.0  # s: the longest wait between pings of a job database that went away
+LANE_SAVE_PERIOD = 5.0  # s: how often the lanes' figures are saved while the run goes
 
 
 class StopReason(StrEnum):
@@ -147,16 +150,6 @@ def shortfall_note(n: int, came: int, failed: Sequence[tuple[str, str]]) -> str 
         return f"{missing} of {n} images did not come (the answer listed {came})"
     reasons = dict.fromkeys(f"{code}: {message}".rstrip(": ") for code, message in failed)
     return f"{missing} of {n} images failed: {'; '.join(reasons)}"
-
-
-def model_rates(rps: float | None) -> dict[str, float]:
-    """Every registered model's send rate: ``rps`` when the user gave one (``--rps``), else the
-    model's published quota (the service counts each model's requests apart, per account).
-
-    >>> model_rates(None)["qwen-image-max"], model_rates(5.0)["qwen-image-max"]
-    (0.03333333333333333, 5.0)
-    """
-    return {name: rps or entry.quota.rps for name, entry in MODELS.items()}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -256,13 +249,16 @@ class Runner:
         on_done: Callable[[list[str]], Awaitable[None]] | None = None,
         lanes: Sequence[RunLane] | None = None,
         on_notice: Callable[[str], None] | None = None,
+        sent_calls: SendLog | None = None,
     ) -> None:
         """``endpoint`` is what each image records as its origin (default: the client's base
         URL); ``spent`` what the run folder spent before, in the region's currency, which
         ``--budget`` counts against. ``lanes``: the keys to send through (default: one lane,
         ``default``, with ``client``); ``on_notice`` hears the lines a person must see while
-        the run goes on (a lane disabled)."""
+        the run goes on (a lane disabled). ``sent_calls`` notes each synchronous call sent
+        until its outcome is recorded (closed when the run ends)."""
         self.store = store
+        self._sent_calls = sent_calls
         self.client = client
         self.session = session
         self.layout = layout
@@ -290,8 +286,14 @@ class Runner:
         self._tasks_open: dict[tuple[str, str], int] = {}
         self._polls = PollGate()
         self._next_fill = 0.0
-        self.reach = Reachability(window=options.unreachable_timeout)
-        self._probe: str | None = None  # the job whose call is probing an unreachable service
+        # Whether each lane's service can be reached (lanes may be in two regions: one cut
+        # off pauses alone), the job whose call probes a paused lane, and each lane's calls
+        # in flight (a probe waits for them: their answers may end the outage).
+        self._reach = {
+            name: Reachability(window=options.unreachable_timeout) for name in self.lanes
+        }
+        self._probe: dict[str, str] = {}
+        self._lane_generating: dict[str, int] = dict.fromkeys(self.lanes, 0)
         # How long a job holds its slot, call to completed file: the pool needs rate x this
         # in flight (the call's latency alone leaves out the download and the commits).
         self.job_time = LatencyTracker(initial=2.0)
@@ -317,7 +319,7 @@ class Runner:
         self.last_call_at: float | None = None
         self.first_accepted_at: float | None = None
         self.last_accepted_at: float | None = None
-        self._unreached_detail = ""
+        self._unreached_detail: dict[str, str] = {}  # by lane: why its service is unreachable
         # the job database (see the module docstring)
         self.database = Reachability(
             window=options.unreachable_timeout, streak=1, probe_cap=DB_PROBE_CAP
@@ -454,6 +456,7 @@ class Runner:
         try:
             async with anyio.create_task_group() as outer:
                 outer.start_soon(self._heartbeat_loop)
+                outer.start_soon(self._lane_figures_loop)
                 self._services = outer
                 for shared in self._unserved:
                     outer.start_soon(shared.serve)
@@ -471,6 +474,8 @@ class Runner:
                 await self._release_buffer()
                 await self.save_lanes()
             self.store.outage = outage
+            if self._sent_calls is not None:
+                self._sent_calls.close()  # every call answered or its job released
         return RunResult(
             reason=self._reason,
             counters=self.counters,
@@ -495,12 +500,14 @@ class Runner:
             if self._in_flight >= self.concurrency:
                 await self._sleep(1.0)
                 continue
-            probe = False
-            if self.reach.paused:
-                if not await self._may_probe():
-                    continue
-                probe = True
+            if self._give_up_unreachable():
+                continue
             claim, lane, wait = self._pick_ready()
+            if claim is None and self._all_paused():
+                # every lane's service is unreachable: claim nothing more, wait for a probe's
+                # turn (or a worker's answer, which wakes this)
+                await self._sleep(min(1.0, wait if wait is not None else 1.0))
+                continue
             if claim is None:
                 # Nothing buffered can start now: claim more (other models may be free), unless
                 # a send slot is so near that the claim's write would make that send late; or
@@ -547,8 +554,9 @@ class Runner:
             self.book.sent(lane)
             if self.opt.limit is not None:
                 self._started.add(claim.id)
-            if probe:
-                self._probe = claim.id
+            if self._reach[lane.name].paused:
+                self._probe[lane.name] = claim.id
+            self._lane_generating[lane.name] += 1
             self._generating += 1  # until _call_and_record / _create_task has the answer
             self._generating_images += claim.n
             if self._is_task_model(claim.model):
@@ -614,6 +622,10 @@ class Runner:
             for lane in serving:
                 if limit is not None and self._tasks_open.get((lane.name, claim.model), 0) >= limit:
                     continue  # a worker's end wakes the dispatcher
+                wait = self._probe_wait(lane, now)
+                if wait > 0:  # its service is unreachable, and no probe may go yet
+                    earliest = wait if earliest is None else min(earliest, wait)
+                    continue
                 wait = self.pacer_for(lane.name, claim.model).control.wait_needed(now=now)
                 if wait > 0:
                     earliest = wait if earliest is None else min(earliest, wait)
@@ -651,29 +663,66 @@ class Runner:
             self._no_lane_left("any model")
         self._notify()
 
-    async def _may_probe(self) -> bool:
-        """While the service is unreachable: True when one probing call may go now; else wait
-        a while (or stop the run, past the window) and return False for the caller to loop."""
-        if self._probe is not None or self._generating:
-            await self._sleep(1.0)  # a worker finishing wakes this early
-            return False
+    def _probe_wait(self, lane: RunLane, now: float) -> float:
+        """0 when ``lane`` may send now as far as reaching its service goes; else seconds to
+        wait: while it is unreachable, one probing call at a time goes, with backoff, once the
+        lane's calls in flight have answered (a worker's end wakes the dispatcher)."""
+        reach = self._reach[lane.name]
+        if not reach.paused:
+            return 0.0
+        if lane.name in self._probe or self._lane_generating[lane.name]:
+            return 1.0
+        wait = reach.probe_wait(now=now)
+        if wait > 0:  # wake in time to give up, too
+            return max(0.01, min(wait, reach.window - reach.down_for(now=now) + 0.01))
+        return 0.0
+
+    def _all_paused(self) -> bool:
+        """Whether every enabled lane's service is unreachable."""
+        enabled = [name for name in self.lanes if name not in self.book.disabled]
+        return bool(enabled) and all(self._reach[name].paused for name in enabled)
+
+    def _give_up_unreachable(self) -> bool:
+        """Lanes unreachable for longer than ``--unreachable-timeout``: a run of one lane stops
+        (exit 3) as a run always did; of several, the lane alone is disabled with one line and
+        the others go on, the run stopping when none is left. True when anything changed."""
         now = anyio.current_time()
-        if self.reach.gave_up(now=now):
-            down = self.reach.down_for(now=now)
+        changed = False
+        for name, reach in self._reach.items():
+            if name in self.book.disabled or not reach.gave_up(now=now):
+                continue
+            lane = self.lanes[name]
+            down = reach.down_for(now=now)
+            where = f"the service at {lane.client.endpoint}"
+            detail = self._unreached_detail.get(name) or "no connection"
+            if len(self.lanes) == 1:
+                self.request_stop(
+                    StopReason.UNREACHABLE,
+                    f"could not reach {where} for {down:.0f}s ({detail}); the jobs are left "
+                    "pending with no attempt charged: check the network, --base-url and "
+                    "--region, then run the same command again",
+                )
+                return True
+            line = self.book.disable(
+                lane,
+                "Unreachable",
+                f"could not reach {where} for {down:.0f}s ({detail})",
+                "check the network and the lane's region or base_url",
+            )
+            changed = True
+            if line is not None:
+                log.warning("%s", line)
+                if self._on_notice is not None:
+                    self._on_notice(line)
+        if changed and self.book.all_disabled:
             self.request_stop(
                 StopReason.UNREACHABLE,
-                f"could not reach the service at {self.client.endpoint} for {down:.0f}s "
-                f"({self._unreached_detail or 'no connection'}); the jobs are left pending "
-                "with no attempt charged: check the network, --base-url and --region, then "
-                "run the same command again",
+                f"no lane is left: {self.book.why_disabled()}; the jobs are left pending with "
+                "no attempt charged: run the same command again once the service can be reached",
             )
-            return False
-        wait = self.reach.probe_wait(now=now)
-        if wait > 0:
-            left = self.reach.window - self.reach.down_for(now=now) + 0.01
-            await self._sleep(max(0.01, min(wait, left)))
-            return False
-        return True
+        if changed:
+            self._notify()
+        return changed
 
     async def _sleep_until(self, when: float) -> None:
         while not self.stopping:
@@ -757,11 +806,17 @@ class Runner:
         except (OSError, JobStoreError) as exc:  # figures only: never the run's failure
             log.warning("could not save the lanes' figures: %s", exc)
 
+    async def _lane_figures_loop(self) -> None:
+        """Save the lanes' figures every ``LANE_SAVE_PERIOD`` seconds: a run killed with
+        ``kill -9`` loses at most that much of them (the run's end saves them too)."""
+        while True:
+            await anyio.sleep(LANE_SAVE_PERIOD)
+            await self.save_lanes()
+
     async def _heartbeat_loop(self) -> None:
         period = max(0.5, self.opt.lease_seconds / 3)
         while True:
             await anyio.sleep(period)
-            await self.save_lanes()
             try:
                 await self._renew_leases()
             except StoreUnreachable:
@@ -904,6 +959,8 @@ class Runner:
         outcome was recorded (retry or failure), or ``claim`` itself when it must be released."""
         try:
             sent = self._note_call(lane, claim.model)
+            if self._sent_calls is not None:
+                self._sent_calls.sent(claim.id, claim.token)
             try:
                 result = await lane.client.generate(
                     model=claim.model,
@@ -925,9 +982,9 @@ class Runner:
             except TransportError as err:
                 if err.fault is TransportFault.CONNECT:
                     with anyio.CancelScope(shield=True):
-                        await self._on_unreached(claim, err)
+                        await self._on_unreached(claim, err, lane)
                     return None
-                self.reach.answered(now=anyio.current_time())  # it connected: reachable
+                self._reach[lane.name].answered(now=anyio.current_time())  # it connected
                 with anyio.CancelScope(shield=True):
                     await self._on_retryable(
                         claim,
@@ -949,15 +1006,22 @@ class Runner:
                 generated = await self._record(claim, result, lane, several=several)
             return generated
         finally:
-            self._generating -= 1
-            self._generating_images -= claim.n
-            if self._probe == claim.id:
-                self._probe = None
+            self._calls_ended(claim, lane)
+
+    def _calls_ended(self, claim: Claim, lane: RunLane) -> None:
+        """A generation call (or task create) dispatched for ``claim`` on ``lane`` ended."""
+        self._generating -= 1
+        self._generating_images -= claim.n
+        self._lane_generating[lane.name] -= 1
+        if self._probe.get(lane.name) == claim.id:
+            del self._probe[lane.name]
+        if self._sent_calls is not None:
+            self._sent_calls.answered(claim.id)
 
     def _on_answered(self, sent: float, *, accepted: bool, lane: RunLane, model: str) -> None:
         """The service answered a call sent at ``sent`` (monotonic): it is reachable, and
         unless it throttled the call, the call counts towards the achieved rate."""
-        self.reach.answered(now=anyio.current_time())
+        self._reach[lane.name].answered(now=anyio.current_time())
         if accepted:
             self.pacer_for(lane.name, model).accepted(sent)
             self.counters.accepted += 1
@@ -970,25 +1034,28 @@ class Runner:
             t.first_accepted_at = min(t.first_accepted_at or wall, wall)
             t.last_accepted_at = max(t.last_accepted_at or wall, wall)
 
-    async def _on_unreached(self, claim: Claim, err: TransportError) -> None:
+    async def _on_unreached(self, claim: Claim, err: TransportError, lane: RunLane) -> None:
         """The call never reached the service: no attempt is charged. Across the run, such
-        failures pause the run (see :mod:`batcher.reach`)."""
+        failures pause the lane (every lane, when all are cut off; see :mod:`batcher.reach`)."""
         now = anyio.current_time()
+        reach = self._reach[lane.name]
         self.counters.unreached += 1
-        self._unreached_detail = (err.detail or err.fault.value).split(": ", 1)[-1]
-        if self._probe == claim.id:
-            self.reach.probe_failed(now=now)
-            log.info("probe: the service is still unreachable (%s)", err.detail)
-        elif self.reach.failed(now=now):
+        self._unreached_detail[lane.name] = (err.detail or err.fault.value).split(": ", 1)[-1]
+        whose = "" if len(self.lanes) == 1 else f" for lane {lane.name}"
+        if self._probe.get(lane.name) == claim.id:
+            reach.probe_failed(now=now)
+            log.info("probe: the service is still unreachable%s (%s)", whose, err.detail)
+        elif reach.failed(now=now):
             log.warning(
-                "the service is unreachable (%s): pausing, probing for up to %gs",
+                "the service is unreachable%s (%s): pausing, probing for up to %gs",
+                whose,
                 err.detail,
-                self.reach.window,
+                reach.window,
             )
         await self.store.retry_later(
             claim.id,
             claim.token,
-            delay=0.0 if self.reach.paused else self._delay(1, None),
+            delay=0.0 if reach.paused else self._delay(1, None),
             code=f"transport.{err.fault.value}",
             message=str(err),
             charge_attempt=False,
@@ -1421,9 +1488,9 @@ class Runner:
             except TransportError as err:
                 if err.fault is TransportFault.CONNECT:  # never reached the service
                     with anyio.CancelScope(shield=True):
-                        await self._on_unreached(claim, err)
+                        await self._on_unreached(claim, err, lane)
                     return None
-                self.reach.answered(now=anyio.current_time())
+                self._reach[lane.name].answered(now=anyio.current_time())
                 with anyio.CancelScope(shield=True):
                     await self._on_retryable(
                         claim,
@@ -1453,10 +1520,7 @@ class Runner:
                 lane=lane.name,
             )
         finally:
-            self._generating -= 1
-            self._generating_images -= claim.n
-            if self._probe == claim.id:
-                self._probe = None
+            self._calls_ended(claim, lane)
 
     async def _poll_to_end(self, claim: Claim, lane: RunLane, *, at_once: bool) -> bool:
         """Poll the task until it ends and record the end; True once the job is settled.

@@ -33,13 +33,16 @@ from jobs.params import load_params
 __all__ = [
     "EXPORT_FIELDS",
     "METADATA_FIELDS",
+    "SPLIT_FOLDERS",
     "TIME_FIELDS",
     "actual_prompt",
     "export_row",
     "image_records",
     "iso_utc",
     "metadata_row",
+    "split_of",
     "variable_keys",
+    "whole_second",
 ]
 
 METADATA_FIELDS = (
@@ -109,6 +112,22 @@ EXPORT_FIELDS = (
 )
 TIME_FIELDS = frozenset({"created_at", "started_at", "generated_at", "finished_at", "reviewed_at"})
 
+# The folder names Hugging Face ``datasets`` reads as a split (its ``SPLIT_KEYWORDS``).
+SPLIT_FOLDERS = frozenset(
+    {"train", "training", "validation", "valid", "dev", "val", "test", "testing", "eval"}
+    | {"evaluation"}
+)
+
+
+def split_of(output: str) -> str | None:
+    """The split folder an image's output path starts with, or None.
+
+    >>> split_of("train/photo/a.png"), split_of("photo/a.png"), split_of("test.png")
+    ('train', None, None)
+    """
+    head, sep, _ = output.partition("/")
+    return head if sep and head in SPLIT_FOLDERS else None
+
 
 def variable_keys(names: Sequence[str], builtin: Sequence[str]) -> list[tuple[str, str]]:
     """(variable name, output key) for each variable, renamed ``var_<name>`` on a clash.
@@ -143,11 +162,12 @@ def iso_utc(stamp: float | None) -> str | None:
     micros = round((stamp - second) * 1e6)
     if micros >= 1_000_000:
         second, micros = second + 1, micros - 1_000_000
-    return f"{_whole_second(second)}.{micros // 1000:03d}Z"
+    return f"{whole_second(second)}.{micros // 1000:03d}Z"
 
 
 @functools.lru_cache(maxsize=4096)
-def _whole_second(second: int) -> str:
+def whole_second(second: int) -> str:
+    """A whole Unix second as ISO 8601 UTC, to the second (``2026-11-29T08:52:55``)."""
     return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 

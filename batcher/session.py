@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -42,6 +43,7 @@ from .metadata import MetadataWriter
 from .pool import RunCounters, Runner, RunOptions, RunResult, StopReason
 from .pricing import Money, currency_of, price_per_image
 from .progress import ProgressView, Snapshot, Throughput, make_view
+from .sendlog import SendLog, lost_answers
 from .wording import plural
 
 __all__ = ["EMULATOR_KEY", "RunCommand", "RunOutcome", "execute_run"]
@@ -195,7 +197,7 @@ async def execute_run(cmd: RunCommand) -> RunOutcome:
             await check_folder_endpoint(
                 store, endpoint, layout.root, default=target.in_paid_default, siblings=siblings
             )
-            imported = await _prepare(store, cmd, target)
+            imported, lost = await _prepare(store, cmd, target)
             await _check_lanes_serve(store, lanes)
             spent = await _budget_spent(store, cmd)
             metadata = MetadataWriter(store, layout)
@@ -217,7 +219,7 @@ async def execute_run(cmd: RunCommand) -> RunOutcome:
                 )
             try:
                 on_done = _appender(metadata, layout)
-                result = await _drive(cmd, store, layout, start, lanes, spent, on_done)
+                result = await _drive(cmd, store, layout, start, lanes, spent, on_done, lost)
             finally:
                 with anyio.CancelScope(shield=True):
                     try:
@@ -307,30 +309,45 @@ async def _budget_spent(store: JobStore, cmd: RunCommand) -> Decimal:
     )
 
 
-async def _prepare(store: JobStore, cmd: RunCommand, target: Target) -> ImportSummary:
-    """Import, reclaim what a dead process held, sweep its temporary files, log the options."""
+async def _prepare(store: JobStore, cmd: RunCommand, target: Target) -> tuple[ImportSummary, int]:
+    """Import, reclaim what a dead process held, sweep its temporary files, log the options.
+    Returns the import and how many of the dead process's calls lost their answer (this run
+    sends them again: ambiguous re-sends)."""
     layout = target.layout
     imported = await import_manifest(store, target, replace=cmd.replace)
     # Holding the folder's lock, no live process can own a running job; on a shared table
-    # other workers may, so only expired leases are taken back.
+    # other workers may, so only expired leases are taken back. First, the calls a killed
+    # run sent and never had answered count as perhaps billed (see batcher.sendlog).
+    lost = 0
+    if not store.shared:
+        lost = await store.note_lost_answers(lost_answers(layout.sent_calls))
     reclaimed = await store.reclaim(all_running=not store.shared)
     # Temporary files are left only by a run that did not end cleanly: walking a million
     # images to look for them on every start would dominate a resume. On a shared table a
-    # live worker's downloads are in flight: nothing is swept.
+    # live worker's downloads are in flight: only when a dead worker's jobs were taken back
+    # are the files nobody has written for two leases swept (a live worker renames its own
+    # within seconds, and one stalled that long has lost its jobs anyway).
     swept = 0
     if not store.shared and await store.get_meta("last_run") != "clean":
         swept = await anyio.to_thread.run_sync(sweep_partials, layout.images)
+    elif store.shared and reclaimed:
+        stale = functools.partial(
+            sweep_partials, layout.images, older_than=2 * cmd.options.lease_seconds
+        )
+        swept = await anyio.to_thread.run_sync(stale)
     await store.set_meta("last_run", "running")
     await store.set_meta("rps", repr(float(cmd.options.rps)))  # the report's quota line
     log.info(
         "run start: %d new jobs, %d already imported, %d replaced, %d withdrawn, %d moved, "
-        "%d reclaimed, %d partial files removed",
+        "%d reclaimed (%d with a call sent and its answer lost: perhaps billed), "
+        "%d partial files removed",
         imported.added,
         imported.unchanged,
         imported.replaced,
         imported.withdrawn,
         imported.moved,
         reclaimed,
+        lost,
         swept,
     )
     o = cmd.options
@@ -346,7 +363,7 @@ async def _prepare(store: JobStore, cmd: RunCommand, target: Target) -> ImportSu
         o.limit,
         o.budget,
     )
-    return imported
+    return imported, lost
 
 
 @contextlib.asynccontextmanager
@@ -402,9 +419,11 @@ async def _drive(
     lanes: _Lanes,
     spent: Decimal,
     on_done: Callable[[list[str]], Awaitable[None]],
+    lost: int = 0,
 ) -> RunResult:
     """The endpoint, the HTTP session, the runner, the signal watcher and the progress view;
-    ``on_done`` hears the ids of the jobs the runner completes."""
+    ``on_done`` hears the ids of the jobs the runner completes; ``lost`` calls of a killed run
+    lost their answer, and this run sends them again (counted as ambiguous re-sends)."""
     currency = currency_of(cmd.options.region)
     view = make_view(cmd.progress)
     try:
@@ -429,6 +448,7 @@ async def _drive(
                     for lane, base_url, key in endpoints
                 ]
                 runner = Runner(
+                    sent_calls=None if layout.shared else SendLog(layout.sent_calls),
                     store=store,
                     client=run_lanes[0].client,
                     session=session,
@@ -440,6 +460,7 @@ async def _drive(
                     lanes=run_lanes,
                     on_notice=_warn,
                 )
+                runner.counters.ambiguous += lost
                 meter = _RateMeter()
                 pace = Throughput()
 

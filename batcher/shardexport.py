@@ -19,17 +19,17 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anyio
-
-from jobs import JobStore, State
+from jobs import State
 
 from .card import CardFacts, write_card
 from .layout import RunLayout
-from .metadata import split_of
-from .records import EXPORT_FIELDS, export_row, image_records
+from .records import EXPORT_FIELDS, export_row, image_records, split_of
 from .shards import ParquetShards, ShardSet, TarShards
+
+if TYPE_CHECKING:
+    from jobs import JobStore
 
 __all__ = ["ShardExport", "export_shards", "sample_key"]
 
@@ -177,12 +177,13 @@ class _Sink:
         self.writer.add(split, sample_key(number, name), members)
 
 
-def read_file(path: str, size: int | None) -> bytes:
-    """The whole file at ``path``, read with one ``read`` of one byte more than its expected
-    ``size`` (as the job table recorded it): fewer bytes back means the end was reached, so a
-    file of the recorded size costs one ``read`` (more only when it grew). No buffered file
-    object."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+def read_file(path: str, size: int | None, dir_fd: int | None = None) -> bytes:
+    """The whole file at ``path`` (relative to the folder open as ``dir_fd`` when given: the
+    kernel then walks only the path's own folders), read with one ``read`` of one byte more
+    than its expected ``size`` (as the job table recorded it): fewer bytes back means the end
+    was reached, so a file of the recorded size costs one ``read`` (more only when it grew).
+    No buffered file object."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
         want = (size or 0) + 1
         data = os.read(fd, want)
@@ -226,6 +227,8 @@ async def export_shards(
 ) -> ShardExport:
     """Write the records of ``state`` (all with None) as ``fmt`` shards (``parquet`` or
     ``webdataset``) of about ``shard_size`` bytes in ``folder``, then the dataset card."""
+    import anyio  # here: the WebDataset export of a SQLite folder runs without an event loop
+
     parquet = fmt == "parquet"
     shards = ShardSet(folder=folder, ext="parquet" if parquet else "tar", with_count=parquet)
     await anyio.to_thread.run_sync(shards.prepare)

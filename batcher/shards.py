@@ -112,6 +112,9 @@ _OWNER = bytes(_USTAR[100:124])  # mode, uid, gid
 _MTIME = bytes(_USTAR[136:148])
 _REST = bytes(_USTAR[156:])  # type flag, link name, magic, version, empty names
 _ZEROS = bytes(_BLOCK)
+# The bytes of each extension as the name field holds it (".txt" padded with one NUL to the
+# width of ".json", whose NULs add nothing to the checksum).
+_PNG_SUM, _JSON_SUM, _TXT_SUM = sum(b".png"), sum(b".json"), sum(b".txt")
 _DIRECT = 64 * 1024  # members this large skip the per-sample join
 _WRITEBACK = 32 << 20  # bytes of a shard written between two writeback hints
 
@@ -196,6 +199,63 @@ class TarShards:
             written += len(header) + len(data) + pad
         if parts:
             fh.write(b"".join(parts))  # one write per sample of small members
+        if written - self._hinted.get(split, 0) >= _WRITEBACK:
+            fh.flush()
+            start_writeback(fh.fileno(), self._hinted.get(split, 0), written)
+            self._hinted[split] = written
+        self._open[split] = (fh, written)
+
+    def add_sample(
+        self, split: str, key: str, png: bytes | None, record: bytes, text: bytes
+    ) -> None:
+        """Write one sample of the WebDataset export (``KEY.png`` unless ``png`` is None,
+        ``KEY.json``, ``KEY.txt``): the same bytes :meth:`add` writes for these members, with
+        the three headers built from the key's bytes once (an ASCII key of up to 95 bytes, as
+        :func:`batcher.shardexport.sample_key` makes most; any other goes through :meth:`add`)."""
+        raw = key.encode()
+        if len(raw) > 95 or not key.isascii() or (png is not None and len(png) >= 8**11):
+            members = {"png": png} if png is not None else {}
+            self.add(split, key, {**members, "json": record, "txt": text})
+            return
+        pad_j, pad_t = -len(record) % _BLOCK, -len(text) % _BLOCK
+        size = 2 * _BLOCK + len(record) + pad_j + len(text) + pad_t
+        pad_p = 0
+        if png is not None:
+            pad_p = -len(png) % _BLOCK
+            size += _BLOCK + len(png) + pad_p
+        current = self._open.get(split)
+        if current is not None and current[1] and current[1] + size > self._limit:
+            self._close(split)
+            current = None
+        if current is None:
+            fh = open(self._shards.new(split), "wb", buffering=4 << 20)  # noqa: SIM115
+            current = (fh, 0)
+        fh, written = current
+        base = _USTAR_SUM + sum(raw)
+        fill = _ZEROS[: 95 - len(raw)]  # the name field after KEY and a 5-byte extension
+        j_size = b"%011o\x00" % len(record)
+        t_size = b"%011o\x00" % len(text)
+        head_j = (raw, b".json", fill, _OWNER, j_size, _MTIME)
+        head_t = (raw, b".txt\x00", fill, _OWNER, t_size, _MTIME)
+        j_sum = b"%06o\x00 " % (base + _JSON_SUM + sum(j_size))
+        t_sum = b"%06o\x00 " % (base + _TXT_SUM + sum(t_size))
+        tail = (
+            *head_j, j_sum, _REST, record, _ZEROS[:pad_j],
+            *head_t, t_sum, _REST, text, _ZEROS[:pad_t],
+        )  # fmt: skip
+        if png is None:
+            fh.write(b"".join(tail))
+        else:
+            p_size = b"%011o\x00" % len(png)
+            p_sum = b"%06o\x00 " % (base + _PNG_SUM + sum(p_size))
+            head = (raw, b".png\x00", fill, _OWNER, p_size, _MTIME, p_sum, _REST)
+            if len(png) >= _DIRECT:  # large: written as it is, not copied into a join
+                fh.write(b"".join(head))
+                fh.write(png)
+                fh.write(b"".join((_ZEROS[:pad_p], *tail)))
+            else:
+                fh.write(b"".join((*head, png, _ZEROS[:pad_p], *tail)))
+        written += size
         if written - self._hinted.get(split, 0) >= _WRITEBACK:
             fh.flush()
             start_writeback(fh.fileno(), self._hinted.get(split, 0), written)

@@ -21,24 +21,24 @@ from .errors import (
 from .params import ModelRules
 from .spec import JobSpec
 from .states import TERMINAL, TRANSITIONS, State, check_transition
-from .store import (
-    EMULATOR_ENDPOINT,
-    REVIEW_MARKS,
-    Claim,
-    Generated,
-    ImportReport,
-    JobImage,
-    JobStore,
-    LaneCalls,
-    Moved,
-    Redo,
-    Spend,
-    Stats,
-    StoredFile,
-)
 
 if TYPE_CHECKING:
     from .manifest import Manifest, open_manifest
+    from .store import (
+        EMULATOR_ENDPOINT,
+        REVIEW_MARKS,
+        Claim,
+        Generated,
+        ImportReport,
+        JobImage,
+        JobStore,
+        LaneCalls,
+        Moved,
+        Redo,
+        Spend,
+        Stats,
+        StoredFile,
+    )
 
 __all__ = [
     "EMULATOR_ENDPOINT",
@@ -74,11 +74,26 @@ __all__ = [
 ]
 
 
+_STORE = frozenset(
+    {"EMULATOR_ENDPOINT", "REVIEW_MARKS", "Claim", "Generated", "ImportReport", "JobImage"}
+    | {"JobStore", "LaneCalls", "Moved", "Redo", "Spend", "Stats", "StoredFile"}
+)
+
+
 def __getattr__(name: str) -> Any:
-    """The manifest readers (YAML, CSV, JSONL), imported on first use: commands that only read
-    the job table (``batcher export``, ``status``) start without them."""
-    if name in ("Manifest", "open_manifest"):
+    """The job store (SQLAlchemy) and the manifest readers (YAML, CSV, JSONL), imported on
+    first use: ``batcher export`` of a SQLite run folder reads the table with the standard
+    library's sqlite3 alone (:mod:`batcher.leanexport`), and SQLAlchemy's import is most of
+    its start-up; commands that only read the job table start without the readers."""
+    if name in _STORE:
+        from . import store
+
+        value = getattr(store, name)
+    elif name in ("Manifest", "open_manifest"):
         from . import manifest
 
-        return getattr(manifest, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = getattr(manifest, name)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value

@@ -29,7 +29,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NoReturn
+from typing import TYPE_CHECKING, Literal, NoReturn
 
 from jobs.builder import JobBuilder
 from jobs.csvfile import iter_csv
@@ -39,7 +39,9 @@ from jobs.naming import DEFAULT_OUTPUT, compile_output, image_output
 from jobs.params import ModelRules
 from jobs.readahead import helper_rows
 from jobs.spec import JobRow, JobSpec
-from jobs.yamlfile import YamlManifest, iter_yaml, load_yaml
+
+if TYPE_CHECKING:
+    from jobs.yamlfile import YamlManifest
 
 __all__ = ["Format", "Manifest", "open_manifest"]
 
@@ -80,7 +82,11 @@ def open_manifest(
         _fail(shown, f"cannot read: {exc.strerror or exc}")
     if size == 0:
         _fail(shown, "empty file: no jobs")
-    doc = load_yaml(location, shown, rules, max_errors=max_errors) if fmt == "yaml" else None
+    doc = None
+    if fmt == "yaml":  # PyYAML only for a YAML manifest: a CSV's import starts without it
+        from jobs.yamlfile import load_yaml
+
+        doc = load_yaml(location, shown, rules, max_errors=max_errors)
     return Manifest(
         path=location,
         shown=shown,
@@ -199,6 +205,8 @@ class Manifest:
 
     def _rows(self, builder: JobBuilder, errors: list[ManifestError]) -> Iterator[JobRow | None]:
         if self._doc is not None:
+            from jobs.yamlfile import iter_yaml
+
             return iter_yaml(self._doc, self._shown, builder, errors)
         if self.format == "csv":
             return iter_csv(self.path, self._shown, builder, errors)

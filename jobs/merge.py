@@ -30,7 +30,7 @@ State names come from :mod:`jobs.states`, never typed into the SQL.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import delete, select, text, update
@@ -38,6 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .errors import ManifestError, ManifestInvalid
 from .schema import history, images, jobs
+from .spec import KindCounts
 from .states import State, sources_of
 
 __all__ = [
@@ -130,6 +131,11 @@ class ImportReport:
     restored: int = 0
     moved: int = 0
     updated: int = 0
+    # A first import into an empty table, whose backend counted the rows as they went in
+    # (SQLite): the whole table is these jobs, every one pending and due, none billed, so
+    # ``batcher plan`` need not count them again over the table (1M rows: ~1.5 s of scans).
+    # None otherwise (a merge into existing jobs, or a backend that does not count).
+    fresh: KindCounts | None = field(default=None, compare=False)
 
 
 async def _rows(conn: AsyncConnection, sql: str, **params: Any) -> list[Any]:

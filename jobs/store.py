@@ -68,6 +68,7 @@ from typing import Any, Concatenate, ParamSpec, Self, TypeVar
 import anyio
 from sqlalchemy import and_, case, delete, func, inspect, literal_column, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.elements import ColumnElement
 
 from . import migrations, schema
 from .backends import Backend, Op, open_backend
@@ -95,6 +96,7 @@ from .quota import QuotaSchedule
 from .schema import EMULATOR_ENDPOINT, history, images, jobs, lane_calls, meta
 from .spec import JobRow, JobSpec
 from .states import LEASED, State, check_transition, sources_of
+from .version import MICROS, VARIABLES_KEY
 
 __all__ = [
     "EMULATOR_ENDPOINT",
@@ -116,7 +118,6 @@ Clock = Callable[[], float]
 Outage = Callable[[StoreUnreachable], Awaitable[bool]]
 _T = TypeVar("_T")
 _P = ParamSpec("_P")
-MICROS = Decimal(1_000_000)
 # Built after a first import rather than row by row (1M rows: 0.6-0.8 s at the end, 1.9 s
 # more in the inserts). ix_jobs_failed_code stays: no new row is failed, so it costs the
 # inserts nothing, while building it again would read the whole table (0.1 s at 1M).
@@ -143,7 +144,7 @@ _DONE_NAMES = (
 _DONE_COLUMNS = ", ".join(_DONE_NAMES)
 # The summary of every job's variables (JobStore.variables) is kept in meta until an import
 # changes them: at a million rows, working it out takes seconds.
-_VARIABLES_KEY = "variables"
+_VARIABLES_KEY = VARIABLES_KEY
 _FORGET_VARIABLES = f"DELETE FROM meta WHERE key = '{_VARIABLES_KEY}'"
 
 
@@ -373,6 +374,16 @@ class _Add(int):
 
 
 @functools.lru_cache(maxsize=64)
+def _held(job_id: str, token: str, *states: State) -> ColumnElement[bool]:
+    """The row of ``job_id`` while ``token`` holds it in one of ``states``: the fence of every
+    write a claim's holder makes."""
+    return (
+        (jobs.c.id == job_id)
+        & (jobs.c.claim_token == token)
+        & jobs.c.state.in_([s.value for s in states])
+    )
+
+
 def _fenced_update(dst: str, allowed: tuple[str, ...], shape: tuple[tuple[str, bool], ...]) -> str:
     """``UPDATE jobs SET ... WHERE id = ? AND claim_token = ? AND state IN (...)``, by name."""
     valid = set(jobs.c.keys())
@@ -796,7 +807,12 @@ class JobStore:
                 for _, ddl in backend_indexes:
                     await conn.exec_driver_sql(ddl)
                 await conn.exec_driver_sql(_FORGET_VARIABLES)
-                return ImportReport(total=total, added=total, unchanged=0, replaced=0)
+                # The table is now these rows and nothing else (all pending, due, unbilled):
+                # the backend's counts of them, when it kept some that add up, say so.
+                fresh = self._backend.loaded
+                if fresh is not None and sum(n for n, _ in fresh.values()) != total:
+                    fresh = None
+                return ImportReport(total=total, added=total, unchanged=0, replaced=0, fresh=fresh)
             await conn.exec_driver_sql(self._backend.staging_ddl())
             await conn.exec_driver_sql("DELETE FROM staging")
             total = await self._backend.stream_rows(conn, rows, "staging", None)
@@ -974,15 +990,7 @@ class JobStore:
         """:meth:`record_file` for image ``index`` of a job of several: its hash is durable
         before its file is renamed into place. Raises :class:`LeaseLost` unless ``token``
         still holds the job, generated."""
-        held = (
-            select(jobs.c.id)
-            .where(
-                jobs.c.id == job_id,
-                jobs.c.claim_token == token,
-                jobs.c.state == State.GENERATED.value,
-            )
-            .exists()
-        )
+        held = select(jobs.c.id).where(_held(job_id, token, State.GENERATED)).exists()
 
         async def op(conn: AsyncConnection) -> None:
             result = await conn.execute(
@@ -1017,13 +1025,7 @@ class JobStore:
 
         async def op(conn: AsyncConnection) -> None:
             result = await conn.execute(
-                update(jobs)
-                .where(
-                    jobs.c.id == job_id,
-                    jobs.c.claim_token == token,
-                    jobs.c.state == State.RUNNING.value,
-                )
-                .values(task_id="")
+                update(jobs).where(_held(job_id, token, State.RUNNING)).values(task_id="")
             )
             if result.rowcount != 1:
                 raise LeaseLost(f"job {job_id!r}: lease lost before its task was created")
@@ -1269,11 +1271,7 @@ class JobStore:
         async def op(conn: AsyncConnection) -> None:
             result = await conn.execute(
                 update(jobs)
-                .where(
-                    jobs.c.id == job_id,
-                    jobs.c.claim_token == token,
-                    jobs.c.state.in_([State.RUNNING.value, *(s.value for s in LEASED)]),
-                )
+                .where(_held(job_id, token, State.RUNNING, *LEASED))
                 .values(
                     state=case(
                         (jobs.c.state == State.RUNNING.value, State.PENDING.value),
@@ -1290,6 +1288,22 @@ class JobStore:
                 raise LeaseLost(f"job {job_id!r}: lease lost, the release was not applied")
 
         return await self._batched(op)
+
+    async def note_lost_answers(self, sent: Iterable[tuple[str, str]]) -> int:
+        """Count one ambiguous call for each ``(job id, claim token)`` of a dead run's calls
+        (``batcher.sendlog``) whose job is still ``running`` under that token: its call was
+        sent and its answer never recorded, so it may have been billed. Call it before
+        :meth:`reclaim` clears the tokens. Returns how many were counted."""
+        n = 0
+        async with self._write() as conn:
+            for job_id, token in sent:
+                result = await conn.execute(
+                    update(jobs)
+                    .where(_held(job_id, token, State.RUNNING))
+                    .values(ambiguous=jobs.c.ambiguous + 1)
+                )
+                n += result.rowcount
+        return n
 
     async def reclaim(self, *, all_running: bool = False) -> int:
         """Put ``running`` jobs whose lease has expired (or all, with ``all_running``) back to

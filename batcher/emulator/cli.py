@@ -16,7 +16,6 @@ environment: keys of one account share its quota, each account has its own::
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import ipaddress
 import os
@@ -169,6 +168,8 @@ def accounts_from_env(
 
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT or SIGTERM; the exit status (0 after a clean stop)."""
+    import asyncio  # here: every command builds this parser, and few serve
+
     try:
         config = config_from_args(args)
     except ValueError as exc:
@@ -193,6 +194,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _serve(config: EmulatorConfig) -> int:
+    import asyncio
+
     from batcher.emulator.server import running_emulator  # aiohttp: only to serve
 
     stop = asyncio.Event()

@@ -24,7 +24,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from ..spec import JobRow
+from ..spec import JobRow, KindCounts
 from ..states import LEASED, State
 
 __all__ = ["CLAIM_COLUMNS", "LEASED_ORDER", "Backend", "Clock", "Op"]
@@ -95,6 +95,10 @@ class Backend(abc.ABC):
     variables_sql: str
     # (name, CREATE INDEX ...) of backend-only indexes a first import builds at its end
     deferred_indexes: tuple[tuple[str, str], ...] = ()
+    # What the last stream_rows into ``jobs`` loaded, per (model, prompt_extend), when the
+    # backend counts the rows as they go in (SQLite: a few C calls a statement); None when it
+    # does not (the store then leaves the counts to a scan of the table)
+    loaded: KindCounts | None = None
 
     @abc.abstractmethod
     def translated(self) -> AbstractContextManager[None]:

@@ -154,6 +154,7 @@ def test_kill_while_calls_are_in_flight_then_each_job_comes_back_once(tmp_path):
         # the in-flight jobs (and any claimed to go next) are left running, under their lease
         assert leased == states["running"] >= conc
         assert states["running"] + states.get("pending", 0) == n
+        assert (out / ".calls-in-flight").exists()  # the calls sent, for the next run
 
         emu.reconfigure(latency="0")
         r = run_cli(*run_args(manifest, out, emu.base_url), env=ENV)
@@ -166,6 +167,16 @@ def test_kill_while_calls_are_in_flight_then_each_job_comes_back_once(tmp_path):
         s = emu.stats()
     # the extra generations are exactly the calls that were in flight at the kill
     assert s["images_billed"] == n + conc and s["duplicate_billed"] == conc
+    # ... and the rerun counted each of them as perhaps billed (ambiguous), and no other
+    # (a job claimed to go next but never sent is not)
+    con = sqlite3.connect(out / "batcher.db")
+    ambiguous = [a for (a,) in con.execute("SELECT ambiguous FROM jobs ORDER BY id")]
+    con.close()
+    assert sorted(ambiguous) == [0] * (n - conc) + [1] * conc
+    assert f"({conc} with a call sent and its answer lost" in (out / "batcher.log").read_text()
+    assert f"{conc} ambiguous re-sends (may have been billed)" in r.stderr  # this run's
+    assert json.loads(run_cli("status", out, "--json").stdout)["ambiguous"] == conc
+    assert not (out / ".calls-in-flight").exists()  # a clean end removes it
     assert check_invariants(out) == {"done": n}
     pngs = [p for p in files_under(out / "images") if p.endswith(".png")]
     assert len(pngs) == n  # one file per job

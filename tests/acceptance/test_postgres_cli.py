@@ -50,7 +50,7 @@ def start(m: Path, out: Path, base_url: str, db: str, *extra: str) -> subprocess
 
 def check_done(db: str, out: Path, n: int, *, after_kill: bool = False) -> None:
     """Every job done once, each image in place with the recorded hash; no temporary file
-    left over (but a killed worker's: a shared run sweeps none)."""
+    left over (but a killed worker's, too young for a shared run to sweep)."""
     rows = query(db, "SELECT id, state, output, sha256 FROM jobs ORDER BY seq")
     assert len(rows) == n
     assert {r["state"] for r in rows} == {"done"}, [r for r in rows if r["state"] != "done"]
@@ -185,7 +185,9 @@ def test_three_workers_on_one_account_keep_to_its_quota_together(tmp_path: Path,
     runs = [json.loads(o)["this_run"] for o, _ in results]
     assert sum(r["done"] for r in runs) == n
     assert sum(r["calls"] > 0 for r in runs) >= 2, runs  # (a late starter may find none left)
-    assert stats["throttled"] <= stats["generate_requests"] // 100, stats
+    # sharing the schedule badly would meet dozens of 429s; one is allowed on a machine
+    # loaded to several times its cores (a send held back reaches the emulator in a burst)
+    assert stats["throttled"] <= max(1, stats["generate_requests"] // 100), stats
     # together at most the quota (first to last accepted call at the emulator), and well
     # above what one worker pacing alone at a third of it would give; how near the quota
     # they keep is measured by bench/workers_shared.py (a busy machine's late sends are
@@ -245,6 +247,41 @@ def test_two_workers_share_each_lane_s_schedule(tmp_path: Path, db: str) -> None
     accepted = stats["accepted_by_model"]["z-image-turbo"]
     rate = (accepted["requests"] - 1) / (accepted["last"] - accepted["first"])
     assert 0.7 * 2 * quota <= rate <= 2 * quota * 1.01, (rate, stats)
+
+
+def test_a_worker_that_takes_back_a_dead_worker_s_jobs_sweeps_its_old_temporary_files(
+    tmp_path: Path, db: str
+) -> None:
+    """A shared folder is swept only when a dead worker's expired leases are taken back at
+    start, and then only of files nobody has written for two leases: a live worker's own
+    temporary file (written a moment ago) stays."""
+    n = 6
+    m = manifest(tmp_path, n)
+    out = tmp_path / "out"
+    assert run_cli("plan", m, "--out", out, "--db", db).returncode == 0
+    # the dead worker: one job still running under a lease that expired a minute ago
+    query(
+        db,
+        "UPDATE jobs SET state = 'running', claim_token = 'dead', attempts = 1, "
+        "lease_expires_at = extract(epoch from clock_timestamp()) - 60 WHERE id = 'q000'",
+    )
+    images = out / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    stale, live = images / ".q000.png.0badc0de.part", images / ".q001.png.0fee1e55.part"
+    stale.write_bytes(b"half an image")
+    live.write_bytes(b"an image being written")
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    cfg = EmulatorConfig(latency="0", rps=100_000.0, seed=3, api_key=KEY)
+    with EmulatorThread(cfg) as emu:
+        worker = start(m, out, emu.base_url, db, "--lease", "30")
+        _, err = worker.communicate(timeout=100)
+    assert worker.returncode == 0, err
+    assert not stale.exists()
+    assert live.exists()  # younger than two leases: perhaps a live worker's download
+    log = (out / "batcher.log").read_text(encoding="utf-8")
+    assert "1 reclaimed (0 with a call sent" in log and "1 partial files removed" in log, log
+    assert {r["state"] for r in query(db, "SELECT state FROM jobs")} == {"done"}
 
 
 def shared_run(tmp_path: Path, db: str, n: int, quota: float, told: str) -> dict[str, int]:

@@ -245,3 +245,110 @@ async def test_a_version_3_postgresql_table_migrates_to_the_latest(tmp_path: Pat
     # step 7: a job of one image has no shortfall, and the table of several images is there
     assert query(url, "SELECT count(*) AS c FROM job_images") == [{"c": 0}]
     assert {r["shortfall"] for r in query(url, "SELECT shortfall FROM jobs")} == {None}
+
+
+# The claim index's condition as versions 4 to 7 wrote it (version 8 writes it with OR).
+V7_ACTIVE = "state IN ('pending', 'running', 'generated', 'submitted')"
+
+
+def claim_plan(db: Path) -> str:
+    """SQLite's plan of the claim's query for pending jobs, as one line."""
+    from jobs.backends.sqlite import _CLAIM_PENDING
+
+    with sqlite3.connect(db) as con:
+        rows = con.execute("EXPLAIN QUERY PLAN " + _CLAIM_PENDING, (1e12, 64)).fetchall()
+    return "; ".join(str(r[3]) for r in rows)
+
+
+async def test_a_version_7_file_migrates_to_the_or_index_and_claims_still_use_it(
+    tmp_path: Path,
+) -> None:
+    """A folder of version 7 (its claim index written with IN, 99% of its jobs done): opened,
+    it is copied aside, its index is built again with the condition the claims now repeat, and
+    a claim reads that index (no scan) and takes the right jobs. (SQLite 3.40 would read the
+    old index for the new queries too, rewriting their OR as the index's IN; the step keeps a
+    migrated file's index the same as a new file's, which the claims are written against.)"""
+    db = tmp_path / "run" / "batcher.db"
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("id,prompt\n" + "".join(f"j{i:04d},p {i}\n" for i in range(1000)))
+    async with await JobStore.open(db) as store:
+        await store.import_rows(open_manifest(manifest, rules=RULES).rows(), source="m.csv")
+    with sqlite3.connect(db) as con:  # what a version-7 batcher left: its index, its version
+        con.execute("UPDATE jobs SET state = 'done' WHERE id >= 'j0010'")
+        con.execute("DROP INDEX ix_jobs_active")
+        con.execute(
+            f"CREATE INDEX ix_jobs_active ON jobs (state, next_attempt_at) WHERE {V7_ACTIVE}"
+        )
+        con.execute("UPDATE meta SET value = '7' WHERE key = 'schema_version'")
+    async with await JobStore.open(db, create=False) as store:
+        claims = await store.claim(limit=64, lease_seconds=60)
+        assert [c.id for c in claims] == [f"j{i:04d}" for i in range(10)]
+        stats = await store.stats()
+        assert (stats.count(State.DONE), stats.count(State.RUNNING)) == (990, 10)
+    assert version(db) == "8" == str(schema.SCHEMA_VERSION)
+    assert version(migrations.backup_path(db, 7)) == "7"
+    with sqlite3.connect(db) as con:
+        (ddl,) = con.execute(
+            "SELECT sql FROM sqlite_master WHERE type = 'index' AND name = 'ix_jobs_active'"
+        ).fetchone()
+    assert schema.ACTIVE_SQL in ddl and " IN " not in ddl
+    assert "USING INDEX ix_jobs_active (state=? AND next_attempt_at<?)" in claim_plan(db)
+    # The claim's UPDATE takes its chosen ids by key: ``state = 'pending'`` implies the OR
+    # index's condition, and reading every pending job from the index was a scan of 1% of
+    # the table per claim (20-70 ms at 1M jobs).
+    from jobs.backends.sqlite import _TAKE_PENDING
+
+    ids = [f"j{i:04d}" for i in range(10, 74)]
+    take = _TAKE_PENDING.format(marks=", ".join("?" * len(ids)))
+    with sqlite3.connect(db) as con:
+        con.execute("UPDATE jobs SET state = 'pending' WHERE id < 'j0500'")  # many pending
+        plan = con.execute("EXPLAIN QUERY PLAN " + take, ("t", 1.0, "w", 1.0, *ids)).fetchall()
+    assert [str(r[3]) for r in plan] == ["SEARCH jobs USING INDEX sqlite_autoindex_jobs_1 (id=?)"]
+
+
+async def test_a_version_7_postgresql_table_migrates_to_the_or_index(tmp_path: Path) -> None:
+    url = fresh()
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(f'{{"id": "j{i}", "prompt": "p"}}\n' for i in range(3)))
+    async with await JobStore.open(url) as store:
+        await store.import_rows(open_manifest(manifest, rules=RULES).rows(), source="m.jsonl")
+
+    async def downgrade() -> None:
+        import asyncpg
+
+        con = await asyncpg.connect(url, timeout=5)
+        try:
+            await con.execute("DROP INDEX ix_jobs_due")
+            await con.execute(
+                f"CREATE INDEX ix_jobs_due ON jobs (state, next_attempt_at, seq) WHERE {V7_ACTIVE}"
+            )
+            await con.execute("UPDATE meta SET value = '7' WHERE key = 'schema_version'")
+        finally:
+            await con.close()
+
+    pg_call(downgrade)
+    async with await JobStore.open(url, create=False) as store:
+        claims = await store.claim(limit=5, lease_seconds=60)
+        assert sorted(c.id for c in claims) == ["j0", "j1", "j2"]
+    [meta] = query(url, "SELECT value FROM meta WHERE key = 'schema_version'")
+    assert meta["value"] == "8"
+    [index] = query(url, "SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_jobs_due'")
+    assert "OR" in index["indexdef"] and "ANY" not in index["indexdef"]
+    # the claim's query may read the index (scans off: the table is too small to prefer it)
+    from jobs.backends.postgres import _ACTIVE
+
+    async def plan() -> str:
+        import asyncpg
+
+        con = await asyncpg.connect(url, timeout=5)
+        try:
+            await con.execute("SET enable_seqscan = off")
+            rows = await con.fetch(
+                "EXPLAIN SELECT id FROM jobs WHERE state = 'pending' AND next_attempt_at <= 1e12 "
+                f"AND {_ACTIVE} ORDER BY next_attempt_at, seq LIMIT 64"
+            )
+        finally:
+            await con.close()
+        return "\n".join(r[0] for r in rows)
+
+    assert "ix_jobs_due" in pg_call(plan)

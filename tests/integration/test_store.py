@@ -89,7 +89,7 @@ async def test_open_creates_the_run_folder_and_the_schema(db: Path, store: JobSt
         ).fetchone()[0]
     assert {"jobs", "job_history", "meta", "ix_jobs_active", "ix_jobs_failed_code"} <= names
     assert [tuple(r) for r in version] == [("schema_version", str(schema.SCHEMA_VERSION))]
-    assert "WHERE state IN ('pending', 'running', 'generated', 'submitted')" in active
+    assert f"WHERE {schema.ACTIVE_SQL}" in active
 
 
 @pytest.mark.sqlite_only
@@ -208,6 +208,37 @@ async def test_import_counts_and_rows(db: Path, store: JobStore, clock: FakeCloc
         assert r["next_attempt_at"] == 0
         assert r["claim_token"] is None and r["lease_expires_at"] is None
         assert r["created_at"] == clock.now
+
+
+async def test_a_first_import_reports_its_jobs_per_kind_as_the_table_counts_them(
+    db: Path, store: JobStore, backend: str
+) -> None:
+    """A first import into the empty table counts its rows per (model, prompt_extend) as they
+    go in (SQLite), exactly as the table's own counts; a later import (a merge) does not."""
+    batch = [
+        *(spec(f"z{i}", line=2 + i) for i in range(600)),  # more than one INSERT statement
+        *(spec(f"e{i}", line=700 + i, prompt_extend=True) for i in range(5)),
+        *(spec(f"w{i}", line=800 + i, model="wan2.2-t2i-flash", n=3) for i in range(7)),
+        spec("w-odd", line=900, model="wan2.2-t2i-flash", n=2, prompt_extend=True),
+    ]
+    batch.insert(300, spec("q-mid", line=1000, model="qwen-image"))  # a statement of mixed rows
+    report = await store.import_specs(batch, source=SOURCE)
+    assert report.added == report.total == len(batch)
+    jobs_of, images_of = await store.pending_by_kind(calls=True), await store.pending_by_kind()
+    counted = {kind: (jobs, images_of[kind]) for kind, jobs in jobs_of.items()}
+    assert counted == {
+        ("z-image-turbo", False): (600, 600),
+        ("qwen-image", False): (1, 1),
+        ("z-image-turbo", True): (5, 5),
+        ("wan2.2-t2i-flash", False): (7, 21),
+        ("wan2.2-t2i-flash", True): (1, 2),
+    }
+    if backend == "sqlite":
+        assert report.fresh == counted
+    else:  # PostgreSQL's COPY does not count: plan reads the table
+        assert report.fresh is None
+    again = await store.import_specs([*batch, spec("late", line=2000)], source=SOURCE)
+    assert (again.added, again.fresh) == (1, None)
 
 
 @pytest.mark.parametrize("first", [True, False], ids=["first_import", "later_import"])
