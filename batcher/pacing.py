@@ -28,12 +28,14 @@ import anyio
 
 __all__ = [
     "DEFAULT_QUOTA",
+    "HEAD_START",
     "LatencyTracker",
     "Pacer",
     "Pacing",
     "RateController",
     "SlotSource",
     "auto_concurrency",
+    "head_start",
 ]
 
 MARGIN = 0.985  # send at 98.5% of the rate: ~15 ms of slack per window for arrival jitter
@@ -46,6 +48,7 @@ PROBE_MAX = 120.0  # probing slows down (doubling) each time it meets the same c
 WINDOW = 1.0  # the service counts requests over a sliding second
 JITTER = 0.02  # seconds of arrival jitter allowed for at the window's edge
 DEFAULT_QUOTA = 2.0  # requests/s: the documented quota of z-image-turbo; where slow start begins
+HEAD_START = 8.0  # requests/s: the most a quota the user stated is started at (see head_start)
 SLOW_START_STEP = 2.0  # slow start doubles the rate after each window of accepted calls
 PROVEN = 0.9  # share of a window's worth of calls at the rate that must be accepted to raise it
 
@@ -73,20 +76,29 @@ class RateController:
         now: float,
         adaptive: bool = True,
         start_rate: float | None = DEFAULT_QUOTA,
+        known_good: float | None = None,
     ) -> None:
         if not (stated_rate > 0 and math.isfinite(stated_rate)):
             raise ValueError("the rate must be a positive number")
         if start_rate is not None and not start_rate > 0:
             raise ValueError("the start rate must be positive")
+        if known_good is not None and not known_good > 0:
+            raise ValueError("the known good rate must be positive")
         self.stated = stated_rate
         self.max_rate = stated_rate * MARGIN
         self.adaptive = adaptive
         start = stated_rate if start_rate is None or not adaptive else min(stated_rate, start_rate)
         self.rate = start * MARGIN
         # Slow start: the rate doubles after each window of accepted calls until a throttled
-        # answer or the stated rate ends it. ``known_good`` is the last rate fully accepted.
-        self.slow_start = self.rate < self.max_rate
-        self.known_good = self.rate
+        # answer or the stated rate ends it. ``known_good`` is the last rate fully accepted:
+        # the start, unless it is a head start (see head_start), which nothing has proven yet;
+        # until a window proves it, a head start is slow start even at the stated rate (its
+        # first 429 falls back to the window's estimate at once, not by bounded cuts).
+        if known_good is not None and adaptive:
+            self.known_good = min(self.rate, known_good * MARGIN)
+        else:
+            self.known_good = self.rate
+        self.slow_start = self.rate < self.max_rate or self.known_good < self.rate
         self._raised_at = now
         self._accepted: list[float] = []  # send times of accepted calls since the last raise
         self._drain_until = -math.inf  # see _drained
@@ -264,6 +276,30 @@ class RateController:
         return True
 
 
+def head_start(rate: float, published: float, start: float | None) -> float | None:
+    """Where slow start begins for a pacer of ``rate`` requests/s, the model's published quota
+    being ``published`` and the run's start ``start`` (None: no slow start).
+
+    A rate above the published quota was stated by the user (``--rps``, a lane's ``quota``):
+    the account's raised quota. Doubling from the published quota up to it would cost a short
+    run several seconds at a fraction of the rate (each doubling waits for a window of
+    answers), so such a pacer starts at the stated rate, up to ``HEAD_START``. A statement that
+    is wrong costs only the calls sent before the first 429 comes back (it comes back at once):
+    the head start is not proven (``known_good`` stays at ``start``), so that 429 ends slow
+    start at the window's estimate of the quota, as a doubling that overshot would. The cap
+    keeps that handful small whatever is stated: ``--rps 1000`` against a 2/s quota starts at
+    8/s, not 1000/s.
+
+    >>> head_start(10.0, 2.0, 2.0), head_start(1000.0, 2.0, 2.0), head_start(2.0, 2.0, 2.0)
+    (8.0, 8.0, 2.0)
+    >>> head_start(5.0, 5.0, 2.0), head_start(10.0, 2.0, None)
+    (2.0, None)
+    """
+    if start is None or rate <= published:
+        return start
+    return max(start, min(rate, HEAD_START))
+
+
 class SlotSource(Protocol):
     """What the dispatcher asks of a pacer's schedule, synchronously: when the next slot is
     due, take it, and when its call went out."""
@@ -299,11 +335,16 @@ class Pacer:
         *,
         adaptive: bool = True,
         start_rate: float | None = DEFAULT_QUOTA,
+        known_good: float | None = None,
         clock: Callable[[], float] | None = None,
     ) -> None:
         self._clock = clock or anyio.current_time
         self.control = RateController(
-            stated_rate, now=self._clock(), adaptive=adaptive, start_rate=start_rate
+            stated_rate,
+            now=self._clock(),
+            adaptive=adaptive,
+            start_rate=start_rate,
+            known_good=known_good,
         )
 
     @property

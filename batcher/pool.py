@@ -101,7 +101,7 @@ from .lanebook import LaneBook, LaneTally, RunLane, accepted_rate
 from .lanes import default_lane
 from .layout import RunLayout, UnsafeOutputPath
 from .models import MODELS, ApiProtocol
-from .pacing import DEFAULT_QUOTA, LatencyTracker, Pacer, Pacing, auto_concurrency
+from .pacing import DEFAULT_QUOTA, LatencyTracker, Pacer, Pacing, auto_concurrency, head_start
 from .pricing import Money, price_per_image
 from .reach import Reachability
 from .sendlog import SendLog
@@ -380,15 +380,23 @@ class Runner:
         pacer = self._pacers.get((lane, model))
         if pacer is None:
             rate = self.book.quota_of(lane, model)
+            entry = MODELS.get(model)
+            published = entry.quota.rps if entry is not None else DEFAULT_QUOTA
+            # a quota the user stated above the published one starts nearer it (head_start)
+            start = head_start(rate, published, self.opt.start_rps)
+            known_good = self.opt.start_rps
             schedule = self.store.quota_schedule(lane=lane, model=model)
             if schedule is None:
-                pacer = Pacer(rate, adaptive=self.opt.adaptive, start_rate=self.opt.start_rps)
+                pacer = Pacer(
+                    rate, adaptive=self.opt.adaptive, start_rate=start, known_good=known_good
+                )
             else:
                 shared = SharedPacer(
                     schedule,
                     rate,
                     adaptive=self.opt.adaptive,
-                    start_rate=self.opt.start_rps,
+                    start_rate=start,
+                    known_good=known_good,
                     on_slot=self._notify,
                 )
                 if self._services is None:

@@ -11,12 +11,17 @@ The dispatcher's calls stay synchronous and cheap: :meth:`SharedPacer.wait_neede
 worker with nothing to send holds no slot, so it takes none from the others). The slot's
 server time becomes a local monotonic one through an offset measured at every round trip
 (the sample of the fastest recent round trip, whose midpoint is known best). A slot the
-dispatcher reaches more than ``LATE_SHARED`` after its time is given back, never sent late: a
-late send would bunch up with the slots other workers hold already and overfill the service's
-window (a single process re-anchors its grid on a late send instead, see
-:meth:`batcher.pacing.RateController.sent`; a shared grid cannot move the slots handed out).
-The shared schedule keeps a wider margin under the stated rate than a single process
-(``SHARED_MARGIN``), so that a slot reached a little late (a busy host) is still safe to use.
+dispatcher reaches more than ``LATE_USE`` after its time is given back, never sent that late
+(a stalled host). The shared schedule keeps a wider margin under the stated rate than a single
+process (``SHARED_MARGIN``), so that a send up to ``LATE_SHARED`` late (a busy host) still fits
+the service's window. A send later than that would overfill the window that ends at the slot
+one quota's worth of sends after it (the service counts a sliding second: sending late moves a
+call towards the calls after it); those slots are not handed out yet, so the schedule moves
+every slot from its next free one on by the send's lateness past the slack, and the late slot
+is used. (Giving it back instead, as this pacer did, left a whole spacing unused for every
+slot a busy host reached 20 ms late: 1.5-5% of the slots of three workers on a loaded 2-core
+machine. A single process re-anchors its grid on a late send, see
+:meth:`batcher.pacing.RateController.sent`.)
 
 The adaptive part is :class:`batcher.pacing.RateController`'s, acting on the shared row:
 :func:`on_throttled` and :func:`on_accepted` are its rules as pure functions of the row and
@@ -63,7 +68,8 @@ __all__ = ["SharedPacer", "on_accepted", "on_throttled"]
 log = logging.getLogger("batcher.run")
 
 SHARED_MARGIN = 0.975  # of the stated rate: ~25 ms of slack per window (see LATE_SHARED)
-LATE_SHARED = 0.020  # s: how late a slot may still be used (the margin leaves ~25 ms of slack)
+LATE_SHARED = 0.020  # s: how late a send may go out and keep the grid (~25 ms of slack)
+LATE_USE = 0.100  # s: how late a slot may still be used (the grid after it moves: see sent)
 ASKING = 0.05  # s: what wait_needed says while a reservation is on its way (it wakes us)
 LEAD_MAX = 0.05  # s: the most a slot is reserved ahead of the server's now
 RETRY = 1.0  # s: between attempts when the database cannot be reached
@@ -198,18 +204,22 @@ class SharedPacer:
         *,
         adaptive: bool = True,
         start_rate: float | None = DEFAULT_QUOTA,
+        known_good: float | None = None,
         on_slot: Callable[[], None] = lambda: None,
         clock: Callable[[], float] | None = None,
     ) -> None:
         self.schedule = schedule
         self._clock = clock or anyio.current_time
-        local = RateController(stated_rate, now=0.0, adaptive=adaptive, start_rate=start_rate)
+        local = RateController(
+            stated_rate, now=0.0, adaptive=adaptive, start_rate=start_rate, known_good=known_good
+        )
         self.adaptive = adaptive
         scale = SHARED_MARGIN / MARGIN
         self.max_rate = local.max_rate * scale
         self.min_rate = local.min_rate
         self._start_rate = local.rate * scale  # the row a first worker makes
         self._start_slow = local.slow_start
+        self._known_good = local.known_good * scale
         self._state: QuotaState | None = None
         self._on_slot = on_slot
         self.control = self
@@ -219,7 +229,7 @@ class SharedPacer:
         self._sent: OrderedDict[float, float] = OrderedDict()  # local send time -> slot
         self._throttled: list[tuple[float, bool]] = []
         self._raise_at: float | None = None  # the latest accepted slot to check for a raise
-        self._late: list[float] = []
+        self._late: list[tuple[float, float]] = []  # (server send time, lateness past slack)
         self._unused: list[float] = []
         self._kick = anyio.Event()
         self._offsets: deque[tuple[float, float]] = deque(maxlen=SAMPLES)  # (rtt, offset)
@@ -246,7 +256,7 @@ class SharedPacer:
         """Seconds until the slot in hand is due; while none is, ask for one."""
         if self._slot is not None:
             local, server = self._slot
-            if now - local <= LATE_SHARED:
+            if now - local <= LATE_USE:
                 return max(0.0, local - now)
             self._slot = None  # too late to send on it without crowding the next one
             self._unused.append(server)
@@ -275,9 +285,9 @@ class SharedPacer:
         self._sent[at] = server
         while len(self._sent) > REMEMBERED:
             self._sent.popitem(last=False)
-        if at - local > LATE_SHARED:  # a busy event loop: the next slot must not crowd this send
+        if at - local > LATE_SHARED:  # a busy event loop: the next slots must not crowd it
             self.late += 1
-            self._late.append(at + self.offset)
+            self._late.append((at + self.offset, at - local - LATE_SHARED))
             self._kick.set()
 
     def accepted(self, sent_at: float) -> None:
@@ -340,9 +350,10 @@ class SharedPacer:
             self._kick = anyio.Event()
             await self._adapt()
             if self._late:
-                after = max(self._late)
+                after = max(at for at, _ in self._late)
+                shift = sum(by for _, by in self._late)
                 self._late.clear()
-                await self.schedule.push(after=after)
+                await self.schedule.push(after=after, shift=shift)
             if self._asking and self._slot is None:
                 await self._reserve()
             if self._unused:
@@ -358,6 +369,7 @@ class SharedPacer:
             least_s=1.0 / self.max_rate,
             slow_start=self._start_slow,
             probe_every=PROBE_FIRST,
+            known_good_s=1.0 / self._known_good,
         )
         self._sample(before, server)
         self._state = state

@@ -25,7 +25,11 @@ is that schedule, a lane being an account (an API key) by name:
   were accepted (across every worker) estimate the quota, as a single process estimates it
   from its own sends. Rows older than :data:`KEEP` seconds are deleted as the log grows.
 * A schedule left idle for :data:`STALE` seconds (an earlier run's) starts over when a worker
-  joins: from the joining worker's start rate, in slow start.
+  joins: in slow start, from the joining worker's start rate or from the rate the schedule
+  last held, whichever is faster (never above the joiner's own rate). The rate it held is
+  the account's quota as that run found it; started at again it is a head start, not proven
+  (``known_good`` is the joiner's), so if the quota has changed since, the first 429 falls
+  back to the window's estimate at once.
 
 The SQL is PostgreSQL's (``greatest``, ``clock_timestamp``, ``FOR UPDATE``): a SQLite run
 folder has one process working it, which paces itself alone.
@@ -44,7 +48,7 @@ from .backends import Backend
 __all__ = ["KEEP", "STALE", "QuotaSchedule", "QuotaState", "Reserved", "Send"]
 
 KEEP = 10.0  # seconds of sends kept in the log (a decision reads the last two windows)
-STALE = 60.0  # seconds idle after which a schedule starts over (slow start)
+STALE = 60.0  # seconds idle after which a schedule starts over (slow start, see _JOIN)
 PRUNE_EVERY = 64  # reservations between two prunes of the log
 _NOW = "(SELECT extract(epoch FROM clock_timestamp())::float8 AS c) AS t"
 
@@ -100,8 +104,16 @@ Decide = Callable[[QuotaState, list[Send], float], QuotaState | None]
 clock) -> the new row, or None to leave it as it is."""
 
 # A worker joining a live schedule keeps it, only slowing it to its own stated rate if that is
-# lower; one joining a schedule idle for STALE seconds starts it over from its own values.
+# lower; one joining a schedule idle for STALE seconds starts it over from its own values, but
+# at the spacing the schedule last held when that is closer (the last rate proven in slow start,
+# else the rate it kept), never closer than the joiner's own least spacing: a head start, in
+# slow start whatever the joiner's start was, until a window at it is accepted.
 _IDLE = "quota_schedule.updated_at < EXCLUDED.updated_at - :stale"
+_HELD = (
+    "CASE WHEN quota_schedule.slow_start = 1 THEN quota_schedule.known_good "
+    "ELSE greatest(quota_schedule.interval_s, quota_schedule.least_s) END"
+)
+_RESTART = f"greatest(EXCLUDED.least_s, least(EXCLUDED.interval_s, {_HELD}))"
 _JOIN = text(
     f"INSERT INTO quota_schedule (lane, model, last_slot, updated_at, {', '.join(_STATE_COLUMNS)}) "
     "SELECT :lane, :model, t.c, t.c, t.c, :interval_s, :least_s, :slow_start, :known_good, t.c, "
@@ -111,10 +123,13 @@ _JOIN = text(
     + ", ".join(
         f"{c} = CASE WHEN {_IDLE} THEN EXCLUDED.{c} ELSE quota_schedule.{c} END"
         for c in ("last_slot", "updated_at", *_STATE_COLUMNS)
-        if c != "least_s"
+        if c not in ("least_s", "interval_s", "slow_start")
     )
     + f", least_s = CASE WHEN {_IDLE} THEN EXCLUDED.least_s "
     "ELSE greatest(quota_schedule.least_s, EXCLUDED.least_s) END"
+    + f", interval_s = CASE WHEN {_IDLE} THEN {_RESTART} ELSE quota_schedule.interval_s END"
+    + f", slow_start = CASE WHEN NOT {_IDLE} THEN quota_schedule.slow_start "
+    f"WHEN {_RESTART} < EXCLUDED.interval_s THEN 1 ELSE EXCLUDED.slow_start END"
 )
 _RETURN_STATE = ", ".join(f"r.{c}" for c in _STATE_COLUMNS)
 # Probing rides on the reservation: past ``probe_at`` (and out of slow start) the spacing
@@ -153,7 +168,7 @@ _WRITE = text(
     + " WHERE lane = :lane AND model = :model"
 )
 _PUSH = text(
-    "UPDATE quota_schedule SET next_at = greatest(next_at, :after + interval_s) "
+    "UPDATE quota_schedule SET next_at = greatest(next_at + :shift, :after + interval_s) "
     "WHERE lane = :lane AND model = :model"
 )
 _FORGET = text("DELETE FROM quota_sends WHERE lane = :lane AND model = :model AND at = :at")
@@ -180,18 +195,26 @@ class QuotaSchedule:
         self._reserved = 0
 
     async def join(
-        self, *, interval_s: float, least_s: float, slow_start: bool, probe_every: float
+        self,
+        *,
+        interval_s: float,
+        least_s: float,
+        slow_start: bool,
+        probe_every: float,
+        known_good_s: float | None = None,
     ) -> tuple[float, QuotaState]:
         """Make the row unless it exists (or start an idle one over, from these values);
         ``least_s`` is this worker's spacing at the rate it was told: the schedule never goes
-        faster than the lowest rate any of its workers was told. Returns the server's clock as
-        it was read, and the row."""
+        faster than the lowest rate any of its workers was told. ``known_good_s``: the spacing
+        a throttled slow start falls back to at worst (default ``interval_s``; wider for a
+        head start nothing has proven). Returns the server's clock as it was read, and the
+        row."""
         params = {
             **self._key,
             "interval_s": interval_s,
             "least_s": least_s,
             "slow_start": int(slow_start),
-            "known_good": interval_s,
+            "known_good": interval_s if known_good_s is None else known_good_s,
             "probe_every": probe_every,
             "stale": STALE,
         }
@@ -232,11 +255,13 @@ class QuotaSchedule:
                 await conn.execute(_WRITE, {**self._key, **_params(decided)})
         return decided
 
-    async def push(self, *, after: float) -> None:
-        """A send went out late, at ``after``: the next slot is one interval after it."""
+    async def push(self, *, after: float, shift: float = 0.0) -> None:
+        """A send went out late, at ``after``: the next slot is one interval after it, and every
+        slot from the next free one on moves ``shift`` seconds later (the lateness past the
+        schedule's slack: the window one quota's worth of sends later must not hold it)."""
         with self._backend.translated():
             async with self._backend.engine.begin() as conn:
-                await conn.execute(_PUSH, {**self._key, "after": after})
+                await conn.execute(_PUSH, {**self._key, "after": after, "shift": shift})
 
     async def forget(self, slot: float) -> None:
         """A reserved slot was not used: it is no send (a window holding it is not full)."""

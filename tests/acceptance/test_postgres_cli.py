@@ -282,3 +282,46 @@ def test_a_worker_that_takes_back_a_dead_worker_s_jobs_sweeps_its_old_temporary_
     log = (out / "batcher.log").read_text(encoding="utf-8")
     assert "1 reclaimed (0 with a call sent" in log and "1 partial files removed" in log, log
     assert {r["state"] for r in query(db, "SELECT state FROM jobs")} == {"done"}
+
+
+def shared_run(tmp_path: Path, db: str, n: int, quota: float, told: str) -> dict[str, int]:
+    """Two workers told ``--rps told`` (slow start as a user gets it: ``--start-rps`` at its
+    default) on one run against an account of ``quota``; the emulator's counters."""
+    m = manifest(tmp_path, n)
+    out = tmp_path / "out"
+    cfg = EmulatorConfig(latency="200", rps=quota, seed=6, api_key=KEY)
+    with EmulatorThread(cfg) as emu:
+        assert run_cli("plan", m, "--out", out, "--db", db).returncode == 0
+        workers = [
+            start(m, out, emu.base_url, db, "--rps", told, "--start-rps", "2", "--json")
+            for _ in range(2)
+        ]
+        results = [w.communicate(timeout=100) for w in workers]
+        for w, (_, err) in zip(workers, results, strict=True):
+            assert w.returncode == 0, err
+        stats: dict[str, int] = emu.stats()
+    check_done(db, out, n)
+    return stats
+
+
+def test_a_stated_quota_starts_near_it_not_at_the_published_one(tmp_path: Path, db: str) -> None:
+    """Told 10/s (a raised quota), the shared schedule starts at its head start (8/s), not at
+    the published 2/s: the first second already holds several sends, and none is throttled."""
+    stats = shared_run(tmp_path, db, 30, 10.0, "10")
+    assert stats["throttled"] <= 1, stats  # a busy machine may send one late
+    sends = [r["at"] for r in query(db, "SELECT at FROM quota_sends ORDER BY at")]
+    first_second = [t for t in sends if t < sends[0] + 1.0]
+    assert len(first_second) >= 6, sends  # slow start from 2/s: 2
+
+
+def test_a_head_start_over_the_real_quota_costs_a_handful_of_429s(tmp_path: Path, db: str) -> None:
+    """Told 1000/s against a 2/s quota: the head start (8/s, unproven) meets the quota at once;
+    the first 429 brings the schedule down to the window's estimate, so the run sees a handful
+    of 429s, not a storm, and keeps to the quota after."""
+    n = 16
+    stats = shared_run(tmp_path, db, n, 2.0, "1000")
+    assert stats["throttled"] <= 6, stats
+    assert stats["images_billed"] == n
+    accepted = stats["accepted_by_model"]["z-image-turbo"]  # type: ignore[index]
+    rate = (accepted["requests"] - 1) / (accepted["last"] - accepted["first"])
+    assert rate <= 2 * 1.01, (rate, stats)

@@ -17,6 +17,7 @@ from batcher.pacing import FLOOR_STEP
 from batcher.sharedpacing import (
     ASKING,
     LATE_SHARED,
+    LATE_USE,
     RETRY,
     SHARED_MARGIN,
     SharedPacer,
@@ -121,6 +122,38 @@ async def test_an_idle_schedule_starts_over_and_a_live_one_is_kept() -> None:
             await s.close()
 
 
+async def test_an_idle_schedule_starts_over_from_the_rate_it_last_held() -> None:
+    """A later run's worker, starting slow (2/s), picks up the 9/s an earlier run held, not
+    proven yet (its first 429 falls back to the joiner's 2/s at worst); never above its own
+    rate, and never slower than its own start."""
+    url = fresh()
+    stores, (a,) = await schedules(url, 1)
+    try:
+        await a.join(interval_s=1 / 9, least_s=1 / 9, slow_start=False, probe_every=5.0)
+        stale = f"UPDATE quota_schedule SET updated_at = updated_at - {STALE + 1}"
+        query(url, stale)
+        _, held = await a.join(interval_s=0.5, least_s=0.1, slow_start=True, probe_every=5.0)
+        assert held.interval_s == pytest.approx(1 / 9) and held.slow_start
+        assert held.known_good == 0.5  # the joiner's: the rate held is not proven again yet
+        # (a row left unproven holds its known_good: see below; this one had proven 9/s)
+        query(url, f"UPDATE quota_schedule SET slow_start = 0, interval_s = {1 / 9}")
+        query(url, stale)
+        _, capped = await a.join(interval_s=0.5, least_s=0.2, slow_start=True, probe_every=5.0)
+        assert capped.interval_s == 0.2 and capped.slow_start  # told 5/s: no faster
+        # a schedule that ended in slow start held only what it had proven
+        query(url, "UPDATE quota_schedule SET slow_start = 1, known_good = 0.25, interval_s = 0.1")
+        query(url, stale)
+        _, proven = await a.join(interval_s=0.5, least_s=0.1, slow_start=True, probe_every=5.0)
+        assert proven.interval_s == 0.25 and proven.slow_start
+        # a joiner starting faster than the rate held keeps its own start
+        query(url, stale)
+        _, own = await a.join(interval_s=0.1, least_s=0.1, slow_start=False, probe_every=5.0)
+        assert own.interval_s == 0.1 and not own.slow_start
+    finally:
+        for s in stores:
+            await s.close()
+
+
 async def test_a_sqlite_run_folder_paces_itself(tmp_path: Path) -> None:
     async with await JobStore.open(tmp_path / "batcher.db") as store:
         assert store.quota_schedule(lane="default", model=MODEL) is None
@@ -167,7 +200,7 @@ async def test_a_shared_pacer_hands_out_slots_gives_late_ones_back_and_reports_4
             # a slot reached too late: given back, and no longer in the log of sends
             wait = await slot()
             [late] = [r["at"] for r in query(url, "SELECT max(at) AS at FROM quota_sends")]
-            await anyio.sleep(wait + LATE_SHARED + 0.05)
+            await anyio.sleep(wait + LATE_USE + 0.05)
             assert pacer.wait_needed(now=anyio.current_time()) == ASKING  # and asks again
             assert pacer.given_back == 1
             await soon(lambda: not query(url, "SELECT 1 FROM quota_sends WHERE at = $1", late))
@@ -180,6 +213,49 @@ async def test_a_shared_pacer_hands_out_slots_gives_late_ones_back_and_reports_4
         # (by the largest step one throttle may make), for every worker of the run
         assert row["cuts"] == 1 and row["cut_at"] > 0
         assert pacer.rate == pytest.approx(10 * SHARED_MARGIN * FLOOR_STEP)
+
+
+async def test_a_slot_reached_a_little_late_is_used_and_moves_the_slots_after_it() -> None:
+    """A busy host reaching its slot 60 ms late (past the margin's slack, within LATE_USE)
+    sends on it, and every later slot moves by the lateness past the slack: the sliding
+    second one quota's worth of sends later does not hold one more."""
+    url = fresh()
+    async with await JobStore.open(url) as store:
+        schedule = store.quota_schedule(lane="default", model=MODEL)
+        assert schedule is not None
+        arrived = anyio.Event()
+
+        def on_slot() -> None:
+            arrived.set()
+
+        pacer = SharedPacer(schedule, 10.0, start_rate=None, on_slot=on_slot)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pacer.serve)
+            assert pacer.wait_needed(now=anyio.current_time()) == ASKING
+            with anyio.fail_after(5):
+                await arrived.wait()
+            due = anyio.current_time() + pacer.wait_needed(now=anyio.current_time())
+            for _ in range(2):  # another worker holds the next two slots
+                await schedule.reserve(min_interval=0.1, lead=0.003, probe_up=1.02)
+            [before] = query(url, "SELECT next_at, interval_s FROM quota_schedule")
+            await anyio.sleep(max(0.0, due - anyio.current_time()) + 0.06)
+            now = anyio.current_time()
+            late = now - due
+            assert LATE_SHARED < late <= LATE_USE  # (a machine this busy would be a failure)
+            assert pacer.wait_needed(now=now) == 0.0  # still usable
+            pacer.reserve(now=now)
+            pacer.sent(at=now)
+            assert pacer.given_back == 0 and pacer.late == 1
+            await soon(
+                lambda: (
+                    query(url, "SELECT next_at FROM quota_schedule")[0]["next_at"]
+                    > before["next_at"] + 0.03
+                )
+            )
+            tg.cancel_scope.cancel()
+        [after] = query(url, "SELECT next_at FROM quota_schedule")
+        # the slots handed out stay; the next free one moves by the lateness past the slack
+        assert after["next_at"] == pytest.approx(before["next_at"] + late - LATE_SHARED, abs=0.01)
 
 
 async def test_a_slot_asked_for_while_the_database_is_cut_arrives_once_it_is_back() -> None:

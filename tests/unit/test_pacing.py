@@ -9,7 +9,15 @@ from collections import deque
 
 import pytest
 
-from batcher.pacing import DEFAULT_QUOTA, MARGIN, LatencyTracker, RateController, auto_concurrency
+from batcher.pacing import (
+    DEFAULT_QUOTA,
+    HEAD_START,
+    MARGIN,
+    LatencyTracker,
+    RateController,
+    auto_concurrency,
+    head_start,
+)
 
 
 def simulate(
@@ -20,6 +28,7 @@ def simulate(
     seed: int = 1,
     latency: float = 0.5,
     start_rate: float | None = None,
+    known_good: float | None = None,
 ):
     """Send `jobs` accepted calls through a server that accepts at most `quota` per sliding
     second, answering accepted calls after `latency` s and throttled ones at once. Returns
@@ -30,7 +39,7 @@ def simulate(
     if start_rate is None:
         rc = RateController(stated, now=0.0, start_rate=None)
     else:
-        rc = RateController(stated, now=0.0, start_rate=start_rate)
+        rc = RateController(stated, now=0.0, start_rate=start_rate, known_good=known_good)
     window: deque[float] = deque()
     feedback: list[tuple[float, float, bool]] = []  # (arrival of the answer, send time, 429)
     t = accepted = throttled = sends = 0
@@ -240,6 +249,58 @@ def test_slow_start_still_converges_to_a_higher_quota(quota, stated):
     _, _, _, trace, late = simulate(quota, stated, jobs=40 * quota, latency=0.5, start_rate=2.0)
     assert late >= 0.95 * quota
     assert sum(trace) / len(trace) <= 0.05
+
+
+def test_a_head_start_is_slow_start_until_a_window_at_it_is_accepted():
+    rc = RateController(10.0, now=0.0, start_rate=HEAD_START, known_good=DEFAULT_QUOTA)
+    assert rc.rate == pytest.approx(HEAD_START * MARGIN) and rc.slow_start
+    assert rc.known_good == pytest.approx(DEFAULT_QUOTA * MARGIN)  # nothing proven yet
+    at = RateController(5.0, now=0.0, start_rate=5.0, known_good=DEFAULT_QUOTA)
+    assert at.rate == pytest.approx(at.max_rate) and at.slow_start  # at the stated rate, unproven
+    for i in range(5):
+        raised = at.on_accepted(sent_at=i * 0.2, now=1.0 + i * 0.2)
+    assert raised and not at.slow_start and at.rate == pytest.approx(at.max_rate)
+    assert at.known_good == pytest.approx(at.max_rate)
+
+
+def test_a_throttle_at_an_unproven_head_start_falls_to_the_window_s_estimate():
+    rc = RateController(1000.0, now=0.0, start_rate=HEAD_START, known_good=DEFAULT_QUOTA)
+    slots = [rc.reserve(now=0.0) for _ in range(3)]  # at ~7.9/s
+    assert rc.on_throttled(sent_at=slots[-1], now=slots[-1] + 0.003)  # the quota is 2
+    assert not rc.slow_start
+    assert rc.rate == pytest.approx(DEFAULT_QUOTA * MARGIN)
+
+
+@pytest.mark.parametrize("latency", [0.0, 0.5, 2.0])
+def test_a_head_start_told_500_times_a_2_per_second_quota_few_429s(latency):
+    start = head_start(1000.0, DEFAULT_QUOTA, DEFAULT_QUOTA)
+    _, _, _, trace, late = simulate(
+        2, 1000.0, jobs=200, latency=latency, start_rate=start, known_good=DEFAULT_QUOTA
+    )
+    assert sum(trace[:100]) <= 5
+    assert late >= 0.9 * 2
+
+
+@pytest.mark.parametrize(("quota", "stated"), [(10, 10.0), (10, 20.0), (5, 10.0), (50, 1000.0)])
+def test_a_head_start_converges_like_slow_start(quota, stated):
+    start = head_start(stated, DEFAULT_QUOTA, DEFAULT_QUOTA)
+    _, _, _, trace, late = simulate(
+        quota, stated, jobs=40 * quota, latency=0.5, start_rate=start, known_good=DEFAULT_QUOTA
+    )
+    assert late >= 0.95 * quota
+    assert sum(trace) / len(trace) <= 0.05
+
+
+def test_a_head_start_keeps_a_short_run_near_the_stated_quota():
+    """60 s at a stated 10/s: slow start from 2/s costs seconds at a fraction of the rate
+    (each doubling waits for a window of answers); the head start, one window at 8/s."""
+    _, slow_429, slow, _, _ = simulate(10, 10.0, latency=1.0, start_rate=DEFAULT_QUOTA)
+    start = head_start(10.0, DEFAULT_QUOTA, DEFAULT_QUOTA)
+    _, head_429, head, _, _ = simulate(
+        10, 10.0, latency=1.0, start_rate=start, known_good=DEFAULT_QUOTA
+    )
+    assert slow_429 == head_429 == 0
+    assert head >= 0.975 * 10 > slow
 
 
 def test_a_throttled_call_sent_a_little_after_its_slot_is_not_counted_as_accepted():

@@ -12,7 +12,14 @@ from dataclasses import replace
 
 import pytest
 
-from batcher.pacing import MARGIN, PROBE_FIRST, PROBE_UP, RateController
+from batcher.pacing import (
+    DEFAULT_QUOTA,
+    MARGIN,
+    PROBE_FIRST,
+    PROBE_UP,
+    RateController,
+    head_start,
+)
 from batcher.sharedpacing import SHARED_MARGIN, on_accepted, on_throttled
 from jobs.quota import QuotaState, Send
 
@@ -141,17 +148,22 @@ def simulate(
     latency: float = 0.5,
     jitter: float = 0.002,
     start_rate: float | None = None,
+    known_good: float | None = None,
     seed: int = 1,
+    whole: bool = False,
 ) -> tuple[int, int, float]:
     """``workers`` workers, each holding one reserved slot at a time and reserving the next as
     it sends, on one schedule (the row and the log as the SQL keeps them), against a server
     that accepts ``quota`` per sliding second. Returns (sends, throttled, accepted rate over
-    the second half of the run)."""
+    the second half of the run, or over the whole run with ``whole``)."""
     rng = random.Random(seed)
-    local = RateController(stated, now=0.0, start_rate=start_rate)
+    local = RateController(stated, now=0.0, start_rate=start_rate, known_good=known_good)
     scale = SHARED_MARGIN / MARGIN
     max_rate, least = local.max_rate * scale, 1.0 / (local.max_rate * scale)
-    state = replace(row(local.rate * scale, slow_start=local.slow_start), raised_at=0.0)
+    first = row(
+        local.rate * scale, slow_start=local.slow_start, known_good=local.known_good * scale
+    )
+    state = replace(first, raised_at=0.0)
     log: dict[float, bool] = {}
 
     def reserve(now: float) -> float:  # the reservation's UPDATE, played in Python
@@ -210,7 +222,7 @@ def simulate(
                 )
                 or state
             )
-    half = sorted(accepted_at)[len(accepted_at) // 2 :]
+    half = sorted(accepted_at)[0 if whole else len(accepted_at) // 2 :]
     return total, throttled, (len(half) - 1) / (half[-1] - half[0])
 
 
@@ -230,3 +242,27 @@ def test_three_workers_told_twice_the_quota_converge_under_it_with_few_429s() ->
     total, throttled, rate = simulate(10, 20.0, start_rate=None, jobs=1200)
     assert throttled / total <= 0.05, (throttled, total)
     assert 0.85 * 10 <= rate <= 10.0
+
+
+def test_three_workers_told_the_quota_with_a_head_start_keep_near_it_from_the_start() -> None:
+    """Over the whole of a 60 s run (as bench/workers_shared.py measures it), the head start
+    at 8/s keeps the schedule near the stated quota where slow start from 2/s cannot."""
+    start = head_start(10.0, DEFAULT_QUOTA, DEFAULT_QUOTA)
+    _, throttled, head = simulate(
+        10, 10.0, start_rate=start, known_good=DEFAULT_QUOTA, latency=1.0, whole=True
+    )
+    _, _, slow = simulate(10, 10.0, start_rate=DEFAULT_QUOTA, latency=1.0, whole=True)
+    assert throttled == 0
+    assert head >= 0.96 * 10 > slow
+
+
+@pytest.mark.parametrize(("quota", "stated"), [(2, 10.0), (2, 1000.0), (5, 10.0)])
+def test_three_workers_with_a_head_start_over_the_quota_fall_to_it_with_few_429s(
+    quota: int, stated: float
+) -> None:
+    start = head_start(stated, DEFAULT_QUOTA, DEFAULT_QUOTA)
+    total, throttled, rate = simulate(
+        quota, stated, start_rate=start, known_good=DEFAULT_QUOTA, jobs=40 * quota
+    )
+    assert throttled <= 5, (throttled, total)
+    assert 0.85 * quota <= rate <= quota
