@@ -25,7 +25,7 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-from .schema import ACTIVE_SQL, EMULATOR_ENDPOINT
+from .schema import ACTIVE_IN_SQL, ACTIVE_SQL, EMULATOR_ENDPOINT
 
 __all__ = [
     "STEPS",
@@ -95,7 +95,7 @@ STEPS: dict[int, Step] = {
             postgresql=(
                 "DROP INDEX IF EXISTS ix_jobs_due",
                 "CREATE INDEX IF NOT EXISTS ix_jobs_due ON jobs (state, next_attempt_at, seq) "
-                "WHERE " + ACTIVE_SQL,
+                "WHERE " + ACTIVE_IN_SQL,
             ),
         ),
     ),
@@ -117,20 +117,18 @@ STEPS: dict[int, Step] = {
         "ALTER TABLE jobs ADD COLUMN shortfall TEXT",
     ),
     8: (
-        # the claim's partial index, its condition written with OR instead of IN (built in
-        # half the time after a big first import: see ACTIVE_SQL). The claim queries repeat
-        # the new text, and SQLite uses a partial index only for a query repeating its
-        # condition, so the old index is dropped and built again with the new one.
+        # SQLite: the claim's partial index, its condition written with OR instead of IN
+        # (built in half the time after a big first import: see ACTIVE_SQL). The claim
+        # queries repeat the new text, and SQLite uses a partial index only for a query
+        # repeating its condition, so the old index is dropped and built again with the new
+        # one. PostgreSQL keeps its index's IN form (ACTIVE_IN_SQL); the step only moves the
+        # version on.
         PerBackend(
             sqlite=(
                 "DROP INDEX IF EXISTS ix_jobs_active",
                 "CREATE INDEX ix_jobs_active ON jobs (state, next_attempt_at) WHERE " + ACTIVE_SQL,
             ),
-            postgresql=(
-                "DROP INDEX IF EXISTS ix_jobs_due",
-                "CREATE INDEX IF NOT EXISTS ix_jobs_due ON jobs (state, next_attempt_at, seq) "
-                "WHERE " + ACTIVE_SQL,
-            ),
+            postgresql=(),
         ),
     ),
 }

@@ -13,8 +13,12 @@ below are that version.
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import (
+    Boolean,
     Column,
+    ColumnElement,
     Float,
     Index,
     Integer,
@@ -24,6 +28,8 @@ from sqlalchemy import (
     Text,
     text,
 )
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
 
 from jobs.states import ACTIVE as ACTIVE_STATES
 from jobs.states import State
@@ -153,7 +159,33 @@ jobs = Table(
 # took 0.60 s with IN and takes 0.32 s with OR (schema version 8; the claims read it the
 # same). The parentheses keep it one term wherever it is ANDed into a query's text.
 ACTIVE_SQL = "({})".format(" OR ".join(f"state = '{s.value}'" for s in State if s in ACTIVE_STATES))
-ACTIVE = text(ACTIVE_SQL)
+# PostgreSQL keeps the IN form (ix_jobs_due): given ``state = 'pending' AND (... OR ...)`` its
+# planner splits the OR into a bitmap scan per state and sorts every pending row for the
+# claim's ORDER BY (0.75 s a claim on a million pending jobs), where the IN form reads the
+# first rows of the index in order (0.2 ms).
+ACTIVE_IN_SQL = "state IN ({})".format(
+    ", ".join(f"'{s.value}'" for s in State if s in ACTIVE_STATES)
+)
+
+
+class _Active(ColumnElement[bool]):
+    """The partial index's condition, as each backend's index is written (see above)."""
+
+    type = Boolean()
+    inherit_cache = True
+
+
+@compiles(_Active)
+def _active_sqlite(element: _Active, compiler: SQLCompiler, **kw: Any) -> str:
+    return ACTIVE_SQL
+
+
+@compiles(_Active, "postgresql")
+def _active_postgresql(element: _Active, compiler: SQLCompiler, **kw: Any) -> str:
+    return ACTIVE_IN_SQL
+
+
+ACTIVE: ColumnElement[bool] = _Active()
 Index("ix_jobs_active", jobs.c.state, jobs.c.next_attempt_at, sqlite_where=ACTIVE)
 Index("ix_jobs_failed_code", jobs.c.error_code, sqlite_where=text("state = 'failed'"))
 

@@ -71,7 +71,7 @@ CONNECT_TIMEOUT = 10.0  # s: a new connection that takes longer fails (StoreUnre
 COMMAND_TIMEOUT = 60.0
 _LONG = 7 * 86_400.0  # s: "no limit" for asyncpg, which reads a timeout of None as the default
 _LOCK_KEY = 0x62617463  # the advisory lock of the store's exclusive writes ("batc")
-_ACTIVE = schema.ACTIVE.text
+_ACTIVE = schema.ACTIVE_IN_SQL  # see there: not the OR form SQLite's index is written in
 _RETURNING = ", ".join(f"jobs.{c}" for c in CLAIM_COLUMNS)
 # One statement per leased state (generated: downloads first, then submitted: task polls),
 # each keeping the job's state (a submitted job keeps its task_id), as on SQLite.

@@ -51,7 +51,7 @@ _WIDTH = len(schema.STAGING_COLUMNS)  # values a row binds
 
 # The claim's statements. The ACTIVE condition lets SQLite use the partial index; rowid keeps
 # the manifest's order among equals.
-_DUE = f"{schema.ACTIVE.text} AND next_attempt_at <= ? ORDER BY next_attempt_at, rowid LIMIT ?"
+_DUE = f"{schema.ACTIVE_SQL} AND next_attempt_at <= ? ORDER BY next_attempt_at, rowid LIMIT ?"
 # One statement per leased state (generated: downloads first, then submitted: task polls):
 # with ``state = ?`` the index gives the order (an IN list would sort in a temporary B-tree).
 _CLAIM_LEASED = (
