@@ -174,14 +174,7 @@ class TarShards:
     def add(self, split: str, key: str, members: Mapping[str, bytes]) -> None:
         """Write one sample (extension -> bytes) to ``split``'s current shard."""
         size = sum(_BLOCK + len(data) + (-len(data)) % _BLOCK for data in members.values())
-        current = self._open.get(split)
-        if current is not None and current[1] and current[1] + size > self._limit:
-            self._close(split)
-            current = None
-        if current is None:
-            fh = open(self._shards.new(split), "wb", buffering=4 << 20)  # noqa: SIM115
-            current = (fh, 0)
-        fh, written = current
+        fh, written = self._shard_for(split, size)
         parts: list[bytes] = []
         for ext, data in members.items():
             header = tar_header(f"{key}.{ext}", len(data))
@@ -223,14 +216,7 @@ class TarShards:
         if png is not None:
             pad_p = -len(png) % _BLOCK
             size += _BLOCK + len(png) + pad_p
-        current = self._open.get(split)
-        if current is not None and current[1] and current[1] + size > self._limit:
-            self._close(split)
-            current = None
-        if current is None:
-            fh = open(self._shards.new(split), "wb", buffering=4 << 20)  # noqa: SIM115
-            current = (fh, 0)
-        fh, written = current
+        fh, written = self._shard_for(split, size)
         base = _USTAR_SUM + sum(raw)
         fill = _ZEROS[: 95 - len(raw)]  # the name field after KEY and a 5-byte extension
         j_size = b"%011o\x00" % len(record)
@@ -261,6 +247,18 @@ class TarShards:
             start_writeback(fh.fileno(), self._hinted.get(split, 0), written)
             self._hinted[split] = written
         self._open[split] = (fh, written)
+
+    def _shard_for(self, split: str, size: int) -> tuple[Any, int]:
+        """``split``'s shard to write ``size`` more bytes to, and what it holds: a new one
+        when the current one would pass the shard size (a shard holds one sample at least)."""
+        current = self._open.get(split)
+        if current is not None and current[1] and current[1] + size > self._limit:
+            self._close(split)
+            current = None
+        if current is None:
+            fh = open(self._shards.new(split), "wb", buffering=4 << 20)  # noqa: SIM115
+            current = (fh, 0)
+        return current
 
     def _close(self, split: str) -> None:
         fh, written = self._open.pop(split)
