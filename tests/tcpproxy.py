@@ -47,6 +47,13 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
 
+    @classmethod
+    def to(cls, target_url: str) -> TcpProxy:
+        """A proxy to the server of ``target_url`` (a database URL); :meth:`url` gives the
+        same database by way of it."""
+        parts = urlsplit(target_url)
+        return cls(parts.hostname or "127.0.0.1", parts.port or 5432)
+
     def url(self, target_url: str) -> str:
         """``target_url`` (a database URL of the target) by way of this proxy."""
         parts = urlsplit(target_url)

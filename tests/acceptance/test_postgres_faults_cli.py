@@ -11,7 +11,6 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 
@@ -29,8 +28,7 @@ def db() -> str:
 
 @pytest.fixture
 def proxy(db: str) -> Iterator[TcpProxy]:
-    parts = urlsplit(db)
-    with TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432) as p:
+    with TcpProxy.to(db) as p:
         yield p
 
 

@@ -8,7 +8,6 @@ import itertools
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import anyio
 import pytest
@@ -262,8 +261,7 @@ async def test_a_slot_asked_for_while_the_database_is_cut_arrives_once_it_is_bac
     """The dispatcher asks for a slot once, then waits for it: a reservation that failed
     (the connection cut) is made again when the database answers, not forgotten."""
     url = fresh()
-    parts = urlsplit(url)
-    with TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432) as proxy:
+    with TcpProxy.to(url) as proxy:
         async with await JobStore.open(proxy.url(url)) as store:
             schedule = store.quota_schedule(lane="default", model=MODEL)
             assert schedule is not None

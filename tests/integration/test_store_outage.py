@@ -6,7 +6,6 @@ lease another store took over meanwhile is refused by its claim token."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from urllib.parse import urlsplit
 
 import anyio
 import pytest
@@ -29,8 +28,7 @@ def db() -> str:
 
 @pytest.fixture
 def proxy(db: str) -> Iterator[TcpProxy]:
-    parts = urlsplit(db)
-    with TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432) as p:
+    with TcpProxy.to(db) as p:
         yield p
 
 
