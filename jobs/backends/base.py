@@ -20,6 +20,7 @@ import abc
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AbstractContextManager, asynccontextmanager
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -27,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from ..spec import JobRow, KindCounts
 from ..states import LEASED, State
 
-__all__ = ["CLAIM_COLUMNS", "LEASED_ORDER", "Backend", "Clock", "Op"]
+__all__ = ["CLAIM_COLUMNS", "LEASED_ORDER", "Backend", "Clock", "Op", "Tally"]
 
 Clock = Callable[[], float]
 
@@ -96,7 +97,7 @@ class Backend(abc.ABC):
     # (name, CREATE INDEX ...) of backend-only indexes a first import builds at its end
     deferred_indexes: tuple[tuple[str, str], ...] = ()
     # What the last stream_rows into ``jobs`` loaded, per (model, prompt_extend), when the
-    # backend counts the rows as they go in (SQLite: a few C calls a statement); None when it
+    # backend counts the rows as they go in (a few C calls a chunk: see Tally); None when it
     # does not (the store then leaves the counts to a scan of the table)
     loaded: KindCounts | None = None
 
@@ -171,3 +172,46 @@ class Backend(abc.ABC):
 
     async def close(self) -> None:
         await self.engine.dispose()
+
+
+# The places of model, prompt_extend and n in a row of schema.STAGING_COLUMNS
+_MODEL, _EXTEND, _N = 2, 6, 9
+_KIND = itemgetter(_MODEL, _EXTEND, _N)
+
+
+class Tally:
+    """Jobs and images per (model, prompt_extend) of the rows a first import loads, counted
+    as they go in (:attr:`Backend.loaded`). A manifest's chunks almost always hold one model
+    and one prompt_extend, which a ``count`` each tells, so counting 1M rows costs tens of
+    milliseconds instead of scans of the table after the import."""
+
+    def __init__(self) -> None:
+        self.kinds: dict[tuple[str, bool], list[int]] = {}
+
+    def add(self, values: tuple[Any, ...] | list[Any], width: int) -> None:
+        """Count the rows of ``values``: rows of ``width`` import columns one after another
+        (SQLite's flat statement parameters)."""
+        if values:
+            self._count(values[_MODEL::width], values[_EXTEND::width], values[_N::width])
+
+    def add_rows(self, rows: list[JobRow]) -> None:
+        """Count ``rows``, one tuple of the import columns each (PostgreSQL's COPY chunks)."""
+        if rows:
+            models, extends, ns = zip(*map(_KIND, rows), strict=True)
+            self._count(models, extends, ns)
+
+    def _count(self, models: Any, extends: Any, ns: Any) -> None:
+        rows = len(models)
+        if models.count(models[0]) == rows and extends.count(extends[0]) == rows:
+            self._add(models[0], extends[0], rows, sum(ns))
+            return
+        for model, extend, n in zip(models, extends, ns, strict=True):
+            self._add(model, extend, 1, n)
+
+    def _add(self, model: str, extend: Any, jobs: int, images: int) -> None:
+        got = self.kinds.setdefault((model, bool(extend)), [0, 0])
+        got[0] += jobs
+        got[1] += images
+
+    def counts(self) -> KindCounts:
+        return {kind: (jobs, images) for kind, (jobs, images) in self.kinds.items()}

@@ -56,7 +56,7 @@ from .. import schema
 from ..errors import LeaseLost, StoreUnavailable, StoreUnreachable
 from ..spec import JobRow
 from ..states import State
-from .base import CLAIM_COLUMNS, LEASED_ORDER, Backend, Clock, Op
+from .base import CLAIM_COLUMNS, LEASED_ORDER, Backend, Clock, Op, Tally
 
 __all__ = ["PostgresBackend", "is_database_url"]
 
@@ -344,11 +344,15 @@ class PostgresBackend(Backend):
         freeze, self._bulk = self._bulk and table == "jobs", False
         total = 0
         source = iter(rows)
+        self.loaded = None
+        tally = Tally() if table == "jobs" else None  # a first import: see Backend.loaded
 
         def take() -> bytes:
             nonlocal total
             chunk = list(islice(source, COPY_CHUNK))
             total += len(chunk)
+            if tally is not None:
+                tally.add_rows(chunk)
             return copy_text(chunk, tail)
 
         async def text() -> AsyncIterator[bytes]:
@@ -368,6 +372,8 @@ class PostgresBackend(Backend):
             close = getattr(source, "close", None)
             if close is not None:  # a generator: stop it now (a helper process with it)
                 close()
+        if tally is not None:
+            self.loaded = tally.counts()
         return total
 
 

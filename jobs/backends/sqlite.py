@@ -33,10 +33,10 @@ from sqlalchemy.pool import AsyncAdaptedQueuePool
 
 from .. import migrations, schema
 from ..errors import JobStoreError, LeaseLost, StoreUnavailable
-from ..spec import JobRow, KindCounts
+from ..spec import JobRow
 from ..states import State
 from ..version import SQLITE_VARIABLES_SQL
-from .base import CLAIM_COLUMNS, LEASED_ORDER, Backend, Clock, Op
+from .base import CLAIM_COLUMNS, LEASED_ORDER, Backend, Clock, Op, Tally
 
 __all__ = ["SQLiteBackend"]
 
@@ -123,38 +123,6 @@ def _insert(table: str, rows: int, stamped: bool) -> str:
     )
     columns = f"{_COLS}, state, created_at" if stamped else _COLS
     return f"INSERT OR FAIL INTO {table} ({columns}) VALUES {values}"
-
-
-class _Tally:
-    """Jobs and images per (model, prompt_extend) of the rows an import loads, counted from
-    each statement's flat parameters as they go in. A manifest's statements almost always hold
-    one model and one prompt_extend, which a ``tuple.count`` each tells, so counting 1M rows
-    costs ~20 ms on the database thread instead of a scan of the table after the import."""
-
-    def __init__(self) -> None:
-        self.kinds: dict[tuple[str, bool], list[int]] = {}
-
-    def add(self, values: tuple[Any, ...] | list[Any]) -> None:
-        """Count the rows of ``values``: rows of the import columns, one after another."""
-        if not values:
-            return
-        models = values[2::_WIDTH]  # the columns' places in schema.STAGING_COLUMNS
-        extends = values[6::_WIDTH]
-        ns = values[9::_WIDTH]
-        rows = len(models)
-        if models.count(models[0]) == rows and extends.count(extends[0]) == rows:
-            self._add(models[0], extends[0], rows, sum(ns))
-            return
-        for model, extend, n in zip(models, extends, ns, strict=True):
-            self._add(model, extend, 1, n)
-
-    def _add(self, model: str, extend: Any, jobs: int, images: int) -> None:
-        got = self.kinds.setdefault((model, bool(extend)), [0, 0])
-        got[0] += jobs
-        got[1] += images
-
-    def counts(self) -> KindCounts:
-        return {kind: (jobs, images) for kind, (jobs, images) in self.kinds.items()}
 
 
 def _message(exc: BaseException) -> str:
@@ -316,7 +284,7 @@ class SQLiteBackend(Backend):
         stop = threading.Event()
         total = 0
         self.loaded = None
-        tally = _Tally() if table == "jobs" else None  # a first import: see Backend.loaded
+        tally = Tally() if table == "jobs" else None  # a first import: see Backend.loaded
         head: list[Any] = [] if now is None else [now]  # created_at, bound once as ?1
         leftover: list[Any] = []  # the last rows' values, fewer than a statement takes
         flat = getattr(rows, "flat", None)
@@ -333,7 +301,7 @@ class SQLiteBackend(Backend):
                     for i in range(0, whole, width):
                         values = [*head, *chain.from_iterable(chunk[i : i + width])]
                         if tally is not None:
-                            tally.add(values[len(head) :])
+                            tally.add(values[len(head) :], _WIDTH)
                         yield values
                     leftover.extend(chain.from_iterable(chunk[whole:]))  # only the last chunk
             finally:
@@ -354,7 +322,7 @@ class SQLiteBackend(Backend):
                         continue
                     total += width
                     if tally is not None:
-                        tally.add(group)
+                        tally.add(group, _WIDTH)
                     yield [*head, *group]
             finally:
                 close = getattr(groups, "close", None)
@@ -379,7 +347,7 @@ class SQLiteBackend(Backend):
                 cursor = await driver.executemany(_insert(table, 1, stamped), last)
                 await cursor.close()
                 if tally is not None:
-                    tally.add(leftover)
+                    tally.add(leftover, _WIDTH)
         except BaseException:
             stop.set()
             raise

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.manifest import HELPER_MIN_BYTES
+from tests.pgsupport import fresh
 from tests.support import run_cli
 
 # Fan-out of every kind: a matrix, variants, a job of several images, three models, and
@@ -36,8 +37,8 @@ jobs:
 """
 
 
-def plan(manifest: Path, out: Path) -> dict[str, Any]:
-    done = run_cli("plan", manifest, "--out", out, "--json")
+def plan(manifest: Path, out: Path, *extra: str | Path) -> dict[str, Any]:
+    done = run_cli("plan", manifest, "--out", out, "--json", *extra)
     assert done.returncode == 0, done.stderr
     result: dict[str, Any] = json.loads(done.stdout)
     return result
@@ -71,6 +72,26 @@ def test_a_first_plan_counts_as_the_table_does(tmp_path: Path) -> None:
     part.write_text(YAML.split("  - id: three")[0], encoding="utf-8")
     assert plan(part, tmp_path / "merged")["total"] == 9
     merged = plan(manifest, tmp_path / "merged")
+    assert (merged["new"], merged["unchanged"]) == (6, 9)
+    assert figures(merged) == figures(first)
+
+
+def test_a_first_plan_into_postgresql_counts_as_the_table_does(tmp_path: Path) -> None:
+    """The same on PostgreSQL: the rows counted as the COPY sends them, against a plan of the
+    unchanged manifest and of a table that held part of it (both read from the table)."""
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(YAML, encoding="utf-8")
+    url = fresh()
+    first = plan(manifest, tmp_path / "out", "--db", url)
+    assert (first["new"], first["to_generate"], first["calls_to_make"]) == (15, 21, 15)
+    again = plan(manifest, tmp_path / "out", "--db", url)
+    assert (again["new"], again["unchanged"]) == (0, 15)
+    assert figures(again) == figures(first)
+    part = tmp_path / "part.yaml"
+    part.write_text(YAML.split("  - id: three")[0], encoding="utf-8")
+    url = fresh()
+    assert plan(part, tmp_path / "merged", "--db", url)["total"] == 9
+    merged = plan(manifest, tmp_path / "merged", "--db", url)
     assert (merged["new"], merged["unchanged"]) == (6, 9)
     assert figures(merged) == figures(first)
 
