@@ -172,6 +172,7 @@ def _report(cmd: RunCommand, outcome: RunOutcome, code: ExitCode) -> None:
         currency=currency_of(cmd.options.region),
         emulated=cmd.emulate,
         lanes=result.lanes,
+        shared=layout.shared,
     )
     for line in lines:
         log.info("summary: %s", line)

@@ -105,10 +105,13 @@ def summary_lines(
     currency: str = "USD",
     emulated: bool = False,
     lanes: Sequence[LaneCalls] = (),
+    shared: bool = False,
 ) -> list[str]:
     """The end-of-run summary, a few lines for a person. ``currency`` is the run's (its
     region's); ``emulated``: the run was a rehearsal, whose cost was not spent. ``lanes``:
-    this run's figures per lane and model, shown per lane when the run had several lanes."""
+    this run's figures per lane and model, shown per lane when the run had several lanes.
+    ``shared``: the table is shared by workers that may have sent at the same time, so this
+    worker's rate is its share of the quota, which the line says."""
     s = stats
     withdrawn = s.count(State.WITHDRAWN)
     by_currency: dict[str, Decimal] = {}
@@ -136,7 +139,13 @@ def summary_lines(
     ]
     several = _several_lanes(lanes) or bool(counters.disabled)
     if calls_per_second is not None:
-        lines.append(_achieved(calls_per_second, rps, counters.throttled, several))
+        achieved = _achieved(calls_per_second, rps, counters.throttled, several)
+        if shared:
+            achieved += (
+                " by this worker (workers sharing a lane share its quota: `batcher status` "
+                "gives each lane's rate over all of them)"
+            )
+        lines.append(achieved)
     if several:
         lines += [f"  {line}" for line in lane_lines(lanes, counters.disabled)]
     lines.append(
@@ -172,15 +181,28 @@ def _achieved(rate: float, rps: float, throttled: int, lanes: bool = False) -> s
 
 
 def _lane_rate(rows: Iterable[LaneCalls]) -> float | None:
-    """Calls accepted per second while the lane sent them, over the rows (runs) that sent
-    enough to say (three calls over a second at least)."""
+    """Calls accepted per second while the lane sent them. Runs one after another (a resumed
+    run) count their own spans, not the idle time between them; runs whose spans overlap
+    (several workers sharing the lane's schedule) count as one, their calls together over
+    the time from the first one's first accepted call to the last one's last. A span counts
+    when it says enough (three calls over a second at least)."""
+    spans = sorted(
+        (r.first_accepted_at, r.last_accepted_at, r.accepted)
+        for r in rows
+        if r.first_accepted_at is not None and r.last_accepted_at is not None and r.accepted
+    )
     calls = span = 0.0
-    for r in rows:
-        if r.first_accepted_at is None or r.last_accepted_at is None or r.accepted < 3:
-            continue
-        if r.last_accepted_at - r.first_accepted_at >= 1.0:
-            calls += r.accepted - 1
-            span += r.last_accepted_at - r.first_accepted_at
+    at = 0
+    while at < len(spans):
+        first, last, accepted = spans[at]
+        at += 1
+        while at < len(spans) and spans[at][0] <= last:  # overlapping: sent at the same time
+            last = max(last, spans[at][1])
+            accepted += spans[at][2]
+            at += 1
+        if accepted >= 3 and last - first >= 1.0:
+            calls += accepted - 1
+            span += last - first
     return calls / span if span else None
 
 

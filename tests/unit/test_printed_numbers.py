@@ -201,3 +201,20 @@ def test_a_job_of_several_images_counts_each_image_in_the_summary():
         RunCounters(calls=2, accepted=2, generated=2, done=2, images_generated=5, images_saved=5)
     )
     assert "this run: 5 images generated, 5 saved," in text
+
+
+def test_a_worker_of_a_shared_table_says_its_rate_is_its_share():
+    """On a shared table several workers send through one lane's schedule at once: each
+    worker's summary gives its own rate, and says so (status gives the lane's together)."""
+    lines = summary_lines(
+        stats=stats(done=1),
+        counters=RunCounters(calls=20, accepted=20),
+        elapsed=3.0,
+        reason="finished",
+        calls_per_second=0.66,
+        rps=2,
+        shared=True,
+    )
+    [achieved] = [line for line in lines if line.startswith("achieved")]
+    assert achieved.startswith("achieved 0.66 calls/s against --rps 2 (33%) by this worker")
+    assert "batcher status" in achieved
