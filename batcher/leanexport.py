@@ -14,11 +14,18 @@ It only takes what it is sure to do as the general path would: a run folder's ow
 version. Anything else, an older schema to migrate, a newer one to refuse, a damaged file,
 goes to the general path (:func:`export_webdataset` returns None), which says what is wrong
 as it always has. A job of several images, and a row whose numbers are not of the types the
-job store writes (a hand-edited table), are built by the general path's own functions.
+job store writes (a hand-edited table), are built by the general path's own functions. Like
+the general path it keeps the summary of the manifest variables in ``meta`` when it had to
+work it out (where the folder can be written); nothing else is written to the run folder.
+
+The records are built in Python, not by SQLite: tried (``printf`` joining the fields,
+``json_quote`` for the strings, which writes them as ``encode_basestring`` does), SQLite's
+functions cost about what the json module's C encoder and one ``%`` do per value, and the
+record of 20,000 rows took 13.8 us a row against 13.4 us here (``bench/RESULTS.md``).
 
 Splits are independent (numbered and sharded apart), so with more than one and a second
-core, one process writes every other split (:func:`_fork_splits`): each split's shards are
-the same bytes whichever process writes them.
+core, a forked process writes the splits of one group (:class:`_Child`): each split's shards
+are the same bytes whichever process writes them.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import os
 import signal
 import sqlite3
 import sys
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
@@ -55,14 +63,13 @@ from .layout import RunLayout
 from .records import (
     EXPORT_FIELDS,
     SPLIT_FOLDERS,
-    TIME_FIELDS,
     export_row,
     image_records,
     split_of,
     variable_keys,
     whole_second,
 )
-from .shardexport import _UNSAFE_KEY, read_file, sample_key
+from .shardexport import read_file, sample_key
 from .shards import ShardSet, TarShards
 
 __all__ = ["export_webdataset"]
@@ -388,146 +395,6 @@ def _merge(facts: CardFacts, other: CardFacts) -> None:
             facts.last = stamp if facts.last is None else max(facts.last, stamp)
 
 
-# The record's JSON text built by SQLite for a row of the types the job store writes: the
-# fields in EXPORT_FIELDS' order, each as the general path's encoder writes it, strings
-# through ``json_quote`` (which writes a string as ``encode_basestring`` does, every control
-# character, quote, backslash and non-ASCII character alike: checked on each connection by
-# :func:`_quotes_as_python`, and by the tests character by character). The fields whose text
-# SQLite does not write as Python does stay Python's (the model parameters from the params
-# JSON, a float's repr, the ISO times), spliced between SQLite's segments with one ``%``.
-_TEXT_FIELDS = frozenset(
-    {"id", "state", "model", "prompt", "size", "params", "request_id", "task_id", "sha256"}
-    | {"error_code", "error_message", "shortfall", "currency", "endpoint", "lane", "review"}
-    | {"review_note"}
-)
-_INT_FIELDS = frozenset(
-    {"width", "height", "bytes", "attempts", "input_tokens", "output_tokens", "total_tokens"}
-    | {"billed", "throttled", "ambiguous", "regenerated"}
-)
-_SQL_FIELDS: dict[str, str] = {
-    **{name: f"json_quote({name})" for name in _TEXT_FIELDS},
-    **{name: f"ifnull({name}, 'null')" for name in _INT_FIELDS},
-    "seed": "seed",
-    "prompt_extend": "CASE WHEN prompt_extend THEN 'true' ELSE 'false' END",
-    "n": "CASE WHEN n = 0 THEN 1 ELSE n END",  # n or 1
-    "file": f"CASE WHEN state = '{_DONE}' THEN json_quote('images/' || output) ELSE 'null' END",
-    "image_index": "1",
-    # str(Decimal(cost_micros) / MICROS) of a count >= 0: the whole units, then the
-    # millionths without their trailing zeros (Decimal's exact quotient, exponent >= -6)
-    "cost": "'\"' || (cost_micros / 1000000) "
-    "|| rtrim('.' || printf('%06d', cost_micros % 1000000), '.0') || '\"'",
-    # batcher.records.actual_prompt
-    "actual_prompt": "CASE WHEN generated_at IS NULL AND request_id IS NULL THEN 'null' "
-    "ELSE json_quote(CASE WHEN ifnull(actual_prompt, '') = '' THEN prompt "
-    "ELSE actual_prompt END) END",
-}
-_PY_FIELDS = ("negative_prompt", "watermark", "latency_ms", *sorted(TIME_FIELDS))
-
-
-def _sql_record() -> tuple[list[str], str, tuple[str, ...]]:
-    """The SQL of the record's segments, the Python template that joins them with the
-    Python-written fields, and the layout of that template's values (a segment "sql", or a
-    field's name); the variables go last, before the closing brace."""
-    columns: list[str] = []
-    template = ""
-    layout: list[str] = []
-    text, args = "{", []
-    for i, name in enumerate(EXPORT_FIELDS):
-        if name == "watermark":  # written with negative_prompt, from the same params JSON
-            continue
-        text += ("" if i == 0 else ", ") + _enc(name) + ": "
-        if name in _SQL_FIELDS:
-            text += "%s"
-            args.append(_SQL_FIELDS[name])
-            continue
-        assert name in _PY_FIELDS, name
-        if args:
-            sql_text = text.replace("'", "''")
-            columns.append(f"printf('{sql_text}', {', '.join(args)})")
-            template += "%s"
-            layout.append("sql")
-        else:
-            template += text.replace("%", "%%")
-        layout.append(name)
-        template += "%s"
-        text, args = "", []
-    assert not args, "the record ends with a Python-written field"
-    return columns, template + text.replace("%", "%%") + "%s}", tuple(layout)
-
-
-_SEGMENTS, _TEMPLATE, _LAYOUT = _sql_record()
-# The loop in _write builds the values in this order: change both together.
-assert _LAYOUT == (
-    "sql", "negative_prompt", "sql", "latency_ms", "sql", "created_at", "started_at",
-    "generated_at", "finished_at", "sql", "reviewed_at",
-), _LAYOUT  # fmt: skip
-# A row whose record SQLite builds: of the types the job store writes (_PLAIN), a cost of
-# whole millionths >= 0, not a done job of several images (a record per image).
-_SQL_PLAIN = " AND ".join(
-    [
-        _PLAIN,
-        "typeof(prompt_extend) = 'integer'",
-        "typeof(cost_micros) = 'integer'",
-        "cost_micros >= 0",
-        f"NOT (n > 1 AND state = '{_DONE}')",
-    ]
-)
-# The strings json_quote must write as encode_basestring does for the record to be SQLite's
-_QUOTE_PROBE = "".join(map(chr, range(0x100))) + "\u2028\u2029\ufeff\U0001f600\\\"'%"
-
-
-def _quotes_as_python(db: sqlite3.Connection) -> bool:
-    """Whether this SQLite's ``json_quote`` writes strings as the general path's encoder:
-    if not (another version's rules), every record is built in Python."""
-    try:
-        (got,) = db.execute("SELECT json_quote(?)", (_QUOTE_PROBE,)).fetchone()
-    except sqlite3.Error:
-        return False
-    return bool(got == _enc(_QUOTE_PROBE))
-
-
-# What the card counts of a row (CardFacts.add's figures but the times): state, split,
-# model, size (of a done job), prompt language, currency, cost in millionths, emulated
-_Card = tuple[str, str, str, str | None, str, str | None, int, bool]
-
-
-@dataclass(slots=True)
-class _Counts:
-    """The card's figures of the rows written so far, as CardFacts.add counts them (a job
-    is one row here; a job of several images goes through CardFacts.add itself): the rows
-    of each distinct set of figures, the times, the image bytes."""
-
-    groups: dict[_Card, int]
-    stamps: list[float]
-    image_bytes: int = 0
-
-    def into(self, facts: CardFacts) -> None:
-        costs: dict[tuple[str, int, bool], int] = {}
-        for (st, split, model, size, language, currency, micros, emu), count in sorted(
-            self.groups.items(), key=repr
-        ):
-            facts.states[st] += count
-            facts.splits[split] += count
-            facts.models[model] += count
-            facts.languages[language] += count
-            if size is not None:
-                facts.sizes[size] += count
-            if currency:
-                key = (currency, micros, emu)
-                costs[key] = costs.get(key, 0) + count
-        facts.image_bytes += self.image_bytes
-        for (cur, micros, emulated), count in sorted(costs.items()):
-            # the sum CardFacts.add makes one job at a time, in one step per amount: exact
-            # either way, and with the same exponent (a Decimal sum keeps the smallest)
-            amount = Decimal(int(micros or 0)) / MICROS * count
-            into = facts.emulated if emulated else facts.cost
-            into[cur] = into.get(cur, Decimal(0)) + amount
-        if self.stamps:
-            low, high = min(self.stamps), max(self.stamps)
-            facts.first = low if facts.first is None else min(facts.first, low)
-            facts.last = high if facts.last is None else max(facts.last, high)
-
-
 def _write(
     db: sqlite3.Connection,
     layout: RunLayout,
@@ -547,34 +414,31 @@ def _write(
     if splits:
         conditions.append(f"{_SPLIT_SQL} IN ({', '.join('?' * len(splits))})")
         params += splits
-    plain = _SQL_PLAIN if _quotes_as_python(db) else "0"
-    first, *segments = _SEGMENTS
-    query = (
-        f"SELECT CASE WHEN {plain} THEN {first} END, params, {segments[0]}, "
-        f"ifnull(latency_ms, 'null'), {segments[1]}, created_at, started_at, generated_at, "
-        f"finished_at, {segments[2]}, reviewed_at, {'vars' if keys else 'NULL'}, id, n, "
-        "state, model, size, prompt, output, bytes, currency, cost_micros, endpoint, rowid "
-        "FROM jobs"
-    )
+    query = f"SELECT {_FAST_COLUMNS}, ifnull(bytes, 'null'), {_PLAIN}, rowid FROM jobs"
     if conditions:
         query += " WHERE " + " AND ".join(conditions)
     query += " ORDER BY rowid"
     images = str(layout.images.resolve())
-    template = _TEMPLATE
+    fields = (*EXPORT_FIELDS, *(key for _, key in keys))
+    # The record's JSON as the general path's encoder writes the dict of these fields, in
+    # order ({"id": ..., "state": ...}): each value encoded here, the keys once
+    template = "{" + ", ".join(_enc(k).replace("%", "%%") + ": %s" for k in fields) + "}"
     var_names = [name for name, _ in keys]
-    var_keys = [_enc(key) for _, key in keys]
     numbers: dict[str, int] = {}
-    counts = _Counts(groups={}, stamps=[])
-    groups = counts.groups
-    stamps = counts.stamps
-    watermark = f", {_enc('watermark')}: "
-    params_of: dict[str | None, str] = {None: f"null{watermark}null"}
-    vars_of: dict[str | None, str] = {}  # a vars text -> the variables' part of the record
+    states: Counter[str] = Counter()
+    per_split: Counter[str] = Counter()
+    models: Counter[str] = Counter()
+    sizes: Counter[str] = Counter()
+    languages: Counter[str] = Counter()
+    costs: dict[tuple[str, int, bool], int] = {}  # (currency, micros, emulated) -> jobs
+    params_of: dict[str, tuple[str, str]] = {}  # params -> negative_prompt, watermark as JSON
+    cost_json: dict[int, str] = {}
+    stamps: list[float] = []
     image_bytes = missing = records = 0
-    jv, iso, language, unsafe = _json_value, _json_time, prompt_language, _UNSAFE_KEY.sub
+    enc, jv, text, iso = _enc, _json_value, _json_text, _json_time
     add = writer.add_sample
     loads = json.loads
-    slow = _Slow(db, layout, keys, writer, facts, numbers, counts)
+    vars_json: dict[str, tuple[str, ...]] = {}  # the variables' JSON of a vars text, kept
     # the images folder open once, each file opened relative to it (as read_file says)
     try:
         folder: int | None = os.open(images, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -582,37 +446,61 @@ def _write(
         folder = None  # no image to read: each one is reported missing as it is looked for
     where = None if folder is not None else images
     try:
-        for (
-            head, par, middle, latency, tail, created_at, started_at, generated_at,
-            finished_at, review, reviewed_at, vars_, job_id, n, st, model, size, prompt,
-            output, nbytes, currency, micros, endpoint, rowid,
-        ) in db.execute(query, params):  # fmt: skip
-            if head is None:  # a row SQLite does not build: Python does, as before
-                written, lost = slow.row(rowid, folder, where)
-                records += written
-                missing += lost
+        for row in db.execute(query, params):
+            (
+                job_id, st, model, prompt, size, seed, extend, par, n, output, request_id,
+                task_id, width, height, sha256, nbytes, attempts, error_code, error_message,
+                shortfall, micros, currency, endpoint, lane, actual, input_tokens, output_tokens,
+                total_tokens, latency_ms, billed, throttled, ambiguous, regenerated, created_at,
+                started_at, generated_at, finished_at, review, review_note, reviewed_at, vars_,
+                bytes_json, plain, rowid,
+            ) = row  # fmt: skip
+            done = st == _DONE
+            if not plain or (n > 1 and done):  # the general path's records, as they are
+                for image_rec in image_records(_record(db, rowid)):
+                    records += 1
+                    missing += _general(image_rec, keys, images, writer, facts, numbers)
                 continue
-            negative = params_of.get(par)
-            if negative is None:
-                loaded = load_params(par)
-                negative = f"{jv(loaded.get('negative_prompt'))}{watermark}"
-                negative += jv(loaded.get("watermark"))
-                if len(params_of) < 4096:
-                    params_of[par] = negative
-            got_vars = vars_of.get(vars_)
-            if got_vars is None:
-                found = loads(vars_) if vars_ else {}
-                got_vars = "".join(
-                    [f", {k}: {jv(found.get(v))}" for v, k in zip(var_names, var_keys, strict=True)]
-                )
-                if len(vars_of) < 4096:  # rows share labels: most are found here
-                    vars_of[vars_] = got_vars
-            record = template % (
-                head, negative, middle, latency, tail, iso(created_at), iso(started_at),
-                iso(generated_at), iso(finished_at), review, iso(reviewed_at), got_vars,
+            n = n or 1
+            if par is None:
+                negative = watermark = "null"
+            else:
+                got = params_of.get(par)
+                if got is None:
+                    loaded = load_params(par)
+                    got = jv(loaded.get("negative_prompt")), jv(loaded.get("watermark"))
+                    if len(params_of) < 4096:
+                        params_of[par] = got
+                negative, watermark = got
+            cost = cost_json.get(micros)
+            if cost is None:
+                cost = cost_json[micros] = enc(str(Decimal(int(micros or 0)) / MICROS))
+            if generated_at is None and request_id is None:
+                actual = "null"
+            else:
+                actual = enc(str(actual or prompt))
+            values: tuple[object, ...] = (
+                enc(job_id), enc(st), enc(model), enc(prompt), enc(size), seed,
+                "true" if extend else "false", text(par), n, negative, watermark,
+                enc(f"images/{output}") if done else "null", "1", text(request_id),
+                text(task_id), width, height, text(sha256), bytes_json, attempts,
+                text(error_code), text(error_message), text(shortfall), cost, text(currency),
+                text(endpoint), text(lane), actual, input_tokens, output_tokens,
+                total_tokens, latency_ms, billed, throttled, ambiguous,
+                regenerated, iso(created_at), iso(started_at), iso(generated_at),
+                iso(finished_at), text(review), text(review_note), iso(reviewed_at),
             )  # fmt: skip
+            if var_names:
+                got_vars = vars_json.get(vars_)
+                if got_vars is None:
+                    found = loads(vars_) if vars_ else {}
+                    got_vars = tuple([jv(found.get(name)) for name in var_names])
+                    if len(vars_json) < 4096:  # rows share labels: most are found here
+                        vars_json[vars_] = got_vars
+                values += got_vars
+            record = (template % values).encode()
             image: bytes | None = None
-            if st == _DONE:
+            if done:
                 try:
                     path = output if where is None else os.path.join(where, output)
                     image = read_file(path, nbytes, folder)
@@ -620,25 +508,21 @@ def _write(
                     missing += 1
                 else:
                     image_bytes += len(image)
-            else:
-                size = None  # the card counts the sizes of done jobs
+                sizes[size] += 1
             split = split_of(output) or "data"
             number = numbers.get(split, 0)
             numbers[split] = number + 1
-            name = job_id if n == 1 or n == 0 else f"{job_id}-1"  # several, not done yet
-            add(
-                split,
-                f"{number:06d}_{unsafe('_', name)[:80]}",
-                image,
-                record.encode(),
-                prompt.encode(),
-            )
+            name = job_id if n == 1 else f"{job_id}-1"  # a job of several not done yet
+            add(split, sample_key(number, name), image, record, prompt.encode())
             records += 1
-            card = (
-                st, split, model, size, language(prompt), currency, micros,
-                endpoint == EMULATOR_ENDPOINT,
-            )  # fmt: skip
-            groups[card] = groups.get(card, 0) + 1
+            # the card's figures, as CardFacts.add counts them (a job is one row here)
+            states[st] += 1
+            per_split[split] += 1
+            models[model] += 1
+            languages[prompt_language(prompt)] += 1
+            if currency:
+                key = (currency, micros, endpoint == EMULATOR_ENDPOINT)
+                costs[key] = costs.get(key, 0) + 1
             if created_at is not None:
                 stamps.append(created_at)
             if finished_at is not None:
@@ -650,109 +534,23 @@ def _write(
     finally:
         if folder is not None:
             os.close(folder)
-    counts.image_bytes += image_bytes
-    counts.into(facts)
+    facts.states.update(states)
+    facts.splits.update(per_split)
+    facts.models.update(models)
+    facts.sizes.update(sizes)
+    facts.languages.update(languages)
+    facts.image_bytes += image_bytes
+    for (cur, micros, emulated), count in sorted(costs.items()):
+        # the sum CardFacts.add makes one job at a time, in one step per amount: exact either
+        # way, and with the same exponent (a Decimal sum keeps the smallest)
+        amount = Decimal(int(micros or 0)) / MICROS * count
+        into = facts.emulated if emulated else facts.cost
+        into[cur] = into.get(cur, Decimal(0)) + amount
+    if stamps:
+        low, high = min(stamps), max(stamps)
+        facts.first = low if facts.first is None else min(facts.first, low)
+        facts.last = high if facts.last is None else max(facts.last, high)
     return records, missing
-
-
-class _Slow:
-    """The rows SQLite does not build (see _SQL_PLAIN), one at a time: read again by rowid
-    and built in Python, each value as the general path's encoder writes it; a row whose
-    numbers are of unexpected types, or a done job of several images, by the general path's
-    own functions."""
-
-    def __init__(
-        self,
-        db: sqlite3.Connection,
-        layout: RunLayout,
-        keys: list[tuple[str, str]],
-        writer: TarShards,
-        facts: CardFacts,
-        numbers: dict[str, int],
-        counts: _Counts,
-    ) -> None:
-        self.db = db
-        self.images = str(layout.images.resolve())
-        self.keys = keys
-        self.writer = writer
-        self.facts = facts
-        self.numbers = numbers
-        self.counts = counts
-        fields = (*EXPORT_FIELDS, *(key for _, key in keys))
-        # the record's JSON as the general path's encoder writes the dict of these fields,
-        # in order ({"id": ..., "state": ...}): each value encoded here, the keys once
-        self.template = "{" + ", ".join(_enc(k).replace("%", "%%") + ": %s" for k in fields) + "}"
-        self.query = f"SELECT {_FAST_COLUMNS}, ifnull(bytes, 'null'), {_PLAIN} FROM jobs "
-        self.query += "WHERE rowid = ?"
-
-    def row(self, rowid: int, folder: int | None, where: str | None) -> tuple[int, int]:
-        """Write the row's samples; returns (records, done images whose file was missing)."""
-        got = self.db.execute(self.query, (rowid,)).fetchone()
-        (
-            job_id, st, model, prompt, size, seed, extend, par, n, output, request_id,
-            task_id, width, height, sha256, nbytes, attempts, error_code, error_message,
-            shortfall, micros, currency, endpoint, lane, actual, input_tokens, output_tokens,
-            total_tokens, latency_ms, billed, throttled, ambiguous, regenerated, created_at,
-            started_at, generated_at, finished_at, review, review_note, reviewed_at, vars_,
-            bytes_json, plain,
-        ) = got  # fmt: skip
-        done = st == _DONE
-        if not plain or (n > 1 and done):  # the general path's records, as they are
-            records = lost = 0
-            for image_rec in image_records(_record(self.db, rowid)):
-                records += 1
-                lost += _general(
-                    image_rec, self.keys, self.images, self.writer, self.facts, self.numbers
-                )
-            return records, lost
-        n = n or 1
-        enc, jv, text, iso = _enc, _json_value, _json_text, _json_time
-        if par is None:
-            negative = watermark = "null"
-        else:
-            loaded = load_params(par)
-            negative, watermark = jv(loaded.get("negative_prompt")), jv(loaded.get("watermark"))
-        cost = enc(str(Decimal(int(micros or 0)) / MICROS))
-        actual = (
-            "null" if generated_at is None and request_id is None else enc(str(actual or prompt))
-        )
-        values: tuple[object, ...] = (
-            enc(job_id), enc(st), enc(model), enc(prompt), enc(size), seed,
-            "true" if extend else "false", text(par), n, negative, watermark,
-            enc(f"images/{output}") if done else "null", "1", text(request_id),
-            text(task_id), width, height, text(sha256), bytes_json, attempts,
-            text(error_code), text(error_message), text(shortfall), cost, text(currency),
-            text(endpoint), text(lane), actual, input_tokens, output_tokens,
-            total_tokens, latency_ms, billed, throttled, ambiguous,
-            regenerated, iso(created_at), iso(started_at), iso(generated_at),
-            iso(finished_at), text(review), text(review_note), iso(reviewed_at),
-        )  # fmt: skip
-        if self.keys:
-            found = json.loads(vars_) if vars_ else {}
-            values += tuple([jv(found.get(name)) for name, _ in self.keys])
-        record = (self.template % values).encode()
-        image: bytes | None = None
-        lost = 0
-        if done:
-            try:
-                path = output if where is None else os.path.join(where, output)
-                image = read_file(path, nbytes, folder)
-            except FileNotFoundError:
-                lost = 1
-        split = split_of(output) or "data"
-        number = self.numbers.get(split, 0)
-        self.numbers[split] = number + 1
-        name = job_id if n == 1 else f"{job_id}-1"  # a job of several not done yet
-        self.writer.add_sample(split, sample_key(number, name), image, record, prompt.encode())
-        card = (
-            st, split, model, size if done else None, prompt_language(prompt), currency,
-            micros, endpoint == EMULATOR_ENDPOINT,
-        )  # fmt: skip
-        counts = self.counts
-        counts.groups[card] = counts.groups.get(card, 0) + 1
-        counts.stamps += [s for s in (created_at, finished_at) if s is not None]
-        counts.image_bytes += len(image) if image is not None else 0
-        return 1, lost
 
 
 def _json_value(value: Any) -> str:
