@@ -24,6 +24,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+from batcher import leanexport
 from batcher.emulator import EmulatorConfig, EmulatorThread
 from batcher.export import ExportOptions, run_export
 from batcher.layout import RunLayout
@@ -354,6 +355,28 @@ def test_one_process_or_two_write_the_same_bytes(tmp_path):
     assert pinned.returncode == 0, pinned.stderr
     assert _digest(one) == _digest(two)
     assert len(list(two.glob("test-*.tar"))) > 1
+
+
+def test_a_split_the_weighing_missed_is_written_too(tmp_path, monkeypatch):
+    """The split groups of a larger table are weighed on a few rows: a split none of them
+    is in goes to the first process, and the bytes are one process's."""
+    run = tmp_path / "run"
+    anyio.run(fabricate, run, 400)
+    with sqlite3.connect(run / "batcher.db") as db:
+        db.execute("UPDATE jobs SET output = 'validation/rare.png' WHERE rowid = 1")
+    monkeypatch.setattr(leanexport, "_WEIGHED", 2)  # two rows weighed: rowids 248 and 95
+    db = sqlite3.connect(run / "batcher.db")
+    try:
+        groups = leanexport._split_groups(db, None)
+    finally:
+        db.close()
+    assert sorted(groups) == [["test"], ["train"]]  # no validation
+    two, one = tmp_path / "two", tmp_path / "one"
+    assert export_webdataset(RunLayout(run), ExportOptions(fmt="webdataset", output=two))
+    monkeypatch.setattr(leanexport, "_cores", lambda: 1)
+    assert export_webdataset(RunLayout(run), ExportOptions(fmt="webdataset", output=one))
+    assert _digest(two) == _digest(one)
+    assert "validation-000000.tar" in _digest(two)
 
 
 _PROBE = """
