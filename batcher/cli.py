@@ -95,7 +95,10 @@ def _port(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The command line's parser; ``emulate``'s own options only when ``argv`` (the
+    command's arguments, ``sys.argv`` by default) may name that command: they import the
+    emulator's settings and models, a sixth of an export's start-up."""
     parser = _Parser(
         prog="batcher",
         description="Turn a manifest of prompts into a folder of images (DashScope z-image-turbo).",
@@ -272,9 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_db(cancel)
 
     emulate = sub.add_parser("emulate", help="serve the built-in DashScope emulator")
-    from .emulator.cli import configure_parser
+    if "emulate" in (sys.argv[1:] if argv is None else argv):
+        from .emulator.cli import configure_parser
 
-    configure_parser(emulate)
+        configure_parser(emulate)
     return parser
 
 
@@ -466,7 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if args.command == "emulate":
         from .emulator.cli import run as run_emulator

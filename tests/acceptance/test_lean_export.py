@@ -24,6 +24,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+from batcher import leanexport
 from batcher.emulator import EmulatorConfig, EmulatorThread
 from batcher.export import ExportOptions, run_export
 from batcher.layout import RunLayout
@@ -183,24 +184,63 @@ def test_odd_values_and_no_variables_summary_still_give_the_general_paths_bytes(
     run_folder, tmp_path
 ):
     """A hand-edited table (text in a number column, an infinite latency, a huge integer)
-    and no summary of the variables in meta (the lean path works them out, writing
-    nothing): the same bytes as the general path."""
+    and no summary of the variables in meta (the lean path works them out and keeps the
+    summary the general path keeps): the same bytes as the general path."""
     run = _copy(run_folder, tmp_path)
     with sqlite3.connect(run / "batcher.db") as db:
         db.execute("UPDATE jobs SET width = 'wide', seed = 2.5 WHERE id = 'quote'")
         db.execute("UPDATE jobs SET latency_ms = 9e999 WHERE id = 'loose'")
         db.execute("UPDATE jobs SET input_tokens = 12345678901234567 WHERE id = 'dark'")
         db.execute("DELETE FROM meta WHERE key = 'variables'")
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
     lean, general = tmp_path / "lean", tmp_path / "general"
     opt = ExportOptions(fmt="webdataset", output=lean, state="all")
     assert export_webdataset(RunLayout(run), opt) is not None
-    with sqlite3.connect(run / "batcher.db") as db:
-        assert db.execute("SELECT 1 FROM meta WHERE key = 'variables'").fetchone() is None
-    _general(run, general, state="all")
+    _general(other, general, state="all")
+    summaries = []
+    for folder in (run, other):
+        with sqlite3.connect(folder / "batcher.db") as db:
+            summaries.append(
+                db.execute("SELECT value FROM meta WHERE key = 'variables'").fetchone()
+            )
+    assert summaries[0] is not None and summaries[0] == summaries[1]
     assert _digest(lean) == _digest(general)
     samples = {s["json"]["id"]: s for s in _read_wds(sorted(lean.glob("*.tar")))}
     assert samples["quote"]["json"]["width"] == "wide"
     assert samples["dark"]["json"]["input_tokens"] == 12345678901234567
+
+
+def test_strings_and_numbers_sqlite_writes_give_the_general_paths_bytes(run_folder, tmp_path):
+    """The records SQLite builds (json_quote for the strings, its own text of the integers and
+    the cost) against the general path's encoder: control characters, DEL, U+2028/2029, an
+    astral character, quotes and backslashes, a NUL, non-ASCII text; NULLs and set values
+    in the optional columns; costs of many digits; a negative cost (built in Python)."""
+    run = _copy(run_folder, tmp_path)
+    odd = "".join(map(chr, range(0x20))) + '\x7f\u2028\u2029\U0001f600"\\/\u00e9\u4e00%s%%'
+    with sqlite3.connect(run / "batcher.db") as db:
+        db.execute(
+            "UPDATE jobs SET prompt = ?, error_message = ?, review = 'approved', "
+            "review_note = ?, reviewed_at = 1795972425.9995, latency_ms = NULL, "
+            "cost_micros = 9223372036854775807, shortfall = ?, task_id = ? WHERE id = 'dark'",
+            (odd, odd, "a \x00 NUL", "\u2028", "t\\1"),
+        )
+        db.execute(
+            "UPDATE jobs SET cost_micros = 1000000, actual_prompt = ?, lane = ? "
+            "WHERE id = '台灯-一号'",
+            ("改写 \u2029 prompt", "\x00"),
+        )
+        db.execute("UPDATE jobs SET cost_micros = -5, currency = '' WHERE id = 'loose'")
+        db.execute("UPDATE jobs SET cost_micros = 0, latency_ms = 0.1 WHERE id = 'bad'")
+        db.execute("UPDATE jobs SET id = 'a b.c/d', prompt = ? WHERE id = 'quote'", ("\x00zh 一",))
+    lean, general = tmp_path / "lean", tmp_path / "general"
+    opt = ExportOptions(fmt="webdataset", output=lean, state="all")
+    assert export_webdataset(RunLayout(run), opt) is not None
+    _general(run, general, state="all")
+    assert _digest(lean) == _digest(general)
+    samples = {s["json"]["id"]: s for s in _read_wds(sorted(lean.glob("*.tar")))}
+    assert samples["dark"]["json"]["prompt"] == odd and samples["dark"]["txt"] == odd
+    assert samples["dark"]["json"]["cost"] == "9223372036854.775807"
 
 
 def test_a_newer_schema_is_refused_in_one_line(run_folder, tmp_path):
@@ -315,6 +355,28 @@ def test_one_process_or_two_write_the_same_bytes(tmp_path):
     assert pinned.returncode == 0, pinned.stderr
     assert _digest(one) == _digest(two)
     assert len(list(two.glob("test-*.tar"))) > 1
+
+
+def test_a_split_the_weighing_missed_is_written_too(tmp_path, monkeypatch):
+    """The split groups of a larger table are weighed on a few rows: a split none of them
+    is in goes to the first process, and the bytes are one process's."""
+    run = tmp_path / "run"
+    anyio.run(fabricate, run, 400)
+    with sqlite3.connect(run / "batcher.db") as db:
+        db.execute("UPDATE jobs SET output = 'validation/rare.png' WHERE rowid = 1")
+    monkeypatch.setattr(leanexport, "_WEIGHED", 2)  # two rows weighed: rowids 248 and 95
+    db = sqlite3.connect(run / "batcher.db")
+    try:
+        groups = leanexport._split_groups(db, None)
+    finally:
+        db.close()
+    assert sorted(groups) == [["test"], ["train"]]  # no validation
+    two, one = tmp_path / "two", tmp_path / "one"
+    assert export_webdataset(RunLayout(run), ExportOptions(fmt="webdataset", output=two))
+    monkeypatch.setattr(leanexport, "_cores", lambda: 1)
+    assert export_webdataset(RunLayout(run), ExportOptions(fmt="webdataset", output=one))
+    assert _digest(two) == _digest(one)
+    assert "validation-000000.tar" in _digest(two)
 
 
 _PROBE = """
