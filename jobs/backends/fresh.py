@@ -13,7 +13,9 @@ Crash-safety. Until the link, ``batcher.db`` does not exist: a process killed (o
 filling up) at any moment before it leaves at most the temporary file, which is never opened as
 the database; the next command that creates the store starts it again from nothing, and one
 that finds ``batcher.db`` removes the leftover name. From the link on, ``batcher.db`` is whole:
-it was fsynced before it got its name.
+it was fsynced before it got its name. An empty ``batcher.db`` found at the end (a reader that
+looked meanwhile: ``sqlite3.connect`` makes the file it is given) is replaced; any other file
+there is left alone and the command fails in one line.
 
 One process makes the file at a time: the maker holds an exclusive ``flock`` on the temporary
 file, which the kernel releases when the process dies. Another process that wants to create the
@@ -30,6 +32,7 @@ import errno
 import fcntl
 import os
 import sqlite3
+import stat
 import time
 from pathlib import Path
 
@@ -76,6 +79,15 @@ def _flock(fd: int, deadline: float) -> None:
             if time.monotonic() >= deadline:
                 raise StoreUnavailable(LOCKED) from None
             time.sleep(_POLL)
+
+
+def _empty_file(path: Path) -> bool:
+    """Whether ``path`` is a regular file of no bytes (no database has been written in it)."""
+    try:
+        found = os.lstat(path)
+    except FileNotFoundError:
+        return True
+    return stat.S_ISREG(found.st_mode) and found.st_size == 0
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -164,16 +176,20 @@ class FreshFile:
             try:
                 os.link(self.temp, self.db)
             except FileExistsError:
-                raise StoreUnavailable(
-                    f"{self.db} appeared while this process was making it (a batcher that does "
-                    "not wait for the other?): run the command again"
-                ) from None
+                if not _empty_file(self.db):
+                    raise StoreUnavailable(
+                        f"{self.db} appeared while this process was making it (a batcher that "
+                        "does not wait for the other?): run the command again"
+                    ) from None
+                # An empty file: what a reader that looked meanwhile leaves (sqlite3.connect
+                # makes the file it is given); nothing in it to keep.
+                os.rename(self.temp, self.db)
             except OSError as exc:
                 if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
                     raise
                 # A file system without hard links: renamed, no other maker can be between
                 # the look and the rename (they wait for this file's lock).
-                if os.path.lexists(self.db):
+                if os.path.lexists(self.db) and not _empty_file(self.db):
                     raise StoreUnavailable(
                         f"{self.db} appeared while this process was making it: run the "
                         "command again"

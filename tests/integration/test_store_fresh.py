@@ -152,3 +152,15 @@ async def test_a_file_that_appears_meanwhile_is_never_replaced(tmp_path: Path) -
         await store.close()
     assert db.read_bytes() == b"theirs"
     assert names(tmp_path) == ["batcher.db"]
+
+
+async def test_an_empty_file_a_reader_made_meanwhile_is_replaced(tmp_path: Path) -> None:
+    """A reader that looks before the import is in (a monitoring script, the sqlite3 shell)
+    leaves an empty batcher.db: nothing to keep, the import is published over it."""
+    db = tmp_path / "batcher.db"
+    async with await JobStore.open(db, stage=True) as store:
+        sqlite3.connect(db).close()
+        assert db.stat().st_size == 0
+        assert (await store.import_specs(numbered(4), source=SOURCE)).added == 4
+    assert names(tmp_path) == ["batcher.db"]
+    assert jobs_in(db) == 4
