@@ -34,7 +34,9 @@ queries, and new rows are copied in (into an empty table, straight in); with ``w
 manifest is the whole truth and jobs that left it are withdrawn (:mod:`jobs.merge`). A
 manifest error anywhere rolls the whole import back. The backend loads the rows (SQLite on its
 database thread, PostgreSQL by COPY); a big manifest is read and checked meanwhile by a helper
-process (``jobs.readahead``), so the two use two cores.
+process (``jobs.readahead``), so the two use two cores. A store opened with ``stage`` on a SQLite
+file that does not exist yet makes it under a temporary name without journal or fsync, and the
+first import's end publishes it whole (:mod:`jobs.backends.fresh`).
 
 A job of several images (``n > 1``) keeps them in ``job_images``: written in the transaction
 that moves the job to ``generated`` (and bills every image that came), then each image's
