@@ -54,7 +54,7 @@ async def cancel_pending_tasks(
     lanes file) or ``DASHSCOPE_API_KEY``."""
     layout = RunLayout(folder, database)
     if not layout.has_store():
-        raise ConfigError(f"{folder} is not a batcher run folder (no batcher.db)")
+        raise layout.no_store()
     endpoints: dict[str | None, tuple[str, str]] = {}  # lane -> (base URL, key)
     if lanes is not None:
         found = load_lanes(lanes)

@@ -5,6 +5,9 @@
     DIR/
       batcher.db          the job table (plus -wal/-shm while open), unless the run's
                           table is in PostgreSQL (``--db postgresql://...``)
+      batcher.db.tmp      a new batcher.db while its first import runs (no journal, no
+                          fsync): linked into place whole at its end; left by a kill, it is
+                          made again from nothing by the next plan or run
       batcher.log         one line per notable event; never the API key
       .lock               held by the running process (a second run refuses clearly)
       .calls-in-flight    the calls the running process sent (see ``batcher.sendlog``)
@@ -68,6 +71,17 @@ class RunLayout:
         """Whether the run's table may exist: a database URL is given, or ``batcher.db`` is
         in the folder."""
         return self.database is not None or self.db.is_file()
+
+    def no_store(self) -> ConfigError:
+        """The error for a folder without ``batcher.db`` (perhaps still in its first import)."""
+        from jobs.backends.fresh import temp_path  # (the database's modules: only when needed)
+
+        if temp_path(self.db).exists():
+            return ConfigError(
+                f"{self.root} has no batcher.db yet: its first import is under way, or was cut "
+                "short (plan or run it again)"
+            )
+        return ConfigError(f"{self.root} is not a batcher run folder (no batcher.db)")
 
     @property
     def log(self) -> Path:

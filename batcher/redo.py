@@ -308,7 +308,7 @@ async def cmd_redo(folder: Path, opt: RedoOptions) -> int:
     ``dry_run``). Returns the exit code."""
     layout = RunLayout(folder)
     if not layout.db.is_file():
-        raise ConfigError(f"{folder} is not a batcher run folder (no batcher.db)")
+        raise layout.no_store()
     _check_options(opt)
     lock = None if opt.dry_run else RunLock(layout.lock)
     if lock is not None:

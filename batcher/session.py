@@ -193,7 +193,7 @@ async def execute_run(cmd: RunCommand) -> RunOutcome:
                 f"cannot write the run folder {layout.root}: {exc.strerror or exc}; "
                 "choose a writable folder with --out"
             ) from exc
-        async with await JobStore.open(layout.store) as store:
+        async with await JobStore.open(layout.store, stage=True) as store:
             await check_folder_endpoint(
                 store, endpoint, layout.root, default=target.in_paid_default, siblings=siblings
             )

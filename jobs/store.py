@@ -34,7 +34,9 @@ queries, and new rows are copied in (into an empty table, straight in); with ``w
 manifest is the whole truth and jobs that left it are withdrawn (:mod:`jobs.merge`). A
 manifest error anywhere rolls the whole import back. The backend loads the rows (SQLite on its
 database thread, PostgreSQL by COPY); a big manifest is read and checked meanwhile by a helper
-process (``jobs.readahead``), so the two use two cores.
+process (``jobs.readahead``), so the two use two cores. A store opened with ``stage`` on a SQLite
+file that does not exist yet makes it under a temporary name without journal or fsync, and the
+first import's end publishes it whole (:mod:`jobs.backends.fresh`).
 
 A job of several images (``n > 1``) keeps them in ``job_images``: written in the transaction
 that moves the job to ``generated`` (and bills every image that came), then each image's
@@ -537,6 +539,7 @@ class JobStore:
         *,
         create: bool = True,
         read_only: bool = False,
+        stage: bool = False,
         clock: Clock | None = None,
     ) -> Self:
         """Open (and with ``create``, make) the job table at ``path``: a SQLite file, or a
@@ -548,8 +551,15 @@ class JobStore:
         A PostgreSQL table is only checked, not migrated. ``clock`` defaults to this host's
         clock for SQLite, and to the database server's clock for PostgreSQL (leases shared
         by hosts are measured on one clock).
+
+        ``stage`` (for a command that imports a manifest at once): a SQLite file that does not
+        exist yet is made under a temporary name beside it, with no journal and no fsync, and
+        appears at ``path``, whole and fsynced, when the first import has committed (or the
+        store closes first); a process killed before leaves no ``path`` (see
+        :mod:`jobs.backends.fresh`). Meanwhile another process creating the same file waits
+        for this one, up to the busy timeout.
         """
-        backend = open_backend(path, read_only=read_only)
+        backend = open_backend(path, read_only=read_only, stage=stage)
         db = getattr(backend, "path", None)
         if isinstance(db, Path):
             if (read_only or not create) and not db.exists():
@@ -793,43 +803,47 @@ class JobStore:
         now = self.clock()
         async with self._write() as conn:
             first = (await conn.exec_driver_sql("SELECT NOT EXISTS (SELECT 1 FROM jobs)")).scalar()
-            if first:
-                # The first import goes straight into the table: the manifest has already
-                # refused duplicate ids and outputs, and the constraints would catch any. The
-                # active-jobs index is built once at the end (a sort), not row by row.
-                backend_indexes = self._backend.deferred_indexes
-                for name in [i.name for i in _DEFERRED_INDEXES] + [n for n, _ in backend_indexes]:
-                    await conn.exec_driver_sql(f"DROP INDEX IF EXISTS {name}")
-                await self._backend.before_bulk_load(conn)
-                total = await self._backend.stream_rows(conn, rows, "jobs", now)
-                for index in _DEFERRED_INDEXES:
-                    await conn.run_sync(index.create)
-                for _, ddl in backend_indexes:
-                    await conn.exec_driver_sql(ddl)
-                await conn.exec_driver_sql(_FORGET_VARIABLES)
-                # The table is now these rows and nothing else (all pending, due, unbilled):
-                # the backend's counts of them, when it kept some that add up, say so.
-                fresh = self._backend.loaded
-                if fresh is not None and sum(n for n, _ in fresh.values()) != total:
-                    fresh = None
-                return ImportReport(total=total, added=total, unchanged=0, replaced=0, fresh=fresh)
-            await conn.exec_driver_sql(self._backend.staging_ddl())
-            await conn.exec_driver_sql("DELETE FROM staging")
-            total = await self._backend.stream_rows(conn, rows, "staging", None)
-            report = await merge_staging(
-                conn,
-                source=source,
-                replace=replace,
-                withdraw=withdraw,
-                max_errors=max_errors,
-                total=total,
-                now=now,
-                order=self._backend.staging_order,
-            )
-            if report.added or report.replaced or report.updated or report.restored:
-                await conn.exec_driver_sql(_FORGET_VARIABLES)
-            await conn.exec_driver_sql("DELETE FROM staging")
-            return report
+            if not first:
+                await conn.exec_driver_sql(self._backend.staging_ddl())
+                await conn.exec_driver_sql("DELETE FROM staging")
+                total = await self._backend.stream_rows(conn, rows, "staging", None)
+                report = await merge_staging(
+                    conn,
+                    source=source,
+                    replace=replace,
+                    withdraw=withdraw,
+                    max_errors=max_errors,
+                    total=total,
+                    now=now,
+                    order=self._backend.staging_order,
+                )
+                if report.added or report.replaced or report.updated or report.restored:
+                    await conn.exec_driver_sql(_FORGET_VARIABLES)
+                await conn.exec_driver_sql("DELETE FROM staging")
+                return report
+            # The first import goes straight into the table: the manifest has already refused
+            # duplicate ids and outputs, and the constraints would catch any. The active-jobs
+            # index is built once at the end (a sort), not row by row.
+            backend_indexes = self._backend.deferred_indexes
+            for name in [i.name for i in _DEFERRED_INDEXES] + [n for n, _ in backend_indexes]:
+                await conn.exec_driver_sql(f"DROP INDEX IF EXISTS {name}")
+            await self._backend.before_bulk_load(conn)
+            total = await self._backend.stream_rows(conn, rows, "jobs", now)
+            for index in _DEFERRED_INDEXES:
+                await conn.run_sync(index.create)
+            for _, ddl in backend_indexes:
+                await conn.exec_driver_sql(ddl)
+            await conn.exec_driver_sql(_FORGET_VARIABLES)
+            # The table is now these rows and nothing else (all pending, due, unbilled): the
+            # backend's counts of them, when it kept some that add up, say so.
+            fresh = self._backend.loaded
+            if fresh is not None and sum(n for n, _ in fresh.values()) != total:
+                fresh = None
+        # A new SQLite file, made under a temporary name with no journal, is published now.
+        async with self._lock:
+            with self._backend.translated():
+                await self._backend.settle()
+        return ImportReport(total=total, added=total, unchanged=0, replaced=0, fresh=fresh)
 
     # --------------------------------------------------------------------- claims
 

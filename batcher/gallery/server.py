@@ -234,7 +234,7 @@ async def cmd_review(folder: Path, *, host: str, port: int) -> int:
     """``batcher review DIR``: refresh the report, serve it with marks until Ctrl-C."""
     layout = RunLayout(folder)
     if not layout.db.is_file():
-        raise ConfigError(f"{folder} is not a batcher run folder (no batcher.db)")
+        raise layout.no_store()
     token = secrets.token_urlsafe(18)
     async with await JobStore.open(layout.db, create=False) as store:
         server = ReviewServer(store, layout, token=token, loopback=_is_loopback(host))

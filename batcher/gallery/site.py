@@ -374,7 +374,7 @@ async def cmd_report(folder: Path, *, output: Path | None) -> int:
     """``batcher report DIR [-o PATH]``: write the report, print where it is."""
     layout = RunLayout(folder)
     if not layout.db.is_file():
-        raise ConfigError(f"{folder} is not a batcher run folder (no batcher.db)")
+        raise layout.no_store()
     out = output or layout.report
     check_output(out)
     async with await JobStore.open(layout.db, create=False) as store:

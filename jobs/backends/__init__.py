@@ -23,9 +23,10 @@ __all__ = [
 ]
 
 
-def open_backend(target: str | Path, *, read_only: bool = False) -> Backend:
+def open_backend(target: str | Path, *, read_only: bool = False, stage: bool = False) -> Backend:
     """The backend of ``target``: PostgreSQL for a ``postgresql://`` URL, else a SQLite file
-    (``read_only``: opened immutable)."""
+    (``read_only``: opened immutable; ``stage``: a file that does not exist yet is made under a
+    temporary name, see :mod:`jobs.backends.fresh`)."""
     if isinstance(target, str) and is_database_url(target):
         return PostgresBackend(target)
-    return SQLiteBackend(Path(target), read_only=read_only)
+    return SQLiteBackend(Path(target), read_only=read_only, stage=stage)

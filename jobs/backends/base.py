@@ -155,6 +155,10 @@ class Backend(abc.ABC):
         """Load every row into ``table`` (``jobs`` as pending jobs created at ``now``, or
         ``staging`` with ``now`` None) inside ``conn``'s transaction; return the count."""
 
+    async def settle(self) -> None:  # noqa: B027 (optional hook)
+        """After a first import committed: make the database durable where it belongs (SQLite
+        publishes a new file made under a temporary name: see :mod:`jobs.backends.fresh`)."""
+
     async def before_bulk_load(self, conn: AsyncConnection) -> None:  # noqa: B027 (optional hook)
         """Anything to do in a first import's transaction before the rows go straight into
         the empty ``jobs`` (after the store dropped its deferred indexes)."""

@@ -36,7 +36,9 @@ from ..errors import JobStoreError, LeaseLost, StoreUnavailable
 from ..spec import JobRow
 from ..states import State
 from ..version import SQLITE_VARIABLES_SQL
+from . import fresh
 from .base import CLAIM_COLUMNS, LEASED_ORDER, Backend, Clock, Op, Tally
+from .fresh import FreshFile
 
 __all__ = ["SQLiteBackend"]
 
@@ -73,6 +75,15 @@ _TAKE_PENDING = (
     f"WHERE +state = '{State.PENDING.value}' AND id IN ({{marks}}) {_RETURNING}"
 )
 _IN_MAX = 500  # ids per IN (...): well under SQLite's limit on bound parameters
+
+# Binding a value that is not exactly a str, int, float or bytes makes the sqlite3 module look
+# for an adapter, and without one registered, Python 3.11's lookup formats an AttributeError
+# and drops it for every such value (~1 us each). An import row binds a bool (prompt_extend)
+# and one or two None: 1M short rows spent ~2 CPU s on it. Registered, the lookup is a dict
+# hit and one C call; the values bound are the same (None as NULL, a bool as 0 or 1).
+_NO_ADAPTATION: dict[None, None] = {}
+sqlite3.register_adapter(type(None), _NO_ADAPTATION.get)
+sqlite3.register_adapter(bool, int)
 
 # SQLite's primary result codes (sqlite3.Error.sqlite_errorcode & 0xFF) and what they mean here.
 _MESSAGES = {
@@ -141,7 +152,7 @@ class SQLiteBackend(Backend):
     shared = False
     variables_sql = SQLITE_VARIABLES_SQL
 
-    def __init__(self, path: Path, *, read_only: bool = False) -> None:
+    def __init__(self, path: Path, *, read_only: bool = False, stage: bool = False) -> None:
         self.path = path
         self.label = str(path)
         url = f"sqlite+aiosqlite:///{path}"
@@ -157,9 +168,51 @@ class SQLiteBackend(Backend):
             pool_size=3,
             max_overflow=0,
         )
-        _install_hooks(self.engine.sync_engine, read_only=read_only)
+        self.read_only = read_only
+        self.stage = stage and not read_only
+        # While the file is new and unpublished, its connections open the temporary file
+        # (see jobs.backends.fresh); None once published, or for an existing file.
+        self._fresh: FreshFile | None = None
+        self._fresh_failed = False
+        _install_hooks(self.engine.sync_engine, self)
         self._writer: AsyncConnection | None = None  # held for the hot path's batches
         self._writer_driver: Any = None
+
+    async def prepare(self) -> None:
+        """With ``stage``, a database that does not exist yet is made under a temporary name
+        with no journal file and published whole by :meth:`settle` (see
+        :mod:`jobs.backends.fresh`); a leftover temporary name beside an existing one is
+        removed."""
+        if self.read_only:
+            return
+        path = self.path
+        if path.exists():
+            fresh.remove_leftover(path)
+        elif self.stage:
+            self._fresh = await anyio.to_thread.run_sync(fresh.FreshFile.claim, path)
+
+    @property
+    def building(self) -> bool:
+        """Whether the database is still its unpublished temporary file."""
+        return self._fresh is not None
+
+    async def settle(self) -> None:
+        """Publish a new database (its first import committed): every connection to the
+        temporary file closed, the file switched to WAL, fsynced and linked into place; the
+        next connections open it there, as an existing database."""
+        made = self._fresh
+        if made is None:
+            return
+        if self._writer is not None:
+            await self._writer.close()
+            self._writer = None
+        await self.engine.dispose()
+        self._fresh = None
+        try:
+            await anyio.to_thread.run_sync(made.publish)
+        except BaseException:
+            self._fresh_failed = True  # no batcher.db: refuse to make an empty one
+            raise
 
     @contextmanager
     def translated(self) -> Iterator[None]:
@@ -192,6 +245,9 @@ class SQLiteBackend(Backend):
                 yield conn
 
     async def close(self) -> None:
+        if self._fresh is not None:  # closed before (or after a failed) first import
+            with anyio.CancelScope(shield=True):
+                await self.settle()
         if self._writer is not None:
             await self._writer.close()
             self._writer = None
@@ -369,17 +425,26 @@ def _rows_per_insert(db: sqlite3.Connection) -> int:
     return rows
 
 
-def _install_hooks(sync_engine: Any, *, read_only: bool = False) -> None:
+def _install_hooks(sync_engine: Any, backend: SQLiteBackend) -> None:
     """Pragmas on every connection; BEGIN IMMEDIATE for writes, plain BEGIN for reads.
 
-    A read-only database gets only the pragmas that write nothing (``journal_mode`` would)."""
+    A read-only database gets only the pragmas that write nothing (``journal_mode`` would).
+    A new database's connections open its temporary file, with its own pragmas."""
+
+    @event.listens_for(sync_engine, "do_connect")
+    def _on_do_connect(_dialect: Any, _record: Any, cargs: list[Any], _cparams: Any) -> None:
+        made = backend._fresh
+        if made is not None:
+            cargs[0] = os.path.abspath(made.temp)
+        elif backend._fresh_failed:  # connecting would make an empty batcher.db
+            raise StoreUnavailable(f"{backend.path} was not made: its first import failed")
 
     @event.listens_for(sync_engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.isolation_level = None  # we emit BEGIN ourselves
         cur = dbapi_conn.cursor()
-        for pragma in schema.PRAGMAS:
-            if read_only and "journal_mode" in pragma:
+        for pragma in fresh.PRAGMAS if backend.building else schema.PRAGMAS:
+            if backend.read_only and "journal_mode" in pragma:
                 continue
             cur.execute(pragma)
         cur.close()

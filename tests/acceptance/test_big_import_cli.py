@@ -48,6 +48,17 @@ def job_count(db: Path) -> int:
         con.close()
 
 
+def whole(db: Path) -> int:
+    """The jobs in ``db`` (withdrawn ones included) after SQLite's integrity check passed."""
+    con = sqlite3.connect(db)
+    try:
+        assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        return int(con.execute("SELECT count(*) FROM jobs").fetchone()[0])
+    finally:
+        con.close()
+
+
 def children_of(pid: int) -> set[int]:
     found: set[int] = set()
     for listing in Path(f"/proc/{pid}/task").glob("*/children"):
@@ -82,13 +93,21 @@ def start_plan(manifest: Path, out: Path) -> subprocess.Popen[str]:
     )
 
 
-def helper_under_way(proc: subprocess.Popen[str], wal: Path, *, helper: bool = True) -> int:
-    """Wait until the import is well under way (pages spill to the WAL) with its helper (or
-    with ``helper=False``, without one); returns the helper's pid (or 0)."""
+def size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def helper_under_way(proc: subprocess.Popen[str], written: Path, *, helper: bool = True) -> int:
+    """Wait until the import is well under way (pages spill to ``written``: the WAL, or a first
+    import's temporary file) with its helper (or with ``helper=False``, without one); returns
+    the helper's pid (or 0)."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         helpers = children_of(proc.pid)
-        if bool(helpers) == helper and wal.exists() and wal.stat().st_size > 1_000_000:
+        if bool(helpers) == helper and size(written) > 1_000_000:
             [pid] = helpers if helper else [0]
             return pid
         if proc.poll() is not None:
@@ -121,7 +140,7 @@ def test_ctrl_c_mid_import_exits_130_and_leaves_the_database_as_it_was(
     big_csv(manifest, helper=helper)
     out = tmp_path / "out"
     proc = start_plan(manifest, out)
-    pid = helper_under_way(proc, out / "batcher.db-wal", helper=helper)
+    pid = helper_under_way(proc, out / "batcher.db.tmp", helper=helper)
     if to_group:
         os.killpg(proc.pid, signal.SIGINT)
     else:
@@ -135,13 +154,26 @@ def test_ctrl_c_mid_import_exits_130_and_leaves_the_database_as_it_was(
     assert again.returncode == 0, again.stderr
 
 
-def test_kill_9_mid_import_leaves_no_rows_and_no_helper(tmp_path: Path) -> None:
+def test_kill_9_mid_first_import_leaves_no_database_and_no_helper(tmp_path: Path) -> None:
+    """A first import is made in ``batcher.db.tmp`` (no journal, no fsync) and linked into
+    place whole: killed in the middle, the folder has no ``batcher.db``, and the next plan
+    makes it from nothing, the leftover file gone."""
     manifest = tmp_path / "big.csv"
-    big_csv(manifest)
+    n = big_csv(manifest)
     out = tmp_path / "out"
     proc = start_plan(manifest, out)
-    helper = helper_under_way(proc, out / "batcher.db-wal")
+    helper = helper_under_way(proc, out / "batcher.db.tmp")
     proc.kill()
     proc.communicate(timeout=10)
     assert gone(helper)  # its next write to the closed pipe ends it
-    assert job_count(out / "batcher.db") == 0
+    assert not (out / "batcher.db").exists()
+    assert size(out / "batcher.db.tmp") > 1_000_000  # left as it was: never opened as the db
+    status = run_cli("status", out)
+    assert status.returncode != 0
+    assert "first import" in status.stderr and "Traceback" not in status.stderr
+    again = run_cli("plan", manifest, "--out", out, "--json")
+    assert again.returncode == 0, again.stderr
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("batcher.db")) == [
+        "batcher.db"
+    ]
+    assert whole(out / "batcher.db") == n

@@ -191,3 +191,22 @@ def test_a_bom_is_accepted(tmp_path: Path) -> None:
 def test_unicode_line_separators_inside_strings_do_not_split_lines(tmp_path: Path) -> None:
     got = specs(write(tmp_path, '{"id": "a", "prompt": "one\u2028two\u0085three"}\n'))
     assert got[0].prompt == "one\u2028two\u0085three"
+
+
+def test_a_variable_keeps_its_type_whatever_text_came_before(tmp_path: Path) -> None:
+    """One text variable's JSON is remembered by its value: "1", 1 and 1.0 are equal dict keys
+    in Python, and each must still be stored as its own JSON (a bool variable is text)."""
+    values: list[object] = ["1", 1, 1.0, True, "1", "x\u00e9"]
+    path = write(
+        tmp_path,
+        lines(*({"id": f"j{i}", "prompt": "p", "v": v} for i, v in enumerate(values))),
+    )
+    rows = list(open_manifest(path, rules=RULES).rows(helper=False))
+    assert [row[-1] for row in rows] == [
+        '{"v":"1"}',
+        '{"v":1}',
+        '{"v":1.0}',
+        '{"v":"true"}',
+        '{"v":"1"}',
+        '{"v":"x\u00e9"}',
+    ]
