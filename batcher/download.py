@@ -25,6 +25,8 @@ from pathlib import Path
 import aiohttp
 import anyio
 
+from jobs.durable import fsync_dir
+
 from .classify import TransportFault
 from .client import translate_exception
 from .errors import DownloadError, RunAborted
@@ -226,14 +228,6 @@ def _place(item: Downloaded) -> None:
         raise
 
 
-def _sync_dir(folder: Path) -> None:
-    dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
 def _commit_sync(items: Sequence[Downloaded]) -> list[BaseException | None]:
     """Put every item in place, then fsync each folder once: one folder fsync makes all the
     renames into it durable, so a batch of images pays for one, not one each."""
@@ -250,7 +244,7 @@ def _commit_sync(items: Sequence[Downloaded]) -> list[BaseException | None]:
             folders.setdefault(item.dest.parent, []).append(i)
     for folder, members in folders.items():
         try:
-            _sync_dir(folder)
+            fsync_dir(folder)
         except OSError as exc:
             # Renamed but not known durable: not complete. The hash recorded beforehand lets
             # the next run finish these without downloading again.

@@ -30,6 +30,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from jobs import EMULATOR_ENDPOINT, JobStore, Redo, State
+from jobs.durable import fsync_dir
 from jobs.fields import MAX_SEED, text_problem
 from jobs.naming import image_output
 
@@ -189,14 +190,6 @@ def _files(layout: RunLayout, rec: dict[str, Any]) -> tuple[tuple[str, Path, str
     return tuple(out)
 
 
-def _sync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _keep(layout: RunLayout, output: str, image: Path, sha256: str | None, stamp: str) -> Path:
     """A new, unique name for the image ``image`` (at ``output``) under ``history/``: a hard
     link (the same file under two names), or a copy where the file system has no links.
@@ -247,7 +240,7 @@ async def redo(store: JobStore, layout: RunLayout, items: Sequence[RedoItem]) ->
                 raise
             kept.append(_with_kept(item, tuple(names)))
         for folder in {p.parent for k in kept for p in k.kept_all}:
-            _sync_dir(folder)
+            fsync_dir(folder)
         await store.redo(
             [
                 Redo(
@@ -269,7 +262,7 @@ async def redo(store: JobStore, layout: RunLayout, items: Sequence[RedoItem]) ->
     for image in gone:
         image.unlink(missing_ok=True)
     for folder in {image.parent for image in gone}:
-        _sync_dir(folder)
+        fsync_dir(folder)
     return kept
 
 

@@ -435,3 +435,15 @@ async def serving(app: Any) -> AsyncIterator[str]:
         yield f"http://{host}:{port}"
     finally:
         await runner.cleanup()
+
+
+def whole_db_jobs(db: Path) -> int:
+    """The jobs in the SQLite file ``db`` (withdrawn ones included), once SQLite's integrity
+    check passed and the file is in WAL mode, as the store always leaves it."""
+    con = sqlite3.connect(db)
+    try:
+        assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        return int(con.execute("SELECT count(*) FROM jobs").fetchone()[0])
+    finally:
+        con.close()

@@ -36,6 +36,7 @@ import stat
 import time
 from pathlib import Path
 
+from ..durable import fsync_dir
 from ..errors import StoreUnavailable
 
 __all__ = ["PRAGMAS", "FreshFile", "remove_leftover", "temp_path"]
@@ -88,14 +89,6 @@ def _empty_file(path: Path) -> bool:
     except FileNotFoundError:
         return True
     return stat.S_ISREG(found.st_mode) and found.st_size == 0
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def remove_leftover(db: Path) -> None:
@@ -195,7 +188,7 @@ class FreshFile:
                         "command again"
                     ) from None
                 os.rename(self.temp, self.db)
-            _fsync_dir(self.db.parent)
+            fsync_dir(self.db.parent)
         except sqlite3.Error as exc:
             self.discard()
             raise StoreUnavailable(f"{self.temp} could not be published: {exc}") from exc

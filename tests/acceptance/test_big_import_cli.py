@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from jobs.manifest import HELPER_MIN_BYTES
-from tests.support import REPO, batcher_cmd, run_cli
+from tests.support import REPO, batcher_cmd, run_cli, whole_db_jobs
 
 pytestmark = pytest.mark.skipif(
     not any(Path("/proc/self/task").glob("*/children")),
@@ -43,17 +43,6 @@ def big_csv(path: Path, *, last: str | None = None, helper: bool = True) -> int:
 def job_count(db: Path) -> int:
     con = sqlite3.connect(db)
     try:
-        return int(con.execute("SELECT count(*) FROM jobs").fetchone()[0])
-    finally:
-        con.close()
-
-
-def whole(db: Path) -> int:
-    """The jobs in ``db`` (withdrawn ones included) after SQLite's integrity check passed."""
-    con = sqlite3.connect(db)
-    try:
-        assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         return int(con.execute("SELECT count(*) FROM jobs").fetchone()[0])
     finally:
         con.close()
@@ -176,4 +165,4 @@ def test_kill_9_mid_first_import_leaves_no_database_and_no_helper(tmp_path: Path
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("batcher.db")) == [
         "batcher.db"
     ]
-    assert whole(out / "batcher.db") == n
+    assert whole_db_jobs(out / "batcher.db") == n

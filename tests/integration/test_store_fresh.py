@@ -16,22 +16,13 @@ from jobs.backends.fresh import temp_path
 from jobs.errors import ManifestError, ManifestInvalid, StoreUnavailable
 from jobs.spec import JobSpec
 from jobs.store import JobStore
+from tests.support import whole_db_jobs
 
 from .store_support import FakeClock, numbered, specs
 
 pytestmark = [pytest.mark.anyio, pytest.mark.sqlite_only]
 
 SOURCE = "catalog.csv"
-
-
-def jobs_in(db: Path) -> int:
-    con = sqlite3.connect(db)
-    try:
-        assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        return int(con.execute("SELECT count(*) FROM jobs").fetchone()[0])
-    finally:
-        con.close()
 
 
 def names(folder: Path) -> list[str]:
@@ -46,7 +37,7 @@ async def test_a_first_import_is_made_aside_and_published_whole(tmp_path: Path) 
         report = await store.import_specs(numbered(300), source=SOURCE)
         assert report.added == 300
         assert names(db.parent) == ["batcher.db"]  # the temporary name is gone
-        assert jobs_in(db) == 300
+        assert whole_db_jobs(db) == 300
         # The store goes on in the published file, as any store of an existing one (WAL).
         await store.set_meta("after", "yes")
         assert await store.count() == 300
@@ -62,7 +53,7 @@ async def test_a_store_closed_before_importing_publishes_its_schema(tmp_path: Pa
     async with await JobStore.open(db, stage=True) as store:
         await store.set_meta("k", "v")
     assert names(tmp_path) == ["batcher.db"]
-    assert jobs_in(db) == 0
+    assert whole_db_jobs(db) == 0
     async with await JobStore.open(db, create=False) as store:
         assert await store.get_meta("k") == "v"
 
@@ -81,10 +72,10 @@ async def test_a_failed_first_import_publishes_the_empty_table(tmp_path: Path) -
         with pytest.raises(ManifestInvalid):
             await store.import_specs(manifest(), source=SOURCE)
     assert names(tmp_path) == ["batcher.db"]
-    assert jobs_in(db) == 0
+    assert whole_db_jobs(db) == 0
     async with await JobStore.open(db, stage=True) as store:
         assert (await store.import_specs(specs(["a", "b"]), source=SOURCE)).added == 2
-    assert jobs_in(db) == 2
+    assert whole_db_jobs(db) == 2
 
 
 async def test_a_leftover_temporary_file_is_made_again_from_nothing(tmp_path: Path) -> None:
@@ -97,7 +88,7 @@ async def test_a_leftover_temporary_file_is_made_again_from_nothing(tmp_path: Pa
     async with await JobStore.open(db, stage=True) as store:
         assert (await store.import_specs(numbered(10), source=SOURCE)).added == 10
     assert names(tmp_path) == ["batcher.db"]
-    assert jobs_in(db) == 10
+    assert whole_db_jobs(db) == 10
 
 
 async def test_a_leftover_name_of_the_published_file_is_removed(tmp_path: Path) -> None:
@@ -110,7 +101,7 @@ async def test_a_leftover_name_of_the_published_file_is_removed(tmp_path: Path) 
     async with await JobStore.open(db, stage=True) as store:
         assert await store.count() == 5
     assert names(tmp_path) == ["batcher.db"]
-    assert jobs_in(db) == 5
+    assert whole_db_jobs(db) == 5
 
 
 async def test_a_second_store_waits_for_the_first_to_publish(tmp_path: Path) -> None:
@@ -136,7 +127,7 @@ async def test_a_second_store_waits_for_the_first_to_publish(tmp_path: Path) -> 
         for store in opened:
             await store.close()
     assert names(tmp_path) == ["batcher.db"]
-    assert jobs_in(db) == 3
+    assert whole_db_jobs(db) == 3
 
 
 async def test_a_file_that_appears_meanwhile_is_never_replaced(tmp_path: Path) -> None:
@@ -163,4 +154,4 @@ async def test_an_empty_file_a_reader_made_meanwhile_is_replaced(tmp_path: Path)
         assert db.stat().st_size == 0
         assert (await store.import_specs(numbered(4), source=SOURCE)).added == 4
     assert names(tmp_path) == ["batcher.db"]
-    assert jobs_in(db) == 4
+    assert whole_db_jobs(db) == 4
