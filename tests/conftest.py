@@ -4,12 +4,21 @@ unless marked ``sqlite_only``."""
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.pgsupport import drop_session_database, fresh
+
+# The CLI tests press Ctrl-C as a terminal does (SIGINT). A suite started in the background by
+# a non-interactive shell (`nohup make test &`) inherits SIGINT ignored, and so would every
+# batcher it starts (an ignored signal stays ignored across exec): they would run on through
+# the Ctrl-C. With Python's own handler here, the processes it starts begin with SIGINT's
+# default action, as under a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
