@@ -11,6 +11,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -168,21 +169,9 @@ def test_three_workers_on_one_account_keep_to_its_quota_together(tmp_path: Path,
     """Three workers told the account's quota share one schedule in the database: together
     they send at the quota, not three times it, and are (almost) never throttled."""
     n, quota = 40, 8.0
-    m = manifest(tmp_path, n)
-    out = tmp_path / "out"
-    cfg = EmulatorConfig(latency="200", rps=quota, seed=4, api_key=KEY)
-    with EmulatorThread(cfg) as emu:
-        assert run_cli("plan", m, "--out", out, "--db", db).returncode == 0
-        workers = [
-            start(m, out, emu.base_url, db, "--rps", str(quota), "--concurrency", "8", "--json")
-            for _ in range(3)
-        ]
-        results = [w.communicate(timeout=100) for w in workers]
-        for w, (_, err) in zip(workers, results, strict=True):
-            assert w.returncode == 0, err
-        stats = emu.stats()
-    check_done(db, out, n)
-    runs = [json.loads(o)["this_run"] for o, _ in results]
+    args = ("--rps", str(quota), "--concurrency", "8")
+    stats, outputs = shared_run(tmp_path, db, n, quota, *args, workers=3, seed=4)
+    runs = [json.loads(o)["this_run"] for o in outputs]
     assert sum(r["done"] for r in runs) == n
     assert sum(r["calls"] > 0 for r in runs) >= 2, runs  # (a late starter may find none left)
     # sharing the schedule badly would meet dozens of 429s; one is allowed on a machine
@@ -284,30 +273,35 @@ def test_a_worker_that_takes_back_a_dead_worker_s_jobs_sweeps_its_old_temporary_
     assert {r["state"] for r in query(db, "SELECT state FROM jobs")} == {"done"}
 
 
-def shared_run(tmp_path: Path, db: str, n: int, quota: float, told: str) -> dict[str, int]:
-    """Two workers told ``--rps told`` (slow start as a user gets it: ``--start-rps`` at its
-    default) on one run against an account of ``quota``; the emulator's counters."""
+def shared_run(
+    tmp_path: Path, db: str, n: int, quota: float, *args: str, workers: int = 2, seed: int = 6
+) -> tuple[dict[str, Any], list[str]]:
+    """``workers`` workers (run with ``args``) on one run of ``n`` jobs against an account
+    of ``quota``: the emulator's counters, and each worker's standard output (``--json``)."""
     m = manifest(tmp_path, n)
     out = tmp_path / "out"
-    cfg = EmulatorConfig(latency="200", rps=quota, seed=6, api_key=KEY)
+    cfg = EmulatorConfig(latency="200", rps=quota, seed=seed, api_key=KEY)
     with EmulatorThread(cfg) as emu:
         assert run_cli("plan", m, "--out", out, "--db", db).returncode == 0
-        workers = [
-            start(m, out, emu.base_url, db, "--rps", told, "--start-rps", "2", "--json")
-            for _ in range(2)
-        ]
-        results = [w.communicate(timeout=100) for w in workers]
-        for w, (_, err) in zip(workers, results, strict=True):
+        running = [start(m, out, emu.base_url, db, *args, "--json") for _ in range(workers)]
+        results = [w.communicate(timeout=100) for w in running]
+        for w, (_, err) in zip(running, results, strict=True):
             assert w.returncode == 0, err
-        stats: dict[str, int] = emu.stats()
+        stats: dict[str, Any] = emu.stats()
     check_done(db, out, n)
-    return stats
+    return stats, [o for o, _ in results]
+
+
+def told(rps: str) -> tuple[str, ...]:
+    """A worker told ``--rps rps``, slow start as a user gets it (``--start-rps`` at its
+    default)."""
+    return ("--rps", rps, "--start-rps", "2")
 
 
 def test_a_stated_quota_starts_near_it_not_at_the_published_one(tmp_path: Path, db: str) -> None:
     """Told 10/s (a raised quota), the shared schedule starts at its head start (8/s), not at
     the published 2/s: the first second already holds several sends, and none is throttled."""
-    stats = shared_run(tmp_path, db, 30, 10.0, "10")
+    stats, _ = shared_run(tmp_path, db, 30, 10.0, *told("10"))
     assert stats["throttled"] <= 1, stats  # a busy machine may send one late
     sends = [r["at"] for r in query(db, "SELECT at FROM quota_sends ORDER BY at")]
     first_second = [t for t in sends if t < sends[0] + 1.0]
@@ -319,9 +313,9 @@ def test_a_head_start_over_the_real_quota_costs_a_handful_of_429s(tmp_path: Path
     the first 429 brings the schedule down to the window's estimate, so the run sees a handful
     of 429s, not a storm, and keeps to the quota after."""
     n = 16
-    stats = shared_run(tmp_path, db, n, 2.0, "1000")
+    stats, _ = shared_run(tmp_path, db, n, 2.0, *told("1000"))
     assert stats["throttled"] <= 6, stats
     assert stats["images_billed"] == n
-    accepted = stats["accepted_by_model"]["z-image-turbo"]  # type: ignore[index]
+    accepted = stats["accepted_by_model"]["z-image-turbo"]
     rate = (accepted["requests"] - 1) / (accepted["last"] - accepted["first"])
     assert rate <= 2 * 1.01, (rate, stats)

@@ -167,26 +167,35 @@ async def soon(check: Callable[[], bool]) -> None:
     pytest.fail("the shared pacer did not write it in 5 s")
 
 
+class Slots:
+    """A shared pacer's ``on_slot``, as the dispatcher is woken by it: each slot's arrival
+    sets an event a test waits on."""
+
+    def __init__(self) -> None:
+        self.arrived = anyio.Event()
+
+    def __call__(self) -> None:
+        self.arrived.set()
+
+    async def next(self, pacer: SharedPacer) -> float:
+        """Ask, as the dispatcher does, until a slot is in hand; seconds until it is due."""
+        self.arrived = anyio.Event()
+        assert pacer.wait_needed(now=anyio.current_time()) == ASKING  # asking
+        with anyio.fail_after(5):
+            await self.arrived.wait()
+        return pacer.wait_needed(now=anyio.current_time())
+
+
 async def test_a_shared_pacer_hands_out_slots_gives_late_ones_back_and_reports_429s() -> None:
     url = fresh()
     async with await JobStore.open(url) as store:
         schedule = store.quota_schedule(lane="default", model=MODEL)
         assert schedule is not None
-        arrived = anyio.Event()
-
-        def on_slot() -> None:
-            arrived.set()
-
-        pacer = SharedPacer(schedule, 10.0, start_rate=None, on_slot=on_slot)
+        slots = Slots()
+        pacer = SharedPacer(schedule, 10.0, start_rate=None, on_slot=slots)
 
         async def slot() -> float:
-            """Ask, as the dispatcher does, until a slot is in hand; seconds until it is due."""
-            nonlocal arrived
-            arrived = anyio.Event()
-            assert pacer.wait_needed(now=anyio.current_time()) == ASKING  # asking
-            with anyio.fail_after(5):
-                await arrived.wait()
-            return pacer.wait_needed(now=anyio.current_time())
+            return await slots.next(pacer)
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(pacer.serve)
@@ -222,18 +231,12 @@ async def test_a_slot_reached_a_little_late_is_used_and_moves_the_slots_after_it
     async with await JobStore.open(url) as store:
         schedule = store.quota_schedule(lane="default", model=MODEL)
         assert schedule is not None
-        arrived = anyio.Event()
-
-        def on_slot() -> None:
-            arrived.set()
-
-        pacer = SharedPacer(schedule, 10.0, start_rate=None, on_slot=on_slot)
+        slots = Slots()
+        pacer = SharedPacer(schedule, 10.0, start_rate=None, on_slot=slots)
         async with anyio.create_task_group() as tg:
             tg.start_soon(pacer.serve)
-            assert pacer.wait_needed(now=anyio.current_time()) == ASKING
-            with anyio.fail_after(5):
-                await arrived.wait()
-            due = anyio.current_time() + pacer.wait_needed(now=anyio.current_time())
+            wait = await slots.next(pacer)
+            due = anyio.current_time() + wait
             for _ in range(2):  # another worker holds the next two slots
                 await schedule.reserve(min_interval=0.1, lead=0.003, probe_up=1.02)
             [before] = query(url, "SELECT next_at, interval_s FROM quota_schedule")
