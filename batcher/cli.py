@@ -7,7 +7,7 @@
     batcher retry DIR [--code CODE]              failed jobs back to pending
     batcher cancel DIR                           cancel the folder's tasks not yet started
     batcher redo DIR [--rejected] [--id ID ...]  done jobs made again, old images kept
-    batcher report DIR [-o PATH]                 a static report with a gallery (file://)
+    batcher report DIR [-o PATH] [--db URL]      a static report with a gallery (file://)
     batcher review DIR [--port N] [--host H]     the report served locally, with review marks
     batcher emulate [--port 0] [...]             the built-in DashScope emulator
 
@@ -255,6 +255,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="write a static report: figures, charts, a gallery")
     report.add_argument("folder", type=Path)
     report.add_argument("-o", "--output", type=Path, help="report folder (default DIR/report)")
+    _add_db(report)
 
     review = sub.add_parser("review", help="serve the report locally with approve/reject/notes")
     review.add_argument("folder", type=Path)
@@ -422,7 +423,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "report":
         from .gallery.site import cmd_report
 
-        return await cmd_report(args.folder, output=args.output)
+        return await cmd_report(args.folder, output=args.output, database=database)
     if args.command == "review":
         from .gallery.server import cmd_review  # aiohttp's server: review only
 

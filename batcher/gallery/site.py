@@ -370,14 +370,14 @@ def check_output(out: Path) -> None:
             )
 
 
-async def cmd_report(folder: Path, *, output: Path | None) -> int:
-    """``batcher report DIR [-o PATH]``: write the report, print where it is."""
-    layout = RunLayout(folder)
-    if not layout.db.is_file():
+async def cmd_report(folder: Path, *, output: Path | None, database: str | None = None) -> int:
+    """``batcher report DIR [-o PATH] [--db URL]``: write the report, print where it is."""
+    layout = RunLayout(folder, database)
+    if not layout.has_store():
         raise layout.no_store()
     out = output or layout.report
     check_output(out)
-    async with await JobStore.open(layout.db, create=False) as store:
+    async with await JobStore.open(layout.store, create=False) as store:
         result = await build_report(store, layout, out)
     print(
         f"report of {result.jobs:,} jobs written in {result.seconds:.1f}s "

@@ -87,6 +87,12 @@ def test_plan_run_status_export_retry_with_db(tmp_path: Path, db: str) -> None:
     assert len(export.stdout.strip().splitlines()) == 11 and "产品照片 item 3" in export.stdout
     retry = run_cli("retry", out, "--db", db)
     assert retry.returncode == 0 and "0 failed jobs" in retry.stdout, retry.stdout
+    # the report, rebuilt from the table (the run wrote one; a new folder shows the rebuild)
+    report = run_cli("report", out, "--db", db, "-o", tmp_path / "again")
+    assert report.returncode == 0, report.stderr
+    again = tmp_path / "again"
+    assert "产品照片 item 3" in (again / "data" / "jobs-000.js").read_text(encoding="utf-8")
+    assert len(list((again / "thumbs").iterdir())) == 10  # a thumbnail of each image
     # without --db the folder has no table: one clear line
     bare = run_cli("status", out)
     assert bare.returncode != 0 and bare.stderr.count("\n") == 1, bare.stderr
