@@ -9,6 +9,9 @@
     batcher redo DIR [--rejected] [--id ID ...]  done jobs made again, old images kept
     batcher report DIR [-o PATH] [--db URL]      a static report with a gallery (file://)
     batcher review DIR [--port N] [--host H]     the report served locally, with review marks
+
+    status, export, retry, cancel, redo, report and review take ``--db URL`` (or
+    ``BATCHER_DATABASE_URL``) for a run whose table is in PostgreSQL.
     batcher emulate [--port 0] [...]             the built-in DashScope emulator
 
 User mistakes end as one line on stderr and exit code 2; a bug shows a traceback.
@@ -251,6 +254,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     seeds.add_argument("--seed", type=int, help="this seed for every job redone")
     redo.add_argument("--prompt", help="a new prompt (keeps each seed unless --new-seed/--seed)")
     redo.add_argument("--dry-run", action="store_true", help="print what would be done, do nothing")
+    _add_db(redo)
 
     report = sub.add_parser("report", help="write a static report: figures, charts, a gallery")
     report.add_argument("folder", type=Path)
@@ -263,6 +267,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     review.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1 only)"
     )
+    _add_db(review)
 
     cancel = sub.add_parser(
         "cancel", help="cancel the folder's asynchronous tasks the service has not started"
@@ -427,7 +432,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "review":
         from .gallery.server import cmd_review  # aiohttp's server: review only
 
-        return await cmd_review(args.folder, host=args.host, port=args.port)
+        return await cmd_review(args.folder, host=args.host, port=args.port, database=database)
     if args.command == "redo":
         from .redo import RedoOptions, cmd_redo
 
@@ -441,6 +446,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
                 prompt=args.prompt,
                 dry_run=args.dry_run,
             ),
+            database=database,
         )
     raise AssertionError(args.command)
 

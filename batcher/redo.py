@@ -15,10 +15,17 @@ Order of the steps, so a crash at any point loses nothing: the image is first *l
 the name under ``images/`` is removed. A crash before the transaction leaves an extra name in
 ``history/``; a crash after it leaves the old image at its path until the next run writes the
 new one over it, while the history name still holds the old one.
+
+A run whose table is in PostgreSQL (``--db``) may have workers running meanwhile, on this
+host or others; they hold no folder lock, so redo takes none either (the store's transaction
+refuses a job that is no longer done). A worker may claim a redone job as soon as the
+transaction commits, and rename its new image into place before redo removes the old name: so
+the name is removed only while it is still the file kept under ``history/``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
@@ -227,12 +234,15 @@ async def redo(store: JobStore, layout: RunLayout, items: Sequence[RedoItem]) ->
     with ``kept`` set. The caller holds the run folder's lock."""
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(store.clock()))
     kept: list[RedoItem] = []
+    old: dict[Path, tuple[int, int]] = {}  # each image file kept: (device, inode)
     try:
         for item in items:
             files = item.files or ((item.record["output"], item.image, item.record.get("sha256")),)
             names: list[Path] = []
             try:
                 for output, image, sha256 in files:
+                    found = os.stat(image)
+                    old[image] = (found.st_dev, found.st_ino)
                     names.append(_keep(layout, output, image, sha256, stamp))
             except BaseException:
                 for name in names:
@@ -260,7 +270,12 @@ async def redo(store: JobStore, layout: RunLayout, items: Sequence[RedoItem]) ->
         raise
     gone = [image for k in kept for _, image, _ in k.files] or [k.image for k in kept]
     for image in gone:
-        image.unlink(missing_ok=True)
+        # Only the file kept above: on a shared table a worker may already have claimed the
+        # job again and renamed its new image into place (a new file, another inode).
+        with contextlib.suppress(FileNotFoundError):
+            found = os.stat(image)
+            if (found.st_dev, found.st_ino) == old.get(image):
+                image.unlink()
     for folder in {image.parent for image in gone}:
         fsync_dir(folder)
     return kept
@@ -296,18 +311,20 @@ def _jobs(n: int) -> str:
     return f"{n} job" if n == 1 else f"{n} jobs"
 
 
-async def cmd_redo(folder: Path, opt: RedoOptions) -> int:
-    """``batcher redo DIR ...``: print what will be redone and its cost, then do it (unless
-    ``dry_run``). Returns the exit code."""
-    layout = RunLayout(folder)
-    if not layout.db.is_file():
+async def cmd_redo(folder: Path, opt: RedoOptions, *, database: str | None = None) -> int:
+    """``batcher redo DIR ... [--db URL]``: print what will be redone and its cost, then do
+    it (unless ``dry_run``). Returns the exit code. ``database``: the run's table is in
+    PostgreSQL, where workers may be running meanwhile (they hold no folder lock, so none is
+    taken: see :func:`redo`)."""
+    layout = RunLayout(folder, database)
+    if not layout.has_store():
         raise layout.no_store()
     _check_options(opt)
-    lock = None if opt.dry_run else RunLock(layout.lock)
+    lock = None if opt.dry_run or layout.shared else RunLock(layout.lock)
     if lock is not None:
         lock.acquire()
     try:
-        async with await JobStore.open(layout.db, create=False) as store:
+        async with await JobStore.open(layout.store, create=False) as store:
             items = await plan_redo(store, layout, opt)
             if not items:
                 print(f"no rejected jobs in {layout.root}: nothing to redo")

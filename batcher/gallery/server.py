@@ -217,6 +217,13 @@ class ReviewServer:
         rewrites the file itself when it ends). Returns whether it was written."""
         if not self.marked:
             return False
+        if self.layout.shared:
+            # A shared table's workers hold no folder lock: the files are rewritten now, and
+            # a worker that appended meanwhile finds its count off at its end and rewrites
+            # them again (the marks are in the table, so nothing is lost either way).
+            await MetadataWriter(self.store, self.layout).refresh()
+            self.marked = False
+            return True
         lock = RunLock(self.layout.lock)
         try:
             lock.acquire()
@@ -230,13 +237,14 @@ class ReviewServer:
         return True
 
 
-async def cmd_review(folder: Path, *, host: str, port: int) -> int:
-    """``batcher review DIR``: refresh the report, serve it with marks until Ctrl-C."""
-    layout = RunLayout(folder)
-    if not layout.db.is_file():
+async def cmd_review(folder: Path, *, host: str, port: int, database: str | None = None) -> int:
+    """``batcher review DIR [--db URL]``: refresh the report, serve it with marks until
+    Ctrl-C. ``database``: the run's table is in PostgreSQL (the folder holds its images)."""
+    layout = RunLayout(folder, database)
+    if not layout.has_store():
         raise layout.no_store()
     token = secrets.token_urlsafe(18)
-    async with await JobStore.open(layout.db, create=False) as store:
+    async with await JobStore.open(layout.store, create=False) as store:
         server = ReviewServer(store, layout, token=token, loopback=_is_loopback(host))
         check_output(layout.report)
         runner = web.AppRunner(server.app(), access_log=None, handle_signals=False)

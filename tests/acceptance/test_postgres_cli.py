@@ -18,6 +18,7 @@ import pytest
 from batcher.emulator import EmulatorConfig, EmulatorThread
 from tests.pgsupport import fresh, query
 from tests.support import REPO, batcher_cmd, run_args, run_cli
+from tests.support_review import review_server
 
 KEY = "sk-acceptance-pg-5a1c"
 
@@ -96,6 +97,45 @@ def test_plan_run_status_export_retry_with_db(tmp_path: Path, db: str) -> None:
     # without --db the folder has no table: one clear line
     bare = run_cli("status", out)
     assert bare.returncode != 0 and bare.stderr.count("\n") == 1, bare.stderr
+
+
+def test_review_and_redo_with_db(tmp_path: Path, db: str) -> None:
+    """A PostgreSQL run reviewed, its rejected image redone and made again, each command
+    given --db (the folder holds the images, the table is in the database)."""
+    m = manifest(tmp_path, 6)
+    out = tmp_path / "out"
+    cfg = EmulatorConfig(latency="0", rps=100_000.0, seed=3, api_key=KEY)
+    env = {"DASHSCOPE_API_KEY": KEY}
+    with EmulatorThread(cfg) as emu:
+        r = run_cli(*run_args(m, out, emu.base_url, "--db", db), env=env)
+        assert r.returncode == 0, r.stderr
+        old = (out / "images" / "q003.png").read_bytes()
+        with review_server(out, "--db", db) as review:
+            assert review.mark("q003", "rejected")["review"] == "rejected"
+            status, page = review.request("GET", "/")
+            assert status == 200 and b"<html" in page.lower()
+        [row] = query(db, "SELECT review, seed FROM jobs WHERE id = 'q003'")
+        assert row["review"] == "rejected"
+        lines = (out / "images" / "metadata.jsonl").read_text(encoding="utf-8").splitlines()
+        marks = {json.loads(x)["id"]: json.loads(x).get("review") for x in lines}
+        assert marks["q003"] == "rejected" and not marks["q002"]
+        dry = run_cli("redo", out, "--rejected", "--dry-run", "--db", db)
+        assert dry.returncode == 0 and "would redo 1 job" in dry.stdout, dry.stdout + dry.stderr
+        redo = run_cli("redo", out, "--rejected", "--db", db)
+        assert redo.returncode == 0 and "1 job back to pending" in redo.stdout, redo.stderr
+        [after] = query(db, "SELECT state, seed FROM jobs WHERE id = 'q003'")
+        assert after["state"] == "pending" and after["seed"] != row["seed"]
+        assert not (out / "images" / "q003.png").exists()
+        assert [p.read_bytes() for p in (out / "history").rglob("q003*.png")] == [old]
+        billed = emu.stats()["images_billed"]
+        again = run_cli(*run_args(m, out, emu.base_url, "--db", db), env=env)
+        assert again.returncode == 0, again.stderr
+        assert emu.stats()["images_billed"] == billed + 1  # the redone job only
+    check_done(db, out, 6)
+    # without --db: one clear line, nothing changed
+    for args in (("redo", out, "--rejected"), ("review", out, "--port", "0")):
+        bare = run_cli(*args)
+        assert bare.returncode == 2 and bare.stderr.count("\n") == 1, bare.stderr
 
 
 def test_bad_database_urls_are_one_line(tmp_path: Path) -> None:

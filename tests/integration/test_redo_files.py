@@ -92,3 +92,26 @@ async def test_a_symlinked_history_folder_is_refused(setup, tmp_path: Path) -> N
         await redo(store, layout, items)
     assert list(outside.iterdir()) == []
     assert (layout.images / "shop" / "a.png").read_bytes() == b"picture a"
+
+
+async def test_a_new_image_renamed_into_place_after_the_commit_is_not_removed(setup) -> None:
+    """On a shared table a worker may claim a redone job as soon as redo's transaction
+    commits, and rename its new image into place before redo removes the old name: the new
+    image stays, the old one is kept under history/."""
+    store, layout = setup
+    await make_done(store, layout, "b", b"old picture")
+    items = await plan_redo(store, layout, RedoOptions(ids=("b",)))
+    image = layout.images / "shop" / "b.png"
+    committed = store.redo
+
+    async def commit_then_a_worker_writes(batch):  # the real store's redo, then the worker
+        changed = await committed(batch)
+        new = image.with_name(".b.png.part")
+        new.write_bytes(b"new picture")
+        new.replace(image)
+        return changed
+
+    store.redo = commit_then_a_worker_writes
+    [item] = await redo(store, layout, items)
+    assert image.read_bytes() == b"new picture"
+    assert item.kept is not None and item.kept.read_bytes() == b"old picture"
