@@ -52,7 +52,7 @@ async def cancel_pending_tasks(
     """Cancel every submitted task of ``folder`` (or of the run's table in ``database``, a
     PostgreSQL URL) still PENDING at the service, each with its lane's key (``lanes``, a
     lanes file) or ``DASHSCOPE_API_KEY``."""
-    layout = RunLayout(folder, database)
+    layout = RunLayout.locate(folder, database)
     if not layout.has_store():
         raise layout.no_store()
     endpoints: dict[str | None, tuple[str, str]] = {}  # lane -> (base URL, key)

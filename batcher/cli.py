@@ -330,8 +330,8 @@ def _lean_export(args: argparse.Namespace) -> int | None:
     opt = _export_options(args)
     if format_for(opt.fmt, opt.output) != "webdataset":
         return None
-    layout = RunLayout(args.folder)
-    if not layout.has_store():
+    layout = RunLayout.locate(args.folder, None)
+    if layout.shared or not layout.has_store():
         return None
     check_output(opt)
     from .leanexport import export_webdataset

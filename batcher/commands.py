@@ -52,7 +52,7 @@ def _warn(msg: str) -> None:
 
 
 def _existing_layout(folder: Path, database: str | None) -> RunLayout:
-    layout = RunLayout(folder, database)
+    layout = RunLayout.locate(folder, database)
     if not layout.has_store():
         raise layout.no_store()
     return layout
@@ -98,6 +98,7 @@ async def cmd_plan(opt: PlanOptions) -> ExitCode:
     target = await resolve_target(opt.manifest, opt.out, emulate=opt.emulate, database=opt.database)
     _need_writable(target.layout)
     async with await JobStore.open(target.layout.store, stage=True) as store:
+        target.layout.remember_database()
         imported = await import_manifest(store, target, replace=opt.replace)
         fresh = imported.fresh is not None  # a first import: no job has an image yet
         if not opt.emulate and await is_rehearsal_folder(store, nothing_billed=fresh):

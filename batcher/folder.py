@@ -117,9 +117,9 @@ async def resolve_target(
         if not os.path.lexists(target):  # noqa: ASYNC240 (the same stat)
             # said before any folder or database is made: a missing manifest writes nothing
             raise ManifestInvalid([ManifestError(os.fspath(target), None, None, "no such file")])
-        layout = RunLayout(out or default_out(target, emulate=emulate), database)
+        layout = RunLayout.locate(out or default_out(target, emulate=emulate), database)
         return Target(manifest=target, layout=layout, explicit=out is not None)
-    layout = RunLayout(target, database)
+    layout = RunLayout.locate(target, database)
     if not layout.has_store():
         raise ConfigError(f"{target} is a folder, neither a manifest nor a batcher run folder")
     if out is not None and _absolute(out) != _absolute(target):

@@ -8,6 +8,8 @@
       batcher.db.tmp      a new batcher.db while its first import runs (no journal, no
                           fsync): linked into place whole at its end; left by a kill, it is
                           made again from nothing by the next plan or run
+      batcher.database    a run whose table is in PostgreSQL: its URL, without any
+                          password (commands given no --db use it; see RunLayout.locate)
       batcher.log         one line per notable event; never the API key
       .lock               held by the running process (a second run refuses clearly)
       .calls-in-flight    the calls the running process sent (see ``batcher.sendlog``)
@@ -32,14 +34,55 @@ import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from .errors import ConfigError, PermanentJobError
 
-__all__ = ["RunLayout", "RunLock", "UnsafeOutputPath"]
+__all__ = ["DATABASE_FILE", "RunLayout", "RunLock", "UnsafeOutputPath", "without_password"]
+
+DATABASE_FILE = "batcher.database"
+_URL_SCHEMES = ("postgresql://", "postgres://", "postgresql+asyncpg://")
+
+
+def without_password(url: str) -> str:
+    """``url`` without the password it may carry (in its user part or as ``?password=``):
+    what a run folder may keep on disk. The password comes from ``PGPASSWORD`` or
+    ``~/.pgpass`` then, as for ``psql``.
+
+    >>> without_password("postgresql://batcher:s3cret@db:5432/run?password=x&sslmode=require")
+    'postgresql://batcher@db:5432/run?sslmode=require'
+    """
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    user, at, host = netloc.rpartition("@")
+    if at:
+        netloc = f"{user.partition(':')[0]}@{host}"
+    query = parts.query
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if any(k == "password" for k, _ in pairs):
+        query = urlencode([(k, v) for k, v in pairs if k != "password"], safe="/")
+    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
 
 
 class UnsafeOutputPath(PermanentJobError):
     """The output path would leave the run folder's images/ directory."""
+
+
+def _remembered(marker: Path) -> str | None:
+    """The database URL a run folder keeps in ``marker``, if it has one."""
+    try:
+        text = marker.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            f"cannot read {marker}: {getattr(exc, 'strerror', None) or exc}"
+        ) from None
+    if not text.startswith(_URL_SCHEMES):
+        raise ConfigError(
+            f"{marker}, line 1: not a postgresql:// URL; give the run's database with --db"
+        )
+    return text
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +95,44 @@ class RunLayout:
     # Folders under images/ already made and checked by image_path in this process: a catalog
     # of a million images in a few folders checks each folder once, not once per image.
     _checked: set[Path] = field(default_factory=set, compare=False, repr=False)
+
+    @classmethod
+    def locate(cls, root: Path, database: str | None) -> RunLayout:
+        """The layout of ``root``, its table in ``database`` when given, else where the folder
+        says: a run made with ``--db`` keeps its URL (without password) in
+        ``DIR/batcher.database``, so that a command given no ``--db`` (a second host that
+        forgot it) works on that table instead of starting an empty ``batcher.db`` beside it
+        and paying for every image again."""
+        if database is None:
+            database = _remembered(root / DATABASE_FILE)
+        return cls(root, database)
+
+    def remember_database(self) -> None:
+        """For a run whose table is in PostgreSQL: refuse a folder that has a table of its
+        own (``batcher.db``: two tables would share one images folder), and write the URL,
+        without password, to ``DIR/batcher.database`` if the folder has none yet (the first
+        one stays: another host may reach the same server by another name)."""
+        if self.database is None:
+            return
+        if self.db.exists():
+            raise ConfigError(
+                f"{self.root} has a job table of its own (batcher.db): a run kept in "
+                "PostgreSQL (--db) needs a folder of its own; choose another --out"
+            )
+        marker = self.root / DATABASE_FILE
+        if marker.exists():
+            return
+        temp = self.root / f".{DATABASE_FILE}.{os.getpid()}.part"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            temp.write_text(without_password(self.database) + "\n", encoding="utf-8")
+            os.replace(temp, marker)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                temp.unlink()
+            raise ConfigError(
+                f"cannot write {marker}: {exc.strerror or exc}; choose a writable --out"
+            ) from None
 
     @property
     def db(self) -> Path:

@@ -316,7 +316,7 @@ async def cmd_redo(folder: Path, opt: RedoOptions, *, database: str | None = Non
     it (unless ``dry_run``). Returns the exit code. ``database``: the run's table is in
     PostgreSQL, where workers may be running meanwhile (they hold no folder lock, so none is
     taken: see :func:`redo`)."""
-    layout = RunLayout(folder, database)
+    layout = RunLayout.locate(folder, database)
     if not layout.has_store():
         raise layout.no_store()
     _check_options(opt)

@@ -194,6 +194,7 @@ async def execute_run(cmd: RunCommand) -> RunOutcome:
                 "choose a writable folder with --out"
             ) from exc
         async with await JobStore.open(layout.store, stage=True) as store:
+            layout.remember_database()
             await check_folder_endpoint(
                 store, endpoint, layout.root, default=target.in_paid_default, siblings=siblings
             )

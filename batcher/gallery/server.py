@@ -240,7 +240,7 @@ class ReviewServer:
 async def cmd_review(folder: Path, *, host: str, port: int, database: str | None = None) -> int:
     """``batcher review DIR [--db URL]``: refresh the report, serve it with marks until
     Ctrl-C. ``database``: the run's table is in PostgreSQL (the folder holds its images)."""
-    layout = RunLayout(folder, database)
+    layout = RunLayout.locate(folder, database)
     if not layout.has_store():
         raise layout.no_store()
     token = secrets.token_urlsafe(18)

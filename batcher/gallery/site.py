@@ -372,7 +372,7 @@ def check_output(out: Path) -> None:
 
 async def cmd_report(folder: Path, *, output: Path | None, database: str | None = None) -> int:
     """``batcher report DIR [-o PATH] [--db URL]``: write the report, print where it is."""
-    layout = RunLayout(folder, database)
+    layout = RunLayout.locate(folder, database)
     if not layout.has_store():
         raise layout.no_store()
     out = output or layout.report

@@ -94,9 +94,9 @@ def test_plan_run_status_export_retry_with_db(tmp_path: Path, db: str) -> None:
     again = tmp_path / "again"
     assert "产品照片 item 3" in (again / "data" / "jobs-000.js").read_text(encoding="utf-8")
     assert len(list((again / "thumbs").iterdir())) == 10  # a thumbnail of each image
-    # without --db the folder has no table: one clear line
-    bare = run_cli("status", out)
-    assert bare.returncode != 0 and bare.stderr.count("\n") == 1, bare.stderr
+    # without --db, the URL the folder remembers
+    bare = run_cli("status", out, "--json", env={"BATCHER_DATABASE_URL": ""})
+    assert bare.returncode == 0 and json.loads(bare.stdout)["done"] == 10, bare.stderr
 
 
 def test_review_and_redo_with_db(tmp_path: Path, db: str) -> None:
@@ -132,10 +132,48 @@ def test_review_and_redo_with_db(tmp_path: Path, db: str) -> None:
         assert again.returncode == 0, again.stderr
         assert emu.stats()["images_billed"] == billed + 1  # the redone job only
     check_done(db, out, 6)
-    # without --db: one clear line, nothing changed
-    for args in (("redo", out, "--rejected"), ("review", out, "--port", "0")):
-        bare = run_cli(*args)
+    # a folder with neither batcher.db nor a remembered database: one clear line
+    for args in (("redo", tmp_path, "--rejected"), ("review", tmp_path, "--port", "0")):
+        bare = run_cli(*args, env={"BATCHER_DATABASE_URL": ""})
         assert bare.returncode == 2 and bare.stderr.count("\n") == 1, bare.stderr
+
+
+def test_the_folder_remembers_its_database(tmp_path: Path, db: str) -> None:
+    """A run made with --db keeps the URL (never its password) in the folder: a later
+    command without --db (another host that forgot it) works on the same table instead of
+    starting an empty batcher.db beside it and paying for every image again."""
+    m = manifest(tmp_path, 4)
+    out = tmp_path / "out"
+    user, at, rest = db.partition("://")[2].rpartition("@")
+    secret = f"postgresql://{user or 'postgres'}:hunter2-secret@{rest}" if at else db
+    assert run_cli("plan", m, "--out", out, "--db", secret).returncode == 0
+    marker = (out / "batcher.database").read_text(encoding="utf-8")
+    assert "hunter2" not in marker and marker.strip().endswith(db.rpartition("/")[2])
+    cfg = EmulatorConfig(latency="0", rps=100_000.0, seed=4, api_key=KEY)
+    with EmulatorThread(cfg) as emu:
+        r = run_cli(
+            *run_args(m, out, emu.base_url, "--json"),
+            env={"DASHSCOPE_API_KEY": KEY, "BATCHER_DATABASE_URL": ""},
+        )
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["done"] == 4 and emu.stats()["images_billed"] == 4
+    assert not (out / "batcher.db").exists()
+    check_done(db, out, 4)
+    status = run_cli("status", out, "--json", env={"BATCHER_DATABASE_URL": ""})
+    assert status.returncode == 0 and json.loads(status.stdout)["done"] == 4, status.stderr
+    for fmt in ("csv", "webdataset"):  # the lean WebDataset path reads SQLite only
+        exported = run_cli("export", out, "--format", fmt, "-o", tmp_path / f"x.{fmt}")
+        assert exported.returncode == 0, exported.stderr
+    # a folder with a table of its own is not also given one in PostgreSQL
+    own = tmp_path / "own"
+    assert run_cli("plan", m, "--out", own).returncode == 0
+    refused = run_cli("plan", m, "--out", own, "--db", db)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "batcher.db" in refused.stderr and not (own / "batcher.database").exists()
+    # a damaged marker: one line naming the file
+    (out / "batcher.database").write_text("mysql://x\n", encoding="utf-8")
+    bad = run_cli("status", out, env={"BATCHER_DATABASE_URL": ""})
+    assert bad.returncode == 2 and "batcher.database, line 1" in bad.stderr, bad.stderr
 
 
 def test_bad_database_urls_are_one_line(tmp_path: Path) -> None:
