@@ -96,6 +96,13 @@ def test_the_gallery_shows_exactly_the_done_jobs(page: Any, run_folder: Path) ->
     assert loaded and all(loaded)
     srcs = page.eval_on_selector_all("#grid .tile img", "imgs => imgs.map(i => i.src)")
     assert all(s.startswith((run_folder / "report" / "thumbs").as_uri()) for s in srcs)
+    # a tile with its picture has no "no image" label squeezed beside it, and the
+    # picture fills the square: the tile's width, less its border
+    assert page.query_selector_all("#grid .tile .noimg") == []
+    widths = page.eval_on_selector_all(
+        "#grid .tile", "ts => ts.map(t => [t.clientWidth, t.querySelector('img').clientWidth])"
+    )
+    assert all(img == tile for tile, img in widths), widths
 
 
 def test_filters_and_search_narrow_the_gallery(page: Any, run_folder: Path) -> None:

@@ -129,12 +129,12 @@ window.BATCHER = (function () {
       "data-id": job.id, "data-index": String(index), title: job.prompt });
     const box = el("div", { class: "thumb" });
     if (job.image) box.appendChild(thumbImage(job));
+    else box.appendChild(el("div", { class: "noimg" },
+      job.state === "failed" ? `failed: ${job.error_code || "unknown"}` : job.state));
     if (job.images && job.images.length > 1) {    // a job of several images: the first, and a count
       box.appendChild(el("span", { class: "count", title: `${job.images.length} images` },
         `×${job.images.length}`));
     }
-    else box.appendChild(el("div", { class: "noimg" },
-      job.state === "failed" ? `failed: ${job.error_code || "unknown"}` : job.state));
     node.appendChild(box);
     const cap = el("div", { class: "cap" });
     const id = el("div", { class: "id" });
