@@ -6,14 +6,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import sqlite3
+import stat
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from batcher.client import DashScopeClient
 from batcher.layout import RunLayout
@@ -447,3 +450,33 @@ def whole_db_jobs(db: Path) -> int:
         return int(con.execute("SELECT count(*) FROM jobs").fetchone()[0])
     finally:
         con.close()
+
+
+def _namespace_prefix(path: Path) -> list[str] | None:
+    """A command prefix that runs its command with ``path`` bind-mounted read-only in a
+    private mount namespace (root ignores permissions), or None where that cannot be made."""
+    if shutil.which("unshare") is None:
+        return None
+    probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True, check=False)
+    if probe.returncode != 0:
+        return None
+    return ["unshare", "-rm", "sh", "-c", 'mount --bind -o ro "$0" "$0" && exec "$@"', str(path)]
+
+
+@contextlib.contextmanager
+def read_only(path: Path) -> Iterator[list[str]]:
+    """Run commands with ``path`` read-only: yields the command prefix to use."""
+    if os.geteuid() == 0:
+        prefix = _namespace_prefix(path)
+        if prefix is None:
+            pytest.skip("running as root without user namespaces: cannot make a folder read-only")
+        yield prefix
+        return
+    modes = {p: p.stat().st_mode for p in [path, *path.rglob("*")] if not p.is_symlink()}
+    for p, mode in modes.items():
+        p.chmod(mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    try:
+        yield []
+    finally:
+        for p, mode in modes.items():
+            p.chmod(mode)

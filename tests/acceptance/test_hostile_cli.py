@@ -14,16 +14,14 @@ import json
 import os
 import shutil
 import socket
-import stat
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
-from tests.support import REPO, files_under, run_cli
+from tests.support import REPO, files_under, read_only, run_cli
 
 PY = sys.executable
 FAST_RUN = ("--emulate", "--emulate-latency", "0", "--rps", "1000", "--start-rps", "1000")
@@ -303,34 +301,6 @@ def test_symlinks(area, tmp_path):
 
 
 # ------------------------------------------------------------------------- read-only
-
-
-def _namespace_prefix(path: Path) -> list[str] | None:
-    if shutil.which("unshare") is None:
-        return None
-    probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True, check=False)
-    if probe.returncode != 0:
-        return None
-    return ["unshare", "-rm", "sh", "-c", 'mount --bind -o ro "$0" "$0" && exec "$@"', str(path)]
-
-
-@contextmanager
-def read_only(path: Path) -> Iterator[list[str]]:
-    """Run commands with ``path`` read-only: yields the command prefix to use."""
-    if os.geteuid() == 0:
-        prefix = _namespace_prefix(path)
-        if prefix is None:
-            pytest.skip("running as root without user namespaces: cannot make a folder read-only")
-        yield prefix
-        return
-    modes = {p: p.stat().st_mode for p in [path, *path.rglob("*")] if not p.is_symlink()}
-    for p, mode in modes.items():
-        p.chmod(mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
-    try:
-        yield []
-    finally:
-        for p, mode in modes.items():
-            p.chmod(mode)
 
 
 def test_a_finished_run_folder_on_read_only_media_can_be_read(area, tmp_path):
