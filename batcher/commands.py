@@ -97,6 +97,7 @@ async def cmd_plan(opt: PlanOptions) -> ExitCode:
         region_shares(opt)
     target = await resolve_target(opt.manifest, opt.out, emulate=opt.emulate, database=opt.database)
     _need_writable(target.layout)
+    target.layout.check_database()
     async with await JobStore.open(target.layout.store, stage=True) as store:
         target.layout.remember_database()
         imported = await import_manifest(store, target, replace=opt.replace)

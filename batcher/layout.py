@@ -34,7 +34,7 @@ import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from .errors import ConfigError, PermanentJobError
 
@@ -66,6 +66,15 @@ def without_password(url: str) -> str:
 
 class UnsafeOutputPath(PermanentJobError):
     """The output path would leave the run folder's images/ directory."""
+
+
+def _database_name(url: str) -> str:
+    """The database a URL names (its path, or ``?dbname=``), as the server spells it."""
+    parts = urlsplit(url)
+    for key, value in parse_qsl(parts.query):
+        if key in ("dbname", "database"):
+            return value
+    return unquote(parts.path.lstrip("/"))
 
 
 def _remembered(marker: Path) -> str | None:
@@ -108,24 +117,17 @@ class RunLayout:
         return cls(root, database)
 
     def remember_database(self) -> None:
-        """For a run whose table is in PostgreSQL: refuse a folder that has a table of its
-        own (``batcher.db``: two tables would share one images folder), and write the URL,
-        without password, to ``DIR/batcher.database`` if the folder has none yet (the first
-        one stays: another host may reach the same server by another name)."""
-        if self.database is None:
+        """For a run whose table is in PostgreSQL, once its database was opened: write the
+        URL, without password, to ``DIR/batcher.database`` if the folder has none yet (the
+        first one stays: another host may reach the same server by another name), after the
+        checks of :meth:`check_database`."""
+        if self.check_database():
             return
-        if self.db.exists():
-            raise ConfigError(
-                f"{self.root} has a job table of its own (batcher.db): a run kept in "
-                "PostgreSQL (--db) needs a folder of its own; choose another --out"
-            )
         marker = self.root / DATABASE_FILE
-        if marker.exists():
-            return
         temp = self.root / f".{DATABASE_FILE}.{os.getpid()}.part"
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            temp.write_text(without_password(self.database) + "\n", encoding="utf-8")
+            temp.write_text(without_password(self.database or "") + "\n", encoding="utf-8")
             os.replace(temp, marker)
         except OSError as exc:
             with contextlib.suppress(OSError):
@@ -133,6 +135,31 @@ class RunLayout:
             raise ConfigError(
                 f"cannot write {marker}: {exc.strerror or exc}; choose a writable --out"
             ) from None
+
+    def check_database(self) -> bool:
+        """Before a plan or run writes to a PostgreSQL table for this folder: refuse a folder
+        that has a table of its own (``batcher.db``), or that remembers another database
+        (one folder holds one run's images). Returns whether the folder already remembers
+        this one (True also for a run whose table is the folder's own)."""
+        if self.database is None:
+            return True
+        if self.db.exists():
+            raise ConfigError(
+                f"{self.root} has a job table of its own (batcher.db): a run kept in "
+                "PostgreSQL (--db) needs a folder of its own; choose another --out"
+            )
+        marker = self.root / DATABASE_FILE
+        known = _remembered(marker)
+        if known is not None:
+            if _database_name(known) != _database_name(self.database):
+                raise ConfigError(
+                    f"{self.root} belongs to the run in database {_database_name(known)!r} "
+                    f"({marker}), not {_database_name(self.database)!r}: one folder holds one "
+                    "run's images; choose another --out (or delete that file if the database "
+                    "was renamed)"
+                )
+            return True
+        return False
 
     @property
     def db(self) -> Path:

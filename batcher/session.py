@@ -176,6 +176,7 @@ async def execute_run(cmd: RunCommand) -> RunOutcome:
     _check_budget_currency(cmd, lanes.lanes)
     target = await resolve_target(cmd.manifest, cmd.out, emulate=cmd.emulate, database=cmd.database)
     layout = target.layout
+    layout.check_database()
     endpoint = endpoint_label(emulate=cmd.emulate, base_url=base_url)
     siblings = frozenset(
         endpoint_label(emulate=cmd.emulate, base_url=lanes.base_url(lane)) for lane in lanes.lanes

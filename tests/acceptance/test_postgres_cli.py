@@ -164,6 +164,11 @@ def test_the_folder_remembers_its_database(tmp_path: Path, db: str) -> None:
     for fmt in ("csv", "webdataset"):  # the lean WebDataset path reads SQLite only
         exported = run_cli("export", out, "--format", fmt, "-o", tmp_path / f"x.{fmt}")
         assert exported.returncode == 0, exported.stderr
+    # another database for this folder: refused before anything is opened or written
+    other = db.rpartition("/")[0] + "/batcher_no_such_database"
+    mixed = run_cli("run", m, "--out", out, "--db", other, env={"DASHSCOPE_API_KEY": KEY})
+    assert mixed.returncode == 2 and mixed.stderr.count("\n") == 1, mixed.stderr
+    assert "belongs to the run in database" in mixed.stderr
     # a folder with a table of its own is not also given one in PostgreSQL
     own = tmp_path / "own"
     assert run_cli("plan", m, "--out", own).returncode == 0
