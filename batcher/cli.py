@@ -298,14 +298,43 @@ def _add_db(parser: argparse.ArgumentParser) -> None:
 
 
 def _database(args: argparse.Namespace) -> str | None:
-    """``--db``, else ``BATCHER_DATABASE_URL``; None for the run folder's SQLite file."""
-    url = args.db if args.db is not None else os.environ.get("BATCHER_DATABASE_URL") or None
+    """``--db``, else ``BATCHER_DATABASE_URL`` (a default: not for a run folder that has its
+    own ``batcher.db``, see :func:`batcher.layout.env_database`); None for the run folder's
+    SQLite file, or the database it remembers (:meth:`batcher.layout.RunLayout.locate`)."""
+    explicit = args.db is not None
+    url = args.db if explicit else os.environ.get("BATCHER_DATABASE_URL") or None
+    if url is None:
+        return None
     from jobs.backends import is_database_url
 
-    if url is not None and not is_database_url(url):
-        where = "--db" if args.db is not None else "BATCHER_DATABASE_URL"
+    if not is_database_url(url):
+        where = "--db" if explicit else "BATCHER_DATABASE_URL"
         raise ConfigError(f"{where} must be a postgresql://user@host/dbname URL")
+    if not explicit:
+        folder = _folder_of(args)
+        if folder is not None:
+            from .layout import env_database
+
+            return env_database(folder, url)
     return url
+
+
+def _folder_of(args: argparse.Namespace) -> Path | None:
+    """The run folder a command works on: its ``DIR``, or for ``plan`` and ``run`` the folder
+    given, ``--out``, or the manifest's default folder."""
+    folder: Path | None = getattr(args, "folder", None)
+    if folder is not None:
+        return folder
+    target: Path | None = getattr(args, "manifest", None)
+    if target is None:
+        return None
+    if target.is_dir():
+        return target
+    if args.out is not None:
+        return Path(args.out)
+    from .folder import default_out
+
+    return default_out(target, emulate=bool(getattr(args, "emulate", False)))
 
 
 def _export_options(args: argparse.Namespace) -> ExportOptions:
@@ -322,7 +351,7 @@ def _lean_export(args: argparse.Namespace) -> int | None:
     """``batcher export --format webdataset`` of a run folder's own ``batcher.db``, without
     an event loop or SQLAlchemy (:mod:`batcher.leanexport`); None when that path does not take
     it (the general one then does, and says what is wrong if anything is)."""
-    if args.db is not None or os.environ.get("BATCHER_DATABASE_URL"):
+    if _database(args) is not None:
         return None
     from .export import check_output, format_for, tell_exported
     from .layout import RunLayout

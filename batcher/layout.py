@@ -38,7 +38,14 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from .errors import ConfigError, PermanentJobError
 
-__all__ = ["DATABASE_FILE", "RunLayout", "RunLock", "UnsafeOutputPath", "without_password"]
+__all__ = [
+    "DATABASE_FILE",
+    "RunLayout",
+    "RunLock",
+    "UnsafeOutputPath",
+    "env_database",
+    "without_password",
+]
 
 DATABASE_FILE = "batcher.database"
 _URL_SCHEMES = ("postgresql://", "postgres://", "postgresql+asyncpg://")
@@ -66,6 +73,24 @@ def without_password(url: str) -> str:
 
 class UnsafeOutputPath(PermanentJobError):
     """The output path would leave the run folder's images/ directory."""
+
+
+def env_database(root: Path, url: str) -> str | None:
+    """What ``BATCHER_DATABASE_URL`` (``url``) means for the run folder ``root``: a default
+    for new runs and for a run kept in that database, never a redirection of a folder that has
+    its own table (``batcher.db``: None, that table) or whose run is in another database
+    (refused in one line)."""
+    if (root / "batcher.db").exists():
+        return None
+    marker = root / DATABASE_FILE
+    known = _remembered(marker)
+    if known is not None and _database_name(known) != _database_name(url):
+        raise ConfigError(
+            f"BATCHER_DATABASE_URL names database {_database_name(url)!r}, but the run of "
+            f"{root} is in {_database_name(known)!r} ({marker}): give --db, or unset "
+            "BATCHER_DATABASE_URL"
+        )
+    return url
 
 
 def _database_name(url: str) -> str:

@@ -175,6 +175,15 @@ def test_the_folder_remembers_its_database(tmp_path: Path, db: str) -> None:
     refused = run_cli("plan", m, "--out", own, "--db", db)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
     assert "batcher.db" in refused.stderr and not (own / "batcher.database").exists()
+    # BATCHER_DATABASE_URL is a default: a folder with its own batcher.db keeps to it, and
+    # one whose run is in another database is not redirected to the variable's
+    own_status = run_cli("status", own, "--json", env={"BATCHER_DATABASE_URL": db})
+    assert own_status.returncode == 0, own_status.stderr
+    assert json.loads(own_status.stdout)["pending"] == 4
+    assert run_cli("plan", m, "--out", own, env={"BATCHER_DATABASE_URL": db}).returncode == 0
+    elsewhere = run_cli("status", out, env={"BATCHER_DATABASE_URL": other})
+    assert elsewhere.returncode == 2 and elsewhere.stderr.count("\n") == 1, elsewhere.stderr
+    assert "BATCHER_DATABASE_URL names database" in elsewhere.stderr
     # a damaged marker: one line naming the file
     (out / "batcher.database").write_text("mysql://x\n", encoding="utf-8")
     bad = run_cli("status", out, env={"BATCHER_DATABASE_URL": ""})
