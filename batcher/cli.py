@@ -104,8 +104,12 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     emulator's settings and models, a sixth of an export's start-up."""
     parser = _Parser(
         prog="batcher",
-        description="Turn a manifest of prompts into a folder of images (DashScope z-image-turbo).",
+        description="Turn a manifest of prompts into a folder of images with DashScope's "
+        "text-to-image models (z-image-turbo, Qwen-Image, Wan).",
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"batcher {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     plan = sub.add_parser("plan", help="validate and import a manifest; no API call")

@@ -101,6 +101,17 @@ def test_clean_run_status_export_and_rerun(tmp_path, emulator):
             assert KEY.encode() not in p.read_bytes(), p
 
 
+def test_version_and_help_name_the_release_and_every_command():
+    import batcher
+
+    version = run_cli("--version")
+    assert version.returncode == 0 and version.stdout == f"batcher {batcher.__version__}\n"
+    helped = run_cli("--help")
+    assert helped.returncode == 0
+    for command in ("plan", "run", "status", "export", "retry", "redo", "report", "review"):
+        assert f"    {command} " in helped.stdout, command
+
+
 def test_emulate_flag_needs_no_key(tmp_path):
     m = manifest(tmp_path, 4)
     r = run_cli(
