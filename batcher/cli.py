@@ -9,10 +9,10 @@
     batcher redo DIR [--rejected] [--id ID ...]  done jobs made again, old images kept
     batcher report DIR [-o PATH] [--db URL]      a static report with a gallery (file://)
     batcher review DIR [--port N] [--host H]     the report served locally, with review marks
-
-    status, export, retry, cancel, redo, report and review take ``--db URL`` (or
-    ``BATCHER_DATABASE_URL``) for a run whose table is in PostgreSQL.
     batcher emulate [--port 0] [...]             the built-in DashScope emulator
+
+Every command but emulate takes ``--db URL`` (or ``BATCHER_DATABASE_URL``) for a run whose
+table is in PostgreSQL; a folder made so remembers the URL (``DIR/batcher.database``).
 
 User mistakes end as one line on stderr and exit code 2; a bug shows a traceback.
 """

@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
+from jobs.version import DATABASE_URL_SCHEMES
+
 from .errors import ConfigError, PermanentJobError
 
 __all__ = [
@@ -48,7 +50,6 @@ __all__ = [
 ]
 
 DATABASE_FILE = "batcher.database"
-_URL_SCHEMES = ("postgresql://", "postgres://", "postgresql+asyncpg://")
 
 
 def without_password(url: str) -> str:
@@ -112,7 +113,7 @@ def _remembered(marker: Path) -> str | None:
         raise ConfigError(
             f"cannot read {marker}: {getattr(exc, 'strerror', None) or exc}"
         ) from None
-    if not text.startswith(_URL_SCHEMES):
+    if not text.startswith(DATABASE_URL_SCHEMES):
         raise ConfigError(
             f"{marker}, line 1: not a postgresql:// URL; give the run's database with --db"
         )

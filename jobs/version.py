@@ -10,6 +10,7 @@ variables, without importing SQLAlchemy.
 from __future__ import annotations
 
 __all__ = [
+    "DATABASE_URL_SCHEMES",
     "EMULATOR_ENDPOINT",
     "MICROS",
     "SCHEMA_VERSION",
@@ -21,6 +22,8 @@ __all__ = [
 from decimal import Decimal
 
 SCHEMA_VERSION = 8
+DATABASE_URL_SCHEMES = ("postgresql://", "postgres://", "postgresql+asyncpg://")
+"""How a URL naming a PostgreSQL run table starts (anything else names a SQLite file)."""
 VERSION_KEY = "schema_version"  # meta: the schema version, as text
 VARIABLES_KEY = "variables"  # meta: the manifest variables and their JSON types, as JSON
 EMULATOR_ENDPOINT = "emulator"

@@ -56,6 +56,7 @@ from .. import schema
 from ..errors import LeaseLost, StoreUnavailable, StoreUnreachable
 from ..spec import JobRow
 from ..states import State
+from ..version import DATABASE_URL_SCHEMES
 from .base import CLAIM_COLUMNS, LEASED_ORDER, Backend, Clock, Op, Tally
 
 __all__ = ["PostgresBackend", "is_database_url"]
@@ -143,7 +144,7 @@ _BY_CODE = {
 
 def is_database_url(target: str) -> bool:
     """Whether ``target`` names a PostgreSQL database rather than a SQLite file."""
-    return target.startswith(("postgresql://", "postgres://", "postgresql+asyncpg://"))
+    return target.startswith(DATABASE_URL_SCHEMES)
 
 
 def _command_timeout(url: URL) -> float:
