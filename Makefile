@@ -25,10 +25,18 @@ screenshot: $(STAMP)
 	$(VENV)/bin/batcher run samples/catalog.yaml --emulate --no-progress
 	$(PY) docs/screenshot.py out/catalog.emulated docs/report.png
 
-## test: the whole suite (unit, integration, acceptance); exit 5 (no tests collected) is a failure
+## test: the whole suite (unit, integration, acceptance) in two parts: the tests that time
+## nothing, TEST_JOBS at a time (pytest-xdist; TEST_JOBS=0 runs them in one process), then the
+## tests marked serial (rates against a quota, elapsed time, a PostgreSQL restart) alone, on a
+## quiet machine. Exit 5 (no tests collected) in either part is a failure.
+TEST_JOBS ?= 4
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow" -q tests; rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
+	@$(PY) -m pytest -m "not slow and not serial" -n $(TEST_JOBS) --dist worksteal -q tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; \
+	echo "--- the serial tests, alone"; \
+	$(PY) -m pytest -m "not slow and serial" -q tests; rc2=$$?; \
+	if [ $$rc2 -eq 5 ]; then echo "pytest collected no serial tests: failing" >&2; exit 1; fi; \
+	if [ $$rc -ne 0 ]; then exit $$rc; fi; exit $$rc2
 
 ## check: formatting, lint and strict typing
 check: $(STAMP)

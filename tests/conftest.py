@@ -1,6 +1,16 @@
 """Shared fixtures: every async test runs on asyncio through anyio's pytest plugin; a store
 test that asks for ``backend`` runs on SQLite and on a real PostgreSQL (``tests/pgsupport``),
-unless marked ``sqlite_only``."""
+unless marked ``sqlite_only``.
+
+``make test`` runs the suite in two parts: first every test not marked ``serial``, several at a
+time (pytest-xdist: each worker process has its own PostgreSQL test database and temporary
+folders, and every server listens on a port of its own), then the ``serial`` ones alone. A test
+is marked ``serial`` (a module's ``pytestmark``, or the test itself) when what it asserts
+depends on the machine being otherwise quiet: a rate against a quota, a count of throttled
+answers, an elapsed time, a run that must not have finished by the time it is killed; or when
+it disturbs the others (it restarts the PostgreSQL server). A new test of that kind must be
+marked too: in the parallel part it would pass on a quiet machine and fail now and then on CI.
+"""
 
 from __future__ import annotations
 

@@ -237,6 +237,7 @@ def _wait_done(db: Path, at_least: int, timeout: float = 30) -> None:
     raise AssertionError("the run made no progress")
 
 
+@pytest.mark.serial  # a race against the run's pace / a bound on elapsed time
 def test_kill_9_then_resume_loses_nothing_and_pays_little(tmp_path):
     m = manifest(tmp_path, 40)
     out = tmp_path / "o"
@@ -279,6 +280,7 @@ def test_interrupt_releases_everything_and_exits_130(tmp_path, sig):
     assert check_invariants(out) == {"done": 30}
 
 
+@pytest.mark.serial  # a race against the run's pace / a bound on elapsed time
 def test_second_interrupt_stops_at_once(tmp_path):
     m = manifest(tmp_path, 10)
     out = tmp_path / "o"

@@ -34,6 +34,9 @@ from tests.support import (
     run_cli,
 )
 
+# measures rates, quotas or elapsed time: run alone (see tests/conftest.py)
+pytestmark = pytest.mark.serial
+
 KEY = "sk-crash-disk-93ac"
 ENV = {"DASHSCOPE_API_KEY": KEY}
 

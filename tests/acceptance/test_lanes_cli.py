@@ -22,6 +22,9 @@ from batcher.emulator import EmulatorConfig, EmulatorThread
 from batcher.pricing import price_per_image
 from tests.support import REPO, batcher_cmd, run_cli
 
+# measures rates, quotas or elapsed time: run alone (see tests/conftest.py)
+pytestmark = pytest.mark.serial
+
 KEY_A = "sk-lane-a-5d1f0c9e77"
 KEY_B = "sk-lane-b-93e2aa41c6"
 KEY_BAD = "sk-lane-bad-0b7e31d2f4"

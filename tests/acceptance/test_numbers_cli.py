@@ -23,6 +23,9 @@ from batcher.modelrules import RULES
 from jobs import JobStore, open_manifest
 from tests.support import REPO, batcher_cmd, db_states, run_args, run_cli
 
+# measures rates, quotas or elapsed time: run alone (see tests/conftest.py)
+pytestmark = pytest.mark.serial
+
 KEY = "sk-numbers-3b7e1c9d5a"
 ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 

@@ -20,6 +20,9 @@ from tests.pgsupport import fresh, query
 from tests.support import REPO, batcher_cmd, run_args, run_cli
 from tests.support_review import review_server
 
+# measures rates, quotas or elapsed time: run alone (see tests/conftest.py)
+pytestmark = pytest.mark.serial
+
 KEY = "sk-acceptance-pg-5a1c"
 
 

@@ -20,6 +20,9 @@ from tests.pgsupport import fresh, query
 from tests.support import run_cli
 from tests.tcpproxy import TcpProxy
 
+# measures rates, quotas or elapsed time: run alone (see tests/conftest.py)
+pytestmark = pytest.mark.serial
+
 
 @pytest.fixture
 def db() -> str:

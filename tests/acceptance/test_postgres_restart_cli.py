@@ -5,9 +5,10 @@ before a worker asks anything of it: the pooled connections are then replaced un
 
 They pause, reconnect, and finish every job, each generated once. The server is the one
 ``tests/pgsupport.py`` uses, found among this machine's clusters by its port; the test waits
-until it accepts connections again and, whatever happens, leaves it started. The suite runs
-serially (CI), so no other test is connected meanwhile; later tests open new connections.
-Marked ``pg_restart`` (``-m "not pg_restart"`` leaves it out).
+until it accepts connections again and, whatever happens, leaves it started. Marked ``serial``
+as well, so ``make test`` runs it in its part of tests run one at a time: no other test is
+connected meanwhile; later tests open new connections. Marked ``pg_restart``
+(``-m "not pg_restart"`` leaves it out).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from tests.acceptance.test_postgres_cli import KEY, check_done, manifest, start
 from tests.pgsupport import ADMIN, fresh, pg_call, query
 from tests.support import run_cli
 
-pytestmark = pytest.mark.pg_restart
+# measures rates, quotas or elapsed time: run alone (see tests/conftest.py)
+pytestmark = [pytest.mark.pg_restart, pytest.mark.serial]
 
 CTL = "pg_ctlcluster"
 DOWN = 2.0  # s the server stays stopped

@@ -11,8 +11,13 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from batcher.emulator import EmulatorConfig, EmulatorThread
 from tests.support import REPO, batcher_cmd, check_invariants, run_args, run_cli
+
+# measures rates, quotas or elapsed time: run alone (see tests/conftest.py)
+pytestmark = pytest.mark.serial
 
 KEY = "sk-unreachable-5d2c8b1e9f"
 

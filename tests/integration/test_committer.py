@@ -21,7 +21,8 @@ from jobs.store import JobStore
 
 from .store_support import FakeClock, generated, numbered, raw
 
-pytestmark = pytest.mark.anyio
+# measures rates, quotas or elapsed time: run alone (see tests/conftest.py)
+pytestmark = [pytest.mark.anyio, pytest.mark.serial]
 LEASE = 60.0
 
 

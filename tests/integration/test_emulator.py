@@ -20,7 +20,8 @@ from PIL import Image
 
 from batcher.emulator import Emulator, EmulatorConfig, running_emulator
 
-pytestmark = pytest.mark.anyio
+# measures rates, quotas or elapsed time: run alone (see tests/conftest.py)
+pytestmark = [pytest.mark.anyio, pytest.mark.serial]
 
 GENERATION = "/services/aigc/multimodal-generation/generation"
 KEY = "sk-test-key"

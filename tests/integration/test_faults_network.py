@@ -29,7 +29,8 @@ from tests.support import (
     serving,
 )
 
-pytestmark = pytest.mark.anyio
+# measures rates, quotas or elapsed time: run alone (see tests/conftest.py)
+pytestmark = [pytest.mark.anyio, pytest.mark.serial]
 
 
 def seed_for(faults: str, kinds: list[str | None], *, stream: str = "generate") -> int:

@@ -19,7 +19,8 @@ from batcher.pool import Runner, StopReason
 from jobs import JobStore, State
 from tests.support import FAST, check_invariants, make_specs, run_once
 
-pytestmark = pytest.mark.anyio
+# measures rates, quotas or elapsed time: run alone (see tests/conftest.py)
+pytestmark = [pytest.mark.anyio, pytest.mark.serial]
 
 
 def in_flight(e) -> int:

@@ -28,7 +28,8 @@ from jobs.store import JobStore
 from ..pgsupport import fresh, query
 from ..tcpproxy import TcpProxy
 
-pytestmark = pytest.mark.anyio
+# measures rates, quotas or elapsed time: run alone (see tests/conftest.py)
+pytestmark = [pytest.mark.anyio, pytest.mark.serial]
 
 MODEL = "z-image-turbo"
 

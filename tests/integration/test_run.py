@@ -16,7 +16,8 @@ from batcher.pool import StopReason
 from jobs import JobStore, State
 from tests.support import FAST, check_invariants, generate_only, make_specs, run_once
 
-pytestmark = pytest.mark.anyio
+# measures rates, quotas or elapsed time: run alone (see tests/conftest.py)
+pytestmark = [pytest.mark.anyio, pytest.mark.serial]
 
 
 def emu(**kw):

@@ -23,7 +23,8 @@ from jobs import JobSpec, JobStore, State
 
 from ..support import FAST, check_invariants, make_specs, run_once
 
-pytestmark = pytest.mark.anyio
+# measures rates, quotas or elapsed time: run alone (see tests/conftest.py)
+pytestmark = [pytest.mark.anyio, pytest.mark.serial]
 
 TASKS = dataclasses.replace(FAST, concurrency=16, lease_seconds=30.0)
 

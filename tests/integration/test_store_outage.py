@@ -18,7 +18,8 @@ from tests.tcpproxy import TcpProxy
 
 from .store_support import T0, FakeClock, generated, numbered
 
-pytestmark = pytest.mark.anyio
+# measures rates, quotas or elapsed time: run alone (see tests/conftest.py)
+pytestmark = [pytest.mark.anyio, pytest.mark.serial]
 
 
 @pytest.fixture
