@@ -73,6 +73,7 @@ def test_a_worker_cut_off_past_its_lease_loses_its_jobs_and_its_late_writes_are_
             "A has finished jobs and calls in flight", lambda: states(db, me).get("done", 0) >= 2
         )
         proxy.cut()
+        cut_at = time.monotonic()
         held = {
             r["id"]
             for r in query(db, "SELECT id FROM jobs WHERE worker = $1 AND state <> 'done'", me)
@@ -91,6 +92,10 @@ def test_a_worker_cut_off_past_its_lease_loses_its_jobs_and_its_late_writes_are_
                 )
             ),
         )
+        # A counts its outage from its first failed call, up to a heartbeat after the cut (and
+        # its leases ran out up to a heartbeat before it): keep it cut for twice the lease, so
+        # that the outage it measures is surely longer than its lease, as its log says below.
+        time.sleep(max(0.0, cut_at + 2 * 2.0 - time.monotonic()))
         proxy.restore()
         (a_out, a_err), (_, b_err) = (p.communicate(timeout=60) for p in (a, b))
         stats = emu.stats()
