@@ -448,10 +448,9 @@ def _write(
         which = "NOT IN" if others else "IN"
         conditions.append(f"{_SPLIT_SQL} {which} ({', '.join('?' * len(splits))})")
         params += splits
-    query = f"SELECT {_FAST_COLUMNS}, ifnull(bytes, 'null'), {_PLAIN}, rowid FROM jobs"
-    if conditions:
-        query += " WHERE " + " AND ".join(conditions)
-    query += " ORDER BY rowid"
+    where_clause = " WHERE " + " AND ".join(conditions) if conditions else ""
+    columns = f"{_FAST_COLUMNS}, ifnull(bytes, 'null'), {_PLAIN}, rowid"
+    query = f"SELECT {columns} FROM jobs{where_clause} ORDER BY rowid"
     images = str(layout.images.resolve())
     fields = (*EXPORT_FIELDS, *(key for _, key in keys))
     # The record's JSON as the general path's encoder writes the dict of these fields, in
@@ -466,103 +465,137 @@ def _write(
     languages: Counter[str] = Counter()
     costs: dict[tuple[str, int, bool], int] = {}  # (currency, micros, emulated) -> jobs
     params_of: dict[str, tuple[str, str]] = {}  # params -> negative_prompt, watermark as JSON
-    cost_json: dict[int, str] = {}
+    cost_json: dict[int | None, str] = {}
     stamps: list[float] = []
     image_bytes = missing = records = 0
     enc, jv, text, iso = _enc, _json_value, _json_text, _json_time
     add = writer.add_sample
     loads = json.loads
-    vars_json: dict[str, tuple[str, ...]] = {}  # the variables' JSON of a vars text, kept
+    vars_json: dict[str | None, tuple[str, ...]] = {}  # the variables' JSON of a vars text
     # the images folder open once, each file opened relative to it (as read_file says)
     try:
         folder: int | None = os.open(images, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         folder = None  # no image to read: each one is reported missing as it is looked for
     where = None if folder is not None else images
+
+    def params_json(par: str) -> tuple[str, str]:
+        """A params text's negative_prompt and watermark as JSON (kept for the next row)."""
+        loaded = load_params(par)
+        got = jv(loaded.get("negative_prompt")), jv(loaded.get("watermark"))
+        if len(params_of) < 4096:
+            params_of[par] = got
+        return got
+
+    def cost_text(micros: int | None) -> str:
+        cost = cost_json[micros] = enc(str(Decimal(int(micros or 0)) / MICROS))
+        return cost
+
+    def vars_values(vars_: str | None) -> tuple[str, ...]:
+        found = loads(vars_) if vars_ else {}
+        got = tuple([jv(found.get(name)) for name in var_names])
+        if len(vars_json) < 4096:  # rows share labels: most are found here
+            vars_json[vars_] = got
+        return got
+
+    def one(row: tuple[Any, ...]) -> None:
+        """Write one row's samples and count it (the loop's body, in Python)."""
+        nonlocal records, missing, image_bytes
+        (
+            job_id, st, model, prompt, size, seed, extend, par, n, output, request_id,
+            task_id, width, height, sha256, nbytes, attempts, error_code, error_message,
+            shortfall, micros, currency, endpoint, lane, actual, input_tokens, output_tokens,
+            total_tokens, latency_ms, billed, throttled, ambiguous, regenerated, created_at,
+            started_at, generated_at, finished_at, review, review_note, reviewed_at, vars_,
+            bytes_json, plain, rowid,
+        ) = row  # fmt: skip
+        done = st == _DONE
+        if not plain or (n > 1 and done):  # the general path's records, as they are
+            for image_rec in image_records(_record(db, rowid)):
+                records += 1
+                missing += _general(image_rec, keys, images, writer, facts, numbers)
+            return
+        n = n or 1
+        if par is None:
+            negative = watermark = "null"
+        else:
+            negative, watermark = params_of.get(par) or params_json(par)
+        cost = cost_json.get(micros) or cost_text(micros)
+        if generated_at is None and request_id is None:
+            actual = "null"
+        else:
+            actual = enc(str(actual or prompt))
+        values: tuple[object, ...] = (
+            enc(job_id), enc(st), enc(model), enc(prompt), enc(size), seed,
+            "true" if extend else "false", text(par), n, negative, watermark,
+            enc(f"images/{output}") if done else "null", "1", text(request_id),
+            text(task_id), width, height, text(sha256), bytes_json, attempts,
+            text(error_code), text(error_message), text(shortfall), cost, text(currency),
+            text(endpoint), text(lane), actual, input_tokens, output_tokens,
+            total_tokens, latency_ms, billed, throttled, ambiguous,
+            regenerated, iso(created_at), iso(started_at), iso(generated_at),
+            iso(finished_at), text(review), text(review_note), iso(reviewed_at),
+        )  # fmt: skip
+        if var_names:
+            values += vars_json.get(vars_) or vars_values(vars_)
+        record = (template % values).encode()
+        image: bytes | None = None
+        if done:
+            try:
+                path = output if where is None else os.path.join(where, output)
+                image = read_file(path, nbytes, folder)
+            except FileNotFoundError:
+                missing += 1
+            else:
+                image_bytes += len(image)
+            sizes[size] += 1
+        split = split_of(output) or "data"
+        number = numbers.get(split, 0)
+        numbers[split] = number + 1
+        name = job_id if n == 1 else f"{job_id}-1"  # a job of several not done yet
+        add(split, sample_key(number, name), image, record, prompt.encode())
+        records += 1
+        # the card's figures, as CardFacts.add counts them (a job is one row here)
+        states[st] += 1
+        per_split[split] += 1
+        models[model] += 1
+        languages[prompt_language(prompt)] += 1
+        if currency:
+            key = (currency, micros, endpoint == EMULATOR_ENDPOINT)
+            costs[key] = costs.get(key, 0) + 1
+        if created_at is not None:
+            stamps.append(created_at)
+        if finished_at is not None:
+            stamps.append(finished_at)
+        if len(stamps) > 4096:
+            stamps[:] = [min(stamps), max(stamps)]
+
+    fast = _speedups() if folder is not None else None
     try:
-        for row in db.execute(query, params):
-            (
-                job_id, st, model, prompt, size, seed, extend, par, n, output, request_id,
-                task_id, width, height, sha256, nbytes, attempts, error_code, error_message,
-                shortfall, micros, currency, endpoint, lane, actual, input_tokens, output_tokens,
-                total_tokens, latency_ms, billed, throttled, ambiguous, regenerated, created_at,
-                started_at, generated_at, finished_at, review, review_note, reviewed_at, vars_,
-                bytes_json, plain, rowid,
-            ) = row  # fmt: skip
-            done = st == _DONE
-            if not plain or (n > 1 and done):  # the general path's records, as they are
-                for image_rec in image_records(_record(db, rowid)):
-                    records += 1
-                    missing += _general(image_rec, keys, images, writer, facts, numbers)
-                continue
-            n = n or 1
-            if par is None:
-                negative = watermark = "null"
-            else:
-                got = params_of.get(par)
-                if got is None:
-                    loaded = load_params(par)
-                    got = jv(loaded.get("negative_prompt")), jv(loaded.get("watermark"))
-                    if len(params_of) < 4096:
-                        params_of[par] = got
-                negative, watermark = got
-            cost = cost_json.get(micros)
-            if cost is None:
-                cost = cost_json[micros] = enc(str(Decimal(int(micros or 0)) / MICROS))
-            if generated_at is None and request_id is None:
-                actual = "null"
-            else:
-                actual = enc(str(actual or prompt))
-            values: tuple[object, ...] = (
-                enc(job_id), enc(st), enc(model), enc(prompt), enc(size), seed,
-                "true" if extend else "false", text(par), n, negative, watermark,
-                enc(f"images/{output}") if done else "null", "1", text(request_id),
-                text(task_id), width, height, text(sha256), bytes_json, attempts,
-                text(error_code), text(error_message), text(shortfall), cost, text(currency),
-                text(endpoint), text(lane), actual, input_tokens, output_tokens,
-                total_tokens, latency_ms, billed, throttled, ambiguous,
-                regenerated, iso(created_at), iso(started_at), iso(generated_at),
-                iso(finished_at), text(review), text(review_note), iso(reviewed_at),
+        if fast is None:
+            for row in db.execute(query, params):
+                one(row)
+        else:  # the same loop in C, which hands back to one() each row it does not write
+            by_rowid = f"SELECT {columns} FROM jobs WHERE rowid = ?"
+
+            def fallback(rowid: int) -> None:
+                one(db.execute(by_rowid, (rowid,)).fetchone())
+
+            heads = [("{" if i == 0 else ", ") + _enc(k) + ": " for i, k in enumerate(fields)]
+            done_here = fast.write_rows(
+                db.execute(f"SELECT {_COLUMNS}, rowid FROM jobs{where_clause} ORDER BY rowid",
+                           params),
+                tuple(head.encode() for head in (*heads, "}")), len(var_names), folder,
+                SPLIT_FOLDERS, _DONE, EMULATOR_ENDPOINT, numbers,
+                (states, per_split, models, sizes, languages, costs),
+                (params_of, params_json, cost_json, cost_text, vars_json, vars_values,
+                 _SECONDS, _second_head),
+                writer, writer.shard_size, fallback, ("zh", "en", "other"),
             )  # fmt: skip
-            if var_names:
-                got_vars = vars_json.get(vars_)
-                if got_vars is None:
-                    found = loads(vars_) if vars_ else {}
-                    got_vars = tuple([jv(found.get(name)) for name in var_names])
-                    if len(vars_json) < 4096:  # rows share labels: most are found here
-                        vars_json[vars_] = got_vars
-                values += got_vars
-            record = (template % values).encode()
-            image: bytes | None = None
-            if done:
-                try:
-                    path = output if where is None else os.path.join(where, output)
-                    image = read_file(path, nbytes, folder)
-                except FileNotFoundError:
-                    missing += 1
-                else:
-                    image_bytes += len(image)
-                sizes[size] += 1
-            split = split_of(output) or "data"
-            number = numbers.get(split, 0)
-            numbers[split] = number + 1
-            name = job_id if n == 1 else f"{job_id}-1"  # a job of several not done yet
-            add(split, sample_key(number, name), image, record, prompt.encode())
-            records += 1
-            # the card's figures, as CardFacts.add counts them (a job is one row here)
-            states[st] += 1
-            per_split[split] += 1
-            models[model] += 1
-            languages[prompt_language(prompt)] += 1
-            if currency:
-                key = (currency, micros, endpoint == EMULATOR_ENDPOINT)
-                costs[key] = costs.get(key, 0) + 1
-            if created_at is not None:
-                stamps.append(created_at)
-            if finished_at is not None:
-                stamps.append(finished_at)
-            if len(stamps) > 4096:
-                stamps[:] = [min(stamps), max(stamps)]
+            records += done_here[0]
+            missing += done_here[1]
+            image_bytes += done_here[2]
+            stamps.extend(stamp for stamp in done_here[3:] if stamp is not None)
     except sqlite3.Error as exc:
         raise JobStoreError(f"the job database failed: {exc}") from exc
     finally:
@@ -610,6 +643,14 @@ _MILLIS = tuple(f'{ms:03d}Z"' for ms in range(1000))  # a time's JSON after its 
 _SECONDS: dict[int, str] = {}  # a whole second -> its time's JSON before the milliseconds
 
 
+def _second_head(second: int, seconds: dict[int, str] = _SECONDS) -> str:
+    """A time's JSON before its milliseconds (kept for the next time of that second)."""
+    head = f'"{whole_second(second)}.'
+    if len(seconds) < 65536:
+        seconds[second] = head
+    return head
+
+
 def _json_time(
     stamp: float | None,
     floor: Callable[[float], int] = math.floor,
@@ -625,12 +666,20 @@ def _json_time(
     micros = round((stamp - second) * 1e6)
     if micros >= 1_000_000:
         second, micros = second + 1, micros - 1_000_000
-    head = seconds.get(second)
-    if head is None:
-        head = f'"{whole_second(second)}.'
-        if len(seconds) < 65536:
-            seconds[second] = head
+    head = seconds.get(second) or _second_head(second, seconds)
     return head + millis[micros // 1000]
+
+
+def _speedups() -> Any:
+    """The C loop (:mod:`batcher._speedups`), or None: not built here, or turned off with
+    ``BATCHER_PURE_PYTHON=1`` (the tests run both, and compare what they write)."""
+    if os.environ.get("BATCHER_PURE_PYTHON", "") not in ("", "0"):
+        return None
+    try:
+        from . import _speedups as module
+    except ImportError:
+        return None
+    return module
 
 
 def _record(db: sqlite3.Connection, rowid: int) -> dict[str, Any]:

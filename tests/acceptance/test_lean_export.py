@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import os
 import shutil
 import signal
 import sqlite3
@@ -75,6 +76,21 @@ def run_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(params=["c", "python"])
+def loop(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The lean export's row loop: in C (:mod:`batcher._speedups`), or its Python body
+    alone (``BATCHER_PURE_PYTHON=1``), in this process and in the CLI's."""
+    if request.param == "python":
+        monkeypatch.setenv("BATCHER_PURE_PYTHON", "1")
+        return "python"
+    monkeypatch.delenv("BATCHER_PURE_PYTHON", raising=False)
+    if leanexport._speedups() is None:
+        if os.environ.get("CI") == "true":  # make test builds it: here it must be there
+            pytest.fail("batcher._speedups was not built (pip install -e . with a C compiler)")
+        pytest.skip("batcher._speedups is not built here (no C compiler at install)")
+    return "c"
+
+
 def _digest(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
@@ -104,6 +120,7 @@ def _read_wds(shards: list[Path]) -> list[dict]:
     "args",
     [(), ("--state", "all"), ("--state", "failed"), ("--state", "all", "--shard-size", "3kB")],
 )
+@pytest.mark.usefixtures("loop")
 def test_the_lean_path_writes_the_general_paths_bytes(run_folder, tmp_path, args):
     lean, general = tmp_path / "lean", tmp_path / "general"
     r = run_cli("export", run_folder, "--format", "webdataset", "-o", lean, *args)
@@ -132,6 +149,7 @@ def test_the_cli_took_the_lean_path(run_folder, tmp_path):
     assert result.missing == 1
 
 
+@pytest.mark.usefixtures("loop")
 def test_samples_read_back_with_chinese_and_long_keys_and_a_missing_image(run_folder, tmp_path):
     out = tmp_path / "wds"
     r = run_cli("export", run_folder, "--format", "webdataset", "-o", out, "--state", "all")
@@ -179,6 +197,7 @@ def _copy(run: Path, tmp: Path) -> Path:
     return copy
 
 
+@pytest.mark.usefixtures("loop")
 def test_odd_values_and_no_variables_summary_still_give_the_general_paths_bytes(
     run_folder, tmp_path
 ):
@@ -210,6 +229,7 @@ def test_odd_values_and_no_variables_summary_still_give_the_general_paths_bytes(
     assert samples["dark"]["json"]["input_tokens"] == 12345678901234567
 
 
+@pytest.mark.usefixtures("loop")
 def test_strings_and_numbers_sqlite_writes_give_the_general_paths_bytes(run_folder, tmp_path):
     """The records SQLite builds (json_quote for the strings, its own text of the integers and
     the cost) against the general path's encoder: control characters, DEL, U+2028/2029, an
@@ -337,6 +357,7 @@ def test_a_killed_export_of_two_splits_leaves_no_shard_and_no_writer(tmp_path):
     assert len(_read_wds(sorted(out.glob("*.tar")))) == 6000
 
 
+@pytest.mark.usefixtures("loop")
 def test_one_process_or_two_write_the_same_bytes(tmp_path):
     """The split-per-process export against the same export confined to one core."""
     run = tmp_path / "run"
@@ -411,6 +432,7 @@ def test_a_database_url_is_the_general_paths(run_folder, tmp_path):
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
+@pytest.mark.usefixtures("loop")
 def test_an_unreadable_image_in_either_process_is_one_line_and_leaves_nothing(tmp_path, split):
     """A folder where an image should be, in the split of one process or the other: the
     export stops with the error in one line, both processes end, and no shard (final or
@@ -426,3 +448,67 @@ def test_an_unreadable_image_in_either_process_is_one_line_and_leaves_nothing(tm
     assert r.stderr.startswith("batcher: error:") and "directory" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1
     assert [p.name for p in out.iterdir()] == []
+
+
+def test_the_c_loop_writes_the_rows_it_can_and_hands_back_the_others(
+    run_folder, tmp_path, monkeypatch
+):
+    """The C loop writes the jobs of one image with ASCII ids itself (it does not hand every
+    row back, which would pass the byte comparisons above as well); the Chinese ids and the
+    job of two images go to the Python body."""
+    fast = leanexport._speedups()
+    if fast is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("batcher._speedups was not built (pip install -e . with a C compiler)")
+        pytest.skip("batcher._speedups is not built here (no C compiler at install)")
+    written: list[int] = []
+
+    class Spy:
+        def write_rows(self, *args: object) -> tuple[object, ...]:
+            result = fast.write_rows(*args)
+            written.append(result[0])
+            return result
+
+    monkeypatch.delenv("BATCHER_PURE_PYTHON", raising=False)
+    monkeypatch.setattr(leanexport, "_speedups", Spy)
+    monkeypatch.setattr(leanexport, "_cores", lambda: 1)  # one process: the spy sees all
+    opt = ExportOptions(fmt="webdataset", output=tmp_path / "wds", state="all")
+    result = export_webdataset(RunLayout(run_folder), opt)
+    assert result is not None and result.records == 9
+    # quote, loose, dark, gone and bad in C; 台灯-一号, the long id and the two images of
+    # the pair in Python
+    assert sum(written) == 5, written
+
+
+@pytest.mark.parametrize("shard_size", ["30kB", "1MB", "3MB"])
+def test_large_samples_with_python_rows_between_them_give_one_set_of_bytes(
+    tmp_path, monkeypatch, shard_size
+):
+    """Samples of ~120 kB (the C loop hands over a megabyte at a time), shards that end after
+    each sample or after several, and rows the Python body writes in between (a hand-edited
+    number, a Chinese id): the C loop, the Python loop and the general path, byte for byte."""
+    if leanexport._speedups() is None and os.environ.get("CI") != "true":
+        pytest.skip("batcher._speedups is not built here (no C compiler at install)")
+    run = tmp_path / "run"
+    anyio.run(lambda: fabricate(run, 60, side=200, noise=True))
+    with sqlite3.connect(run / "batcher.db") as db:
+        db.execute("UPDATE jobs SET width = 'wide' WHERE rowid IN (7, 23, 41)")
+        db.execute("UPDATE jobs SET id = '样品-十二' WHERE rowid = 12")
+        db.execute("UPDATE jobs SET id = '样品-十三', output = 'x/13.png' WHERE rowid = 13")
+    (run / "images" / "x").mkdir()
+    digests = []
+    for loop in ("c", "python"):
+        if loop == "python":
+            monkeypatch.setenv("BATCHER_PURE_PYTHON", "1")
+        out = tmp_path / loop
+        r = run_cli("export", run, "--format", "webdataset", "-o", out, "--shard-size", shard_size)
+        assert r.returncode == 0, r.stderr
+        assert "exported 60 records" in r.stderr and "1 done image not found" in r.stderr
+        digests.append(_digest(out))
+    general = tmp_path / "general"
+    _general(run, general, shard_size={"30kB": 30_000, "1MB": 10**6, "3MB": 3 * 10**6}[shard_size])
+    assert digests[0] == digests[1] == _digest(general)
+    assert len(digests[0]) > 3  # several shards and the card
+    samples = _read_wds(sorted((tmp_path / "c").glob("*.tar")))
+    assert len(samples) == 60
+    assert {s["json"]["id"] for s in samples} >= {"样品-十二", "样品-十三"}
