@@ -74,6 +74,9 @@ from .shards import ShardSet, TarShards
 
 __all__ = ["export_webdataset"]
 
+# A query on the connection the export's rows come from: fetch(sql, params) -> rows
+Fetch = Callable[[str, tuple[Any, ...]], list[tuple[Any, ...]]]
+
 _DONE = "done"
 _JSON = json.JSONEncoder(ensure_ascii=False)  # the general path's encoder, as configured there
 _enc = encode_basestring  # what that encoder writes a str as (the C function where there is one)
@@ -130,13 +133,18 @@ def export_webdataset(layout: RunLayout, opt: ExportOptions) -> ExportResult | N
         db.close()
 
 
-def _connect(layout: RunLayout) -> sqlite3.Connection | None:
-    """``batcher.db`` opened read-only, at this batcher's schema version; None otherwise."""
+def _uri(layout: RunLayout) -> str:
+    """``batcher.db``'s URI, read-only (``immutable=1`` in a folder that cannot be written,
+    as the store opens it)."""
     where = quote(os.path.abspath(layout.db))
     writable = os.access(layout.root, os.W_OK) and os.access(layout.db, os.W_OK)
-    mode = "mode=ro" if writable else "immutable=1"
+    return f"file:{where}?{'mode=ro' if writable else 'immutable=1'}"
+
+
+def _connect(layout: RunLayout) -> sqlite3.Connection | None:
+    """``batcher.db`` opened read-only, at this batcher's schema version; None otherwise."""
     try:
-        db = sqlite3.connect(f"file:{where}?{mode}", uri=True, timeout=15.0)
+        db = sqlite3.connect(_uri(layout), uri=True, timeout=15.0)
     except sqlite3.Error:
         return None
     try:
@@ -498,8 +506,9 @@ def _write(
             vars_json[vars_] = got
         return got
 
-    def one(row: tuple[Any, ...]) -> None:
-        """Write one row's samples and count it (the loop's body, in Python)."""
+    def one(row: tuple[Any, ...], fetch: Fetch) -> None:
+        """Write one row's samples and count it (the loop's body, in Python); ``fetch``
+        reads from the connection the row came from."""
         nonlocal records, missing, image_bytes
         (
             job_id, st, model, prompt, size, seed, extend, par, n, output, request_id,
@@ -511,7 +520,7 @@ def _write(
         ) = row  # fmt: skip
         done = st == _DONE
         if not plain or (n > 1 and done):  # the general path's records, as they are
-            for image_rec in image_records(_record(db, rowid)):
+            for image_rec in image_records(_record(fetch, rowid)):
                 records += 1
                 missing += _general(image_rec, keys, images, writer, facts, numbers)
             return
@@ -573,20 +582,22 @@ def _write(
     fast = _speedups() if folder is not None else None
     try:
         if fast is None:
-            for row in db.execute(query, params):
-                one(row)
+            rows = db.execute(query, params)
+            for row in rows:
+                one(row, lambda sql, values: db.execute(sql, values).fetchall())
         else:  # the same loop in C, which hands back to one() each row it does not write
             by_rowid = f"SELECT {columns} FROM jobs WHERE rowid = ?"
 
-            def fallback(rowid: int) -> None:
-                one(db.execute(by_rowid, (rowid,)).fetchone())
+            def fallback(rowid: int, fetch: Fetch) -> None:
+                """One row the C loop hands back, read on its connection (its snapshot)."""
+                (row,) = fetch(by_rowid, (rowid,))
+                one(row, fetch)
 
             heads = [("{" if i == 0 else ", ") + _enc(k) + ": " for i, k in enumerate(fields)]
             done_here = fast.write_rows(
-                db.execute(f"SELECT {_COLUMNS}, rowid FROM jobs{where_clause} ORDER BY rowid",
-                           params),
-                tuple(head.encode() for head in (*heads, "}")), len(var_names), folder,
-                SPLIT_FOLDERS, _DONE, EMULATOR_ENDPOINT, numbers,
+                _uri(layout), f"SELECT {_COLUMNS}, rowid FROM jobs{where_clause} ORDER BY rowid",
+                tuple(params), tuple(head.encode() for head in (*heads, "}")), len(var_names),
+                folder, SPLIT_FOLDERS, _DONE, EMULATOR_ENDPOINT, numbers,
                 (states, per_split, models, sizes, languages, costs),
                 (params_of, params_json, cost_json, cost_text, vars_json, vars_values,
                  _SECONDS, _second_head),
@@ -682,10 +693,10 @@ def _speedups() -> Any:
     return module
 
 
-def _record(db: sqlite3.Connection, rowid: int) -> dict[str, Any]:
+def _record(fetch: Fetch, rowid: int) -> dict[str, Any]:
     """A job as :meth:`jobs.JobStore.iter_records` gives it, with the columns an export
     shows; a job of several images with its ``images`` from ``job_images``."""
-    row = db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE rowid = ?", (rowid,)).fetchone()
+    (row,) = fetch(f"SELECT {_COLUMNS} FROM jobs WHERE rowid = ?", (rowid,))
     rec = dict(zip(_NAMES, row, strict=True))
     rec["prompt_extend"] = bool(rec["prompt_extend"])
     rec["cost"] = str(Decimal(int(rec.pop("cost_micros") or 0)) / MICROS)
@@ -693,7 +704,7 @@ def _record(db: sqlite3.Connection, rowid: int) -> dict[str, Any]:
         query = f"SELECT {_IMAGE_COLUMNS} FROM job_images WHERE job_id = ? ORDER BY idx"
         names = [c.strip() for c in _IMAGE_COLUMNS.split(",")]
         rec["images"] = []
-        for image_row in db.execute(query, (rec["id"],)):
+        for image_row in fetch(query, (rec["id"],)):
             image = dict(zip(names, image_row, strict=True))
             image["index"] = image.pop("idx")
             rec["images"].append(image)

@@ -512,3 +512,21 @@ def test_large_samples_with_python_rows_between_them_give_one_set_of_bytes(
     samples = _read_wds(sorted((tmp_path / "c").glob("*.tar")))
     assert len(samples) == 60
     assert {s["json"]["id"] for s in samples} >= {"样品-十二", "样品-十三"}
+
+
+@pytest.mark.usefixtures("loop")
+def test_text_that_is_not_utf8_stops_the_export_in_one_line(tmp_path):
+    """Bytes that are not UTF-8 in a text column (a table written by another program): the
+    export says which column in one line, exits 2 and leaves no shard, whichever loop reads
+    the row and whichever process writes its split."""
+    run = tmp_path / "run"
+    anyio.run(fabricate, run, 400)
+    with sqlite3.connect(run / "batcher.db") as db:
+        db.execute("UPDATE jobs SET prompt = CAST(X'41ff42' AS TEXT) WHERE rowid = 300")
+        db.execute("UPDATE jobs SET error_message = CAST(X'c0af' AS TEXT) WHERE rowid = 301")
+    out = tmp_path / "wds"
+    r = run_cli("export", run, "--format", "webdataset", "-o", out)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("batcher: error: the job database failed: Could not decode")
+    assert len(r.stderr.splitlines()) == 1 and "Traceback" not in r.stderr
+    assert [p.name for p in out.iterdir()] == []
