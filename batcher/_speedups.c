@@ -730,28 +730,45 @@ error: {
 
 /* ---- the tar members -------------------------------------------------------------- */
 
+/* The ustar header of a member, but for its name, size and checksum: mode 0644, uid and gid
+ * 0, mtime 0, a regular file, no user or group name (as batcher.shards' _USTAR) */
+static unsigned char USTAR[BLOCK];
+static unsigned long USTAR_SUM; /* its bytes' sum, the checksum field counted as spaces */
+
+static void
+init_ustar(void)
+{
+    memset(USTAR, 0, BLOCK);
+    memcpy(USTAR + 100, "0000644", 8);
+    memcpy(USTAR + 108, "0000000", 8);
+    memcpy(USTAR + 116, "0000000", 8);
+    memcpy(USTAR + 136, "00000000000", 12);
+    USTAR[156] = '0';
+    memcpy(USTAR + 257, "ustar", 6);
+    USTAR[263] = '0';
+    USTAR[264] = '0';
+    USTAR_SUM = 8 * ' ';
+    for (int i = 0; i < BLOCK; i++) {
+        USTAR_SUM += USTAR[i];
+    }
+}
+
 /* A member's header, data and padding at the end of ``b``, which has room for them */
 static void
 member(Buf *b, const char *key, Py_ssize_t klen, const char *ext, const char *data,
        Py_ssize_t size)
 {
     unsigned char *h = (unsigned char *)b->p + b->len;
-    memset(h, 0, BLOCK);
+    memcpy(h, USTAR, BLOCK);
     size_t elen = strlen(ext);
     memcpy(h, key, (size_t)klen);
     memcpy(h + klen, ext, elen);
-    memcpy(h + 100, "0000644", 8);
-    memcpy(h + 108, "0000000", 8);
-    memcpy(h + 116, "0000000", 8);
     octal(h + 124, (unsigned long long)size, 11);
-    memcpy(h + 136, "00000000000", 12);
-    memset(h + 148, ' ', 8);
-    h[156] = '0';
-    memcpy(h + 257, "ustar", 6);
-    h[263] = '0';
-    h[264] = '0';
-    unsigned long sum = 0;
-    for (int i = 0; i < BLOCK; i++) {
+    unsigned long sum = USTAR_SUM;
+    for (Py_ssize_t i = 0; i < klen + (Py_ssize_t)elen; i++) {
+        sum += h[i];
+    }
+    for (int i = 124; i < 135; i++) {
         sum += h[i];
     }
     octal(h + 148, sum, 6);
@@ -1565,6 +1582,7 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
+    init_ustar();
     PyObject *sqlite3_module = PyImport_ImportModule("sqlite3");
     if (sqlite3_module == NULL) {
         return NULL;

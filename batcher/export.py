@@ -21,7 +21,6 @@ memory stays flat whatever the size of the run.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
@@ -214,6 +213,8 @@ async def _export_text(
         writer: Any = None
         if fmt == "csv":
             names = [*EXPORT_FIELDS, *(key for _, key in keys)]
+            import csv  # here only: the other formats start without it
+
             writer = csv.writer(out)
             writer.writerow(names)
         async for job in store.iter_records(state=state):

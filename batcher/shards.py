@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import os
 import re
-import tarfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +123,8 @@ def tar_header(name: str, size: int) -> bytes:
     it with mode 0644 and mtime 0 (a pax header first for a long or non-ASCII name)."""
     raw = name.encode()
     if len(raw) > 100 or not name.isascii() or size >= 8**11:
+        import tarfile  # here only: ten modules an export of ASCII keys need not start with
+
         info = tarfile.TarInfo(name)
         info.size, info.mode = size, 0o644
         return info.tobuf(format=tarfile.PAX_FORMAT, encoding="utf-8", errors="strict")
