@@ -141,6 +141,16 @@ typedef struct {
     int type;
 } Memo;
 
+/* The answers of a cache for the last texts seen, by a hash of their bytes: most rows'
+ * params and variables are found here, without making their text a str to look it up */
+#define SLOTS 64
+typedef struct {
+    PyObject *val; /* owned, or NULL */
+    char *key;
+    Py_ssize_t len;
+    int type;
+} Slot;
+
 /* A split's samples not handed to its shard yet: the bytes in its open shard when last
  * asked (``base``), those waiting here, and whether its open shard is to be closed first */
 typedef struct {
@@ -191,8 +201,9 @@ typedef struct {
     int n_shards;
     Col col[N_COLUMNS];
     Memo state, model, size, currency;        /* the counts' keys */
-    Memo params_key, vars_key, micros_key;    /* the caches' keys, and their answers: */
-    PyObject *params_val, *vars_val, *cost_val; /* owned */
+    Memo micros_key;                          /* the cost cache's key, and its answer: */
+    PyObject *cost_val;                       /* owned */
+    Slot params_slots[SLOTS], vars_slots[SLOTS]; /* params text, vars text -> their JSON */
     Second seconds[SECONDS];
     Buf rec, img;
     long long records, missing, image_bytes;
@@ -454,6 +465,56 @@ looked_up(PyObject **val, Memo *key, PyObject *cache, PyObject *of, const Col *v
     return got;
 }
 
+/* The answer of ``of(column)`` through its cache, for a text or NULL column, kept in
+ * ``slots`` by the column's bytes: a borrowed reference */
+static PyObject *
+slot_lookup(Slot *slots, PyObject *cache, PyObject *of, const Col *v)
+{
+    Py_ssize_t len = v->type == SQLITE_TEXT ? v->len : 0;
+    unsigned long long h = 1469598103934665603ULL ^ (unsigned long long)v->type;
+    for (Py_ssize_t i = 0; i < len; i++) { /* FNV-1a */
+        h = (h ^ (unsigned char)v->text[i]) * 1099511628211ULL;
+    }
+    Slot *s = &slots[h % SLOTS];
+    if (s->val != NULL && s->type == v->type && s->len == len &&
+        (len == 0 || memcmp(s->key, v->text, (size_t)len) == 0)) {
+        return s->val;
+    }
+    PyObject *key = as_python(v);
+    if (key == NULL) {
+        return NULL;
+    }
+    PyObject *got = cached(cache, of, key);
+    Py_DECREF(key);
+    if (got == NULL) {
+        return NULL;
+    }
+    char *copy = PyMem_Realloc(s->key, (size_t)(len ? len : 1));
+    if (copy == NULL) {
+        Py_DECREF(got);
+        PyErr_NoMemory();
+        return NULL;
+    }
+    if (len) {
+        memcpy(copy, v->text, (size_t)len);
+    }
+    s->key = copy;
+    s->len = len;
+    s->type = v->type;
+    Py_XSETREF(s->val, got);
+    return got;
+}
+
+static void
+free_slots(Slot *slots)
+{
+    for (int i = 0; i < SLOTS; i++) {
+        Py_CLEAR(slots[i].val);
+        PyMem_Free(slots[i].key);
+        slots[i].key = NULL;
+    }
+}
+
 /* A time column's JSON, as leanexport._json_time writes it: FALLBACK for another type */
 static int
 when(Ctx *c, Buf *b, const Col *v)
@@ -564,7 +625,7 @@ record(Ctx *c, int done)
                     r = FALLBACK;
                     break;
                 }
-                vars = looked_up(&c->vars_val, &c->vars_key, c->vars_cache, c->vars_of, v);
+                vars = slot_lookup(c->vars_slots, c->vars_cache, c->vars_of, v);
                 if (vars == NULL) {
                     r = -1;
                     break;
@@ -607,8 +668,7 @@ record(Ctx *c, int done)
                 break;
             }
             if (params == NULL) {
-                params =
-                    looked_up(&c->params_val, &c->params_key, c->params_cache, c->params_of, v);
+                params = slot_lookup(c->params_slots, c->params_cache, c->params_of, v);
                 if (params == NULL) {
                     r = -1;
                     break;
@@ -1380,14 +1440,13 @@ static const char write_rows_doc[] =
 static void
 forget_all(Ctx *c)
 {
-    Memo *memos[] = {&c->state, &c->model, &c->size, &c->currency,
-                     &c->params_key, &c->vars_key, &c->micros_key};
+    Memo *memos[] = {&c->state, &c->model, &c->size, &c->currency, &c->micros_key};
     for (size_t i = 0; i < sizeof memos / sizeof memos[0]; i++) {
         forget(memos[i]);
     }
-    Py_CLEAR(c->params_val);
-    Py_CLEAR(c->vars_val);
     Py_CLEAR(c->cost_val);
+    free_slots(c->params_slots);
+    free_slots(c->vars_slots);
     for (int i = 0; i < c->n_shards; i++) {
         Py_DECREF(c->shards[i].split);
         PyMem_Free(c->shards[i].pending.p);

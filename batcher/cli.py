@@ -98,10 +98,23 @@ def _port(text: str) -> int:
     return value
 
 
+_COMMANDS = (
+    *("plan", "run", "status", "export", "retry", "redo", "report", "review", "cancel"),
+    "emulate",
+)
+
+
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
-    """The command line's parser; ``emulate``'s own options only when ``argv`` (the
-    command's arguments, ``sys.argv`` by default) may name that command: they import the
-    emulator's settings and models, a sixth of an export's start-up."""
+    """The command line's parser: of the command ``argv`` (the command's arguments,
+    ``sys.argv`` by default) names, when it names one (the others' parsers, built for nothing,
+    were a tenth of an export's start-up); of every command otherwise (``batcher --help``, a
+    command misspelt)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    named = next((a for a in args if not a.startswith("-")), None)
+
+    def wanted(command: str) -> bool:
+        return named not in _COMMANDS or named == command
+
     parser = _Parser(
         prog="batcher",
         description="Turn a manifest of prompts into a folder of images with DashScope's "
@@ -112,183 +125,207 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"batcher {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    plan = sub.add_parser("plan", help="validate and import a manifest; no API call")
-    plan.add_argument("manifest", type=Path, help="a manifest, or a run folder to plan again")
-    plan.add_argument("--out", type=Path, help="run folder (default out/<manifest name>)")
-    plan.add_argument("--replace", action="store_true", help="reset jobs whose content changed")
-    plan.add_argument("--region", choices=["intl", "cn"], default="intl")
-    plan.add_argument(
-        "--rps",
-        type=_positive(float),
-        help="quota per model the time is estimated at (default: each model's published one)",
-    )
-    plan.add_argument(
-        "--emulate", action="store_true", help="plan the rehearsal (out/<name>.emulated)"
-    )
-    plan.add_argument(
-        "--lanes",
-        type=Path,
-        metavar="FILE",
-        help="estimate with the lanes of this file (their region's prices, their quotas)",
-    )
-    plan.add_argument("--json", action="store_true", help="print a JSON object")
-    _add_db(plan)
+    if wanted("plan"):
+        plan = sub.add_parser("plan", help="validate and import a manifest; no API call")
+        plan.add_argument("manifest", type=Path, help="a manifest, or a run folder to plan again")
+        plan.add_argument("--out", type=Path, help="run folder (default out/<manifest name>)")
+        plan.add_argument("--replace", action="store_true", help="reset jobs whose content changed")
+        plan.add_argument("--region", choices=["intl", "cn"], default="intl")
+        plan.add_argument(
+            "--rps",
+            type=_positive(float),
+            help="quota per model the time is estimated at (default: each model's published one)",
+        )
+        plan.add_argument(
+            "--emulate", action="store_true", help="plan the rehearsal (out/<name>.emulated)"
+        )
+        plan.add_argument(
+            "--lanes",
+            type=Path,
+            metavar="FILE",
+            help="estimate with the lanes of this file (their region's prices, their quotas)",
+        )
+        plan.add_argument("--json", action="store_true", help="print a JSON object")
+        _add_db(plan)
 
-    run = sub.add_parser("run", help="generate every image of a manifest")
-    run.add_argument("manifest", type=Path, help="a manifest, or a run folder to resume")
-    run.add_argument(
-        "--out",
-        type=Path,
-        help="run folder (default out/<manifest name>, out/<manifest name>.emulated with "
-        "--emulate)",
-    )
-    run.add_argument(
-        "--concurrency",
-        type=_positive(int),
-        help="jobs in flight: calls, downloads, writes (default: from the rate)",
-    )
-    run.add_argument(
-        "--rps",
-        type=_positive(float),
-        help="quota per model, requests/s (default: each model's published quota, 2 for most)",
-    )
-    run.add_argument("--max-attempts", type=_positive(int), default=5)
-    run.add_argument("--request-timeout", type=_positive(float), default=120.0, metavar="S")
-    run.add_argument("--region", choices=["intl", "cn"], default="intl")
-    run.add_argument("--base-url", help="API base URL ending in /api/v1 (overrides --region)")
-    run.add_argument(
-        "--lanes",
-        type=Path,
-        metavar="FILE",
-        help="several API keys, each paced on its own: a YAML file of lanes (name, key_env, "
-        "region or base_url, quota, models, weight); see the README",
-    )
-    run.add_argument(
-        "--emulate", action="store_true", help="run against the built-in emulator (no key needed)"
-    )
-    run.add_argument("--emulate-latency", default="lognormal:2000:0.4", help=argparse.SUPPRESS)
-    run.add_argument("--emulate-faults", default="", help=argparse.SUPPRESS)
-    # the emulated quota: --rps unless given (a rehearsal at --rps 5 meets a 5/s quota)
-    run.add_argument("--emulate-rps", type=_positive(float), default=None, help=argparse.SUPPRESS)
-    run.add_argument("--limit", type=_positive(int), help="generate at most N images (a trial)")
-    run.add_argument(
-        "--budget",
-        metavar="AMOUNT",
-        help="stop before the run folder's spend would pass AMOUNT, in the region's currency "
-        "unless named (5CNY, 2.5USD)",
-    )
-    run.add_argument("--replace", action="store_true", help="reset jobs whose content changed")
-    run.add_argument(
-        "--grace",
-        type=_non_negative(float),
-        default=10.0,
-        help="seconds to let calls finish on Ctrl-C",
-    )
-    run.add_argument("--lease", type=_positive(float), default=60.0, help=argparse.SUPPRESS)
-    run.add_argument("--backoff-base", type=_positive(float), default=1.0, help=argparse.SUPPRESS)
-    run.add_argument("--seed", type=int, help=argparse.SUPPRESS)
-    run.add_argument("--start-rps", type=_positive(float), default=2.0, help=argparse.SUPPRESS)
-    run.add_argument(
-        "--unreachable-timeout",
-        type=_non_negative(float),
-        default=180.0,
-        metavar="S",
-        help="stop (exit 3) when the service or the job database cannot be reached for this "
-        "long (default 180)",
-    )
-    run.add_argument("--no-progress", action="store_true", help="no progress display")
-    run.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
-    _add_db(run)
+    if wanted("run"):
+        run = sub.add_parser("run", help="generate every image of a manifest")
+        run.add_argument("manifest", type=Path, help="a manifest, or a run folder to resume")
+        run.add_argument(
+            "--out",
+            type=Path,
+            help="run folder (default out/<manifest name>, out/<manifest name>.emulated with "
+            "--emulate)",
+        )
+        run.add_argument(
+            "--concurrency",
+            type=_positive(int),
+            help="jobs in flight: calls, downloads, writes (default: from the rate)",
+        )
+        run.add_argument(
+            "--rps",
+            type=_positive(float),
+            help="quota per model, requests/s (default: each model's published quota, 2 for most)",
+        )
+        run.add_argument("--max-attempts", type=_positive(int), default=5)
+        run.add_argument("--request-timeout", type=_positive(float), default=120.0, metavar="S")
+        run.add_argument("--region", choices=["intl", "cn"], default="intl")
+        run.add_argument("--base-url", help="API base URL ending in /api/v1 (overrides --region)")
+        run.add_argument(
+            "--lanes",
+            type=Path,
+            metavar="FILE",
+            help="several API keys, each paced on its own: a YAML file of lanes (name, key_env, "
+            "region or base_url, quota, models, weight); see the README",
+        )
+        run.add_argument(
+            "--emulate",
+            action="store_true",
+            help="run against the built-in emulator (no key needed)",
+        )
+        run.add_argument("--emulate-latency", default="lognormal:2000:0.4", help=argparse.SUPPRESS)
+        run.add_argument("--emulate-faults", default="", help=argparse.SUPPRESS)
+        # the emulated quota: --rps unless given (a rehearsal at --rps 5 meets a 5/s quota)
+        run.add_argument(
+            "--emulate-rps", type=_positive(float), default=None, help=argparse.SUPPRESS
+        )
+        run.add_argument("--limit", type=_positive(int), help="generate at most N images (a trial)")
+        run.add_argument(
+            "--budget",
+            metavar="AMOUNT",
+            help="stop before the run folder's spend would pass AMOUNT, in the region's currency "
+            "unless named (5CNY, 2.5USD)",
+        )
+        run.add_argument("--replace", action="store_true", help="reset jobs whose content changed")
+        run.add_argument(
+            "--grace",
+            type=_non_negative(float),
+            default=10.0,
+            help="seconds to let calls finish on Ctrl-C",
+        )
+        run.add_argument("--lease", type=_positive(float), default=60.0, help=argparse.SUPPRESS)
+        run.add_argument(
+            "--backoff-base", type=_positive(float), default=1.0, help=argparse.SUPPRESS
+        )
+        run.add_argument("--seed", type=int, help=argparse.SUPPRESS)
+        run.add_argument("--start-rps", type=_positive(float), default=2.0, help=argparse.SUPPRESS)
+        run.add_argument(
+            "--unreachable-timeout",
+            type=_non_negative(float),
+            default=180.0,
+            metavar="S",
+            help="stop (exit 3) when the service or the job database cannot be reached for this "
+            "long (default 180)",
+        )
+        run.add_argument("--no-progress", action="store_true", help="no progress display")
+        run.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+        _add_db(run)
 
-    status = sub.add_parser("status", help="counts per state and failures by code")
-    status.add_argument("folder", type=Path)
-    status.add_argument("--json", action="store_true")
-    _add_db(status)
+    if wanted("status"):
+        status = sub.add_parser("status", help="counts per state and failures by code")
+        status.add_argument("folder", type=Path)
+        status.add_argument("--json", action="store_true")
+        _add_db(status)
 
-    export = sub.add_parser(
-        "export", help="the jobs as JSONL or CSV records, or Parquet / WebDataset shards"
-    )
-    export.add_argument("folder", type=Path)
-    export.add_argument(
-        "--format",
-        choices=["jsonl", "csv", "parquet", "webdataset"],
-        help="default: from -o's extension (.jsonl, .csv), else jsonl",
-    )
-    export.add_argument(
-        "-o",
-        "--output",
-        type=Path,
-        help="file to write (default stdout); a folder for parquet and webdataset",
-    )
-    export.add_argument(
-        "--shard-size",
-        default="500MB",
-        metavar="SIZE",
-        help="parquet/webdataset: bytes per shard, e.g. 500MB, 1GiB (default 500MB)",
-    )
-    export.add_argument(
-        "--state",
-        choices=["done", "failed", "all"],
-        help="which jobs (default: done for shards, all for records)",
-    )
-    export.add_argument(
-        "--no-embed",
-        action="store_true",
-        help="parquet: name each image by its path instead of embedding its bytes",
-    )
-    _add_db(export)
+    if wanted("export"):
+        export = sub.add_parser(
+            "export", help="the jobs as JSONL or CSV records, or Parquet / WebDataset shards"
+        )
+        export.add_argument("folder", type=Path)
+        export.add_argument(
+            "--format",
+            choices=["jsonl", "csv", "parquet", "webdataset"],
+            help="default: from -o's extension (.jsonl, .csv), else jsonl",
+        )
+        export.add_argument(
+            "-o",
+            "--output",
+            type=Path,
+            help="file to write (default stdout); a folder for parquet and webdataset",
+        )
+        export.add_argument(
+            "--shard-size",
+            default="500MB",
+            metavar="SIZE",
+            help="parquet/webdataset: bytes per shard, e.g. 500MB, 1GiB (default 500MB)",
+        )
+        export.add_argument(
+            "--state",
+            choices=["done", "failed", "all"],
+            help="which jobs (default: done for shards, all for records)",
+        )
+        export.add_argument(
+            "--no-embed",
+            action="store_true",
+            help="parquet: name each image by its path instead of embedding its bytes",
+        )
+        _add_db(export)
 
-    retry = sub.add_parser("retry", help="put failed jobs back to pending")
-    retry.add_argument("folder", type=Path)
-    retry.add_argument("--code", help="only jobs that failed with this error code")
-    _add_db(retry)
+    if wanted("retry"):
+        retry = sub.add_parser("retry", help="put failed jobs back to pending")
+        retry.add_argument("folder", type=Path)
+        retry.add_argument("--code", help="only jobs that failed with this error code")
+        _add_db(retry)
 
-    redo = sub.add_parser(
-        "redo", help="put done jobs back to pending with a new seed; their images are kept"
-    )
-    redo.add_argument("folder", type=Path)
-    redo.add_argument("--rejected", action="store_true", help="every job marked rejected")
-    redo.add_argument(
-        "--id", dest="ids", action="extend", nargs="+", default=[], metavar="ID", help="job ids"
-    )
-    seeds = redo.add_mutually_exclusive_group()
-    seeds.add_argument(
-        "--new-seed", action="store_true", help="a new random seed (the default without --prompt)"
-    )
-    seeds.add_argument("--seed", type=int, help="this seed for every job redone")
-    redo.add_argument("--prompt", help="a new prompt (keeps each seed unless --new-seed/--seed)")
-    redo.add_argument("--dry-run", action="store_true", help="print what would be done, do nothing")
-    _add_db(redo)
+    if wanted("redo"):
+        redo = sub.add_parser(
+            "redo", help="put done jobs back to pending with a new seed; their images are kept"
+        )
+        redo.add_argument("folder", type=Path)
+        redo.add_argument("--rejected", action="store_true", help="every job marked rejected")
+        redo.add_argument(
+            "--id", dest="ids", action="extend", nargs="+", default=[], metavar="ID", help="job ids"
+        )
+        seeds = redo.add_mutually_exclusive_group()
+        seeds.add_argument(
+            "--new-seed",
+            action="store_true",
+            help="a new random seed (the default without --prompt)",
+        )
+        seeds.add_argument("--seed", type=int, help="this seed for every job redone")
+        redo.add_argument(
+            "--prompt", help="a new prompt (keeps each seed unless --new-seed/--seed)"
+        )
+        redo.add_argument(
+            "--dry-run", action="store_true", help="print what would be done, do nothing"
+        )
+        _add_db(redo)
 
-    report = sub.add_parser("report", help="write a static report: figures, charts, a gallery")
-    report.add_argument("folder", type=Path)
-    report.add_argument("-o", "--output", type=Path, help="report folder (default DIR/report)")
-    _add_db(report)
+    if wanted("report"):
+        report = sub.add_parser("report", help="write a static report: figures, charts, a gallery")
+        report.add_argument("folder", type=Path)
+        report.add_argument("-o", "--output", type=Path, help="report folder (default DIR/report)")
+        _add_db(report)
 
-    review = sub.add_parser("review", help="serve the report locally with approve/reject/notes")
-    review.add_argument("folder", type=Path)
-    review.add_argument("--port", type=_port, default=8642, help="port (0: any free one)")
-    review.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1 only)"
-    )
-    _add_db(review)
+    if wanted("review"):
+        review = sub.add_parser("review", help="serve the report locally with approve/reject/notes")
+        review.add_argument("folder", type=Path)
+        review.add_argument("--port", type=_port, default=8642, help="port (0: any free one)")
+        review.add_argument(
+            "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1 only)"
+        )
+        _add_db(review)
 
-    cancel = sub.add_parser(
-        "cancel", help="cancel the folder's asynchronous tasks the service has not started"
-    )
-    cancel.add_argument("folder", type=Path)
-    cancel.add_argument("--region", choices=["intl", "cn"], default="intl")
-    cancel.add_argument("--base-url", help="API base URL ending in /api/v1 (overrides --region)")
-    cancel.add_argument(
-        "--lanes", type=Path, metavar="FILE", help="cancel each task with its lane's key"
-    )
-    _add_db(cancel)
+    if wanted("cancel"):
+        cancel = sub.add_parser(
+            "cancel", help="cancel the folder's asynchronous tasks the service has not started"
+        )
+        cancel.add_argument("folder", type=Path)
+        cancel.add_argument("--region", choices=["intl", "cn"], default="intl")
+        cancel.add_argument(
+            "--base-url", help="API base URL ending in /api/v1 (overrides --region)"
+        )
+        cancel.add_argument(
+            "--lanes", type=Path, metavar="FILE", help="cancel each task with its lane's key"
+        )
+        _add_db(cancel)
 
-    emulate = sub.add_parser("emulate", help="serve the built-in DashScope emulator")
-    if "emulate" in (sys.argv[1:] if argv is None else argv):
-        from .emulator.cli import configure_parser
+    if wanted("emulate"):
+        emulate = sub.add_parser("emulate", help="serve the built-in DashScope emulator")
+        if named == "emulate":  # its options import the emulator's settings and models
+            from .emulator.cli import configure_parser
 
-        configure_parser(emulate)
+            configure_parser(emulate)
     return parser
 
 

@@ -285,7 +285,7 @@ class TarShards:
 
     def _new(self, split: str) -> tuple[Any, int]:
         """A new shard of ``split``, open, and what it holds (nothing)."""
-        return open(self._shards.new(split), "wb", buffering=4 << 20), 0  # noqa: SIM115
+        return open(self._shards.new(split), "wb", buffering=4 << 20), 0
 
     def _close(self, split: str) -> None:
         fh, written = self._open.pop(split)
