@@ -15,6 +15,8 @@ variables), not by generating the images through the service.
   Told beside the goal, not instead of it: tar followed by ``sync FILE`` (an fsync of its
   archive), whose data is then on disk as batcher's shards are, which separates the cost of
   that fsync (the disk's, for large images) from batcher's own.
+  Also told beside it: the same export with its row loop in Python (``BATCHER_PURE_PYTHON=1``,
+  what an install without a C compiler runs), the C loop's gain measured in the same run.
   Goal: batcher at >= 0.8x tar's speed (tar's time / batcher's time) over 20,000 images,
   judged on realistic images. Three sizes:
 
@@ -45,7 +47,7 @@ from typing import Any
 
 import anyio
 
-from .common import Measured, batcher_command, run_measured, shown, work_dir
+from .common import Measured, batcher_command, child_env, run_measured, shown, work_dir
 from .dataset_fixture import fabricate
 from .report import Goal, Result, bench_main, fmt, table
 
@@ -73,6 +75,7 @@ class Speed:
     export_cpu: float
     megabytes: float
     tar_synced: float  # tar, then its archive fsynced (``sync FILE``): its data on disk
+    python_loop: float  # the export with its row loop in Python (BATCHER_PURE_PYTHON=1)
 
     @property
     def synced_ratio(self) -> float:
@@ -105,11 +108,14 @@ def _fixture(n: int, *, side: int = 16, kind: str = "flat") -> Path:
     return root / "run"
 
 
-def _export(run: Path, out: Path, fmt_name: str, logs: Path) -> Measured:
+def _export(
+    run: Path, out: Path, fmt_name: str, logs: Path, *, python_loop: bool = False
+) -> Measured:
     if out.exists():
         shutil.rmtree(out)
     command = batcher_command("export", str(run), "--format", fmt_name, "-o", str(out))
-    return run_measured(command, cwd=run.parent, timeout=900, logs=logs).check()
+    env = child_env(BATCHER_PURE_PYTHON="1") if python_loop else None
+    return run_measured(command, cwd=run.parent, timeout=900, logs=logs, env=env).check()
 
 
 def _tar(run: Path, out: Path, logs: Path) -> Measured:
@@ -149,14 +155,16 @@ def _speed(case: Case, work: Path, repeats: int, commands: list[str]) -> Speed:
     _export(run, wds_out, "webdataset", work / f"wds-{case.kind}-warm")
     best: dict[str, Measured] = {}
     for i in range(repeats):
-        order = ("tar", "export", "synced") if i % 2 == 0 else ("synced", "export", "tar")
-        for what in order:
+        order = ("tar", "export", "synced", "python")
+        for what in order if i % 2 == 0 else reversed(order):
             logs = work / f"{what}-{case.kind}-{i}"
             os.sync()  # no dirty pages of the previous command written back during this one
             if what == "tar":
                 m = _tar(run, tar_out, logs)
             elif what == "synced":
                 m = _tar_synced(run, tar_out, logs)
+            elif what == "python":
+                m = _export(run, wds_out, "webdataset", logs, python_loop=True)
             else:
                 m = _export(run, wds_out, "webdataset", logs)
             if what not in best or m.wall < best[what].wall:
@@ -173,6 +181,7 @@ def _speed(case: Case, work: Path, repeats: int, commands: list[str]) -> Speed:
         export_cpu=best["export"].cpu,
         megabytes=megabytes,
         tar_synced=best["synced"].wall,
+        python_loop=best["python"].wall,
     )
 
 
@@ -210,6 +219,7 @@ def body(quick: bool, args: Any) -> Result:
         rows.append([f"tar cf over {what}", fmt(sp.tar, 3), fmt(sp.tar_cpu, 3), "-"])
         rows.append([f"tar cf + sync of the archive, {what}", fmt(sp.tar_synced, 3), "-", "-"])
         rows.append([f"export webdataset of {what}", fmt(sp.export, 3), fmt(sp.export_cpu, 3), "-"])
+        rows.append([f"the same, its row loop in Python, {what}", fmt(sp.python_loop, 3), "-", "-"])
     rows.append(["batcher export start-up alone (webdataset, no job)", fmt(start, 3), "-", "-"])
     rows.append(["batcher export start-up alone (jsonl, no job)", fmt(general, 3), "-", "-"])
 
@@ -219,7 +229,8 @@ def body(quick: bool, args: Any) -> Result:
             f"{sp.case.label}, {sp.case.count:,} x {sp.megabytes / sp.case.count * 1000:,.1f} kB: "
             f"{sp.ratio:.2f}x (tar {sp.tar:.3f} s, batcher {sp.export:.3f} s, "
             f"{rate:,.0f} images/s after start-up; {sp.synced_ratio:.2f}x tar with its archive "
-            f"fsynced, {sp.tar_synced:.3f} s)"
+            f"fsynced, {sp.tar_synced:.3f} s; the row loop in Python {sp.python_loop:.3f} s, "
+            f"{sp.tar / sp.python_loop:.2f}x)"
         )
 
     worst = max(peaks.values())
@@ -255,9 +266,10 @@ def body(quick: bool, args: Any) -> Result:
         goals=goals,
         notes=[
             "tar spends a few microseconds of C per file; batcher also starts Python "
-            f"({start:.2f} s for an export of nothing, the job table read through sqlite3), "
-            "reads each job's row, builds its JSON record and writes three members (png, json, "
-            "txt) per image, the two splits in two processes when a second core is free. With "
+            f"({start:.2f} s for an export of nothing), reads each job's row, builds its JSON "
+            "record and writes three members (png, json, txt) per image, in C where "
+            "batcher._speedups is built (else in Python: BATCHER_PURE_PYTHON=1, measured beside "
+            "it), the two splits in two processes when a second core is free. With "
             "tiny images the ratio measures that fixed and per-file cost; the goal is judged "
             "on the realistic sizes (" + ", ".join(f"{sp.ratio:.2f}x" for sp in realistic) + ").",
         ],
@@ -270,7 +282,12 @@ def body(quick: bool, args: Any) -> Result:
             "emulator_speed_ratio": speeds[1].ratio,
             "photo_speed_ratio": speeds[2].ratio,
             "speeds": {
-                sp.case.kind: {"tar_s": sp.tar, "export_s": sp.export, "ratio": sp.ratio}
+                sp.case.kind: {
+                    "tar_s": sp.tar,
+                    "export_s": sp.export,
+                    "ratio": sp.ratio,
+                    "python_loop_s": sp.python_loop,
+                }
                 for sp in speeds
             },
         },

@@ -202,12 +202,25 @@ class PostgresBackend(Backend):
         # on checkout rather than failing the next write. Connecting and every statement give
         # up in time (CONNECT_TIMEOUT, COMMAND_TIMEOUT): a server cut off without a word must
         # still turn into an error the run can wait out, never a worker hung for good.
+        #
+        # The server gives up too: a session of this worker left idle inside a transaction
+        # for as long is ended (idle_in_transaction_session_timeout), so a worker cut off
+        # between two statements of a claim, a commit or a quota reservation does not keep
+        # the rows it locked (a job's, the quota schedule's) from the other workers until
+        # the server's TCP keepalive notices, hours later. The exclusive transactions (an
+        # import) lift it: their worker may rightly think between two statements.
         self.engine = create_async_engine(
             url,
             pool_size=4,
             max_overflow=8,
             pool_pre_ping=True,
-            connect_args={"timeout": min(CONNECT_TIMEOUT, timeout), "command_timeout": timeout},
+            connect_args={
+                "timeout": min(CONNECT_TIMEOUT, timeout),
+                "command_timeout": timeout,
+                "server_settings": {
+                    "idle_in_transaction_session_timeout": str(max(1, round(timeout * 1000)))
+                },
+            },
         )
         self._offset = 0.0
 
@@ -261,6 +274,12 @@ class PostgresBackend(Backend):
         self._offset = float(server) - (before + after) / 2
 
     async def exclusive(self, conn: AsyncConnection) -> None:
+        # Through SQLAlchemy first: its asyncpg adapter opens the transaction on the server
+        # at its first statement, and one sent on the raw connection before that runs outside
+        # it (a transaction-level lock taken there is released at once). This one lifts the
+        # server's limit on idle time in the transaction: an import may rightly think between
+        # two statements.
+        await conn.exec_driver_sql("SET LOCAL idle_in_transaction_session_timeout = 0")
         # another worker may hold it through a long import: no statement timeout on the wait
         driver = (await conn.get_raw_connection()).driver_connection
         assert driver is not None

@@ -2,12 +2,16 @@
 on its own, then one template) are the bytes :func:`batcher.records.export_row` and the
 general path's encoder make of the same row, for random values: any string SQLite can hold
 (control characters, U+2028/2029, astral characters, quotes, backslashes, a NUL), integers of
-any size, NULLs, floats, times, costs, model parameters, variables of every JSON type."""
+any size, NULLs, floats, times, costs, model parameters, variables of every JSON type; by
+the Python loop and by the C loop."""
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import tarfile
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +25,7 @@ from batcher.card import CardFacts
 from batcher.layout import RunLayout
 from batcher.records import EXPORT_FIELDS, export_row, image_records, split_of, variable_keys
 from batcher.shardexport import sample_key
+from batcher.shards import ShardSet, TarShards
 from bench.dataset_fixture import fabricate
 
 _JSON = json.JSONEncoder(ensure_ascii=False)
@@ -104,11 +109,19 @@ row_values = st.fixed_dictionaries(
 )
 
 
+def _fetch(db: sqlite3.Connection) -> leanexport.Fetch:
+    return lambda sql, params: db.execute(sql, params).fetchall()
+
+
 @settings(
     max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(values=row_values)
-def test_the_lean_records_are_the_encoders(run: Path, values: dict[str, Any]) -> None:
+def test_the_python_loops_records_are_the_encoders(
+    run: Path, values: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Python loop, fed the row in a transaction of its own connection."""
+    monkeypatch.setenv("BATCHER_PURE_PYTHON", "1")
     db = sqlite3.connect(run / "batcher.db", isolation_level=None)
     try:
         db.execute("BEGIN")
@@ -117,7 +130,7 @@ def test_the_lean_records_are_the_encoders(run: Path, values: dict[str, Any]) ->
         keys = variable_keys(["label", "style"], EXPORT_FIELDS)
         writer = _Samples()
         leanexport._write(db, RunLayout(run), None, None, keys, writer, CardFacts())  # type: ignore[arg-type]
-        rec = leanexport._record(db, 1)
+        rec = leanexport._record(_fetch(db), 1)
         expected = image_records(rec)[0]
         split, key, _png, record, text = writer.samples[0]
         assert record == _JSON.encode(export_row(expected, keys)).encode()
@@ -128,3 +141,49 @@ def test_the_lean_records_are_the_encoders(run: Path, values: dict[str, Any]) ->
     finally:
         db.execute("ROLLBACK")
         db.close()
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(values=row_values)
+def test_the_c_loops_records_are_the_encoders(
+    run: Path, values: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The C loop (:mod:`batcher._speedups`, which reads the table on a connection of its
+    own: the row is committed), its samples read back from the tar shard it wrote."""
+    monkeypatch.delenv("BATCHER_PURE_PYTHON", raising=False)
+    if leanexport._speedups() is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("batcher._speedups was not built (pip install -e . with a C compiler)")
+        pytest.skip("batcher._speedups is not built here (no C compiler at install)")
+    sets = ", ".join(f"{name} = ?" for name in values)
+    with sqlite3.connect(run / "batcher.db") as db:
+        db.execute(f"UPDATE jobs SET {sets} WHERE rowid = 1", tuple(values.values()))
+    db = sqlite3.connect(run / "batcher.db")
+    try:
+        keys = variable_keys(["label", "style"], EXPORT_FIELDS)
+        with tempfile.TemporaryDirectory() as folder:
+            shards = ShardSet(folder=Path(folder), ext="tar", with_count=False)
+            writer = TarShards(shards, 1 << 30)
+            leanexport._write(db, RunLayout(run), None, None, keys, writer, CardFacts())
+            writer.close()
+            rec = leanexport._record(_fetch(db), 1)
+            split = split_of(rec["output"]) or "data"
+            n = rec["n"] or 1
+            key = sample_key(0, rec["id"] if n == 1 else f"{rec['id']}-1")
+            (shard,) = shards.written[split]
+            with tarfile.open(shard) as tar:
+                record = _member(tar, f"{key}.json")
+                text = _member(tar, f"{key}.txt")
+        expected = image_records(rec)[0]
+        assert record == _JSON.encode(export_row(expected, keys)).encode()
+        assert text == values["prompt"].encode()
+    finally:
+        db.close()
+
+
+def _member(tar: tarfile.TarFile, name: str) -> bytes:
+    got = tar.extractfile(name)
+    assert got is not None, name
+    return got.read()

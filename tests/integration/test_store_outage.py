@@ -5,10 +5,13 @@ lease another store took over meanwhile is refused by its claim token."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import anyio
+import asyncpg
 import pytest
+from sqlalchemy.exc import DBAPIError
 
 from jobs.errors import LeaseLost, StoreUnavailable, StoreUnreachable
 from jobs.states import State
@@ -168,3 +171,73 @@ async def test_a_late_write_after_another_worker_took_the_job_over_is_refused(
         "b",
         1,
     )
+
+
+async def test_a_worker_cut_off_inside_a_transaction_frees_its_locks_after_its_timeout(
+    db: str, proxy: TcpProxy
+) -> None:
+    """A worker's session goes silent between two statements of a transaction (the proxy
+    frozen), holding a job row's lock: the server ends that session after the worker's
+    command timeout (its sessions carry idle_in_transaction_session_timeout), so another
+    worker takes the lock within seconds instead of waiting for TCP keepalive. The store's
+    exclusive transactions (imports) lift the limit."""
+    async with await JobStore.open(proxy.url(db) + "?command_timeout=1") as store:
+        await store.import_specs(numbered(2), source="m.csv")
+        backend = store._backend  # type: ignore[attr-defined]
+        async with backend.engine.connect() as conn:
+            shown = await conn.exec_driver_sql("SHOW idle_in_transaction_session_timeout")
+            assert shown.scalar_one() == "1s"
+            await conn.rollback()
+            async with conn.begin():
+                await backend.exclusive(conn)
+                lifted = await conn.exec_driver_sql("SHOW idle_in_transaction_session_timeout")
+                assert lifted.scalar_one() == "0"
+        conn = await backend.engine.connect()
+        await conn.exec_driver_sql("SELECT id FROM jobs WHERE id = 'job000000' FOR UPDATE")
+        proxy.freeze()
+        t0 = anyio.current_time()
+        # straight to the server: waits for the row until the stale session is ended
+        other = await asyncpg.connect(db, timeout=5)
+        try:
+            async with other.transaction():
+                await other.execute("SET LOCAL lock_timeout = '20s'")
+                got = await other.fetchval("SELECT id FROM jobs WHERE id = 'job000000' FOR UPDATE")
+        finally:
+            await other.close()
+        waited = anyio.current_time() - t0
+        assert got == "job000000"
+        assert waited < 10.0, waited  # about 1 s: the worker's timeout, not hours
+        proxy.thaw()
+        with pytest.raises(DBAPIError):  # the server ended that session
+            await conn.exec_driver_sql("SELECT 1")
+        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+            await conn.close()
+
+
+async def test_the_stores_exclusive_transactions_wait_for_each_other(db: str) -> None:
+    """The advisory lock of an exclusive transaction (an import, a migration, a redo) is held
+    to its end: another store's exclusive transaction starts only after it (the lock taken
+    inside the transaction, not on the raw connection before it began)."""
+    async with await JobStore.open(db) as first, await JobStore.open(db) as second:
+        await first.import_specs(numbered(1), source="m.csv")
+        a, b = first._backend, second._backend  # type: ignore[attr-defined]
+        order: list[str] = []
+
+        async def later() -> None:
+            async with b.engine.begin() as conn:
+                await b.exclusive(conn)
+                order.append("second")
+
+        async with a.engine.begin() as conn:
+            await a.exclusive(conn)
+            order.append("first")
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(later)
+                await anyio.sleep(0.5)  # the second is waiting for the lock meanwhile
+                assert order == ["first"]
+                locks = await conn.exec_driver_sql(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                )
+                assert locks.scalar_one() == 1  # the second store's wait
+                await conn.commit()
+        assert order == ["first", "second"]
