@@ -851,8 +851,9 @@ padded(Py_ssize_t size)
 
 /* ---- the card's counts ------------------------------------------------------------ */
 
+/* dict[key] += 1 (from 0), as a Counter counts; ``before``, when given, gets the value it had */
 static int
-count(PyObject *dict, PyObject *key)
+bump(PyObject *dict, PyObject *key, long long *before)
 {
     PyObject *v = PyDict_GetItemWithError(dict, key);
     long long x = 0;
@@ -871,7 +872,16 @@ count(PyObject *dict, PyObject *key)
     }
     int r = PyDict_SetItem(dict, key, nv);
     Py_DECREF(nv);
+    if (before != NULL) {
+        *before = x;
+    }
     return r;
+}
+
+static int
+count(PyObject *dict, PyObject *key)
+{
+    return bump(dict, key, NULL);
 }
 
 static int
@@ -1186,23 +1196,10 @@ row(Ctx *c)
         }
     }
     /* the sample's number within its split, and its key */
-    PyObject *got = PyDict_GetItemWithError(c->numbers, split);
-    long long number = 0;
-    if (got != NULL) {
-        number = PyLong_AsLongLong(got);
-        if (number == -1 && PyErr_Occurred()) {
-            return -1;
-        }
-    }
-    else if (PyErr_Occurred()) {
+    long long number;
+    if (bump(c->numbers, split, &number) < 0) {
         return -1;
     }
-    PyObject *next = PyLong_FromLongLong(number + 1);
-    if (next == NULL || PyDict_SetItem(c->numbers, split, next) < 0) {
-        Py_XDECREF(next);
-        return -1;
-    }
-    Py_DECREF(next);
     char key[128];
     int klen = decimal(key, number); /* as "%06d": at least six digits */
     if (klen < 6) {
