@@ -144,12 +144,6 @@ typedef struct {
 /* The answers of a cache for the last texts seen, by a hash of their bytes: most rows'
  * params and variables are found here, without making their text a str to look it up */
 #define SLOTS 64
-typedef struct {
-    PyObject *val; /* owned, or NULL */
-    char *key;
-    Py_ssize_t len;
-    int type;
-} Slot;
 
 /* A split's samples not handed to its shard yet: the bytes in its open shard when last
  * asked (``base``), those waiting here, and whether its open shard is to be closed first */
@@ -203,7 +197,7 @@ typedef struct {
     Memo state, model, size, currency;        /* the counts' keys */
     Memo micros_key;                          /* the cost cache's key, and its answer: */
     PyObject *cost_val;                       /* owned */
-    Slot params_slots[SLOTS], vars_slots[SLOTS]; /* params text, vars text -> their JSON */
+    Memo params_slots[SLOTS], vars_slots[SLOTS]; /* params text, vars text -> their JSON */
     Second seconds[SECONDS];
     Buf rec, img;
     long long records, missing, image_bytes;
@@ -386,25 +380,18 @@ as_python(const Col *v)
     }
 }
 
-/* The object made from column ``v`` (by as_python), kept in ``m`` for the next row with the
- * same value: a borrowed reference */
-static PyObject *
-memo(Memo *m, const Col *v)
+/* Whether ``m`` holds the object made from these bytes */
+static int
+holds(const Memo *m, const char *key, Py_ssize_t len, int type)
 {
-    Py_ssize_t len = v->type == SQLITE_TEXT || v->type == SQLITE_BLOB ? v->len
-                     : v->type == SQLITE_NULL                        ? 0
-                                                                     : (Py_ssize_t)sizeof v->i;
-    const char *key = v->type == SQLITE_TEXT || v->type == SQLITE_BLOB ? v->text
-                      : v->type == SQLITE_INTEGER                     ? (const char *)&v->i
-                                                                      : (const char *)&v->d;
-    if (m->obj != NULL && m->type == v->type && m->len == len &&
-        (len == 0 || memcmp(m->key, key, (size_t)len) == 0)) {
-        return m->obj;
-    }
-    PyObject *obj = as_python(v);
-    if (obj == NULL) {
-        return NULL;
-    }
+    return m->obj != NULL && m->type == type && m->len == len &&
+           (len == 0 || memcmp(m->key, key, (size_t)len) == 0);
+}
+
+/* ``obj`` (a new reference, taken) kept in ``m`` with the bytes it was made from: borrowed */
+static PyObject *
+keep(Memo *m, const char *key, Py_ssize_t len, int type, PyObject *obj)
+{
     char *copy = PyMem_Realloc(m->key, (size_t)(len ? len : 1));
     if (copy == NULL) {
         Py_DECREF(obj);
@@ -416,9 +403,27 @@ memo(Memo *m, const Col *v)
     }
     m->key = copy;
     m->len = len;
-    m->type = v->type;
+    m->type = type;
     Py_XSETREF(m->obj, obj);
     return obj;
+}
+
+/* The object made from column ``v`` (by as_python), kept in ``m`` for the next row with the
+ * same value: a borrowed reference */
+static PyObject *
+memo(Memo *m, const Col *v)
+{
+    Py_ssize_t len = v->type == SQLITE_TEXT || v->type == SQLITE_BLOB ? v->len
+                     : v->type == SQLITE_NULL                        ? 0
+                                                                     : (Py_ssize_t)sizeof v->i;
+    const char *key = v->type == SQLITE_TEXT || v->type == SQLITE_BLOB ? v->text
+                      : v->type == SQLITE_INTEGER                     ? (const char *)&v->i
+                                                                      : (const char *)&v->d;
+    if (holds(m, key, len, v->type)) {
+        return m->obj;
+    }
+    PyObject *obj = as_python(v);
+    return obj == NULL ? NULL : keep(m, key, len, v->type, obj);
 }
 
 static void
@@ -468,17 +473,16 @@ looked_up(PyObject **val, Memo *key, PyObject *cache, PyObject *of, const Col *v
 /* The answer of ``of(column)`` through its cache, for a text or NULL column, kept in
  * ``slots`` by the column's bytes: a borrowed reference */
 static PyObject *
-slot_lookup(Slot *slots, PyObject *cache, PyObject *of, const Col *v)
+slot_lookup(Memo *slots, PyObject *cache, PyObject *of, const Col *v)
 {
     Py_ssize_t len = v->type == SQLITE_TEXT ? v->len : 0;
     unsigned long long h = 1469598103934665603ULL ^ (unsigned long long)v->type;
     for (Py_ssize_t i = 0; i < len; i++) { /* FNV-1a */
         h = (h ^ (unsigned char)v->text[i]) * 1099511628211ULL;
     }
-    Slot *s = &slots[h % SLOTS];
-    if (s->val != NULL && s->type == v->type && s->len == len &&
-        (len == 0 || memcmp(s->key, v->text, (size_t)len) == 0)) {
-        return s->val;
+    Memo *s = &slots[h % SLOTS];
+    if (holds(s, v->text, len, v->type)) {
+        return s->obj;
     }
     PyObject *key = as_python(v);
     if (key == NULL) {
@@ -486,32 +490,14 @@ slot_lookup(Slot *slots, PyObject *cache, PyObject *of, const Col *v)
     }
     PyObject *got = cached(cache, of, key);
     Py_DECREF(key);
-    if (got == NULL) {
-        return NULL;
-    }
-    char *copy = PyMem_Realloc(s->key, (size_t)(len ? len : 1));
-    if (copy == NULL) {
-        Py_DECREF(got);
-        PyErr_NoMemory();
-        return NULL;
-    }
-    if (len) {
-        memcpy(copy, v->text, (size_t)len);
-    }
-    s->key = copy;
-    s->len = len;
-    s->type = v->type;
-    Py_XSETREF(s->val, got);
-    return got;
+    return got == NULL ? NULL : keep(s, v->text, len, v->type, got);
 }
 
 static void
-free_slots(Slot *slots)
+free_slots(Memo *slots)
 {
     for (int i = 0; i < SLOTS; i++) {
-        Py_CLEAR(slots[i].val);
-        PyMem_Free(slots[i].key);
-        slots[i].key = NULL;
+        forget(&slots[i]);
     }
 }
 
