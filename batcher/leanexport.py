@@ -18,10 +18,15 @@ job store writes (a hand-edited table), are built by the general path's own func
 the general path it keeps the summary of the manifest variables in ``meta`` when it had to
 work it out (where the folder can be written); nothing else is written to the run folder.
 
-The records are built in Python, not by SQLite: tried (``printf`` joining the fields,
-``json_quote`` for the strings, which writes them as ``encode_basestring`` does), SQLite's
-functions cost about what the json module's C encoder and one ``%`` do per value, and the
-record of 20,000 rows took 13.8 us a row against 13.4 us here (``bench/RESULTS.md``).
+The row loop runs in C where :mod:`batcher._speedups` was built (``batcher/_speedups.c``):
+it reads the rows through SQLite's C interface on a read-only connection of its own and
+writes the samples of the rows whose values are of the types the job store writes; every
+other row it hands to this module's loop body (:func:`_write`'s ``one``), with a function
+reading from its connection. Without it (no compiler at install, or
+``BATCHER_PURE_PYTHON=1``) the same body runs for every row; both write the same bytes. The
+records are not built by SQLite: tried (``printf`` joining the fields, ``json_quote`` for the
+strings), SQLite's functions cost about what the json module's C encoder and one ``%`` do per
+value (``bench/RESULTS.md``).
 
 Splits are independent (numbered and sharded apart), so with more than one and a second
 core, a forked process writes the splits of one group (:class:`_Child`): each split's shards
@@ -582,9 +587,9 @@ def _write(
     fast = _speedups() if folder is not None else None
     try:
         if fast is None:
-            rows = db.execute(query, params)
-            for row in rows:
-                one(row, lambda sql, values: db.execute(sql, values).fetchall())
+            fetch: Fetch = lambda sql, values: db.execute(sql, values).fetchall()  # noqa: E731
+            for row in db.execute(query, params):
+                one(row, fetch)
         else:  # the same loop in C, which hands back to one() each row it does not write
             by_rowid = f"SELECT {columns} FROM jobs WHERE rowid = ?"
 
