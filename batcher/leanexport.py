@@ -250,7 +250,7 @@ def _export(
     except BaseException:
         if child is not None:
             child.stop()
-        writer.close()
+        writer.abandon()  # a full disk: closing must not raise before the shards go
         shards.discard()
         shards.prepare()  # the other process's temporary shards too
         raise
@@ -365,9 +365,12 @@ class _Child:
                 raise JobStoreError(f"{layout.db} changed while it was exported")
             try:
                 records, missing = _write(db, layout, state, splits, keys, writer, facts)
+                writer.close()
+            except BaseException:
+                writer.abandon()  # the parent removes the temporary shards
+                raise
             finally:
                 db.close()
-                writer.close()
             report: object = _Done(records, missing, facts, shards.written)
             code = 0
         except BaseException as exc:  # handed to the parent, which raises it

@@ -241,7 +241,7 @@ async def export_shards(
         await anyio.to_thread.run_sync(writer.close)
         files = await anyio.to_thread.run_sync(shards.publish)
     except BaseException:
-        writer.close()
+        writer.abandon()  # a full disk: closing must not raise before the shards go
         shards.discard()
         raise
     card = await anyio.to_thread.run_sync(

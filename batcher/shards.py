@@ -13,6 +13,7 @@ run again over the same run folder writes the same bytes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -291,12 +292,24 @@ class TarShards:
         fh, written = self._open.pop(split)
         self._hinted.pop(split, None)
         end = written + 2 * _BLOCK  # two zero blocks end the archive
-        fh.write(bytes(2 * _BLOCK + (-end) % _RECORD))
-        fh.close()
+        try:
+            fh.write(bytes(2 * _BLOCK + (-end) % _RECORD))
+        finally:
+            fh.close()  # (after a failed write too: its file is removed, and its space freed)
 
     def close(self) -> None:
         for split in list(self._open):
             self._close(split)
+
+    def abandon(self) -> None:
+        """Close every open shard as it is, for an export that failed (its shards are then
+        removed): nothing more is written, and a flush that fails (a full disk) is no second
+        error. Closing flushes first, and the file is closed even when the flush fails."""
+        for fh, _ in self._open.values():
+            with contextlib.suppress(OSError):
+                fh.close()
+        self._open.clear()
+        self._hinted.clear()
 
 
 class ParquetShards:
@@ -362,3 +375,13 @@ class ParquetShards:
             if state[0] is not None:
                 state[0].close()
                 state[0] = None
+
+    def abandon(self) -> None:
+        """Close every open shard without its pending rows, for an export that failed (its
+        shards are then removed); an error closing one (a full disk) is no second error."""
+        for state in self._state.values():
+            if state[0] is not None:
+                with contextlib.suppress(Exception):  # pyarrow's OSError, or its own
+                    state[0].close()
+                state[0] = None
+            state[1], state[2] = [], 0

@@ -7,8 +7,10 @@ import csv
 import gc
 import hashlib
 import json
+import os
 import signal
 import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -18,7 +20,7 @@ import pytest
 
 from batcher.emulator import EmulatorConfig, EmulatorThread
 from bench.dataset_fixture import fabricate
-from tests.support import batcher_cmd, run_args, run_cli
+from tests.support import REPO, batcher_cmd, run_args, run_cli
 
 KEY = "sk-export-test-0000"
 
@@ -270,3 +272,37 @@ def test_a_paid_folder_s_card_shows_what_was_billed(run_folder, tmp_path):
     assert run_cli("export", run_folder, "--format", "webdataset", "-o", out).returncode == 0
     card = (out / "README.md").read_text("utf-8")
     assert "- cost: US$" in card and "emulated" not in card, card
+
+
+_LIMITED = (
+    "import os, resource, signal, sys; "
+    "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+    "resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]),) * 2); "
+    "os.execv(sys.executable, [sys.executable, '-m', 'batcher', *sys.argv[2:]])"
+)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "pure"),
+    [("webdataset", "0"), ("webdataset", "1"), ("parquet", "0"), ("jsonl", "0")],
+)
+def test_a_write_that_fails_half_way_is_one_line_and_leaves_no_temporary_file(tmp_path, fmt, pure):
+    """A shard (or the file) grows past what the file system lets it (here a file size limit
+    of 200 kB: EFBIG, as a full disk gives ENOSPC) half-way through the export: exit 2 with
+    one line, and neither a final nor a temporary file is left to fill the disk (both
+    WebDataset loops, both processes; Parquet; JSONL)."""
+    run = tmp_path / "run"
+    anyio.run(lambda: fabricate(run, 400, side=128, noise=True))  # ~50 kB a sample
+    out = tmp_path / ("out.jsonl" if fmt == "jsonl" else "out")
+    env = {k: v for k, v in os.environ.items() if k != "DASHSCOPE_API_KEY"}
+    r = subprocess.run(
+        [sys.executable, "-c", _LIMITED, "200000", "export", str(run), "--format", fmt,
+         "-o", str(out)],
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+        env={**env, "BATCHER_PURE_PYTHON": pure}, cwd=REPO,
+    )  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("batcher: error:") and "too large" in r.stderr, r.stderr
+    assert len(r.stderr.splitlines()) == 1 and "Traceback" not in r.stderr
+    left = [p.name for p in tmp_path.rglob("*") if p.is_file() and run not in p.parents]
+    assert left == [], left
